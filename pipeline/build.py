@@ -1,0 +1,266 @@
+"""psdclip data build: the orchestration of the pipeline's stages on a Dask cluster.
+
+    read + clean (Dask task per input file) -> keys, duplicate URLs, host spreading, shards (client)
+    -> plan saved atomically -> download (Dask task per partition, img2dataset) -> result per shard
+    -> duplicate images (Dask dataframe over the results) -> manifest, subsets, stats, dataset.json
+
+A rerun first finishes every planned shard that has no result yet, so a crash at any point loses and
+duplicates nothing; input files already ingested (recognised by content) are skipped; new ones append.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+
+from .clean import PENDING, clean_partition
+from .config import BuildConfig
+from .dataset import SCHEMA_VERSION, Layout, assemble_manifest, compute_stats, now, read_json, write_json, \
+    write_parquet
+from .download import TRANSIENT, download_partition
+from .errors import InputError, PsdclipError
+from .plan import assign_shards, mark_duplicates
+from .read import detect_format, read_source
+from .subsets import build_subsets, parse_subsets
+
+PLAN_COLUMNS = ["key", "url", "caption", "source", "source_row", "status", "error", "host", "shard", "order"]
+
+
+def log(msg: str) -> None:
+    print(f"[psdclip data build] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: str | None, n_workers: int, local_directory: str):
+    """A client on the given scheduler, or on a LocalCluster of worker processes whose scratch space is
+    inside the dataset folder (nothing is written outside it)."""
+    from dask.distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="20s")
+        except (OSError, TimeoutError) as err:
+            raise PsdclipError(f"--dask-scheduler {scheduler}: cannot connect ({err})") from None
+        with client:
+            yield client
+        return
+    os.makedirs(local_directory, exist_ok=True)
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                      local_directory=local_directory, silence_logs=logging.ERROR) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="shard", file=sys.stderr, dynamic_ncols=True)
+
+
+def _download_opts(cfg: BuildConfig) -> dict:
+    keys = ("format", "image_size", "resize_mode", "encode_format", "encode_quality", "timeout", "retries",
+            "thread_count", "max_image_area", "user_agent_token", "disallowed_header_directives")
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def build(cfg: BuildConfig) -> dict:
+    """Run (or resume, or extend) a build. Returns the stats dict."""
+    t0 = time.time()
+    layout = Layout(cfg.out)
+    previous = read_json(layout.dataset_json) if os.path.isfile(layout.dataset_json) else None
+    if previous and previous.get("output_format") != cfg.format:
+        raise InputError(f"{cfg.out}: the dataset holds {previous.get('output_format')} shards; "
+                         f"cannot append with --format {cfg.format}")
+    if not cfg.inputs and not cfg.retry_failed and not layout.ingest_ids():
+        raise InputError("no URL list given (psdclip data build URL_LIST... --out DATASET)")
+    layout.create()
+    layout.clear_scratch()
+    timings: dict[str, float] = {}
+    opts = _download_opts(cfg)
+    with dask_client(cfg.dask_scheduler, cfg.processes_count, os.path.join(layout.work, "dask")) as client:
+        # 1. finish what an interrupted run planned
+        _download_pending(client, layout, cfg, opts, timings, "resume")
+        # 2. new input files form a new ingest
+        t = time.time()
+        known = {i["sha256"]: i["path"] for ing in layout.ingest_ids() for i in layout.load_inputs(ing)["files"]}
+        futures = [client.submit(_read_and_clean, path, cfg.input_format, cfg.url_col, cfg.caption_col,
+                                 cfg.max_caption_length, pure=False, key=f"read-{i}-{os.path.basename(path)}")
+                   for i, path in enumerate(cfg.inputs)]
+        frames, files = [], []
+        for path, fut in zip(cfg.inputs, futures):
+            df, sha = fut.result()
+            if sha in known or sha in {f["sha256"] for f in files}:
+                log(f"{path}: already ingested (same content as {known.get(sha, 'an earlier argument')}); skipped")
+                continue
+            frames.append(df)
+            files.append({"path": path, "sha256": sha, "rows": int(len(df))})
+        timings["read_clean_s"] = time.time() - t
+        if frames:
+            t = time.time()
+            existing = _existing_keys(layout)
+            plan = pd.concat(frames, ignore_index=True)
+            plan = mark_duplicates(plan, existing)
+            plan = assign_shards(plan, cfg.shard_size, _next_shard(layout))
+            ingest = (layout.ingest_ids() or [-1])[-1] + 1
+            layout.save_ingest(ingest, plan[PLAN_COLUMNS], {"kind": "urls", "created_at": now(), "files": files})
+            timings["plan_s"] = time.time() - t
+            n_shards = plan.loc[plan["shard"] >= 0, "shard"].nunique()
+            log(f"ingest {ingest}: {len(plan):,} rows from {len(files)} file(s); "
+                f"{int((plan['status'] == PENDING).sum()):,} to download in {n_shards} shard(s)")
+        if cfg.retry_failed:
+            _plan_retry(layout, cfg)
+        _download_pending(client, layout, cfg, opts, timings, "download")
+        # 3. post-download stage and the contract files
+        t = time.time()
+        manifest = assemble_manifest(layout)
+        manifest = mark_duplicate_images(client, layout, manifest)
+        fmt = cfg.format
+        subset_specs = parse_subsets(cfg.subsets) if cfg.subsets else [
+            tuple(s) for s in (previous or {}).get("subsets", [])]
+        _write_subsets(layout, manifest, subset_specs, cfg.subset_seed, fmt)
+        write_parquet(layout.manifest, manifest)
+        timings["finalize_s"] = time.time() - t
+    stats = compute_stats(manifest, layout, fmt)
+    timings["total_s"] = time.time() - t0
+    dl = timings.get("download_s", 0.0)
+    stats["build"] = {**{k: round(v, 3) for k, v in timings.items()},
+                      "downloaded_rows": timings.get("downloaded_rows", 0),
+                      "images_per_s": round(timings.get("downloaded_ok", 0) / dl, 2) if dl else None}
+    write_json(layout.stats_json, stats)
+    config = dataclasses.asdict(cfg)
+    write_json(layout.dataset_json, {
+        "schema_version": SCHEMA_VERSION,
+        "created_at": (previous or {}).get("created_at", now()),
+        "updated_at": now(),
+        "output_format": fmt,
+        "shard_pattern": "shards/{shard:05d}." + ("parquet" if fmt == "arrow" else "tar"),
+        "counts": {"rows": stats["rows"], "success": stats["success"], **stats["counts"]},
+        "shards": sorted(int(s) for s in manifest.loc[manifest["status"] == "success", "shard"].dropna().unique()),
+        "subsets": [list(s) for s in subset_specs],
+        "subset_seed": cfg.subset_seed,
+        "config": config,
+        "ingests": [{"id": i, **layout.load_inputs(i)} for i in layout.ingest_ids()],
+    })
+    layout.clear_scratch()
+    return stats
+
+
+def _read_and_clean(path, input_format, url_col, caption_col, max_caption_length):
+    df, sha = read_source(path, input_format, url_col, caption_col)
+    require_caption = detect_format(path, input_format) != "txt"
+    return clean_partition(df, max_caption_length, require_caption), sha
+
+
+def _existing_keys(layout: Layout) -> set:
+    keys: set = set()
+    for ingest in layout.ingest_ids():
+        keys.update(layout.load_plan(ingest)["key"].tolist())
+    return keys
+
+
+def _next_shard(layout: Layout) -> int:
+    top = -1
+    for ingest in layout.ingest_ids():
+        s = layout.load_plan(ingest)["shard"]
+        if len(s):
+            top = max(top, int(s.max()))
+    return top + 1
+
+
+def _pending_shards(layout: Layout) -> dict[int, pd.DataFrame]:
+    done = layout.done_shards()
+    todo: dict[int, pd.DataFrame] = {}
+    for ingest in layout.ingest_ids():
+        plan = layout.load_plan(ingest)
+        plan = plan[(plan["shard"] >= 0) & ~plan["shard"].isin(done)]
+        for shard, rows in plan.groupby("shard"):
+            todo[int(shard)] = rows[["key", "url", "caption", "order"]].reset_index(drop=True)
+    return todo
+
+
+def _download_pending(client, layout: Layout, cfg: BuildConfig, opts: dict, timings: dict, what: str) -> None:
+    from dask.distributed import as_completed
+
+    todo = _pending_shards(layout)
+    if not todo:
+        return
+    n_rows = sum(len(r) for r in todo.values())
+    if what == "resume":
+        log(f"resuming: {len(todo)} planned shard(s) ({n_rows:,} rows) have no result yet")
+    t = time.time()
+    futures = {client.submit(download_partition, rows, shard, layout.root, opts, pure=False, retries=1,
+                             key=f"download-{shard:05d}-{time.time_ns()}"): shard for shard, rows in todo.items()}
+    failed, ok = [], 0
+    for fut in _progress(as_completed(futures), len(futures), "download", cfg.progress):
+        shard = futures[fut]
+        try:
+            res = fut.result()
+        except Exception as err:  # pylint: disable=broad-except
+            failed.append(f"{shard:05d} ({type(err).__name__}: {err})")
+            continue
+        write_parquet(layout.result_path(shard), res)
+        ok += int((res["status"] == "success").sum())
+    timings["download_s"] = timings.get("download_s", 0.0) + time.time() - t
+    timings["downloaded_rows"] = timings.get("downloaded_rows", 0) + n_rows
+    timings["downloaded_ok"] = timings.get("downloaded_ok", 0) + ok
+    if failed:
+        raise PsdclipError(f"{len(failed)} shard(s) failed as a whole: {'; '.join(failed[:3])}; "
+                           f"rerun the same command to retry them")
+
+
+def _plan_retry(layout: Layout, cfg: BuildConfig) -> None:
+    manifest = assemble_manifest(layout)
+    retry = manifest[manifest["status"].isin(TRANSIENT)]
+    if retry.empty:
+        log("--retry-failed: no row has a transient status; nothing to retry")
+        return
+    plan = retry[["key", "url", "caption", "source", "source_row"]].copy()
+    plan["status"], plan["error"] = PENDING, ""
+    plan["host"] = plan["url"].str.extract(r"^https?://(?:[^@/?#]*@)?([^:/?#]*)", expand=False).str.lower()
+    plan = assign_shards(plan, cfg.shard_size, _next_shard(layout))
+    ingest = layout.ingest_ids()[-1] + 1
+    layout.save_ingest(ingest, plan[PLAN_COLUMNS], {"kind": "retry", "created_at": now(), "files": []})
+    log(f"--retry-failed: ingest {ingest} downloads {len(plan):,} row(s) again "
+        f"({', '.join(f'{k} {v}' for k, v in retry['status'].value_counts().items())})")
+
+
+def mark_duplicate_images(client, layout: Layout, manifest: pd.DataFrame) -> pd.DataFrame:
+    """Post-download Dask stage: among successful rows with the same sha256, the first (lowest shard,
+    then offset) stays 'success' and the rest become 'duplicate_image'."""
+    import dask.dataframe as dd
+
+    ok = manifest[(manifest["status"] == "success") & (manifest["sha256"] != "")]
+    if ok.empty:
+        return manifest
+    ranks = pd.DataFrame({"sha256": ok["sha256"].to_numpy(),
+                          "rank": ok["shard"].astype("int64").to_numpy() * (1 << 32) + ok["offset"].astype("int64").to_numpy()})
+    parts = max(1, min(32, len(ranks) // 50_000 + 1))
+    first = dd.from_pandas(ranks, npartitions=parts).groupby("sha256")["rank"].min().compute()
+    is_dup = ranks["rank"].to_numpy() != first.reindex(ranks["sha256"]).to_numpy()
+    if is_dup.any():
+        idx = ok.index[is_dup]
+        manifest = manifest.copy()
+        manifest.loc[idx, "status"] = "duplicate_image"
+        manifest.loc[idx, "error"] = "same image bytes (sha256) as an earlier sample"
+    return manifest
+
+
+def _write_subsets(layout: Layout, manifest: pd.DataFrame, specs, seed: int, fmt: str) -> None:
+    if not specs:
+        return
+    success = manifest.loc[manifest["status"] == "success", ["key", "shard"]].copy()
+    success["shard"] = [layout.shard_name(int(s), fmt) for s in success["shard"]]
+    docs = build_subsets(success, specs, seed)
+    for name, doc in docs.items():
+        doc["shards"] = [f"shards/{s}" for s in doc["shards"]]
+        if doc["truncated"]:
+            log(f"subset {name}: asked for {doc['requested']:,} samples, the dataset has {doc['count']:,}")
+        write_json(os.path.join(layout.subsets, f"{name}.json"), doc)

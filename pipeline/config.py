@@ -1,0 +1,138 @@
+"""Typed configs of the pipeline stage: one dataclass per command, a help text per field,
+validation in ``__post_init__``. The CLI (psdclip.workflows.cli) is generated from these types."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from .errors import InputError
+
+INPUT_FORMATS = ("txt", "csv", "tsv", "parquet", "jsonl")
+RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+# img2dataset's own default opt-out directives (X-Robots-Tag), kept as they are.
+DEFAULT_DISALLOWED = ("noai", "noimageai", "noindex", "noimageindex")
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text, **kw.pop("meta", {})}, **kw)
+
+
+@dataclass
+class BuildConfig:
+    """psdclip data build: URL lists -> sharded dataset (WebDataset or Arrow) + manifest + subsets."""
+
+    inputs: list[str] = _help("URL list files (txt/csv/tsv/parquet/jsonl, optionally .gz; local or fsspec paths)",
+                              default_factory=list, meta={"positional": True, "metavar": "URL_LIST"})
+    out: str = _help("output dataset directory (created, resumed or appended to)", default="")
+    input_format: Optional[str] = _help("input format; default: from each file's ending", default=None)
+    url_col: str = _help("column holding the image URL", default="url")
+    caption_col: str = _help("column holding the caption", default="caption")
+    format: Literal["webdataset", "arrow"] = _help("shard format: WebDataset tars or Arrow/Parquet", default="webdataset")
+    image_size: int = _help("img2dataset image_size: target side in pixels", default=256)
+    resize_mode: str = _help("img2dataset resize_mode: no|border|keep_ratio|keep_ratio_largest|center_crop", default="border")
+    encode_format: Literal["jpg", "png", "webp"] = _help("image encoding inside the shards", default="jpg")
+    encode_quality: int = _help("encoding quality (jpg/webp 0-100, png compression 0-9)", default=95)
+    timeout: float = _help("per-request timeout in seconds", default=10.0)
+    retries: int = _help("download retries per URL", default=0)
+    thread_count: int = _help("download threads per partition (img2dataset thread_count)", default=64)
+    processes_count: int = _help("Dask worker processes of the LocalCluster (ignored with --dask-scheduler)", default=2)
+    shard_size: int = _help("rows per partition, i.e. per output shard (img2dataset number_sample_per_shard)", default=10000)
+    max_caption_length: int = _help("captions longer than this many characters are dropped (caption_too_long)", default=1024)
+    max_image_area: int = _help("images declaring more pixels than this are refused before decoding (decompression bombs)",
+                                default=89_478_485)
+    disallowed_header_directives: list[str] = _help(
+        "X-Robots-Tag directives that opt an image out (img2dataset's defaults); empty to disable",
+        default_factory=lambda: list(DEFAULT_DISALLOWED))
+    user_agent_token: Optional[str] = _help("token added to the User-Agent, matched against X-Robots-Tag", default=None)
+    dask_scheduler: Optional[str] = _help("address of a running Dask scheduler (tcp://HOST:PORT); default: a LocalCluster",
+                                          default=None)
+    subsets: list[str] = _help("nested subsets to write, as fractions (<=1) or absolute counts, e.g. 0.01,0.1,1.0",
+                               default_factory=list)
+    subset_seed: int = _help("seed of the subset order", default=0)
+    retry_failed: bool = _help("download again the rows whose status was transient (timeout, 5xx, connection errors)",
+                               default=False)
+    progress: bool = _help("show progress bars", default=True)
+
+    def __post_init__(self):
+        if not self.out:
+            raise InputError("--out: an output dataset directory is required")
+        if self.input_format is not None and self.input_format not in INPUT_FORMATS:
+            raise InputError(f"--input-format {self.input_format!r}: expected one of {', '.join(INPUT_FORMATS)}")
+        if self.format not in ("webdataset", "arrow"):
+            raise InputError(f"--format {self.format!r}: expected webdataset or arrow")
+        if self.resize_mode not in RESIZE_MODES:
+            raise InputError(f"--resize-mode {self.resize_mode!r}: expected one of {', '.join(RESIZE_MODES)}")
+        if self.encode_format not in ("jpg", "png", "webp"):
+            raise InputError(f"--encode-format {self.encode_format!r}: expected jpg, png or webp")
+        for name in ("image_size", "thread_count", "processes_count", "shard_size", "max_caption_length", "max_image_area"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.timeout <= 0:
+            raise InputError(f"--timeout must be > 0, got {self.timeout}")
+        if self.retries < 0:
+            raise InputError(f"--retries must be >= 0, got {self.retries}")
+        self.subset_sizes()  # validates
+
+    def subset_sizes(self) -> list[tuple[str, float]]:
+        """(name, size) for each requested subset: size <= 1 is a fraction, > 1 an absolute count."""
+        from .subsets import parse_subsets
+
+        return parse_subsets(self.subsets)
+
+
+@dataclass
+class SynthConfig:
+    """psdclip data synth: a procedural, deterministic image-caption source with web-like noise."""
+
+    out: str = _help("output directory for images, captions, attributes and URL lists", default="")
+    n: int = _help("number of training image-caption pairs", default=2000)
+    seed: int = _help("random seed; the same seed gives the same images and captions", default=0)
+    image_size: int = _help("side of the rendered images in pixels", default=96)
+    mismatch_frac: float = _help("fraction of captions taken from another scene (wrong captions)", default=0.2)
+    shared_frac: float = _help("fraction of images given a generic caption that many images share", default=0.1)
+    lowinfo_frac: float = _help("fraction of low-information captions ('image', 'IMG_1234.jpg', ...)", default=0.05)
+    partial_frac: float = _help("fraction of (otherwise correct) captions that describe only part of the scene",
+                                default=0.3)
+    heldout: int = _help("held-out scenes rendered for evaluation, each also in every shifted variant", default=500)
+    base_url: str = _help("base URL written into urls.csv (the address `psdclip data serve` listens on)",
+                          default="http://127.0.0.1:8765")
+
+    def __post_init__(self):
+        if not self.out:
+            raise InputError("--out: an output directory is required")
+        if self.n < 1 or self.heldout < 0:
+            raise InputError(f"--n must be >= 1 and --heldout >= 0 (got {self.n}, {self.heldout})")
+        if not 16 <= self.image_size <= 1024:
+            raise InputError(f"--image-size must be in [16, 1024], got {self.image_size}")
+        for name in ("mismatch_frac", "shared_frac", "lowinfo_frac", "partial_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise InputError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.mismatch_frac + self.shared_frac + self.lowinfo_frac > 1.0:
+            raise InputError("--mismatch-frac + --shared-frac + --lowinfo-frac must not exceed 1")
+
+
+@dataclass
+class ServeDataConfig:
+    """psdclip data serve: serve a synthetic source over HTTP on a loopback address."""
+
+    dir: str = _help("directory written by `psdclip data synth`", default="", meta={"positional": True})
+    host: str = _help("address to listen on (loopback by default)", default="127.0.0.1")
+    port: int = _help("port to listen on (0 picks a free one)", default=8765)
+
+    def __post_init__(self):
+        if not self.dir:
+            raise InputError("DIR: the synthetic source directory is required")
+        if not 0 <= self.port <= 65535:
+            raise InputError(f"--port must be in [0, 65535], got {self.port}")
+
+
+@dataclass
+class StatsConfig:
+    """psdclip data stats: counts per status, success rate, sizes, bytes, failing shards."""
+
+    dataset: str = _help("dataset directory", default="", meta={"positional": True})
+    json: bool = _help("print JSON instead of a table", default=False)
+
+    def __post_init__(self):
+        if not self.dataset:
+            raise InputError("DATASET: a dataset directory is required")

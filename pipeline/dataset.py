@@ -1,0 +1,224 @@
+"""The dataset directory: its layout, atomic writes, internal state, manifest assembly and stats.
+
+    DATASET/
+      dataset.json  manifest.parquet  stats.json  shards/  subsets/     the contract (DESIGN.md)
+      _state/ingests/<id>/plan.parquet, inputs.json                     what each ingest planned
+      _state/results/<shard>.parquet                                    one per finished shard
+      _work/                                                            scratch, cleared on every run
+
+Readers (the trainer, streaming) use the contract files only; every one of them is replaced atomically.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import glob
+import json
+import os
+import uuid
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import InputError
+
+SCHEMA_VERSION = 1
+MANIFEST_COLUMNS = ["key", "url", "caption", "status", "error", "shard", "offset", "size", "width", "height",
+                    "original_width", "original_height", "sha256", "source", "source_row", "ingest"]
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _tmp(path: str) -> str:
+    return f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def _fsync_replace(tmp: str, path: str) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj) -> None:
+    tmp = _tmp(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
+        f.write("\n")
+    _fsync_replace(tmp, path)
+
+
+def write_parquet(path: str, df: pd.DataFrame) -> None:
+    tmp = _tmp(path)
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
+    _fsync_replace(tmp, path)
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class Layout:
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self.shards = os.path.join(self.root, "shards")
+        self.subsets = os.path.join(self.root, "subsets")
+        self.state = os.path.join(self.root, "_state")
+        self.ingests = os.path.join(self.state, "ingests")
+        self.results = os.path.join(self.state, "results")
+        self.work = os.path.join(self.root, "_work")
+        self.manifest = os.path.join(self.root, "manifest.parquet")
+        self.dataset_json = os.path.join(self.root, "dataset.json")
+        self.stats_json = os.path.join(self.root, "stats.json")
+
+    def create(self) -> None:
+        for d in (self.shards, self.subsets, self.ingests, self.results):
+            os.makedirs(d, exist_ok=True)
+
+    def clear_scratch(self) -> None:
+        """Remove what an interrupted run left: the work folder and half-written temporary files."""
+        import shutil
+
+        shutil.rmtree(self.work, ignore_errors=True)
+        for pattern in ("*.tmp-*", "shards/*.tmp-*", "subsets/*.tmp-*", "_state/results/*.tmp-*",
+                        "_state/ingests/*.tmp-*"):
+            for path in glob.glob(os.path.join(self.root, pattern)):
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
+
+    def result_path(self, shard: int) -> str:
+        return os.path.join(self.results, f"{shard:05d}.parquet")
+
+    def shard_name(self, shard: int, fmt: str) -> str:
+        return f"{shard:05d}.{'parquet' if fmt == 'arrow' else 'tar'}"
+
+    # ingests ---------------------------------------------------------------------------------------
+    def ingest_ids(self) -> list[int]:
+        if not os.path.isdir(self.ingests):
+            return []
+        return sorted(int(d) for d in os.listdir(self.ingests) if d.isdigit())
+
+    def load_plan(self, ingest: int) -> pd.DataFrame:
+        return pd.read_parquet(os.path.join(self.ingests, f"{ingest:05d}", "plan.parquet"))
+
+    def load_inputs(self, ingest: int) -> dict:
+        return read_json(os.path.join(self.ingests, f"{ingest:05d}", "inputs.json"))
+
+    def save_ingest(self, ingest: int, plan: pd.DataFrame, inputs: dict) -> None:
+        """Write plan and inputs into a temporary folder, then rename it: an ingest exists whole or not at all."""
+        final = os.path.join(self.ingests, f"{ingest:05d}")
+        tmp = _tmp(final)
+        os.makedirs(tmp)
+        write_parquet(os.path.join(tmp, "plan.parquet"), plan)
+        write_json(os.path.join(tmp, "inputs.json"), inputs)
+        os.replace(tmp, final)
+
+    def done_shards(self) -> set[int]:
+        return {int(os.path.basename(p).split(".")[0]) for p in glob.glob(os.path.join(self.results, "*.parquet"))}
+
+    def result_files(self) -> list[str]:
+        return sorted(glob.glob(os.path.join(self.results, "*.parquet")))
+
+
+def assemble_manifest(layout: Layout) -> pd.DataFrame:
+    """One row per input row: the plan of every ingest, with download results joined in; for a key that
+    a later ingest planned again (--retry-failed), the later row wins."""
+    plans = []
+    for ingest in layout.ingest_ids():
+        plan = layout.load_plan(ingest)
+        plan["ingest"] = ingest
+        plans.append(plan)
+    if not plans:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in MANIFEST_COLUMNS})
+    plan = pd.concat(plans, ignore_index=True)
+    plan = plan.drop_duplicates("key", keep="last")
+    files = layout.result_files()
+    if files:
+        res = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        res = res.rename(columns={"status": "r_status", "error": "r_error"})
+        # a retried key has results in two shards: join only the one from the shard its latest plan names
+        plan = plan.merge(res, on=["key", "shard"], how="left", validate="one_to_one")
+        has = plan["r_status"].notna()
+        plan.loc[has, "status"] = plan.loc[has, "r_status"]
+        plan.loc[has, "error"] = plan.loc[has, "r_error"]
+        plan.loc[~has, "sha256"] = ""
+        plan = plan.drop(columns=["r_status", "r_error"])
+    else:
+        for c in ("offset", "size", "width", "height", "original_width", "original_height"):
+            plan[c] = pd.NA
+        plan["sha256"] = ""
+    for c in ("offset", "size", "width", "height", "original_width", "original_height", "shard", "source_row",
+              "ingest"):
+        plan[c] = pd.array(plan[c], dtype="Int64")
+    plan["sha256"] = plan["sha256"].fillna("").astype(str)
+    plan.loc[plan["shard"] < 0, "shard"] = pd.NA
+    return plan[MANIFEST_COLUMNS].reset_index(drop=True)
+
+
+def load_manifest(root: str) -> pd.DataFrame:
+    layout = Layout(root)
+    if not os.path.isfile(layout.manifest):
+        raise InputError(f"{root}: not a psdclip dataset (no manifest.parquet)")
+    return pd.read_parquet(layout.manifest)
+
+
+def compute_stats(manifest: pd.DataFrame, layout: Layout, fmt: str) -> dict:
+    counts = manifest["status"].value_counts().sort_index()
+    total = int(len(manifest))
+    success = int(counts.get("success", 0))
+    ok = manifest[manifest["status"] == "success"]
+    sizes = {}
+    for c in ("width", "height", "original_width", "original_height"):
+        v = ok[c].dropna().astype(float)
+        sizes[c] = ({"min": int(v.min()), "median": float(v.median()), "max": int(v.max()), "mean": float(v.mean())}
+                    if len(v) else None)
+    shard_files = sorted(glob.glob(os.path.join(layout.shards, "*.tar" if fmt != "arrow" else "*.parquet")))
+    downloaded = manifest[manifest["shard"].notna()]
+    failing = []
+    for shard, grp in downloaded.groupby("shard"):
+        fail = grp[~grp["status"].isin(["success", "duplicate_image"])]
+        rate = len(fail) / len(grp)
+        if rate > 0.5:
+            top = fail["status"].value_counts().head(3)
+            failing.append({"shard": layout.shard_name(int(shard), fmt), "rows": int(len(grp)),
+                            "failure_rate": round(rate, 4), "top_errors": {k: int(v) for k, v in top.items()}})
+    return {
+        "rows": total,
+        "counts": {k: int(v) for k, v in counts.items()},
+        "success": success,
+        "success_rate": round(success / total, 6) if total else 0.0,
+        "attempted": int(len(downloaded)),
+        "download_success_rate": round(success / len(downloaded), 6) if len(downloaded) else 0.0,
+        "image_sizes": sizes,
+        "image_bytes": int(ok["size"].dropna().sum()) if len(ok) else 0,
+        "shard_bytes": int(sum(os.path.getsize(f) for f in shard_files)),
+        "shards": len(shard_files),
+        "failing_shards": failing,
+    }
+
+
+def format_stats(stats: dict) -> str:
+    lines = [f"rows {stats['rows']:,}   success {stats['success']:,} ({stats['success_rate']:.1%} of rows, "
+             f"{stats['download_success_rate']:.1%} of {stats['attempted']:,} downloads)   shards {stats['shards']}   "
+             f"bytes {stats['shard_bytes']:,}"]
+    lines.append("")
+    lines.append(f"{'status':<20}{'rows':>10}{'share':>9}")
+    for k, v in sorted(stats["counts"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"{k:<20}{v:>10,}{v / max(stats['rows'], 1):>9.1%}")
+    sz = stats["image_sizes"]
+    if sz.get("original_width"):
+        ow, oh, w, h = sz["original_width"], sz["original_height"], sz["width"], sz["height"]
+        lines.append("")
+        lines.append(f"original size: width {ow['min']}..{ow['max']} (median {ow['median']:.0f}), "
+                     f"height {oh['min']}..{oh['max']} (median {oh['median']:.0f})")
+        lines.append(f"stored size:   width {w['min']}..{w['max']}, height {h['min']}..{h['max']}")
+    for f in stats["failing_shards"]:
+        errs = ", ".join(f"{k} {v}" for k, v in f["top_errors"].items())
+        lines.append(f"warning: shard {f['shard']}: {f['failure_rate']:.0%} of {f['rows']} downloads failed "
+                     f"(most common: {errs})")
+    return "\n".join(lines)

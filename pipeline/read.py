@@ -1,0 +1,146 @@
+"""Read URL lists (txt/csv/tsv/parquet/jsonl, optionally .gz) from local or fsspec paths.
+
+Each reader returns a DataFrame with columns url, caption (str), source (the path), source_row (row number
+in that file, 0-based). A missing column or an undecodable file raises InputError naming the file (and
+the line, where there is one).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import INPUT_FORMATS
+from .errors import InputError
+
+_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+
+
+def detect_format(path: str, declared: str | None = None) -> str:
+    if declared:
+        return declared
+    name = path.lower()
+    for ext in _COMPRESSIONS:
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    ending = name.rsplit(".", 1)[-1] if "." in name.rsplit("/", 1)[-1] else ""
+    if ending == "json" or ending == "ndjson":
+        ending = "jsonl"
+    if ending not in INPUT_FORMATS:
+        raise InputError(f"{path}: cannot tell the input format from the file ending; pass --input-format "
+                         f"({'/'.join(INPUT_FORMATS)})")
+    return ending
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with fsspec.open(path, "rb", compression="infer") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, EOFError) as err:  # e.g. a corrupt .gz
+        raise InputError(f"{path}: cannot read ({err})") from None
+
+
+def _decode(path: str, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte offset {err.start}); is it the right format?") from None
+
+
+def _check_columns(path: str, present, url_col: str, caption_col: str | None, fmt: str) -> None:
+    present = list(present)
+    if url_col not in present:
+        raise InputError(f"{path}: no column {url_col!r} (columns: {', '.join(map(str, present)) or 'none'}); "
+                         f"set --url-col")
+    if caption_col and caption_col not in present:
+        raise InputError(f"{path}: no column {caption_col!r} (columns: {', '.join(map(str, present))}); "
+                         f"set --caption-col")
+
+
+def _finish(path: str, urls, captions) -> pd.DataFrame:
+    df = pd.DataFrame({"url": urls, "caption": captions})
+    df["url"] = df["url"].fillna("").astype(str)
+    df["caption"] = df["caption"].fillna("").astype(str)
+    df["source"] = path
+    df["source_row"] = pd.RangeIndex(len(df), dtype="int64")
+    return df
+
+
+_CSV_LINE = re.compile(r"line (\d+)")
+
+
+def read_source(path: str, input_format: str | None = None, url_col: str = "url",
+                caption_col: str | None = "caption") -> tuple[pd.DataFrame, str]:
+    """Read one URL list; also return the sha256 of its bytes (an ingested file is recognised by content)."""
+    raw = _read_bytes(path)
+    return read_url_list(path, input_format, url_col, caption_col, raw=raw), hashlib.sha256(raw).hexdigest()
+
+
+def read_url_list(path: str, input_format: str | None = None, url_col: str = "url",
+                  caption_col: str | None = "caption", raw: bytes | None = None) -> pd.DataFrame:
+    fmt = detect_format(path, input_format)
+    if fmt == "txt":
+        caption_col = None
+    raw = _read_bytes(path) if raw is None else raw
+    if fmt == "parquet":
+        return _read_parquet(path, raw, url_col, caption_col)
+    text = _decode(path, raw)
+    if fmt == "txt":
+        lines = text.splitlines()
+        urls = [ln.strip() for ln in lines]
+        return _finish(path, urls, [""] * len(urls))
+    if not text.strip():
+        return _finish(path, [], [])
+    if fmt in ("csv", "tsv"):
+        try:
+            df = pd.read_csv(io.StringIO(text), sep="," if fmt == "csv" else "\t", dtype=str,
+                             keep_default_na=False, na_filter=False, engine="c")
+        except pd.errors.ParserError as err:
+            m = _CSV_LINE.search(str(err))
+            where = f":{m.group(1)}" if m else ""
+            raise InputError(f"{path}{where}: malformed {fmt.upper()} ({str(err).splitlines()[-1].strip()})") from None
+        except pd.errors.EmptyDataError:
+            return _finish(path, [], [])
+        _check_columns(path, df.columns, url_col, caption_col, fmt)
+        return _finish(path, df[url_col].to_numpy(), df[caption_col].to_numpy() if caption_col else [""] * len(df))
+    # jsonl
+    try:
+        df = pd.read_json(io.StringIO(text), lines=True, dtype=False)
+    except ValueError:
+        for i, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise InputError(f"{path}:{i}: malformed JSON line ({err.msg})") from None
+                if not isinstance(obj, dict):
+                    raise InputError(f"{path}:{i}: each JSON line must be an object, got {type(obj).__name__}")
+        raise InputError(f"{path}: malformed JSON lines") from None
+    if df.empty:
+        return _finish(path, [], [])
+    _check_columns(path, df.columns, url_col, caption_col, fmt)
+    urls = df[url_col].map(lambda v: v if isinstance(v, str) else ("" if v is None or v != v else str(v)))
+    caps = (df[caption_col].map(lambda v: v if isinstance(v, str) else ("" if v is None or v != v else str(v)))
+            if caption_col else [""] * len(df))
+    return _finish(path, urls.to_numpy(), caps if isinstance(caps, list) else caps.to_numpy())
+
+
+def _read_parquet(path: str, raw: bytes, url_col: str, caption_col: str | None) -> pd.DataFrame:
+    try:
+        pf = pq.ParquetFile(io.BytesIO(raw))
+        _check_columns(path, pf.schema_arrow.names, url_col, caption_col, "parquet")
+        table = pf.read(columns=[url_col] + ([caption_col] if caption_col else []))
+    except (pa.ArrowInvalid, OSError) as err:
+        raise InputError(f"{path}: not a readable Parquet file ({err})") from None
+    url = table.column(url_col).cast(pa.string()).to_pandas()
+    cap = table.column(caption_col).cast(pa.string()).to_pandas() if caption_col else [""] * table.num_rows
+    return _finish(path, url.to_numpy(), cap if isinstance(cap, list) else cap.to_numpy())
