@@ -72,7 +72,23 @@ def _download_opts(cfg: BuildConfig) -> dict:
 
 
 def build(cfg: BuildConfig) -> dict:
-    """Run (or resume, or extend) a build. Returns the stats dict."""
+    """Run (or resume, or extend) a build. Returns the stats dict.
+
+    If the output folder did not exist and the build stops on bad input before anything was planned,
+    the folder is removed again; an existing dataset is never left changed by a failed read."""
+    fresh = not os.path.exists(cfg.out)
+    try:
+        return _build(cfg)
+    except InputError:
+        layout = Layout(cfg.out)
+        if fresh and os.path.isdir(layout.root) and not layout.ingest_ids():
+            import shutil
+
+            shutil.rmtree(layout.root, ignore_errors=True)
+        raise
+
+
+def _build(cfg: BuildConfig) -> dict:
     t0 = time.time()
     layout = Layout(cfg.out)
     previous = read_json(layout.dataset_json) if os.path.isfile(layout.dataset_json) else None
@@ -131,9 +147,11 @@ def build(cfg: BuildConfig) -> dict:
     stats = compute_stats(manifest, layout, fmt)
     timings["total_s"] = time.time() - t0
     dl = timings.get("download_s", 0.0)
-    stats["build"] = {**{k: round(v, 3) for k, v in timings.items()},
+    stats["build"] = {"finished_at": now(), **{k: round(v, 3) for k, v in timings.items()},
                       "downloaded_rows": timings.get("downloaded_rows", 0),
                       "images_per_s": round(timings.get("downloaded_ok", 0) / dl, 2) if dl else None}
+    earlier = read_json(layout.stats_json).get("builds", []) if os.path.isfile(layout.stats_json) else []
+    stats["builds"] = (earlier + [stats["build"]])[-100:]  # every run's figures, latest last
     write_json(layout.stats_json, stats)
     config = dataclasses.asdict(cfg)
     write_json(layout.dataset_json, {

@@ -1,0 +1,37 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers
+
+from helpers.servers import Server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    """A small synthetic source made by the project's own generator (300 pairs, 5 held-out scenes)."""
+    from psdclip.pipeline.config import SynthConfig
+    from psdclip.pipeline.synth import generate
+
+    out = tmp_path_factory.mktemp("synth")
+    generate(SynthConfig(out=str(out), n=300, seed=3, heldout=5, image_size=64), progress=False)
+    return out
+
+
+@pytest.fixture()
+def server(synth_dir):
+    """A real HTTP server on 127.0.0.1 serving the synthetic images under /img/ and faults under /bad/."""
+    with Server(str(synth_dir), slow_s=3.0) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def synth_urls(synth_dir, server, tmp_path):
+    """A URL list (csv) of the synthetic source pointing at the test server."""
+    import pandas as pd
+
+    attrs = pd.read_parquet(synth_dir / "attributes.parquet")
+    path = tmp_path / "urls.csv"
+    pd.DataFrame({"url": server.base + "/img/" + attrs["path"], "caption": attrs["caption"]}).to_csv(path, index=False)
+    return path

@@ -1,0 +1,154 @@
+"""Integration: the real pipeline (Dask LocalCluster + img2dataset) against a real server on 127.0.0.1."""
+import io
+import json
+import os
+import tarfile
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from psdclip.pipeline.build import build
+from psdclip.pipeline.config import BuildConfig
+
+
+def cfg(inputs, out, **kw):
+    base = dict(inputs=[str(p) for p in inputs], out=str(out), image_size=32, shard_size=80, processes_count=2,
+                thread_count=8, timeout=2.0, progress=False)
+    base.update(kw)
+    return BuildConfig(**base)
+
+
+def tar_members(ds):
+    """key -> {suffix: bytes} over every shard, failing on a key present twice."""
+    out = {}
+    for name in sorted(os.listdir(ds / "shards")):
+        with tarfile.open(ds / "shards" / name) as tf:
+            for m in tf:
+                key, _, suffix = m.name.partition(".")
+                entry = out.setdefault(key, {"shard": name})
+                assert suffix not in entry, f"{key}.{suffix} twice"
+                entry[suffix] = tf.extractfile(m).read()
+    return out
+
+
+def test_build_webdataset_end_to_end(synth_urls, server, tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    ds = tmp_path / "ds"
+    stats = build(cfg([synth_urls], ds, subsets=["0.01", "0.1", "1.0"]))
+    assert os.listdir(cwd) == [] and sorted(os.listdir(tmp_path)) == ["cwd", "ds", "urls.csv"]
+    m = pd.read_parquet(ds / "manifest.parquet")
+    assert len(m) == 300 and m["key"].is_unique
+    assert (m["status"] == "success").all(), m["status"].value_counts()
+    assert stats["success"] == 300 and stats["shards"] == 4
+    members = tar_members(ds)
+    assert set(members) == set(m["key"])
+    for row in m.sample(20, random_state=0).itertuples():
+        entry = members[row.key]
+        assert entry["txt"].decode() == row.caption
+        assert json.loads(entry["json"])["key"] == row.key
+        with open(ds / "shards" / entry["shard"], "rb") as f:  # the manifest's offset points at the image
+            f.seek(row.offset)
+            data = f.read(row.size)
+        assert data == entry["jpg"] and Image.open(io.BytesIO(data)).size == (32, 32)
+        assert f"{row.shard:05d}.tar" == entry["shard"]
+    # each image was fetched exactly once; a rerun with the same list downloads nothing
+    img_hits = {p: n for p, n in server.hits.items() if p.startswith("/img/")}
+    assert len(img_hits) == 300 and set(img_hits.values()) == {1}
+    before = (ds / "manifest.parquet").read_bytes()
+    build(cfg([synth_urls], ds))
+    assert sum(n for p, n in server.hits.items() if p.startswith("/img/")) == 300
+    assert pd.read_parquet(ds / "manifest.parquet").equals(pd.read_parquet(io.BytesIO(before)))
+    subsets = {n: json.loads((ds / "subsets" / f"{n}.json").read_text()) for n in ("1pct", "10pct", "100pct")}
+    assert [subsets[n]["count"] for n in ("1pct", "10pct", "100pct")] == [3, 30, 300]
+    assert set(subsets["1pct"]["keys"]) <= set(subsets["10pct"]["keys"]) <= set(subsets["100pct"]["keys"])
+    info = json.loads((ds / "dataset.json").read_text())
+    assert info["schema_version"] == 1 and info["output_format"] == "webdataset" and info["counts"]["success"] == 300
+    runs = json.loads((ds / "stats.json").read_text())["builds"]
+    assert len(runs) == 2 and runs[0]["images_per_s"] > 0 and runs[1]["downloaded_rows"] == 0
+    assert not (ds / "_work").exists()
+
+
+def test_build_arrow(synth_urls, tmp_path):
+    ds = tmp_path / "ds"
+    build(cfg([synth_urls], ds, format="arrow", shard_size=150))
+    m = pd.read_parquet(ds / "manifest.parquet")
+    assert sorted(os.listdir(ds / "shards")) == ["00000.parquet", "00001.parquet"]
+    tables = {n: pd.read_parquet(ds / "shards" / n) for n in os.listdir(ds / "shards")}
+    assert sum(len(t) for t in tables.values()) == (m["status"] == "success").sum() == 300
+    row = m.iloc[7]
+    shard = tables[f"{row.shard:05d}.parquet"]
+    assert shard.iloc[row.offset]["key"] == row.key and shard.iloc[row.offset]["caption"] == row.caption
+    assert Image.open(io.BytesIO(shard.iloc[row.offset]["jpg"])).size == (32, 32)
+    with pytest.raises(Exception, match="cannot append with --format webdataset"):
+        build(cfg([synth_urls], ds))
+
+
+def test_faulty_urls_each_end_with_one_status(server, tmp_path):
+    b = server.base
+    rows = [
+        (f"{b}/ok/a.jpg", "a good one", "success"),
+        (f"{b}/bad/404.jpg", "missing", "http_4xx"),
+        (f"{b}/bad/500.jpg", "server error", "http_5xx"),
+        (f"{b}/bad/slow.jpg", "slow", "timeout"),
+        (f"{b}/bad/redirect.jpg", "redirected", "success"),
+        (f"{b}/bad/redirect-file.jpg", "redirect into file://", "redirect_refused"),
+        (f"{b}/bad/html.jpg", "html page", "not_image"),
+        (f"{b}/bad/truncated.jpg", "cut short", "truncated_image"),
+        (f"{b}/bad/bomb.png", "bomb", "image_too_large"),
+        (f"{b}/bad/noai.jpg", "opted out", "opt_out"),
+        ("file:///etc/passwd", "local file", "invalid_url"),
+        ("ftp://127.0.0.1/x.jpg", "ftp", "invalid_url"),
+        ("data:image/png;base64,AAAA", "data", "invalid_url"),
+        (f"{b}/ok/a.jpg", "same URL again", "duplicate_url"),
+        (f"{b}/ok/ünïcödé 1.jpg", "café ☕ naïve Ωmega", "success"),
+        (f"{b}/ok/mojibake.jpg", "cafÃ© au lait", "success"),
+        (f"{b}/ok/empty.jpg", "", "empty_caption"),
+        (f"{b}/ok/long.jpg", "x" * 300, "caption_too_long"),
+        ("http://127.0.0.1:9/refused.jpg", "nobody listens", "connection_error"),
+        (f"{b}/dup/first.jpg", "same bytes", "success"),
+        (f"{b}/dup/second.jpg", "same bytes", "duplicate_image"),
+    ]
+    src = tmp_path / "faulty.jsonl"
+    src.write_text("\n".join(json.dumps({"url": u, "caption": c}) for u, c, _ in rows) + "\n", encoding="utf-8")
+    ds = tmp_path / "ds"
+    stats = build(cfg([src], ds, timeout=1.0, max_caption_length=200, shard_size=100))
+    m = pd.read_parquet(ds / "manifest.parquet").sort_values("source_row")
+    assert m["source_row"].tolist() == list(range(len(rows)))
+    assert m["status"].tolist() == [s for _, _, s in rows]
+    assert (m.loc[m["status"] != "success", "error"] != "").all()
+    assert m.iloc[15]["caption"] == "café au lait" and m.iloc[14]["caption"] == "café ☕ naïve Ωmega"
+    assert "/ok/ünïcödé 1.jpg" in server.hits
+    assert not any("passwd" in p for p in server.hits)
+    # a duplicate image keeps its bytes in the shard; the manifest and subsets exclude it
+    assert set(tar_members(ds)) == set(m.loc[m["status"].isin(["success", "duplicate_image"]), "key"])
+    assert stats["failing_shards"] and stats["failing_shards"][0]["failure_rate"] > 0.5
+
+
+def test_append_new_lists_and_retry_failed(synth_dir, server, tmp_path):
+    attrs = pd.read_parquet(synth_dir / "attributes.parquet")
+    urls = server.base + "/img/" + attrs["path"]
+    pd.DataFrame({"url": urls[:150], "caption": attrs["caption"][:150]}).to_csv(tmp_path / "a.csv", index=False)
+    pd.DataFrame({"url": urls[100:], "caption": attrs["caption"][100:]}).to_parquet(tmp_path / "b.parquet")
+    flaky = ["/img/" + p for p in attrs["path"][:10]]
+    server.flaky.update({p: 1 for p in flaky})
+    ds = tmp_path / "ds"
+    build(cfg([tmp_path / "a.csv"], ds, subsets=["0.5"]))
+    m1 = pd.read_parquet(ds / "manifest.parquet")
+    assert (m1["status"] == "http_5xx").sum() == 10 and (m1["status"] == "success").sum() == 140
+    first_shards = {n: os.path.getmtime(ds / "shards" / n) for n in os.listdir(ds / "shards")}
+    build(cfg([tmp_path / "b.parquet"], ds))
+    m2 = pd.read_parquet(ds / "manifest.parquet")
+    assert len(m2) == 350 and m2["key"].is_unique
+    assert (m2["status"] == "duplicate_url").sum() == 50 and (m2["status"] == "success").sum() == 290
+    assert m2.loc[m2["ingest"] == 1, "shard"].dropna().min() > max(int(n[:5]) for n in first_shards)
+    assert all(os.path.getmtime(ds / "shards" / n) == t for n, t in first_shards.items())
+    assert json.loads((ds / "subsets" / "50pct.json").read_text())["count"] == 145  # kept up to date
+    build(cfg([], ds, retry_failed=True))
+    m3 = pd.read_parquet(ds / "manifest.parquet")
+    assert len(m3) == 350 and (m3["status"] == "success").sum() == 300
+    assert all(server.hits[p] == 2 for p in flaky)
+    assert all(n == 1 for p, n in server.hits.items() if p.startswith("/img/") and p not in flaky)
+    assert set(tar_members(ds)) == set(m3.loc[m3["status"] == "success", "key"])

@@ -1,0 +1,84 @@
+import gzip
+import json
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from psdclip.pipeline.errors import InputError
+from psdclip.pipeline.read import detect_format, read_source, read_url_list
+
+
+def test_formats_give_the_same_rows(tmp_path):
+    rows = [{"url": "http://a.test/1.jpg", "caption": "one, with comma"}, {"url": "http://b.test/2.jpg", "caption": "zwei"}]
+    df = pd.DataFrame(rows)
+    df.to_csv(tmp_path / "l.csv", index=False)
+    df.to_csv(tmp_path / "l.tsv", sep="\t", index=False)
+    df.to_parquet(tmp_path / "l.parquet")
+    (tmp_path / "l.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with gzip.open(tmp_path / "l.csv.gz", "wt") as f:
+        df.to_csv(f, index=False)
+    for name in ("l.csv", "l.tsv", "l.parquet", "l.jsonl", "l.csv.gz"):
+        out = read_url_list(str(tmp_path / name))
+        assert out["url"].tolist() == df["url"].tolist(), name
+        assert out["caption"].tolist() == df["caption"].tolist(), name
+        assert out["source_row"].tolist() == [0, 1]
+        assert (out["source"] == str(tmp_path / name)).all()
+
+
+def test_txt_has_urls_and_no_captions(tmp_path):
+    (tmp_path / "u.txt").write_text("http://a.test/1.jpg\n\nhttp://b.test/2.jpg\n")
+    out = read_url_list(str(tmp_path / "u.txt"))
+    assert out["url"].tolist() == ["http://a.test/1.jpg", "", "http://b.test/2.jpg"]
+    assert (out["caption"] == "").all()
+
+
+def test_custom_columns_and_fsspec_memory_path():
+    import fsspec
+
+    with fsspec.open("memory://lists/x.csv", "w") as f:
+        f.write("link,alt\nhttp://a.test/1.jpg,hello\n")
+    out = read_url_list("memory://lists/x.csv", url_col="link", caption_col="alt")
+    assert out.loc[0, "url"] == "http://a.test/1.jpg" and out.loc[0, "caption"] == "hello"
+
+
+def test_content_hash_identifies_a_file(tmp_path):
+    (tmp_path / "a.csv").write_text("url,caption\nhttp://a.test/1.jpg,x\n")
+    (tmp_path / "b.csv").write_text("url,caption\nhttp://a.test/1.jpg,x\n")
+    assert read_source(str(tmp_path / "a.csv"))[1] == read_source(str(tmp_path / "b.csv"))[1]
+
+
+@pytest.mark.parametrize("name,content,expect", [
+    ("nocol.csv", "link,caption\nhttp://a.test/x.jpg,c\n", r"nocol\.csv: no column 'url'"),
+    ("nocap.parquet", None, r"nocap\.parquet: no column 'caption'"),
+    ("bad.csv", "url,caption\nhttp://a.test/1.jpg,a\nhttp://a.test/2.jpg,b,c,d\n", r"bad\.csv:3: malformed CSV"),
+    ("bad.jsonl", '{"url": "http://a.test/1.jpg", "caption": "a"}\n{"url": broken\n', r"bad\.jsonl:2: malformed JSON"),
+    ("bin.csv", b"url,caption\n\xff\xfe\x00garbage\n", r"bin\.csv:2: not UTF-8"),
+    ("list.weird", "x", r"cannot tell the input format"),
+    ("missing.csv", None, r"missing\.csv: no such file"),
+    ("notparquet.parquet", "url,caption\n", r"not a readable Parquet file"),
+])
+def test_bad_inputs_fail_with_one_line_naming_the_file(tmp_path, name, content, expect):
+    path = tmp_path / name
+    if name == "nocap.parquet":
+        pq.write_table(pa.table({"url": ["http://a.test/x.jpg"]}), path)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(InputError, match=expect) as info:
+        read_url_list(str(path))
+    assert "\n" not in str(info.value)
+
+
+def test_empty_files_have_no_rows(tmp_path):
+    for name in ("e.csv", "e.jsonl", "e.txt", "e.tsv"):
+        (tmp_path / name).write_text("")
+        assert len(read_url_list(str(tmp_path / name))) == 0
+
+
+def test_detect_format():
+    assert detect_format("a/b.CSV.gz") == "csv"
+    assert detect_format("s3://x/y.ndjson") == "jsonl"
+    assert detect_format("x.unknown", "tsv") == "tsv"
