@@ -113,6 +113,8 @@ def _build(cfg: BuildConfig) -> dict:
         frames, files = [], []
         for path, fut in zip(cfg.inputs, futures):
             df, sha = fut.result()
+            if isinstance(df, InputError):
+                raise df
             if sha in known or sha in {f["sha256"] for f in files}:
                 log(f"{path}: already ingested (same content as {known.get(sha, 'an earlier argument')}); skipped")
                 continue
@@ -172,8 +174,13 @@ def _build(cfg: BuildConfig) -> dict:
 
 
 def _read_and_clean(path, input_format, url_col, caption_col, max_caption_length):
-    df, sha = read_source(path, input_format, url_col, caption_col)
-    require_caption = detect_format(path, input_format) != "txt"
+    """Dask task: read one URL list and run the per-partition stages. Bad input comes back as a value
+    (not raised), so that the worker does not log it as a failed computation."""
+    try:
+        df, sha = read_source(path, input_format, url_col, caption_col)
+        require_caption = detect_format(path, input_format) != "txt"  # a txt list has no captions
+    except InputError as err:
+        return err, None
     return clean_partition(df, max_caption_length, require_caption), sha
 
 

@@ -1,0 +1,133 @@
+"""kill -9 at any point and rerun; a separately started `dask scheduler` + `dask worker`; the CLI."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from helpers.datasets import cfg, tar_members
+
+from psdclip.pipeline.build import build
+
+BIN = os.path.dirname(sys.executable)
+
+
+def run_cli(*args, **kw):
+    return subprocess.run([os.path.join(BIN, "psdclip"), *map(str, args)], capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+@pytest.mark.parametrize("kill_when", ["first-shard", "early"])
+def test_kill_9_and_rerun_loses_and_duplicates_nothing(synth_urls, server, tmp_path, kill_when):
+    server.delay_s = 0.05
+    ds = tmp_path / "ds"
+    proc = subprocess.Popen([os.path.join(BIN, "psdclip"), "data", "build", str(synth_urls), "--out", str(ds),
+                             "--image-size", "32", "--shard-size", "40", "--thread-count", "2", "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    results = ds / "_state" / "results"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if kill_when == "early" and time.time() > deadline - 118:
+            break
+        if kill_when == "first-shard" and results.is_dir() and any(p.suffix == ".parquet" for p in results.iterdir()):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the build finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    done_before = sorted(p.name for p in results.iterdir() if p.suffix == ".parquet") if results.is_dir() else []
+    if kill_when == "first-shard":
+        assert done_before
+    hits_before = dict(server.hits)
+    server.delay_s = 0.0
+    build(cfg([synth_urls], ds, shard_size=40))
+    m = pd.read_parquet(ds / "manifest.parquet")
+    assert len(m) == 300 and m["key"].is_unique and (m["status"] == "success").all()
+    assert set(tar_members(ds)) == set(m["key"])
+    assert not [p for p in ds.rglob("*") if ".tmp-" in p.name]
+    # the shards finished before the kill were not downloaded again
+    for name in done_before:
+        shard = int(name.split(".")[0])
+        for url in m.loc[m["shard"] == shard, "url"]:
+            path = "/img/" + url.split("/img/", 1)[1]
+            assert server.hits[path] == hits_before[path] == 1
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_separate_dask_scheduler_and_workers(synth_urls, tmp_path):
+    port = free_port()
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    sched = subprocess.Popen([os.path.join(BIN, "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                              "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                             start_new_session=True)
+    worker = subprocess.Popen([os.path.join(BIN, "dask"), "worker", f"tcp://127.0.0.1:{port}", "--nworkers", "2",
+                               "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1",
+                               "--local-directory", str(tmp_path / "worker-space")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        from dask.distributed import Client
+
+        with Client(f"tcp://127.0.0.1:{port}", timeout="60s") as client:
+            client.wait_for_workers(2, timeout=60)
+        ds = tmp_path / "ds"
+        stats = build(cfg([synth_urls], ds, dask_scheduler=f"tcp://127.0.0.1:{port}"))
+        assert stats["success"] == 300 and stats["shards"] == 4
+        assert set(tar_members(ds)) == set(pd.read_parquet(ds / "manifest.parquet")["key"])
+    finally:
+        for p in (worker, sched):
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=30)
+
+
+def test_cli_build_stats_and_one_line_errors(synth_urls, tmp_path):
+    ds = tmp_path / "ds"
+    r = run_cli("data", "build", synth_urls, "--out", ds, "--image-size", "24", "--shard-size", "100",
+                "--subsets", "0.1,1.0", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "success" in r.stdout and "300" in r.stdout
+    s = json.loads(run_cli("data", "stats", ds, "--json").stdout)
+    assert s["counts"] == {"success": 300} and s["shards"] == 3
+    assert "success" in run_cli("data", "stats", ds).stdout
+    bad = tmp_path / "bad.csv"
+    bad.write_text("link,text\nhttp://a.test/x.jpg,y\n")
+    cases = [
+        (["data", "build", bad, "--out", tmp_path / "new"], "bad.csv: no column 'url'"),
+        (["data", "build", tmp_path / "nope.csv", "--out", tmp_path / "new"], "nope.csv: no such file"),
+        (["data", "build", synth_urls], "--out"),
+        (["data", "build", synth_urls, "--out", ds, "--format", "arrow"], "cannot append with --format arrow"),
+        (["data", "build", synth_urls, "--out", ds, "--subsets", "0.1,zero"], "--subsets 'zero'"),
+        (["data", "stats", tmp_path], "not a psdclip dataset"),
+        (["data", "build", synth_urls, "--out", ds, "--config", tmp_path / "missing.yaml"], "no such config file"),
+    ]
+    for args, expect in cases:
+        r = run_cli(*args)
+        assert r.returncode != 0, args
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and expect in lines[0], (args, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "new").exists()  # a failed fresh build leaves nothing behind
+    assert pd.read_parquet(ds / "manifest.parquet")["status"].eq("success").sum() == 300  # nothing lost
+
+
+def test_cli_yaml_config_and_override(tmp_path):
+    (tmp_path / "synth.yaml").write_text("n: 20\nseed: 4\nheldout: 0\nimage-size: 32\n")
+    r = run_cli("data", "synth", "--config", tmp_path / "synth.yaml", "--out", tmp_path / "s", "--n", "12")
+    assert r.returncode == 0, r.stderr
+    assert len(pd.read_csv(tmp_path / "s" / "urls.csv")) == 12
+    (tmp_path / "bad.yaml").write_text("n: twelve\n")
+    r = run_cli("data", "synth", "--config", tmp_path / "bad.yaml", "--out", tmp_path / "t")
+    assert r.returncode == 1 and "expected int" in r.stderr
+    for cmd in (["--help"], ["data", "--help"], ["data", "build", "--help"], ["data", "synth", "--help"],
+                ["data", "serve", "--help"], ["data", "stats", "--help"], ["demo", "--help"]):
+        r = run_cli(*cmd)
+        assert r.returncode == 0 and "usage: psdclip" in r.stdout
