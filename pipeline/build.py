@@ -18,8 +18,9 @@ import time
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
-from .clean import PENDING, clean_partition
+from .clean import PENDING, clean_partition, hosts
 from .config import BuildConfig
 from .dataset import SCHEMA_VERSION, Layout, assemble_manifest, compute_stats, now, read_json, write_json, \
     write_parquet
@@ -29,6 +30,7 @@ from .plan import assign_shards, mark_duplicates
 from .read import detect_format, read_source
 from .subsets import build_subsets, parse_subsets
 
+SPLIT_BYTES = 8 << 20  # URL lists larger than this are cleaned by several tasks
 PLAN_COLUMNS = ["key", "url", "caption", "source", "source_row", "status", "error", "host", "shard", "order"]
 
 
@@ -51,7 +53,7 @@ def dask_client(scheduler: str | None, n_workers: int, local_directory: str):
             yield client
         return
     os.makedirs(local_directory, exist_ok=True)
-    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                       local_directory=local_directory, silence_logs=logging.ERROR) as cluster, \
             Client(cluster) as client:
         yield client
@@ -106,33 +108,8 @@ def _build(cfg: BuildConfig) -> dict:
         _download_pending(client, layout, cfg, opts, timings, "resume")
         # 2. new input files form a new ingest
         t = time.time()
-        known = {i["sha256"]: i["path"] for ing in layout.ingest_ids() for i in layout.load_inputs(ing)["files"]}
-        futures = [client.submit(_read_and_clean, path, cfg.input_format, cfg.url_col, cfg.caption_col,
-                                 cfg.max_caption_length, pure=False, key=f"read-{i}-{os.path.basename(path)}")
-                   for i, path in enumerate(cfg.inputs)]
-        frames, files = [], []
-        for path, fut in zip(cfg.inputs, futures):
-            df, sha = fut.result()
-            if isinstance(df, InputError):
-                raise df
-            if sha in known or sha in {f["sha256"] for f in files}:
-                log(f"{path}: already ingested (same content as {known.get(sha, 'an earlier argument')}); skipped")
-                continue
-            frames.append(df)
-            files.append({"path": path, "sha256": sha, "rows": int(len(df))})
-        timings["read_clean_s"] = time.time() - t
-        if frames:
-            t = time.time()
-            existing = _existing_keys(layout)
-            plan = pd.concat(frames, ignore_index=True)
-            plan = mark_duplicates(plan, existing)
-            plan = assign_shards(plan, cfg.shard_size, _next_shard(layout))
-            ingest = (layout.ingest_ids() or [-1])[-1] + 1
-            layout.save_ingest(ingest, plan[PLAN_COLUMNS], {"kind": "urls", "created_at": now(), "files": files})
-            timings["plan_s"] = time.time() - t
-            n_shards = plan.loc[plan["shard"] >= 0, "shard"].nunique()
-            log(f"ingest {ingest}: {len(plan):,} rows from {len(files)} file(s); "
-                f"{int((plan['status'] == PENDING).sum()):,} to download in {n_shards} shard(s)")
+        ingest_inputs(client, layout, cfg)
+        timings["read_clean_plan_s"] = time.time() - t
         if cfg.retry_failed:
             _plan_retry(layout, cfg)
         _download_pending(client, layout, cfg, opts, timings, "download")
@@ -173,28 +150,97 @@ def _build(cfg: BuildConfig) -> dict:
     return stats
 
 
-def _read_and_clean(path, input_format, url_col, caption_col, max_caption_length):
-    """Dask task: read one URL list and run the per-partition stages. Bad input comes back as a value
-    (not raised), so that the worker does not log it as a failed computation."""
+def ingest_inputs(client, layout: Layout, cfg: BuildConfig) -> pd.DataFrame | None:
+    """Read and clean every new input file (a Dask task each), then mark duplicate URLs, spread hosts,
+    assign shards, and save the plan as a new ingest. Files already ingested (same bytes) are skipped.
+    Returns the plan, or None when there was nothing new."""
+    known = {i["sha256"]: i["path"] for ing in layout.ingest_ids() for i in layout.load_inputs(ing)["files"]}
+    workers = max(1, len(client.scheduler_info().get("workers", {})))
+    futures = []
+    for i, path in enumerate(cfg.inputs):
+        # a large file is cleaned in row ranges by several tasks (each reads it; parsing is the cheap part)
+        parts = workers if _size(path) > SPLIT_BYTES else 1
+        futures.append([client.submit(_read_and_clean, path, cfg.input_format, cfg.url_col, cfg.caption_col,
+                                      cfg.max_caption_length, part, parts,
+                                      os.path.join(layout.work, "clean", f"{i:05d}-{part:03d}.arrow"),
+                                      pure=False, key=f"read-{i}-{part}-{os.path.basename(path)}")
+                        for part in range(parts)])
+    frames, files = [], []
+    for path, futs in zip(cfg.inputs, futures):
+        results = [f.result() for f in futs]
+        for out, _ in results:
+            if isinstance(out, InputError):
+                raise out
+        sha = results[0][1]
+        # the cleaned rows come back through the (shared) dataset folder: faster than the comms for
+        # millions of rows
+        df = pd.concat([pd.read_feather(out, dtype_backend="pyarrow") for out, _ in results], ignore_index=True)
+        if sha in known or sha in {f["sha256"] for f in files}:
+            log(f"{path}: already ingested (same content as {known.get(sha, 'an earlier argument')}); skipped")
+            continue
+        frames.append(df)
+        files.append({"path": path, "sha256": sha, "rows": int(len(df))})
+    if not frames:
+        return None
+    plan = pd.concat(frames, ignore_index=True)
+    plan = mark_duplicates(plan, _existing_keys(layout))
+    plan = assign_shards(plan, cfg.shard_size, _next_shard(layout))
+    ingest = (layout.ingest_ids() or [-1])[-1] + 1
+    layout.save_ingest(ingest, _compact(plan[PLAN_COLUMNS]), {"kind": "urls", "created_at": now(), "files": files})
+    n_shards = plan.loc[plan["shard"] >= 0, "shard"].nunique()
+    log(f"ingest {ingest}: {len(plan):,} rows from {len(files)} file(s); "
+        f"{int((plan['status'] == PENDING).sum()):,} to download in {n_shards} shard(s)")
+    return plan
+
+
+def _compact(plan: pd.DataFrame) -> pd.DataFrame:
+    """Few distinct values -> categorical (a Parquet dictionary): small and fast to write and read."""
+    plan = plan.copy(deep=False)
+    for col in ("status", "error", "source"):
+        if not isinstance(plan[col].dtype, pd.CategoricalDtype):
+            plan[col] = pd.Categorical(plan[col].to_numpy(dtype=object))
+    return plan
+
+
+def _size(path: str) -> int:
+    import fsspec
+
+    try:
+        fs, p = fsspec.core.url_to_fs(path)
+        return int(fs.size(p) or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _read_and_clean(path, input_format, url_col, caption_col, max_caption_length, part, parts, out):
+    """Dask task: read one URL list, run the per-partition stages on rows [part/parts, (part+1)/parts) and
+    write them to `out` (Arrow IPC). Returns (out, sha256 of the file). Bad input comes back as a value (not
+    raised), so that the worker does not log it as a failed computation."""
     try:
         df, sha = read_source(path, input_format, url_col, caption_col)
         require_caption = detect_format(path, input_format) != "txt"  # a txt list has no captions
     except InputError as err:
         return err, None
-    return clean_partition(df, max_caption_length, require_caption), sha
+    if parts > 1:
+        n = len(df)
+        df = df.iloc[n * part // parts: n * (part + 1) // parts].reset_index(drop=True)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    clean_partition(df, max_caption_length, require_caption).reset_index(drop=True).to_feather(
+        out, compression="uncompressed")
+    return out, sha
 
 
 def _existing_keys(layout: Layout) -> set:
     keys: set = set()
     for ingest in layout.ingest_ids():
-        keys.update(layout.load_plan(ingest)["key"].tolist())
+        keys.update(layout.load_plan(ingest, ["key"])["key"].tolist())
     return keys
 
 
 def _next_shard(layout: Layout) -> int:
     top = -1
     for ingest in layout.ingest_ids():
-        s = layout.load_plan(ingest)["shard"]
+        s = layout.load_plan(ingest, ["shard"])["shard"]
         if len(s):
             top = max(top, int(s.max()))
     return top + 1
@@ -249,7 +295,7 @@ def _plan_retry(layout: Layout, cfg: BuildConfig) -> None:
         return
     plan = retry[["key", "url", "caption", "source", "source_row"]].copy()
     plan["status"], plan["error"] = PENDING, ""
-    plan["host"] = plan["url"].str.extract(r"^https?://(?:[^@/?#]*@)?([^:/?#]*)", expand=False).str.lower()
+    plan["host"] = pd.arrays.ArrowStringArray(hosts(pa.array(plan["url"].array), np.ones(len(plan), bool)))
     plan = assign_shards(plan, cfg.shard_size, _next_shard(layout))
     ingest = layout.ingest_ids()[-1] + 1
     layout.save_ingest(ingest, plan[PLAN_COLUMNS], {"kind": "retry", "created_at": now(), "files": []})

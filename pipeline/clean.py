@@ -2,7 +2,8 @@
 
 Each stage is a small function of a DataFrame with columns url, caption, source, source_row, status,
 error, testable on a plain in-memory frame. A row keeps the first status a stage gives it; rows still
-'pending' go on to be downloaded.
+'pending' go on to be downloaded. The string work is vectorised with pyarrow compute; only the rows
+that need it go through Python (ftfy, IRI encoding, error texts).
 """
 from __future__ import annotations
 
@@ -12,15 +13,25 @@ import urllib.parse
 import ftfy
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 PENDING = "pending"
 _WS = re.compile(r"\s+")
-_NEEDS_FTFY = re.compile(r"[^\x20-\x7e]|&|<")
+# what ftfy can change: mojibake (a UTF-8 lead byte read as Latin-1/cp1252 followed by a continuation
+# byte), HTML entities, control and C1 characters, ligatures, full-width forms, curly quotes, combining
+# marks (NFC), terminal escapes. Plain accented text ("Café") does not match and skips ftfy.
+_FTFY_SUSPECT = ("[\u00c2-\u00f4][\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc"
+                 "\u2013\u2014\u2018-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a\u20ac\u2122]"
+                 "|&(#[0-9]+|#[xX][0-9a-fA-F]+|[a-zA-Z]+);?|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufb00-\ufb06"
+                 "\uff01-\uff5e\u2018\u2019\u201c\u201d\u0300-\u036f\ufffd]|\x1b")
 
 
 def start(df: pd.DataFrame) -> pd.DataFrame:
-    """Add the status and error columns every later stage relies on."""
+    """Add the status and error columns every later stage relies on; strings become Arrow-backed."""
     df = df.copy()
+    df["url"] = pd.array(df["url"], dtype="string[pyarrow]")
+    df["caption"] = pd.array(df["caption"], dtype="string[pyarrow]")
     df["status"] = PENDING
     df["error"] = ""
     return df
@@ -30,25 +41,35 @@ def _mark(df: pd.DataFrame, mask, status: str, error) -> None:
     mask = np.asarray(mask, dtype=bool) & (df["status"].to_numpy() == PENDING)
     if mask.any():
         df.loc[mask, "status"] = status
-        df.loc[mask, "error"] = error if isinstance(error, str) else np.asarray(error)[mask]
+        df.loc[mask, "error"] = error if isinstance(error, str) else np.asarray(error, dtype=object)[mask]
+
+
+def _fix_one(text: str) -> str:
+    return _WS.sub(" ", ftfy.fix_text(text, normalization="NFC")).strip()
 
 
 def fix_captions(df: pd.DataFrame) -> pd.DataFrame:
-    """Repair mojibake and HTML entities with ftfy (only where a caption can need it), collapse whitespace."""
-    caps = df["caption"]
-    needs = caps.str.contains(_NEEDS_FTFY, regex=True)
-    if needs.any():
-        df.loc[needs, "caption"] = [ftfy.fix_text(c, normalization="NFC") for c in caps[needs]]
-        caps = df["caption"]
-    ws = caps.str.contains(r"\s\s|^\s|\s$|[\t\n\r\f\v]", regex=True)
-    if ws.any():
-        df.loc[ws, "caption"] = [_WS.sub(" ", c).strip() for c in caps[ws]]
+    """Repair mojibake, HTML entities and the rest with ftfy (only where a caption can need it), and
+    collapse whitespace."""
+    caps = pa.array(df["caption"].array)
+    needs = pc.match_substring_regex(caps, _FTFY_SUSPECT).to_numpy(zero_copy_only=False)
+    spaces = pc.match_substring_regex(caps, r"\s\s|^\s|\s$|[\t\n\r\f\v]").to_numpy(zero_copy_only=False)
+    touch = needs | spaces
+    if touch.any():
+        idx = np.flatnonzero(touch)
+        # web captions repeat ("image", product titles): fix each distinct caption once
+        codes, uniques = pd.factorize(pd.Series(caps.take(pa.array(idx)).to_pylist(), dtype=object))
+        first_need = pd.Series(needs[idx]).groupby(codes).any().to_numpy()
+        repaired = np.array([_fix_one(c) if n else _WS.sub(" ", c).strip() for c, n in zip(uniques, first_need)],
+                            dtype=object)
+        fixed = pa.array(repaired[codes], type=caps.type)
+        df["caption"] = pd.arrays.ArrowStringArray(pc.replace_with_mask(caps, pa.array(touch), fixed))
     return df
 
 
 def filter_captions(df: pd.DataFrame, max_length: int, require: bool = True) -> pd.DataFrame:
     """Mark empty captions (when the list has a caption column) and over-long ones."""
-    lengths = df["caption"].str.len().to_numpy()
+    lengths = pc.utf8_length(pa.array(df["caption"].array)).to_numpy(zero_copy_only=False)
     if require:
         _mark(df, lengths == 0, "empty_caption", "caption is empty")
     _mark(df, lengths > max_length, "caption_too_long", f"caption longer than {max_length} characters")
@@ -74,31 +95,49 @@ def _iri_to_uri(url: str) -> str:
         return ""
 
 
-_HTTP = re.compile(r"^https?://[^/?#\s]+", re.IGNORECASE)
+_OK_URL = r"^(?i:https?)://[^/?#\s]+[^\s]*$"
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
-_HOST = re.compile(r"^https?://(?:[^@/?#]*@)?(\[[^\]]*\]|[^:/?#]*)", re.IGNORECASE)
+
+
+def _url_error(url: str) -> str:
+    if not url:
+        return "empty URL"
+    m = _SCHEME.match(url)
+    if not m:
+        return "not an absolute URL"
+    scheme = m.group(1).lower()
+    if scheme in ("http", "https"):
+        return "malformed http(s) URL"
+    return f"scheme {scheme}: only http and https are fetched"
 
 
 def check_urls(df: pd.DataFrame) -> pd.DataFrame:
     """Only http(s) URLs with a host are ever fetched; file://, data:, ftp:// and the rest are invalid_url.
     Non-ASCII URLs are percent-encoded; the host (lower case) is added for the host-spreading stage."""
-    urls = df["url"].str.strip()
-    non_ascii = urls.str.contains(r"[^\x00-\x7f]", regex=True)
+    urls = pc.utf8_trim_whitespace(pa.array(df["url"].array))
+    non_ascii = ~pc.string_is_ascii(urls).to_numpy(zero_copy_only=False)
     if non_ascii.any():
-        urls = urls.copy()
-        urls[non_ascii] = [_iri_to_uri(u) for u in urls[non_ascii]]
-    df["url"] = urls
-    ok = urls.str.contains(_HTTP, regex=True).to_numpy() & ~urls.str.contains(r"\s", regex=True).to_numpy()
+        values = np.asarray(urls.to_pylist(), dtype=object)
+        values[non_ascii] = [_iri_to_uri(u) for u in values[non_ascii]]
+        urls = pa.array(values, type=pa.string())
+    df["url"] = pd.arrays.ArrowStringArray(urls)
+    ok = pc.match_substring_regex(urls, _OK_URL).to_numpy(zero_copy_only=False)
     if not ok.all():
-        schemes = urls.str.extract(_SCHEME, expand=False).fillna("")
-        errors = np.where(urls.to_numpy() == "", "empty URL",
-                          np.where(schemes.to_numpy() == "", "not an absolute URL",
-                                   "scheme " + schemes.str.lower().to_numpy().astype(object)
-                                   + ": only http and https are fetched"))
-        errors = np.where((schemes.str.lower().isin(["http", "https"])).to_numpy(), "malformed http(s) URL", errors)
+        bad = np.flatnonzero(~ok)
+        errors = np.full(len(df), "", dtype=object)
+        errors[bad] = [_url_error(u) for u in urls.take(pa.array(bad)).to_pylist()]
         _mark(df, ~ok, "invalid_url", errors)
-    df["host"] = urls.str.extract(_HOST, expand=False).fillna("").str.lower()
+    df["host"] = pd.arrays.ArrowStringArray(hosts(urls, ok))
     return df
+
+
+def hosts(urls: pa.Array, ok) -> pa.Array:
+    """The authority after "http(s)://" up to the first "/", lower case, for the rows where ok (a cheap
+    split; spreading the load needs no exact parse)."""
+    rest = pc.utf8_slice_codeunits(urls, 7)
+    rest = pc.if_else(pc.starts_with(rest, "/"), pc.utf8_slice_codeunits(rest, 1), rest)
+    host = pc.list_element(pc.split_pattern(rest, "/", max_splits=1), 0)
+    return pc.if_else(pa.array(np.asarray(ok, dtype=bool)), pc.utf8_lower(host), "")
 
 
 def clean_partition(df: pd.DataFrame, max_caption_length: int, require_caption: bool) -> pd.DataFrame:
@@ -106,4 +145,12 @@ def clean_partition(df: pd.DataFrame, max_caption_length: int, require_caption: 
     df = start(df)
     df = check_urls(df)
     df = fix_captions(df)
-    return filter_captions(df, max_caption_length, require_caption)
+    df = filter_captions(df, max_caption_length, require_caption)
+    from .plan import add_url_keys
+
+    df = add_url_keys(df)
+    # compact columns: the frame travels from the worker to the client
+    for col in ("status", "error", "source"):
+        df[col] = df[col].astype("category")
+    df["ukey"] = pd.array(df["ukey"], dtype="string[pyarrow]")
+    return df

@@ -103,8 +103,12 @@ class Layout:
             return []
         return sorted(int(d) for d in os.listdir(self.ingests) if d.isdigit())
 
-    def load_plan(self, ingest: int) -> pd.DataFrame:
-        return pd.read_parquet(os.path.join(self.ingests, f"{ingest:05d}", "plan.parquet"))
+    def load_plan(self, ingest: int, columns=None) -> pd.DataFrame:
+        plan = pd.read_parquet(os.path.join(self.ingests, f"{ingest:05d}", "plan.parquet"), columns=columns)
+        for col in plan.columns:  # dictionary-encoded on disk; plain values in memory
+            if isinstance(plan[col].dtype, pd.CategoricalDtype):
+                plan[col] = plan[col].astype(object)
+        return plan
 
     def load_inputs(self, ingest: int) -> dict:
         return read_json(os.path.join(self.ingests, f"{ingest:05d}", "inputs.json"))

@@ -12,59 +12,86 @@ import math
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from .clean import PENDING
 
 KEY_BYTES = 10  # 20 hex characters: collisions are out of reach at web scale
 
 
+def url_keys(urls) -> list[str]:
+    """The key of a URL's first occurrence: a hash of the URL itself."""
+    b2 = hashlib.blake2b
+    return [b2(u.encode(), digest_size=KEY_BYTES).hexdigest() for u in urls]
+
+
 def url_key(url: str) -> str:
-    return hashlib.blake2b(url.encode(), digest_size=KEY_BYTES, person=b"psdclip-url").hexdigest()
+    return url_keys([url])[0]
 
 
-def row_key(source: str, row: int) -> str:
-    return hashlib.blake2b(f"{source}\x00{row}".encode(), digest_size=KEY_BYTES, person=b"psdclip-row").hexdigest()
+def row_keys(sources, rows) -> list[str]:
+    """The key of every other row: a hash of (source file, row number)."""
+    b2 = hashlib.blake2b
+    return [b2(f"\x00row\x00{s}\x00{r}".encode(), digest_size=KEY_BYTES).hexdigest() for s, r in zip(sources, rows)]
 
 
 def _h64(values) -> np.ndarray:
     return pd.util.hash_pandas_object(pd.Series(values, dtype=object), index=False).to_numpy()
 
 
+def add_url_keys(df: pd.DataFrame) -> pd.DataFrame:
+    """Hash the URL of every pending row (a Dask stage: it runs per partition, on the workers)."""
+    pending = df["status"].to_numpy() == PENDING
+    ukeys = np.full(len(df), "", dtype=object)
+    ukeys[pending] = url_keys(df["url"].to_numpy(dtype=object)[pending])
+    df = df.copy()
+    df["ukey"] = ukeys
+    return df
+
+
 def mark_duplicates(df: pd.DataFrame, existing_keys=frozenset()) -> pd.DataFrame:
     """Mark every pending row whose URL was seen before (earlier in input order, or already in the
     dataset) as duplicate_url, and assign keys to all rows."""
-    pending = df["status"].to_numpy() == PENDING
-    urls = df["url"].to_numpy()
+    df = df.copy(deep=False)
+    status = df["status"].to_numpy(dtype=object).copy()
+    error = df["error"].to_numpy(dtype=object).copy()
+    pending = status == PENDING
+    if "ukey" not in df:  # the clean stage computes it on the workers
+        df = add_url_keys(df)
+    ukeys = df["ukey"].to_numpy(dtype=object)
     dup_in_batch = np.zeros(len(df), dtype=bool)
     if pending.any():
-        dup_in_batch[pending] = pd.Series(urls[pending]).duplicated(keep="first").to_numpy()
+        dup_in_batch[pending] = pd.Series(ukeys[pending]).duplicated(keep="first").to_numpy()
     keys = np.empty(len(df), dtype=object)
     canon = pending & ~dup_in_batch
-    keys[canon] = [url_key(u) for u in urls[canon]]
+    keys[canon] = ukeys[canon]
     if existing_keys:
         seen = np.fromiter((k in existing_keys for k in keys[canon]), dtype=bool, count=int(canon.sum()))
         idx = np.flatnonzero(canon)[seen]
         canon[idx] = False
         dup_in_batch[idx] = True
     other = ~canon
-    keys[other] = [row_key(s, r) for s, r in zip(df["source"].to_numpy()[other], df["source_row"].to_numpy()[other])]
-    df = df.copy()
-    df["key"] = keys
+    keys[other] = row_keys(df["source"].to_numpy()[other], df["source_row"].to_numpy()[other])
+    df = df.drop(columns=["ukey"])
+    df["key"] = pd.arrays.ArrowStringArray(pa.array(keys, type=pa.large_string()))
     dup = dup_in_batch & pending
-    df.loc[dup, "status"] = "duplicate_url"
-    df.loc[dup, "error"] = "URL already listed earlier or already in the dataset"
+    status[dup] = "duplicate_url"
+    error[dup] = "URL already listed earlier or already in the dataset"
+    df["status"] = status
+    df["error"] = error
     return df
 
 
 def assign_shards(df: pd.DataFrame, shard_size: int, first_shard: int) -> pd.DataFrame:
     """Spread each host's pending URLs round-robin over the partitions (one partition = one shard) and
     interleave hosts inside a partition, so that no host is hit by many requests at once."""
-    df = df.copy()
-    df["shard"] = -1
-    df["order"] = -1
-    pending = np.flatnonzero(df["status"].to_numpy() == PENDING)
+    df = df.copy(deep=False)
+    shard_col = np.full(len(df), -1, dtype=np.int64)
+    order_col = np.full(len(df), -1, dtype=np.int64)
+    pending = np.flatnonzero(df["status"].to_numpy(dtype=object) == PENDING)
     n = len(pending)
     if n == 0:
+        df["shard"], df["order"] = shard_col, order_col
         return df
     parts = max(1, math.ceil(n / shard_size))
     host_hash = _h64(df["host"].to_numpy()[pending])
@@ -80,6 +107,7 @@ def assign_shards(df: pd.DataFrame, shard_size: int, first_shard: int) -> pd.Dat
     within = np.empty(n, dtype=np.int64)
     within[order] = np.arange(n) - np.searchsorted(sorted_part, sorted_part, side="left")
     shard = part + first_shard
-    df.iloc[pending, df.columns.get_loc("shard")] = shard
-    df.iloc[pending, df.columns.get_loc("order")] = within
+    shard_col[pending] = shard
+    order_col[pending] = within
+    df["shard"], df["order"] = shard_col, order_col
     return df

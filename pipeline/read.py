@@ -6,14 +6,17 @@ the line, where there is one).
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
 import re
 
 import fsspec
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from .config import INPUT_FORMATS
@@ -66,6 +69,35 @@ def _check_columns(path: str, present, url_col: str, caption_col: str | None, fm
                          f"set --caption-col")
 
 
+def _read_csv_arrow(path: str, raw: bytes, sep: str, url_col: str, caption_col: str | None):
+    """The fast path: pyarrow's multi-threaded CSV reader, every column read as text. Returns None when
+    the file needs the careful path (malformed rows, bad UTF-8), which reports the line."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    first = raw.split(b"\n", 1)[0].rstrip(b"\r")
+    try:
+        names = next(csv.reader([first.decode("utf-8")], delimiter=sep))
+    except (UnicodeDecodeError, StopIteration, csv.Error):
+        return None
+    if not names or not raw.strip():
+        return None
+    _check_columns(path, names, url_col, caption_col, "csv")
+    try:
+        table = pcsv.read_csv(
+            pa.BufferReader(raw), parse_options=pcsv.ParseOptions(delimiter=sep, newlines_in_values=True),
+            convert_options=pcsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                                strings_can_be_null=False, quoted_strings_can_be_null=False,
+                                                include_columns=[url_col] + ([caption_col] if caption_col else [])))
+    except (pa.ArrowInvalid, pa.ArrowKeyError):
+        return None
+    df = pd.DataFrame({"url": pd.arrays.ArrowStringArray(table.column(url_col).combine_chunks())})
+    df["caption"] = (pd.arrays.ArrowStringArray(table.column(caption_col).combine_chunks()) if caption_col
+                     else pd.array([""] * len(df), dtype="string[pyarrow]"))
+    df["source"] = path
+    df["source_row"] = np.arange(len(df), dtype=np.int64)
+    return df
+
+
 def _finish(path: str, urls, captions) -> pd.DataFrame:
     df = pd.DataFrame({"url": urls, "caption": captions})
     df["url"] = df["url"].fillna("").astype(str)
@@ -93,6 +125,10 @@ def read_url_list(path: str, input_format: str | None = None, url_col: str = "ur
     raw = _read_bytes(path) if raw is None else raw
     if fmt == "parquet":
         return _read_parquet(path, raw, url_col, caption_col)
+    if fmt in ("csv", "tsv"):
+        fast = _read_csv_arrow(path, raw, "," if fmt == "csv" else "\t", url_col, caption_col)
+        if fast is not None:
+            return fast
     text = _decode(path, raw)
     if fmt == "txt":
         lines = text.splitlines()

@@ -1,0 +1,29 @@
+"""Write a benchmark's figures into BENCHMARKS.md, between markers of its own, with the command."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def machine() -> str:
+    return f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}"
+
+
+def record(name: str, title: str, body: str) -> None:
+    path = os.path.join(ROOT, "BENCHMARKS.md")
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else \
+        "# Benchmarks\n\nEvery figure here is written by a script in `benchmarks/`, with the command that ran it.\n"
+    cmd = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    section = (f"<!-- {name}:start -->\n## {title}\n\nCommand: `{cmd}`  \n"
+               f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {machine()}\n\n"
+               f"{body.strip()}\n<!-- {name}:end -->")
+    pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"recorded in {path}")
