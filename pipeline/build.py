@@ -53,10 +53,22 @@ def dask_client(scheduler: str | None, n_workers: int, local_directory: str):
             yield client
         return
     os.makedirs(local_directory, exist_ok=True)
-    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      local_directory=local_directory, silence_logs=logging.ERROR) as cluster, \
-            Client(cluster) as client:
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                           local_directory=local_directory, silence_logs=logging.ERROR)
+    client = Client(cluster)
+    try:
         yield client
+    finally:
+        # Our private cluster, everything already on disk: end the worker processes outright (a graceful
+        # exit of a process that imported torch, through img2dataset's webdataset, takes ~1 s), then close.
+        logging.getLogger("distributed").setLevel(logging.CRITICAL)  # the closing comms are expected
+        for nanny in list(getattr(cluster, "workers", {}).values()):
+            with contextlib.suppress(Exception):
+                nanny.process.process.kill()
+        with contextlib.suppress(Exception):
+            client.close()
+        with contextlib.suppress(Exception):
+            cluster.close(timeout=5)
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -103,7 +115,9 @@ def _build(cfg: BuildConfig) -> dict:
     layout.clear_scratch()
     timings: dict[str, float] = {}
     opts = _download_opts(cfg)
+    t = time.time()
     with dask_client(cfg.dask_scheduler, cfg.processes_count, os.path.join(layout.work, "dask")) as client:
+        timings["cluster_start_s"] = time.time() - t
         # 1. finish what an interrupted run planned
         _download_pending(client, layout, cfg, opts, timings, "resume")
         # 2. new input files form a new ingest
@@ -123,6 +137,8 @@ def _build(cfg: BuildConfig) -> dict:
         _write_subsets(layout, manifest, subset_specs, cfg.subset_seed, fmt)
         write_parquet(layout.manifest, manifest)
         timings["finalize_s"] = time.time() - t
+        t = time.time()
+    timings["cluster_close_s"] = time.time() - t
     stats = compute_stats(manifest, layout, fmt)
     timings["total_s"] = time.time() - t0
     dl = timings.get("download_s", 0.0)
@@ -304,24 +320,27 @@ def _plan_retry(layout: Layout, cfg: BuildConfig) -> None:
 
 
 def mark_duplicate_images(client, layout: Layout, manifest: pd.DataFrame) -> pd.DataFrame:
-    """Post-download Dask stage: among successful rows with the same sha256, the first (lowest shard,
-    then offset) stays 'success' and the rest become 'duplicate_image'."""
-    import dask.dataframe as dd
-
-    ok = manifest[(manifest["status"] == "success") & (manifest["sha256"] != "")]
-    if ok.empty:
+    """Post-download Dask stage: among successful rows with the same sha256, the first in input order
+    (the manifest's row order: ingest, then file, then row) stays 'success'; the rest become
+    'duplicate_image'. Map: per chunk, the first rank of each hash (on the workers); reduce: the minimum."""
+    mask = ((manifest["status"] == "success") & (manifest["sha256"] != "")).to_numpy()
+    if not mask.any():
         return manifest
-    ranks = pd.DataFrame({"sha256": ok["sha256"].to_numpy(),
-                          "rank": ok["shard"].astype("int64").to_numpy() * (1 << 32) + ok["offset"].astype("int64").to_numpy()})
-    parts = max(1, min(32, len(ranks) // 50_000 + 1))
-    first = dd.from_pandas(ranks, npartitions=parts).groupby("sha256")["rank"].min().compute()
+    ranks = pd.DataFrame({"sha256": manifest["sha256"].to_numpy()[mask], "rank": np.flatnonzero(mask)})
+    chunks = [ranks.iloc[i: i + 250_000] for i in range(0, len(ranks), 250_000)]
+    firsts = client.gather(client.map(_first_rank_per_hash, chunks, pure=False))
+    first = pd.concat(firsts).groupby(level=0).min()
     is_dup = ranks["rank"].to_numpy() != first.reindex(ranks["sha256"]).to_numpy()
     if is_dup.any():
-        idx = ok.index[is_dup]
+        idx = manifest.index[ranks["rank"].to_numpy()[is_dup]]
         manifest = manifest.copy()
         manifest.loc[idx, "status"] = "duplicate_image"
         manifest.loc[idx, "error"] = "same image bytes (sha256) as an earlier sample"
     return manifest
+
+
+def _first_rank_per_hash(chunk: pd.DataFrame) -> pd.Series:
+    return chunk.groupby("sha256")["rank"].min()
 
 
 def _write_subsets(layout: Layout, manifest: pd.DataFrame, specs, seed: int, fmt: str) -> None:

@@ -2,12 +2,13 @@
 
 Dask plays the part of img2dataset's distributor (as its pyspark and ray distributors do): each task
 builds img2dataset's Resizer and Downloader and downloads one shard with its thread pool, into a private
-work folder. The shard is then rewritten under our stable keys (sorted in plan order, with the byte
-offset of every image recorded) to a temporary name and renamed into shards/, so a reader never sees a
-partial shard and a rerun simply redoes a shard whose result was not recorded.
+work folder, through a sample writer of ours that names samples by our stable keys and records where
+each image lies. The finished shard is renamed into shards/, so a reader never sees a partial shard and
+a rerun simply redoes a shard whose result was not recorded.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -93,12 +94,65 @@ def _guarded_resizer_class():
     return GuardedResizer
 
 
+class KeyedShardWriter:
+    """An img2dataset sample writer (its sample_writer_class interface) that writes the shard directly
+    under our stable keys and records, for every row, where its image lies: the byte offset in the tar,
+    or the row in the Parquet shard. No second pass over the images."""
+
+    def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format,
+                 arrow=False):  # pylint: disable=unused-argument
+        self.ext = encode_format
+        self.arrow = arrow
+        self.path = os.path.join(output_folder, f"{shard_id:05d}.{'parquet' if arrow else 'tar'}")
+        self.meta_path = os.path.join(output_folder, f"{shard_id:05d}.meta.parquet")
+        self.tar = None if arrow else tarfile.open(self.path, "w", format=tarfile.USTAR_FORMAT)
+        self.rows: list[dict] = []
+        self.images: list[dict] = []
+
+    def write(self, img_str, key, caption, meta):  # pylint: disable=unused-argument
+        meta = dict(meta)
+        psd_key = meta.pop("psdclip_key")
+        meta["key"] = psd_key
+        row = {"key": psd_key, "status": meta.get("status"), "error_message": meta.get("error_message"),
+               **{c: meta.get(c) for c in ("width", "height", "original_width", "original_height", "sha256")},
+               "offset": None, "size": None}
+        if img_str is not None:
+            row["size"] = len(img_str)
+            if self.arrow:
+                row["offset"] = len(self.images)
+                self.images.append({"key": psd_key, self.ext: img_str, "caption": str(caption or ""),
+                                    "url": meta.get("url"), "width": meta.get("width"), "height": meta.get("height"),
+                                    "original_width": meta.get("original_width"),
+                                    "original_height": meta.get("original_height"), "sha256": meta.get("sha256")})
+            else:
+                # a USTAR header for a short name is one 512-byte block; the data follows it
+                row["offset"] = self.tar.offset + tarfile.BLOCKSIZE
+                for suffix, data in ((self.ext, img_str), ("txt", str(caption or "").encode()),
+                                     ("json", json.dumps(meta, ensure_ascii=False, default=str).encode())):
+                    info = tarfile.TarInfo(f"{psd_key}.{suffix}")
+                    info.size, info.mode, info.mtime = len(data), 0o444, 0
+                    self.tar.addfile(info, io.BytesIO(data))
+        self.rows.append(row)
+
+    def close(self):
+        if self.arrow:
+            table = pa.Table.from_pylist(self.images, schema=pa.schema([
+                ("key", pa.string()), (self.ext, pa.binary()), ("caption", pa.string()), ("url", pa.string()),
+                ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
+                ("original_height", pa.int32()), ("sha256", pa.string())]))
+            pq.write_table(table, self.path, row_group_size=256)
+        else:
+            self.tar.close()
+        pd.DataFrame(self.rows, columns=["key", "status", "error_message", "width", "height", "original_width",
+                                         "original_height", "sha256", "offset", "size"]).to_parquet(self.meta_path)
+
+
 def download_partition(rows: pd.DataFrame, shard: int, dataset_dir: str, opts: dict) -> pd.DataFrame:
-    """rows: key, url, caption, order for one partition. Writes shards/<shard>.<tar|parquet>; returns one
-    result row per input row (RESULT_COLUMNS + shard)."""
+    """rows: key, url, caption, order for one partition. Downloads them with img2dataset's Downloader
+    into a private work folder, then renames the shard into shards/. Returns one result row per input row
+    (RESULT_COLUMNS + shard)."""
     os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(int(opts["max_image_area"])))
     from img2dataset.downloader import Downloader
-    from img2dataset.writer import ParquetSampleWriter, WebDatasetSampleWriter
 
     arrow = opts["format"] == "arrow"
     work = os.path.join(dataset_dir, "_work", f"{shard:05d}-{uuid.uuid4().hex[:8]}")
@@ -115,7 +169,7 @@ def download_partition(rows: pd.DataFrame, shard: int, dataset_dir: str, opts: d
             encode_format=opts["encode_format"], skip_reencode=False, disable_all_reencoding=False,
             min_image_size=0, max_image_area=opts["max_image_area"], max_aspect_ratio=float("inf"), blurrer=None)
         downloader = Downloader(
-            sample_writer_class=ParquetSampleWriter if arrow else WebDatasetSampleWriter, resizer=resizer,
+            sample_writer_class=functools.partial(KeyedShardWriter, arrow=arrow), resizer=resizer,
             thread_count=opts["thread_count"], save_caption=True, extract_exif=False, output_folder=work,
             column_list=["url", "caption", "psdclip_key"], timeout=opts["timeout"],
             number_sample_per_shard=max(len(rows), 1), oom_shard_count=5, compute_hash="sha256",
@@ -123,19 +177,17 @@ def download_partition(rows: pd.DataFrame, shard: int, dataset_dir: str, opts: d
             user_agent_token=opts.get("user_agent_token"),
             disallowed_header_directives=opts.get("disallowed_header_directives") or None)
         downloader.download_shard((shard, src))  # raises if the shard as a whole fails
-        meta = pq.read_table(os.path.join(work, f"{shard:05d}.parquet")).to_pandas()
-        if arrow:
-            return _publish_arrow(meta, rows, shard, dataset_dir, opts["encode_format"])
-        return _publish_tar(os.path.join(work, f"{shard:05d}.tar"), meta, rows, shard, dataset_dir,
-                            opts["encode_format"])
+        meta = pd.read_parquet(os.path.join(work, f"{shard:05d}.meta.parquet"))
+        res = _results(meta, rows, shard)
+        name = f"{shard:05d}.{'parquet' if arrow else 'tar'}"
+        _atomic_publish(os.path.join(work, name), os.path.join(dataset_dir, "shards", name))
+        return res
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _results(meta: pd.DataFrame, rows: pd.DataFrame, shard: int) -> pd.DataFrame:
-    meta = meta.set_index("psdclip_key")
-    res = pd.DataFrame({"key": rows["key"].to_numpy()})
-    m = meta.reindex(res["key"])
+    m = meta.drop_duplicates("key").set_index("key").reindex(rows["key"])
     status, error = [], []
     for st, msg in zip(m["status"].to_numpy(), m["error_message"].to_numpy()):
         msg = msg if isinstance(msg, str) else ""
@@ -149,9 +201,8 @@ def _results(meta: pd.DataFrame, rows: pd.DataFrame, shard: int) -> pd.DataFrame
             status.append("download_error")
             msg = msg or "img2dataset returned no record for this row"
         error.append(msg)
-    res["status"] = status
-    res["error"] = error
-    for col in ("width", "height", "original_width", "original_height"):
+    res = pd.DataFrame({"key": rows["key"].to_numpy(), "status": status, "error": error})
+    for col in ("width", "height", "original_width", "original_height", "offset", "size"):
         res[col] = pd.array(m[col].to_numpy(), dtype="Int64")
     res["sha256"] = m["sha256"].fillna("").astype(str).to_numpy()
     res["shard"] = shard
@@ -159,75 +210,7 @@ def _results(meta: pd.DataFrame, rows: pd.DataFrame, shard: int) -> pd.DataFrame
 
 
 def _atomic_publish(tmp: str, final: str) -> None:
+    """fsync, then rename into place: a reader sees the whole shard or none of it."""
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
-
-
-def _publish_tar(tar_path: str, meta: pd.DataFrame, rows: pd.DataFrame, shard: int, dataset_dir: str,
-                 ext: str) -> pd.DataFrame:
-    res = _results(meta, rows, shard)
-    members: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(tar_path) as src:
-        for info in src:
-            if not info.isfile():
-                continue
-            base, _, suffix = info.name.partition(".")
-            members.setdefault(base, {})[suffix] = src.extractfile(info).read()
-    by_psd = {}
-    for sample in members.values():
-        doc = json.loads(sample["json"])
-        by_psd[doc.pop("psdclip_key")] = (sample, doc)
-    out_dir = os.path.join(dataset_dir, "shards")
-    final = os.path.join(out_dir, f"{shard:05d}.tar")
-    tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as dst:
-        for key, status in zip(res["key"], res["status"]):
-            if status != "success" or key not in by_psd:
-                continue
-            sample, doc = by_psd[key]
-            doc["key"] = key
-            for suffix, data in ((ext, sample[ext]), ("txt", sample.get("txt", b"")),
-                                 ("json", json.dumps(doc, ensure_ascii=False).encode())):
-                info = tarfile.TarInfo(f"{key}.{suffix}")
-                info.size, info.mode, info.mtime = len(data), 0o444, 0
-                dst.addfile(info, io.BytesIO(data))
-    offsets, sizes = {}, {}
-    with tarfile.open(tmp) as check:
-        for info in check:
-            if info.name.endswith(f".{ext}"):
-                offsets[info.name[: -len(ext) - 1]] = info.offset_data
-                sizes[info.name[: -len(ext) - 1]] = info.size
-    _atomic_publish(tmp, final)
-    res["offset"] = pd.array([offsets.get(k) for k in res["key"]], dtype="Int64")
-    res["size"] = pd.array([sizes.get(k) for k in res["key"]], dtype="Int64")
-    res.loc[res["status"].eq("success") & res["offset"].isna(), ["status", "error"]] = \
-        ["download_error", "image missing from img2dataset's shard"]
-    return res
-
-
-def _publish_arrow(meta: pd.DataFrame, rows: pd.DataFrame, shard: int, dataset_dir: str, ext: str) -> pd.DataFrame:
-    res = _results(meta, rows, shard)
-    ok = meta[meta["status"] == "success"].set_index("psdclip_key")
-    keep = [k for k, s in zip(res["key"], res["status"]) if s == "success" and k in ok.index]
-    part = ok.loc[keep]
-    table = pa.table({
-        "key": pa.array(keep, pa.string()),
-        ext: pa.array(part[ext].tolist(), pa.binary()),
-        "caption": pa.array(part["caption"].astype(str).tolist(), pa.string()),
-        "url": pa.array(part["url"].astype(str).tolist(), pa.string()),
-        "width": pa.array(part["width"].tolist(), pa.int32()),
-        "height": pa.array(part["height"].tolist(), pa.int32()),
-        "original_width": pa.array(part["original_width"].tolist(), pa.int32()),
-        "original_height": pa.array(part["original_height"].tolist(), pa.int32()),
-        "sha256": pa.array(part["sha256"].tolist(), pa.string()),
-    })
-    final = os.path.join(dataset_dir, "shards", f"{shard:05d}.parquet")
-    tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-    pq.write_table(table, tmp, row_group_size=256)
-    _atomic_publish(tmp, final)
-    index = {k: i for i, k in enumerate(keep)}
-    sizes = dict(zip(keep, (len(b) for b in part[ext].tolist())))
-    res["offset"] = pd.array([index.get(k) for k in res["key"]], dtype="Int64")
-    res["size"] = pd.array([sizes.get(k) for k in res["key"]], dtype="Int64")
-    return res
