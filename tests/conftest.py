@@ -35,3 +35,21 @@ def synth_urls(synth_dir, server, tmp_path):
     path = tmp_path / "urls.csv"
     pd.DataFrame({"url": server.base + "/img/" + attrs["path"], "caption": attrs["caption"]}).to_csv(path, index=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(synth_dir, tmp_path_factory):
+    """A dataset made by the real pipeline from the synthetic source (300 pairs, 64 px, 3 shards)."""
+    import pandas as pd
+
+    from psdclip.pipeline.build import build
+    from psdclip.pipeline.config import BuildConfig
+
+    out = tmp_path_factory.mktemp("dataset")
+    with Server(str(synth_dir)) as srv:
+        attrs = pd.read_parquet(synth_dir / "attributes.parquet")
+        urls = out / "urls.csv"
+        pd.DataFrame({"url": srv.base + "/img/" + attrs["path"], "caption": attrs["caption"]}).to_csv(urls, index=False)
+        build(BuildConfig(inputs=[str(urls)], out=str(out / "ds"), image_size=64, shard_size=100, processes_count=2,
+                          thread_count=8, subsets=["0.1", "1.0"], progress=False))
+    return out / "ds"

@@ -13,6 +13,8 @@ from psdclip.pipeline.errors import PsdclipError
 
 from . import __version__
 from .config import add_dataclass_arguments, build_config, load_yaml
+from psdclip.train.config import TrainConfig
+from psdclip.train.export import ExportConfig
 from .demo import DemoConfig, run_demo
 
 
@@ -74,6 +76,21 @@ def cmd_serve_data(cfg: ServeDataConfig) -> int:
     return 0
 
 
+def cmd_train(cfg) -> int:
+    from psdclip.train.loop import train
+
+    result = train(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"trained {result['steps']} steps; run in {os.path.abspath(result['out'])}")
+    return 0
+
+
+def cmd_export(cfg) -> int:
+    from psdclip.train.export import export
+
+    return export(cfg)
+
+
 @dataclass(frozen=True)
 class Command:
     path: tuple[str, ...]
@@ -87,6 +104,8 @@ COMMANDS = (
     Command(("data", "stats"), StatsConfig, cmd_stats, "counts per status, success rate, sizes, failing shards"),
     Command(("data", "synth"), SynthConfig, cmd_synth, "generate the synthetic image-caption source"),
     Command(("data", "serve"), ServeDataConfig, cmd_serve_data, "serve a synthetic source over HTTP (loopback)"),
+    Command(("train",), TrainConfig, cmd_train, "train CLIP or PSD on streamed shards (alone or under torchrun)"),
+    Command(("export",), ExportConfig, cmd_export, "write a run's model as an open_clip checkpoint"),
     Command(("demo",), DemoConfig, run_demo, "the embedded end-to-end demo on synthetic data"),
 )
 

@@ -1,0 +1,22 @@
+import os
+import subprocess
+import sys
+
+import torch
+
+HERE = os.path.dirname(__file__)
+
+
+def test_two_process_torchrun_matches_one_process(tmp_path):
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, os.path.join(HERE, "ddp_check.py"), str(one)], check=True, env=env, timeout=300)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    r = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", os.path.join(HERE, "ddp_check.py"), str(two)],
+                       env=env, timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    for loss in ("clip", "psd"):
+        for k in a[loss]:
+            assert torch.allclose(a[loss][k], b[loss][k], atol=1e-6, rtol=1e-5), (loss, k, a[loss][k], b[loss][k])
+    assert not torch.allclose(a["clip"]["loss"], a["psd"]["loss"])

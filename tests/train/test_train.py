@@ -1,0 +1,155 @@
+"""The trainer end to end on a dataset made by the pipeline: it learns, resumes exactly, survives kill -9,
+exports to open_clip, and refuses bad input with one line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+BIN = os.path.dirname(sys.executable)
+FAST = ["--model", "tiny", "--batch-size", "32", "--workers", "1", "--shuffle-buffer", "64", "--warmup", "3",
+        "--no-progress"]
+
+
+def psdclip(*args, check=True, **kw):
+    r = subprocess.run([os.path.join(BIN, "psdclip"), *map(str, args)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "2"}, **kw)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def metrics(run):
+    return [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+
+
+def test_tiny_model_learns_and_writes_its_run(dataset_dir, tmp_path):
+    run = tmp_path / "run"
+    psdclip("train", "--data", dataset_dir, "--out", run, "--steps", 40, "--lr", "1e-3", "--log-every", 4,
+            "--checkpoint-every", 10, "--keep", 2, *FAST)
+    rows = metrics(run)
+    first, last = sum(r["loss"] for r in rows[:2]) / 2, sum(r["loss"] for r in rows[-2:]) / 2
+    assert last < first - 0.3, (first, last)
+    assert rows[-1]["alpha"] > rows[0]["alpha"] and 0 <= rows[-1]["data_wait_frac"] <= 1
+    assert {"lr", "logit_scale", "samples_per_s", "contrastive_loss"} <= set(rows[-1])
+    assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_000030.pt", "step_000040.pt"]
+    assert {"loss.png", "alpha.png", "lr.png"} <= set(os.listdir(run / "plots"))
+    assert "loss: psd" in (run / "config.yaml").read_text()
+    # the export loads in open_clip itself and encodes like our model
+    import open_clip
+
+    from psdclip.train.models import build_model
+
+    psdclip("export", run, "--out", tmp_path / "model.pt")
+    ref, _, _, tok = build_model("tiny")
+    ref.load_state_dict(torch.load(run / "checkpoints" / "step_000040.pt", weights_only=True)["model"])
+    model, _, _ = open_clip.create_model_and_transforms("psdclip-tiny", pretrained=str(tmp_path / "model.pt"))
+    x, t = torch.randn(2, 3, 64, 64), tok(["a red circle", "two blue squares"])
+    ref.eval(), model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(x, normalize=True), ref.encode_image(x, normalize=True), atol=1e-5)
+        assert torch.allclose(model.encode_text(t, normalize=True), ref.encode_text(t, normalize=True), atol=1e-5)
+
+
+def test_stop_and_resume_matches_an_uninterrupted_run(dataset_dir, tmp_path):
+    common = ["--data", dataset_dir / "subsets" / "100pct.json", "--steps", 12, "--log-every", 1,
+              "--checkpoint-every", 100, *FAST]
+    psdclip("train", "--out", tmp_path / "whole", *common)
+    psdclip("train", "--out", tmp_path / "split", "--stop-after", 6, *common)
+    assert sorted(os.listdir(tmp_path / "split" / "checkpoints")) == ["latest", "step_000006.pt"]
+    r = psdclip("train", "--out", tmp_path / "split", *common)
+    assert "resuming from" in r.stderr
+    whole, split = metrics(tmp_path / "whole"), metrics(tmp_path / "split")
+    assert [m["step"] for m in split] == list(range(1, 13))
+    for a, b in zip(whole, split):
+        assert abs(a["loss"] - b["loss"]) < 0.05 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
+    wa = torch.load(tmp_path / "whole" / "checkpoints" / "step_000012.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "split" / "checkpoints" / "step_000012.pt", weights_only=True)["model"]
+    diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert diff < 5e-3, diff
+
+
+@pytest.mark.parametrize("when", ["checkpoint-write", "mid-run"])
+def test_kill_9_leaves_a_loadable_checkpoint_and_the_run_resumes(dataset_dir, tmp_path, when):
+    run = tmp_path / "run"
+    args = ["train", "--data", dataset_dir, "--out", run, "--steps", 16, "--checkpoint-every", 2, "--log-every", 2, *FAST]
+    proc = subprocess.Popen([os.path.join(BIN, "psdclip"), *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpts = run / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        names = os.listdir(ckpts) if ckpts.is_dir() else []
+        steps = [n for n in names if n.endswith(".pt")]
+        if when == "checkpoint-write" and any(".tmp-" in n for n in names) and steps:
+            break
+        if when == "mid-run" and len(steps) >= 2:
+            time.sleep(0.3)
+            break
+        time.sleep(0.002)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    from psdclip.train import checkpoint as ckpt
+
+    for path in ckpt.list_checkpoints(str(ckpts)):  # every complete checkpoint loads
+        assert torch.load(path, weights_only=True)["step"] > 0
+    r = psdclip(*args)
+    assert "resuming from" in r.stderr
+    assert metrics(run)[-1]["step"] == 16
+    assert not [n for n in os.listdir(ckpts) if ".tmp-" in n]
+
+
+def test_two_process_torchrun_training(dataset_dir, tmp_path):
+    run = tmp_path / "ddp"
+    r = subprocess.run([os.path.join(BIN, "torchrun"), "--standalone", "--nproc-per-node", "2",
+                        "-m", "psdclip.workflows.cli", "train", "--data", str(dataset_dir), "--out", str(run),
+                        "--steps", "4", "--log-every", "2", "--checkpoint-every", "2", *FAST],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = torch.load(run / "checkpoints" / "step_000004.pt", weights_only=True)
+    assert state["data"]["world_size"] == 2 and len(state["data"]["position"]) == 2
+    assert metrics(run)[-1]["step"] == 4
+
+
+def test_bad_inputs_end_with_one_line(dataset_dir, tmp_path, server):
+    from psdclip.pipeline.build import build
+    from psdclip.pipeline.config import BuildConfig
+
+    empty_list = tmp_path / "bad.csv"
+    empty_list.write_text(f"url,caption\n{server.base}/bad/404.jpg,x\n")
+    build(BuildConfig(inputs=[str(empty_list)], out=str(tmp_path / "nothing"), progress=False, processes_count=1))
+    (tmp_path / "other.json").write_text(json.dumps({"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 1,
+        "width": 64, "patch_size": 16}, "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64,
+        "heads": 2, "layers": 1}}))
+    good = tmp_path / "good"
+    psdclip("train", "--data", dataset_dir, "--out", good, "--steps", 2, *FAST)
+    cases = [
+        (["--data", tmp_path / "missing", "--out", tmp_path / "r1"], "not a psdclip dataset"),
+        (["--data", dataset_dir / "subsets" / "7pct.json", "--out", tmp_path / "r2"], "no such subset (available: 100pct, 10pct)"),
+        (["--data", tmp_path / "nothing", "--out", tmp_path / "r3"], "has no successful samples"),
+        (["--data", dataset_dir, "--out", good, "--model", tmp_path / "other.json", "--steps", 4],
+         "checkpoint is for model 'psdclip-tiny', not 'other'"),
+        # a teacher temperature that overflows the teacher's softmax makes the loss NaN
+        (["--data", dataset_dir, "--out", tmp_path / "r4", "--teacher-temperature", "1e-45", "--alpha-start", "0.5",
+          "--steps", 3], "non-finite loss at step 0"),
+        (["--data", dataset_dir, "--out", tmp_path / "r5", "--model", "no-such-model"], "--model 'no-such-model'"),
+    ]
+    for args, expect in cases:
+        base = ["--batch-size", "32", "--workers", "1", "--no-progress"]
+        r = psdclip("train", *args, *base, check=False)
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("psdclip: error")]
+        assert r.returncode == 1 and len(lines) == 1 and expect in lines[0], (args, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert list((tmp_path / "r4").glob("nan_step_*.json"))
+
+
+def test_nan_policy_skip_goes_on(dataset_dir, tmp_path):
+    run = tmp_path / "skip"
+    r = psdclip("train", "--data", dataset_dir, "--out", run, "--teacher-temperature", "1e-45", "--alpha-start", "0.5",
+                "--steps", 3, "--log-every", 1, "--nan-policy", "skip", *FAST)
+    assert "non-finite loss at step 0; step skipped" in r.stderr
+    assert not os.path.exists(run / "metrics.jsonl") or all(m["skipped_steps"] >= 1 for m in metrics(run))

@@ -1,0 +1,80 @@
+"""The typed config of `psdclip train` (one dataclass, a help text per field, validated on creation)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from psdclip.pipeline.errors import InputError
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """psdclip train: CLIP or PSD on streamed shards (alone or under torchrun)."""
+
+    data: str = _help("a dataset directory, DATASET/subsets/NAME.json, or shard URLs (brace patterns, fsspec, pipe:)",
+                      default="")
+    out: str = _help("run directory (config.yaml, checkpoints/, metrics.jsonl, plots/)", default="")
+    model: str = _help("tiny, RN50, ViT-B-32, any open_clip model name, or a JSON model config path", default="tiny")
+    loss: Literal["clip", "psd"] = _help("clip: symmetric InfoNCE; psd: progressive self-distillation", default="psd")
+    steps: int = _help("optimizer steps", default=1000)
+    batch_size: int = _help("global batch size (split evenly over the ranks)", default=128)
+    accum: int = _help("gradient accumulation: micro-batches per step (each is its own contrastive batch)", default=1)
+    lr: float = _help("peak learning rate", default=5e-4)
+    min_lr: float = _help("learning rate at the end of the cosine decay", default=0.0)
+    warmup: int = _help("linear warm-up steps", default=100)
+    weight_decay: float = _help("AdamW weight decay (not applied to norms, biases and the logit scale)", default=0.2)
+    beta1: float = _help("AdamW beta1", default=0.9)
+    beta2: float = _help("AdamW beta2", default=0.98)
+    eps: float = _help("AdamW epsilon", default=1e-6)
+    grad_clip: float = _help("clip the gradient norm to this (0: off)", default=1.0)
+    alpha_start: float = _help("PSD: distillation weight at step 0", default=0.0)
+    alpha_max: float = _help("PSD: distillation weight at the last step (provisional default, see README)",
+                             default=0.5)
+    alpha_schedule: Literal["linear", "cosine", "constant"] = _help("PSD: shape of the alpha schedule",
+                                                                    default="linear")
+    rho_start: float = _help("PSD: fraction of rows given soft targets at step 0", default=1.0)
+    rho_end: float = _help("PSD: fraction of rows given soft targets at the last step", default=1.0)
+    rho_schedule: Literal["linear", "cosine", "constant"] = _help("PSD: shape of the rho schedule", default="constant")
+    teacher_temperature: float = _help("PSD: temperature applied to the teacher's logits", default=1.0)
+    ema_teacher: bool = _help("PSD: use an EMA copy of the model as teacher (one more forward pass)", default=False)
+    ema_decay: float = _help("PSD: decay of the EMA teacher", default=0.999)
+    seed: int = _help("random seed (model init, data order, PSD row choice)", default=0)
+    workers: int = _help("DataLoader worker processes per rank", default=2)
+    shuffle_buffer: int = _help("samples in the shuffle buffer of each reader", default=1000)
+    resampled: bool = _help("draw shards with replacement (for runs far longer than one pass)", default=False)
+    follow: bool = _help("pick up shards that the pipeline publishes while training runs", default=False)
+    precision: Literal["auto", "fp32", "bf16"] = _help("autocast: auto = bf16 on CUDA, fp32 on CPU", default="auto")
+    compile: bool = _help("torch.compile the model", default=False)
+    log_every: int = _help("log metrics every N steps", default=10)
+    checkpoint_every: int = _help("write a checkpoint every N steps (and at the end)", default=100)
+    keep: int = _help("checkpoints kept (the newest)", default=3)
+    resume: str = _help("auto: continue from RUN/checkpoints when present; never; or a checkpoint path",
+                        default="auto")
+    stop_after: int = _help("stop after this many steps in this invocation, with a checkpoint (0: run to --steps); "
+                            "for time-limited jobs", default=0)
+    nan_policy: Literal["stop", "skip"] = _help("on a non-finite loss: stop (after saving diagnostics) or skip the step",
+                                                default="stop")
+    device: str = _help("auto, cpu or cuda[:N]", default="auto")
+    progress: bool = _help("show a progress bar", default=True)
+
+    def __post_init__(self):
+        if not self.data:
+            raise InputError("--data: a dataset directory, subset file or shard URLs is required")
+        if not self.out:
+            raise InputError("--out: a run directory is required")
+        for name in ("steps", "batch_size", "accum", "log_every", "checkpoint_every", "keep", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0 or self.warmup < 0 or self.stop_after < 0:
+            raise InputError("--workers, --warmup and --stop-after must be >= 0")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise InputError(f"--lr must be > 0 and 0 <= --min-lr <= --lr (got {self.lr}, {self.min_lr})")
+        for name in ("alpha_start", "alpha_max", "rho_start", "rho_end", "ema_decay"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise InputError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.teacher_temperature <= 0:
+            raise InputError(f"--teacher-temperature must be > 0, got {self.teacher_temperature}")

@@ -1,0 +1,253 @@
+"""Streaming training data: shards from a dataset directory, a subset file or shard URLs, read with
+webdataset (tars; fsspec paths and `pipe:` commands) or pyarrow (Arrow/Parquet shards).
+
+The stream is a chain of small generator stages (webdataset's style), each testable on a plain list:
+
+    shard order (seeded per epoch; resampled on request) -> split by rank and worker -> samples
+    -> keep listed keys -> shuffle buffer (seeded) -> skip (resume) -> decode + transform + tokenize
+    -> batch (inside the worker)
+
+Every batch carries (worker, epoch, batches emitted in that epoch), so the trainer knows exactly how far
+each worker got; a resumed run skips that far without decoding. A corrupt or truncated shard or sample is
+skipped, counted and logged; training goes on.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from psdclip.pipeline.errors import InputError
+
+log = logging.getLogger("psdclip.train.data")
+
+
+@dataclass
+class Source:
+    """What to stream: shard URLs, optionally the keys to keep, and the format."""
+
+    shards: list[str]
+    keys: frozenset | None = None
+    format: str = "webdataset"
+    root: str | None = None  # the dataset directory, when there is one
+    spec: str = ""
+    samples: int | None = None  # known number of usable samples
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_source(spec: str) -> Source:
+    """A dataset directory, DATASET/subsets/NAME.json, or shard URLs (brace patterns, fsspec, pipe:)."""
+    if os.path.isdir(spec):
+        return _from_dataset(spec, spec)
+    if spec.endswith(".json") and not spec.startswith("pipe:"):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(spec)))
+        if not os.path.isfile(spec):
+            subsets = os.path.join(root, "subsets")
+            names = sorted(f[:-5] for f in os.listdir(subsets) if f.endswith(".json")) if os.path.isdir(subsets) else []
+            raise InputError(f"--data {spec}: no such subset (available: {', '.join(names) or 'none'})")
+        return _from_subset(spec, root)
+    import webdataset as wds
+
+    urls = wds.shardlists.expand_urls(spec)
+    if not urls:
+        raise InputError(f"--data {spec!r}: no shards")
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    if local and not any(os.path.exists(u) for u in local):
+        raise InputError(f"--data {spec}: not a psdclip dataset, subset file or existing shard")
+    fmt = "arrow" if all(u.endswith(".parquet") for u in urls) else "webdataset"
+    return Source(shards=urls, format=fmt, spec=spec)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: cannot read ({err})") from None
+
+
+def _from_dataset(root: str, spec: str) -> Source:
+    info_path = os.path.join(root, "dataset.json")
+    manifest_path = os.path.join(root, "manifest.parquet")
+    if not os.path.isfile(info_path) or not os.path.isfile(manifest_path):
+        raise InputError(f"--data {spec}: not a psdclip dataset (no dataset.json / manifest.parquet); "
+                         f"build one with `psdclip data build`")
+    import pandas as pd
+
+    info = _read_json(info_path)
+    fmt = info.get("output_format", "webdataset")
+    m = pd.read_parquet(manifest_path, columns=["key", "status", "shard"])
+    ok = m[m["status"] == "success"]
+    if ok.empty:
+        raise InputError(f"--data {spec}: the dataset has no successful samples ({len(m)} rows; see "
+                         f"`psdclip data stats {spec}`)")
+    ext = "parquet" if fmt == "arrow" else "tar"
+    shards = [os.path.join(root, "shards", f"{int(s):05d}.{ext}") for s in sorted(ok["shard"].dropna().unique())]
+    return Source(shards=shards, keys=frozenset(ok["key"]), format=fmt, root=root, spec=spec, samples=len(ok))
+
+
+def _from_subset(path: str, root: str) -> Source:
+    doc = _read_json(path)
+    if "keys" not in doc or "shards" not in doc:
+        raise InputError(f"--data {path}: not a subset file (no keys/shards)")
+    info = _read_json(os.path.join(root, "dataset.json")) if os.path.isfile(os.path.join(root, "dataset.json")) else {}
+    if not doc["keys"]:
+        raise InputError(f"--data {path}: the subset is empty")
+    return Source(shards=[os.path.join(root, s) for s in doc["shards"]], keys=frozenset(doc["keys"]),
+                  format=info.get("output_format", "webdataset"), root=root, spec=path, samples=len(doc["keys"]))
+
+
+# ---- stages -------------------------------------------------------------------------------------------
+
+def epoch_shards(shards: list[str], epoch: int, seed: int, resampled: bool) -> list[str]:
+    rng = random.Random(seed * 100_003 + epoch)
+    if resampled:
+        return [rng.choice(shards) for _ in shards]
+    order = list(shards)
+    rng.shuffle(order)
+    return order
+
+
+def split(items: list, index: int, count: int) -> list:
+    return items[index::count]
+
+
+def tar_samples(urls, on_error):
+    """Samples ({__key__, ext: bytes}) from WebDataset tars; a broken shard is reported and skipped."""
+    import webdataset as wds
+
+    def handler(exn):
+        on_error(f"shard: {exn}")
+        return True
+
+    yield from wds.tariterators.tarfile_samples(({"url": u} for u in urls), handler=handler)
+
+
+def arrow_samples(urls, on_error, ext: str = "jpg"):
+    import fsspec
+    import pyarrow.parquet as pq
+
+    for url in urls:
+        try:
+            with fsspec.open(url, "rb") as f:
+                pf = pq.ParquetFile(f)
+                for batch in pf.iter_batches(columns=["key", ext, "caption"], batch_size=256):
+                    for key, img, cap in zip(*(batch.column(i).to_pylist() for i in range(3))):
+                        yield {"__key__": key, ext: img, "txt": (cap or "").encode(), "__url__": url}
+        except Exception as err:  # pylint: disable=broad-except
+            on_error(f"shard {url}: {err}")
+
+
+def keep_keys(samples, keys):
+    if keys is None:
+        yield from samples
+        return
+    for s in samples:
+        if s.get("__key__") in keys:
+            yield s
+
+
+def shuffle(samples, bufsize: int, rng: random.Random):
+    buf = []
+    for s in samples:
+        if len(buf) < bufsize:
+            buf.append(s)
+            continue
+        k = rng.randrange(len(buf))
+        buf[k], s = s, buf[k]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+def decode(samples, transform, tokenize, on_error):
+    from PIL import Image
+
+    for s in samples:
+        try:
+            raw = s.get("jpg") or s.get("png") or s.get("webp") or s.get("jpeg")
+            if raw is None:
+                raise ValueError("no image in sample")
+            with Image.open(io.BytesIO(raw)) as im:
+                image = transform(im.convert("RGB"))
+            text = s.get("txt", b"")
+            text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+            yield image, tokenize([text])[0], s["__key__"]
+        except Exception as err:  # pylint: disable=broad-except
+            on_error(f"sample {s.get('__key__')}: {err}")
+
+
+class ShardStream(IterableDataset):
+    """An endless stream of batches for one rank; workers split the shards (or, with fewer shards than
+    readers, the samples)."""
+
+    def __init__(self, spec: str, batch_size: int, transform, tokenizer, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, shuffle_buffer: int = 1000, resampled: bool = False, follow: bool = False,
+                 resume: dict | None = None):
+        super().__init__()
+        self.spec, self.batch_size, self.transform, self.tokenizer = spec, batch_size, transform, tokenizer
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.shuffle_buffer, self.resampled, self.follow = shuffle_buffer, resampled, follow
+        self.resume = resume or {}
+        self.source = resolve_source(spec)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        reader, readers = self.rank * workers + worker, self.world_size * workers
+        start = self.resume.get(str(reader)) or self.resume.get(reader) or {}
+        epoch, skip_batches = int(start.get("epoch", 0)), int(start.get("batches", 0))
+        skipped = [0]
+
+        def on_error(msg):
+            skipped[0] += 1
+            log.warning("skipped %s", msg)
+
+        while True:
+            source = resolve_source(self.spec) if (self.follow and epoch > 0) else self.source
+            order = epoch_shards(source.shards, epoch, self.seed, self.resampled)
+            by_shard = len(order) >= readers
+            mine = split(order, reader, readers) if by_shard else order
+            raw = (arrow_samples(mine, on_error) if source.format == "arrow" else tar_samples(mine, on_error))
+            raw = keep_keys(raw, source.keys)
+            if not by_shard:  # fewer shards than readers: every reader takes every readers-th sample
+                raw = (s for i, s in enumerate(raw) if i % readers == reader)
+            raw = shuffle(raw, self.shuffle_buffer, random.Random(f"{self.seed}-{epoch}-{reader}"))
+            if skip_batches:  # resume: drop what was already trained on, before any decoding
+                for _ in range(skip_batches * self.batch_size):
+                    if next(raw, None) is None:
+                        break
+            emitted = skip_batches
+            skip_batches = 0
+            images, texts, keys = [], [], []
+            for image, text, key in decode(raw, self.transform, self.tokenizer, on_error):
+                images.append(image)
+                texts.append(text)
+                keys.append(key)
+                if len(images) == self.batch_size:
+                    emitted += 1
+                    yield {"image": torch.stack(images), "text": torch.stack(texts), "keys": keys,
+                           "reader": reader, "epoch": epoch, "batches": emitted, "skipped": skipped[0]}
+                    images, texts, keys = [], [], []
+            if emitted == 0 and not images:
+                raise InputError(f"--data {self.spec}: reader {reader} found no readable sample in a whole pass")
+            epoch += 1
+
+
+def make_loader(stream: ShardStream, workers: int) -> DataLoader:
+    # a fixed generator: the workers' seeds (augmentations) are the same in a resumed run
+    return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(stream.seed))
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+    np.random.seed(torch.initial_seed() % 2**32)

@@ -1,0 +1,281 @@
+"""The training loop: `psdclip train`, alone or under torchrun (DDP; NCCL on GPU, gloo on CPU).
+
+It reads top to bottom: set-up, resume, then for each step the learning rate from lr_at(step), forward,
+the loss module's named losses, backward, clip, step, log, checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from psdclip.pipeline.errors import InputError, PsdclipError
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import ShardStream, make_loader
+from .losses import CLIPLoss, PSDLoss, PSDSchedule
+from .models import build_model, resolve_model_name
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.min_lr at cfg.steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms, biases, embeddings of size 1 and the logit scale (open_clip's rule)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if exclude else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def setup_distributed(cfg: TrainConfig):
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def make_loss(cfg: TrainConfig, rank: int, world: int):
+    if cfg.loss == "clip":
+        return CLIPLoss(rank=rank, world_size=world)
+    schedule = PSDSchedule(cfg.steps, cfg.alpha_start, cfg.alpha_max, cfg.alpha_schedule, cfg.rho_start, cfg.rho_end,
+                           cfg.rho_schedule)
+    return PSDLoss(schedule, cfg.teacher_temperature, seed=cfg.seed, rank=rank, world_size=world)
+
+
+def train(cfg: TrainConfig) -> dict:
+    rank, world, device = setup_distributed(cfg)
+    if cfg.batch_size % (world * cfg.accum):
+        raise InputError(f"--batch-size {cfg.batch_size} must divide evenly over {world} rank(s) x {cfg.accum} "
+                         f"micro-batches")
+    micro = cfg.batch_size // world // cfg.accum
+    ckpt_dir = os.path.join(cfg.out, "checkpoints")
+    torch.manual_seed(cfg.seed)
+    model, preprocess_train, _, tokenizer = build_model(cfg.model, device)
+    loss_fn = make_loss(cfg, rank, world)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  eps=cfg.eps)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    scaler = torch.amp.GradScaler(enabled=False)  # bf16 needs no loss scaling; kept for checkpoint compatibility
+    start_step, data_position = 0, {}
+    resumed = _resume(cfg, ckpt_dir, model, optimizer, scaler)
+    if resumed:
+        start_step, data_position = resumed
+    ema = _make_ema(model) if cfg.ema_teacher and cfg.loss == "psd" else None
+    if rank == 0:
+        os.makedirs(os.path.join(cfg.out, "plots"), exist_ok=True)
+        with open(os.path.join(cfg.out, "config.yaml"), "w") as f:
+            yaml.safe_dump({**dataclasses.asdict(cfg), "model_arch": resolve_model_name(cfg.model), "world_size": world},
+                           f, sort_keys=False)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if cfg.compile:
+        net = torch.compile(net)
+    stream = ShardStream(cfg.data, micro, preprocess_train, tokenizer, seed=cfg.seed, rank=rank, world_size=world,
+                         shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, follow=cfg.follow,
+                         resume=data_position)
+    batches = iter(make_loader(stream, cfg.workers))
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    bar = _progress(cfg, rank, start_step)
+    position = dict(data_position)
+    skipped_samples: dict = {}
+    window = {"t0": time.time(), "wait": 0.0, "samples": 0, "skipped_steps": 0}
+    step = start_step
+    end = cfg.steps if not cfg.stop_after else min(cfg.steps, start_step + cfg.stop_after)
+    for step in range(start_step, end):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        logs: dict = {}
+        finite = True
+        for m in range(cfg.accum):
+            t_wait = time.time()
+            batch = _next_batch(batches)
+            window["wait"] += time.time() - t_wait
+            position[str(batch["reader"])] = {"epoch": batch["epoch"], "batches": batch["batches"]}
+            skipped_samples[batch["reader"]] = batch["skipped"]
+            images = batch["image"].to(device, non_blocking=True)
+            texts = batch["text"].to(device, non_blocking=True)
+            sync = contextlib.nullcontext() if (world == 1 or m == cfg.accum - 1) else net.no_sync()
+            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = net(images, texts)
+                teacher = _ema_logits(ema, loss_fn, images, texts) if ema is not None else None
+                losses = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], step=step,
+                                 teacher_logits=teacher)
+                total = sum(v for k, v in losses.items() if k.endswith("_loss"))
+                finite = finite and bool(torch.isfinite(total.detach()))
+                (total / cfg.accum).backward()
+            for k, v in losses.items():
+                logs[k] = logs.get(k, 0.0) + float(v.detach()) / cfg.accum
+            window["samples"] += images.shape[0] * world
+        if not finite:
+            if cfg.nan_policy == "stop":
+                _nan_diagnostics(cfg, step, logs, lr, model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            window["skipped_steps"] += 1
+            print(f"psdclip: warning: non-finite loss at step {step}; step skipped", file=sys.stderr)
+            continue
+        if cfg.grad_clip > 0:
+            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if ema is not None:
+            _ema_update(ema, model, cfg.ema_decay)
+        done = step + 1
+        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
+            _log(metrics_path, done, logs, lr, model, window, skipped_samples, world, bar)
+        if done % cfg.checkpoint_every == 0 or done == end:
+            _checkpoint(cfg, ckpt_dir, done, model, optimizer, scaler, position, world, rank)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if rank == 0:
+        from .plots import plot_run
+
+        plot_run(cfg.out)
+    if world > 1:
+        dist.barrier()
+    return {"steps": end, "out": cfg.out}
+
+
+def _next_batch(batches):
+    try:
+        return next(batches)
+    except PsdclipError as err:  # raised in a DataLoader worker: keep its own one-line message
+        lines = [ln for ln in str(err).splitlines() if ln.strip()]
+        raise type(err)(lines[-1] if lines else str(err)) from None
+
+
+def _progress(cfg, rank, start):
+    if rank != 0 or not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def _log(path, step, logs, lr, model, window, skipped, world, bar):
+    elapsed = max(time.time() - window["t0"], 1e-9)
+    record = {"step": step, "loss": sum(v for k, v in logs.items() if k.endswith("_loss")), **logs, "lr": lr,
+              "logit_scale": float(model.logit_scale.detach().exp()), "samples_per_s": window["samples"] / elapsed,
+              "data_wait_frac": window["wait"] / elapsed, "skipped_samples": int(sum(skipped.values())) * world,
+              "skipped_steps": window["skipped_steps"], "time": time.time()}
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if bar is not None:
+        bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
+    window.update(t0=time.time(), wait=0.0, samples=0)
+
+
+def _checkpoint(cfg, ckpt_dir, step, model, optimizer, scaler, position, world, rank):
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, position)
+        merged = {}
+        for p in gathered:
+            merged.update(p)
+        position = merged
+    if rank == 0:
+        ckpt.save(ckpt_dir, step, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "step": step, "rng": ckpt.rng_state(), "data": {"position": position, "world_size": world,
+                                                            "workers": cfg.workers},
+            "model_arch": resolve_model_name(cfg.model), "loss": cfg.loss, "config": json.dumps(dataclasses.asdict(cfg)),
+        }, cfg.keep)
+        from .plots import plot_run
+
+        plot_run(cfg.out)
+    if world > 1:
+        dist.barrier()
+
+
+def _resume(cfg, ckpt_dir, model, optimizer, scaler):
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        if not os.path.isdir(ckpt_dir):
+            return None
+        ckpt.clean_partial(ckpt_dir)
+        found = ckpt.find_latest(ckpt_dir)
+        if found is None:
+            return None
+        path, state = found
+    else:
+        path, state = cfg.resume, ckpt.load(cfg.resume)
+    arch = resolve_model_name(cfg.model)
+    if state.get("model_arch") != arch:
+        raise InputError(f"{path}: checkpoint is for model {state.get('model_arch')!r}, not {arch!r}")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise InputError(f"{path}: incompatible checkpoint ({str(err).splitlines()[0][:200]})") from None
+    scaler.load_state_dict(state.get("scaler", {}))
+    ckpt.set_rng_state(state["rng"])
+    data = state.get("data", {})
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    position = data.get("position", {})
+    if data.get("world_size") != world or data.get("workers") != cfg.workers:
+        print("psdclip: warning: ranks or workers changed since the checkpoint; the data stream restarts its "
+              "epoch", file=sys.stderr)
+        position = {}
+    print(f"psdclip: resuming from {path} (step {state['step']})", file=sys.stderr)
+    return int(state["step"]), position
+
+
+def _nan_diagnostics(cfg, step, logs, lr, model, batch):
+    path = os.path.join(cfg.out, f"nan_step_{step:06d}.json")
+    with open(path, "w") as f:
+        json.dump({"step": step, "losses": logs, "lr": lr, "logit_scale": float(model.logit_scale.detach()),
+                   "batch_keys": batch.get("keys", [])[:64],
+                   "nonfinite_params": [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]},
+                  f, indent=2)
+    raise PsdclipError(f"non-finite loss at step {step}; diagnostics in {path} (use --nan-policy skip to go on)")
+
+
+def _make_ema(model):
+    import copy
+
+    ema = copy.deepcopy(model).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def _ema_update(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+@torch.no_grad()
+def _ema_logits(ema, loss_fn, images, texts):
+    """The EMA teacher's logits, gathered across ranks like the student's."""
+    out = ema(images, texts)
+    return loss_fn.get_logits(out["image_features"], out["text_features"], out["logit_scale"])

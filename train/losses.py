@@ -1,0 +1,108 @@
+"""Contrastive losses as small nn.Modules that return a dict of named losses (open_clip's style): the
+trainer sums the `*_loss` entries and logs every entry. Both reuse open_clip's ClipLoss for the cross-rank
+feature gather (local loss, gradients through the gathered features), so the teacher of PSD sees the
+global batch.
+
+PSD (progressive self-distillation): logits L = s·I·Tᵀ. The teacher is the detached softmax of the same
+logits (row-wise for image→text, column-wise for text→image), optionally at a teacher temperature. For a
+random subset of rows (fraction ρ) the target is (1−α)·onehot + α·teacher; the other rows keep one-hot.
+The loss is the mean of the two cross-entropies. α (and ρ) follow pure schedule functions of the step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+def ramp(step: int, total: int, start: float, end: float, kind: str = "linear") -> float:
+    """A pure schedule from `start` at step 0 to `end` at step `total` (held after)."""
+    if kind == "constant" or total <= 0:
+        return float(end)
+    t = min(max(step / total, 0.0), 1.0)
+    if kind == "linear":
+        return start + (end - start) * t
+    if kind == "cosine":
+        return start + (end - start) * (1 - math.cos(math.pi * t)) / 2
+    raise ValueError(f"unknown schedule {kind!r}; expected one of {', '.join(SCHEDULES)}")
+
+
+@dataclass(frozen=True)
+class PSDSchedule:
+    total_steps: int
+    alpha_start: float = 0.0
+    alpha_max: float = 0.5
+    alpha_schedule: str = "linear"
+    rho_start: float = 1.0
+    rho_end: float = 1.0
+    rho_schedule: str = "constant"
+
+    def alpha_at(self, step: int) -> float:
+        return ramp(step, self.total_steps, self.alpha_start, self.alpha_max, self.alpha_schedule)
+
+    def rho_at(self, step: int) -> float:
+        return ramp(step, self.total_steps, self.rho_start, self.rho_end, self.rho_schedule)
+
+
+class CLIPLoss(ClipLoss):
+    """The symmetric InfoNCE loss of CLIP, returning {'contrastive_loss': …}."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        super().__init__(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size)
+
+    def forward(self, image_features, text_features, logit_scale, step: int = 0, **_):  # noqa: D401
+        loss = super().forward(image_features, text_features, logit_scale)
+        return {"contrastive_loss": loss}
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+class PSDLoss(ClipLoss):
+    """Progressive self-distillation. Returns {'contrastive_loss', 'alpha', 'rho', 'distill_rows'}: the
+    loss and, for logging, the schedule values and the fraction of rows given soft targets."""
+
+    def __init__(self, schedule: PSDSchedule, teacher_temperature: float = 1.0, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        super().__init__(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size)
+        self.schedule = schedule
+        self.teacher_temperature = teacher_temperature
+        self.seed = seed
+
+    def row_mask(self, step: int, global_rows: int, local_rows: int, rho: float, device) -> torch.Tensor:
+        """Which local rows get soft targets: drawn over the global batch from (seed, step), so that one
+        process and N processes pick the same rows."""
+        if rho >= 1.0:
+            return torch.ones(local_rows, dtype=torch.bool, device=device)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        chosen = torch.rand(global_rows, generator=g) < rho
+        start = self.rank * local_rows if self.world_size > 1 else 0
+        return chosen[start:start + local_rows].to(device)
+
+    def forward(self, image_features, text_features, logit_scale, step: int = 0, teacher_logits=None, **_):
+        logits_i, logits_t = self.get_logits(image_features, text_features, logit_scale)
+        labels = self.get_ground_truth(image_features.device, logits_i.shape[0])
+        alpha = self.schedule.alpha_at(step)
+        rho = self.schedule.rho_at(step)
+        local = logits_i.shape[0]
+        mask = self.row_mask(step, local * self.world_size, local, rho, logits_i.device)
+        # an EMA teacher, when given, replaces the model's own detached logits as the teacher
+        t_i, t_t = teacher_logits if teacher_logits is not None else (logits_i, logits_t)
+        target_i = self._with_teacher(logits_i, t_i, labels, alpha, mask)
+        target_t = self._with_teacher(logits_t, t_t, labels, alpha, mask)
+        loss = (soft_cross_entropy(logits_i, target_i) + soft_cross_entropy(logits_t, target_t)) / 2
+        return {"contrastive_loss": loss, "alpha": torch.tensor(alpha), "rho": torch.tensor(rho),
+                "distill_rows": mask.float().mean().detach()}
+
+    def _with_teacher(self, logits, teacher_logits, labels, alpha, mask):
+        onehot = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+        if alpha == 0.0:
+            return onehot
+        teacher = F.softmax(teacher_logits.detach().float() / self.teacher_temperature, dim=-1).to(logits.dtype)
+        return torch.where(mask[:, None], (1.0 - alpha) * onehot + alpha * teacher, onehot)

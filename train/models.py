@@ -1,0 +1,59 @@
+"""Models come from open_clip, built from configs with no pretrained weights.
+
+Presets: `tiny` (psdclip-tiny: 64 px ViT, 4 + 4 layers, for a 2-core CPU), the paper's `RN50` and
+`ViT-B-32`; also any open_clip model name or the path of a JSON model config. `encode_image` and
+`encode_text(normalize=True)` are the one path that training, evaluation and the index share.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import open_clip
+import torch
+
+from psdclip.pipeline.errors import InputError
+
+_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
+open_clip.add_model_config(_CONFIG_DIR)
+PRESETS = {"tiny": "psdclip-tiny", "rn50": "RN50", "vit-b-32": "ViT-B-32"}
+
+
+def resolve_model_name(name: str) -> str:
+    """A preset, an open_clip model name, or a JSON config path (registered under its file stem)."""
+    if name.lower() in PRESETS:
+        return PRESETS[name.lower()]
+    if name.endswith(".json"):
+        if not os.path.isfile(name):
+            raise InputError(f"--model {name}: no such model config file")
+        try:
+            with open(name, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except json.JSONDecodeError as err:
+            raise InputError(f"--model {name}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        cfg = cfg.get("model_cfg", cfg)
+        if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+            raise InputError(f"--model {name}: a model config needs embed_dim, vision_cfg and text_cfg")
+        open_clip.add_model_config(name)
+        return os.path.splitext(os.path.basename(name))[0]
+    if name not in open_clip.list_models():
+        raise InputError(f"--model {name!r}: not a preset ({', '.join(PRESETS)}), an open_clip model or a "
+                         f"JSON config path")
+    return name
+
+
+def model_config(name: str) -> dict:
+    return open_clip.get_model_config(resolve_model_name(name))
+
+
+def build_model(name: str, device: str | torch.device = "cpu"):
+    """(model, train transform, eval transform, tokenizer) for a model name, randomly initialised."""
+    arch = resolve_model_name(name)
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        arch, pretrained=None, device=device, output_dict=True)
+    tokenizer = open_clip.get_tokenizer(arch)
+    return model, preprocess_train, preprocess_val, tokenizer
+
+
+def context_length(name: str) -> int:
+    return int(model_config(name)["text_cfg"].get("context_length", 77))

@@ -1,0 +1,38 @@
+"""PNG plots of a run: loss, alpha, learning rate, logit scale, throughput."""
+from __future__ import annotations
+
+import json
+import os
+
+
+def plot_run(run_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    if not rows:
+        return []
+    out_dir = os.path.join(run_dir, "plots")
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for key, title in (("loss", "training loss"), ("alpha", "PSD alpha"), ("lr", "learning rate"),
+                       ("logit_scale", "logit scale"), ("samples_per_s", "samples / s")):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.5)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        name = os.path.join(out_dir, f"{key}.png")
+        fig.savefig(name)
+        plt.close(fig)
+        written.append(name)
+    return written
