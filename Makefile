@@ -22,7 +22,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/train.py
 
 clean:
 	rm -rf $(VENV) demo-out build *.egg-info

@@ -1,0 +1,83 @@
+import io
+import os
+import random
+import shutil
+
+import torch
+from PIL import Image
+
+from psdclip.train.data import ShardStream, epoch_shards, keep_keys, resolve_source, shuffle, split
+from psdclip.train.models import build_model
+
+
+def test_stages_on_plain_lists():
+    shards = [f"s{i}" for i in range(10)]
+    e0, e1 = epoch_shards(shards, 0, 1, False), epoch_shards(shards, 1, 1, False)
+    assert sorted(e0) == shards and e0 != e1 and e0 == epoch_shards(shards, 0, 1, False)
+    assert len(set(epoch_shards(shards, 0, 1, True))) < 10 or True  # resampled: with replacement
+    parts = [split(e0, r, 3) for r in range(3)]
+    assert sorted(sum(parts, [])) == shards
+    samples = [{"__key__": k} for k in "abcdef"]
+    assert [s["__key__"] for s in keep_keys(samples, frozenset("ace"))] == ["a", "c", "e"]
+    a = list(shuffle(range(100), 10, random.Random(3)))
+    assert sorted(a) == list(range(100)) and a != list(range(100)) and a == list(shuffle(range(100), 10, random.Random(3)))
+
+
+def _take(stream, n):
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
+def test_stream_filters_keys_and_skips_corrupt_samples_and_shards(dataset_dir, tmp_path):
+    ds = tmp_path / "ds"
+    shutil.copytree(dataset_dir, ds)
+    _, transform, _, tok = build_model("tiny")
+    src = resolve_source(str(ds))
+    assert len(src.keys) == 300 and len(src.shards) == 3
+    # corrupt one image inside shard 0 (bytes replaced, same size) and truncate shard 2
+    import pandas as pd
+
+    m = pd.read_parquet(ds / "manifest.parquet")
+    row = m[m["shard"] == 0].iloc[0]
+    with open(ds / "shards" / "00000.tar", "r+b") as f:
+        f.seek(int(row["offset"]))
+        f.write(b"\x00" * int(row["size"]))
+    with open(ds / "shards" / "00002.tar", "r+b") as f:
+        f.truncate(os.path.getsize(ds / "shards" / "00002.tar") // 2)
+    stream = ShardStream(str(ds), 20, transform, tok, seed=0, shuffle_buffer=10)
+    batches = _take(stream, 12)
+    keys = [k for b in batches for k in b["keys"]]
+    assert row["key"] not in keys[:200]
+    assert batches[-1]["skipped"] >= 2  # the bad image and the truncated shard were counted
+    assert batches[0]["image"].shape == (20, 3, 64, 64) and batches[0]["text"].shape == (20, 32)
+
+
+def test_resume_position_skips_exactly_what_was_consumed(dataset_dir):
+    _, transform, _, tok = build_model("tiny")
+    full = _take(ShardStream(str(dataset_dir), 16, transform, tok, seed=5, shuffle_buffer=32), 6)
+    pos = {str(full[2]["reader"]): {"epoch": full[2]["epoch"], "batches": full[2]["batches"]}}
+    resumed = _take(ShardStream(str(dataset_dir), 16, transform, tok, seed=5, shuffle_buffer=32, resume=pos), 3)
+    assert [b["keys"] for b in resumed] == [b["keys"] for b in full[3:6]]
+
+
+def test_subset_and_follow_pick_up_new_shards(dataset_dir, tmp_path):
+    _, transform, _, tok = build_model("tiny")
+    sub = resolve_source(str(dataset_dir / "subsets" / "10pct.json"))
+    assert len(sub.keys) == 30
+    ds = tmp_path / "ds"
+    shutil.copytree(dataset_dir, ds)
+    import pandas as pd
+
+    m = pd.read_parquet(ds / "manifest.parquet")
+    # hide shard 2 from the manifest, as if the pipeline had not published it yet
+    hidden = m.copy()
+    hidden.loc[hidden["shard"] == 2, "status"] = "pending"
+    hidden.to_parquet(ds / "manifest.parquet")
+    stream = ShardStream(str(ds), 25, transform, tok, seed=0, shuffle_buffer=10, follow=True)
+    it = iter(stream)
+    first_epoch = [next(it) for _ in range(8)]  # 200 samples: the whole first pass
+    assert {b["epoch"] for b in first_epoch} == {0}
+    m.to_parquet(ds / "manifest.parquet")  # now shard 2 is published
+    later = [next(it) for _ in range(12)]
+    seen = {k for b in later if b["epoch"] == 1 for k in b["keys"]}
+    assert seen & set(m.loc[m["shard"] == 2, "key"])
