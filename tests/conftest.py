@@ -10,12 +10,12 @@ from helpers.servers import Server  # noqa: E402
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
-    """A small synthetic source made by the project's own generator (300 pairs, 5 held-out scenes)."""
+    """A small synthetic source made by the project's own generator (300 pairs, 40 held-out scenes)."""
     from psdclip.pipeline.config import SynthConfig
     from psdclip.pipeline.synth import generate
 
     out = tmp_path_factory.mktemp("synth")
-    generate(SynthConfig(out=str(out), n=300, seed=3, heldout=5, image_size=64), progress=False)
+    generate(SynthConfig(out=str(out), n=300, seed=3, heldout=40, image_size=64), progress=False)
     return out
 
 

@@ -7,6 +7,7 @@ Presets: `tiny` (psdclip-tiny: 64 px ViT, 4 + 4 layers, for a 2-core CPU), the p
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import open_clip
@@ -49,8 +50,12 @@ def model_config(name: str) -> dict:
 def build_model(name: str, device: str | torch.device = "cpu"):
     """(model, train transform, eval transform, tokenizer) for a model name, randomly initialised."""
     arch = resolve_model_name(name)
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        arch, pretrained=None, device=device, output_dict=True)
+    logging.disable(logging.WARNING)  # open_clip warns that no pretrained weights were loaded: that is the point
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            arch, pretrained=None, device=device, output_dict=True)
+    finally:
+        logging.disable(logging.NOTSET)
     tokenizer = open_clip.get_tokenizer(arch)
     return model, preprocess_train, preprocess_val, tokenizer
 

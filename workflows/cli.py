@@ -14,6 +14,8 @@ from psdclip.pipeline.errors import PsdclipError
 from . import __version__
 from .config import add_dataclass_arguments, build_config, load_yaml
 from psdclip.train.config import TrainConfig
+from psdclip.train.compare import CompareConfig
+from psdclip.train.evaluate import EvalConfig
 from psdclip.train.export import ExportConfig
 from .demo import DemoConfig, run_demo
 
@@ -106,6 +108,10 @@ COMMANDS = (
     Command(("data", "serve"), ServeDataConfig, cmd_serve_data, "serve a synthetic source over HTTP (loopback)"),
     Command(("train",), TrainConfig, cmd_train, "train CLIP or PSD on streamed shards (alone or under torchrun)"),
     Command(("export",), ExportConfig, cmd_export, "write a run's model as an open_clip checkpoint"),
+    Command(("eval",), EvalConfig, lambda cfg: __import__("psdclip.train.evaluate", fromlist=["x"]).cmd_eval(cfg),
+            "zero-shot, linear probe, retrieval and robustness on a suite"),
+    Command(("compare",), CompareConfig, lambda cfg: __import__("psdclip.train.compare", fromlist=["x"]).cmd_compare(cfg),
+            "put runs side by side: metrics, differences with bootstrap CIs, a PNG chart"),
     Command(("demo",), DemoConfig, run_demo, "the embedded end-to-end demo on synthetic data"),
 )
 

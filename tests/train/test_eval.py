@@ -1,0 +1,107 @@
+"""psdclip eval and compare, end to end on a tiny checkpoint trained on a pipeline-built dataset."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+BIN = os.path.dirname(sys.executable)
+
+
+def psdclip(*args, check=True):
+    r = subprocess.run([os.path.join(BIN, "psdclip"), *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def runs(dataset_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    out = []
+    for loss, seed in (("clip", 0), ("psd", 0), ("clip", 1)):
+        run = root / f"{loss}{seed}"
+        psdclip("train", "--data", dataset_dir, "--out", run, "--steps", 6, "--batch-size", 32, "--workers", 1,
+                "--loss", loss, "--seed", seed, "--no-progress", "--warmup", 2)
+        out.append(run)
+    return out
+
+
+def test_synthetic_suite_end_to_end(runs, synth_dir):
+    r = psdclip("eval", runs[0], "--suite", f"synthetic:{synth_dir}", "--json", "--workers", 0)
+    res = json.loads(r.stdout)
+    m = res["metrics"]
+    for key in ("zeroshot_shape_base.top1", "zeroshot_shape_sketch.top1", "linear_probe_shape.accuracy",
+                "retrieval.i2t_R@1", "retrieval.t2i_R@10", "robustness.noise"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert m["zeroshot_shape_base.top5"] >= m["zeroshot_shape_base.top1"]
+    saved = json.load(open(runs[0] / "eval" / "synthetic.json"))
+    assert len(saved["examples"]["zeroshot_shape_base.top1"]) == 40  # the 40 held-out scenes
+    assert list((runs[0] / "eval" / "cache").glob("*.npz"))  # features cached for the next metric/eval
+    again = json.loads(psdclip("eval", runs[0], "--suite", f"synthetic:{synth_dir}", "--json", "--workers", 0).stdout)
+    assert again["metrics"] == m
+
+
+def test_compare_with_bootstrap_and_effective_robustness(runs, synth_dir, tmp_path):
+    for run in runs[1:]:
+        psdclip("eval", run, "--suite", f"synthetic:{synth_dir}", "--workers", 0)
+    r = psdclip("compare", runs[0], runs[1], "--reference", f"{runs[0]},{runs[2]}", "--out", tmp_path)
+    assert "zeroshot_shape_base.top1" in r.stdout and "effective robustness" in r.stdout
+    res = json.load(open(tmp_path / "compare.json"))
+    row = next(x for x in res["rows"] if x["metric"] == "zeroshot_shape_base.top1")
+    d = row["diff"][str(runs[1])]
+    assert d["ci_low"] <= d["diff"] <= d["ci_high"]
+    assert set(res["effective_robustness"][str(runs[1])]) == {"sketch", "texture", "colorshift", "blur", "noise"}
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+
+
+def _folder(root, classes, per_class=6, bad=0):
+    rng = np.random.default_rng(0)
+    for i, c in enumerate(classes):
+        os.makedirs(root / c, exist_ok=True)
+        for k in range(per_class):
+            arr = np.full((40, 40, 3), (i * 80) % 255, np.uint8) + rng.integers(0, 30, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / c / f"{k}.jpg")
+        for k in range(bad):
+            (root / c / f"broken{k}.jpg").write_bytes(b"not a jpeg")
+
+
+def test_imagefolder_and_retrieval_suites_and_their_bad_inputs(runs, tmp_path):
+    folder = tmp_path / "folder"
+    _folder(folder, ["red_thing", "blue_thing", "green_thing"], bad=1)
+    res = json.loads(psdclip("eval", runs[0], "--suite", f"imagefolder:{folder}", "--json", "--workers", 0).stdout)
+    assert res["metrics"]["skipped_images"] == 3 and 0 <= res["metrics"]["zeroshot.top1"] <= 1
+    assert "linear_probe.accuracy" in res["metrics"]
+    rows = [{"image": f"folder/red_thing/{k}.jpg", "captions": ["a red thing", "something red"]} for k in range(4)]
+    (tmp_path / "ret.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    res = json.loads(psdclip("eval", runs[0], "--suite", f"retrieval:{tmp_path / 'ret.jsonl'}", "--json",
+                             "--workers", 0).stdout)
+    assert res["metrics"]["retrieval.captions"] == 8 and res["metrics"]["retrieval.i2t_R@10"] == 1.0
+    # bad inputs: one line each
+    (folder / "classnames.txt").write_text("red\nblue\n")
+    empty = tmp_path / "empty"
+    _folder(empty, ["a", "b"])
+    os.makedirs(empty / "c")
+    (tmp_path / "ret-missing.csv").write_text("image,caption\nnope.jpg,hello\n")
+    cases = [
+        (f"imagefolder:{folder}", "2 class names for 3 class folders"),
+        (f"imagefolder:{empty}", "empty class folder"),
+        (f"retrieval:{tmp_path / 'ret-missing.csv'}", "1 image(s) not found"),
+        (f"synthetic:{tmp_path}", "no held-out scenes"),
+        ("nonsense", "--suite 'nonsense'"),
+    ]
+    for suite, expect in cases:
+        r = psdclip("eval", runs[0], "--suite", suite, check=False)
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("psdclip: error")]
+        assert r.returncode == 1 and len(lines) == 1 and expect in lines[0], (suite, r.stderr[-1500:])
+    # a cache whose features do not fit the checkpoint
+    cache = next((runs[0] / "eval" / "cache").glob("imagefolder-*.npz"))
+    data = dict(np.load(cache))
+    data["images.f"] = np.zeros((18, 7), np.float32)
+    np.savez(cache, **data)
+    (folder / "classnames.txt").unlink()
+    r = psdclip("eval", runs[0], "--suite", f"imagefolder:{folder}", check=False)
+    assert r.returncode == 1 and "cached features have 7 dimensions" in r.stderr

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+
+from psdclip.train.metrics import (bootstrap_diff, effective_robustness, linear_probe, recall_at, retrieval_ranks,
+                                   topk_correct)
+
+
+def test_topk_with_ties_counted_against():
+    logits = np.array([[0.9, 0.1, 0.0], [0.5, 0.5, 0.0], [0.1, 0.2, 0.3]])
+    labels = np.array([0, 1, 0])
+    assert topk_correct(logits, labels, 1).tolist() == [1.0, 0.0, 0.0]  # row 2: a tie with class 0
+    assert topk_correct(logits, labels, 2).tolist() == [1.0, 1.0, 0.0]
+    assert topk_correct(logits, labels, 3).tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError):
+        topk_correct(logits, labels[:2], 1)
+
+
+def test_retrieval_ranks_by_hand_with_ties_and_several_captions():
+    # 3 images, 5 captions: image 0 has captions 0 and 1, image 1 has 2, image 2 has 3 and 4
+    caption_image = np.array([0, 0, 1, 2, 2])
+    sim = np.array([
+        [0.2, 0.9, 0.5, 0.1, 0.0],   # image 0: caption 1 ranks first -> i2t rank 0
+        [0.3, 0.3, 0.3, 0.8, 0.1],   # image 1: its caption 2 ties with captions 0 and 1, 3 is above -> rank 3
+        [0.4, 0.1, 0.2, 0.3, 0.35],  # image 2: best own caption (4, 0.35) has caption 0 above -> rank 1
+    ])
+    i2t, t2i = retrieval_ranks(sim, caption_image)
+    assert i2t.tolist() == [0, 3, 1]
+    # caption 0 (image 0, 0.2): images 1 (0.3) and 2 (0.4) above -> 2; caption 1: 0; caption 2 (image 1,
+    # 0.3): image 0 (0.5) above -> 1; caption 3 (image 2, 0.3): image 1 (0.8) above -> 1; caption 4: 0
+    assert t2i.tolist() == [2, 0, 1, 1, 0]
+    assert recall_at(i2t, (1, 5)) == {"R@1": 1 / 3, "R@5": 1.0}
+
+
+def test_linear_probe_separates_separable_features():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 8)) * 5
+    def split(n):
+        y = rng.integers(0, 3, n)
+        return centers[y] + rng.normal(size=(n, 8)) * 0.5, y
+    res = linear_probe(split(90), split(30), split(60))
+    assert res["accuracy"] == 1.0 and len(res["correct"]) == 60
+    noise = lambda n: (rng.normal(size=(n, 8)), rng.integers(0, 3, n))  # noqa: E731
+    assert linear_probe(noise(90), noise(30), noise(300))["accuracy"] < 0.6
+
+
+def test_effective_robustness_on_made_up_points():
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    base = np.array([0.5, 0.6, 0.7, 0.8])
+    shifted = sig(0.8 * logit(base) - 1.0)  # exactly on the line
+    on_line = effective_robustness(base, shifted, 0.65, float(sig(0.8 * logit(0.65) - 1.0)))
+    assert abs(on_line["effective_robustness"]) < 1e-9 and abs(on_line["slope"] - 0.8) < 1e-9
+    above = effective_robustness(base, shifted, 0.65, float(sig(0.8 * logit(0.65) - 1.0)) + 0.05)
+    assert abs(above["effective_robustness"] - 0.05) < 1e-9
+
+
+def test_bootstrap_interval_contains_the_difference():
+    a = np.zeros(200)
+    b = (np.arange(200) % 4 == 0).astype(float)  # +0.25
+    res = bootstrap_diff(a, b)
+    assert res["diff"] == 0.25 and res["ci_low"] < 0.25 < res["ci_high"] and res["ci_low"] > 0.15

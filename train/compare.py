@@ -1,0 +1,163 @@
+"""psdclip compare: runs side by side (e.g. CLIP vs PSD) on their evaluations: every metric, the
+difference to the first run with a bootstrap confidence interval over test examples, effective
+robustness against reference runs; a markdown table, JSON and a PNG bar chart."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from psdclip.pipeline.errors import InputError
+
+from .metrics import bootstrap_diff, effective_robustness
+
+# metric -> the per-example vector it is the mean of
+PAIRED = {"top1": "top1", "accuracy": "correct", "i2t_R@1": "i2t_r1", "t2i_R@1": "t2i_r1"}
+
+
+@dataclass
+class CompareConfig:
+    """psdclip compare: put runs side by side on their evaluations (RUN/eval/*.json)."""
+
+    runs: list[str] = field(default_factory=list, metadata={"help": "run directories (the first is the baseline)",
+                                                            "positional": True, "metavar": "RUN"})
+    out: str = field(default="", metadata={"help": "folder for compare.md, compare.json and compare.png "
+                                                   "(default: beside the first run)"})
+    reference: list[str] = field(default_factory=list, metadata={
+        "help": "reference runs for the effective-robustness fit (default: the given runs trained with clip)"})
+    bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples"})
+
+    def __post_init__(self):
+        if len(self.runs) < 2:
+            raise InputError("psdclip compare needs at least two runs")
+
+
+def load_evals(run: str) -> dict:
+    files = sorted(glob.glob(os.path.join(run, "eval", "*.json")))
+    if not files:
+        raise InputError(f"{run}: no evaluations (run `psdclip eval {run} --suite …` first)")
+    return {os.path.basename(f)[:-5]: json.load(open(f)) for f in files}
+
+
+def compare(cfg: CompareConfig) -> dict:
+    evals = {run: load_evals(run) for run in cfg.runs}
+    suites = sorted(set.intersection(*(set(e) for e in evals.values())))
+    if not suites:
+        raise InputError("the runs share no evaluated suite")
+    base_run = cfg.runs[0]
+    rows = []
+    for suite in suites:
+        for metric, base_value in evals[base_run][suite]["metrics"].items():
+            if not isinstance(base_value, float):
+                continue
+            row = {"suite": suite, "metric": metric, "values": {}, "diff": {}}
+            for run in cfg.runs:
+                value = evals[run][suite]["metrics"].get(metric)
+                row["values"][run] = value
+                if run == base_run or value is None:
+                    continue
+                group, name = metric.rsplit(".", 1)
+                ex = PAIRED.get(name)
+                a = evals[base_run][suite]["examples"].get(f"{group}.{ex}")
+                b = evals[run][suite]["examples"].get(f"{group}.{ex}")
+                if a is not None and b is not None and len(a) == len(b):
+                    row["diff"][run] = bootstrap_diff(np.array(a), np.array(b), n=cfg.bootstrap)
+                else:
+                    row["diff"][run] = {"diff": value - base_value}
+            rows.append(row)
+    robustness = _robustness(cfg, evals, suites)
+    out_dir = cfg.out or os.path.join(os.path.dirname(os.path.abspath(base_run)), "compare")
+    os.makedirs(out_dir, exist_ok=True)
+    result = {"runs": cfg.runs, "rows": rows, "effective_robustness": robustness}
+    with open(os.path.join(out_dir, "compare.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    md = to_markdown(result)
+    with open(os.path.join(out_dir, "compare.md"), "w") as f:
+        f.write(md + "\n")
+    _plot(result, os.path.join(out_dir, "compare.png"))
+    result["markdown"], result["out"] = md, out_dir
+    return result
+
+
+def _robustness(cfg, evals, suites) -> dict:
+    if "synthetic" not in suites:
+        return {}
+    refs = cfg.reference or [r for r in cfg.runs if evals[r]["synthetic"].get("loss") == "clip"]
+    refs = [r for r in refs if r in evals or os.path.isdir(r)]
+    ref_evals = {r: (evals.get(r) or load_evals(r))["synthetic"]["metrics"] for r in refs}
+    out = {}
+    if len(ref_evals) < 2:
+        return {"note": "effective robustness needs at least two reference runs (e.g. the CLIP runs of a sweep)"}
+    shifts = [k.split(".", 1)[1] for k in evals[cfg.runs[0]]["synthetic"]["metrics"] if k.startswith("robustness.")
+              and not k.endswith(".base")]
+    for run in cfg.runs:
+        m = evals[run]["synthetic"]["metrics"]
+        out[run] = {}
+        for shift in shifts:
+            rb = [ref_evals[r]["robustness.base"] for r in refs]
+            rs = [ref_evals[r][f"robustness.{shift}"] for r in refs]
+            out[run][shift] = effective_robustness(rb, rs, m["robustness.base"], m[f"robustness.{shift}"])[
+                "effective_robustness"]
+    return out
+
+
+def to_markdown(result: dict) -> str:
+    runs = result["runs"]
+    names = [os.path.basename(os.path.normpath(r)) for r in runs]
+    head = "| suite | metric | " + " | ".join(names) + " | " + " | ".join(f"{n} − {names[0]} [95% CI]" for n in names[1:]) + " |"
+    lines = [head, "|" + "---|" * (2 + 2 * len(runs) - 1)]
+    for row in result["rows"]:
+        vals = " | ".join("" if row["values"][r] is None else f"{row['values'][r]:.4f}" for r in runs)
+        diffs = []
+        for r in runs[1:]:
+            d = row["diff"].get(r)
+            if d is None:
+                diffs.append("")
+            elif "ci_low" in d:
+                diffs.append(f"{d['diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]")
+            else:
+                diffs.append(f"{d['diff']:+.4f}")
+        lines.append(f"| {row['suite']} | {row['metric']} | {vals} | {' | '.join(diffs)} |")
+    er = result.get("effective_robustness") or {}
+    if er.get("note"):
+        lines.append(f"\nEffective robustness: {er['note']}.")
+    elif er:
+        lines.append("\n| effective robustness | " + " | ".join(next(iter(er.values())).keys()) + " |")
+        lines.append("|---|" + "---|" * len(next(iter(er.values()))))
+        for run, vals in er.items():
+            lines.append(f"| {os.path.basename(os.path.normpath(run))} | " + " | ".join(f"{v:+.4f}" for v in vals.values()) + " |")
+    return "\n".join(lines)
+
+
+def _plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["metric"].endswith(("top1", "accuracy", "R@1"))][:16]
+    if not rows:
+        return
+    runs = result["runs"]
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4), dpi=100)
+    width = 0.8 / len(runs)
+    for k, run in enumerate(runs):
+        vals = [r["values"][run] or 0 for r in rows]
+        ax.bar(np.arange(len(rows)) + k * width, vals, width, label=os.path.basename(os.path.normpath(run)))
+    ax.set_xticks(np.arange(len(rows)) + width * (len(runs) - 1) / 2)
+    ax.set_xticklabels([r["metric"].replace("zeroshot_", "zs_") for r in rows], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("score")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def cmd_compare(cfg: CompareConfig) -> int:
+    result = compare(cfg)
+    print(result["markdown"])
+    print(f"\nwritten to {result['out']}/compare.md, compare.json, compare.png")
+    return 0
