@@ -14,6 +14,9 @@ from psdclip.pipeline.errors import PsdclipError
 from . import __version__
 from .config import add_dataclass_arguments, build_config, load_yaml
 from psdclip.train.config import TrainConfig
+from psdclip.index.build import IndexBuildConfig
+from psdclip.index.query import QueryConfig
+from psdclip.index.service import ServeConfig
 from psdclip.train.compare import CompareConfig
 from psdclip.train.evaluate import EvalConfig
 from psdclip.train.export import ExportConfig
@@ -93,6 +96,12 @@ def cmd_export(cfg) -> int:
     return export(cfg)
 
 
+def _run(module: str, func: str, cfg) -> int:
+    import importlib
+
+    return getattr(importlib.import_module(module), func)(cfg)
+
+
 @dataclass(frozen=True)
 class Command:
     path: tuple[str, ...]
@@ -112,6 +121,12 @@ COMMANDS = (
             "zero-shot, linear probe, retrieval and robustness on a suite"),
     Command(("compare",), CompareConfig, lambda cfg: __import__("psdclip.train.compare", fromlist=["x"]).cmd_compare(cfg),
             "put runs side by side: metrics, differences with bootstrap CIs, a PNG chart"),
+    Command(("index", "build"), IndexBuildConfig, lambda c: _run("psdclip.index.build", "cmd_index_build", c),
+            "encode a dataset and build a FAISS index under memory and latency budgets"),
+    Command(("index", "query"), QueryConfig, lambda c: _run("psdclip.index.query", "cmd_query", c),
+            "nearest neighbours of a text, an image or an embedding"),
+    Command(("serve",), ServeConfig, lambda c: _run("psdclip.index.service", "cmd_serve", c),
+            "the retrieval service (FastAPI + uvicorn) and its web page"),
     Command(("demo",), DemoConfig, run_demo, "the embedded end-to-end demo on synthetic data"),
 )
 

@@ -80,7 +80,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(f.name, nargs="?", type=_scalar(tp, f.name),
                                 metavar=f.metadata.get("metavar", f.name.upper()), **kw)
         else:
-            parser.add_argument(flag, type=_scalar(tp, flag), metavar=tp.__name__.upper(), **kw)
+            flags = [f.metadata["flag"], flag] if f.metadata.get("flag") else [flag]
+            parser.add_argument(*flags, dest=f.name, type=_scalar(tp, flag), metavar=tp.__name__.upper(), **kw)
 
 
 def _list(inner, name):

@@ -1,0 +1,121 @@
+"""FAISS index selection, training, tuning and recall measurement. numpy in, numpy out, shapes checked.
+
+Selection follows autofaiss's rules of thumb (reimplemented here; autofaiss itself pins old
+dependencies): exact search while it fits the latency budget; HNSW when the vectors fit in memory with
+the graph and the collection is moderate; IVF with flat, SQ8 or (OPQ+)PQ codes as memory tightens, with
+nlist ~ 4·sqrt(n). The index is trained on a sample, its search parameter (nprobe or efSearch) is raised
+until recall@k against exact search reaches the target on held-out queries, and that recall is stored.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import faiss
+import numpy as np
+
+EXACT_VECTORS_PER_S = 4e9  # dimensions scanned per second by exact CPU search, a conservative figure
+
+
+def check_vectors(x: np.ndarray, name: str = "vectors", dim: int | None = None) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-d array, got shape {x.shape}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name}: expected {dim} dimensions, got {x.shape[1]}")
+    return x
+
+
+def choose_factory(n: int, d: int, max_memory: float, max_query_ms: float) -> tuple[str, str]:
+    """(faiss factory string, why) for n vectors of d dims under a memory budget (bytes) and a latency
+    budget for one query (ms)."""
+    flat = n * d * 4
+    exact_ms = 1000 * n * d / EXACT_VECTORS_PER_S
+    if flat <= max_memory and (exact_ms <= max_query_ms or n <= 20_000):
+        return "Flat", f"exact search fits: {flat / 1e6:.0f} MB, ~{exact_ms:.1f} ms per query"
+    nlist = int(2 ** round(math.log2(max(64, min(65536, 4 * math.sqrt(n))))))
+    hnsw = n * (d * 4 + 32 * 2 * 4) * 1.1
+    if hnsw <= max_memory and n <= 2_000_000 and d <= 256:
+        return "HNSW32,Flat", f"vectors and graph fit ({hnsw / 1e6:.0f} MB); HNSW for low latency"
+    if flat * 1.1 <= max_memory:
+        return f"IVF{nlist},Flat", f"flat vectors fit ({flat / 1e6:.0f} MB); IVF with {nlist} lists"
+    if n * d * 1.1 <= max_memory:
+        return f"IVF{nlist},SQ8", f"8-bit scalar codes fit ({n * d / 1e6:.0f} MB); IVF with {nlist} lists"
+    for m in (64, 48, 32, 24, 16, 8, 4):
+        if d % m == 0 and n * m * 1.2 <= max_memory:
+            return f"OPQ{m},IVF{nlist},PQ{m}", f"{m}-byte PQ codes with OPQ fit ({n * m / 1e6:.0f} MB)"
+    raise ValueError(f"no index of {n:,} x {d} vectors fits in {max_memory / 1e6:.0f} MB")
+
+
+def exact_knn(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inner-product k nearest neighbours by brute force (faiss IndexFlatIP): the reference."""
+    index = faiss.IndexFlatIP(xb.shape[1])
+    index.add(xb)
+    return index.search(xq, k)
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
+    """Fraction of the exact top-k found in the approximate top-k."""
+    hits = sum(len(set(a[:k]) & set(e[:k]) - {-1}) for a, e in zip(approx, exact))
+    return hits / (len(exact) * k)
+
+
+def set_param(index, name: str, value: int) -> None:
+    faiss.ParameterSpace().set_index_parameter(index, name, value)
+
+
+def search_param(factory: str) -> str | None:
+    if factory.startswith("HNSW"):
+        return "efSearch"
+    if "IVF" in factory:
+        return "nprobe"
+    return None
+
+
+def to_gpu(index):
+    """Move an index to every GPU when faiss-gpu and CUDA are there; else return it unchanged."""
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        try:
+            return faiss.index_cpu_to_all_gpus(index)
+        except RuntimeError:
+            return index
+    return index
+
+
+def build(xb: np.ndarray, factory: str, train_size: int = 100_000, seed: int = 0):
+    xb = check_vectors(xb)
+    index = faiss.index_factory(xb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        sample = xb[rng.choice(len(xb), min(len(xb), train_size), replace=False)] if len(xb) > train_size else xb
+        gpu = to_gpu(index)
+        gpu.train(sample)
+        index = faiss.index_gpu_to_cpu(gpu) if gpu is not index else index
+    index.add(xb)
+    if "IVF" in factory:
+        faiss.extract_index_ivf(index).make_direct_map()  # reconstruct() for de-duplicating results
+    return index
+
+
+def tune(index, factory: str, xb: np.ndarray, queries: np.ndarray, k: int, target: float) -> dict:
+    """Raise nprobe / efSearch until recall@k >= target against exact search (or the search space ends)."""
+    _, exact = exact_knn(xb, queries, k)
+    name = search_param(factory)
+    if name is None:
+        return {"param": None, "value": None, "recall": 1.0}
+    ivf_lists = faiss.extract_index_ivf(index).nlist if name == "nprobe" else None
+    values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if ivf_lists is None or v <= ivf_lists]
+    if name == "efSearch":
+        values = [max(v, k) for v in (16, 32, 64, 128, 256, 512, 1024)]
+    best = None
+    for v in values:
+        set_param(index, name, v)
+        t = time.perf_counter()
+        _, approx = index.search(queries, k)
+        ms = 1000 * (time.perf_counter() - t) / len(queries)
+        rec = recall_at_k(approx, exact, k)
+        best = {"param": name, "value": v, "recall": rec, "ms_per_query": ms}
+        if rec >= target:
+            break
+    set_param(index, name, best["value"])
+    return best

@@ -1,0 +1,136 @@
+"""psdclip index build: embeddings + a FAISS index chosen under memory and latency budgets.
+
+    INDEX/index.json        model checkpoint + hash, dim, metric, factory, build params, recall@k vs exact
+    INDEX/index.faiss       image vectors (text->image and image->image queries)
+    INDEX/captions.faiss    caption vectors (image->text queries)
+    INDEX/embeddings/       img_*.npy, txt_*.npy, keys_*.npy per shard
+    INDEX/metadata.parquet  row id -> key, url, caption, shard, offset, size
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+import pandas as pd
+import torch
+
+from psdclip.pipeline.errors import InputError
+
+from . import ann
+from .embed import embed_dataset, load_embeddings, success_rows
+
+_SIZE = re.compile(r"^\s*([\d.]+)\s*([kmgt]?)i?b?\s*$", re.I)
+
+
+def parse_bytes(text: str) -> float:
+    m = _SIZE.match(str(text))
+    if not m:
+        raise InputError(f"--max-memory {text!r}: expected a size such as 512MB or 2GB")
+    return float(m.group(1)) * 1024 ** "_kmgt".index((m.group(2) or "_").lower())
+
+
+@dataclass
+class IndexBuildConfig:
+    """psdclip index build: encode a dataset with a checkpoint and build a FAISS index under budgets."""
+
+    checkpoint: str = field(default="", metadata={"help": "run directory or checkpoint file"})
+    data: str = field(default="", metadata={"help": "dataset directory"})
+    out: str = field(default="", metadata={"help": "index directory"})
+    max_memory: str = field(default="2GB", metadata={"help": "memory budget of the index (e.g. 512MB, 2GB)"})
+    max_query_ms: float = field(default=10.0, metadata={"help": "latency budget of one query in ms"})
+    factory: str = field(default="", metadata={"help": "force a faiss factory string (default: chosen under the budgets)"})
+    target_recall: float = field(default=0.95, metadata={"help": "recall@k vs exact search that tuning aims for"})
+    k: int = field(default=10, metadata={"help": "k of the recall measurement"})
+    fp16: bool = field(default=False, metadata={"help": "store embeddings as float16"})
+    batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
+    workers: int = field(default=2, metadata={"help": "image loading worker processes"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self):
+        for name in ("checkpoint", "data", "out"):
+            if not getattr(self, name):
+                raise InputError(f"--{name} is required")
+        parse_bytes(self.max_memory)
+        if not 0 < self.target_recall <= 1 or self.k < 1 or self.max_query_ms <= 0:
+            raise InputError("--target-recall must be in (0, 1], --k >= 1 and --max-query-ms > 0")
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_index(cfg: IndexBuildConfig) -> dict:
+    from psdclip.train.evaluate import load_for_eval
+
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    rows, _ = success_rows(cfg.data)
+    model, preprocess, tokenizer, info = load_for_eval(cfg.checkpoint, device)
+    digest = file_sha256(info["checkpoint"])
+    meta_path = os.path.join(cfg.out, "index.json")
+    if os.path.isfile(meta_path):
+        previous = json.load(open(meta_path))
+        if previous.get("checkpoint_sha256") != digest:
+            raise InputError(f"{cfg.out}: built with another checkpoint; use a new --out or delete it")
+    os.makedirs(cfg.out, exist_ok=True)
+    t0 = time.time()
+    stats = embed_dataset(model, preprocess, tokenizer, cfg.data, cfg.out, cfg.batch_size, cfg.workers, cfg.fp16,
+                          device, cfg.progress)
+    t_embed = time.time() - t0
+    img, txt, keys = load_embeddings(cfg.out)
+    meta = rows.set_index("key").loc[keys].reset_index()[["key", "url", "caption", "shard", "offset", "size"]]
+    meta.insert(0, "id", np.arange(len(meta)))
+    n, d = img.shape
+    factory, why = (cfg.factory, "given with --factory") if cfg.factory else \
+        ann.choose_factory(n, d, parse_bytes(cfg.max_memory), cfg.max_query_ms)
+    t1 = time.time()
+    rng = np.random.default_rng(0)
+    held = rng.choice(n, min(n, 500), replace=False)
+    # held-out queries: captions (text->image, the main use) and images
+    queries = np.concatenate([txt[held[: len(held) // 2]], img[held[len(held) // 2:]]])
+    indices = {}
+    for name, vectors in (("index.faiss", img), ("captions.faiss", txt)):
+        index = ann.build(vectors, factory)
+        tuning = ann.tune(index, factory, vectors, queries, min(cfg.k, n), cfg.target_recall)
+        tmp = os.path.join(cfg.out, name + ".tmp")
+        faiss.write_index(index, tmp)
+        os.replace(tmp, os.path.join(cfg.out, name))
+        indices[name] = tuning
+    t_index = time.time() - t1
+    meta_tmp = os.path.join(cfg.out, "metadata.parquet.tmp")
+    meta.to_parquet(meta_tmp, index=False)
+    os.replace(meta_tmp, os.path.join(cfg.out, "metadata.parquet"))
+    doc = {"schema_version": 1, "checkpoint": os.path.abspath(info["checkpoint"]), "checkpoint_sha256": digest,
+           "model_arch": info["arch"], "step": info["step"], "dataset": os.path.abspath(cfg.data),
+           "dataset_format": json.load(open(os.path.join(cfg.data, "dataset.json"))).get("output_format", "webdataset"),
+           "count": int(n), "dim": int(d), "metric": "inner_product (cosine on normalised vectors)",
+           "factory": factory, "why": why, "budgets": {"max_memory": cfg.max_memory, "max_query_ms": cfg.max_query_ms},
+           "search_params": {k: {"param": v["param"], "value": v["value"]} for k, v in indices.items()},
+           "recall_at_k": {k: {"k": min(cfg.k, n), "recall": v["recall"], "ms_per_query": v.get("ms_per_query")}
+                           for k, v in indices.items()},
+           "embeddings_dtype": "float16" if cfg.fp16 else "float32", "embed_s": round(t_embed, 2),
+           "index_build_s": round(t_index, 2), "undecodable_images": stats["undecodable"]}
+    tmp = meta_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+    os.replace(tmp, meta_path)
+    return doc
+
+
+def cmd_index_build(cfg: IndexBuildConfig) -> int:
+    doc = build_index(cfg)
+    r = doc["recall_at_k"]["index.faiss"]
+    print(f"indexed {doc['count']:,} images x {doc['dim']} dims with {doc['factory']} ({doc['why']}); "
+          f"recall@{r['k']} vs exact {r['recall']:.3f}; index in {os.path.abspath(cfg.out)}")
+    return 0

@@ -1,0 +1,269 @@
+"""psdclip serve: an ASGI service (FastAPI + uvicorn) over one or more indices; model and index load once.
+
+    POST /search          our JSON: {"text" | "image" (base64) | "image_url" | "embedding", "k", "modality", ...}
+    POST /knn-service     clip-retrieval's back-end request and response (its ClipClient and front end work)
+    GET  /indices-list    clip-retrieval: the index names
+    POST /metadata        clip-retrieval: metadata of ids
+    GET  /images/{key}    the stored image, read from its shard by offset
+    GET  /healthz         liveness and the loaded indices
+    GET  /metrics         Prometheus
+    POST /admin/reload    reload a rebuilt index without dropping a request (X-API-Key when one is set)
+    GET  /                a web page: search by text or by an uploaded image
+
+Bounds: k, body size, text length and image pixels (decompression bombs) are limited; a malformed request
+gets a 4xx; `image_url` is refused unless the operator lists allowed hosts; keys are looked up, never used
+as paths.
+"""
+# no "from __future__ import annotations": FastAPI must see the request models defined in create_app
+
+import base64
+import binascii
+import io
+import os
+import threading
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Optional
+
+from psdclip.pipeline.errors import InputError
+
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+
+
+@dataclass
+class ServeConfig:
+    """psdclip serve: the retrieval service (FastAPI + uvicorn) with a web page at /."""
+
+    indices: list[str] = field(default_factory=list, metadata={
+        "help": "index directories, optionally named NAME=DIR (the first is the default)", "positional": True,
+        "metavar": "INDEX"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=8000, metadata={"help": "port (0 picks a free one)"})
+    max_k: int = field(default=1000, metadata={"help": "largest k a request may ask for"})
+    max_body_bytes: int = field(default=8 << 20, metadata={"help": "largest request body"})
+    max_text_chars: int = field(default=1000, metadata={"help": "longest query text"})
+    max_image_pixels: int = field(default=40_000_000, metadata={"help": "largest query image (pixels)"})
+    allowed_url_hosts: list[str] = field(default_factory=list, metadata={
+        "help": "hosts that image_url queries may fetch from (default: none, image_url refused)"})
+    api_key: str = field(default="", metadata={"help": "key required by the admin endpoints (X-API-Key); "
+                                                        "default: from PSDCLIP_API_KEY, else admin is off"})
+    device: str = field(default="cpu", metadata={"help": "device of the query encoder"})
+
+    def __post_init__(self):
+        if not self.indices:
+            raise InputError("give at least one INDEX directory")
+        if not 1 <= self.max_k <= 100_000:
+            raise InputError(f"--max-k must be in [1, 100000], got {self.max_k}")
+
+    def named(self) -> dict[str, str]:
+        out = {}
+        for spec in self.indices:
+            name, _, path = spec.partition("=") if "=" in spec else (os.path.basename(os.path.normpath(spec)), "", spec)
+            if name in out:
+                raise InputError(f"index name {name!r} given twice")
+            out[name] = path
+        return out
+
+
+def create_app(cfg: ServeConfig):
+    from fastapi import FastAPI, Header, HTTPException, Request
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+    from PIL import Image
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+    from pydantic import BaseModel, ConfigDict, Field
+
+    from .searcher import Searcher
+
+    paths = cfg.named()
+    searchers = {name: Searcher(path, cfg.device) for name, path in paths.items()}
+    default = next(iter(searchers))
+    lock = threading.Lock()
+    api_key = cfg.api_key or os.environ.get("PSDCLIP_API_KEY", "")
+    registry = CollectorRegistry()
+    requests = Counter("psdclip_requests_total", "requests", ["endpoint", "status"], registry=registry)
+    latency = Histogram("psdclip_request_seconds", "request latency", ["endpoint"], registry=registry,
+                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+    app = FastAPI(title="psdclip retrieval", version="1")
+
+    @app.middleware("http")
+    async def bounds_and_metrics(request: Request, call_next):
+        t = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
+            return JSONResponse({"detail": f"request body over {cfg.max_body_bytes} bytes"}, status_code=413)
+        try:
+            response = await call_next(request)
+        except Exception:  # pylint: disable=broad-except
+            response = JSONResponse({"detail": "internal error"}, status_code=500)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "other")
+        requests.labels(endpoint, str(response.status_code)).inc()
+        latency.labels(endpoint).observe(time.perf_counter() - t)
+        return response
+
+    class SearchRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        text: Optional[str] = Field(None, max_length=cfg.max_text_chars)
+        image: Optional[str] = Field(None, description="base64-encoded image")
+        image_url: Optional[str] = None
+        embedding: Optional[list[float]] = Field(None, max_length=8192)
+        k: int = Field(10, ge=1, le=cfg.max_k)
+        modality: str = Field("image", pattern="^(image|text)$")
+        index: Optional[str] = None
+        dedupe: bool = False
+
+    class KnnRequest(BaseModel):  # clip-retrieval's back-end request
+        model_config = ConfigDict(extra="allow")
+        text: Optional[str] = Field(None, max_length=cfg.max_text_chars)
+        image: Optional[str] = None
+        image_url: Optional[str] = None
+        embedding_input: Optional[list[float]] = Field(None, max_length=8192)
+        modality: str = Field("image", pattern="^(image|text)$")
+        num_images: int = Field(..., ge=1, le=cfg.max_k)
+        num_result_ids: Optional[int] = Field(None, ge=1, le=cfg.max_k * 10)
+        indice_name: Optional[str] = None
+        deduplicate: bool = False
+
+    class MetadataRequest(BaseModel):
+        ids: list[int] = Field(..., max_length=cfg.max_k)
+        indice_name: Optional[str] = None
+
+    def pick(name: Optional[str]) -> Searcher:
+        with lock:
+            if name is None or name == "":
+                return searchers[default]
+            if name not in searchers:
+                raise HTTPException(404, f"no index named {name!r} (have: {', '.join(searchers)})")
+            return searchers[name]
+
+    def decode_image(data: bytes):
+        Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height > cfg.max_image_pixels:
+                    raise HTTPException(413, f"image over {cfg.max_image_pixels} pixels")
+                im.load()
+                return im.convert("RGB")
+        except HTTPException:
+            raise
+        except Image.DecompressionBombError:
+            raise HTTPException(413, f"image over {cfg.max_image_pixels} pixels") from None
+        except Exception:  # pylint: disable=broad-except
+            raise HTTPException(400, "image is not a decodable image") from None
+
+    def from_base64(text: str):
+        try:
+            return decode_image(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise HTTPException(400, "image must be base64") from None
+
+    def fetch_url(url: str):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or parts.hostname not in set(cfg.allowed_url_hosts):
+            raise HTTPException(403, "image_url queries are not allowed for this host (operator: --allowed-url-hosts)")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                data = r.read(cfg.max_body_bytes + 1)
+        except OSError as err:
+            raise HTTPException(502, f"could not fetch image_url ({err})") from None
+        if len(data) > cfg.max_body_bytes:
+            raise HTTPException(413, "image_url content too large")
+        return decode_image(data)
+
+    def run_search(s: Searcher, text, image, image_url, embedding, k, modality, dedupe):
+        given = [x is not None and x != "" for x in (text, image, image_url, embedding)]
+        if sum(given) != 1:
+            raise HTTPException(422, "give exactly one of text, image, image_url or embedding")
+        img = from_base64(image) if image else fetch_url(image_url) if image_url else None
+        try:
+            return s.search(text=text or None, image=img, embedding=embedding, k=k, modality=modality, dedupe=dedupe)
+        except ValueError as err:
+            raise HTTPException(422, str(err)) from None
+
+    @app.post("/search")
+    def search(req: SearchRequest):
+        t = time.perf_counter()
+        s = pick(req.index)
+        results = run_search(s, req.text, req.image, req.image_url, req.embedding, req.k, req.modality, req.dedupe)
+        return {"results": results, "took_ms": round(1000 * (time.perf_counter() - t), 2),
+                "index": req.index or default}
+
+    @app.post("/knn-service")
+    def knn_service(req: KnnRequest):
+        s = pick(req.indice_name)
+        results = run_search(s, req.text, req.image, req.image_url, req.embedding_input,
+                             req.num_images, req.modality, req.deduplicate)
+        return [{"url": r["url"], "caption": r["caption"], "id": r["id"], "similarity": r["score"], "key": r["key"]}
+                for r in results]
+
+    @app.get("/indices-list")
+    def indices_list():
+        return list(searchers)
+
+    @app.post("/metadata")
+    def metadata(req: MetadataRequest):
+        s = pick(req.indice_name)
+        n = len(s.meta)
+        out = []
+        for i in req.ids:
+            if 0 <= i < n:
+                row = s.meta.iloc[i]
+                out.append({"id": i, "metadata": {"url": row["url"], "caption": row["caption"], "key": row["key"]}})
+        return out
+
+    @app.get("/images/{key}")
+    def image(key: str, index: Optional[str] = None):
+        s = pick(index)
+        try:
+            data = s.image_bytes(key)
+        except KeyError:
+            raise HTTPException(404, "no such image") from None
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
+
+    @app.get("/healthz")
+    def healthz():
+        with lock:
+            return {"status": "ok", "indices": {n: {"count": s.info["count"], "factory": s.info["factory"]}
+                                                for n, s in searchers.items()}}
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/admin/reload")
+    def reload(index: Optional[str] = None, x_api_key: Optional[str] = Header(None)):
+        if not api_key:
+            raise HTTPException(403, "admin endpoints are off (start the service with --api-key)")
+        if x_api_key != api_key:
+            raise HTTPException(401, "wrong or missing X-API-Key")
+        name = index or default
+        if name not in paths:
+            raise HTTPException(404, f"no index named {name!r}")
+        try:
+            fresh = Searcher(paths[name], cfg.device)  # load aside; requests keep using the old one meanwhile
+        except InputError as err:
+            raise HTTPException(409, str(err)) from None
+        with lock:
+            searchers[name] = fresh
+        return {"reloaded": name, "count": fresh.info["count"]}
+
+    @app.get("/")
+    def page():
+        return FileResponse(os.path.join(STATIC, "index.html"), media_type="text/html")
+
+    @app.get("/favicon.ico")
+    def favicon():
+        return PlainTextResponse("", status_code=204)
+
+    return app
+
+
+def cmd_serve(cfg: ServeConfig) -> int:
+    import uvicorn
+
+    app = create_app(cfg)
+    print(f"serving {', '.join(cfg.named())} on http://{cfg.host}:{cfg.port}", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+    return 0

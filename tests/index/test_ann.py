@@ -1,0 +1,49 @@
+import faiss
+import numpy as np
+import pytest
+
+from psdclip.index import ann
+
+
+def clustered(n, d, centers=64, seed=0):
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centers, d))
+    x = c[rng.integers(0, centers, n)] + 0.35 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_choose_factory_follows_the_budgets():
+    assert ann.choose_factory(10_000, 512, 2e9, 10)[0] == "Flat"
+    assert ann.choose_factory(1_000_000, 128, 2e9, 10)[0] == "HNSW32,Flat"
+    assert ann.choose_factory(1_000_000, 512, 2.5e9, 10)[0].endswith(",Flat")
+    assert ann.choose_factory(1_000_000, 512, 2e9, 10)[0] == "IVF4096,SQ8"
+    assert ann.choose_factory(1_000_000, 512, 1e8, 10)[0] == "OPQ64,IVF4096,PQ64"
+    with pytest.raises(ValueError):
+        ann.choose_factory(10**9, 512, 1e6, 10)
+
+
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "IVF64,SQ8", "HNSW16,Flat", "OPQ16,IVF64,PQ16"])
+def test_approximate_indices_against_exact_search(factory, tmp_path):
+    xb, xq = clustered(8_000, 64), clustered(200, 64, seed=1)
+    index = ann.build(xb, factory, train_size=4_000)
+    # PQ codes are lossy (recall vs exact saturates); graph search on tight clusters is hard
+    target = 0.5 if "PQ" in factory else 0.9 if "HNSW" in factory else 0.95
+    tuned = ann.tune(index, factory, xb, xq, 10, target)
+    _, exact = ann.exact_knn(xb, xq, 10)
+    _, approx = index.search(xq, 10)
+    rec = ann.recall_at_k(approx, exact, 10)
+    assert rec >= target and abs(rec - tuned["recall"]) < 1e-9
+    # save / load round trip keeps the results
+    faiss.write_index(index, str(tmp_path / "x.faiss"))
+    loaded = faiss.read_index(str(tmp_path / "x.faiss"))
+    if tuned["param"]:
+        ann.set_param(loaded, tuned["param"], tuned["value"])
+    assert np.array_equal(loaded.search(xq, 10)[1], approx)
+
+
+def test_recall_and_shape_checks():
+    assert ann.recall_at_k(np.array([[1, 2, 3]]), np.array([[3, 2, 9]]), 3) == 2 / 3
+    with pytest.raises(ValueError):
+        ann.check_vectors(np.zeros(5), "q")
+    with pytest.raises(ValueError):
+        ann.check_vectors(np.zeros((2, 5)), "q", dim=4)

@@ -1,0 +1,211 @@
+"""The index and the service end to end: a real uvicorn on 127.0.0.1, clip-retrieval-shaped requests,
+bounds and bad input, reload, and the web page in headless Chromium."""
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+from PIL import Image
+
+BIN = os.path.dirname(sys.executable)
+
+
+def psdclip(*args, check=True):
+    r = subprocess.run([os.path.join(BIN, "psdclip"), *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def index_dir(dataset_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("index")
+    psdclip("train", "--data", dataset_dir, "--out", root / "run", "--steps", 8, "--batch-size", 32, "--workers", 1,
+            "--no-progress", "--warmup", 2)
+    psdclip("index", "build", "--checkpoint", root / "run", "--data", dataset_dir, "--out", root / "idx",
+            "--no-progress", "--workers", 0)
+    return root / "idx"
+
+
+def test_index_build_query_and_resume(index_dir, dataset_dir, tmp_path):
+    info = json.load(open(index_dir / "index.json"))
+    assert info["count"] == 300 and info["dim"] == 128 and info["factory"] == "Flat"
+    assert info["recall_at_k"]["index.faiss"]["recall"] == 1.0 and len(info["checkpoint_sha256"]) == 64
+    meta = pd.read_parquet(index_dir / "metadata.parquet")
+    assert meta["id"].tolist() == list(range(300)) and set(meta["key"]) == set(
+        pd.read_parquet(dataset_dir / "manifest.parquet")["key"])
+    res = json.loads(psdclip("index", "query", index_dir, "--text", "two red circles", "-k", 5, "--json").stdout)
+    assert len(res) == 5 and res[0]["score"] >= res[-1]["score"]
+    # the results equal an exact search over the stored embeddings
+    from psdclip.index.embed import load_embeddings
+    from psdclip.index.searcher import Searcher
+
+    img, txt, keys = load_embeddings(str(index_dir))
+    s = Searcher(str(index_dir))
+    q = s.embed_text(["two red circles"])
+    exact = np.argsort(-(img @ q[0]))[:5]
+    assert [r["key"] for r in res] == list(keys[exact])
+    # image -> text and de-duplication
+    first = Image.open(io.BytesIO(s.image_bytes(res[0]["key"])))
+    assert s.search(image=first, k=1)[0]["key"] == res[0]["key"]
+    assert len(s.search(image=first, k=3, modality="text")) == 3
+    # an IVF index, forced, is checked against exact search at build time; resume redoes one missing shard
+    out = tmp_path / "ivf"
+    shutil.copytree(index_dir, out)
+    for f in (out / "embeddings").glob("*_00001.npy"):
+        f.unlink()
+    psdclip("index", "build", "--checkpoint", info["checkpoint"], "--data", dataset_dir, "--out", out, "--factory",
+            "IVF4,Flat", "--no-progress", "--workers", 0)
+    ivf = json.load(open(out / "index.json"))
+    assert ivf["factory"] == "IVF4,Flat" and ivf["recall_at_k"]["index.faiss"]["recall"] >= 0.95
+    assert ivf["search_params"]["index.faiss"]["param"] == "nprobe"
+    # bad input
+    r = psdclip("index", "query", index_dir, "--text", "x", "--image", "y", check=False)
+    assert r.returncode == 1 and "exactly one of" in r.stderr
+    r = psdclip("index", "query", tmp_path, "--text", "x", check=False)
+    assert r.returncode == 1 and "not a psdclip index" in r.stderr
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(index_dir):
+    port = free_port()
+    env = {**os.environ, "PSDCLIP_API_KEY": "s3cret"}
+    proc = subprocess.Popen([os.path.join(BIN, "psdclip"), "serve", f"main={index_dir}", f"other={index_dir}",
+                             "--port", str(port), "--max-k", "50", "--max-body-bytes", "200000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if requests.get(base + "/healthz", timeout=1).ok:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError(proc.stderr.read().decode()[-2000:])
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def b64(img: Image.Image, fmt="JPEG") -> str:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_search_endpoints(service, index_dir):
+    h = requests.get(service + "/healthz").json()
+    assert h["status"] == "ok" and set(h["indices"]) == {"main", "other"}
+    r = requests.post(service + "/search", json={"text": "a blue square", "k": 4}).json()
+    assert len(r["results"]) == 4 and r["index"] == "main"
+    key = r["results"][0]["key"]
+    img = requests.get(f"{service}/images/{key}")
+    assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg"
+    pic = Image.open(io.BytesIO(img.content))
+    same = requests.post(service + "/search", json={"image": b64(pic), "k": 1}).json()
+    assert same["results"][0]["key"] == key
+    emb = np.random.default_rng(0).normal(size=128).tolist()
+    assert len(requests.post(service + "/search", json={"embedding": emb, "k": 3, "modality": "text"}).json()["results"]) == 3
+    # clip-retrieval's back-end protocol, shaped as its ClipClient sends it
+    knn = requests.post(service + "/knn-service", json={
+        "text": "a blue square", "image": None, "image_url": None, "embedding_input": None, "deduplicate": True,
+        "use_safety_model": False, "use_violence_detector": False, "indice_name": "other", "use_mclip": False,
+        "aesthetic_score": "", "aesthetic_weight": "", "modality": "image", "num_images": 4, "num_result_ids": 4})
+    assert knn.status_code == 200
+    hits = knn.json()
+    assert {"url", "caption", "id", "similarity"} <= set(hits[0]) and len(hits) <= 4
+    assert requests.get(service + "/indices-list").json() == ["main", "other"]
+    md = requests.post(service + "/metadata", json={"ids": [hits[0]["id"]], "indice_name": "other"}).json()
+    assert md[0]["metadata"]["url"] == hits[0]["url"]
+    metrics = requests.get(service + "/metrics").text
+    assert 'psdclip_requests_total{endpoint="/search",status="200"}' in metrics
+
+
+def test_bounds_and_bad_requests_get_4xx(service):
+    bomb = io.BytesIO()
+    Image.new("L", (8000, 8000)).save(bomb, "PNG")  # 64 M pixels declared, a few KB
+    cases = [
+        ({"text": "x", "k": 0}, 422), ({"text": "x", "k": 51}, 422), ({"text": "x" * 1001}, 422),
+        ({}, 422), ({"text": "x", "image": "AAAA"}, 422), ({"image": "not base64!!"}, 400),
+        ({"image": base64.b64encode(b"not an image").decode()}, 400),
+        ({"image": base64.b64encode(bomb.getvalue()).decode()}, 413),
+        ({"image_url": "http://127.0.0.1:1/x.jpg"}, 403), ({"text": "x", "index": "nope"}, 404),
+        ({"embedding": [0.0] * 128}, 422), ({"embedding": [1.0] * 5}, 422), ({"text": "x", "bogus": 1}, 422),
+        ({"text": "x", "modality": "audio"}, 422),
+    ]
+    for body, code in cases:
+        r = requests.post(service + "/search", json=body)
+        assert r.status_code == code, (body, r.status_code, r.text[:200])
+    assert requests.post(service + "/search", data=b"{", headers={"Content-Type": "application/json"}).status_code == 422
+    big = requests.post(service + "/search", data=b"x" * 300_000, headers={"Content-Type": "application/json"})
+    assert big.status_code == 413
+    for path in ("/images/..%2F..%2F..%2Fetc%2Fpasswd", "/images/nope", "/images/%2e%2e"):
+        assert requests.get(service + path).status_code == 404
+    # a bounded fuzz: random JSON shapes never give a 5xx
+    rng = np.random.default_rng(0)
+    values = [None, 1, -1, 1e9, "x", "", [], {}, [1.0] * 3, True, "A" * 50]
+    fields = ["text", "image", "image_url", "embedding", "k", "modality", "index", "dedupe"]
+    for _ in range(150):
+        body = {f: values[rng.integers(len(values))] for f in rng.choice(fields, rng.integers(1, 4), replace=False)}
+        for endpoint in ("/search", "/knn-service"):
+            assert requests.post(service + endpoint, json=body).status_code < 500, body
+
+
+def test_reload_needs_the_key_and_drops_no_request(service):
+    assert requests.post(service + "/admin/reload").status_code == 401
+    assert requests.post(service + "/admin/reload", headers={"X-API-Key": "wrong"}).status_code == 401
+    import concurrent.futures
+
+    def hammer():
+        return [requests.post(service + "/search", json={"text": "a red star", "k": 2}).status_code
+                for _ in range(20)]
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        fut = ex.submit(hammer)
+        r = requests.post(service + "/admin/reload?index=main", headers={"X-API-Key": "s3cret"})
+        codes = fut.result()
+    assert r.status_code == 200 and r.json()["reloaded"] == "main"
+    assert set(codes) == {200}
+
+
+def test_web_page_in_headless_chromium(service):
+    if not os.path.exists("/usr/bin/chromium") or not os.path.exists("/usr/bin/chromedriver"):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    try:
+        driver.get(service + "/")
+        driver.find_element(By.ID, "query").send_keys("two green triangles")
+        driver.find_element(By.ID, "search-text").click()
+        WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".hit img")) == 12)
+        imgs = driver.find_elements(By.CSS_SELECTOR, ".hit img")
+        WebDriverWait(driver, 30).until(lambda d: all(i.get_attribute("naturalWidth") not in ("0", None) for i in imgs))
+        assert "results in" in driver.find_element(By.ID, "status").text
+        assert driver.find_elements(By.CSS_SELECTOR, ".hit .cap")[0].text
+        driver.save_screenshot(os.path.join(os.environ.get("PSDCLIP_SCREENSHOTS", "/tmp"), "psdclip-page.png"))
+    finally:
+        driver.quit()
