@@ -177,7 +177,7 @@ def ingest_inputs(client, layout: Layout, cfg: BuildConfig) -> pd.DataFrame | No
         # a large file is cleaned in row ranges by several tasks (each reads it; parsing is the cheap part)
         parts = workers if _size(path) > SPLIT_BYTES else 1
         futures.append([client.submit(_read_and_clean, path, cfg.input_format, cfg.url_col, cfg.caption_col,
-                                      cfg.max_caption_length, part, parts,
+                                      cfg.max_caption_length, part, parts, cfg.column_names or None,
                                       os.path.join(layout.work, "clean", f"{i:05d}-{part:03d}.arrow"),
                                       pure=False, key=f"read-{i}-{part}-{os.path.basename(path)}")
                         for part in range(parts)])
@@ -228,12 +228,12 @@ def _size(path: str) -> int:
         return 0
 
 
-def _read_and_clean(path, input_format, url_col, caption_col, max_caption_length, part, parts, out):
+def _read_and_clean(path, input_format, url_col, caption_col, max_caption_length, part, parts, column_names, out):
     """Dask task: read one URL list, run the per-partition stages on rows [part/parts, (part+1)/parts) and
     write them to `out` (Arrow IPC). Returns (out, sha256 of the file). Bad input comes back as a value (not
     raised), so that the worker does not log it as a failed computation."""
     try:
-        df, sha = read_source(path, input_format, url_col, caption_col)
+        df, sha = read_source(path, input_format, url_col, caption_col, column_names)
         require_caption = detect_format(path, input_format) != "txt"  # a txt list has no captions
     except InputError as err:
         return err, None

@@ -27,6 +27,8 @@ class BuildConfig:
     input_format: Optional[str] = _help("input format; default: from each file's ending", default=None)
     url_col: str = _help("column holding the image URL", default="url")
     caption_col: str = _help("column holding the caption", default="caption")
+    column_names: list[str] = _help("for csv/tsv lists without a header row (CC3M, CC12M): their column names, "
+                                    "e.g. caption,url", default_factory=list)
     format: Literal["webdataset", "arrow"] = _help("shard format: WebDataset tars or Arrow/Parquet", default="webdataset")
     image_size: int = _help("img2dataset image_size: target side in pixels", default=256)
     resize_mode: str = _help("img2dataset resize_mode: no|border|keep_ratio|keep_ratio_largest|center_crop", default="border")

@@ -69,14 +69,14 @@ def _check_columns(path: str, present, url_col: str, caption_col: str | None, fm
                          f"set --caption-col")
 
 
-def _read_csv_arrow(path: str, raw: bytes, sep: str, url_col: str, caption_col: str | None):
+def _read_csv_arrow(path: str, raw: bytes, sep: str, url_col: str, caption_col: str | None, column_names=None):
     """The fast path: pyarrow's multi-threaded CSV reader, every column read as text. Returns None when
     the file needs the careful path (malformed rows, bad UTF-8), which reports the line."""
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     first = raw.split(b"\n", 1)[0].rstrip(b"\r")
     try:
-        names = next(csv.reader([first.decode("utf-8")], delimiter=sep))
+        names = list(column_names) if column_names else next(csv.reader([first.decode("utf-8")], delimiter=sep))
     except (UnicodeDecodeError, StopIteration, csv.Error):
         return None
     if not names or not raw.strip():
@@ -85,6 +85,7 @@ def _read_csv_arrow(path: str, raw: bytes, sep: str, url_col: str, caption_col: 
     try:
         table = pcsv.read_csv(
             pa.BufferReader(raw), parse_options=pcsv.ParseOptions(delimiter=sep, newlines_in_values=True),
+            read_options=pcsv.ReadOptions(column_names=names) if column_names else None,
             convert_options=pcsv.ConvertOptions(column_types={n: pa.string() for n in names},
                                                 strings_can_be_null=False, quoted_strings_can_be_null=False,
                                                 include_columns=[url_col] + ([caption_col] if caption_col else [])))
@@ -111,14 +112,16 @@ _CSV_LINE = re.compile(r"line (\d+)")
 
 
 def read_source(path: str, input_format: str | None = None, url_col: str = "url",
-                caption_col: str | None = "caption") -> tuple[pd.DataFrame, str]:
+                caption_col: str | None = "caption", column_names=None) -> tuple[pd.DataFrame, str]:
     """Read one URL list; also return the sha256 of its bytes (an ingested file is recognised by content)."""
     raw = _read_bytes(path)
-    return read_url_list(path, input_format, url_col, caption_col, raw=raw), hashlib.sha256(raw).hexdigest()
+    return (read_url_list(path, input_format, url_col, caption_col, raw=raw, column_names=column_names),
+            hashlib.sha256(raw).hexdigest())
 
 
 def read_url_list(path: str, input_format: str | None = None, url_col: str = "url",
-                  caption_col: str | None = "caption", raw: bytes | None = None) -> pd.DataFrame:
+                  caption_col: str | None = "caption", raw: bytes | None = None, column_names=None) -> pd.DataFrame:
+    """column_names: for csv/tsv files without a header row (CC3M, CC12M), the names of their columns."""
     fmt = detect_format(path, input_format)
     if fmt == "txt":
         caption_col = None
@@ -126,7 +129,7 @@ def read_url_list(path: str, input_format: str | None = None, url_col: str = "ur
     if fmt == "parquet":
         return _read_parquet(path, raw, url_col, caption_col)
     if fmt in ("csv", "tsv"):
-        fast = _read_csv_arrow(path, raw, "," if fmt == "csv" else "\t", url_col, caption_col)
+        fast = _read_csv_arrow(path, raw, "," if fmt == "csv" else "\t", url_col, caption_col, column_names)
         if fast is not None:
             return fast
     text = _decode(path, raw)
@@ -139,7 +142,8 @@ def read_url_list(path: str, input_format: str | None = None, url_col: str = "ur
     if fmt in ("csv", "tsv"):
         try:
             df = pd.read_csv(io.StringIO(text), sep="," if fmt == "csv" else "\t", dtype=str,
-                             keep_default_na=False, na_filter=False, engine="c")
+                             keep_default_na=False, na_filter=False, engine="c",
+                             header=None if column_names else "infer", names=column_names or None)
         except pd.errors.ParserError as err:
             m = _CSV_LINE.search(str(err))
             where = f":{m.group(1)}" if m else ""

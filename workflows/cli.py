@@ -21,6 +21,8 @@ from psdclip.train.compare import CompareConfig
 from psdclip.train.evaluate import EvalConfig
 from psdclip.train.export import ExportConfig
 from .demo import DemoConfig, run_demo
+from .recipe import RunConfig
+from .sweep import SweepConfig
 
 
 def cmd_build(cfg: BuildConfig) -> int:
@@ -128,6 +130,10 @@ COMMANDS = (
     Command(("serve",), ServeConfig, lambda c: _run("psdclip.index.service", "cmd_serve", c),
             "the retrieval service (FastAPI + uvicorn) and its web page"),
     Command(("demo",), DemoConfig, run_demo, "the embedded end-to-end demo on synthetic data"),
+    Command(("run",), RunConfig, lambda c: _run("psdclip.workflows.recipe", "run_recipe", c),
+            "run an end-to-end recipe: data -> train -> eval -> index (-> serve)"),
+    Command(("sweep",), SweepConfig, lambda c: _run("psdclip.workflows.sweep", "run_sweep", c),
+            "a scaling-law sweep: subsets x methods x seeds, gathered, fitted and plotted"),
 )
 
 

@@ -8,14 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-BIN = os.path.dirname(sys.executable)
+from helpers.cli import BIN, psdclip  # noqa: E402
 
 
-def psdclip(*args, check=True):
-    r = subprocess.run([os.path.join(BIN, "psdclip"), *map(str, args)], capture_output=True, text=True, timeout=600)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,89 @@
+"""Recipes, the real-data column layouts through the pipeline, a small sweep, and the demo."""
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from psdclip.pipeline.build import build
+from psdclip.workflows.recipe import RECIPES, load_recipe, validate
+
+from helpers.cli import BIN, psdclip  # noqa: E402
+
+
+
+
+@pytest.mark.parametrize("name", sorted(f[:-5] for f in os.listdir(RECIPES) if f.endswith(".yaml")))
+def test_bundled_recipes_parse_and_validate(name, tmp_path):
+    cfgs = validate(name, load_recipe(name), str(tmp_path))
+    assert cfgs["data"].out.startswith(str(tmp_path))
+    cmd = "sweep" if "sweep" in load_recipe(name) else "run"
+    assert "valid" in psdclip(cmd, name, "--check").stdout
+
+
+def test_bad_recipes_fail_with_one_line(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train: {steps: -3}\nsynthetic: {n: 10}\n")
+    r = psdclip("run", tmp_path / "bad.yaml", "--check", check=False)
+    assert r.returncode == 1 and "--steps must be >= 1" in r.stderr
+    (tmp_path / "bad2.yaml").write_text("data: {inputs: [x.csv]}\ntrian: {}\n")
+    r = psdclip("run", tmp_path / "bad2.yaml", "--check", check=False)
+    assert r.returncode == 1 and "unknown section(s) trian" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["cc3m", "cc12m", "yfcc15m"])
+def test_real_column_layouts_go_through_the_pipeline(name, synth_dir, server, tmp_path):
+    """A 100-row file in the real layout of each data set, pointing at the loopback server."""
+    attrs = pd.read_parquet(synth_dir / "attributes.parquet").head(100)
+    urls = (server.base + "/img/" + attrs["path"]).tolist()
+    caps = attrs["caption"].tolist()
+    recipe = load_recipe(name)
+    data = dict(recipe["data"])
+    if name == "cc3m":
+        path = tmp_path / "Train_GCC-training.tsv"
+        path.write_text("".join(f"{c}\t{u}\n" for c, u in zip(caps, urls)))
+    elif name == "cc12m":
+        path = tmp_path / "cc12m.tsv"
+        path.write_text("".join(f"{u}\t{c}\n" for u, c in zip(urls, caps)))
+    else:
+        path = tmp_path / "part-00000.parquet"
+        pd.DataFrame({"photoid": range(100), "downloadurl": urls, "title": caps, "description": ""}).to_parquet(path)
+    data.update(inputs=[str(path)], image_size=32, processes_count=2, thread_count=8, shard_size=50, progress=False)
+    recipe["data"] = data
+    cfgs = validate(name, recipe, str(tmp_path / "out"))
+    stats = build(cfgs["data"])
+    assert stats["rows"] == 100 and stats["success"] == 100
+
+
+def test_small_sweep_fits_plots_and_resumes(tmp_path):
+    recipe = {
+        "name": "tiny-sweep", "out": str(tmp_path / "sweep"),
+        "synthetic": {"n": 300, "heldout": 30, "seed": 1, "image_size": 64},
+        "data": {"image_size": 32, "shard_size": 100, "thread_count": 8},
+        "train": {"model": "tiny", "batch_size": 16, "workers": 0, "warmup": 1},
+        "sweep": {"subsets": ["0.2", "0.5", "1.0"], "methods": {"clip": {"loss": "clip"}, "psd": {"loss": "psd"}},
+                  "seeds": [0], "compute": {"rule": "samples_seen", "samples": 32}, "suites": ["synthetic"],
+                  "metrics": ["zeroshot_shape_base.top1"]},
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(recipe))
+    r = psdclip("sweep", tmp_path / "sweep.yaml")
+    out = tmp_path / "sweep"
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == 6 and sorted(table["N"].unique()) == [60, 150, 300] and set(table["steps"]) == {2}
+    assert "error = a·N^(−b) + c" in (out / "results.md").read_text()
+    assert (out / "scaling_zeroshot_shape_base_top1.png").exists()
+    again = psdclip("sweep", tmp_path / "sweep.yaml")
+    assert again.stderr.count("done, skipped") == 6
+
+
+def test_demo_end_to_end(tmp_path):
+    r = psdclip("demo", "--out", tmp_path / "demo", "--n", 200, "--heldout", 30, "--steps", 3, "--batch-size", 32,
+                timeout=900)
+    out = tmp_path / "demo"
+    assert "PSD - CLIP" in r.stdout and "example queries" in r.stdout
+    for path in ("runs/clip/eval/synthetic.json", "runs/psd/eval/synthetic.json", "compare/compare.png",
+                 "index/index.json", "dataset/subsets/1pct.json", "runs/psd/plots/loss.png"):
+        assert (out / path).exists(), path
+    assert json.load(open(out / "index" / "index.json"))["count"] == 200

@@ -1,0 +1,142 @@
+"""Recipes: YAML files that compose the stages. Each section is the typed config of one stage (the same
+dataclasses the CLI is generated from), so a recipe is validated exactly like the command line.
+
+    synthetic: {n: 3000, heldout: 300, seed: 0}        # optional: generate and serve the synthetic source
+    data:      {inputs: [...], image_size: 64, ...}     # BuildConfig (inputs may be omitted with synthetic)
+    train:     {model: tiny, loss: psd, steps: 1000, ...}   # TrainConfig (data and out are filled in)
+    eval:      {suites: [synthetic]}                    # suites; "synthetic" means the recipe's source
+    index:     {max_memory: 2GB}                        # IndexBuildConfig (checkpoint, data, out filled in)
+    serve:     {port: 8000}                             # ServeConfig, only with `psdclip run --serve`
+    out: runs/NAME
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from psdclip.pipeline.errors import InputError
+
+RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+
+
+def find_recipe(path: str) -> str:
+    if os.path.isfile(path):
+        return path
+    bundled = os.path.join(RECIPES, path if path.endswith(".yaml") else path + ".yaml")
+    if os.path.isfile(bundled):
+        return bundled
+    names = sorted(f[:-5] for f in os.listdir(RECIPES) if f.endswith(".yaml"))
+    raise InputError(f"{path}: no such recipe file (bundled recipes: {', '.join(names)})")
+
+
+def load_recipe(path: str) -> dict:
+    from .config import load_yaml
+
+    recipe = load_yaml(find_recipe(path))
+    known = {"name", "description", "synthetic", "data", "train", "eval", "index", "serve", "out", "sweep"}
+    unknown = set(recipe) - known
+    if unknown:
+        raise InputError(f"{path}: unknown section(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+    return recipe
+
+
+def section(recipe: dict, name: str, cls, path: str, **fill):
+    from .config import build_config
+
+    values = dict(recipe.get(name) or {})
+    for k, v in fill.items():
+        values.setdefault(k, v)
+    return build_config(cls, values, {}, source=f"{path} [{name}]")
+
+
+@dataclass
+class RunConfig:
+    """psdclip run: an end-to-end recipe: data -> train -> eval -> index (-> serve)."""
+
+    recipe: str = field(default="", metadata={"help": "recipe YAML (a path or a bundled name: demo, cc3m, ...)",
+                                              "positional": True})
+    out: str = field(default="", metadata={"help": "output folder (default: the recipe's out)"})
+    serve: bool = field(default=False, metadata={"help": "start the service at the end"})
+    check: bool = field(default=False, metadata={"help": "only parse and validate the recipe"})
+
+    def __post_init__(self):
+        if not self.recipe:
+            raise InputError("RECIPE is required")
+
+
+def validate(path: str, recipe: dict, out: str) -> dict:
+    from psdclip.index.build import IndexBuildConfig
+    from psdclip.index.service import ServeConfig
+    from psdclip.pipeline.config import BuildConfig, SynthConfig
+    from psdclip.train.config import TrainConfig
+
+    ds = os.path.join(out, "dataset")
+    cfgs = {}
+    if recipe.get("synthetic") is not None:
+        cfgs["synthetic"] = section(recipe, "synthetic", SynthConfig, path, out=os.path.join(out, "synth"))
+    data = dict(recipe.get("data") or {})
+    if not data.get("inputs") and "synthetic" not in cfgs:
+        raise InputError(f"{path}: [data] needs inputs (URL lists) unless the recipe has a [synthetic] section")
+    cfgs["data"] = section({"data": data}, "data", BuildConfig, path, out=ds, inputs=data.get("inputs") or [])
+    if recipe.get("train") is not None:
+        cfgs["train"] = section(recipe, "train", TrainConfig, path, data=ds, out=os.path.join(out, "run"))
+    if recipe.get("index") is not None:
+        cfgs["index"] = section(recipe, "index", IndexBuildConfig, path, checkpoint=os.path.join(out, "run"), data=ds,
+                                out=os.path.join(out, "index"))
+    if recipe.get("serve") is not None:
+        cfgs["serve"] = section(recipe, "serve", ServeConfig, path, indices=[os.path.join(out, "index")])
+    suites = (recipe.get("eval") or {}).get("suites", [])
+    for s in suites:
+        if s != "synthetic" and s.split(":", 1)[0] not in ("imagefolder", "imagenet", "retrieval"):
+            raise InputError(f"{path} [eval]: unknown suite {s!r}")
+    cfgs["suites"] = suites
+    return cfgs
+
+
+def prepare_dataset(cfgs: dict) -> str | None:
+    """Build the recipe's dataset; with a [synthetic] section, first generate the source and serve it on
+    127.0.0.1 for the download. Returns the synthetic source folder, if any."""
+    import dataclasses
+
+    from psdclip.pipeline.build import build
+    from psdclip.pipeline.serve import serving
+    from psdclip.pipeline.synth import generate, write_url_list
+
+    if "synthetic" not in cfgs:
+        build(cfgs["data"])
+        return None
+    src = cfgs["synthetic"].out
+    if not os.path.isfile(os.path.join(src, "synth.json")):
+        generate(cfgs["synthetic"])
+    with serving(src) as base:
+        build(dataclasses.replace(cfgs["data"], inputs=[write_url_list(src, base, "urls-recipe.csv")]))
+    return src
+
+
+def run_recipe(cfg: RunConfig) -> int:
+    recipe = load_recipe(cfg.recipe)
+    out = os.path.abspath(cfg.out or recipe.get("out") or os.path.join("runs", recipe.get("name", "recipe")))
+    cfgs = validate(cfg.recipe, recipe, out)
+    if cfg.check:
+        print(f"{cfg.recipe}: valid ({', '.join(k for k in cfgs if k != 'suites')}; suites: {cfgs['suites']})")
+        return 0
+    src = prepare_dataset(cfgs)
+    if "train" in cfgs:
+        from psdclip.train.loop import train
+
+        train(cfgs["train"])
+        from psdclip.train.evaluate import EvalConfig, evaluate, format_result
+
+        for suite in cfgs["suites"]:
+            spec = f"synthetic:{src}" if suite == "synthetic" else suite
+            print(format_result(evaluate(EvalConfig(target=cfgs["train"].out, suite=spec))))
+    if "index" in cfgs:
+        from psdclip.index.build import cmd_index_build
+
+        cmd_index_build(cfgs["index"])
+    if cfg.serve and "index" in cfgs:
+        from psdclip.index.service import ServeConfig, cmd_serve
+
+        cmd_serve(cfgs.get("serve") or ServeConfig(indices=[cfgs["index"].out]))
+    print(f"recipe done; everything is in {out}")
+    return 0
