@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -31,10 +32,26 @@ def make_server(directory: str, host: str = "127.0.0.1", port: int = 0) -> Stati
     return StaticServer((host, port), functools.partial(_Handler, directory=directory))
 
 
+def stable_port(directory: str) -> int:
+    """A port derived from the folder's path, so that a rerun serves the same URLs (and a dataset built
+    from them is recognised as already ingested, or resumed against the same addresses)."""
+    import hashlib
+
+    return 20000 + int(hashlib.md5(os.path.abspath(directory).encode()).hexdigest(), 16) % 20000
+
+
 @contextlib.contextmanager
-def serving(directory: str, host: str = "127.0.0.1", port: int = 0):
-    """Serve directory in a background thread; yields the base URL."""
-    server = make_server(directory, host, port)
+def serving(directory: str, host: str = "127.0.0.1", port: int | None = None):
+    """Serve directory in a background thread; yields the base URL. port None: the folder's stable port
+    when it is free, else any free port; 0: any free port."""
+    server = None
+    if port is None:
+        try:
+            server = make_server(directory, host, stable_port(directory))
+        except OSError:
+            port = 0
+    if server is None:
+        server = make_server(directory, host, port)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
     try:

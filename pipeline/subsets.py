@@ -1,7 +1,7 @@
 """Nested subsets for scaling-law runs.
 
-Every successful key gets a pseudo-random rank from a hash of (seed, key); a subset of size n is the n
-keys of lowest rank. So every smaller subset is contained in every larger one, a subset never copies
+Every successful key gets a pseudo-random rank from a hash of (seed, shard) then (seed, key); a subset of
+size n is the n keys of lowest rank. So every smaller subset is contained in every larger one, a subset never copies
 images (it lists shards and keys), and subsets can span any number of orders of magnitude.
 """
 from __future__ import annotations
@@ -53,8 +53,14 @@ def subset_rank(keys: pd.Series, seed: int) -> np.ndarray:
 
 
 def build_subsets(success: pd.DataFrame, specs: list[tuple[str, float]], seed: int) -> dict[str, dict]:
-    """success: rows with columns key, shard. Returns {name: subset document}."""
-    order = success.assign(_rank=subset_rank(success["key"], seed)).sort_values(["_rank", "key"], kind="stable")
+    """success: rows with columns key, shard. Returns {name: subset document}.
+
+    The order is shard-major (shards in a seeded random order, keys in a seeded random order inside each
+    shard), so a small subset lies in few shards and a reader does not scan the whole dataset to find it;
+    shards are already random partitions of the input (see plan.assign_shards)."""
+    shard_rank = subset_rank(success["shard"].astype(str), seed + 1)
+    order = success.assign(_shard=shard_rank, _rank=subset_rank(success["key"], seed)).sort_values(
+        ["_shard", "_rank", "key"], kind="stable")
     total = len(order)
     docs = {}
     for name, size in specs:

@@ -44,3 +44,18 @@ def test_noise_kinds_and_ground_truth(tmp_path):
         assert len(os.listdir(tmp_path / "heldout" / variant)) == 4
     urls = pd.read_csv(tmp_path / "urls.csv")
     assert len(urls) == 2000 and urls["url"].str.startswith("http://127.0.0.1:").all()
+
+
+def test_serving_uses_a_stable_port_so_reruns_see_the_same_urls(tmp_path):
+    import urllib.request
+
+    from psdclip.pipeline.serve import serving, stable_port
+
+    (tmp_path / "x.txt").write_text("hello")
+    with serving(str(tmp_path)) as first:
+        assert first.endswith(f":{stable_port(str(tmp_path))}")
+        assert urllib.request.urlopen(first + "/x.txt").read() == b"hello"
+        with serving(str(tmp_path)) as second:  # the stable port is taken: any free port
+            assert second != first
+    with serving(str(tmp_path)) as again:
+        assert again == first

@@ -81,3 +81,22 @@ def test_subset_and_follow_pick_up_new_shards(dataset_dir, tmp_path):
     later = [next(it) for _ in range(12)]
     seen = {k for b in later if b["epoch"] == 1 for k in b["keys"]}
     assert seen & set(m.loc[m["shard"] == 2, "key"])
+
+
+def test_arrow_shards_stream_like_tars(synth_dir, server, tmp_path):
+    import pandas as pd
+
+    from psdclip.pipeline.build import build
+    from psdclip.pipeline.config import BuildConfig
+
+    attrs = pd.read_parquet(synth_dir / "attributes.parquet").head(60)
+    urls = tmp_path / "u.csv"
+    pd.DataFrame({"url": server.base + "/img/" + attrs["path"], "caption": attrs["caption"]}).to_csv(urls, index=False)
+    build(BuildConfig(inputs=[str(urls)], out=str(tmp_path / "ds"), format="arrow", image_size=64, shard_size=30,
+                      processes_count=1, thread_count=8, progress=False))
+    _, transform, _, tok = build_model("tiny")
+    src = resolve_source(str(tmp_path / "ds"))
+    assert src.format == "arrow" and all(s.endswith(".parquet") for s in src.shards)
+    batches = _take(ShardStream(str(tmp_path / "ds"), 20, transform, tok, shuffle_buffer=10), 4)
+    assert batches[0]["image"].shape == (20, 3, 64, 64)
+    assert {k for b in batches[:3] for k in b["keys"]} == set(src.keys)

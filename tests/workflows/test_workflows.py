@@ -63,7 +63,7 @@ def test_small_sweep_fits_plots_and_resumes(tmp_path):
         "synthetic": {"n": 300, "heldout": 30, "seed": 1, "image_size": 64},
         "data": {"image_size": 32, "shard_size": 100, "thread_count": 8},
         "train": {"model": "tiny", "batch_size": 16, "workers": 0, "warmup": 1},
-        "sweep": {"subsets": ["0.2", "0.5", "1.0"], "methods": {"clip": {"loss": "clip"}, "psd": {"loss": "psd"}},
+        "sweep": {"subsets": ["0.2", "0.5", "1.0"], "methods": {"psd": {"loss": "psd"}},
                   "seeds": [0], "compute": {"rule": "samples_seen", "samples": 32}, "suites": ["synthetic"],
                   "metrics": ["zeroshot_shape_base.top1"]},
     }
@@ -71,11 +71,11 @@ def test_small_sweep_fits_plots_and_resumes(tmp_path):
     r = psdclip("sweep", tmp_path / "sweep.yaml")
     out = tmp_path / "sweep"
     table = pd.read_csv(out / "results.csv")
-    assert len(table) == 6 and sorted(table["N"].unique()) == [60, 150, 300] and set(table["steps"]) == {2}
+    assert len(table) == 3 and sorted(table["N"].unique()) == [60, 150, 300] and set(table["steps"]) == {2}
     assert "error = a·N^(−b) + c" in (out / "results.md").read_text()
     assert (out / "scaling_zeroshot_shape_base_top1.png").exists()
     again = psdclip("sweep", tmp_path / "sweep.yaml")
-    assert again.stderr.count("done, skipped") == 6
+    assert again.stderr.count("done, skipped") == 3
 
 
 def test_demo_end_to_end(tmp_path):
