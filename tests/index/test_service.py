@@ -204,3 +204,12 @@ def test_web_page_in_headless_chromium(service):
         driver.save_screenshot(os.path.join(os.environ.get("PSDCLIP_SCREENSHOTS", "/tmp"), "psdclip-page.png"))
     finally:
         driver.quit()
+
+
+def test_schemathesis_over_the_openapi_schema_finds_no_5xx(service):
+    st = os.path.join(BIN, "st")
+    if not os.path.exists(st):
+        pytest.skip("schemathesis is not installed (it is in the dev extra)")
+    r = subprocess.run([st, "run", service + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "15",
+                        "--request-timeout", "20", "--no-color"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:]
