@@ -50,7 +50,6 @@ class Searcher:
         from psdclip.train.evaluate import load_for_eval
 
         self.model, self.preprocess, self.tokenizer, _ = load_for_eval(self.info["checkpoint"], self.device)
-        torch.set_grad_enabled(False)
 
     # ---- query embeddings ----
     @torch.no_grad()
