@@ -47,8 +47,15 @@ def main():
             "learn colour (zero-shot colour 0.6–0.8 against a chance of 0.17) and little else: shape stays at "
             "chance, so the fits for shape are not meaningful. 150 CPU steps per run is far from the regime the "
             "paper reports gains in (millions of samples, many epochs); the PSD settings tried here are only the "
-            "provisional defaults (alpha_max 0.5, rho 1, T 1). `scaling-demo.yaml` is the larger sweep "
-            "(100k pairs, 3 seeds, alpha_max 0.3 and 0.5, 64,000 samples seen per run) still to be run.\n")
+            "provisional defaults (alpha_max 0.5, rho 1, T 1).\n\n"
+            "**Why PSD and CLIP come out alike here, beyond the small compute:** with the teacher taken from the same "
+            "logits at temperature 1, a distilled row's gradient is exactly (1 − alpha) times its CLIP gradient "
+            "(softmax − ((1 − alpha)·onehot + alpha·softmax) = (1 − alpha)(softmax − onehot)); with rho = 1 every "
+            "row is scaled alike and Adam undoes the scaling, so PSD trains like CLIP (the ~200-sample runs ended "
+            "with weights within 1e-5 of each other). `tests/train/test_losses.py` pins this down. A teacher "
+            "temperature other than 1, rho < 1 or the EMA teacher is what makes PSD differ; the next sweep has to "
+            "vary those. `scaling-demo.yaml` is the larger sweep (100k pairs, 3 seeds, 64,000 samples seen per "
+            "run) still to be run.\n")
     record("sweep-clip-vs-psd", "CLIP vs PSD: the demo-scale sweep", body)
 
 

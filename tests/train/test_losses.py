@@ -70,3 +70,20 @@ def test_lr_warmup_then_cosine():
     lrs = [lr_at(s, cfg) for s in range(100)]
     assert abs(lrs[9] - 1e-3) < 1e-12 and lrs[0] == 1e-4
     assert all(b <= a for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] >= 1e-5
+
+
+def test_same_pass_teacher_at_temperature_one_only_rescales_each_rows_gradient():
+    """A finding the sweep surfaced: with the teacher = the detached softmax of the same logits at T = 1, a
+    distilled row's gradient is (1 - alpha) x its CLIP gradient. With rho = 1 that is a uniform rescaling,
+    which Adam undoes, so PSD trains like CLIP; a teacher temperature != 1 (or rho < 1, or the EMA teacher)
+    is what changes training."""
+    i, t, s = feats()
+    clip = CLIPLoss()(i, t, s)["contrastive_loss"]
+    (gi_clip,) = torch.autograd.grad(clip, i)
+    alpha = 0.4
+    psd = PSDLoss(PSDSchedule(10, alpha, alpha, "constant"))(i, t, s, step=1)["contrastive_loss"]
+    (gi_psd,) = torch.autograd.grad(psd, i)
+    assert torch.allclose(gi_psd, (1 - alpha) * gi_clip, atol=1e-6)
+    warm = PSDLoss(PSDSchedule(10, alpha, alpha, "constant"), teacher_temperature=2.0)(i, t, s, step=1)
+    (gi_warm,) = torch.autograd.grad(warm["contrastive_loss"], i)
+    assert not torch.allclose(gi_warm, (1 - alpha) * gi_clip, atol=1e-4)
