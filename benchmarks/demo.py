@@ -30,7 +30,7 @@ def main():
         raise SystemExit("the demo failed")
     summary = r.stdout[r.stdout.index("=" * 78) + 79:].split("\nexample queries")[0].strip()
     body = (f"`psdclip demo` with its defaults (3,000 synthetic pairs with 20% mismatched, 10% shared and 5% "
-            f"low-information captions; 300 held-out scenes x 6 renderings; tiny model, 300 steps x 64 for each of "
+            f"low-information captions; 300 held-out scenes x 6 renderings; tiny model, 150 steps x 64 for each of "
             f"CLIP and PSD), from an empty output folder, whole command: **{seconds / 60:.1f} minutes** "
             f"(goal <= 10).\n\nThe demo's own comparison (one seed each, so differences are within noise; the "
             f"sweep below is the real comparison):\n\n```\n{summary}\n```\n")

@@ -25,7 +25,7 @@ class DemoConfig:
     out: str = field(default="demo-out", metadata={"help": "directory for everything the demo writes"})
     n: int = field(default=3000, metadata={"help": "synthetic training pairs"})
     heldout: int = field(default=300, metadata={"help": "held-out scenes for evaluation (each in 6 renderings)"})
-    steps: int = field(default=300, metadata={"help": "training steps of each model (equal compute)"})
+    steps: int = field(default=150, metadata={"help": "training steps of each model (equal compute)"})
     batch_size: int = field(default=64, metadata={"help": "training batch size"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     workers: int = field(default=2, metadata={"help": "Dask worker processes"})
