@@ -1,8 +1,6 @@
 """Run open_clip's own trainer (open_clip_train) with psdclip's tiny model config registered."""
 import sys
 
-import open_clip
-
 from psdclip.train import models  # noqa: F401  (registers psdclip-tiny with open_clip)
 
 if __name__ == "__main__":

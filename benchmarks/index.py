@@ -53,8 +53,6 @@ def main():
     args = ap.parse_args()
     t = time.time()
     xb = embeddings(args.n, args.d, 20_000, 0)
-    tune_q = embeddings(500, args.d, 20_000, 0)[:0]  # placeholder, replaced below
-    rng = np.random.default_rng(1)
     # queries: perturbed database vectors (a query lands near, not on, what it looks for)
     def queries(m, seed):
         r = np.random.default_rng(seed)

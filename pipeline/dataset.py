@@ -36,7 +36,8 @@ def _tmp(path: str) -> str:
     return f"{path}.tmp-{uuid.uuid4().hex[:8]}"
 
 
-def _fsync_replace(tmp: str, path: str) -> None:
+def fsync_replace(tmp: str, path: str) -> None:
+    """fsync, then rename into place: a reader sees the whole file or none of it."""
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -47,13 +48,13 @@ def write_json(path: str, obj) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
         f.write("\n")
-    _fsync_replace(tmp, path)
+    fsync_replace(tmp, path)
 
 
 def write_parquet(path: str, df: pd.DataFrame) -> None:
     tmp = _tmp(path)
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
-    _fsync_replace(tmp, path)
+    fsync_replace(tmp, path)
 
 
 def read_json(path: str):
@@ -73,6 +74,7 @@ class Layout:
         self.manifest = os.path.join(self.root, "manifest.parquet")
         self.dataset_json = os.path.join(self.root, "dataset.json")
         self.stats_json = os.path.join(self.root, "stats.json")
+        self._plans: dict[int, pd.DataFrame] = {}
 
     def create(self) -> None:
         for d in (self.shards, self.subsets, self.ingests, self.results):
@@ -104,11 +106,15 @@ class Layout:
         return sorted(int(d) for d in os.listdir(self.ingests) if d.isdigit())
 
     def load_plan(self, ingest: int, columns=None) -> pd.DataFrame:
-        plan = pd.read_parquet(os.path.join(self.ingests, f"{ingest:05d}", "plan.parquet"), columns=columns)
-        for col in plan.columns:  # dictionary-encoded on disk; plain values in memory
-            if isinstance(plan[col].dtype, pd.CategoricalDtype):
-                plan[col] = plan[col].astype(object)
-        return plan
+        """An ingest's plan (a copy; plans never change once written, so each is read from disk once)."""
+        plan = self._plans.get(ingest)
+        if plan is None:
+            plan = pd.read_parquet(os.path.join(self.ingests, f"{ingest:05d}", "plan.parquet"))
+            for col in plan.columns:  # dictionary-encoded on disk; plain values in memory
+                if isinstance(plan[col].dtype, pd.CategoricalDtype):
+                    plan[col] = plan[col].astype(object)
+            self._plans[ingest] = plan
+        return (plan[list(columns)] if columns else plan).copy()
 
     def load_inputs(self, ingest: int) -> dict:
         return read_json(os.path.join(self.ingests, f"{ingest:05d}", "inputs.json"))

@@ -17,11 +17,12 @@ import shutil
 import tarfile
 import uuid
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
+
+from .dataset import fsync_replace
 
 TRANSIENT = ("timeout", "http_5xx", "rate_limited", "connection_error")
 RESULT_COLUMNS = ["key", "status", "error", "width", "height", "original_width", "original_height", "sha256",
@@ -180,7 +181,7 @@ def download_partition(rows: pd.DataFrame, shard: int, dataset_dir: str, opts: d
         meta = pd.read_parquet(os.path.join(work, f"{shard:05d}.meta.parquet"))
         res = _results(meta, rows, shard)
         name = f"{shard:05d}.{'parquet' if arrow else 'tar'}"
-        _atomic_publish(os.path.join(work, name), os.path.join(dataset_dir, "shards", name))
+        fsync_replace(os.path.join(work, name), os.path.join(dataset_dir, "shards", name))
         return res
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -207,10 +208,3 @@ def _results(meta: pd.DataFrame, rows: pd.DataFrame, shard: int) -> pd.DataFrame
     res["sha256"] = m["sha256"].fillna("").astype(str).to_numpy()
     res["shard"] = shard
     return res
-
-
-def _atomic_publish(tmp: str, final: str) -> None:
-    """fsync, then rename into place: a reader sees the whole shard or none of it."""
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,7 +39,6 @@ class Source:
     root: str | None = None  # the dataset directory, when there is one
     spec: str = ""
     samples: int | None = None  # known number of usable samples
-    extra: dict = field(default_factory=dict)
 
 
 def resolve_source(spec: str) -> Source:

@@ -14,7 +14,9 @@ def test_stages_on_plain_lists():
     shards = [f"s{i}" for i in range(10)]
     e0, e1 = epoch_shards(shards, 0, 1, False), epoch_shards(shards, 1, 1, False)
     assert sorted(e0) == shards and e0 != e1 and e0 == epoch_shards(shards, 0, 1, False)
-    assert len(set(epoch_shards(shards, 0, 1, True))) < 10 or True  # resampled: with replacement
+    resampled = [epoch_shards(shards, e, 1, True) for e in range(5)]  # with replacement, seeded per epoch
+    assert all(set(r) <= set(shards) and len(r) == 10 for r in resampled)
+    assert any(len(set(r)) < 10 for r in resampled) and resampled[0] == epoch_shards(shards, 0, 1, True)
     parts = [split(e0, r, 3) for r in range(3)]
     assert sorted(sum(parts, [])) == shards
     samples = [{"__key__": k} for k in "abcdef"]
