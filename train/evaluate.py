@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,9 +22,9 @@ from PIL import Image
 from psdclip.pipeline.errors import InputError
 
 from . import checkpoint as ckpt
+from .imagenet import collect_folders, group_scores, imagenet_layout as imagenet_variant
 from .metrics import linear_probe, recall_at, retrieval_ranks, topk_correct
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SYNTH_TEMPLATES = ("a photo of a {}.", "a {} shape.", "a drawing of a {}.", "an image of a {}.", "{}")
 
 
@@ -69,8 +70,8 @@ def load_for_eval(target: str, device):
 
 
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, paths, transform):
-        self.paths, self.transform = list(paths), transform
+    def __init__(self, paths, transform, border=0):
+        self.paths, self.transform, self.border = list(paths), transform, border
 
     def __len__(self):
         return len(self.paths)
@@ -78,7 +79,10 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             with Image.open(self.paths[i]) as im:
-                return self.transform(im.convert("RGB")), True
+                im = im.convert("RGB")
+                if self.border:  # ObjectNet's images carry a coloured frame
+                    im = im.crop((self.border, self.border, im.width - self.border, im.height - self.border))
+                return self.transform(im), True
         except Exception:  # pylint: disable=broad-except  (an image that does not decode is skipped, counted)
             return torch.zeros(3, *_size(self.transform)), False
 
@@ -92,8 +96,8 @@ def _size(transform):
 
 
 @torch.no_grad()
-def encode_images(model, preprocess, paths, cfg, device, desc="images"):
-    loader = torch.utils.data.DataLoader(_Images(paths, preprocess), batch_size=cfg.batch_size, num_workers=cfg.workers)
+def encode_images(model, preprocess, paths, cfg, device, border=0):
+    loader = torch.utils.data.DataLoader(_Images(paths, preprocess, border), batch_size=cfg.batch_size, num_workers=cfg.workers)
     feats, ok = [], []
     for images, good in loader:
         feats.append(model.encode_image(images.to(device), normalize=True).float().cpu())
@@ -155,10 +159,10 @@ def split_of(keys) -> np.ndarray:
     return np.where(h < 6, 0, np.where(h < 8, 1, 2))
 
 
-def _zero_shot(feats, ok, labels, clf) -> dict:
-    logits = feats[ok] @ clf
-    top1, top5 = topk_correct(logits, labels[ok], 1), topk_correct(logits, labels[ok], min(5, clf.shape[1]))
-    return {"top1": float(top1.mean()), "top5": float(top5.mean()), "_top1": top1, "_n": int(ok.sum())}
+def _zero_shot(logits, labels) -> dict:
+    """top-1/top-5 from logits (examples x classes) and the true labels of those examples."""
+    top1, top5 = topk_correct(logits, labels, 1), topk_correct(logits, labels, min(5, logits.shape[1]))
+    return {"top1": float(top1.mean()), "top5": float(top5.mean()), "_top1": top1, "_n": len(labels)}
 
 
 def _probe(feats, ok, labels, keys) -> dict | None:
@@ -188,7 +192,7 @@ def suite_synthetic(directory, model, preprocess, tokenizer, cfg, device, cache)
     for variant in SHIFTS:
         paths = [os.path.join(directory, "heldout", variant, f"{i:07d}.jpg") for i in held["id"]]
         feats, ok = cache.get(variant, lambda p=paths: encode_images(model, preprocess, p, cfg, device))
-        zs = _zero_shot(feats, ok, labels, clf)
+        zs = _zero_shot(feats[ok] @ clf, labels[ok])
         out[f"zeroshot_shape_{variant}"] = zs
         if variant == "base":
             base = (feats, ok)
@@ -198,8 +202,8 @@ def suite_synthetic(directory, model, preprocess, tokenizer, cfg, device, cache)
         out["linear_probe_shape"] = probe
     colours = sorted(held["colour"].unique())
     clf_c = classifier(model, tokenizer, colours, ("a photo of a {} shape.", "something {}."), device)
-    out["zeroshot_colour_base"] = _zero_shot(feats, ok, held["colour"].map({c: i for i, c in enumerate(colours)}).to_numpy(),
-                                             clf_c)
+    colour_labels = held["colour"].map({c: i for i, c in enumerate(colours)}).to_numpy()
+    out["zeroshot_colour_base"] = _zero_shot(feats[ok] @ clf_c, colour_labels[ok])
     txt = encode_texts(model, tokenizer, held["true_caption"].tolist(), device)
     i2t, t2i = retrieval_ranks(feats[ok] @ txt[ok].T, np.arange(int(ok.sum())))
     out["retrieval"] = {**{f"i2t_{k}": v for k, v in recall_at(i2t).items()},
@@ -216,14 +220,8 @@ def _folder_classes(path):
     classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
     if not classes:
         raise InputError(f"{path}: no class subfolders")
-    files, labels = [], []
-    for i, c in enumerate(classes):
-        imgs = sorted(f for f in os.listdir(os.path.join(path, c)) if f.lower().endswith(IMAGE_EXTS))
-        if not imgs:
-            raise InputError(f"{path}/{c}: empty class folder (no images)")
-        files += [os.path.join(path, c, f) for f in imgs]
-        labels += [i] * len(imgs)
-    return classes, files, np.array(labels)
+    files, labels = collect_folders(path, classes, {c: i for i, c in enumerate(classes)})
+    return classes, files, labels
 
 
 def _read_lines(path):
@@ -231,29 +229,39 @@ def _read_lines(path):
         return [ln.strip() for ln in f if ln.strip()]
 
 
-def suite_folder(path, model, preprocess, tokenizer, cfg, device, cache, imagenet=False) -> dict:
+def suite_folder(path, model, preprocess, tokenizer, cfg, device, cache) -> dict:
     classes, files, labels = _folder_classes(path)
     names_file = os.path.join(path, "classnames.txt")
-    if imagenet:
-        from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
-
-        if all(c.isdigit() for c in classes):  # ImageNet-V2 layout: folders 0..999
-            labels = np.array([int(classes[l]) for l in labels])
-        elif len(classes) != len(IMAGENET_CLASSNAMES):
-            raise InputError(f"imagenet:{path}: {len(classes)} class folders; expected the 1000 ImageNet classes "
-                             f"(or folders 0..999); for a subset (-R, -A) give an imagefolder suite with classnames.txt")
-        classnames, templates = list(IMAGENET_CLASSNAMES), list(OPENAI_IMAGENET_TEMPLATES)
-    else:
-        classnames = _read_lines(names_file) if os.path.isfile(names_file) else [c.replace("_", " ") for c in classes]
-        if len(classnames) != len(classes):
-            raise InputError(f"{names_file}: {len(classnames)} class names for {len(classes)} class folders")
-        tpl_file = os.path.join(path, "templates.txt")
-        templates = _read_lines(tpl_file) if os.path.isfile(tpl_file) else ["a photo of a {}."]
-        if any("{}" not in t for t in templates):
-            raise InputError(f"{tpl_file}: every template needs a {{}} for the class name")
+    classnames = _read_lines(names_file) if os.path.isfile(names_file) else [c.replace("_", " ") for c in classes]
+    if len(classnames) != len(classes):
+        raise InputError(f"{names_file}: {len(classnames)} class names for {len(classes)} class folders")
+    tpl_file = os.path.join(path, "templates.txt")
+    templates = _read_lines(tpl_file) if os.path.isfile(tpl_file) else ["a photo of a {}."]
+    if any("{}" not in t for t in templates):
+        raise InputError(f"{tpl_file}: every template needs a {{}} for the class name")
     feats, ok = cache.get("images", lambda: encode_images(model, preprocess, files, cfg, device))
     clf = classifier(model, tokenizer, classnames, templates, device)
-    out = {"zeroshot": _zero_shot(feats, ok, labels, clf), "skipped_images": int((~ok).sum())}
+    return _classification(path, files, labels, feats, ok, feats[ok] @ clf)
+
+
+def suite_imagenet(path, model, preprocess, tokenizer, cfg, device, cache) -> dict:
+    """ImageNet, -V2, -Sketch, -R, -A and ObjectNet folders (see psdclip.train.imagenet)."""
+    from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    variant = imagenet_variant(path)
+    columns = variant.classes
+    feats, ok = cache.get("images", lambda: encode_images(model, preprocess, variant.files, cfg, device,
+                                                          border=variant.border))
+    clf = classifier(model, tokenizer, [IMAGENET_CLASSNAMES[c] for c in columns], OPENAI_IMAGENET_TEMPLATES, device)
+    out = _classification(path, variant.files, variant.labels, feats, ok,
+                          group_scores(feats[ok] @ clf, variant.groups, columns))
+    out.update(variant=variant.name, classes=len(variant.groups))
+    return out
+
+
+def _classification(path, files, labels, feats, ok, logits) -> dict:
+    """Zero-shot top-1/5 from logits over the good images, and the linear probe, for a folder suite."""
+    out = {"zeroshot": _zero_shot(logits, labels[ok]), "skipped_images": int((~ok).sum())}
     probe = _probe(feats, ok, labels, [os.path.relpath(f, path) for f in files])
     if probe is not None:
         out["linear_probe"] = probe
@@ -287,6 +295,17 @@ def suite_retrieval(path, model, preprocess, tokenizer, cfg, device, cache) -> d
 
 # ---- command -------------------------------------------------------------------------------------------
 
+def result_name(suite: str) -> str:
+    """RUN/eval/<name>.json: `synthetic` for the synthetic suite, else the kind and the folder or file name
+    (imagenet-imagenet-r, retrieval-flickr30k_test), so that each data set keeps its own result."""
+    kind, arg = suite.split(":", 1)
+    if kind == "synthetic":
+        return kind
+    stem = os.path.splitext(os.path.basename(os.path.normpath(arg)))[0] if kind == "retrieval" else \
+        os.path.basename(os.path.normpath(arg))
+    return f"{kind}-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", stem or "root")
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
@@ -298,7 +317,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         int(encode_texts(model, tokenizer, ["x"], device).shape[1])
     cache = FeatureCache(info["run"], slug, info["digest"], dim)
     runner = {"synthetic": suite_synthetic, "imagefolder": suite_folder, "retrieval": suite_retrieval,
-              "imagenet": lambda *a: suite_folder(*a, imagenet=True)}[kind]
+              "imagenet": suite_imagenet}[kind]
     raw = runner(arg, model, preprocess, tokenizer, cfg, device, cache)
     cache.save()
     metrics, examples = {}, {}
@@ -316,7 +335,7 @@ def evaluate(cfg: EvalConfig) -> dict:
               "metrics": metrics, "examples": examples, "time_s": round(time.time() - t0, 2)}
     out_dir = os.path.join(info["run"], "eval")
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{kind}.json")
+    path = os.path.join(out_dir, f"{result_name(cfg.suite)}.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)

@@ -25,6 +25,12 @@ import numpy as np
 import pandas as pd
 
 from psdclip.pipeline.errors import InputError
+from psdclip.train.evaluate import result_name
+
+
+def _suite_spec(suite: str, src: str) -> str:
+    """A sweep's suite entry as `psdclip eval --suite` takes it (plain `synthetic` means the sweep's source)."""
+    return f"synthetic:{src}" if suite == "synthetic" else suite
 
 
 @dataclass
@@ -107,8 +113,8 @@ def run_sweep(cfg: SweepConfig) -> int:
                 settings = {**base_train, **(sw["methods"][method] or {})}
                 batch = int(settings.get("batch_size", 128))
                 steps = steps_for(rule, n, batch)
-                done = os.path.isfile(os.path.join(run, "eval", "synthetic.json")) or all(
-                    os.path.isfile(os.path.join(run, "eval", f"{s.split(':')[0]}.json")) for s in sw.get("suites", ["synthetic"]))
+                done = all(os.path.isfile(os.path.join(run, "eval", f"{result_name(_suite_spec(s, src))}.json"))
+                           for s in sw.get("suites", ["synthetic"]))
                 if not done:
                     print(f"[sweep] {subset_name} (N={n}) {method} seed {seed}: {steps} steps", file=sys.stderr, flush=True)
                     _train_and_eval(sw, settings, subset, run, steps, seed, src)
@@ -213,6 +219,6 @@ def _train_and_eval(sw: dict, settings: dict, subset: str, run: str, steps: int,
         if rc:
             raise InputError(f"[sweep] run {run} failed (exit {rc}); rerun the sweep to resume")
     for suite in sw.get("suites", ["synthetic"]):
-        spec = f"synthetic:{src}" if suite == "synthetic" else suite
+        spec = _suite_spec(suite, src)
         if subprocess.call([exe, "eval", run, "--suite", spec], stdout=subprocess.DEVNULL):
             raise InputError(f"[sweep] evaluation of {run} on {spec} failed")

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from helpers.cli import BIN, psdclip  # noqa: E402
+from helpers.datasets import image, make_objectnet  # noqa: E402
 
 
 
@@ -100,3 +101,25 @@ def test_imagefolder_and_retrieval_suites_and_their_bad_inputs(runs, tmp_path):
     (folder / "classnames.txt").unlink()
     r = psdclip("eval", runs[0], "--suite", f"imagefolder:{folder}", check=False)
     assert r.returncode == 1 and "cached features have 7 dimensions" in r.stderr
+
+
+def test_imagenet_suite_on_a_subset_and_on_objectnet(runs, tmp_path):
+    from psdclip.train.imagenet import imagenet_wnids
+
+    wnids = imagenet_wnids()
+    sub = tmp_path / "imagenet-r"
+    for w in (wnids[1], wnids[409], wnids[999]):
+        for k in range(3):
+            image(sub / w / f"{k}.jpg")
+    res = json.loads(psdclip("eval", runs[0], "--suite", f"imagenet:{sub}", "--json", "--workers", 0).stdout)
+    m = res["metrics"]
+    assert m["variant"] == "imagenet-subset-3"
+    assert m["classes"] == 3 and m["skipped_images"] == 0 and 0 <= m["zeroshot.top1"] <= m["zeroshot.top5"] == 1.0
+    obj = make_objectnet(tmp_path / "objectnet-1.0")
+    res = json.loads(psdclip("eval", runs[0], "--suite", f"imagenet:{obj}", "--json", "--workers", 0).stdout)
+    assert res["metrics"]["variant"] == "objectnet" and res["metrics"]["classes"] == 2
+    assert (runs[0] / "eval" / "imagenet-imagenet-r.json").is_file()  # each data set keeps its own result
+    saved = json.load(open(runs[0] / "eval" / "imagenet-objectnet-1.0.json"))
+    assert len(saved["examples"]["zeroshot.top1"]) == 4  # alarm_clock + banana images; air_freshener is not in 1k
+    r = psdclip("eval", runs[0], "--suite", f"imagenet:{tmp_path}", check=False)  # folders that are not classes
+    assert r.returncode == 1 and r.stderr.count("psdclip: error") == 1 and "not a WordNet id" in r.stderr
