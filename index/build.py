@@ -116,7 +116,9 @@ def build_index(cfg: IndexBuildConfig) -> dict:
            "dataset_format": json.load(open(os.path.join(cfg.data, "dataset.json"))).get("output_format", "webdataset"),
            "count": int(n), "dim": int(d), "metric": "inner_product (cosine on normalised vectors)",
            "factory": factory, "why": why, "budgets": {"max_memory": cfg.max_memory, "max_query_ms": cfg.max_query_ms},
-           "search_params": {k: {"param": v["param"], "value": v["value"]} for k, v in indices.items()},
+           "search_params": {k: {"param": v["param"], "value": v["value"],
+                                     **({"k_factor": v["k_factor"]} if "k_factor" in v else {})}
+                                 for k, v in indices.items()},
            "recall_at_k": {k: {"k": min(cfg.k, n), "recall": v["recall"], "ms_per_query": v.get("ms_per_query")}
                            for k, v in indices.items()},
            "embeddings_dtype": "float16" if cfg.fp16 else "float32", "embed_s": round(t_embed, 2),

@@ -29,6 +29,7 @@ class Searcher:
         if not os.path.isfile(meta_path):
             raise InputError(f"{index_dir}: not a psdclip index (no index.json)")
         self.dir = index_dir
+        self.device = torch.device(device)
         self.info = json.load(open(meta_path))
         self.indices = {}
         for name, modality in (("index.faiss", "image"), ("captions.faiss", "text")):
@@ -36,11 +37,14 @@ class Searcher:
             p = self.info["search_params"][name]
             if p["param"]:
                 ann.set_param(index, p["param"], int(p["value"]))
+            if p.get("k_factor"):
+                index.k_factor = float(p["k_factor"])
+            if self.device.type == "cuda":
+                index = ann.to_gpu(index)  # faiss-gpu, when installed; unchanged otherwise
             self.indices[modality] = index
         self.meta = pd.read_parquet(os.path.join(index_dir, "metadata.parquet"))
         self.key_to_id = dict(zip(self.meta["key"], self.meta["id"]))
         self.dim = int(self.info["dim"])
-        self.device = torch.device(device)
         self.model = None
         self._lock = threading.Lock()
         if load_model:

@@ -19,6 +19,7 @@ as paths.
 import base64
 import binascii
 import io
+import json
 import os
 import threading
 import time
@@ -67,9 +68,72 @@ class ServeConfig:
         return out
 
 
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _Guard:
+    """Pure ASGI middleware (no per-request task or body buffering, unlike @app.middleware): bounds the body,
+    declared or streamed; lets clip-retrieval's ClipClient in (it posts JSON without a Content-Type, which its
+    Flask back end accepts); counts requests and latency per route for /metrics; turns a crash into a 500."""
+
+    JSON_WITHOUT_TYPE = {"/knn-service", "/metadata", "/search"}
+
+    def __init__(self, app, max_body: int, requests, latency):
+        self.app, self.max_body, self.requests, self.latency = app, max_body, requests, latency
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t = time.perf_counter()
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        state = {"status": 500, "started": False, "received": 0}
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            await self._reply(send, 413, f"request body over {self.max_body} bytes", state)
+            return self._count(scope, state, t)
+        if scope["method"] == "POST" and b"content-type" not in headers and scope["path"] in self.JSON_WITHOUT_TYPE:
+            scope["headers"] = [*scope["headers"], (b"content-type", b"application/json")]
+
+        async def bounded_receive():
+            message = await receive()
+            state["received"] += len(message.get("body", b""))
+            if state["received"] > self.max_body:
+                raise _BodyTooLarge()
+            return message
+
+        async def tracking_send(message):
+            if message["type"] == "http.response.start":
+                state["status"], state["started"] = message["status"], True
+            await send(message)
+
+        try:
+            await self.app(scope, bounded_receive, tracking_send)
+        except _BodyTooLarge:
+            if not state["started"]:
+                await self._reply(send, 413, f"request body over {self.max_body} bytes", state)
+        except Exception:  # pylint: disable=broad-except  (a crash is a 500 with no traceback to the client)
+            if not state["started"]:
+                await self._reply(send, 500, "internal error", state)
+        self._count(scope, state, t)
+
+    @staticmethod
+    async def _reply(send, status, detail, state):
+        body = json.dumps({"detail": detail}).encode()
+        state["status"], state["started"] = status, True
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    def _count(self, scope, state, t):
+        endpoint = getattr(scope.get("route"), "path", "other")
+        self.requests.labels(endpoint, str(state["status"])).inc()
+        self.latency.labels(endpoint).observe(time.perf_counter() - t)
+
+
 def create_app(cfg: ServeConfig):
     from fastapi import FastAPI, Header, HTTPException, Request
-    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+    from fastapi.responses import FileResponse, PlainTextResponse, Response
     from PIL import Image
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
     from pydantic import BaseModel, ConfigDict, Field
@@ -87,21 +151,7 @@ def create_app(cfg: ServeConfig):
                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
     app = FastAPI(title="psdclip retrieval", version="1")
 
-    @app.middleware("http")
-    async def bounds_and_metrics(request: Request, call_next):
-        t = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
-            return JSONResponse({"detail": f"request body over {cfg.max_body_bytes} bytes"}, status_code=413)
-        try:
-            response = await call_next(request)
-        except Exception:  # pylint: disable=broad-except
-            response = JSONResponse({"detail": "internal error"}, status_code=500)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "other")
-        requests.labels(endpoint, str(response.status_code)).inc()
-        latency.labels(endpoint).observe(time.perf_counter() - t)
-        return response
+    app.add_middleware(_Guard, max_body=cfg.max_body_bytes, requests=requests, latency=latency)
 
     class SearchRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")

@@ -132,6 +132,40 @@ def test_search_endpoints(service, index_dir):
     assert 'psdclip_requests_total{endpoint="/search",status="200"}' in metrics
 
 
+def _clip_client_module():
+    """clip-retrieval's clip_client.py as the Makefile installs it (files only: the package's pins clash with
+    ours, and its __init__ imports its whole back end)."""
+    import importlib.util
+
+    path = os.path.join(sys.prefix, "clip-retrieval", "clip_retrieval", "clip_client.py")
+    if not os.path.isfile(path):
+        pytest.skip("clip-retrieval is not installed beside the venv (make install puts it there)")
+    spec = importlib.util.spec_from_file_location("clip_retrieval_client", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_clip_retrievals_own_client_against_the_service(service, tmp_path):
+    cc = _clip_client_module()
+    client = cc.ClipClient(url=service + "/knn-service", indice_name="other", num_images=5, deduplicate=False)
+    by_text = client.query(text="a red circle")
+    direct = requests.post(service + "/search", json={"text": "a red circle", "k": 5, "index": "other"}).json()
+    assert isinstance(by_text, list), by_text
+    assert [h["id"] for h in by_text] == [r["id"] for r in direct["results"]]
+    assert all({"url", "caption", "id", "similarity"} <= set(h) for h in by_text)
+    pic = requests.get(f"{service}/images/{by_text[0]['key']}").content
+    (tmp_path / "q.jpg").write_bytes(pic)
+    by_image = client.query(image=str(tmp_path / "q.jpg"))
+    assert by_image[0]["id"] == by_text[0]["id"]  # the stored image finds itself first
+    emb = np.random.default_rng(1).normal(size=128).tolist()
+    assert len(cc.ClipClient(url=service + "/knn-service", indice_name="main", num_images=3,
+                             modality=cc.Modality.TEXT).query(embedding_input=emb)) == 3
+    # the client sends a URL as image_url; the service refuses it (no allowed hosts configured)
+    refused = client.query(image="http://127.0.0.1:1/x.jpg")
+    assert isinstance(refused, dict) and "not allowed" in refused["detail"]
+
+
 def test_bounds_and_bad_requests_get_4xx(service):
     bomb = io.BytesIO()
     Image.new("L", (8000, 8000)).save(bomb, "PNG")  # 64 M pixels declared, a few KB
