@@ -43,7 +43,9 @@ class Searcher:
                 index = ann.to_gpu(index)  # faiss-gpu, when installed; unchanged otherwise
             self.indices[modality] = index
         self.meta = pd.read_parquet(os.path.join(index_dir, "metadata.parquet"))
-        self.key_to_id = dict(zip(self.meta["key"], self.meta["id"]))
+        # plain column lists: building a result row is a few list lookups, not a pandas row
+        self.columns = {c: self.meta[c].tolist() for c in ("id", "key", "url", "caption", "shard", "offset", "size")}
+        self.key_to_id = dict(zip(self.columns["key"], self.columns["id"]))
         self.dim = int(self.info["dim"])
         self.model = None
         self._lock = threading.Lock()
@@ -62,10 +64,20 @@ class Searcher:
             return self.model.encode_text(self.tokenizer(texts).to(self.device), normalize=True).float().cpu().numpy()
 
     @torch.no_grad()
-    def embed_image(self, image) -> np.ndarray:
-        x = self.preprocess(image.convert("RGB")).unsqueeze(0).to(self.device)
+    def embed_images(self, images: list) -> np.ndarray:
+        x = torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device)
         with self._lock:
             return self.model.encode_image(x, normalize=True).float().cpu().numpy()
+
+    def embed_image(self, image) -> np.ndarray:
+        return self.embed_images([image])
+
+    def check_embedding(self, embedding) -> np.ndarray:
+        vec = ann.check_vectors(np.asarray(embedding, dtype=np.float32).reshape(1, -1), "embedding", self.dim)
+        norm = np.linalg.norm(vec)
+        if not np.isfinite(norm) or norm == 0:
+            raise ValueError("embedding must be finite and non-zero")
+        return vec / norm
 
     def query_vector(self, text=None, image=None, embedding=None) -> np.ndarray:
         given = [x is not None for x in (text, image, embedding)]
@@ -75,11 +87,7 @@ class Searcher:
             return self.embed_text([text])
         if image is not None:
             return self.embed_image(image)
-        vec = ann.check_vectors(np.asarray(embedding, dtype=np.float32).reshape(1, -1), "embedding", self.dim)
-        norm = np.linalg.norm(vec)
-        if not np.isfinite(norm) or norm == 0:
-            raise ValueError("embedding must be finite and non-zero")
-        return vec / norm
+        return self.check_embedding(embedding)
 
     # ---- search ----
     def search(self, text=None, image=None, embedding=None, k: int = 10, modality: str = "image",
@@ -87,32 +95,51 @@ class Searcher:
         if modality not in self.indices:
             raise ValueError(f"modality must be image or text, not {modality!r}")
         q = self.query_vector(text, image, embedding)
+        return self.search_vectors(q, [k], modality, [dedupe], dedupe_threshold)[0]
+
+    def search_vectors(self, queries: np.ndarray, ks: list[int], modality: str = "image", dedupe: list | None = None,
+                       dedupe_threshold: float = 0.98) -> list[list[dict]]:
+        """Several query vectors in one index call (the service batches concurrent requests this way); each
+        query has its own k and de-duplication flag."""
+        if modality not in self.indices:
+            raise ValueError(f"modality must be image or text, not {modality!r}")
+        dedupe = dedupe or [False] * len(ks)
         index = self.indices[modality]
-        fetch = min(index.ntotal, k * 3 if dedupe else k)
-        scores, ids = index.search(q, fetch)
-        scores, ids = scores[0], ids[0]
-        keep = ids >= 0
-        scores, ids = scores[keep], ids[keep]
-        if dedupe and len(ids):
-            vecs = np.vstack([index.reconstruct(int(i)) for i in ids]) if _can_reconstruct(index) else None
-            if vecs is not None:
-                vecs /= np.linalg.norm(vecs, axis=1, keepdims=True) + 1e-12
-                chosen = []
-                for j in range(len(ids)):
-                    if all(float(vecs[j] @ vecs[c]) < dedupe_threshold for c in chosen):
-                        chosen.append(j)
-                scores, ids = scores[chosen], ids[chosen]
-        rows = self.meta.iloc[ids[:k]]
-        return [{"rank": r, "id": int(row.id), "key": row.key, "url": row.url, "caption": row.caption,
-                 "score": float(s), "shard": int(row.shard), "offset": int(row.offset)}
-                for r, (row, s) in enumerate(zip(rows.itertuples(), scores[:k]))]
+        fetch = min(index.ntotal, max(k * 3 if d else k for k, d in zip(ks, dedupe)))
+        all_scores, all_ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
+        out = []
+        for scores, ids, k, d in zip(all_scores, all_ids, ks, dedupe):
+            keep = ids >= 0
+            scores, ids = scores[keep], ids[keep]
+            if d and len(ids):
+                scores, ids = self._dedupe(index, scores, ids, dedupe_threshold)
+            out.append(self.rows(ids[:k], scores[:k]))
+        return out
+
+    @staticmethod
+    def _dedupe(index, scores, ids, threshold):
+        if not _can_reconstruct(index):
+            return scores, ids
+        vecs = np.vstack([index.reconstruct(int(i)) for i in ids])
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True) + 1e-12
+        chosen = []
+        for j in range(len(ids)):
+            if all(float(vecs[j] @ vecs[c]) < threshold for c in chosen):
+                chosen.append(j)
+        return scores[chosen], ids[chosen]
+
+    def rows(self, ids, scores) -> list[dict]:
+        c = self.columns
+        return [{"rank": r, "id": c["id"][i], "key": c["key"][i], "url": c["url"][i], "caption": c["caption"][i],
+                 "score": float(s), "shard": c["shard"][i], "offset": c["offset"][i]}
+                for r, (i, s) in enumerate(zip(ids.tolist(), scores))]
 
     def image_bytes(self, key: str) -> bytes:
         if key not in self.key_to_id:
             raise KeyError(key)
-        row = self.meta.iloc[self.key_to_id[key]]
-        return read_image_bytes(self.info["dataset"], self.info.get("dataset_format", "webdataset"), int(row["shard"]),
-                                int(row["offset"]), int(row["size"]))
+        i, c = self.key_to_id[key], self.columns
+        return read_image_bytes(self.info["dataset"], self.info.get("dataset_format", "webdataset"), int(c["shard"][i]),
+                                int(c["offset"][i]), int(c["size"][i]))
 
 
 def _can_reconstruct(index) -> bool:

@@ -68,6 +68,86 @@ class ServeConfig:
         return out
 
 
+class Batcher:
+    """Answers concurrent queries together: requests queue while a batch runs, and the next batch encodes all
+    waiting texts in one forward pass and searches all waiting vectors in one index call, on one worker thread
+    (the model is not shared between threads). An idle service answers a lone query at once; no waiting."""
+
+    def __init__(self, max_batch: int = 64, sizes=None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.max_batch, self.sizes = max_batch, sizes
+        self.pending: list = []
+        self.running = False
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="psdclip-query")
+
+    async def search(self, searcher, k, modality, dedupe, text=None, image=None, embedding=None) -> list[dict]:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.pending.append((future, searcher, k, modality, dedupe, text, image, embedding))
+        if not self.running:
+            self.running = True
+            loop.create_task(self._drain(loop))
+        return await future
+
+    async def _drain(self, loop):
+        try:
+            while self.pending:
+                batch, self.pending = self.pending[:self.max_batch], self.pending[self.max_batch:]
+                if self.sizes is not None:
+                    self.sizes.observe(len(batch))
+                outcomes = await loop.run_in_executor(self.executor, self._answer, batch)
+                for item, outcome in zip(batch, outcomes):
+                    if not item[0].done():
+                        (item[0].set_exception if isinstance(outcome, Exception) else item[0].set_result)(outcome)
+        finally:
+            self.running = False
+
+    @staticmethod
+    def _answer(batch) -> list:
+        """One result list or one exception per item; a bad item does not fail the others."""
+        import numpy as np
+
+        out: list = [None] * len(batch)
+        vectors: dict = {}
+        groups: dict = {}
+        for j, (_, s, k, modality, dedupe, text, image, embedding) in enumerate(batch):
+            groups.setdefault(id(s), (s, []))[1].append(j)
+        for s, members in groups.values():
+            texts = [j for j in members if batch[j][5] is not None]
+            images = [j for j in members if batch[j][6] is not None]
+            try:
+                if texts:
+                    vectors.update(zip(texts, s.embed_text([batch[j][5] for j in texts])))
+                if images:
+                    vectors.update(zip(images, s.embed_images([batch[j][6] for j in images])))
+            except Exception as err:  # pylint: disable=broad-except
+                for j in texts + images:
+                    out[j] = err
+            for j in members:
+                if batch[j][7] is not None:
+                    try:
+                        vectors[j] = s.check_embedding(batch[j][7])[0]
+                    except ValueError as err:
+                        out[j] = err
+            by_modality: dict = {}
+            for j in members:
+                if out[j] is None:
+                    by_modality.setdefault(batch[j][3], []).append(j)
+            for modality, js in by_modality.items():
+                try:
+                    results = s.search_vectors(np.stack([vectors[j] for j in js]), [batch[j][2] for j in js], modality,
+                                               [batch[j][4] for j in js])
+                    for j, r in zip(js, results):
+                        out[j] = r
+                except Exception as err:  # pylint: disable=broad-except
+                    for j in js:
+                        out[j] = err
+        return out
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -132,7 +212,8 @@ class _Guard:
 
 
 def create_app(cfg: ServeConfig):
-    from fastapi import FastAPI, Header, HTTPException, Request
+    from fastapi import FastAPI, Header, HTTPException
+    from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import FileResponse, PlainTextResponse, Response
     from PIL import Image
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -222,31 +303,43 @@ def create_app(cfg: ServeConfig):
             raise HTTPException(413, "image_url content too large")
         return decode_image(data)
 
-    def run_search(s: Searcher, text, image, image_url, embedding, k, modality, dedupe):
+    batcher = Batcher(sizes=Histogram("psdclip_query_batch_size", "queries answered together", registry=registry,
+                                      buckets=(1, 2, 4, 8, 16, 32, 64)))
+
+    async def run_search(s: Searcher, text, image, image_url, embedding, k, modality, dedupe):
         given = [x is not None and x != "" for x in (text, image, image_url, embedding)]
         if sum(given) != 1:
             raise HTTPException(422, "give exactly one of text, image, image_url or embedding")
-        img = from_base64(image) if image else fetch_url(image_url) if image_url else None
+        img = None
+        if image:
+            img = await run_in_threadpool(from_base64, image)
+        elif image_url:
+            img = await run_in_threadpool(fetch_url, image_url)
         try:
-            return s.search(text=text or None, image=img, embedding=embedding, k=k, modality=modality, dedupe=dedupe)
+            return await batcher.search(s, k, modality, dedupe, text=text or None, image=img, embedding=embedding)
         except ValueError as err:
             raise HTTPException(422, str(err)) from None
 
+    def json_response(content) -> Response:
+        return Response(json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode(),
+                        media_type="application/json")
+
     @app.post("/search")
-    def search(req: SearchRequest):
+    async def search(req: SearchRequest):
         t = time.perf_counter()
         s = pick(req.index)
-        results = run_search(s, req.text, req.image, req.image_url, req.embedding, req.k, req.modality, req.dedupe)
-        return {"results": results, "took_ms": round(1000 * (time.perf_counter() - t), 2),
-                "index": req.index or default}
+        results = await run_search(s, req.text, req.image, req.image_url, req.embedding, req.k, req.modality,
+                                   req.dedupe)
+        return json_response({"results": results, "took_ms": round(1000 * (time.perf_counter() - t), 2),
+                              "index": req.index or default})
 
     @app.post("/knn-service")
-    def knn_service(req: KnnRequest):
+    async def knn_service(req: KnnRequest):
         s = pick(req.indice_name)
-        results = run_search(s, req.text, req.image, req.image_url, req.embedding_input,
-                             req.num_images, req.modality, req.deduplicate)
-        return [{"url": r["url"], "caption": r["caption"], "id": r["id"], "similarity": r["score"], "key": r["key"]}
-                for r in results]
+        results = await run_search(s, req.text, req.image, req.image_url, req.embedding_input,
+                                   req.num_images, req.modality, req.deduplicate)
+        return json_response([{"url": r["url"], "caption": r["caption"], "id": r["id"], "similarity": r["score"],
+                               "key": r["key"]} for r in results])
 
     @app.get("/indices-list")
     def indices_list():
@@ -255,13 +348,9 @@ def create_app(cfg: ServeConfig):
     @app.post("/metadata")
     def metadata(req: MetadataRequest):
         s = pick(req.indice_name)
-        n = len(s.meta)
-        out = []
-        for i in req.ids:
-            if 0 <= i < n:
-                row = s.meta.iloc[i]
-                out.append({"id": i, "metadata": {"url": row["url"], "caption": row["caption"], "key": row["key"]}})
-        return out
+        c = s.columns
+        return [{"id": i, "metadata": {"url": c["url"][i], "caption": c["caption"][i], "key": c["key"][i]}}
+                for i in req.ids if 0 <= i < len(c["id"])]
 
     @app.get("/images/{key}")
     def image(key: str, index: Optional[str] = None):

@@ -159,11 +159,41 @@ def test_clip_retrievals_own_client_against_the_service(service, tmp_path):
     by_image = client.query(image=str(tmp_path / "q.jpg"))
     assert by_image[0]["id"] == by_text[0]["id"]  # the stored image finds itself first
     emb = np.random.default_rng(1).normal(size=128).tolist()
-    assert len(cc.ClipClient(url=service + "/knn-service", indice_name="main", num_images=3,
-                             modality=cc.Modality.TEXT).query(embedding_input=emb)) == 3
+    captions = cc.ClipClient(url=service + "/knn-service", indice_name="main", num_images=3, deduplicate=False,
+                             modality=cc.Modality.TEXT).query(embedding_input=emb)
+    assert len(captions) == 3 and captions[0]["similarity"] >= captions[2]["similarity"]
     # the client sends a URL as image_url; the service refuses it (no allowed hosts configured)
     refused = client.query(image="http://127.0.0.1:1/x.jpg")
     assert isinstance(refused, dict) and "not allowed" in refused["detail"]
+
+
+def test_concurrent_requests_batched_together_answer_as_alone(service):
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(2)
+    bodies = []
+    for i in range(24):
+        kind = i % 4
+        if kind == 0:
+            bodies.append({"text": f"a {['red', 'blue', 'green'][i % 3]} shape number {i}", "k": 1 + i % 7})
+        elif kind == 1:
+            bodies.append({"embedding": rng.normal(size=128).tolist(), "k": 5, "modality": "text"})
+        elif kind == 2:
+            bodies.append({"text": "two circles", "k": 3, "index": "other", "dedupe": True})
+        else:
+            bodies.append({"embedding": rng.normal(size=7).tolist(), "k": 2})  # wrong size: a 422 for this one only
+    alone = [requests.post(service + "/search", json=b) for b in bodies]
+    with ThreadPoolExecutor(24) as pool:
+        together = list(pool.map(lambda b: requests.post(service + "/search", json=b), bodies))
+    for b, a, t in zip(bodies, alone, together):
+        assert a.status_code == t.status_code == (422 if len(b.get("embedding", [0] * 128)) == 7 else 200)
+        if a.status_code == 200:
+            ra, rt = a.json()["results"], t.json()["results"]
+            assert [r["id"] for r in ra] == [r["id"] for r in rt] and len(ra) == min(b["k"], len(ra))
+            np.testing.assert_allclose([r["score"] for r in ra], [r["score"] for r in rt], rtol=1e-4, atol=1e-5)
+    metrics = dict(line.rsplit(" ", 1) for line in requests.get(service + "/metrics").text.splitlines()
+                   if line.startswith("psdclip_query_batch_size_"))
+    assert float(metrics["psdclip_query_batch_size_sum"]) > float(metrics["psdclip_query_batch_size_count"])  # batched
 
 
 def test_bounds_and_bad_requests_get_4xx(service):

@@ -78,6 +78,32 @@ def test_small_sweep_fits_plots_and_resumes(tmp_path):
     assert again.stderr.count("done, skipped") == 3
 
 
+def test_sweep_runners_torchrun_and_dask(tmp_path):
+    """The same one-run sweep launched as a 2-process torchrun job, then as a task on a real Dask cluster."""
+    from dask.distributed import LocalCluster
+
+    base = {
+        "out": str(tmp_path / "sweep"),
+        "synthetic": {"n": 120, "heldout": 20, "seed": 2, "image_size": 64},
+        "data": {"image_size": 32, "shard_size": 60, "thread_count": 8},
+        "train": {"model": "tiny", "batch_size": 16, "workers": 0, "warmup": 1},
+    }
+    sweep = {"subsets": ["1.0"], "seeds": [0], "compute": {"rule": "samples_seen", "samples": 32},
+             "suites": ["synthetic"], "metrics": ["zeroshot_shape_base.top1"]}
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        for runner, extra in (("torchrun", {"nproc": 2}), ("dask", {"scheduler": cluster.scheduler_address})):
+            recipe = {**base, "name": f"sweep-{runner}",
+                      "sweep": {**sweep, "methods": {f"psd-{runner}": {"loss": "psd"}}, "runner": runner, **extra}}
+            (tmp_path / f"{runner}.yaml").write_text(yaml.safe_dump(recipe))
+            psdclip("sweep", tmp_path / f"{runner}.yaml", timeout=600)
+            run = tmp_path / "sweep" / "runs" / f"100pct-psd-{runner}-s0"
+            metrics = [json.loads(line) for line in open(run / "metrics.jsonl")]
+            assert metrics[-1]["step"] == 2 and (run / "eval" / "synthetic.json").exists(), runner
+            assert yaml.safe_load(open(run / "config.yaml"))["world_size"] == (2 if runner == "torchrun" else 1)
+            table = pd.read_csv(tmp_path / "sweep" / "results.csv")
+            assert list(table["method"]) == [f"psd-{runner}"]
+
+
 def test_demo_end_to_end(tmp_path):
     r = psdclip("demo", "--out", tmp_path / "demo", "--n", 200, "--heldout", 30, "--steps", 3, "--batch-size", 32,
                 timeout=900)
