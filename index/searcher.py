@@ -19,6 +19,8 @@ import torch
 
 from psdclip.pipeline.errors import InputError
 
+from psdclip.train.models import encode_text
+
 from . import ann
 from .embed import read_image_bytes
 
@@ -61,7 +63,7 @@ class Searcher:
     @torch.no_grad()
     def embed_text(self, texts: list[str]) -> np.ndarray:
         with self._lock:
-            return self.model.encode_text(self.tokenizer(texts).to(self.device), normalize=True).float().cpu().numpy()
+            return encode_text(self.model, self.tokenizer(texts).to(self.device)).float().cpu().numpy()
 
     @torch.no_grad()
     def embed_images(self, images: list) -> np.ndarray:

@@ -403,6 +403,11 @@ def cmd_serve(cfg: ServeConfig) -> int:
     import uvicorn
 
     app = create_app(cfg)
+    import gc
+
+    gc.collect()
+    gc.freeze()  # the loaded model, index metadata and app stay out of later collections: shorter GC pauses
+    gc.set_threshold(50_000, 20, 100)  # requests make short-lived objects: collect young ones less often
     print(f"serving {', '.join(cfg.named())} on http://{cfg.host}:{cfg.port}", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
     return 0

@@ -24,6 +24,7 @@ from psdclip.pipeline.errors import InputError
 from . import checkpoint as ckpt
 from .imagenet import collect_folders, group_scores, imagenet_layout as imagenet_variant
 from .metrics import linear_probe, recall_at, retrieval_ranks, topk_correct
+from .models import encode_text
 
 SYNTH_TEMPLATES = ("a photo of a {}.", "a {} shape.", "a drawing of a {}.", "an image of a {}.", "{}")
 
@@ -109,7 +110,7 @@ def encode_images(model, preprocess, paths, cfg, device, border=0):
 
 @torch.no_grad()
 def encode_texts(model, tokenizer, texts, device, batch=256):
-    out = [model.encode_text(tokenizer(list(texts[i:i + batch])).to(device), normalize=True).float().cpu()
+    out = [encode_text(model, tokenizer(list(texts[i:i + batch])).to(device)).float().cpu()
            for i in range(0, len(texts), batch)]
     return torch.cat(out).numpy()
 
