@@ -18,11 +18,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _record import record  # noqa: E402
 
 from psdclip.workflows.recipe import load_recipe  # noqa: E402
+from psdclip.workflows.sweep import ci_half  # noqa: E402
 
 
 def paired_differences(table: pd.DataFrame, metrics: list[str], base: str = "clip") -> tuple[list[str], list]:
-    """Markdown rows of (method - base) per N and metric, paired by seed, mean ± 95% CI over seeds; and the
-    (method, N, metric, mean, half) cells whose interval excludes 0."""
+    """Markdown rows of (method - base) per N and metric, paired by seed, mean ± 95% CI (Student t) over seeds;
+    and the (method, N, metric, mean, half) cells whose interval excludes 0 (a zero-width interval, from seeds
+    that happen to agree, does not count)."""
     lines = ["| N | method | " + " | ".join(f"Δ {m}" for m in metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     clear = []
     for n, grp in table.groupby("N"):
@@ -33,9 +35,9 @@ def paired_differences(table: pd.DataFrame, metrics: list[str], base: str = "cli
             cells = []
             for m in metrics:
                 d = o.loc[seeds, m].to_numpy(float) - b.loc[seeds, m].to_numpy(float)
-                half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+                half = ci_half(d)
                 cells.append(f"{d.mean():+.3f} ± {half:.3f}")
-                if len(d) > 1 and abs(d.mean()) > half:
+                if len(d) > 1 and half > 1e-9 and abs(d.mean()) > half:
                     clear.append((method, n, m, d.mean(), half))
             lines.append(f"| {n} | {method} | " + " | ".join(cells) + " |")
     return lines, clear
@@ -58,14 +60,14 @@ def main():
     per_run = sw["compute"]
     verdict = ("No PSD setting differs from CLIP beyond the 95% interval over seeds on any metric or size."
                if not clear else "Differences from CLIP whose 95% interval over seeds excludes 0 (with only "
-               f"{len(sw['seeds'])} seeds these intervals are rough): " +
+               f"{len(sw['seeds'])} seeds these intervals are wide and rough): " +
                "; ".join(f"{m} at N={n}: {k} {d:+.3f} ± {h:.3f}" for m, n, k, d, h in clear) + ".")
     body = (f"`psdclip sweep {args.recipe}`: {recipe.get('description', '').strip()}\n\n"
             f"Source: {yaml.safe_dump(recipe['synthetic'], default_flow_style=True).strip()}; subsets "
             f"{', '.join(sw['subsets'])}; seeds {sw['seeds']}; compute rule {per_run}; evaluated on the held-out "
             f"scenes. Methods: {settings}.\n\nMean ± 95% CI over seeds, and the power-law fits:\n\n"
             f"{open(os.path.join(args.out, 'results.md')).read().strip()}\n\n"
-            f"Each method minus CLIP, paired by seed (mean ± 95% CI over seeds):\n\n" + "\n".join(lines) +
+            f"Each method minus CLIP, paired by seed (mean ± 95% CI over seeds, Student t):\n\n" + "\n".join(lines) +
             f"\n\n**{verdict}**\n\nPlots: {args.out}/scaling_*.png.\n")
     record(f"sweep-{recipe['name']}", f"CLIP vs PSD settings: `{recipe['name']}` sweep", body)
 

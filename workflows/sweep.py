@@ -135,16 +135,23 @@ def run_sweep(cfg: SweepConfig) -> int:
     return 0
 
 
+def ci_half(values: np.ndarray) -> float:
+    """Half-width of the 95% confidence interval of the mean, Student t (few seeds: t, not 1.96)."""
+    from scipy.stats import t
+
+    n = len(values)
+    return float(t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+
+
 def summarize(table: pd.DataFrame, metrics: list[str], out: str) -> str:
-    """Mean ± 95% CI over seeds per (N, method), PSD - CLIP with a CI over seeds, and the power-law fits."""
+    """Mean ± 95% CI (Student t) over seeds per (N, method), and the power-law fits."""
     lines = ["| N | method | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     fits = {}
     for (n, method), grp in table.groupby(["N", "method"]):
         cells = []
         for m in metrics:
             v = grp[m].dropna().to_numpy() if m in grp else np.array([])
-            half = 1.96 * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
-            cells.append(f"{v.mean():.3f} ± {half:.3f}" if len(v) else "")
+            cells.append(f"{v.mean():.3f} ± {ci_half(v):.3f}" if len(v) else "")
         lines.append(f"| {n} | {method} | " + " | ".join(cells) + " |")
     lines += ["", "Power-law fits of the error (1 − metric): error = a·N^(−b) + c", "",
               "| method | metric | a | b | c | R² |", "|---|---|---|---|---|---|"]
