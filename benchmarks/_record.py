@@ -18,7 +18,8 @@ def record(name: str, title: str, body: str) -> None:
     path = os.path.join(ROOT, "BENCHMARKS.md")
     text = open(path, encoding="utf-8").read() if os.path.exists(path) else \
         "# Benchmarks\n\nEvery figure here is written by a script in `benchmarks/`, with the command that ran it.\n"
-    cmd = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    env = "".join(f"{k}={os.environ[k]} " for k in ("OMP_NUM_THREADS",) if k in os.environ)  # it changes figures
+    cmd = env + "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
     section = (f"<!-- {name}:start -->\n## {title}\n\nCommand: `{cmd}`  \n"
                f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {machine()}\n\n"
                f"{body.strip()}\n<!-- {name}:end -->")

@@ -75,8 +75,6 @@ end
 
 
 def load_wrk(base: str, bodies: list[dict], clients: int, seconds: float, tmp: str) -> dict:
-    import json
-
     body_file, script = os.path.join(tmp, "bodies.jsonl"), os.path.join(tmp, "load.lua")
     with open(body_file, "w") as f:
         f.write("\n".join(json.dumps(b) for b in bodies) + "\n")

@@ -4,8 +4,8 @@ Selection follows autofaiss's rules of thumb (reimplemented here; autofaiss itse
 dependencies): exact search while it fits the latency budget; HNSW when the vectors fit in memory with
 the graph and the collection is moderate; then IVF (nlist ~ 4·sqrt(n)) whose lists hold 4-bit fast-scan PQ
 codes (SIMD look-up tables: scanning is several times faster than flat or SQ8 codes), re-ranked by a refine
-stage over exact vectors or, when those do not fit, 8-bit SQ codes; (OPQ+)PQ alone when memory is tightest. The index is trained on a sample, its search parameter (nprobe or efSearch) is raised
-until recall@k against exact search reaches the target on held-out queries, and that recall is stored.
+stage over exact vectors or, when those do not fit, 8-bit SQ codes; (OPQ+)PQ alone when memory is tightest.
+The index is trained on a sample, its search parameter (nprobe or efSearch) is raised until recall@k against exact search reaches the target on held-out queries, and that recall is stored.
 """
 from __future__ import annotations
 
@@ -128,8 +128,8 @@ def tune(index, factory: str, xb: np.ndarray, queries: np.ndarray, k: int, targe
     factors = REFINE_K_FACTORS if refine else (None,)
     best = None
     for v in values:
+        set_param(index, name, v)
         for kf in factors:
-            set_param(index, name, v)
             if kf is not None:
                 index.k_factor = kf
             t = time.perf_counter()

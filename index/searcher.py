@@ -18,7 +18,6 @@ import pandas as pd
 import torch
 
 from psdclip.pipeline.errors import InputError
-
 from psdclip.train.models import encode_text
 
 from . import ann
@@ -94,8 +93,6 @@ class Searcher:
     # ---- search ----
     def search(self, text=None, image=None, embedding=None, k: int = 10, modality: str = "image",
                dedupe: bool = False, dedupe_threshold: float = 0.98) -> list[dict]:
-        if modality not in self.indices:
-            raise ValueError(f"modality must be image or text, not {modality!r}")
         q = self.query_vector(text, image, embedding)
         return self.search_vectors(q, [k], modality, [dedupe], dedupe_threshold)[0]
 

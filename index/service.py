@@ -16,8 +16,10 @@ as paths.
 """
 # no "from __future__ import annotations": FastAPI must see the request models defined in create_app
 
+import asyncio
 import base64
 import binascii
+import gc
 import io
 import json
 import os
@@ -25,8 +27,11 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
 
 from psdclip.pipeline.errors import InputError
 
@@ -68,29 +73,36 @@ class ServeConfig:
         return out
 
 
+class _Query(NamedTuple):
+    future: Any
+    searcher: Any
+    k: int
+    modality: str
+    dedupe: bool
+    text: Optional[str]
+    image: Any
+    embedding: Optional[list]
+
+
 class Batcher:
     """Answers concurrent queries together: requests queue while a batch runs, and the next batch encodes all
     waiting texts in one forward pass and searches all waiting vectors in one index call, on one worker thread
     (the model is not shared between threads). An idle service answers a lone query at once; no waiting."""
 
     def __init__(self, max_batch: int = 64, sizes=None):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.max_batch, self.sizes = max_batch, sizes
-        self.pending: list = []
+        self.pending: list[_Query] = []
         self.running = False
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="psdclip-query")
 
     async def search(self, searcher, k, modality, dedupe, text=None, image=None, embedding=None) -> list[dict]:
-        import asyncio
-
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self.pending.append((future, searcher, k, modality, dedupe, text, image, embedding))
+        query = _Query(loop.create_future(), searcher, k, modality, dedupe, text, image, embedding)
+        self.pending.append(query)
         if not self.running:
             self.running = True
             loop.create_task(self._drain(loop))
-        return await future
+        return await query.future
 
     async def _drain(self, loop):
         try:
@@ -99,47 +111,45 @@ class Batcher:
                 if self.sizes is not None:
                     self.sizes.observe(len(batch))
                 outcomes = await loop.run_in_executor(self.executor, self._answer, batch)
-                for item, outcome in zip(batch, outcomes):
-                    if not item[0].done():
-                        (item[0].set_exception if isinstance(outcome, Exception) else item[0].set_result)(outcome)
+                for q, outcome in zip(batch, outcomes):
+                    if not q.future.done():
+                        (q.future.set_exception if isinstance(outcome, Exception) else q.future.set_result)(outcome)
         finally:
             self.running = False
 
     @staticmethod
-    def _answer(batch) -> list:
-        """One result list or one exception per item; a bad item does not fail the others."""
-        import numpy as np
-
+    def _answer(batch: list[_Query]) -> list:
+        """One result list or one exception per query; a bad query does not fail the others."""
         out: list = [None] * len(batch)
         vectors: dict = {}
         groups: dict = {}
-        for j, (_, s, k, modality, dedupe, text, image, embedding) in enumerate(batch):
-            groups.setdefault(id(s), (s, []))[1].append(j)
+        for j, q in enumerate(batch):
+            groups.setdefault(id(q.searcher), (q.searcher, []))[1].append(j)
         for s, members in groups.values():
-            texts = [j for j in members if batch[j][5] is not None]
-            images = [j for j in members if batch[j][6] is not None]
+            texts = [j for j in members if batch[j].text is not None]
+            images = [j for j in members if batch[j].image is not None]
             try:
                 if texts:
-                    vectors.update(zip(texts, s.embed_text([batch[j][5] for j in texts])))
+                    vectors.update(zip(texts, s.embed_text([batch[j].text for j in texts])))
                 if images:
-                    vectors.update(zip(images, s.embed_images([batch[j][6] for j in images])))
+                    vectors.update(zip(images, s.embed_images([batch[j].image for j in images])))
             except Exception as err:  # pylint: disable=broad-except
                 for j in texts + images:
                     out[j] = err
             for j in members:
-                if batch[j][7] is not None:
+                if batch[j].embedding is not None:
                     try:
-                        vectors[j] = s.check_embedding(batch[j][7])[0]
+                        vectors[j] = s.check_embedding(batch[j].embedding)[0]
                     except ValueError as err:
                         out[j] = err
             by_modality: dict = {}
             for j in members:
                 if out[j] is None:
-                    by_modality.setdefault(batch[j][3], []).append(j)
+                    by_modality.setdefault(batch[j].modality, []).append(j)
             for modality, js in by_modality.items():
                 try:
-                    results = s.search_vectors(np.stack([vectors[j] for j in js]), [batch[j][2] for j in js], modality,
-                                               [batch[j][4] for j in js])
+                    results = s.search_vectors(np.stack([vectors[j] for j in js]), [batch[j].k for j in js], modality,
+                                               [batch[j].dedupe for j in js])
                     for j, r in zip(js, results):
                         out[j] = r
                 except Exception as err:  # pylint: disable=broad-except
@@ -403,8 +413,6 @@ def cmd_serve(cfg: ServeConfig) -> int:
     import uvicorn
 
     app = create_app(cfg)
-    import gc
-
     gc.collect()
     gc.freeze()  # the loaded model, index metadata and app stay out of later collections: shorter GC pauses
     gc.set_threshold(50_000, 20, 100)  # requests make short-lived objects: collect young ones less often
