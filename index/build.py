@@ -11,9 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
-from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
@@ -23,44 +21,8 @@ import torch
 from psdclip.pipeline.errors import InputError
 
 from . import ann
+from .config import IndexBuildConfig, parse_bytes
 from .embed import embed_dataset, load_embeddings, success_rows
-
-_SIZE = re.compile(r"^\s*([\d.]+)\s*([kmgt]?)i?b?\s*$", re.I)
-
-
-def parse_bytes(text: str) -> float:
-    m = _SIZE.match(str(text))
-    if not m:
-        raise InputError(f"--max-memory {text!r}: expected a size such as 512MB or 2GB")
-    return float(m.group(1)) * 1024 ** "_kmgt".index((m.group(2) or "_").lower())
-
-
-@dataclass
-class IndexBuildConfig:
-    """psdclip index build: encode a dataset with a checkpoint and build a FAISS index under budgets."""
-
-    checkpoint: str = field(default="", metadata={"help": "run directory or checkpoint file"})
-    data: str = field(default="", metadata={"help": "dataset directory"})
-    out: str = field(default="", metadata={"help": "index directory"})
-    max_memory: str = field(default="2GB", metadata={"help": "memory budget of the index (e.g. 512MB, 2GB)"})
-    max_query_ms: float = field(default=10.0, metadata={"help": "latency budget of one query in ms"})
-    factory: str = field(default="", metadata={"help": "force a faiss factory string (default: chosen under the budgets)"})
-    target_recall: float = field(default=0.95, metadata={"help": "recall@k vs exact search that tuning aims for"})
-    k: int = field(default=10, metadata={"help": "k of the recall measurement"})
-    fp16: bool = field(default=False, metadata={"help": "store embeddings as float16"})
-    batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
-    workers: int = field(default=2, metadata={"help": "image loading worker processes"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
-
-    def __post_init__(self):
-        for name in ("checkpoint", "data", "out"):
-            if not getattr(self, name):
-                raise InputError(f"--{name} is required")
-        parse_bytes(self.max_memory)
-        if not 0 < self.target_recall <= 1 or self.k < 1 or self.max_query_ms <= 0:
-            raise InputError("--target-recall must be in (0, 1], --k >= 1 and --max-query-ms > 0")
-
 
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()

@@ -28,49 +28,15 @@ import time
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
 from psdclip.pipeline.errors import InputError
 
+from .config import ServeConfig
+
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-
-
-@dataclass
-class ServeConfig:
-    """psdclip serve: the retrieval service (FastAPI + uvicorn) with a web page at /."""
-
-    indices: list[str] = field(default_factory=list, metadata={
-        "help": "index directories, optionally named NAME=DIR (the first is the default)", "positional": True,
-        "metavar": "INDEX"})
-    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
-    port: int = field(default=8000, metadata={"help": "port (0 picks a free one)"})
-    max_k: int = field(default=1000, metadata={"help": "largest k a request may ask for"})
-    max_body_bytes: int = field(default=8 << 20, metadata={"help": "largest request body"})
-    max_text_chars: int = field(default=1000, metadata={"help": "longest query text"})
-    max_image_pixels: int = field(default=40_000_000, metadata={"help": "largest query image (pixels)"})
-    allowed_url_hosts: list[str] = field(default_factory=list, metadata={
-        "help": "hosts that image_url queries may fetch from (default: none, image_url refused)"})
-    api_key: str = field(default="", metadata={"help": "key required by the admin endpoints (X-API-Key); "
-                                                        "default: from PSDCLIP_API_KEY, else admin is off"})
-    device: str = field(default="cpu", metadata={"help": "device of the query encoder"})
-
-    def __post_init__(self):
-        if not self.indices:
-            raise InputError("give at least one INDEX directory")
-        if not 1 <= self.max_k <= 100_000:
-            raise InputError(f"--max-k must be in [1, 100000], got {self.max_k}")
-
-    def named(self) -> dict[str, str]:
-        out = {}
-        for spec in self.indices:
-            name, _, path = spec.partition("=") if "=" in spec else (os.path.basename(os.path.normpath(spec)), "", spec)
-            if name in out:
-                raise InputError(f"index name {name!r} given twice")
-            out[name] = path
-        return out
 
 
 class _Query(NamedTuple):

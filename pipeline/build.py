@@ -102,16 +102,65 @@ def build(cfg: BuildConfig) -> dict:
         raise
 
 
-def _build(cfg: BuildConfig) -> dict:
-    t0 = time.time()
-    layout = Layout(cfg.out)
-    previous = read_json(layout.dataset_json) if os.path.isfile(layout.dataset_json) else None
+# options an existing dataset was built with that an append must keep (mixed shards otherwise)
+FIXED_OPTIONS = ("image_size", "resize_mode", "encode_format", "encode_quality")
+
+
+def _check_out(cfg: BuildConfig, layout: Layout, previous: dict | None) -> None:
+    """Refuse an --out that is a file, or a non-empty folder that is not a psdclip dataset (its files would be
+    overwritten), and an append whose image options differ from the dataset's."""
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise InputError(f"--out {cfg.out}: is a file, not a dataset directory")
+    if os.path.isdir(cfg.out) and previous is None and not os.path.isdir(layout.state) and os.listdir(cfg.out):
+        raise InputError(f"--out {cfg.out}: a non-empty folder that is not a psdclip dataset; choose a new or empty "
+                         f"folder")
     if previous and previous.get("output_format") != cfg.format:
         raise InputError(f"{cfg.out}: the dataset holds {previous.get('output_format')} shards; "
                          f"cannot append with --format {cfg.format}")
+    before = (previous or {}).get("config") or {}
+    for name in FIXED_OPTIONS:
+        if name in before and before[name] != getattr(cfg, name):
+            raise InputError(f"{cfg.out}: the dataset was built with --{name.replace('_', '-')} {before[name]}; "
+                             f"cannot append with {getattr(cfg, name)} (use a new --out)")
+
+
+@contextlib.contextmanager
+def _build_lock(layout: Layout):
+    """One build at a time per dataset: an advisory lock the OS drops when the process ends, even by kill -9."""
+    import fcntl
+
+    path = os.path.join(layout.state, "build.lock")
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise InputError(f"{layout.root}: another `psdclip data build` ({holder}) is writing this dataset; "
+                             f"wait for it to finish") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
+def _build(cfg: BuildConfig) -> dict:
+    layout = Layout(cfg.out)
+    previous = read_json(layout.dataset_json) if os.path.isfile(layout.dataset_json) else None
+    _check_out(cfg, layout, previous)
     if not cfg.inputs and not cfg.retry_failed and not layout.ingest_ids():
         raise InputError("no URL list given (psdclip data build URL_LIST... --out DATASET)")
     layout.create()
+    with _build_lock(layout):
+        return _build_locked(cfg, layout, previous)
+
+
+def _build_locked(cfg: BuildConfig, layout: Layout, previous: dict | None) -> dict:
+    t0 = time.time()
     layout.clear_scratch()
     timings: dict[str, float] = {}
     opts = _download_opts(cfg)

@@ -95,6 +95,16 @@ class SynthConfig:
     lowinfo_frac: float = _help("fraction of low-information captions ('image', 'IMG_1234.jpg', ...)", default=0.05)
     partial_frac: float = _help("fraction of (otherwise correct) captions that describe only part of the scene",
                                 default=0.3)
+    distractor_frac: float = _help("difficulty: fraction of scenes with a small distractor shape of another kind and "
+                                   "colour (0: none)", default=0.4)
+    shape_scale: float = _help("difficulty: size of the shapes relative to the default (above 1 they are easier to "
+                               "tell apart at low resolution; multi-shape scenes may overlap more)", default=1.0)
+    backgrounds: int = _help("difficulty: how many of the 4 backgrounds (white, grey, black, beige) scenes use; with "
+                             "fewer, captions are told apart less by background and more by shape", default=4)
+    positions: int = _help("difficulty: how many of the 5 positions scenes use (center first, then left, right, top, "
+                           "bottom)", default=5)
+    max_count: int = _help("difficulty: most shapes in a scene (1-3; several small shapes of one kind may overlap)",
+                           default=3)
     heldout: int = _help("held-out scenes rendered for evaluation, each also in every shifted variant", default=500)
     base_url: str = _help("base URL written into urls.csv (the address `psdclip data serve` listens on)",
                           default="http://127.0.0.1:8765")
@@ -106,7 +116,14 @@ class SynthConfig:
             raise InputError(f"--n must be >= 1 and --heldout >= 0 (got {self.n}, {self.heldout})")
         if not 16 <= self.image_size <= 1024:
             raise InputError(f"--image-size must be in [16, 1024], got {self.image_size}")
-        for name in ("mismatch_frac", "shared_frac", "lowinfo_frac", "partial_frac"):
+        if not 1 <= self.max_count <= 3:
+            raise InputError(f"--max-count must be in [1, 3], got {self.max_count}")
+        if not 1 <= self.backgrounds <= 4 or not 1 <= self.positions <= 5:
+            raise InputError(f"--backgrounds must be in [1, 4] and --positions in [1, 5] (got {self.backgrounds}, "
+                             f"{self.positions})")
+        if not 0.25 <= self.shape_scale <= 2.0:
+            raise InputError(f"--shape-scale must be in [0.25, 2], got {self.shape_scale}")
+        for name in ("mismatch_frac", "shared_frac", "lowinfo_frac", "partial_frac", "distractor_frac"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
         if self.mismatch_frac + self.shared_frac + self.lowinfo_frac > 1.0:

@@ -58,8 +58,12 @@ def write_parquet(path: str, df: pd.DataFrame) -> None:
 
 
 def read_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON file of ours; a damaged one is a one-line error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: damaged (not valid JSON: {err})") from None
 
 
 class Layout:
@@ -174,7 +178,11 @@ def load_manifest(root: str) -> pd.DataFrame:
     layout = Layout(root)
     if not os.path.isfile(layout.manifest):
         raise InputError(f"{root}: not a psdclip dataset (no manifest.parquet)")
-    return pd.read_parquet(layout.manifest)
+    try:
+        return pd.read_parquet(layout.manifest)
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise InputError(f"{layout.manifest}: damaged, not a Parquet table ({str(err).splitlines()[0][:120]}); "
+                         f"rerun the `psdclip data build` command that made it") from None
 
 
 def compute_stats(manifest: pd.DataFrame, layout: Layout, fmt: str) -> dict:

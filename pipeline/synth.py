@@ -64,14 +64,18 @@ def _plural(word: str, n: int) -> str:
     return word + "s"
 
 
-def sample_scene(rng: np.random.Generator) -> dict:
-    count = int(rng.choice(COUNTS, p=(0.6, 0.25, 0.15)))
+def sample_scene(rng: np.random.Generator, distractor_frac: float = 0.4, backgrounds: int = len(BACKGROUNDS),
+                 positions: int = len(POSITIONS), max_count: int = len(COUNTS)) -> dict:
+    p = np.array((0.6, 0.25, 0.15))[:max_count]
+    count = int(rng.choice(COUNTS[:max_count], p=p / p.sum()))
     size = "small" if count == 3 else str(rng.choice(SIZES))
     shape, colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
     scene = {"shape": shape, "colour": colour, "size": size, "count": count,
-             "position": str(rng.choice(list(POSITIONS))), "background": str(rng.choice(list(BACKGROUNDS))),
+             "position": str(rng.choice(list(POSITIONS) if positions >= len(POSITIONS) else
+                                        ["center", "left", "right", "top", "bottom"][:positions])),
+             "background": str(rng.choice(list(BACKGROUNDS)[:backgrounds])),
              "distractor_shape": "", "distractor_colour": ""}
-    if rng.random() < 0.4:
+    if rng.random() < distractor_frac:
         scene["distractor_shape"] = str(rng.choice([s for s in SHAPES if s != shape]))
         scene["distractor_colour"] = str(rng.choice([c for c in COLOURS if c != colour]))
     return scene
@@ -128,8 +132,10 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx, cy, r, rot, fill, outline=N
         draw.polygon(_polygon(shape, cx, cy, r, rot), fill=fill, outline=outline, width=width)
 
 
-def render(scene: dict, size: int, rng: np.random.Generator, variant: str = "base") -> Image.Image:
-    """Draw a scene. Variants keep the shapes (the classification target) and change the rendering."""
+def render(scene: dict, size: int, rng: np.random.Generator, variant: str = "base",
+           shape_scale: float = 1.0) -> Image.Image:
+    """Draw a scene. Variants keep the shapes (the classification target) and change the rendering;
+    shape_scale enlarges the shapes (the task's difficulty at low resolution)."""
     bg = BACKGROUNDS[scene["background"]]
     sketch = variant == "sketch"
     img = Image.new("RGB", (size, size), (255, 255, 255) if sketch else bg)
@@ -139,7 +145,7 @@ def render(scene: dict, size: int, rng: np.random.Generator, variant: str = "bas
         alt = tuple(int(c * 0.6 + 100 * (i % 2)) for i, c in enumerate(bg))
         for k in range(-size, size * 2, step * 2):
             draw.polygon([(k, 0), (k + step, 0), (k + step - size, size), (k - size, size)], fill=alt)
-    radius = size * (0.10 if scene["size"] == "small" else 0.2)
+    radius = size * (0.10 if scene["size"] == "small" else 0.2) * shape_scale
     px, py = POSITIONS[scene["position"]]
     n = scene["count"]
     for j in range(n):
@@ -176,7 +182,7 @@ def caption_for(i: int, scene: dict, cfg: SynthConfig, rng: np.random.Generator)
     """(caption, kind) with kind in clean | partial | mismatch | shared | lowinfo."""
     u = rng.random()
     if u < cfg.mismatch_frac:
-        other = sample_scene(np.random.default_rng([cfg.seed, 7, i]))
+        other = sample_scene(np.random.default_rng([cfg.seed, 7, i]), *_difficulty(cfg))
         return describe(other, rng), "mismatch"
     u -= cfg.mismatch_frac
     if u < cfg.shared_frac:
@@ -188,6 +194,10 @@ def caption_for(i: int, scene: dict, cfg: SynthConfig, rng: np.random.Generator)
     if rng.random() < cfg.partial_frac:
         return describe(scene, rng, partial=True), "partial"
     return describe(scene, rng), "clean"
+
+
+def _difficulty(cfg: SynthConfig) -> tuple:
+    return cfg.distractor_frac, cfg.backgrounds, cfg.positions, cfg.max_count
 
 
 def _jpeg(img: Image.Image) -> bytes:
@@ -208,14 +218,14 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict:
         bar = tqdm(total=cfg.n + cfg.heldout * len(SHIFTS), desc="synth", unit="img", file=sys.stderr)
     for i in range(cfg.n):
         rng = np.random.default_rng([cfg.seed, 1, i])
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, *_difficulty(cfg))
         caption, kind = caption_for(i, scene, cfg, rng)
         true_caption = describe(scene, np.random.default_rng([cfg.seed, 2, i]))
         rel = f"images/{i // 1000:04d}/{i:07d}.jpg"
         path = os.path.join(out, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as f:
-            f.write(_jpeg(render(scene, cfg.image_size, rng)))
+            f.write(_jpeg(render(scene, cfg.image_size, rng, shape_scale=cfg.shape_scale)))
         rows.append({"id": i, "path": rel, "caption": caption, "caption_kind": kind, "true_caption": true_caption,
                      **scene})
         if bar:
@@ -224,13 +234,13 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict:
     attrs.to_parquet(os.path.join(out, "attributes.parquet"), index=False)
     held = []
     for j in range(cfg.heldout):
-        scene = sample_scene(np.random.default_rng([cfg.seed, 3, j]))
+        scene = sample_scene(np.random.default_rng([cfg.seed, 3, j]), *_difficulty(cfg))
         for variant in SHIFTS:
             rng = np.random.default_rng([cfg.seed, 4, j])  # same placement in every variant
             rel = f"heldout/{variant}/{j:07d}.jpg"
             os.makedirs(os.path.join(out, "heldout", variant), exist_ok=True)
             with open(os.path.join(out, rel), "wb") as f:
-                f.write(_jpeg(render(scene, cfg.image_size, rng, variant)))
+                f.write(_jpeg(render(scene, cfg.image_size, rng, variant, cfg.shape_scale)))
             if bar:
                 bar.update()
         held.append({"id": j, **scene, "true_caption": describe(scene, np.random.default_rng([cfg.seed, 5, j]))})

@@ -6,33 +6,16 @@ from __future__ import annotations
 import glob
 import json
 import os
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from psdclip.pipeline.errors import InputError
 
+from .config import CompareConfig
 from .metrics import bootstrap_diff, effective_robustness
 
 # metric -> the per-example vector it is the mean of
 PAIRED = {"top1": "top1", "accuracy": "correct", "i2t_R@1": "i2t_r1", "t2i_R@1": "t2i_r1"}
-
-
-@dataclass
-class CompareConfig:
-    """psdclip compare: put runs side by side on their evaluations (RUN/eval/*.json)."""
-
-    runs: list[str] = field(default_factory=list, metadata={"help": "run directories (the first is the baseline)",
-                                                            "positional": True, "metavar": "RUN"})
-    out: str = field(default="", metadata={"help": "folder for compare.md, compare.json and compare.png "
-                                                   "(default: beside the first run)"})
-    reference: list[str] = field(default_factory=list, metadata={
-        "help": "reference runs for the effective-robustness fit (default: the given runs trained with clip)"})
-    bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples"})
-
-    def __post_init__(self):
-        if len(self.runs) < 2:
-            raise InputError("psdclip compare needs at least two runs")
 
 
 def load_evals(run: str) -> dict:

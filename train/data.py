@@ -7,8 +7,9 @@ The stream is a chain of small generator stages (webdataset's style), each testa
     -> keep listed keys -> shuffle buffer (seeded) -> skip (resume) -> decode + transform + tokenize
     -> batch (inside the worker)
 
-Every batch carries (worker, epoch, batches emitted in that epoch), so the trainer knows exactly how far
-each worker got; a resumed run skips that far without decoding. A corrupt or truncated shard or sample is
+Every batch carries (reader, epoch, samples of that epoch it has used), so the trainer knows exactly how far
+each reader got; a resumed run skips that far without decoding. A reader whose pass holds fewer samples than
+a batch (a small subset split over many readers) fills its batch from the next pass. A corrupt or truncated shard or sample is
 skipped, counted and logged; training goes on.
 """
 from __future__ import annotations
@@ -202,13 +203,17 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         reader, readers = self.rank * workers + worker, self.world_size * workers
         start = self.resume.get(str(reader)) or self.resume.get(reader) or {}
-        epoch, skip_batches = int(start.get("epoch", 0)), int(start.get("batches", 0))
+        epoch = int(start.get("epoch", 0))
+        # samples of that epoch already trained on (older checkpoints recorded whole batches)
+        skip = int(start.get("samples", int(start.get("batches", 0)) * self.batch_size))
         skipped = [0]
 
         def on_error(msg):
             skipped[0] += 1
             log.warning("skipped %s", msg)
 
+        images, texts, keys = [], [], []
+        batches = 0
         while True:
             source = resolve_source(self.spec) if (self.follow and epoch > 0) else self.source
             order = epoch_shards(source.shards, epoch, self.seed, self.resampled)
@@ -219,25 +224,27 @@ class ShardStream(IterableDataset):
             if not by_shard:  # fewer shards than readers: every reader takes every readers-th sample
                 raw = (s for i, s in enumerate(raw) if i % readers == reader)
             raw = shuffle(raw, self.shuffle_buffer, random.Random(f"{self.seed}-{epoch}-{reader}"))
-            if skip_batches:  # resume: drop what was already trained on, before any decoding
-                for _ in range(skip_batches * self.batch_size):
+            if skip:  # resume: drop what was already trained on, before any decoding
+                for _ in range(skip):
                     if next(raw, None) is None:
                         break
-            emitted = skip_batches
-            skip_batches = 0
-            images, texts, keys = [], [], []
+            used, skip, fresh = skip, 0, 0
             for image, text, key in decode(raw, self.transform, self.tokenizer, on_error):
                 images.append(image)
                 texts.append(text)
                 keys.append(key)
+                used += 1
+                fresh += 1
                 if len(images) == self.batch_size:
-                    emitted += 1
+                    batches += 1
                     yield {"image": torch.stack(images), "text": torch.stack(texts), "keys": keys,
-                           "reader": reader, "epoch": epoch, "batches": emitted, "skipped": skipped[0]}
+                           "reader": reader, "epoch": epoch, "samples": used, "batches": batches,
+                           "skipped": skipped[0]}
                     images, texts, keys = [], [], []
-            if emitted == 0 and not images:
+            if fresh == 0 and not images:
                 raise InputError(f"--data {self.spec}: reader {reader} found no readable sample in a whole pass")
-            epoch += 1
+            epoch += 1  # a batch not yet full is filled from the next pass (a small subset, many readers)
+            batches = 0
 
 
 def make_loader(stream: ShardStream, workers: int) -> DataLoader:
@@ -248,5 +255,10 @@ def make_loader(stream: ShardStream, workers: int) -> DataLoader:
 
 
 def _worker_init(_):
+    import signal
+
+    # Ctrl-C reaches the whole process group: it is for the trainer, which checkpoints and stops (a worker that
+    # died of it first would take the batch in flight with it)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     np.random.seed(torch.initial_seed() % 2**32)

@@ -12,7 +12,6 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -22,32 +21,12 @@ from PIL import Image
 from psdclip.pipeline.errors import InputError
 
 from . import checkpoint as ckpt
+from .config import EvalConfig
 from .imagenet import collect_folders, group_scores, imagenet_layout as imagenet_variant
 from .metrics import linear_probe, recall_at, retrieval_ranks, topk_correct
 from .models import encode_text
 
 SYNTH_TEMPLATES = ("a photo of a {}.", "a {} shape.", "a drawing of a {}.", "an image of a {}.", "{}")
-
-
-@dataclass
-class EvalConfig:
-    """psdclip eval: evaluate a run or checkpoint on a suite; writes RUN/eval/<suite>.json."""
-
-    target: str = field(default="", metadata={"help": "run directory or checkpoint file", "positional": True,
-                                              "metavar": "RUN_OR_CHECKPOINT"})
-    suite: str = field(default="", metadata={"help": "synthetic:DIR, imagefolder:PATH, imagenet:PATH or retrieval:FILE"})
-    json: bool = field(default=False, metadata={"help": "print the result as JSON"})
-    batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
-    workers: int = field(default=2, metadata={"help": "image loading worker processes"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
-
-    def __post_init__(self):
-        if not self.target:
-            raise InputError("RUN_OR_CHECKPOINT is required")
-        kind = self.suite.split(":", 1)[0]
-        if kind not in ("synthetic", "imagefolder", "imagenet", "retrieval") or ":" not in self.suite:
-            raise InputError(f"--suite {self.suite!r}: expected synthetic:DIR, imagefolder:PATH, imagenet:PATH or "
-                             f"retrieval:FILE")
 
 
 # ---- model -------------------------------------------------------------------------------------------
@@ -186,13 +165,16 @@ def suite_synthetic(directory, model, preprocess, tokenizer, cfg, device, cache)
         raise InputError(f"synthetic:{directory}: no held-out scenes (heldout/attributes.parquet); make them with "
                          f"`psdclip data synth --heldout N`")
     held = pd.read_parquet(attrs_path)
+    if cfg.split != "all":
+        held = held[(held["id"] % 4 == 0) == (cfg.split == "val")].reset_index(drop=True)
     labels = held["shape"].map({s: i for i, s in enumerate(SHAPES)}).to_numpy()
     clf = classifier(model, tokenizer, list(SHAPES), SYNTH_TEMPLATES, device)
     out: dict = {}
     base = None
     for variant in SHIFTS:
         paths = [os.path.join(directory, "heldout", variant, f"{i:07d}.jpg") for i in held["id"]]
-        feats, ok = cache.get(variant, lambda p=paths: encode_images(model, preprocess, p, cfg, device))
+        name = variant if cfg.split == "all" else f"{variant}@{cfg.split}"
+        feats, ok = cache.get(name, lambda p=paths: encode_images(model, preprocess, p, cfg, device))
         zs = _zero_shot(feats[ok] @ clf, labels[ok])
         out[f"zeroshot_shape_{variant}"] = zs
         if variant == "base":
@@ -208,8 +190,9 @@ def suite_synthetic(directory, model, preprocess, tokenizer, cfg, device, cache)
     txt = encode_texts(model, tokenizer, held["true_caption"].tolist(), device)
     i2t, t2i = retrieval_ranks(feats[ok] @ txt[ok].T, np.arange(int(ok.sum())))
     out["retrieval"] = {**{f"i2t_{k}": v for k, v in recall_at(i2t).items()},
-                        **{f"t2i_{k}": v for k, v in recall_at(t2i).items()}, "_i2t_r1": (i2t < 1).astype(float),
-                        "_t2i_r1": (t2i < 1).astype(float)}
+                        **{f"t2i_{k}": v for k, v in recall_at(t2i).items()},
+                        "mean_R@1": float(((i2t < 1).mean() + (t2i < 1).mean()) / 2), "gallery": int(ok.sum()),
+                        "_i2t_r1": (i2t < 1).astype(float), "_t2i_r1": (t2i < 1).astype(float)}
     out["robustness"] = {"base": out["zeroshot_shape_base"]["top1"],
                          **{v: out[f"zeroshot_shape_{v}"]["top1"] for v in SHIFTS if v != "base"}}
     return out
@@ -296,12 +279,13 @@ def suite_retrieval(path, model, preprocess, tokenizer, cfg, device, cache) -> d
 
 # ---- command -------------------------------------------------------------------------------------------
 
-def result_name(suite: str) -> str:
-    """RUN/eval/<name>.json: `synthetic` for the synthetic suite, else the kind and the folder or file name
-    (imagenet-imagenet-r, retrieval-flickr30k_test), so that each data set keeps its own result."""
+def result_name(suite: str, split: str = "all") -> str:
+    """RUN/eval/<name>.json: `synthetic` for the synthetic suite (`synthetic-val`, `synthetic-test` for a split),
+    else the kind and the folder or file name (imagenet-imagenet-r, retrieval-flickr30k_test), so that each data
+    set keeps its own result."""
     kind, arg = suite.split(":", 1)
     if kind == "synthetic":
-        return kind
+        return kind if split == "all" else f"{kind}-{split}"
     stem = os.path.splitext(os.path.basename(os.path.normpath(arg)))[0] if kind == "retrieval" else \
         os.path.basename(os.path.normpath(arg))
     return f"{kind}-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", stem or "root")
@@ -332,11 +316,11 @@ def evaluate(cfg: EvalConfig) -> dict:
                     examples[f"{group}.{k[1:]}"] = v.tolist()
             else:
                 metrics[f"{group}.{k}"] = v
-    result = {"suite": cfg.suite, "kind": kind, **{k: info[k] for k in ("checkpoint", "step", "arch", "loss")},
+    result = {"suite": cfg.suite, "split": cfg.split, "kind": kind, **{k: info[k] for k in ("checkpoint", "step", "arch", "loss")},
               "metrics": metrics, "examples": examples, "time_s": round(time.time() - t0, 2)}
     out_dir = os.path.join(info["run"], "eval")
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{result_name(cfg.suite)}.json")
+    path = os.path.join(out_dir, f"{result_name(cfg.suite, cfg.split)}.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 
 import open_clip
 import torch
@@ -11,18 +10,7 @@ import torch
 from psdclip.pipeline.errors import InputError
 
 from . import checkpoint as ckpt
-
-
-@dataclass
-class ExportConfig:
-    """psdclip export: write an open_clip checkpoint (state_dict) and its model config beside it."""
-
-    run: str = field(default="", metadata={"help": "run directory or checkpoint file", "positional": True})
-    out: str = field(default="", metadata={"help": "output .pt file"})
-
-    def __post_init__(self):
-        if not self.run or not self.out:
-            raise InputError("usage: psdclip export RUN_OR_CHECKPOINT --out FILE.pt")
+from .config import ExportConfig
 
 
 def checkpoint_path(run_or_file: str) -> str:
@@ -48,10 +36,19 @@ def export(cfg: ExportConfig) -> int:
         raise InputError(f"{path}: not a psdclip training checkpoint")
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     torch.save({"state_dict": state["model"], "step": state["step"], "model_arch": arch}, cfg.out)
+    # the plain open_clip model config (what add_model_config reads), registered under the file's stem
     config_path = os.path.splitext(cfg.out)[0] + ".json"
-    with open(config_path, "w") as f:
-        json.dump({"model_arch": arch, "model_cfg": open_clip.get_model_config(arch)}, f, indent=2)
+    from . import models  # noqa: F401  (registers psdclip's own model configs with open_clip)
+
+    model_cfg = open_clip.get_model_config(arch)
+    if model_cfg is None:
+        raise InputError(f"{path}: model {arch!r} is not registered with open_clip; cannot write its config")
+    tmp = f"{config_path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(model_cfg, f, indent=2)
+    os.replace(tmp, config_path)
+    name = os.path.splitext(os.path.basename(config_path))[0]
     print(f"wrote {cfg.out} (open_clip checkpoint of {arch}, step {state['step']}) and {config_path}")
-    print(f"load it with: open_clip.create_model_and_transforms({arch!r}, pretrained={cfg.out!r})"
-          + ("  (after open_clip.add_model_config(" + repr(config_path) + "))" if arch.startswith("psdclip-") else ""))
+    print(f"load it with: import open_clip; open_clip.add_model_config({config_path!r}); "
+          f"model, _, preprocess = open_clip.create_model_and_transforms({name!r}, pretrained={cfg.out!r})")
     return 0

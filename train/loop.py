@@ -28,9 +28,10 @@ from .models import build_model, resolve_model_name
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to cfg.lr, then cosine decay to cfg.min_lr at cfg.steps."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    warmup = cfg.warmup_steps
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, cfg.steps - warmup)
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
@@ -76,16 +77,19 @@ def train(cfg: TrainConfig) -> dict:
     ckpt_dir = os.path.join(cfg.out, "checkpoints")
     torch.manual_seed(cfg.seed)
     model, preprocess_train, _, tokenizer = build_model(cfg.model, device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     loss_fn = make_loss(cfg, rank, world)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   eps=cfg.eps)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     scaler = torch.amp.GradScaler(enabled=False)  # bf16 needs no loss scaling; kept for checkpoint compatibility
-    start_step, data_position = 0, {}
+    start_step, data_position, teacher_state = 0, {}, None
     resumed = _resume(cfg, ckpt_dir, model, optimizer, scaler)
     if resumed:
-        start_step, data_position = resumed
-    ema = _make_ema(model) if cfg.ema_teacher and cfg.loss == "psd" else None
+        start_step, data_position, teacher_state = resumed
+    ema = _make_teacher(model, teacher_state) if cfg.loss == "psd" and (cfg.ema_teacher or cfg.snapshot_every) \
+        else None
     if rank == 0:
         os.makedirs(os.path.join(cfg.out, "plots"), exist_ok=True)
         with open(os.path.join(cfg.out, "config.yaml"), "w") as f:
@@ -97,6 +101,9 @@ def train(cfg: TrainConfig) -> dict:
     stream = ShardStream(cfg.data, micro, preprocess_train, tokenizer, seed=cfg.seed, rank=rank, world_size=world,
                          shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, follow=cfg.follow,
                          resume=data_position)
+    if stream.source.samples is not None and micro * world > stream.source.samples:
+        raise InputError(f"--batch-size {cfg.batch_size}: larger than the {stream.source.samples:,} samples of "
+                         f"--data {cfg.data} (a contrastive batch would hold the same pair twice)")
     batches = iter(make_loader(stream, cfg.workers))
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     bar = _progress(cfg, rank, start_step)
@@ -105,6 +112,7 @@ def train(cfg: TrainConfig) -> dict:
     window = {"t0": time.time(), "wait": 0.0, "samples": 0, "skipped_steps": 0}
     step = start_step
     end = cfg.steps if not cfg.stop_after else min(cfg.steps, start_step + cfg.stop_after)
+    interrupt = _Interrupt()
     for step in range(start_step, end):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -115,9 +123,10 @@ def train(cfg: TrainConfig) -> dict:
             t_wait = time.time()
             batch = _next_batch(batches)
             window["wait"] += time.time() - t_wait
-            position[str(batch["reader"])] = {"epoch": batch["epoch"], "batches": batch["batches"]}
+            position[str(batch["reader"])] = {"epoch": batch["epoch"], "samples": batch["samples"],
+                                              "batches": batch["batches"]}
             skipped_samples[batch["reader"]] = batch["skipped"]
-            images = batch["image"].to(device, non_blocking=True)
+            images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
             texts = batch["text"].to(device, non_blocking=True)
             sync = contextlib.nullcontext() if (world == 1 or m == cfg.accum - 1) else net.no_sync()
             with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -144,15 +153,25 @@ def train(cfg: TrainConfig) -> dict:
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        if ema is not None:
+        if ema is not None and cfg.ema_teacher:
             _ema_update(ema, model, cfg.ema_decay)
+        elif ema is not None and (step + 1) % cfg.snapshot_every == 0:
+            _ema_update(ema, model, 0.0)  # PS-KD: the teacher becomes the model as it is now
         done = step + 1
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
             _log(metrics_path, done, logs, lr, model, window, skipped_samples, world, bar)
-        if done % cfg.checkpoint_every == 0 or done == end:
-            _checkpoint(cfg, ckpt_dir, done, model, optimizer, scaler, position, world, rank)
+        stopping = interrupt.agreed(world, device)
+        if done % cfg.checkpoint_every == 0 or done == end or stopping:
+            _checkpoint(cfg, ckpt_dir, done, model, optimizer, scaler, position, world, rank, ema)
         if bar is not None:
             bar.update(1)
+        if stopping:
+            if bar is not None:
+                bar.close()
+            print(f"psdclip: {interrupt.name} at step {done}: checkpoint saved; the same command resumes from it",
+                  file=sys.stderr)
+            raise KeyboardInterrupt
+    interrupt.restore()
     if bar is not None:
         bar.close()
     if rank == 0:
@@ -162,6 +181,43 @@ def train(cfg: TrainConfig) -> dict:
     if world > 1:
         dist.barrier()
     return {"steps": end, "out": cfg.out}
+
+
+class _Interrupt:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler or torchrun ending the job) finish the current step, write a
+    checkpoint and stop; the ranks of a distributed run agree on it (one small all-reduce a step) so that none is
+    left waiting. The loader workers ignore SIGINT, which a terminal sends to the whole process group (see
+    data._worker_init)."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.name = ""
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        import signal
+
+        self.name = signal.Signals(signum).name
+
+    def agreed(self, world: int, device) -> bool:
+        if world == 1:
+            return bool(self.name)
+        flag = torch.tensor([1.0 if self.name else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not self.name:
+            self.name = "a signal on another rank"
+        return bool(flag.item())
+
+    def restore(self):
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _next_batch(batches):
@@ -193,7 +249,7 @@ def _log(path, step, logs, lr, model, window, skipped, world, bar):
     window.update(t0=time.time(), wait=0.0, samples=0)
 
 
-def _checkpoint(cfg, ckpt_dir, step, model, optimizer, scaler, position, world, rank):
+def _checkpoint(cfg, ckpt_dir, step, model, optimizer, scaler, position, world, rank, teacher=None):
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, position)
@@ -207,6 +263,7 @@ def _checkpoint(cfg, ckpt_dir, step, model, optimizer, scaler, position, world, 
             "step": step, "rng": ckpt.rng_state(), "data": {"position": position, "world_size": world,
                                                             "workers": cfg.workers},
             "model_arch": resolve_model_name(cfg.model), "loss": cfg.loss, "config": json.dumps(dataclasses.asdict(cfg)),
+            **({"teacher": teacher.state_dict()} if teacher is not None else {}),
         }, cfg.keep)
         from .plots import plot_run
 
@@ -246,7 +303,7 @@ def _resume(cfg, ckpt_dir, model, optimizer, scaler):
               "epoch", file=sys.stderr)
         position = {}
     print(f"psdclip: resuming from {path} (step {state['step']})", file=sys.stderr)
-    return int(state["step"]), position
+    return int(state["step"]), position, state.get("teacher")
 
 
 def _nan_diagnostics(cfg, step, logs, lr, model, batch):
@@ -259,19 +316,29 @@ def _nan_diagnostics(cfg, step, logs, lr, model, batch):
     raise PsdclipError(f"non-finite loss at step {step}; diagnostics in {path} (use --nan-policy skip to go on)")
 
 
-def _make_ema(model):
+def _make_teacher(model, state=None):
+    """A frozen copy of the model (EMA or snapshot teacher); a resumed run continues the teacher it saved."""
     import copy
 
-    ema = copy.deepcopy(model).eval()
-    for p in ema.parameters():
+    teacher = copy.deepcopy(model).eval()
+    if state is not None:
+        teacher.load_state_dict(state)
+    for p in teacher.parameters():
         p.requires_grad_(False)
-    return ema
+    return teacher
 
 
 @torch.no_grad()
 def _ema_update(ema, model, decay):
+    """teacher = decay·teacher + (1 − decay)·model, for the parameters and the floating-point buffers (batch-norm
+    statistics: the teacher runs in eval mode and needs them); other buffers are copied."""
     for e, p in zip(ema.parameters(), model.parameters()):
         e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        if e.is_floating_point():
+            e.mul_(decay).add_(b.detach(), alpha=1 - decay)
+        else:
+            e.copy_(b)
 
 
 @torch.no_grad()

@@ -7,6 +7,15 @@ PSD (progressive self-distillation): logits L = s·I·Tᵀ. The teacher is the d
 logits (row-wise for image→text, column-wise for text→image), optionally at a teacher temperature. For a
 random subset of rows (fraction ρ) the target is (1−α)·onehot + α·teacher; the other rows keep one-hot.
 The loss is the mean of the two cross-entropies. α (and ρ) follow pure schedule functions of the step.
+
+Which teacher (the readings of the method that psdclip implements; train/loop.py builds the teacher model):
+- same pass (default): the detached logits of this very forward pass, as the paper's abstract has it ("distills
+  its own knowledge ... for a subset of images and captions in every minibatch", no added compute). At teacher
+  temperature 1 and ρ = 1 a distilled row's gradient is (1 − α)·(p − y), CLIP's rescaled: temperature ≠ 1 or
+  ρ < 1 is what makes it differ.
+- EMA (`ema_teacher`): ALBEF's momentum distillation, a slowly moving average of the model (decay 0.99-0.999).
+- snapshot (`snapshot_every`): PS-KD's progressive refinement, the model as it was one epoch (N steps) ago.
+Targets and the cross-entropy are computed in fp32 under any autocast.
 """
 from __future__ import annotations
 
@@ -61,7 +70,9 @@ class CLIPLoss(ClipLoss):
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+    """Cross-entropy against soft targets, in fp32 whatever the autocast dtype (bf16 rounding would make the
+    targets no longer sum to 1)."""
+    return -(target.float() * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
 
 
 class PSDLoss(ClipLoss):
@@ -101,8 +112,8 @@ class PSDLoss(ClipLoss):
                 "distill_rows": mask.float().mean().detach()}
 
     def _with_teacher(self, logits, teacher_logits, labels, alpha, mask):
-        onehot = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+        onehot = F.one_hot(labels, logits.shape[1]).float()
         if alpha == 0.0:
             return onehot
-        teacher = F.softmax(teacher_logits.detach().float() / self.teacher_temperature, dim=-1).to(logits.dtype)
+        teacher = F.softmax(teacher_logits.detach().float() / self.teacher_temperature, dim=-1)
         return torch.where(mask[:, None], (1.0 - alpha) * onehot + alpha * teacher, onehot)

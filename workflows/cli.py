@@ -1,138 +1,68 @@
 """The `psdclip` command. Each subcommand is a typed dataclass config plus a function; the options, their
-help and their validation come from the dataclass (see psdclip.workflows.config)."""
+help and their validation come from the dataclass (see psdclip.workflows.config).
+
+One table, COMMANDS, names every command: (path, config class, "module:function", help). The config classes
+live in light modules (no torch, faiss or open_clip), and a command's module is imported only when that
+command runs, so `psdclip --help` and `psdclip data serve` start at once.
+"""
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import importlib
 import sys
 from dataclasses import dataclass
 
+from psdclip.index.config import IndexBuildConfig, QueryConfig, ServeConfig
 from psdclip.pipeline.config import BuildConfig, ServeDataConfig, StatsConfig, SynthConfig
 from psdclip.pipeline.errors import PsdclipError
+from psdclip.train.config import CompareConfig, EvalConfig, ExportConfig, TrainConfig
 
 from . import __version__
 from .config import add_dataclass_arguments, build_config, load_yaml
-from psdclip.train.config import TrainConfig
-from psdclip.index.build import IndexBuildConfig
-from psdclip.index.query import QueryConfig
-from psdclip.index.service import ServeConfig
-from psdclip.train.compare import CompareConfig
-from psdclip.train.evaluate import EvalConfig
-from psdclip.train.export import ExportConfig
-from .demo import DemoConfig, run_demo
-from .recipe import RunConfig
-from .sweep import SweepConfig
-
-
-def cmd_build(cfg: BuildConfig) -> int:
-    from psdclip.pipeline.build import build
-    from psdclip.pipeline.dataset import format_stats
-
-    stats = build(cfg)
-    print(format_stats(stats))
-    b = stats["build"]
-    if b.get("images_per_s"):
-        print(f"\ndownloaded {b['downloaded_rows']:,} rows in {b['download_s']:.1f} s "
-              f"({b['images_per_s']:.1f} images/s); total {b['total_s']:.1f} s")
-    print(f"dataset: {os.path.abspath(cfg.out)}")
-    return 0
-
-
-def cmd_stats(cfg: StatsConfig) -> int:
-    from psdclip.pipeline.dataset import Layout, compute_stats, format_stats, load_manifest, read_json
-
-    manifest = load_manifest(cfg.dataset)
-    layout = Layout(cfg.dataset)
-    info = read_json(layout.dataset_json) if os.path.isfile(layout.dataset_json) else {}
-    stats = compute_stats(manifest, layout, info.get("output_format", "webdataset"))
-    if os.path.isfile(layout.stats_json):
-        stats["build"] = read_json(layout.stats_json).get("build")
-    print(json.dumps(stats, indent=2) if cfg.json else format_stats(stats))
-    return 0
-
-
-def cmd_synth(cfg: SynthConfig) -> int:
-    from psdclip.pipeline.synth import generate
-
-    summary = generate(cfg)
-    print(f"wrote {summary['images']:,} images (+{summary['heldout']:,} held-out scenes x variants) to "
-          f"{summary['out']}; captions: {summary['caption_kinds']}")
-    print(f"URL list: {os.path.join(summary['out'], 'urls.csv')} (for {cfg.base_url})")
-    return 0
-
-
-def cmd_serve_data(cfg: ServeDataConfig) -> int:
-    from psdclip.pipeline.serve import make_server
-    from psdclip.pipeline.synth import write_url_list
-
-    if not os.path.isdir(cfg.dir):
-        raise PsdclipError(f"{cfg.dir}: no such directory")
-    server = make_server(os.path.abspath(cfg.dir), cfg.host, cfg.port)
-    base = f"http://{cfg.host}:{server.server_address[1]}"
-    if os.path.isfile(os.path.join(cfg.dir, "attributes.parquet")):
-        path = write_url_list(cfg.dir, base)
-        print(f"URL list for this address: {path}")
-    print(f"serving {os.path.abspath(cfg.dir)} on {base} (Ctrl-C stops)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
-
-
-def cmd_train(cfg) -> int:
-    from psdclip.train.loop import train
-
-    result = train(cfg)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"trained {result['steps']} steps; run in {os.path.abspath(result['out'])}")
-    return 0
-
-
-def cmd_export(cfg) -> int:
-    from psdclip.train.export import export
-
-    return export(cfg)
-
-
-def _run(module: str, func: str, cfg) -> int:
-    import importlib
-
-    return getattr(importlib.import_module(module), func)(cfg)
+from .demo import DemoConfig
+from .recipe import RunConfig, SweepConfig
 
 
 @dataclass(frozen=True)
 class Command:
     path: tuple[str, ...]
     config: type
-    run: object
+    target: str  # "module:function", imported when the command runs
     help: str
+
+    def run(self, cfg) -> int:
+        module, _, func = self.target.partition(":")
+        return getattr(importlib.import_module(module), func)(cfg)
 
 
 COMMANDS = (
-    Command(("data", "build"), BuildConfig, cmd_build, "build a sharded dataset from URL lists"),
-    Command(("data", "stats"), StatsConfig, cmd_stats, "counts per status, success rate, sizes, failing shards"),
-    Command(("data", "synth"), SynthConfig, cmd_synth, "generate the synthetic image-caption source"),
-    Command(("data", "serve"), ServeDataConfig, cmd_serve_data, "serve a synthetic source over HTTP (loopback)"),
-    Command(("train",), TrainConfig, cmd_train, "train CLIP or PSD on streamed shards (alone or under torchrun)"),
-    Command(("export",), ExportConfig, cmd_export, "write a run's model as an open_clip checkpoint"),
-    Command(("eval",), EvalConfig, lambda cfg: __import__("psdclip.train.evaluate", fromlist=["x"]).cmd_eval(cfg),
+    Command(("data", "build"), BuildConfig, "psdclip.workflows.commands:cmd_build",
+            "build a sharded dataset from URL lists"),
+    Command(("data", "stats"), StatsConfig, "psdclip.workflows.commands:cmd_stats",
+            "counts per status, success rate, sizes, failing shards"),
+    Command(("data", "synth"), SynthConfig, "psdclip.workflows.commands:cmd_synth",
+            "generate the synthetic image-caption source"),
+    Command(("data", "serve"), ServeDataConfig, "psdclip.workflows.commands:cmd_serve_data",
+            "serve a synthetic source over HTTP (loopback)"),
+    Command(("train",), TrainConfig, "psdclip.workflows.commands:cmd_train",
+            "train CLIP or PSD on streamed shards (alone or under torchrun)"),
+    Command(("export",), ExportConfig, "psdclip.train.export:export",
+            "write a run's model as an open_clip checkpoint"),
+    Command(("eval",), EvalConfig, "psdclip.train.evaluate:cmd_eval",
             "zero-shot, linear probe, retrieval and robustness on a suite"),
-    Command(("compare",), CompareConfig, lambda cfg: __import__("psdclip.train.compare", fromlist=["x"]).cmd_compare(cfg),
+    Command(("compare",), CompareConfig, "psdclip.train.compare:cmd_compare",
             "put runs side by side: metrics, differences with bootstrap CIs, a PNG chart"),
-    Command(("index", "build"), IndexBuildConfig, lambda c: _run("psdclip.index.build", "cmd_index_build", c),
+    Command(("index", "build"), IndexBuildConfig, "psdclip.index.build:cmd_index_build",
             "encode a dataset and build a FAISS index under memory and latency budgets"),
-    Command(("index", "query"), QueryConfig, lambda c: _run("psdclip.index.query", "cmd_query", c),
+    Command(("index", "query"), QueryConfig, "psdclip.index.query:cmd_query",
             "nearest neighbours of a text, an image or an embedding"),
-    Command(("serve",), ServeConfig, lambda c: _run("psdclip.index.service", "cmd_serve", c),
+    Command(("serve",), ServeConfig, "psdclip.index.service:cmd_serve",
             "the retrieval service (FastAPI + uvicorn) and its web page"),
-    Command(("demo",), DemoConfig, run_demo, "the embedded end-to-end demo on synthetic data"),
-    Command(("run",), RunConfig, lambda c: _run("psdclip.workflows.recipe", "run_recipe", c),
+    Command(("demo",), DemoConfig, "psdclip.workflows.demo:run_demo",
+            "the embedded end-to-end demo on synthetic data"),
+    Command(("run",), RunConfig, "psdclip.workflows.recipe:run_recipe",
             "run an end-to-end recipe: data -> train -> eval -> index (-> serve)"),
-    Command(("sweep",), SweepConfig, lambda c: _run("psdclip.workflows.sweep", "run_sweep", c),
+    Command(("sweep",), SweepConfig, "psdclip.workflows.sweep:run_sweep",
             "a scaling-law sweep: subsets x methods x seeds, gathered, fitted and plotted"),
 )
 

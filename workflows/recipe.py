@@ -64,6 +64,19 @@ class RunConfig:
             raise InputError("RECIPE is required")
 
 
+@dataclass
+class SweepConfig:
+    """psdclip sweep: run a scaling-law sweep recipe, gather, fit and plot."""
+
+    recipe: str = field(default="", metadata={"help": "sweep recipe YAML (a path or a bundled name)", "positional": True})
+    out: str = field(default="", metadata={"help": "output folder (default: the recipe's out)"})
+    check: bool = field(default=False, metadata={"help": "only parse and validate the recipe"})
+
+    def __post_init__(self):
+        if not self.recipe:
+            raise InputError("RECIPE is required")
+
+
 def validate(path: str, recipe: dict, out: str) -> dict:
     from psdclip.index.build import IndexBuildConfig
     from psdclip.index.service import ServeConfig

@@ -1,49 +1,62 @@
-"""psdclip sweep: a scaling-law sweep: dataset subsets x methods x seeds under a declared compute rule.
+"""psdclip sweep: a scaling-law sweep: dataset subsets x methods x seeds (x caption-noise levels) under a
+declared compute rule, with an optional screening stage that picks the PSD setting on a validation split.
 
     sweep:
       subsets: [0.01, 0.1, 1.0]            # fractions or counts, written as nested subsets of the dataset
       methods: {clip: {loss: clip}, psd: {loss: psd, alpha_max: 0.5}}
-      seeds: [0, 1]
-      compute: {rule: samples_seen, samples: 9600}    # or {rule: epochs, epochs: 5}
-      runner: sequential                    # sequential | torchrun (nproc: N) | dask (scheduler: tcp://...)
+      seeds: [0, 1, 2]
+      seeds_largest: [0, 1, 2, 3, 4]       # optional: more seeds at the largest subset
+      compute: {rule: epochs, epochs: 5}   # or {rule: samples_seen, samples: 9600}
+      noise:                               # optional: one synthetic source (and dataset) per caption-noise level
+        clean: {mismatch_frac: 0, shared_frac: 0, lowinfo_frac: 0}
+        noisy: {mismatch_frac: 0.3, shared_frac: 0.1}
+      split: true                          # evaluate the synthetic suite on its val and test splits
+      primary: retrieval.mean_R@1          # the metric declared before running: fits, differences, selection
+      screen:                              # optional: screen PSD settings first, at one subset and noise level
+        subset: "0.1"
+        noise: noisy
+        seeds: [0, 1, 2]
+        methods: {psd-T2: {loss: psd, teacher_temperature: 2.0}, ...}
+      runner: sequential                   # sequential | inprocess | torchrun (nproc: N) | dask (scheduler: tcp://...)
       suites: [synthetic]
       metrics: [zeroshot_shape_base.top1, retrieval.t2i_R@1, linear_probe_shape.accuracy]
 
-Finished runs (with an evaluation) are skipped, so a sweep resumes. Results: results.csv, results.md, and
-for every method and metric a fit error = a·N^(−b) + c with its R², drawn in scaling_<metric>.png.
+A method's `snapshot_every: epoch` means one pass over its subset (a `warmup` below 1 is already a fraction of
+each run's steps). `regime: {method: clip, seed: 0, require: {METRIC: MIN}}` first trains that run at the largest subset and
+stops the sweep if it misses a minimum on the validation split (a baseline that does not learn cannot tell
+methods apart). The screening stage runs CLIP and every
+screened method, and the one with the best mean of the primary metric on the *validation* split joins the
+scaling stage beside `methods`. Every run writes RUN/train.yaml and runs `psdclip train --config`; a run that
+was cut off continues from its last checkpoint when the same command is run again, and finished runs (with
+their evaluations) are skipped, so a sweep can span several working sessions.
+
+Results (per noise level when there are several): results.csv (test split, or all scenes, with the
+validation value of each metric as val:<metric>), results.md (mean ± 95% Student-t interval over seeds, fits
+error = a·N^(−b) + c over the individual runs with their R², each method minus CLIP paired by seed with the
+smallest difference the design detects), scaling_*.png and diff_*.png (method − CLIP against N).
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from psdclip.pipeline.errors import InputError
 from psdclip.train.evaluate import result_name
+
+from .recipe import SweepConfig  # noqa: F401  (the command's config lives in the light recipe module)
 
 
 def _suite_spec(suite: str, src: str) -> str:
     """A sweep's suite entry as `psdclip eval --suite` takes it (plain `synthetic` means the sweep's source)."""
     return f"synthetic:{src}" if suite == "synthetic" else suite
-
-
-@dataclass
-class SweepConfig:
-    """psdclip sweep: run a scaling-law sweep recipe, gather, fit and plot."""
-
-    recipe: str = field(default="", metadata={"help": "sweep recipe YAML (a path or a bundled name)", "positional": True})
-    out: str = field(default="", metadata={"help": "output folder (default: the recipe's out)"})
-    check: bool = field(default=False, metadata={"help": "only parse and validate the recipe"})
-
-    def __post_init__(self):
-        if not self.recipe:
-            raise InputError("RECIPE is required")
 
 
 def steps_for(rule: dict, n_samples: int, batch_size: int) -> int:
@@ -59,7 +72,8 @@ def power_law(n, a, b, c):
 
 
 def fit_power_law(ns, errors) -> dict:
-    """error = a·N^(−b) + c by least squares; R² of the fit."""
+    """error = a·N^(−b) + c by least squares over the given points (one per run, or one per size); R² of the
+    fit over those points."""
     from scipy.optimize import curve_fit
 
     ns, errors = np.asarray(ns, float), np.asarray(errors, float)
@@ -72,67 +86,8 @@ def fit_power_law(ns, errors) -> dict:
         return {"ok": False, "note": str(err)}
     pred = power_law(ns, a, b, c)
     ss_res, ss_tot = float(((errors - pred) ** 2).sum()), float(((errors - errors.mean()) ** 2).sum())
-    return {"ok": True, "a": float(a), "b": float(b), "c": float(c), "r2": 1 - ss_res / ss_tot if ss_tot else 1.0}
-
-
-def run_sweep(cfg: SweepConfig) -> int:
-    from psdclip.train.config import TrainConfig
-
-    from .config import build_config
-    from .recipe import load_recipe, prepare_dataset, validate
-
-    recipe = load_recipe(cfg.recipe)
-    sw = recipe.get("sweep") or {}
-    if not sw.get("methods") or not sw.get("subsets"):
-        raise InputError(f"{cfg.recipe}: a sweep recipe needs sweep.methods and sweep.subsets")
-    out = os.path.abspath(cfg.out or recipe.get("out") or os.path.join("sweeps", recipe.get("name", "sweep")))
-    recipe.setdefault("data", {})["subsets"] = [str(s) for s in sw["subsets"]]
-    cfgs = validate(cfg.recipe, recipe, out)
-    seeds = sw.get("seeds", [0])
-    rule = sw.get("compute", {"rule": "samples_seen", "samples": 10_000})
-    base_train = dict(recipe.get("train") or {})
-    plan = []
-    for name, overrides in sw["methods"].items():
-        build_config(TrainConfig, {**base_train, **(overrides or {})}, {"data": "x", "out": "y"},
-                     source=f"{cfg.recipe} [sweep.methods.{name}]")  # validate each method now
-        plan.append(name)
-    if cfg.check:
-        print(f"{cfg.recipe}: valid sweep: {len(sw['subsets'])} subsets x {len(plan)} methods x {len(seeds)} seeds")
-        return 0
-    src = prepare_dataset(cfgs)
-    ds = cfgs["data"].out
-    from psdclip.pipeline.subsets import parse_subsets
-
-    rows = []
-    for subset_name, _ in parse_subsets(cfgs["data"].subsets):
-        subset = os.path.join(ds, "subsets", f"{subset_name}.json")
-        n = json.load(open(subset))["count"]
-        for method in plan:
-            for seed in seeds:
-                run = os.path.join(out, "runs", f"{subset_name}-{method}-s{seed}")
-                settings = {**base_train, **(sw["methods"][method] or {})}
-                batch = int(settings.get("batch_size", 128))
-                steps = steps_for(rule, n, batch)
-                done = all(os.path.isfile(os.path.join(run, "eval", f"{result_name(_suite_spec(s, src))}.json"))
-                           for s in sw.get("suites", ["synthetic"]))
-                if not done:
-                    print(f"[sweep] {subset_name} (N={n}) {method} seed {seed}: {steps} steps", file=sys.stderr, flush=True)
-                    _train_and_eval(sw, settings, subset, run, steps, seed, src)
-                else:
-                    print(f"[sweep] {subset_name} {method} seed {seed}: done, skipped", file=sys.stderr)
-                metrics = {}
-                for f in os.listdir(os.path.join(run, "eval")):
-                    if f.endswith(".json"):
-                        metrics.update(json.load(open(os.path.join(run, "eval", f)))["metrics"])
-                rows.append({"subset": subset_name, "N": n, "method": method, "seed": seed, "steps": steps, **metrics})
-    table = pd.DataFrame(rows)
-    table.to_csv(os.path.join(out, "results.csv"), index=False)
-    metric_names = sw.get("metrics", ["zeroshot_shape_base.top1", "retrieval.t2i_R@1", "linear_probe_shape.accuracy"])
-    report = summarize(table, metric_names, out)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(report + "\n")
-    print(report)
-    return 0
+    return {"ok": True, "a": float(a), "b": float(b), "c": float(c), "r2": 1 - ss_res / ss_tot if ss_tot else 1.0,
+            "points": int(len(ns))}
 
 
 def ci_half(values: np.ndarray) -> float:
@@ -143,34 +98,351 @@ def ci_half(values: np.ndarray) -> float:
     return float(t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
 
 
-def summarize(table: pd.DataFrame, metrics: list[str], out: str) -> str:
-    """Mean ± 95% CI (Student t) over seeds per (N, method), and the power-law fits."""
-    lines = ["| N | method | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-    fits = {}
-    for (n, method), grp in table.groupby(["N", "method"]):
-        cells = []
-        for m in metrics:
-            v = grp[m].dropna().to_numpy() if m in grp else np.array([])
-            cells.append(f"{v.mean():.3f} ± {ci_half(v):.3f}" if len(v) else "")
-        lines.append(f"| {n} | {method} | " + " | ".join(cells) + " |")
-    lines += ["", "Power-law fits of the error (1 − metric): error = a·N^(−b) + c", "",
-              "| method | metric | a | b | c | R² |", "|---|---|---|---|---|---|"]
-    for method, grp in table.groupby("method"):
-        for m in metrics:
-            if m not in grp:
-                continue
-            means = grp.groupby("N")[m].mean()
-            fit = fit_power_law(means.index.to_numpy(), 1 - means.to_numpy())
-            fits[(method, m)] = (means, fit)
-            if fit["ok"]:
-                lines.append(f"| {method} | {m} | {fit['a']:.3f} | {fit['b']:.3f} | {fit['c']:.3f} | {fit['r2']:.3f} |")
-            else:
-                lines.append(f"| {method} | {m} | – | – | – | {fit['note']} |")
-    _plot(table, metrics, fits, out)
-    return "\n".join(lines)
+def min_detectable(values: np.ndarray, power: float = 0.8) -> float:
+    """The smallest true mean difference a paired two-sided t test at 5% detects with the given power, for
+    this many pairs and the observed spread of their differences: (t_0.975 + t_power)·sd/√n."""
+    from scipy.stats import t
+
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    return float((t.ppf(0.975, n - 1) + t.ppf(power, n - 1)) * values.std(ddof=1) / np.sqrt(n))
 
 
-def _plot(table, metrics, fits, out):
+# ---- planning and running ----------------------------------------------------------------------------
+
+def _validatable(settings: dict) -> dict:
+    """Train settings with the sweep's own form (`snapshot_every: epoch`) replaced by a stand-in, so that TrainConfig can check everything else before the sweep starts."""
+    out = dict(settings)
+    if out.get("snapshot_every") == "epoch":
+        out["snapshot_every"] = 1
+    return out
+
+
+class Sweep:
+    """One sweep recipe, resolved: its noise levels (each a synthetic source and a dataset), methods, seeds."""
+
+    def __init__(self, cfg: SweepConfig):
+        from psdclip.train.config import TrainConfig
+
+        from .config import build_config
+        from .recipe import load_recipe, validate
+
+        self.path = cfg.recipe
+        recipe = load_recipe(cfg.recipe)
+        sw = recipe.get("sweep") or {}
+        if not isinstance(sw, dict) or not sw.get("methods") or not sw.get("subsets"):
+            raise InputError(f"{cfg.recipe}: a sweep recipe needs sweep.methods and sweep.subsets")
+        self.sw = sw
+        self.out = os.path.abspath(cfg.out or recipe.get("out") or os.path.join("sweeps", recipe.get("name", "sweep")))
+        recipe.setdefault("data", {})["subsets"] = [str(s) for s in sw["subsets"]]
+        self.noise = sw.get("noise") or {}
+        if not isinstance(self.noise, dict):
+            raise InputError(f"{cfg.recipe}: sweep.noise must map a level name to synthetic options")
+        if self.noise and recipe.get("synthetic") is None:
+            raise InputError(f"{cfg.recipe}: sweep.noise needs a [synthetic] section")
+        self.levels = list(self.noise) or [""]
+        self.cfgs = {}
+        for level in self.levels:
+            rec = copy.deepcopy(recipe)
+            if rec.get("train") is not None:
+                rec["train"] = _validatable(rec["train"])
+            if level:
+                if not isinstance(self.noise[level], dict):
+                    raise InputError(f"{cfg.recipe}: sweep.noise.{level} must be a mapping of synthetic options")
+                rec["synthetic"] = {**(rec.get("synthetic") or {}), **self.noise[level]}
+            self.cfgs[level] = validate(cfg.recipe, rec, os.path.join(self.out, level) if level else self.out)
+        self.seeds = [int(s) for s in sw.get("seeds", [0])]
+        self.seeds_largest = [int(s) for s in sw.get("seeds_largest", self.seeds)]
+        self.rule = sw.get("compute", {"rule": "samples_seen", "samples": 10_000})
+        if not isinstance(self.rule, dict):
+            raise InputError(f"{cfg.recipe}: sweep.compute must be a mapping such as {{rule: epochs, epochs: 5}}")
+        steps_for(self.rule, 1, 1)  # checks the rule
+        self.base_train = dict(recipe.get("train") or {})
+        self.split = bool(sw.get("split", False))
+        self.suites = sw.get("suites", ["synthetic"])
+        self.metrics = list(sw.get("metrics", ["zeroshot_shape_base.top1", "retrieval.t2i_R@1"]))
+        self.primary = sw.get("primary") or self.metrics[0]
+        if self.primary not in self.metrics:
+            self.metrics.insert(0, self.primary)
+        self.screen = sw.get("screen") or {}
+        if self.screen:
+            if not isinstance(self.screen, dict) or not isinstance(self.screen.get("methods"), dict):
+                raise InputError(f"{cfg.recipe}: sweep.screen needs methods (a mapping of name to settings)")
+            if str(self.screen.get("subset")) not in self.cfgs[self.levels[0]]["data"].subsets:
+                raise InputError(f"{cfg.recipe}: sweep.screen.subset must be one of sweep.subsets")
+            if self.screen.get("noise", self.levels[0]) not in self.levels:
+                raise InputError(f"{cfg.recipe}: sweep.screen.noise must be one of sweep.noise's levels")
+        self.methods = {**sw["methods"], **(self.screen.get("methods") or {})}
+        for name, overrides in self.methods.items():
+            if overrides is not None and not isinstance(overrides, dict):
+                raise InputError(f"{cfg.recipe}: sweep method {name!r} must be a mapping of train options")
+            settings = _validatable({**self.base_train, **(overrides or {})})
+            build_config(TrainConfig, settings, {"data": "x", "out": "y"},
+                         source=f"{cfg.recipe} [sweep.methods.{name}]")  # validate each method now
+        from psdclip.pipeline.subsets import parse_subsets
+
+        self.subsets = [name for name, _ in parse_subsets(self.sw["subsets"])]  # "0.1" -> "10pct"
+        if self.screen:
+            (self.screen_subset, _), = parse_subsets([self.screen["subset"]])
+        self.sources: dict[str, str | None] = {}
+
+    def describe(self) -> str:
+        n = len(self.sw["subsets"]) * len(self.sw["methods"]) * len(self.levels)
+        screen = f", screening {len(self.screen['methods'])} settings first" if self.screen else ""
+        return (f"valid sweep: {len(self.sw['subsets'])} subsets x {len(self.sw['methods'])} methods x "
+                f"{len(self.seeds)} seeds x {len(self.levels)} noise level(s) ({n} cells){screen}")
+
+    def prepare(self):
+        from .recipe import prepare_dataset
+
+        for level in self.levels:
+            if level:
+                print(f"[sweep] noise level {level}: source and dataset", file=sys.stderr, flush=True)
+            self.sources[level] = prepare_dataset(self.cfgs[level])
+
+    def subset_path(self, level: str, name: str) -> tuple[str, int]:
+        path = os.path.join(self.cfgs[level]["data"].out, "subsets", f"{name}.json")
+        with open(path) as f:
+            return path, int(json.load(f)["count"])
+
+    def evals(self) -> list[tuple[str, str]]:
+        """(suite spec template, split) of every evaluation a run gets."""
+        out = []
+        for suite in self.suites:
+            splits = ("val", "test") if self.split and suite == "synthetic" else ("all",)
+            out += [(suite, s) for s in splits]
+        return out
+
+    def run(self, level: str, subset: str, method: str, seed: int) -> dict:
+        """Train and evaluate one run unless it is finished; returns its row of the results table."""
+        src = self.sources[level]
+        subset_file, n = self.subset_path(level, subset)
+        root = os.path.join(self.out, level) if level else self.out
+        run = os.path.join(root, "runs", f"{subset}-{method}-s{seed}")
+        settings = {**self.base_train, **(self.methods[method] or {})}
+        batch = int(settings.get("batch_size", 128))
+        steps = steps_for(self.rule, n, batch)
+        if settings.get("snapshot_every") == "epoch":
+            settings["snapshot_every"] = max(1, math.ceil(n / batch))
+        files = {(s, sp): os.path.join(run, "eval", f"{result_name(_suite_spec(s, src), sp)}.json")
+                 for s, sp in self.evals()}
+        tag = f"{level + ' ' if level else ''}{subset} (N={n}) {method} seed {seed}"
+        if all(os.path.isfile(f) for f in files.values()):
+            print(f"[sweep] {tag}: done, skipped", file=sys.stderr)
+        else:
+            print(f"[sweep] {tag}: {steps} steps", file=sys.stderr, flush=True)
+            self._train(settings, subset_file, run, steps, seed)
+            for (suite, split), f in files.items():
+                if not os.path.isfile(f):
+                    self._eval(run, _suite_spec(suite, src), split)
+        row = {"noise": level, "subset": subset, "N": n, "method": method, "seed": seed, "steps": steps}
+        for (suite, split), f in files.items():
+            with open(f) as fh:
+                metrics = json.load(fh)["metrics"]
+            prefix = "val:" if split == "val" else ""
+            row.update({prefix + k: v for k, v in metrics.items()})
+        return row
+
+    def _train(self, settings: dict, subset: str, run: str, steps: int, seed: int):
+        os.makedirs(run, exist_ok=True)
+        train_yaml = os.path.join(run, "train.yaml")
+        with open(train_yaml + ".tmp", "w") as f:
+            yaml.safe_dump({**settings, "data": subset, "out": run, "steps": steps, "seed": seed, "progress": False},
+                           f, sort_keys=False)
+        os.replace(train_yaml + ".tmp", train_yaml)
+        args = ["train", "--config", train_yaml]
+        runner = self.sw.get("runner", "sequential")
+        exe = os.path.join(os.path.dirname(sys.executable), "psdclip")
+        if runner == "torchrun":
+            cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc-per-node",
+                   str(self.sw.get("nproc", 2)), "-m", "psdclip.workflows.cli", *args]
+        elif runner == "sequential":
+            cmd = [exe, *args]
+        elif runner == "inprocess":  # no process start-up per run (small runs, tests); a crash ends the sweep
+            from psdclip.train.config import TrainConfig
+            from psdclip.train.loop import train
+
+            from .config import build_config, load_yaml
+
+            train(build_config(TrainConfig, load_yaml(train_yaml), {}, source=train_yaml))
+            return
+        elif runner == "dask":
+            from dask.distributed import Client
+
+            with Client(self.sw["scheduler"]) as client:
+                rc = client.submit(subprocess.call, [exe, *args], pure=False).result()
+            if rc:
+                raise InputError(f"[sweep] run {run} failed on the Dask cluster (exit {rc})")
+            return
+        else:
+            raise InputError(f"[sweep] runner must be sequential, inprocess, torchrun or dask, got {runner!r}")
+        rc = subprocess.call(cmd)
+        if rc:
+            raise InputError(f"[sweep] run {run} failed (exit {rc}); rerun the sweep to resume")
+
+    def _eval(self, run: str, spec: str, split: str):
+        """In this process (the model is small next to a process start-up with torch)."""
+        from psdclip.train.config import EvalConfig
+        from psdclip.train.evaluate import evaluate
+
+        evaluate(EvalConfig(target=run, suite=spec, split=split, workers=0))
+
+
+def run_sweep(cfg: SweepConfig) -> int:
+    sweep = Sweep(cfg)
+    if cfg.check:
+        print(f"{cfg.recipe}: {sweep.describe()}")
+        return 0
+    sweep.prepare()
+    os.makedirs(sweep.out, exist_ok=True)
+    methods = dict(sweep.sw["methods"])
+    check_regime(sweep)
+    selection = None
+    if sweep.screen:
+        selection = screen(sweep)
+        methods[selection["best"]] = sweep.methods[selection["best"]]
+    rows = []
+    largest = sweep.subsets[-1]
+    for level in sweep.levels:
+        for subset in sweep.subsets:
+            for method in methods:
+                for seed in (sweep.seeds_largest if subset == largest else sweep.seeds):
+                    rows.append(sweep.run(level, subset, method, seed))
+    table = pd.DataFrame(rows)
+    table.to_csv(os.path.join(sweep.out, "results.csv"), index=False)
+    report = summarize(table, sweep.metrics, sweep.out, primary=sweep.primary)
+    if selection:
+        report = selection["report"] + "\n\n" + report
+    with open(os.path.join(sweep.out, "results.md"), "w") as f:
+        f.write(report + "\n")
+    print(report)
+    return 0
+
+
+def check_regime(sweep: Sweep) -> None:
+    """`sweep.regime: {method: clip, seed: 0, require: {metric: minimum, ...}}`: before anything else, train that
+    run at the largest subset (of the first noise level) and stop with a one-line error if it misses a minimum on
+    the validation split: a study in which the baseline does not learn cannot tell methods apart."""
+    regime = sweep.sw.get("regime")
+    if not regime:
+        return
+    level, subset = sweep.levels[0], sweep.subsets[-1]
+    row = sweep.run(level, subset, regime.get("method", "clip"), int(regime.get("seed", sweep.seeds[0])))
+    missed = []
+    for metric, minimum in (regime.get("require") or {}).items():
+        value = row.get(f"val:{metric}", row.get(metric))
+        if value is None or value < float(minimum):
+            missed.append(f"{metric} {value if value is None else round(value, 4)} < {minimum}")
+    if missed:
+        raise InputError(f"[sweep] the regime does not learn: at {subset} {level} the baseline has "
+                         f"{'; '.join(missed)} (validation split); change model, budget or data before comparing")
+    print(f"[sweep] regime check passed at {subset} {level}", file=sys.stderr)
+
+
+def screen(sweep: Sweep) -> dict:
+    """Stage 1: CLIP and each screened PSD setting at one subset and noise level; the best PSD setting on the
+    primary metric's validation split (never the test split) is chosen. Writes screen.csv and returns the
+    choice and a markdown report."""
+    sc = sweep.screen
+    level = sc.get("noise", sweep.levels[0])
+    subset = sweep.screen_subset
+    seeds = [int(s) for s in sc.get("seeds", sweep.seeds)]
+    base = "clip" if "clip" in sweep.methods else next(iter(sweep.sw["methods"]))
+    names = [base] + [m for m in sc["methods"] if m != base]
+    rows = [sweep.run(level, subset, m, s) for m in names for s in seeds]
+    table = pd.DataFrame(rows)
+    table.to_csv(os.path.join(sweep.out, "screen.csv"), index=False)
+    key = f"val:{sweep.primary}" if f"val:{sweep.primary}" in table else sweep.primary
+    lines = [f"Screening at {subset} (N={int(table['N'].iloc[0])}){' ' + level if level else ''}, seeds {seeds}: "
+             f"{key}, each setting minus {base} paired by seed (mean ± 95% CI, smallest detectable difference at "
+             f"80% power)", "", f"| method | {key} | Δ vs {base} | detectable |", "|---|---|---|---|"]
+    b = table[table["method"] == base].set_index("seed")[key]
+    scores = {}
+    for m in names:
+        v = table[table["method"] == m].set_index("seed")[key]
+        d = (v - b).dropna().to_numpy(float)
+        scores[m] = float(v.mean())
+        lines.append(f"| {m} | {v.mean():.4f} ± {ci_half(v.to_numpy(float)):.4f} | "
+                     + ("–" if m == base else f"{d.mean():+.4f} ± {ci_half(d):.4f}") + " | "
+                     + ("–" if m == base else f"{min_detectable(d):.4f}") + " |")
+    psd = {m: s for m, s in scores.items() if m != base}
+    best = max(psd, key=psd.get)
+    lines += ["", f"Chosen for the scaling stage (best mean {key}): **{best}**"]
+    with open(os.path.join(sweep.out, "screen.json"), "w") as f:
+        json.dump({"best": best, "metric": key, "scores": scores}, f, indent=1)
+    return {"best": best, "report": "\n".join(lines)}
+
+
+# ---- summaries ---------------------------------------------------------------------------------------
+
+def paired_differences(table: pd.DataFrame, metric: str, base: str = "clip") -> list[dict]:
+    """(method − base) per N, paired by seed: mean, 95% Student-t half-width and smallest detectable difference."""
+    out = []
+    for n, grp in table.groupby("N"):
+        if base not in set(grp["method"]) or metric not in grp:
+            continue
+        b = grp[grp["method"] == base].set_index("seed")[metric]
+        for method in [m for m in grp["method"].unique() if m != base]:
+            o = grp[grp["method"] == method].set_index("seed")[metric]
+            seeds = sorted(set(b.index) & set(o.index))
+            d = o.loc[seeds].to_numpy(float) - b.loc[seeds].to_numpy(float)
+            out.append({"N": int(n), "method": method, "diff": float(d.mean()), "half": ci_half(d),
+                        "detectable": min_detectable(d), "seeds": len(seeds)})
+    return out
+
+
+def summarize(table: pd.DataFrame, metrics: list[str], out: str, primary: str | None = None) -> str:
+    """Per noise level: mean ± 95% CI (Student t) over seeds per (N, method), the power-law fits over the
+    individual runs, and each method minus CLIP on the primary metric; plots beside."""
+    primary = primary or metrics[0]
+    levels = [lv for lv in table["noise"].unique()] if "noise" in table else [""]
+    sections, diffs = [], {}
+    for level in levels:
+        t = table[table["noise"] == level] if "noise" in table else table
+        head = [f"### Noise level: {level}", ""] if level else []
+        lines = head + ["| N | method | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+        fits = {}
+        for (n, method), grp in t.groupby(["N", "method"]):
+            cells = []
+            for m in metrics:
+                v = grp[m].dropna().to_numpy() if m in grp else np.array([])
+                cells.append(f"{v.mean():.3f} ± {ci_half(v):.3f}" if len(v) else "")
+            lines.append(f"| {n} | {method} | " + " | ".join(cells) + " |")
+        lines += ["", "Power-law fits of the error (1 − metric) over the individual runs: error = a·N^(−b) + c", "",
+                  "| method | metric | a | b | c | R² |", "|---|---|---|---|---|---|"]
+        for method, grp in t.groupby("method"):
+            for m in metrics:
+                if m not in grp:
+                    continue
+                g = grp[["N", m]].dropna()
+                fit = fit_power_law(g["N"].to_numpy(), 1 - g[m].to_numpy())
+                fits[(method, m)] = fit
+                if fit["ok"]:
+                    lines.append(f"| {method} | {m} | {fit['a']:.3f} | {fit['b']:.3f} | {fit['c']:.3f} | "
+                                 f"{fit['r2']:.3f} |")
+                else:
+                    lines.append(f"| {method} | {m} | – | – | – | {fit['note']} |")
+        d = paired_differences(t, primary)
+        diffs[level] = d
+        if d:
+            lines += ["", f"Each method minus clip on {primary}, paired by seed (mean ± 95% Student-t interval; "
+                      "detectable: the smallest true difference this many seeds detect at 80% power):", "",
+                      "| N | method | Δ | detectable | seeds |", "|---|---|---|---|---|"]
+            lines += [f"| {r['N']} | {r['method']} | {r['diff']:+.4f} ± {r['half']:.4f} | {r['detectable']:.4f} | "
+                      f"{r['seeds']} |" for r in d]
+        _plot_fits(t, metrics, fits, out, level)
+        sections.append("\n".join(lines))
+    if any(diffs.values()):
+        _plot_diffs(diffs, primary, out)
+    return "\n\n".join(sections)
+
+
+def _slug(text: str) -> str:
+    return text.replace(".", "_").replace("@", "").replace(":", "_")
+
+
+def _plot_fits(table, metrics, fits, out, level=""):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,51 +453,46 @@ def _plot(table, metrics, fits, out):
             continue
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         for method, grp in table.groupby("method"):
-            ax.scatter(grp["N"], 1 - grp[m], s=14, alpha=0.6, label=f"{method} runs")
-            means, fit = fits.get((method, m), (None, {"ok": False}))
+            pts = ax.scatter(grp["N"], 1 - grp[m], s=14, alpha=0.6, label=f"{method} runs")
+            fit = fits.get((method, m), {"ok": False})
             if fit["ok"]:
                 xs = np.logspace(np.log10(grp["N"].min()), np.log10(grp["N"].max()), 50)
-                ax.plot(xs, power_law(xs, fit["a"], fit["b"], fit["c"]),
-                        label=f"{method}: {fit['a']:.2f}·N^-{fit['b']:.2f}+{fit['c']:.2f}")
+                ax.plot(xs, power_law(xs, fit["a"], fit["b"], fit["c"]), color=pts.get_facecolor()[0][:3],
+                        label=f"{method}: {fit['a']:.2f}·N^-{fit['b']:.2f}+{fit['c']:.2f} (R² {fit['r2']:.2f})")
         ax.set_xscale("log")
-        ax.set_xlabel("training samples N")
+        ax.set_xlabel("training pairs N")
         ax.set_ylabel(f"error (1 − {m})")
+        ax.set_title(f"noise: {level}" if level else m, fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(os.path.join(out, f"scaling_{m.replace('.', '_').replace('@', '')}.png"))
+        fig.savefig(os.path.join(out, f"scaling_{level + '_' if level else ''}{_slug(m)}.png"))
         plt.close(fig)
 
 
-def _train_and_eval(sw: dict, settings: dict, subset: str, run: str, steps: int, seed: int, src: str | None):
-    args = ["train", "--data", subset, "--out", run, "--steps", str(steps), "--seed", str(seed), "--no-progress"]
-    for k, v in settings.items():
-        if k in ("steps", "seed", "data", "out"):
-            continue
-        flag = "--" + k.replace("_", "-")
-        args += [flag] if v is True else [f"--no-{k.replace('_', '-')}"] if v is False else [flag, str(v)]
-    runner = sw.get("runner", "sequential")
-    exe = os.path.join(os.path.dirname(sys.executable), "psdclip")
-    if runner == "torchrun":
-        cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc-per-node",
-               str(sw.get("nproc", 2)), "-m", "psdclip.workflows.cli", *args]
-    elif runner == "sequential":
-        cmd = [exe, *args]
-    elif runner == "dask":
-        from dask.distributed import Client
+def _plot_diffs(diffs: dict, metric: str, out: str):
+    """method − CLIP against N with 95% intervals, one panel per noise level."""
+    import matplotlib
 
-        with Client(sw["scheduler"]) as client:
-            rc = client.submit(subprocess.call, [exe, *args], pure=False).result()
-        if rc:
-            raise InputError(f"[sweep] run {run} failed on the Dask cluster (exit {rc})")
-        cmd = None
-    else:
-        raise InputError(f"[sweep] runner must be sequential, torchrun or dask, got {runner!r}")
-    if cmd is not None:
-        rc = subprocess.call(cmd)
-        if rc:
-            raise InputError(f"[sweep] run {run} failed (exit {rc}); rerun the sweep to resume")
-    for suite in sw.get("suites", ["synthetic"]):
-        spec = _suite_spec(suite, src)
-        if subprocess.call([exe, "eval", run, "--suite", spec], stdout=subprocess.DEVNULL):
-            raise InputError(f"[sweep] evaluation of {run} on {spec} failed")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = [lv for lv in diffs if diffs[lv]]
+    fig, axes = plt.subplots(1, len(levels), figsize=(5 * len(levels), 4), dpi=100, squeeze=False, sharey=True)
+    for ax, level in zip(axes[0], levels):
+        d = pd.DataFrame(diffs[level])
+        methods = list(d["method"].unique())
+        for i, (method, grp) in enumerate(d.groupby("method", sort=False)):
+            shift = 1 + 0.06 * (i - (len(methods) - 1) / 2)  # side by side on the log axis
+            ax.errorbar(grp["N"] * shift, grp["diff"], yerr=grp["half"].fillna(0), fmt="o-", capsize=3,
+                        label=method)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("training pairs N")
+        ax.set_title(f"noise: {level}" if level else "", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"Δ {metric} vs CLIP (95% CI)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"diff_{_slug(metric)}.png"))
+    plt.close(fig)

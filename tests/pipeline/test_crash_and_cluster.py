@@ -100,7 +100,21 @@ def test_cli_build_stats_and_one_line_errors(synth_urls, tmp_path):
     assert "success" in run_cli("data", "stats", ds).stdout
     bad = tmp_path / "bad.csv"
     bad.write_text("link,text\nhttp://a.test/x.jpg,y\n")
+    # a folder of the user's that is not a dataset, a file, a damaged dataset
+    theirs = tmp_path / "theirs"
+    (theirs / "shards").mkdir(parents=True)
+    (theirs / "shards" / "00000.tar").write_bytes(b"the user's own file")
+    (tmp_path / "afile").write_text("x")
+    broken = tmp_path / "broken"
+    (broken / "_state").mkdir(parents=True)
+    (broken / "dataset.json").write_text("{")
+    (broken / "manifest.parquet").write_bytes(b"not parquet at all")
     cases = [
+        (["data", "build", synth_urls, "--out", theirs], "a non-empty folder that is not a psdclip dataset"),
+        (["data", "build", synth_urls, "--out", tmp_path / "afile"], "is a file, not a dataset directory"),
+        (["data", "build", synth_urls, "--out", ds, "--image-size", "32"], "built with --image-size 24"),
+        (["data", "stats", broken], "manifest.parquet: damaged"),
+        (["data", "build", synth_urls, "--out", broken], "dataset.json: damaged"),
         (["data", "build", bad, "--out", tmp_path / "new"], "bad.csv: no column 'url'"),
         (["data", "build", tmp_path / "nope.csv", "--out", tmp_path / "new"], "nope.csv: no such file"),
         (["data", "build", synth_urls], "--out"),
@@ -117,6 +131,49 @@ def test_cli_build_stats_and_one_line_errors(synth_urls, tmp_path):
         assert "Traceback" not in r.stderr
     assert not (tmp_path / "new").exists()  # a failed fresh build leaves nothing behind
     assert pd.read_parquet(ds / "manifest.parquet")["status"].eq("success").sum() == 300  # nothing lost
+    assert (theirs / "shards" / "00000.tar").read_bytes() == b"the user's own file"
+    assert json.loads((ds / "dataset.json").read_text())["config"]["image_size"] == 24
+
+
+def test_two_builds_into_one_dataset_the_second_says_who_holds_it(synth_urls, tmp_path):
+    ds = tmp_path / "ds"
+    args = ["data", "build", synth_urls, "--out", ds, "--image-size", "24", "--shard-size", "100", "--no-progress"]
+    first = subprocess.Popen([os.path.join(BIN, "psdclip"), *map(str, args)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    lock = ds / "_state" / "build.lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None and not (lock.exists() and lock.read_text()):
+        time.sleep(0.01)
+    assert first.poll() is None, "the first build ended before the second could start"
+    second = run_cli(*args)
+    assert second.returncode == 1 and f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+    assert len([ln for ln in second.stderr.splitlines() if ln.strip()]) == 1, second.stderr
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    assert pd.read_parquet(ds / "manifest.parquet")["status"].eq("success").sum() == 300
+    assert run_cli(*args).returncode == 0  # the lock is free again once the first has ended
+
+
+def test_data_serve_leaves_the_url_list_alone_and_refuses_a_busy_port(tmp_path):
+    src = tmp_path / "s"
+    assert run_cli("data", "synth", "--out", src, "--n", 5, "--heldout", 0, "--image-size", 32).returncode == 0
+    before = (src / "urls.csv").read_bytes()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = run_cli("data", "serve", src, "--port", port)
+        assert r.returncode == 1 and f"--port {port}: cannot listen" in r.stderr and "Traceback" not in r.stderr
+    proc = subprocess.Popen([os.path.join(BIN, "psdclip"), "data", "serve", str(src), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("URL list for this address:"), line
+        listed = line.split(": ", 1)[1].strip()
+        assert os.path.basename(listed).startswith("urls-127.0.0.1-") and os.path.isfile(listed)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert (src / "urls.csv").read_bytes() == before
 
 
 def test_cli_yaml_config_and_override(tmp_path):

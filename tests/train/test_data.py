@@ -102,3 +102,26 @@ def test_arrow_shards_stream_like_tars(synth_dir, server, tmp_path):
     batches = _take(ShardStream(str(tmp_path / "ds"), 20, transform, tok, shuffle_buffer=10), 4)
     assert batches[0]["image"].shape == (20, 3, 64, 64)
     assert {k for b in batches[:3] for k in b["keys"]} == set(src.keys)
+
+
+def test_small_subset_fills_batches_across_passes_and_resumes_there(dataset_dir):
+    """30 samples split over 2 readers (15 each) with batch 16 used to hang: a batch now fills from the next
+    pass, and a resume from a batch that spanned two passes continues exactly."""
+    from psdclip.train.data import make_loader
+
+    _, transform, _, tok = build_model("tiny")
+    sub = str(dataset_dir / "subsets" / "10pct.json")
+    it = iter(make_loader(ShardStream(sub, 16, transform, tok, seed=1, shuffle_buffer=8), 2))
+    batches = [next(it) for _ in range(4)]
+    assert all(len(b["keys"]) == 16 for b in batches)
+    assert {b["epoch"] for b in batches} >= {1}  # the first batch of each reader needed a second pass
+    keys = set(resolve_source(sub).keys)
+    assert all(set(b["keys"]) <= keys for b in batches)
+    one = list(iter(ShardStream(sub, 16, transform, tok, seed=1, shuffle_buffer=8)).__next__()["keys"])
+    assert len(one) == 16 and len(set(one)) == 16  # a single reader: 30 distinct samples, no repeat in a batch
+    # resume after the batch that spanned passes 0 and 1 of a single reader (batch 20 of 30 samples)
+    full = _take(ShardStream(sub, 20, transform, tok, seed=2, shuffle_buffer=8), 4)
+    assert (full[1]["epoch"], full[1]["samples"]) == (1, 10)
+    pos = {str(full[1]["reader"]): {"epoch": full[1]["epoch"], "samples": full[1]["samples"]}}
+    resumed = _take(ShardStream(sub, 20, transform, tok, seed=2, shuffle_buffer=8, resume=pos), 2)
+    assert [b["keys"] for b in resumed] == [b["keys"] for b in full[2:4]]

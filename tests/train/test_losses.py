@@ -87,3 +87,93 @@ def test_same_pass_teacher_at_temperature_one_only_rescales_each_rows_gradient()
     warm = PSDLoss(PSDSchedule(10, alpha, alpha, "constant"), teacher_temperature=2.0)(i, t, s, step=1)
     (gi_warm,) = torch.autograd.grad(warm["contrastive_loss"], i)
     assert not torch.allclose(gi_warm, (1 - alpha) * gi_clip, atol=1e-4)
+
+
+def _by_hand(logits, teach_i, teach_t, alpha, mask):
+    """The PSD loss written out: rows in `mask` get (1 - alpha)·onehot + alpha·teacher, others one-hot."""
+    eye = torch.eye(len(logits))
+    m = mask[:, None].float()
+    ti = m * ((1 - alpha) * eye + alpha * teach_i) + (1 - m) * eye
+    tt = m * ((1 - alpha) * eye + alpha * teach_t) + (1 - m) * eye
+    return (-(ti * F.log_softmax(logits, 1)).sum(1).mean() - (tt * F.log_softmax(logits.T, 1)).sum(1).mean()) / 2
+
+
+def _loss_and_grads(loss_module, step=3, teacher_logits=None):
+    i, t, s = feats()
+    out = loss_module(i, t, s, step=step, teacher_logits=teacher_logits)["contrastive_loss"]
+    gi, gt = torch.autograd.grad(out, (i, t))
+    return i.detach(), t.detach(), s, out, gi, gt
+
+
+def _check_against_hand(loss_module, teach_fn, mask, alpha, step=3, teacher_logits=None):
+    i, t, s, out, gi, gt = _loss_and_grads(loss_module, step, teacher_logits)
+    i2, t2 = i.clone().requires_grad_(), t.clone().requires_grad_()
+    logits = s * i2 @ t2.T
+    with torch.no_grad():
+        teach_i, teach_t = teach_fn(logits.detach())
+    ref = _by_hand(logits, teach_i, teach_t, alpha, mask)
+    ri, rt = torch.autograd.grad(ref, (i2, t2))
+    assert abs(float(ref) - float(out)) < 1e-5
+    assert torch.allclose(gi, ri, atol=1e-6) and torch.allclose(gt, rt, atol=1e-6)
+
+
+def test_teacher_temperature_loss_and_gradient_by_hand():
+    alpha, temp = 0.6, 2.0
+    loss = PSDLoss(PSDSchedule(10, alpha, alpha, "constant"), teacher_temperature=temp)
+    _check_against_hand(loss, lambda lg: (F.softmax(lg / temp, 1), F.softmax(lg.T / temp, 1)),
+                        torch.ones(16, dtype=torch.bool), alpha)
+
+
+def test_rho_below_one_loss_and_gradient_by_hand():
+    alpha, rho = 0.8, 0.5
+    loss = PSDLoss(PSDSchedule(10, alpha, alpha, "constant", rho, rho, "constant"), seed=5)
+    mask = loss.row_mask(3, 16, 16, rho, "cpu")
+    assert 0 < int(mask.sum()) < 16  # some rows distilled, some one-hot
+    _check_against_hand(loss, lambda lg: (F.softmax(lg, 1), F.softmax(lg.T, 1)), mask, alpha)
+
+
+def test_external_teacher_logits_loss_and_gradient_by_hand():
+    """The EMA and snapshot teachers hand their own (detached) logits to the loss."""
+    alpha = 0.5
+    ti, tt, s = feats(seed=9)
+    teacher = (s * ti.detach() @ tt.detach().T, s * tt.detach() @ ti.detach().T)
+    loss = PSDLoss(PSDSchedule(10, alpha, alpha, "constant"), teacher_temperature=1.5)
+    _check_against_hand(loss, lambda lg: (F.softmax(teacher[0] / 1.5, 1), F.softmax(teacher[1] / 1.5, 1)),
+                        torch.ones(16, dtype=torch.bool), alpha, teacher_logits=teacher)
+
+
+def test_soft_targets_stay_fp32_under_bf16_autocast():
+    """Targets built in bf16 no longer sum to 1; the loss builds and applies them in fp32."""
+    i, t, s = feats(n=64)
+    loss = PSDLoss(PSDSchedule(10, 0.5, 0.5, "constant"), teacher_temperature=2.0)
+    ref = loss(i, t, s, step=1)["contrastive_loss"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = loss(i.bfloat16(), t.bfloat16(), s, step=1)["contrastive_loss"]
+        logits, _ = loss.get_logits(i.bfloat16(), t.bfloat16(), s)
+        target = loss._with_teacher(logits, logits, torch.arange(64), 0.5, torch.ones(64, dtype=torch.bool))
+    assert low.dtype == torch.float32 and target.dtype == torch.float32
+    assert torch.allclose(target.sum(1), torch.ones(64), atol=1e-6)
+    assert abs(float(low) - float(ref)) < 0.05
+
+
+def test_teacher_update_averages_parameters_and_batch_norm_statistics():
+    from psdclip.train.loop import _ema_update, _make_teacher
+
+    student = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    teacher = _make_teacher(student)
+    assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
+    student.train()(torch.randn(8, 3, 8, 8) * 3 + 1)  # moves the running statistics
+    with torch.no_grad():
+        student[0].weight.add_(1.0)
+    before = [b.clone() for b in teacher.buffers()]
+    _ema_update(teacher, student, 0.9)
+    for e, b, s in zip(teacher.buffers(), before, student.buffers()):
+        if e.is_floating_point():
+            assert torch.allclose(e, 0.9 * b + 0.1 * s)
+        else:
+            assert torch.equal(e, s)
+    _ema_update(teacher, student, 0.0)  # the snapshot teacher: a copy
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), student.state_dict().values()))
+    # a resumed run rebuilds the teacher from the state it saved
+    again = _make_teacher(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)), teacher.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), teacher.state_dict().values()))

@@ -41,25 +41,33 @@ def test_tiny_model_learns_and_writes_its_run(dataset_dir, tmp_path):
     assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_000060.pt", "step_000080.pt"]
     assert {"loss.png", "alpha.png", "lr.png"} <= set(os.listdir(run / "plots"))
     assert "loss: psd" in (run / "config.yaml").read_text()
-    # the export loads in open_clip itself and encodes like our model
-    import open_clip
-
+    # the recipe that export prints loads the model in plain open_clip (a fresh process, no psdclip imported)
+    # and it encodes like our model
     from psdclip.train.models import build_model
 
-    psdclip("export", run, "--out", tmp_path / "model.pt")
+    out = psdclip("export", run, "--out", tmp_path / "model.pt").stdout
+    recipe = out.split("load it with: ", 1)[1].strip()
     ref, _, _, tok = build_model("tiny")
     ref.load_state_dict(torch.load(run / "checkpoints" / "step_000080.pt", weights_only=True)["model"])
-    model, _, _ = open_clip.create_model_and_transforms("psdclip-tiny", pretrained=str(tmp_path / "model.pt"))
     x, t = torch.randn(2, 3, 64, 64), tok(["a red circle", "two blue squares"])
-    ref.eval(), model.eval()
+    torch.save({"x": x, "t": t}, tmp_path / "inputs.pt")
+    code = (f"{recipe}\nimport sys, torch\nassert not [m for m in sys.modules if m.split('.')[0] == 'psdclip']\n"
+            f"d = torch.load({str(tmp_path / 'inputs.pt')!r}); model.eval()\n"
+            f"with torch.no_grad(): torch.save({{'i': model.encode_image(d['x'], normalize=True), "
+            f"'t': model.encode_text(d['t'], normalize=True)}}, {str(tmp_path / 'outputs.pt')!r})")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = torch.load(tmp_path / "outputs.pt")
+    ref.eval()
     with torch.no_grad():
-        assert torch.allclose(model.encode_image(x, normalize=True), ref.encode_image(x, normalize=True), atol=1e-5)
-        assert torch.allclose(model.encode_text(t, normalize=True), ref.encode_text(t, normalize=True), atol=1e-5)
+        assert torch.allclose(got["i"], ref.encode_image(x, normalize=True), atol=1e-5)
+        assert torch.allclose(got["t"], ref.encode_text(t, normalize=True), atol=1e-5)
 
 
 def test_stop_and_resume_matches_an_uninterrupted_run(dataset_dir, tmp_path):
+    """Model, optimizer, data position and the EMA teacher all continue where they stopped."""
     common = ["--data", dataset_dir / "subsets" / "100pct.json", "--steps", 12, "--log-every", 1,
-              "--checkpoint-every", 100, *FAST]
+              "--checkpoint-every", 100, "--ema-teacher", "--ema-decay", "0.9", *FAST]
     psdclip("train", "--out", tmp_path / "whole", *common)
     psdclip("train", "--out", tmp_path / "split", "--stop-after", 6, *common)
     assert sorted(os.listdir(tmp_path / "split" / "checkpoints")) == ["latest", "step_000006.pt"]
@@ -73,6 +81,11 @@ def test_stop_and_resume_matches_an_uninterrupted_run(dataset_dir, tmp_path):
     wb = torch.load(tmp_path / "split" / "checkpoints" / "step_000012.pt", weights_only=True)["model"]
     diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
     assert diff < 5e-3, diff
+    ta = torch.load(tmp_path / "whole" / "checkpoints" / "step_000012.pt", weights_only=True)["teacher"]
+    tb = torch.load(tmp_path / "split" / "checkpoints" / "step_000012.pt", weights_only=True)["teacher"]
+    diff = max(float((ta[k].float() - tb[k].float()).abs().max()) for k in ta)
+    assert diff < 5e-3, diff  # a teacher restarted from the step-6 student would be ~0.5 x (student - EMA) away
+    assert max(float((ta[k].float() - wa[k].float()).abs().max()) for k in ta) > 1e-3  # it is not the student
 
 
 @pytest.mark.parametrize("when", ["checkpoint-write", "mid-run"])
@@ -155,3 +168,30 @@ def test_nan_policy_skip_goes_on(dataset_dir, tmp_path):
                 "--steps", 3, "--log-every", 1, "--nan-policy", "skip", *FAST)
     assert "non-finite loss at step 0; step skipped" in r.stderr
     assert not os.path.exists(run / "metrics.jsonl") or all(m["skipped_steps"] >= 1 for m in metrics(run))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_then_stops(dataset_dir, tmp_path, sig):
+    run = tmp_path / "run"
+    args = ["train", "--data", dataset_dir, "--out", run, "--steps", 500, "--checkpoint-every", 1000, "--log-every", 1,
+            *FAST]
+    proc = subprocess.Popen([os.path.join(BIN, "psdclip"), *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            (run / "metrics.jsonl").exists() and len(metrics(run)) >= 2):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the signal"
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)  # the whole group, as a terminal's Ctrl-C does: loader workers too
+    else:
+        os.kill(proc.pid, sig)  # the trainer, as a job scheduler or torchrun does
+    assert proc.wait(timeout=120) == 130
+    err = proc.stderr.read()
+    assert "checkpoint saved" in err and "Traceback" not in err, err[-2000:]
+    saved = [n for n in os.listdir(run / "checkpoints") if n.endswith(".pt")]
+    assert len(saved) == 1
+    step = torch.load(run / "checkpoints" / saved[0], weights_only=True)["step"]
+    assert 2 <= step < 500 and step == metrics(run)[-1]["step"]
+    r = psdclip(*args[:-len(FAST)], "--stop-after", 1, *FAST)
+    assert f"(step {step})" in r.stderr and metrics(run)[-1]["step"] == step + 1

@@ -78,6 +78,50 @@ def test_small_sweep_fits_plots_and_resumes(tmp_path):
     assert again.stderr.count("done, skipped") == 3
 
 
+def test_sweep_with_noise_levels_screening_and_val_test_splits(tmp_path):
+    """The study's shape: a regime check, PSD settings screened on the validation split, the chosen one scaled
+    beside CLIP over two caption-noise levels, differences paired by seed, and a rerun that trains nothing."""
+    recipe = {
+        "name": "study", "out": str(tmp_path / "study"),
+        "synthetic": {"n": 120, "heldout": 24, "seed": 1, "image_size": 32},
+        "data": {"image_size": 32, "shard_size": 60, "thread_count": 8},
+        "train": {"model": "rn-small", "batch_size": 16, "workers": 0, "warmup": 0.5},
+        "sweep": {"subsets": ["0.5", "1.0"], "seeds": [0], "seeds_largest": [0, 1], "runner": "inprocess",
+                  "compute": {"rule": "epochs", "epochs": 0.3}, "split": True,
+                  "noise": {"clean": {"mismatch_frac": 0.0, "shared_frac": 0.0},
+                            "noisy": {"mismatch_frac": 0.5, "shared_frac": 0.2}},
+                  "primary": "retrieval.mean_R@1", "metrics": ["zeroshot_shape_base.top1"],
+                  "regime": {"method": "clip", "seed": 0, "require": {"zeroshot_shape_base.top1": 0.0}},
+                  "methods": {"clip": {"loss": "clip"}},
+                  "screen": {"subset": "0.5", "noise": "noisy", "seeds": [0, 1],
+                             "methods": {"psd-T2": {"loss": "psd", "teacher_temperature": 2.0, "alpha_start": 0.5},
+                                         "psd-snap": {"loss": "psd", "snapshot_every": "epoch",
+                                                      "alpha_start": 0.5}}}},
+    }
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(recipe))
+    assert "2 noise level(s)" in psdclip("sweep", tmp_path / "study.yaml", "--check").stdout
+    psdclip("sweep", tmp_path / "study.yaml", timeout=900)
+    out = tmp_path / "study"
+    screen = json.load(open(out / "screen.json"))
+    assert screen["best"] in ("psd-T2", "psd-snap") and screen["metric"] == "val:retrieval.mean_R@1"
+    table = pd.read_csv(out / "results.csv")
+    assert set(table["noise"]) == {"clean", "noisy"} and set(table["method"]) == {"clip", screen["best"]}
+    assert len(table) == 2 * 2 * (1 + 2)  # noise x methods x (seeds at 50pct + seeds at 100pct)
+    assert {"retrieval.mean_R@1", "val:retrieval.mean_R@1"} <= set(table.columns)
+    snap = out / "noisy" / "runs" / "50pct-psd-snap-s0"
+    assert yaml.safe_load(open(snap / "train.yaml"))["snapshot_every"] == 4  # one pass over 60 pairs at batch 16
+    run = out / "clean" / "runs" / "100pct-clip-s1"
+    assert {f.name for f in (run / "eval").glob("*.json")} == {"synthetic-val.json", "synthetic-test.json"}
+    assert json.load(open(run / "eval" / "synthetic-test.json"))["metrics"]["retrieval.gallery"] == 18
+    report = (out / "results.md").read_text()
+    assert "Chosen for the scaling stage" in report and "### Noise level: clean" in report
+    assert "detectable" in report and (out / "diff_retrieval_mean_R1.png").exists()
+    assert (out / "scaling_noisy_retrieval_mean_R1.png").exists()
+    again = psdclip("sweep", tmp_path / "study.yaml")
+    assert "steps" not in "".join(ln for ln in again.stderr.splitlines() if ln.startswith("[sweep]") and
+                                   "done, skipped" not in ln and "regime" not in ln and "noise level" not in ln)
+
+
 def test_sweep_runners_torchrun_and_dask(tmp_path):
     """The same one-run sweep launched as a 2-process torchrun job, then as a task on a real Dask cluster."""
     from dask.distributed import LocalCluster
@@ -113,3 +157,20 @@ def test_demo_end_to_end(tmp_path):
                  "index/index.json", "dataset/subsets/1pct.json", "runs/psd/plots/loss.png"):
         assert (out / path).exists(), path
     assert json.load(open(out / "index" / "index.json"))["count"] == 200
+
+
+def test_cli_and_light_commands_import_no_model_stack():
+    """`psdclip --help`, `data serve` and `data build`'s own process must not load torch, faiss or open_clip."""
+    probe = ("import sys, psdclip.workflows.cli as c, psdclip.workflows.commands, psdclip.pipeline.serve, "
+             "psdclip.pipeline.build, psdclip.pipeline.dataset; c.make_parser(); "
+             "print(','.join(sorted(m for m in ('torch', 'faiss', 'open_clip') if m in sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "", (r.stdout, r.stderr[-2000:])
+    # and every command's function is where the table says
+    import importlib
+
+    from psdclip.workflows.cli import COMMANDS
+
+    for cmd in COMMANDS:
+        module, _, func = cmd.target.partition(":")
+        assert callable(getattr(importlib.import_module(module), func)), cmd.target

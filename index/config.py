@@ -1,0 +1,106 @@
+"""The typed configs of `psdclip index build`, `index query` and `serve`: light (no torch, faiss or
+open_clip), so that the CLI builds its options without loading a model stack."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from psdclip.pipeline.errors import InputError
+
+_SIZE = re.compile(r"^\s*([\d.]+)\s*([kmgt]?)i?b?\s*$", re.I)
+
+
+def parse_bytes(text: str) -> float:
+    m = _SIZE.match(str(text))
+    if not m:
+        raise InputError(f"--max-memory {text!r}: expected a size such as 512MB or 2GB")
+    return float(m.group(1)) * 1024 ** "_kmgt".index((m.group(2) or "_").lower())
+
+
+@dataclass
+class IndexBuildConfig:
+    """psdclip index build: encode a dataset with a checkpoint and build a FAISS index under budgets."""
+
+    checkpoint: str = field(default="", metadata={"help": "run directory or checkpoint file"})
+    data: str = field(default="", metadata={"help": "dataset directory"})
+    out: str = field(default="", metadata={"help": "index directory"})
+    max_memory: str = field(default="2GB", metadata={"help": "memory budget of the index (e.g. 512MB, 2GB)"})
+    max_query_ms: float = field(default=10.0, metadata={"help": "latency budget of one query in ms"})
+    factory: str = field(default="", metadata={"help": "force a faiss factory string (default: chosen under the budgets)"})
+    target_recall: float = field(default=0.95, metadata={"help": "recall@k vs exact search that tuning aims for"})
+    k: int = field(default=10, metadata={"help": "k of the recall measurement"})
+    fp16: bool = field(default=False, metadata={"help": "store embeddings as float16"})
+    batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
+    workers: int = field(default=2, metadata={"help": "image loading worker processes"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self):
+        for name in ("checkpoint", "data", "out"):
+            if not getattr(self, name):
+                raise InputError(f"--{name} is required")
+        parse_bytes(self.max_memory)
+        if not 0 < self.target_recall <= 1 or self.k < 1 or self.max_query_ms <= 0:
+            raise InputError("--target-recall must be in (0, 1], --k >= 1 and --max-query-ms > 0")
+
+
+@dataclass
+class QueryConfig:
+    """psdclip index query: nearest neighbours of a text, an image or an embedding."""
+
+    index: str = field(default="", metadata={"help": "index directory", "positional": True})
+    text: str = field(default="", metadata={"help": "query text"})
+    image: str = field(default="", metadata={"help": "query image file"})
+    embedding: str = field(default="", metadata={"help": "query embedding (.npy file)"})
+    k: int = field(default=10, metadata={"help": "results", "flag": "-k"})
+    modality: str = field(default="image", metadata={"help": "what to search: image (images) or text (captions)"})
+    dedupe: bool = field(default=False, metadata={"help": "remove near-identical results"})
+    json: bool = field(default=False, metadata={"help": "print JSON"})
+
+    def __post_init__(self):
+        if not self.index:
+            raise InputError("INDEX is required")
+        if sum(bool(x) for x in (self.text, self.image, self.embedding)) != 1:
+            raise InputError("give exactly one of --text, --image or --embedding")
+        if not 1 <= self.k <= 10_000:
+            raise InputError(f"-k must be in [1, 10000], got {self.k}")
+        if self.modality not in ("image", "text"):
+            raise InputError(f"--modality must be image or text, got {self.modality!r}")
+
+
+@dataclass
+class ServeConfig:
+    """psdclip serve: the retrieval service (FastAPI + uvicorn) with a web page at /."""
+
+    indices: list[str] = field(default_factory=list, metadata={
+        "help": "index directories, optionally named NAME=DIR (the first is the default)", "positional": True,
+        "metavar": "INDEX"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=8000, metadata={"help": "port (0 picks a free one)"})
+    max_k: int = field(default=1000, metadata={"help": "largest k a request may ask for"})
+    max_body_bytes: int = field(default=8 << 20, metadata={"help": "largest request body"})
+    max_text_chars: int = field(default=1000, metadata={"help": "longest query text"})
+    max_image_pixels: int = field(default=40_000_000, metadata={"help": "largest query image (pixels)"})
+    allowed_url_hosts: list[str] = field(default_factory=list, metadata={
+        "help": "hosts that image_url queries may fetch from (default: none, image_url refused)"})
+    api_key: str = field(default="", metadata={"help": "key required by the admin endpoints (X-API-Key); "
+                                                        "default: from PSDCLIP_API_KEY, else admin is off"})
+    device: str = field(default="cpu", metadata={"help": "device of the query encoder"})
+
+    def __post_init__(self):
+        if not self.indices:
+            raise InputError("give at least one INDEX directory")
+        if not 1 <= self.max_k <= 100_000:
+            raise InputError(f"--max-k must be in [1, 100000], got {self.max_k}")
+        if not 0 <= self.port <= 65535:
+            raise InputError(f"--port must be in [0, 65535], got {self.port}")
+
+    def named(self) -> dict[str, str]:
+        out = {}
+        for spec in self.indices:
+            name, _, path = spec.partition("=") if "=" in spec else (os.path.basename(os.path.normpath(spec)), "", spec)
+            if name in out:
+                raise InputError(f"index name {name!r} given twice")
+            out[name] = path
+        return out

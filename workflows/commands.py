@@ -1,0 +1,90 @@
+"""The functions behind the pipeline and training commands (the others live beside their stage). Each
+imports its stage only when it runs: see the COMMANDS table in psdclip.workflows.cli."""
+from __future__ import annotations
+
+import json
+import os
+
+from psdclip.pipeline.config import BuildConfig, ServeDataConfig, StatsConfig, SynthConfig
+from psdclip.pipeline.errors import PsdclipError
+
+
+def cmd_build(cfg: BuildConfig) -> int:
+    from psdclip.pipeline.build import build
+    from psdclip.pipeline.dataset import format_stats
+
+    stats = build(cfg)
+    print(format_stats(stats))
+    b = stats["build"]
+    if b.get("images_per_s"):
+        print(f"\ndownloaded {b['downloaded_rows']:,} rows in {b['download_s']:.1f} s "
+              f"({b['images_per_s']:.1f} images/s); total {b['total_s']:.1f} s")
+    print(f"dataset: {os.path.abspath(cfg.out)}")
+    return 0
+
+
+def cmd_stats(cfg: StatsConfig) -> int:
+    from psdclip.pipeline.dataset import Layout, compute_stats, format_stats, load_manifest, read_json
+
+    manifest = load_manifest(cfg.dataset)
+    layout = Layout(cfg.dataset)
+    info = read_json(layout.dataset_json) if os.path.isfile(layout.dataset_json) else {}
+    stats = compute_stats(manifest, layout, info.get("output_format", "webdataset"))
+    if os.path.isfile(layout.stats_json):
+        stats["build"] = read_json(layout.stats_json).get("build")
+    print(json.dumps(stats, indent=2) if cfg.json else format_stats(stats))
+    return 0
+
+
+def cmd_synth(cfg: SynthConfig) -> int:
+    from psdclip.pipeline.synth import generate
+
+    summary = generate(cfg)
+    print(f"wrote {summary['images']:,} images (+{summary['heldout']:,} held-out scenes x variants) to "
+          f"{summary['out']}; captions: {summary['caption_kinds']}")
+    print(f"URL list: {os.path.join(summary['out'], 'urls.csv')} (for {cfg.base_url})")
+    return 0
+
+
+def cmd_serve_data(cfg: ServeDataConfig) -> int:
+    from psdclip.pipeline.serve import make_server
+    from psdclip.pipeline.synth import write_url_list
+
+    if not os.path.isdir(cfg.dir):
+        raise PsdclipError(f"{cfg.dir}: no such directory")
+    try:
+        server = make_server(os.path.abspath(cfg.dir), cfg.host, cfg.port)
+    except OSError as err:
+        raise PsdclipError(f"--host {cfg.host} --port {cfg.port}: cannot listen ({err.strerror or err})") from None
+    base = f"http://{cfg.host}:{server.server_address[1]}"
+    if os.path.isfile(os.path.join(cfg.dir, "attributes.parquet")):
+        # urls.csv, written by `data synth`, is the user's file and is never rewritten: another address gets
+        # its own list beside it
+        synth = os.path.join(cfg.dir, "synth.json")
+        written_for = None
+        if os.path.isfile(synth):
+            with open(synth, encoding="utf-8") as f:
+                written_for = json.load(f).get("config", {}).get("base_url")
+        if written_for and written_for.rstrip("/") == base and os.path.isfile(os.path.join(cfg.dir, "urls.csv")):
+            path = os.path.join(cfg.dir, "urls.csv")
+        else:
+            name = f"urls-{cfg.host.replace(':', '_')}-{server.server_address[1]}.csv"
+            path = write_url_list(cfg.dir, base, name)
+        print(f"URL list for this address: {path}")
+    print(f"serving {os.path.abspath(cfg.dir)} on {base} (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def cmd_train(cfg) -> int:
+    from psdclip.train.loop import train
+
+    result = train(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"trained {result['steps']} steps; run in {os.path.abspath(result['out'])}")
+    return 0
