@@ -84,6 +84,7 @@ class ServeConfig:
     max_image_pixels: int = field(default=40_000_000, metadata={"help": "largest query image (pixels)"})
     allowed_url_hosts: list[str] = field(default_factory=list, metadata={
         "help": "hosts that image_url queries may fetch from (default: none, image_url refused)"})
+    fetch_timeout: float = field(default=10.0, metadata={"help": "seconds an image_url fetch may take in all"})
     api_key: str = field(default="", metadata={"help": "key required by the admin endpoints (X-API-Key); "
                                                         "default: from PSDCLIP_API_KEY, else admin is off"})
     device: str = field(default="cpu", metadata={"help": "device of the query encoder"})
@@ -93,6 +94,8 @@ class ServeConfig:
             raise InputError("give at least one INDEX directory")
         if not 1 <= self.max_k <= 100_000:
             raise InputError(f"--max-k must be in [1, 100000], got {self.max_k}")
+        if not 0 < self.fetch_timeout <= 300:
+            raise InputError(f"--fetch-timeout must be in (0, 300] seconds, got {self.fetch_timeout}")
         if not 0 <= self.port <= 65535:
             raise InputError(f"--port must be in [0, 65535], got {self.port}")
 

@@ -22,6 +22,7 @@ import binascii
 import gc
 import io
 import json
+import logging
 import os
 import threading
 import time
@@ -36,6 +37,10 @@ from psdclip.pipeline.errors import InputError
 
 from .config import ServeConfig
 
+log = logging.getLogger("psdclip.index.service")
+LARGE_IMAGE_PIXELS = 4_000_000  # images above this are decoded in one of LARGE_DECODES slots
+LARGE_DECODES = 2
+FETCH_SLOTS = 8  # image_url fetches at once
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 
@@ -169,6 +174,7 @@ class _Guard:
             if not state["started"]:
                 await self._reply(send, 413, f"request body over {self.max_body} bytes", state)
         except Exception:  # pylint: disable=broad-except  (a crash is a 500 with no traceback to the client)
+            log.exception("500 on %s %s", scope.get("method"), scope.get("path"))  # ... but one in the log
             if not state["started"]:
                 await self._reply(send, 500, "internal error", state)
         self._count(scope, state, t)
@@ -198,6 +204,8 @@ def create_app(cfg: ServeConfig):
     from .searcher import Searcher
 
     paths = cfg.named()
+    large_decodes = threading.BoundedSemaphore(LARGE_DECODES)
+    fetch_slots = threading.BoundedSemaphore(FETCH_SLOTS)
     searchers = {name: Searcher(path, cfg.device) for name, path in paths.items()}
     default = next(iter(searchers))
     lock = threading.Lock()
@@ -246,13 +254,24 @@ def create_app(cfg: ServeConfig):
             return searchers[name]
 
     def decode_image(data: bytes):
+        """Decoded and shrunk to at most 1024 px a side (the model sees far fewer): a large image is decoded in one
+        of a few slots only, so that concurrent large images cannot take the memory of all of them at once."""
         Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
         try:
             with Image.open(io.BytesIO(data)) as im:
                 if im.width * im.height > cfg.max_image_pixels:
                     raise HTTPException(413, f"image over {cfg.max_image_pixels} pixels")
-                im.load()
-                return im.convert("RGB")
+                big = im.width * im.height > LARGE_IMAGE_PIXELS
+                if big and not large_decodes.acquire(timeout=30):
+                    raise HTTPException(503, "too many large images being decoded; try again")
+                try:
+                    im.draft("RGB", (1024, 1024))  # JPEG: decode at a reduced scale directly
+                    im.load()
+                    im.thumbnail((1024, 1024))
+                    return im.convert("RGB")
+                finally:
+                    if big:
+                        large_decodes.release()
         except HTTPException:
             raise
         except Image.DecompressionBombError:
@@ -266,18 +285,48 @@ def create_app(cfg: ServeConfig):
         except (binascii.Error, ValueError):
             raise HTTPException(400, "image must be base64") from None
 
-    def fetch_url(url: str):
+    def allowed(url: str) -> bool:
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or parts.hostname not in set(cfg.allowed_url_hosts):
+        return parts.scheme in ("http", "https") and parts.hostname in set(cfg.allowed_url_hosts)
+
+    class CheckedRedirects(urllib.request.HTTPRedirectHandler):
+        """Every redirect hop is checked against the allow-list like the first URL (no SSRF through a redirect)."""
+
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            if not allowed(newurl):
+                raise HTTPException(403, "image_url redirects to a host that is not allowed")
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    opener = urllib.request.build_opener(CheckedRedirects)
+
+    def fetch_url(url: str):
+        """Off the event loop, at most FETCH_SLOTS at once (more get 503 at once, so slow hosts cannot hold every
+        worker thread), within --fetch-timeout in all; errors say nothing of the network behind the host."""
+        if not allowed(url):
             raise HTTPException(403, "image_url queries are not allowed for this host (operator: --allowed-url-hosts)")
+        if not fetch_slots.acquire(blocking=False):
+            raise HTTPException(503, "too many image_url fetches in flight; try again")
         try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                data = r.read(cfg.max_body_bytes + 1)
-        except OSError as err:
-            raise HTTPException(502, f"could not fetch image_url ({err})") from None
-        if len(data) > cfg.max_body_bytes:
-            raise HTTPException(413, "image_url content too large")
-        return decode_image(data)
+            deadline = time.monotonic() + cfg.fetch_timeout
+            chunks, size = [], 0
+            with opener.open(url, timeout=cfg.fetch_timeout) as r:
+                while True:
+                    if time.monotonic() > deadline:
+                        raise HTTPException(504, f"image_url took longer than {cfg.fetch_timeout:g} s")
+                    chunk = r.read1(65536) if hasattr(r, "read1") else r.read(65536)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > cfg.max_body_bytes:
+                        raise HTTPException(413, "image_url content too large")
+                    chunks.append(chunk)
+        except HTTPException:
+            raise
+        except (OSError, ValueError):
+            raise HTTPException(502, "could not fetch image_url") from None
+        finally:
+            fetch_slots.release()
+        return decode_image(b"".join(chunks))
 
     batcher = Batcher(sizes=Histogram("psdclip_query_batch_size", "queries answered together", registry=registry,
                                       buckets=(1, 2, 4, 8, 16, 32, 64)))
@@ -360,6 +409,10 @@ def create_app(cfg: ServeConfig):
             fresh = Searcher(paths[name], cfg.device)  # load aside; requests keep using the old one meanwhile
         except InputError as err:
             raise HTTPException(409, str(err)) from None
+        except Exception as err:  # pylint: disable=broad-except  (a damaged file: the old index stays in service)
+            log.exception("reload of %s failed", paths[name])
+            raise HTTPException(409, f"could not load {name!r}: {type(err).__name__}: "
+                                     f"{str(err).splitlines()[0][:200] if str(err) else 'damaged index'}") from None
         with lock:
             searchers[name] = fresh
         return {"reloaded": name, "count": fresh.info["count"]}

@@ -33,12 +33,14 @@ SYNTH_TEMPLATES = ("a photo of a {}.", "a {} shape.", "a drawing of a {}.", "an 
 
 def load_for_eval(target: str, device):
     from .export import checkpoint_path
-    from .models import build_model
+    from .models import build_model, register_config
 
     path = checkpoint_path(target)
     state = ckpt.load(path)
     if "model_arch" not in state or "model" not in state:
         raise InputError(f"{path}: not a psdclip training checkpoint")
+    if state.get("model_cfg"):  # a model from a JSON config file: known from the checkpoint itself
+        register_config(state["model_arch"], json.loads(state["model_cfg"]))
     model, _, preprocess, tokenizer = build_model(state["model_arch"], device)
     model.load_state_dict(state["model"])
     model.eval()
@@ -216,16 +218,33 @@ def _read_lines(path):
 def suite_folder(path, model, preprocess, tokenizer, cfg, device, cache) -> dict:
     classes, files, labels = _folder_classes(path)
     names_file = os.path.join(path, "classnames.txt")
-    classnames = _read_lines(names_file) if os.path.isfile(names_file) else [c.replace("_", " ") for c in classes]
-    if len(classnames) != len(classes):
-        raise InputError(f"{names_file}: {len(classnames)} class names for {len(classes)} class folders")
+    classnames, pairing = class_names(classes, _read_lines(names_file) if os.path.isfile(names_file) else None,
+                                      names_file)
     tpl_file = os.path.join(path, "templates.txt")
     templates = _read_lines(tpl_file) if os.path.isfile(tpl_file) else ["a photo of a {}."]
     if any("{}" not in t for t in templates):
         raise InputError(f"{tpl_file}: every template needs a {{}} for the class name")
     feats, ok = cache.get("images", lambda: encode_images(model, preprocess, files, cfg, device))
     clf = classifier(model, tokenizer, classnames, templates, device)
-    return _classification(path, files, labels, feats, ok, feats[ok] @ clf)
+    out = _classification(path, files, labels, feats, ok, feats[ok] @ clf)
+    out["class_names"] = pairing
+    return out
+
+
+def class_names(folders: list[str], names: list[str] | None, names_file: str) -> tuple[list[str], str]:
+    """The class name of each (sorted) class folder, and how they were paired, for the result. Without
+    classnames.txt: the folder name, `_` read as a space. With it: by name when its lines are the folder names
+    (in any order, `_` or space, any case); otherwise line i names the i-th folder in sorted order."""
+    plain = [c.replace("_", " ") for c in folders]
+    if names is None:
+        return plain, "folder names"
+    if len(names) != len(folders):
+        raise InputError(f"{names_file}: {len(names)} class names for {len(folders)} class folders")
+    norm = {n.replace("_", " ").strip().lower(): n for n in names}
+    if len(norm) == len(names) and set(norm) == {p.lower() for p in plain}:
+        return [norm[p.lower()] for p in plain], "classnames.txt paired with the folders by name"
+    shown = ", ".join(f"{f} -> {n}" for f, n in zip(folders[:3], names[:3]))
+    return list(names), f"classnames.txt line i names the i-th folder in sorted order ({shown}, ...)"
 
 
 def suite_imagenet(path, model, preprocess, tokenizer, cfg, device, cache) -> dict:

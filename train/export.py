@@ -40,7 +40,7 @@ def export(cfg: ExportConfig) -> int:
     config_path = os.path.splitext(cfg.out)[0] + ".json"
     from . import models  # noqa: F401  (registers psdclip's own model configs with open_clip)
 
-    model_cfg = open_clip.get_model_config(arch)
+    model_cfg = json.loads(state["model_cfg"]) if state.get("model_cfg") else open_clip.get_model_config(arch)
     if model_cfg is None:
         raise InputError(f"{path}: model {arch!r} is not registered with open_clip; cannot write its config")
     tmp = f"{config_path}.tmp"

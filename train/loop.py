@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import ShardStream, make_loader
 from .losses import CLIPLoss, PSDLoss, PSDSchedule
-from .models import build_model, resolve_model_name
+from .models import build_model, model_config, resolve_model_name
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -262,7 +262,8 @@ def _checkpoint(cfg, ckpt_dir, step, model, optimizer, scaler, position, world, 
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "step": step, "rng": ckpt.rng_state(), "data": {"position": position, "world_size": world,
                                                             "workers": cfg.workers},
-            "model_arch": resolve_model_name(cfg.model), "loss": cfg.loss, "config": json.dumps(dataclasses.asdict(cfg)),
+            "model_arch": resolve_model_name(cfg.model), "model_cfg": json.dumps(model_config(cfg.model)),
+            "loss": cfg.loss, "config": json.dumps(dataclasses.asdict(cfg)),
             **({"teacher": teacher.state_dict()} if teacher is not None else {}),
         }, cfg.keep)
         from .plots import plot_run

@@ -45,6 +45,19 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
+def register_config(arch: str, cfg: dict) -> None:
+    """Make a model config known to open_clip under `arch` (a run trained from a JSON config file stores the config
+    in its checkpoints, so that eval, index and export build it without the file)."""
+    import tempfile
+
+    if open_clip.get_model_config(arch) is not None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, f"{arch}.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg, f)
+        open_clip.add_model_config(tmp)
+
+
 def model_config(name: str) -> dict:
     return open_clip.get_model_config(resolve_model_name(name))
 

@@ -119,8 +119,18 @@ def prepare_dataset(cfgs: dict) -> str | None:
         build(cfgs["data"])
         return None
     src = cfgs["synthetic"].out
-    if not os.path.isfile(os.path.join(src, "synth.json")):
+    meta = os.path.join(src, "synth.json")
+    if not os.path.isfile(meta):
         generate(cfgs["synthetic"])
+    else:  # a rerun reuses the source, but only the one this recipe describes
+        from psdclip.pipeline.dataset import read_json
+
+        before = read_json(meta).get("config", {})
+        wanted = dataclasses.asdict(cfgs["synthetic"])
+        changed = sorted(k for k in wanted if k in before and before[k] != wanted[k])
+        if changed:
+            raise InputError(f"{src}: the synthetic source was generated with other options ({', '.join(changed)}); "
+                             f"delete it (and the dataset built from it) or use another output folder")
     with serving(src) as base:
         build(dataclasses.replace(cfgs["data"], inputs=[write_url_list(src, base, "urls-recipe.csv")]))
     return src

@@ -116,6 +116,22 @@ class Handler(BaseHTTPRequestHandler):
             "/bad/redirect-file.jpg": lambda: self._send(302, b"", "text/plain",
                                                          [("Location", "file:///etc/passwd")]),
         }
+        if path == "/bad/redirect-ip.jpg":  # to the same server under another host name
+            return self._send(302, b"", "text/plain",
+                              [("Location", f"http://127.0.0.1:{srv.server_address[1]}/ok/target.jpg")])
+        if path == "/bad/trickle.jpg":  # headers at once, then one byte a second
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(jpg)))
+            self.end_headers()
+            try:
+                for b in jpg[:30]:
+                    self.wfile.write(bytes([b]))
+                    self.wfile.flush()
+                    time.sleep(1.0)
+            except OSError:
+                pass
+            return None
         if path == "/bad/slow.jpg":
             time.sleep(srv.slow_s)
             return self._send(200, jpg)

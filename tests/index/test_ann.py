@@ -51,3 +51,27 @@ def test_recall_and_shape_checks():
         ann.check_vectors(np.zeros(5), "q")
     with pytest.raises(ValueError):
         ann.check_vectors(np.zeros((2, 5)), "q", dim=4)
+
+
+def test_dedupe_matches_the_pairwise_rule_and_handles_k_1000():
+    """The vectorised greedy de-duplication keeps exactly what comparing each result with every kept one keeps."""
+    import faiss
+
+    from psdclip.index.searcher import Searcher
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((400, 16)).astype(np.float32)
+    near = base[rng.integers(0, 400, 2600)] + 0.02 * rng.standard_normal((2600, 16)).astype(np.float32)
+    xb = np.vstack([base, near]).astype(np.float32)
+    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+    index = faiss.IndexFlatIP(16)
+    index.add(xb)
+    scores, ids = index.search(xb[:1], 3000)
+    scores, ids = scores[0], ids[0]
+    got_s, got_i = Searcher._dedupe(index, scores, ids, 0.98, k=1000)
+    chosen = []
+    for j in range(len(ids)):  # the rule, written out
+        if all(float(xb[ids[j]] @ xb[ids[c]]) < 0.98 for c in chosen):
+            chosen.append(j)
+    assert list(got_i) == list(ids[chosen][:1000]) and 300 < len(got_i) <= 1000
+    assert np.array_equal(got_s, scores[chosen][:1000])

@@ -277,3 +277,54 @@ def test_schemathesis_over_the_openapi_schema_finds_no_5xx(service):
     r = subprocess.run([st, "run", service + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "15",
                         "--request-timeout", "20", "--no-color"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:]
+
+
+def test_image_url_fetches_are_checked_bounded_and_quiet_and_a_bad_reload_is_409(index_dir, tmp_path):
+    """Every redirect hop is checked against the allow-list; connection errors do not tell which ports are open;
+    slow hosts hit a total deadline and a bound on fetches in flight while the rest of the service answers; a
+    reload of a damaged index answers 409 with the reason and keeps the old index serving."""
+    import concurrent.futures
+
+    from helpers.servers import Server
+
+    idx = tmp_path / "idx"
+    shutil.copytree(index_dir, idx)
+    port = free_port()
+    proc = subprocess.Popen([os.path.join(BIN, "psdclip"), "serve", str(idx), "--port", str(port),
+                             "--allowed-url-hosts", "localhost", "--fetch-timeout", "2", "--api-key", "k"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if requests.get(base + "/healthz", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        with Server(None) as web:
+            local = f"http://localhost:{web.server_address[1]}"
+
+            def ask(url):
+                return requests.post(base + "/search", json={"image_url": url, "k": 2}, timeout=60)
+
+            assert ask(local + "/ok/a.jpg").status_code == 200
+            r = ask(local + "/bad/redirect-ip.jpg")  # localhost -> 127.0.0.1: not on the list
+            assert r.status_code == 403 and "redirects to a host that is not allowed" in r.json()["detail"]
+            assert web.hits["/ok/target.jpg"] == 0
+            r = ask(f"http://localhost:{free_port()}/x.jpg")
+            assert r.status_code == 502 and r.json()["detail"] == "could not fetch image_url"
+            with concurrent.futures.ThreadPoolExecutor(12) as ex:
+                slow = [ex.submit(ask, local + "/bad/trickle.jpg") for _ in range(12)]
+                time.sleep(0.5)
+                t0 = time.time()
+                assert requests.get(base + "/healthz", timeout=5).ok and time.time() - t0 < 2
+                codes = sorted(f.result().status_code for f in slow)
+            assert set(codes) == {503, 504} and codes.count(504) <= 8, codes
+        (idx / "index.faiss").write_bytes((idx / "index.faiss").read_bytes()[:100])
+        r = requests.post(base + "/admin/reload", headers={"X-API-Key": "k"})
+        assert r.status_code == 409 and "could not load" in r.json()["detail"]
+        assert requests.post(base + "/search", json={"text": "a red star", "k": 2}).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert b"reload of" in proc.stderr.read()  # the failure is in the log with its traceback

@@ -71,6 +71,11 @@ def test_imagefolder_and_retrieval_suites_and_their_bad_inputs(runs, tmp_path):
     res = json.loads(psdclip("eval", runs[0], "--suite", f"imagefolder:{folder}", "--json", "--workers", 0).stdout)
     assert res["metrics"]["skipped_images"] == 3 and 0 <= res["metrics"]["zeroshot.top1"] <= 1
     assert "linear_probe.accuracy" in res["metrics"]
+    # classnames.txt written in another order than the sorted folders is paired by name, not by position
+    (folder / "classnames.txt").write_text("green thing\nblue thing\nred thing\n")
+    named = json.loads(psdclip("eval", runs[0], "--suite", f"imagefolder:{folder}", "--json", "--workers", 0).stdout)
+    assert named["metrics"]["zeroshot.top1"] == res["metrics"]["zeroshot.top1"]
+    assert "by name" in named["metrics"]["class_names"]
     rows = [{"image": f"folder/red_thing/{k}.jpg", "captions": ["a red thing", "something red"]} for k in range(4)]
     (tmp_path / "ret.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     res = json.loads(psdclip("eval", runs[0], "--suite", f"retrieval:{tmp_path / 'ret.jsonl'}", "--json",

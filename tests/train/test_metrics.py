@@ -59,3 +59,14 @@ def test_bootstrap_interval_contains_the_difference():
     b = (np.arange(200) % 4 == 0).astype(float)  # +0.25
     res = bootstrap_diff(a, b)
     assert res["diff"] == 0.25 and res["ci_low"] < 0.25 < res["ci_high"] and res["ci_low"] > 0.15
+
+
+def test_class_names_pair_by_name_when_they_match_the_folders():
+    from psdclip.train.evaluate import class_names
+
+    folders = ["blue_thing", "green_thing", "red_thing"]
+    assert class_names(folders, None, "x")[0] == ["blue thing", "green thing", "red thing"]
+    names, how = class_names(folders, ["Red thing", "green_thing", "blue thing"], "x")
+    assert names == ["blue thing", "green_thing", "Red thing"] and "by name" in how
+    names, how = class_names(folders, ["azure", "emerald", "crimson"], "x")  # other words: sorted-order rule
+    assert names == ["azure", "emerald", "crimson"] and "blue_thing -> azure" in how

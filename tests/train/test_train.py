@@ -195,3 +195,20 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_then_stops(dataset_dir, tmp_path, 
     assert 2 <= step < 500 and step == metrics(run)[-1]["step"]
     r = psdclip(*args[:-len(FAST)], "--stop-after", 1, *FAST)
     assert f"(step {step})" in r.stderr and metrics(run)[-1]["step"] == step + 1
+
+
+def test_a_model_from_a_json_config_evaluates_and_exports_without_the_file(dataset_dir, synth_dir, tmp_path):
+    cfg = tmp_path / "mine.json"
+    cfg.write_text(json.dumps({"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64,
+                                                              "patch_size": 16},
+                               "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2,
+                                            "layers": 1}}))
+    run = tmp_path / "run"
+    psdclip("train", "--data", dataset_dir, "--out", run, "--model", cfg, "--steps", 2, "--batch-size", 16,
+            "--workers", 0, "--warmup", 1, "--no-progress")
+    cfg.unlink()  # the run alone must be enough
+    r = psdclip("eval", run, "--suite", f"synthetic:{synth_dir}", "--workers", 0)
+    assert "checkpoint step 2, mine" in r.stdout
+    psdclip("export", run, "--out", tmp_path / "out" / "mine.pt")
+    exported = json.loads((tmp_path / "out" / "mine.json").read_text())
+    assert exported["embed_dim"] == 32 and exported["vision_cfg"]["image_size"] == 32
