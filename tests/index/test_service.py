@@ -76,23 +76,26 @@ def free_port():
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def service(index_dir):
+def start_service(*args, env=None):
+    """`psdclip serve ARGS` on a free loopback port, once /healthz answers: (process, base URL)."""
     port = free_port()
-    env = {**os.environ, "PSDCLIP_API_KEY": "s3cret"}
-    proc = subprocess.Popen([os.path.join(BIN, "psdclip"), "serve", f"main={index_dir}", f"other={index_dir}",
-                             "--port", str(port), "--max-k", "50", "--max-body-bytes", "200000"],
+    proc = subprocess.Popen([os.path.join(BIN, "psdclip"), "serve", *map(str, args), "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
             if requests.get(base + "/healthz", timeout=1).ok:
-                break
+                return proc, base
         except requests.ConnectionError:
             time.sleep(0.1)
-    else:
-        proc.kill()
-        raise RuntimeError(proc.stderr.read().decode()[-2000:])
+    proc.kill()
+    raise RuntimeError(proc.stderr.read().decode()[-2000:])
+
+
+@pytest.fixture(scope="module")
+def service(index_dir):
+    proc, base = start_service(f"main={index_dir}", f"other={index_dir}", "--max-k", "50", "--max-body-bytes",
+                               "200000", env={**os.environ, "PSDCLIP_API_KEY": "s3cret"})
     yield base
     proc.terminate()
     proc.wait(timeout=30)
@@ -289,18 +292,8 @@ def test_image_url_fetches_are_checked_bounded_and_quiet_and_a_bad_reload_is_409
 
     idx = tmp_path / "idx"
     shutil.copytree(index_dir, idx)
-    port = free_port()
-    proc = subprocess.Popen([os.path.join(BIN, "psdclip"), "serve", str(idx), "--port", str(port),
-                             "--allowed-url-hosts", "localhost", "--fetch-timeout", "2", "--api-key", "k"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_service(idx, "--allowed-url-hosts", "localhost", "--fetch-timeout", "2", "--api-key", "k")
     try:
-        for _ in range(300):
-            try:
-                if requests.get(base + "/healthz", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.1)
         with Server(None) as web:
             local = f"http://localhost:{web.server_address[1]}"
 
