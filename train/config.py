@@ -104,7 +104,7 @@ class EvalConfig:
                                               "metavar": "RUN_OR_CHECKPOINT"})
     suite: str = field(default="", metadata={"help": "synthetic:DIR, imagefolder:PATH, imagenet:PATH or retrieval:FILE"})
     split: Literal["all", "val", "test"] = field(default="all", metadata={
-        "help": "synthetic suite: all held-out scenes, or the validation (scene id % 4 == 0) or test (the rest) "
+        "help": "synthetic suite: all held-out scenes, or the validation (scene id %% 4 == 0) or test (the rest) "
                 "split; choose settings on val, report test"})
     json: bool = field(default=False, metadata={"help": "print the result as JSON"})
     batch_size: int = field(default=256, metadata={"help": "images per forward pass"})

@@ -174,3 +174,5 @@ def test_cli_and_light_commands_import_no_model_stack():
     for cmd in COMMANDS:
         module, _, func = cmd.target.partition(":")
         assert callable(getattr(importlib.import_module(module), func)), cmd.target
+        r = psdclip(*cmd.path, "--help")  # every command's help renders (argparse reads % in help texts)
+        assert r.stdout.startswith("usage: psdclip " + " ".join(cmd.path)), r.stdout[:200]
