@@ -21,7 +21,9 @@ declared compute rule, with an optional screening stage that picks the PSD setti
       suites: [synthetic]
       metrics: [zeroshot_shape_base.top1, retrieval.t2i_R@1, linear_probe_shape.accuracy]
 
-A method's `snapshot_every: epoch` means one pass over its subset (a `warmup` below 1 is already a fraction of
+`prune: true` deletes a finished run's checkpoints and feature cache (what a study commits is small: metrics,
+configs, plots, evaluations; sources and datasets are regenerated from the seed by a rerun). A method's
+`snapshot_every: epoch` means one pass over its subset (a `warmup` below 1 is already a fraction of
 each run's steps). `regime: {method: clip, seed: 0, require: {METRIC: MIN}}` first trains that run at the largest subset and
 stops the sweep if it misses a minimum on the validation split (a baseline that does not learn cannot tell
 methods apart). The screening stage runs CLIP and every
@@ -236,6 +238,11 @@ class Sweep:
             for (suite, split), f in files.items():
                 if not os.path.isfile(f):
                     self._eval(run, _suite_spec(suite, src), split)
+            if self.sw.get("prune"):  # a finished run keeps its metrics, config, plots and evaluations only
+                import shutil
+
+                for sub in ("checkpoints", os.path.join("eval", "cache")):
+                    shutil.rmtree(os.path.join(run, sub), ignore_errors=True)
         row = {"noise": level, "subset": subset, "N": n, "method": method, "seed": seed, "steps": steps}
         for (suite, split), f in files.items():
             with open(f) as fh:

@@ -87,6 +87,7 @@ def test_sweep_with_noise_levels_screening_and_val_test_splits(tmp_path):
         "data": {"image_size": 32, "shard_size": 60, "thread_count": 8},
         "train": {"model": "rn-small", "batch_size": 16, "workers": 0, "warmup": 0.5},
         "sweep": {"subsets": ["0.5", "1.0"], "seeds": [0], "seeds_largest": [0, 1], "runner": "inprocess",
+                  "prune": True,
                   "compute": {"rule": "epochs", "epochs": 0.3}, "split": True,
                   "noise": {"clean": {"mismatch_frac": 0.0, "shared_frac": 0.0},
                             "noisy": {"mismatch_frac": 0.5, "shared_frac": 0.2}},
@@ -112,6 +113,7 @@ def test_sweep_with_noise_levels_screening_and_val_test_splits(tmp_path):
     assert yaml.safe_load(open(snap / "train.yaml"))["snapshot_every"] == 4  # one pass over 60 pairs at batch 16
     run = out / "clean" / "runs" / "100pct-clip-s1"
     assert {f.name for f in (run / "eval").glob("*.json")} == {"synthetic-val.json", "synthetic-test.json"}
+    assert not (run / "checkpoints").exists() and (run / "metrics.jsonl").exists()  # pruned once finished
     assert json.load(open(run / "eval" / "synthetic-test.json"))["metrics"]["retrieval.gallery"] == 18
     report = (out / "results.md").read_text()
     assert "Chosen for the scaling stage" in report and "### Noise level: clean" in report
