@@ -230,6 +230,8 @@ class Sweep:
         files = {(s, sp): os.path.join(run, "eval", f"{result_name(_suite_spec(s, src), sp)}.json")
                  for s, sp in self.evals()}
         tag = f"{level + ' ' if level else ''}{subset} (N={n}) {method} seed {seed}"
+        wanted = {**settings, "data": subset_file, "out": run, "steps": steps, "seed": seed, "progress": False}
+        self._same_settings(run, wanted)
         if all(os.path.isfile(f) for f in files.values()):
             print(f"[sweep] {tag}: done, skipped", file=sys.stderr)
         else:
@@ -250,6 +252,20 @@ class Sweep:
             prefix = "val:" if split == "val" else ""
             row.update({prefix + k: v for k, v in metrics.items()})
         return row
+
+    @staticmethod
+    def _same_settings(run: str, wanted: dict) -> None:
+        """A run folder is reused (skipped or resumed) only for the settings it was trained with."""
+        path = os.path.join(run, "train.yaml")
+        if not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            before = yaml.safe_load(f) or {}
+        changed = sorted(k for k in set(before) | set(wanted) if k not in ("data", "out")
+                         and before.get(k) != wanted.get(k))
+        if changed:
+            raise InputError(f"[sweep] {run} was trained with other settings ({', '.join(changed)}); delete it to "
+                             f"train it again, or give the sweep another --out")
 
     def _train(self, settings: dict, subset: str, run: str, steps: int, seed: int):
         os.makedirs(run, exist_ok=True)

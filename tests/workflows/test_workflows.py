@@ -119,6 +119,10 @@ def test_sweep_with_noise_levels_screening_and_val_test_splits(tmp_path):
     assert "Chosen for the scaling stage" in report and "### Noise level: clean" in report
     assert "detectable" in report and (out / "diff_retrieval_mean_R1.png").exists()
     assert (out / "scaling_noisy_retrieval_mean_R1.png").exists()
+    changed = dict(recipe, train={**recipe["train"], "lr": 0.01})
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    r = psdclip("sweep", tmp_path / "changed.yaml", check=False)  # finished runs are not reused for other settings
+    assert r.returncode == 1 and "was trained with other settings (lr)" in r.stderr
     again = psdclip("sweep", tmp_path / "study.yaml")
     assert "steps" not in "".join(ln for ln in again.stderr.splitlines() if ln.startswith("[sweep]") and
                                    "done, skipped" not in ln and "regime" not in ln and "noise level" not in ln)
