@@ -53,7 +53,7 @@ import yaml
 from psdclip.pipeline.errors import InputError
 from psdclip.train.evaluate import result_name
 
-from .recipe import SweepConfig  # noqa: F401  (the command's config lives in the light recipe module)
+from .recipe import SweepConfig
 
 
 def _suite_spec(suite: str, src: str) -> str:
@@ -236,7 +236,7 @@ class Sweep:
             print(f"[sweep] {tag}: done, skipped", file=sys.stderr)
         else:
             print(f"[sweep] {tag}: {steps} steps", file=sys.stderr, flush=True)
-            self._train(settings, subset_file, run, steps, seed)
+            self._train(wanted, run)
             for (suite, split), f in files.items():
                 if not os.path.isfile(f):
                     self._eval(run, _suite_spec(suite, src), split)
@@ -267,12 +267,12 @@ class Sweep:
             raise InputError(f"[sweep] {run} was trained with other settings ({', '.join(changed)}); delete it to "
                              f"train it again, or give the sweep another --out")
 
-    def _train(self, settings: dict, subset: str, run: str, steps: int, seed: int):
+    def _train(self, config: dict, run: str):
+        """Write RUN/train.yaml (the config `_same_settings` compares a rerun against) and train from it."""
         os.makedirs(run, exist_ok=True)
         train_yaml = os.path.join(run, "train.yaml")
         with open(train_yaml + ".tmp", "w") as f:
-            yaml.safe_dump({**settings, "data": subset, "out": run, "steps": steps, "seed": seed, "progress": False},
-                           f, sort_keys=False)
+            yaml.safe_dump(config, f, sort_keys=False)
         os.replace(train_yaml + ".tmp", train_yaml)
         args = ["train", "--config", train_yaml]
         runner = self.sw.get("runner", "sequential")
