@@ -15,6 +15,8 @@ import time
 import faiss
 import numpy as np
 
+from psdclip.pipeline.errors import InputError
+
 EXACT_VECTORS_PER_S = 4e9  # dimensions scanned per second by exact CPU search, a conservative figure
 
 
@@ -50,7 +52,24 @@ def choose_factory(n: int, d: int, max_memory: float, max_query_ms: float) -> tu
     for m in (64, 48, 32, 24, 16, 8, 4):
         if d % m == 0 and n * m * 1.2 <= max_memory:
             return f"OPQ{m},IVF{nlist},PQ{m}", f"{m}-byte PQ codes with OPQ fit ({n * m / 1e6:.0f} MB)"
-    raise ValueError(f"no index of {n:,} x {d} vectors fits in {max_memory / 1e6:.0f} MB")
+    raise InputError(f"--max-memory {max_memory / 1e6:.3g} MB: no index of {n:,} x {d} vectors fits in it (the "
+                     f"smallest, 4-byte PQ codes, needs ~{n * 4 * 1.2 / 1e6:.3g} MB)")
+
+
+def check_factory(factory: str, n: int, d: int) -> None:
+    """A one-line error, before any work, for a factory string faiss cannot parse or cannot train on n vectors."""
+    try:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        msg = str(err).strip().splitlines()[-1].split(": ", 1)[-1][:120]
+        raise InputError(f"--factory {factory!r}: not a faiss index for {d}-dim vectors ({msg})") from None
+    try:
+        nlist = faiss.extract_index_ivf(index).nlist
+    except RuntimeError:  # not an IVF index
+        nlist = 0
+    if nlist > n:
+        raise InputError(f"--factory {factory!r}: {nlist:,} inverted lists need at least as many vectors to train; "
+                         f"the dataset has {n:,} (faiss advises ~39 per list: at most IVF{max(1, n // 39)} here)")
 
 
 def fast_scan_m(d: int) -> int | None:

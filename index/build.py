@@ -15,7 +15,6 @@ import time
 
 import faiss
 import numpy as np
-import pandas as pd
 import torch
 
 from psdclip.pipeline.errors import InputError
@@ -37,8 +36,17 @@ def build_index(cfg: IndexBuildConfig) -> dict:
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise InputError(f"--out {cfg.out}: is a file, not an index directory")
     rows, _ = success_rows(cfg.data)
     model, preprocess, tokenizer, info = load_for_eval(cfg.checkpoint, device)
+    with torch.no_grad():
+        dim = int(model.encode_text(tokenizer(["x"]).to(device)).shape[-1])
+    # budgets and --factory are checked before the (long) embedding pass, on the rows the dataset holds
+    if cfg.factory:
+        ann.check_factory(cfg.factory, len(rows), dim)
+    else:
+        ann.choose_factory(len(rows), dim, parse_bytes(cfg.max_memory), cfg.max_query_ms)
     digest = file_sha256(info["checkpoint"])
     meta_path = os.path.join(cfg.out, "index.json")
     if os.path.isfile(meta_path):
@@ -63,7 +71,11 @@ def build_index(cfg: IndexBuildConfig) -> dict:
     queries = np.concatenate([txt[held[: len(held) // 2]], img[held[len(held) // 2:]]])
     indices = {}
     for name, vectors in (("index.faiss", img), ("captions.faiss", txt)):
-        index = ann.build(vectors, factory)
+        try:
+            index = ann.build(vectors, factory)
+        except RuntimeError as err:  # e.g. PQ codes that need more training points than the dataset has
+            msg = str(err).strip().splitlines()[-1].split(": ", 1)[-1][:160]
+            raise InputError(f"--factory {factory!r}: faiss could not train it on {n:,} vectors ({msg})") from None
         tuning = ann.tune(index, factory, vectors, queries, min(cfg.k, n), cfg.target_recall)
         tmp = os.path.join(cfg.out, name + ".tmp")
         faiss.write_index(index, tmp)

@@ -57,6 +57,7 @@ class QueryConfig:
     modality: str = field(default="image", metadata={"help": "what to search: image (images) or text (captions)"})
     dedupe: bool = field(default=False, metadata={"help": "remove near-identical results"})
     json: bool = field(default=False, metadata={"help": "print JSON"})
+    max_image_pixels: int = field(default=40_000_000, metadata={"help": "largest query image (pixels)"})
 
     def __post_init__(self):
         if not self.index:

@@ -20,9 +20,17 @@ def cmd_query(cfg: QueryConfig) -> int:
     if cfg.text:
         kw["text"] = cfg.text
     elif cfg.image:
+        Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
         try:
-            kw["image"] = Image.open(cfg.image)
-        except (OSError, UnidentifiedImageError) as err:
+            with Image.open(cfg.image) as im:
+                if im.width * im.height > cfg.max_image_pixels:
+                    raise InputError(f"--image {cfg.image}: {im.width}x{im.height} is over --max-image-pixels "
+                                     f"{cfg.max_image_pixels:,} (a decompression bomb?)")
+                im.draft("RGB", (1024, 1024))  # the model sees far fewer pixels: decode no more than needed
+                im.load()
+                im.thumbnail((1024, 1024))
+                kw["image"] = im.convert("RGB")
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
             raise InputError(f"--image {cfg.image}: cannot read it as an image ({err})") from None
     else:
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import logging
 import os
 import sys
@@ -71,12 +72,42 @@ def dask_client(scheduler: str | None, n_workers: int, local_directory: str):
             cluster.close(timeout=5)
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
+def _finished_by_rows(futures: dict, rows: dict, work: str, enabled: bool):
+    """Yield the futures as they finish while a progress bar counts rows: those of finished shards plus what
+    the shards in flight have written so far (their sample writers note it in _work/*/rows-done), so the bar
+    moves on a job of a few large shards too."""
+    from dask.distributed import as_completed
+    from dask.distributed import wait as dask_wait
+
     if not enabled:
-        return iterable
+        yield from as_completed(futures)
+        return
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit="shard", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=sum(rows.values()), desc="download", unit="row", unit_scale=True, file=sys.stderr,
+               dynamic_ncols=True)
+    pending, finished = set(futures), 0
+    try:
+        while pending:
+            try:
+                done, pending = dask_wait(list(pending), timeout=0.5, return_when="FIRST_COMPLETED")
+            except TimeoutError:  # nothing finished within the poll interval: refresh the bar from the files
+                done = set()
+            pending = set(pending)
+            for fut in done:
+                finished += rows[futures[fut]]
+                yield fut
+            in_flight = 0
+            for path in glob.glob(os.path.join(work, "*", "rows-done")):
+                with contextlib.suppress(OSError, ValueError):
+                    with open(path) as f:
+                        in_flight += int(f.read() or 0)
+            bar.n = max(bar.n, min(bar.total, finished + in_flight))
+            bar.refresh()
+        bar.n = bar.total
+        bar.refresh()
+    finally:
+        bar.close()
 
 
 def _download_opts(cfg: BuildConfig) -> dict:
@@ -243,6 +274,11 @@ def ingest_inputs(client, layout: Layout, cfg: BuildConfig) -> pd.DataFrame | No
         if sha in known or sha in {f["sha256"] for f in files}:
             log(f"{path}: already ingested (same content as {known.get(sha, 'an earlier argument')}); skipped")
             continue
+        if len(df) == 0:
+            log(f"warning: {path}: no rows (an empty or header-only list)")
+        elif detect_format(path, cfg.input_format) == "txt":
+            log(f"warning: {path}: a .txt list has no captions, so its {len(df):,} rows get the empty_caption status "
+                f"(give a csv/tsv/parquet/jsonl list with a caption column)")
         frames.append(df)
         files.append({"path": path, "sha256": sha, "rows": int(len(df))})
     if not frames:
@@ -283,14 +319,13 @@ def _read_and_clean(path, input_format, url_col, caption_col, max_caption_length
     raised), so that the worker does not log it as a failed computation."""
     try:
         df, sha = read_source(path, input_format, url_col, caption_col, column_names)
-        require_caption = detect_format(path, input_format) != "txt"  # a txt list has no captions
     except InputError as err:
         return err, None
     if parts > 1:
         n = len(df)
         df = df.iloc[n * part // parts: n * (part + 1) // parts].reset_index(drop=True)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    clean_partition(df, max_caption_length, require_caption).reset_index(drop=True).to_feather(
+    clean_partition(df, max_caption_length).reset_index(drop=True).to_feather(
         out, compression="uncompressed")
     return out, sha
 
@@ -323,8 +358,6 @@ def _pending_shards(layout: Layout) -> dict[int, pd.DataFrame]:
 
 
 def _download_pending(client, layout: Layout, cfg: BuildConfig, opts: dict, timings: dict, what: str) -> None:
-    from dask.distributed import as_completed
-
     todo = _pending_shards(layout)
     if not todo:
         return
@@ -335,7 +368,8 @@ def _download_pending(client, layout: Layout, cfg: BuildConfig, opts: dict, timi
     futures = {client.submit(download_partition, rows, shard, layout.root, opts, pure=False, retries=1,
                              key=f"download-{shard:05d}-{time.time_ns()}"): shard for shard, rows in todo.items()}
     failed, ok = [], 0
-    for fut in _progress(as_completed(futures), len(futures), "download", cfg.progress):
+    rows_of = {shard: len(rows) for shard, rows in todo.items()}
+    for fut in _finished_by_rows(futures, rows_of, layout.work, cfg.progress):
         shard = futures[fut]
         try:
             res = fut.result()

@@ -67,11 +67,10 @@ def fix_captions(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def filter_captions(df: pd.DataFrame, max_length: int, require: bool = True) -> pd.DataFrame:
-    """Mark empty captions (when the list has a caption column) and over-long ones."""
+def filter_captions(df: pd.DataFrame, max_length: int) -> pd.DataFrame:
+    """Mark empty captions (a .txt list has none: all its rows) and over-long ones."""
     lengths = pc.utf8_length(pa.array(df["caption"].array)).to_numpy(zero_copy_only=False)
-    if require:
-        _mark(df, lengths == 0, "empty_caption", "caption is empty")
+    _mark(df, lengths == 0, "empty_caption", "caption is empty")
     _mark(df, lengths > max_length, "caption_too_long", f"caption longer than {max_length} characters")
     return df
 
@@ -140,12 +139,12 @@ def hosts(urls: pa.Array, ok) -> pa.Array:
     return pc.if_else(pa.array(np.asarray(ok, dtype=bool)), pc.utf8_lower(host), "")
 
 
-def clean_partition(df: pd.DataFrame, max_caption_length: int, require_caption: bool) -> pd.DataFrame:
+def clean_partition(df: pd.DataFrame, max_caption_length: int) -> pd.DataFrame:
     """The whole per-partition chain, in order."""
     df = start(df)
     df = check_urls(df)
     df = fix_captions(df)
-    df = filter_captions(df, max_caption_length, require_caption)
+    df = filter_captions(df, max_caption_length)
     from .plan import add_url_keys
 
     df = add_url_keys(df)

@@ -16,7 +16,6 @@ import json
 import os
 import uuid
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -174,9 +173,22 @@ def assemble_manifest(layout: Layout) -> pd.DataFrame:
     return plan[MANIFEST_COLUMNS].reset_index(drop=True)
 
 
+def unfinished_shards(layout: Layout) -> tuple[int, int]:
+    """(shards planned but not downloaded yet, shards planned): a build cut off before its end leaves some."""
+    planned: set[int] = set()
+    for ingest in layout.ingest_ids():
+        shards = layout.load_plan(ingest, ["shard"])["shard"]
+        planned.update(int(x) for x in shards[shards >= 0].unique())
+    return len(planned - layout.done_shards()), len(planned)
+
+
 def load_manifest(root: str) -> pd.DataFrame:
     layout = Layout(root)
     if not os.path.isfile(layout.manifest):
+        if layout.ingest_ids():
+            left, planned = unfinished_shards(layout)
+            raise InputError(f"{root}: incomplete build ({planned - left} of {planned} shard(s) downloaded, no "
+                             f"manifest yet): rerun the same `psdclip data build` command")
         raise InputError(f"{root}: not a psdclip dataset (no manifest.parquet)")
     try:
         return pd.read_parquet(layout.manifest)
@@ -221,7 +233,10 @@ def compute_stats(manifest: pd.DataFrame, layout: Layout, fmt: str) -> dict:
 
 
 def format_stats(stats: dict) -> str:
-    lines = [f"rows {stats['rows']:,}   success {stats['success']:,} ({stats['success_rate']:.1%} of rows, "
+    lines = [] if not stats.get("incomplete") else [
+        f"incomplete: {stats['incomplete']['unfinished_shards']} of {stats['incomplete']['planned_shards']} planned "
+        f"shard(s) not downloaded yet; rerun the same `psdclip data build` command", ""]
+    lines += [f"rows {stats['rows']:,}   success {stats['success']:,} ({stats['success_rate']:.1%} of rows, "
              f"{stats['download_success_rate']:.1%} of {stats['attempted']:,} downloads)   shards {stats['shards']}   "
              f"bytes {stats['shard_bytes']:,}"]
     lines.append("")

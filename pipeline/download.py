@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tarfile
+import time
 import uuid
 
 import pandas as pd
@@ -109,6 +110,8 @@ class KeyedShardWriter:
         self.tar = None if arrow else tarfile.open(self.path, "w", format=tarfile.USTAR_FORMAT)
         self.rows: list[dict] = []
         self.images: list[dict] = []
+        self.progress_path = os.path.join(output_folder, "rows-done")  # polled by the client's progress bar
+        self._reported = 0.0
 
     def write(self, img_str, key, caption, meta):  # pylint: disable=unused-argument
         meta = dict(meta)
@@ -134,6 +137,12 @@ class KeyedShardWriter:
                     info.size, info.mode, info.mtime = len(data), 0o444, 0
                     self.tar.addfile(info, io.BytesIO(data))
         self.rows.append(row)
+        now = time.monotonic()
+        if now - self._reported > 0.5:
+            self._reported = now
+            with open(self.progress_path + ".tmp", "w") as f:
+                f.write(str(len(self.rows)))
+            os.replace(self.progress_path + ".tmp", self.progress_path)
 
     def close(self):
         if self.arrow:

@@ -22,6 +22,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
 from .config import SynthConfig
+from .errors import InputError
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross")
 COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 119, 220), "yellow": (238, 210, 20),
@@ -209,7 +210,17 @@ def _jpeg(img: Image.Image) -> bytes:
 def generate(cfg: SynthConfig, progress: bool = True) -> dict:
     """Write the synthetic source into cfg.out. Returns a summary."""
     out = os.path.abspath(cfg.out)
-    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {cfg.out}: is a file, not a directory")
+    foreign = [e for e in (os.listdir(out) if os.path.isdir(out) else [])
+               if e not in ("images", "heldout", "attributes.parquet", "synth.json") and not e.startswith("urls")]
+    if foreign:  # what a source (or one cut off) holds is rewritten; anything else is the user's
+        raise InputError(f"--out {cfg.out}: a folder that is not a synthetic source (it holds {foreign[0]!r}); give "
+                         f"a new or empty one")
+    try:
+        os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    except OSError as err:
+        raise InputError(f"--out {cfg.out}: cannot create it ({err.strerror or err})") from None
     rows = []
     bar = None
     if progress:

@@ -1,11 +1,5 @@
-import os
-import sys
-
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers
-
-from helpers.servers import Server  # noqa: E402
+from helpers.servers import Server
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +47,19 @@ def dataset_dir(synth_dir, tmp_path_factory):
         build(BuildConfig(inputs=[str(urls)], out=str(out / "ds"), image_size=64, shard_size=100, processes_count=2,
                           thread_count=8, subsets=["0.1", "1.0"], progress=False))
     return out / "ds"
+
+
+@pytest.fixture(scope="session")
+def runs(dataset_dir, tmp_path_factory):
+    """Three short tiny-model runs on the pipeline-built dataset (CLIP seed 0, PSD seed 0, CLIP seed 1), shared
+    by the eval, compare and index tests."""
+    from helpers.cli import cli
+
+    root = tmp_path_factory.mktemp("runs")
+    out = []
+    for loss, seed in (("clip", 0), ("psd", 0), ("clip", 1)):
+        run = root / f"{loss}{seed}"
+        cli("train", "--data", dataset_dir, "--out", run, "--steps", 6, "--batch-size", 32, "--workers", 1,
+            "--loss", loss, "--seed", seed, "--no-progress", "--warmup", 2)
+        out.append(run)
+    return out

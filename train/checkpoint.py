@@ -7,6 +7,7 @@ import glob
 import os
 import random
 import re
+import sys
 import uuid
 
 import numpy as np
@@ -86,5 +87,5 @@ def find_latest(ckpt_dir: str) -> tuple[str, dict] | None:
         try:
             return path, load(path)
         except InputError as err:
-            print(f"psdclip: warning: {err}; trying an older checkpoint")
+            print(f"psdclip: warning: {err}; trying an older checkpoint", file=sys.stderr)
     return None

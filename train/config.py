@@ -2,6 +2,8 @@
 field, validated on creation). Light: no torch or open_clip, so the CLI builds its options at once."""
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,7 +26,8 @@ class TrainConfig:
     loss: Literal["clip", "psd"] = _help("clip: symmetric InfoNCE; psd: progressive self-distillation", default="psd")
     steps: int = _help("optimizer steps", default=1000)
     batch_size: int = _help("global batch size (split evenly over the ranks)", default=128)
-    accum: int = _help("gradient accumulation: micro-batches per step (each is its own contrastive batch)", default=1)
+    accum: int = _help("gradient accumulation: micro-batches per step; the loss sees the whole batch (features are "
+                       "cached, as open_clip's --accum-freq does), memory holds one micro-batch's activations", default=1)
     lr: float = _help("peak learning rate", default=5e-4)
     min_lr: float = _help("learning rate at the end of the cosine decay", default=0.0)
     warmup: float = _help("linear warm-up: steps, or a fraction of --steps when below 1 (0.05: the first 5%%)",
@@ -149,3 +152,15 @@ class ExportConfig:
     def __post_init__(self):
         if not self.run or not self.out:
             raise InputError("usage: psdclip export RUN_OR_CHECKPOINT --out FILE.pt")
+
+
+def result_name(suite: str, split: str = "all") -> str:
+    """RUN/eval/<name>.json: `synthetic` for the synthetic suite (`synthetic-val`, `synthetic-test` for a split),
+    else the kind and the folder or file name (imagenet-imagenet-r, retrieval-flickr30k_test), so that each data
+    set keeps its own result."""
+    kind, arg = suite.split(":", 1)
+    if kind == "synthetic":
+        return kind if split == "all" else f"{kind}-{split}"
+    stem = os.path.splitext(os.path.basename(os.path.normpath(arg)))[0] if kind == "retrieval" else \
+        os.path.basename(os.path.normpath(arg))
+    return f"{kind}-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", stem or "root")

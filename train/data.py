@@ -260,5 +260,9 @@ def _worker_init(_):
     # Ctrl-C reaches the whole process group: it is for the trainer, which checkpoints and stops (a worker that
     # died of it first would take the batch in flight with it)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM to the whole group (Slurm's scancel, `kill -TERM -PGID`) or from the DataLoader's own shutdown: leave
+    # quietly with exit 0, so the trainer sees a worker that ended (which it handles between steps), not one
+    # "killed by signal" (which torch raises at any point of a step, before the trainer can checkpoint)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     torch.set_num_threads(1)
     np.random.seed(torch.initial_seed() % 2**32)

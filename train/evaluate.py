@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 
@@ -21,7 +20,7 @@ from PIL import Image
 from psdclip.pipeline.errors import InputError
 
 from . import checkpoint as ckpt
-from .config import EvalConfig
+from .config import EvalConfig, result_name
 from .imagenet import collect_folders, group_scores, imagenet_layout as imagenet_variant
 from .metrics import linear_probe, recall_at, retrieval_ranks, topk_correct
 from .models import encode_text
@@ -274,7 +273,12 @@ def _classification(path, files, labels, feats, ok, logits) -> dict:
 def suite_retrieval(path, model, preprocess, tokenizer, cfg, device, cache) -> dict:
     if not os.path.isfile(path):
         raise InputError(f"retrieval:{path}: no such file")
-    df = pd.read_json(path, lines=True) if path.endswith((".jsonl", ".json")) else pd.read_csv(path)
+    try:
+        df = pd.read_json(path, lines=True) if path.endswith((".jsonl", ".json")) else pd.read_csv(path)
+    except (ValueError, UnicodeDecodeError) as err:  # pandas' ParserError and EmptyDataError are ValueErrors
+        kind = "JSON lines" if path.endswith((".jsonl", ".json")) else "CSV"
+        raise InputError(f"retrieval:{path}: not a readable {kind} file ({str(err).strip().splitlines()[-1][:120]})") \
+            from None
     if "image" not in df or not ({"caption", "captions"} & set(df.columns)):
         raise InputError(f"{path}: needs an 'image' column and a 'caption' (or 'captions' list) column")
     if "captions" in df:
@@ -297,18 +301,6 @@ def suite_retrieval(path, model, preprocess, tokenizer, cfg, device, cache) -> d
 
 
 # ---- command -------------------------------------------------------------------------------------------
-
-def result_name(suite: str, split: str = "all") -> str:
-    """RUN/eval/<name>.json: `synthetic` for the synthetic suite (`synthetic-val`, `synthetic-test` for a split),
-    else the kind and the folder or file name (imagenet-imagenet-r, retrieval-flickr30k_test), so that each data
-    set keeps its own result."""
-    kind, arg = suite.split(":", 1)
-    if kind == "synthetic":
-        return kind if split == "all" else f"{kind}-{split}"
-    stem = os.path.splitext(os.path.basename(os.path.normpath(arg)))[0] if kind == "retrieval" else \
-        os.path.basename(os.path.normpath(arg))
-    return f"{kind}-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", stem or "root")
-
 
 def evaluate(cfg: EvalConfig) -> dict:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else

@@ -26,6 +26,9 @@ from .losses import CLIPLoss, PSDLoss, PSDSchedule
 from .models import build_model, model_config, resolve_model_name
 
 
+PLOT_EVERY_S = 120.0
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to cfg.lr, then cosine decay to cfg.min_lr at cfg.steps."""
     warmup = cfg.warmup_steps
@@ -91,6 +94,10 @@ def train(cfg: TrainConfig) -> dict:
     ema = _make_teacher(model, teacher_state) if cfg.loss == "psd" and (cfg.ema_teacher or cfg.snapshot_every) \
         else None
     if rank == 0:
+        _truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), start_step)
+        if cfg.warmup_steps > cfg.steps:
+            print(f"psdclip: warning: --warmup {cfg.warmup:g} is {cfg.warmup_steps} steps, more than --steps "
+                  f"{cfg.steps}: the learning rate never reaches --lr {cfg.lr:g}", file=sys.stderr)
         os.makedirs(os.path.join(cfg.out, "plots"), exist_ok=True)
         with open(os.path.join(cfg.out, "config.yaml"), "w") as f:
             yaml.safe_dump({**dataclasses.asdict(cfg), "model_arch": resolve_model_name(cfg.model), "world_size": world},
@@ -113,33 +120,37 @@ def train(cfg: TrainConfig) -> dict:
     step = start_step
     end = cfg.steps if not cfg.stop_after else min(cfg.steps, start_step + cfg.stop_after)
     interrupt = _Interrupt()
+    last_plot = time.time()
     for step in range(start_step, end):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        logs: dict = {}
-        finite = True
-        for m in range(cfg.accum):
+        at_step_start = dict(position)
+        micro_batches = []
+        for _ in range(cfg.accum):
             t_wait = time.time()
-            batch = _next_batch(batches)
+            try:
+                batch = _next_batch(batches)
+            except _WorkerEnded as err:
+                if not interrupt.wait(2.0):  # no stop signal came with it: a worker died on its own
+                    raise PsdclipError(f"{err}; the same command resumes from the last checkpoint") from None
+                if step > start_step:  # the steps done so far are whole: keep them
+                    _checkpoint(cfg, ckpt_dir, step, model, optimizer, scaler, at_step_start, world, rank, ema)
+                print(f"psdclip: {interrupt.name} at step {step}: checkpoint saved; the same command resumes "
+                      f"from it", file=sys.stderr)
+                raise KeyboardInterrupt from None
             window["wait"] += time.time() - t_wait
             position[str(batch["reader"])] = {"epoch": batch["epoch"], "samples": batch["samples"],
                                               "batches": batch["batches"]}
             skipped_samples[batch["reader"]] = batch["skipped"]
-            images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            texts = batch["text"].to(device, non_blocking=True)
-            sync = contextlib.nullcontext() if (world == 1 or m == cfg.accum - 1) else net.no_sync()
-            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = net(images, texts)
-                teacher = _ema_logits(ema, loss_fn, images, texts) if ema is not None else None
-                losses = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], step=step,
-                                 teacher_logits=teacher)
-                total = sum(v for k, v in losses.items() if k.endswith("_loss"))
-                finite = finite and bool(torch.isfinite(total.detach()))
-                (total / cfg.accum).backward()
-            for k, v in losses.items():
-                logs[k] = logs.get(k, 0.0) + float(v.detach()) / cfg.accum
-            window["samples"] += images.shape[0] * world
+            micro_batches.append((batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format),
+                                  batch["text"].to(device, non_blocking=True)))
+            window["samples"] += batch["image"].shape[0] * world
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            losses = forward_backward(net, model, loss_fn, micro_batches, step, ema=ema, world=world)
+        total = sum(v for k, v in losses.items() if k.endswith("_loss"))
+        finite = bool(torch.isfinite(total))
+        logs = {k: float(v) for k, v in losses.items()}
         if not finite:
             if cfg.nan_policy == "stop":
                 _nan_diagnostics(cfg, step, logs, lr, model, batch)
@@ -162,7 +173,11 @@ def train(cfg: TrainConfig) -> dict:
             _log(metrics_path, done, logs, lr, model, window, skipped_samples, world, bar)
         stopping = interrupt.agreed(world, device)
         if done % cfg.checkpoint_every == 0 or done == end or stopping:
-            _checkpoint(cfg, ckpt_dir, done, model, optimizer, scaler, position, world, rank, ema)
+            # plots with the checkpoint at the end, on a stop, and at most every PLOT_EVERY_S in between (drawing
+            # five PNGs takes ~1 s: at every checkpoint of a short run it would cost more than the training)
+            plot = done == end or stopping or time.time() - last_plot >= PLOT_EVERY_S
+            _checkpoint(cfg, ckpt_dir, done, model, optimizer, scaler, position, world, rank, ema, plot=plot)
+            last_plot = time.time() if plot else last_plot
         if bar is not None:
             bar.update(1)
         if stopping:
@@ -174,10 +189,7 @@ def train(cfg: TrainConfig) -> dict:
     interrupt.restore()
     if bar is not None:
         bar.close()
-    if rank == 0:
-        from .plots import plot_run
-
-        plot_run(cfg.out)
+    # (the plots were drawn with the last checkpoint, which the last step always writes)
     if world > 1:
         dist.barrier()
     return {"steps": end, "out": cfg.out}
@@ -204,6 +216,14 @@ class _Interrupt:
 
         self.name = signal.Signals(signum).name
 
+    def wait(self, seconds: float) -> bool:
+        """Whether a stop signal has come, waiting up to `seconds` for one sent at the same time as what ended
+        a worker."""
+        deadline = time.time() + seconds
+        while not self.name and time.time() < deadline:
+            time.sleep(0.05)
+        return bool(self.name)
+
     def agreed(self, world: int, device) -> bool:
         if world == 1:
             return bool(self.name)
@@ -220,12 +240,20 @@ class _Interrupt:
             signal.signal(sig, handler)
 
 
+class _WorkerEnded(Exception):
+    """A DataLoader worker is gone (a SIGTERM to the process group ends workers and trainer together)."""
+
+
 def _next_batch(batches):
     try:
         return next(batches)
     except PsdclipError as err:  # raised in a DataLoader worker: keep its own one-line message
         lines = [ln for ln in str(err).splitlines() if ln.strip()]
         raise type(err)(lines[-1] if lines else str(err)) from None
+    except RuntimeError as err:
+        if "DataLoader worker" in str(err):
+            raise _WorkerEnded(str(err).splitlines()[0].strip()) from None
+        raise
 
 
 def _progress(cfg, rank, start):
@@ -249,7 +277,7 @@ def _log(path, step, logs, lr, model, window, skipped, world, bar):
     window.update(t0=time.time(), wait=0.0, samples=0)
 
 
-def _checkpoint(cfg, ckpt_dir, step, model, optimizer, scaler, position, world, rank, teacher=None):
+def _checkpoint(cfg, ckpt_dir, step, model, optimizer, scaler, position, world, rank, teacher=None, plot=True):
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, position)
@@ -266,11 +294,32 @@ def _checkpoint(cfg, ckpt_dir, step, model, optimizer, scaler, position, world, 
             "loss": cfg.loss, "config": json.dumps(dataclasses.asdict(cfg)),
             **({"teacher": teacher.state_dict()} if teacher is not None else {}),
         }, cfg.keep)
-        from .plots import plot_run
+        if plot:
+            from .plots import plot_run
 
-        plot_run(cfg.out)
+            plot_run(cfg.out)
     if world > 1:
         dist.barrier()
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Keep the rows up to the step training continues from: after a fall-back to an older checkpoint (the newest
+    was damaged) or a fresh start, the steps after it are trained again and must not be logged twice."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill: dropped
+            continue
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
 
 def _resume(cfg, ckpt_dir, model, optimizer, scaler):
@@ -343,7 +392,47 @@ def _ema_update(ema, model, decay):
 
 
 @torch.no_grad()
-def _ema_logits(ema, loss_fn, images, texts):
-    """The EMA teacher's logits, gathered across ranks like the student's."""
-    out = ema(images, texts)
-    return loss_fn.get_logits(out["image_features"], out["text_features"], out["logit_scale"])
+def _ema_logits(ema, loss_fn, micro_batches):
+    """The EMA/snapshot teacher's logits over the whole (accumulated) batch, gathered across ranks like the
+    student's."""
+    with torch.no_grad():
+        outs = [ema(images, texts) for images, texts in micro_batches]
+        return loss_fn.get_logits(torch.cat([o["image_features"] for o in outs]),
+                                  torch.cat([o["text_features"] for o in outs]), outs[0]["logit_scale"])
+
+
+def forward_backward(net, model, loss_fn, micro_batches, step, ema=None, world=1) -> dict:
+    """Loss and gradients of one step over its micro-batches (call under the step's autocast); returns the
+    losses, detached. One micro-batch: forward and backward. Several (`--accum K`): open_clip's feature-cache
+    accumulation, so the contrastive loss (and PSD's teacher) sees the whole batch of K x micro rows, as one
+    big batch would: the features of every micro-batch are first computed without gradients (batch-norm
+    running statistics are put back after), then each micro-batch is run again with gradients and the loss
+    of the whole batch is taken with its fresh features in place of its cached ones. The gradients summed
+    over the K backward passes are those of the big batch; the logit scale, which every pass uses, takes
+    its gradient from the last pass only (the one DDP reduces). Memory: the K micro-batches' inputs and features, and one
+    micro-batch's activations."""
+    teacher = _ema_logits(ema, loss_fn, micro_batches) if ema is not None else None
+    if len(micro_batches) == 1:
+        images, texts = micro_batches[0]
+        out = net(images, texts)
+        losses = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], step=step,
+                         teacher_logits=teacher)
+        sum(v for k, v in losses.items() if k.endswith("_loss")).backward()
+        return {k: v.detach() for k, v in losses.items()}
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    with torch.no_grad():
+        cached = [net(images, texts) for images, texts in micro_batches]
+        for k, v in model.named_buffers():
+            v.copy_(buffers[k])
+    feats = {key: [c[key] for c in cached] for key in ("image_features", "text_features")}
+    last = len(micro_batches) - 1
+    for m, (images, texts) in enumerate(micro_batches):
+        sync = contextlib.nullcontext() if (world == 1 or m == last) else net.no_sync()
+        with sync:
+            out = net(images, texts)
+            whole = {key: torch.cat(parts[:m] + [out[key]] + parts[m + 1:]) for key, parts in feats.items()}
+            scale = out["logit_scale"] if m == last else out["logit_scale"].detach()
+            losses = loss_fn(whole["image_features"], whole["text_features"], scale, step=step,
+                             teacher_logits=teacher)
+            sum(v for k, v in losses.items() if k.endswith("_loss")).backward()
+    return {k: v.detach() for k, v in losses.items()}

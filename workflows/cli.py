@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from psdclip.index.config import IndexBuildConfig, QueryConfig, ServeConfig
 from psdclip.pipeline.config import BuildConfig, ServeDataConfig, StatsConfig, SynthConfig
-from psdclip.pipeline.errors import PsdclipError
+from psdclip.pipeline.errors import InputError, PsdclipError
 from psdclip.train.config import CompareConfig, EvalConfig, ExportConfig, TrainConfig
 
 from . import __version__
@@ -107,13 +107,21 @@ def main(argv=None) -> int:
     try:
         cfg = build_config(cmd.config, load_yaml(args.config) if args.config else {}, values,
                            source=args.config or "config")
-        return int(cmd.run(cfg) or 0)
-    except PsdclipError as err:
+        rc = int(cmd.run(cfg) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not in Python's flush at exit
+        return rc
+    except PsdclipError as err:  # bad input exits 2 (as argparse's usage errors do), a failure of the work 1
         print(f"psdclip: error: {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, InputError) else 1
     except KeyboardInterrupt:
         print("psdclip: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `psdclip ... | head`: the reader is gone; exit quietly as a shell tool does
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit would fail on the closed pipe again
+        return 141
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import json
 import os
 
 from psdclip.pipeline.config import BuildConfig, ServeDataConfig, StatsConfig, SynthConfig
-from psdclip.pipeline.errors import PsdclipError
+from psdclip.pipeline.errors import InputError
 
 
 def cmd_build(cfg: BuildConfig) -> int:
@@ -24,7 +24,8 @@ def cmd_build(cfg: BuildConfig) -> int:
 
 
 def cmd_stats(cfg: StatsConfig) -> int:
-    from psdclip.pipeline.dataset import Layout, compute_stats, format_stats, load_manifest, read_json
+    from psdclip.pipeline.dataset import (Layout, compute_stats, format_stats, load_manifest, read_json,
+                                          unfinished_shards)
 
     manifest = load_manifest(cfg.dataset)
     layout = Layout(cfg.dataset)
@@ -32,6 +33,9 @@ def cmd_stats(cfg: StatsConfig) -> int:
     stats = compute_stats(manifest, layout, info.get("output_format", "webdataset"))
     if os.path.isfile(layout.stats_json):
         stats["build"] = read_json(layout.stats_json).get("build")
+    left, planned = unfinished_shards(layout)
+    if left:  # a build was cut off (or is running): the manifest is the last complete one
+        stats["incomplete"] = {"unfinished_shards": left, "planned_shards": planned}
     print(json.dumps(stats, indent=2) if cfg.json else format_stats(stats))
     return 0
 
@@ -51,11 +55,11 @@ def cmd_serve_data(cfg: ServeDataConfig) -> int:
     from psdclip.pipeline.synth import write_url_list
 
     if not os.path.isdir(cfg.dir):
-        raise PsdclipError(f"{cfg.dir}: no such directory")
+        raise InputError(f"{cfg.dir}: no such directory")
     try:
         server = make_server(os.path.abspath(cfg.dir), cfg.host, cfg.port)
     except OSError as err:
-        raise PsdclipError(f"--host {cfg.host} --port {cfg.port}: cannot listen ({err.strerror or err})") from None
+        raise InputError(f"--host {cfg.host} --port {cfg.port}: cannot listen ({err.strerror or err})") from None
     base = f"http://{cfg.host}:{server.server_address[1]}"
     if os.path.isfile(os.path.join(cfg.dir, "attributes.parquet")):
         # urls.csv, written by `data synth`, is the user's file and is never rewritten: another address gets

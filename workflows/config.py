@@ -146,5 +146,7 @@ def _coerce(value, tp, where):
             raise InputError(f"{where}: expected {tp.__name__}, got {value!r}")
         return tp(value)
     if tp is str:
+        if isinstance(value, (list, dict)):
+            raise InputError(f"{where}: expected a single value, got {value!r}")
         return str(value)
     return value

@@ -78,8 +78,7 @@ class SweepConfig:
 
 
 def validate(path: str, recipe: dict, out: str) -> dict:
-    from psdclip.index.build import IndexBuildConfig
-    from psdclip.index.service import ServeConfig
+    from psdclip.index.config import IndexBuildConfig, ServeConfig
     from psdclip.pipeline.config import BuildConfig, SynthConfig
     from psdclip.train.config import TrainConfig
 

@@ -16,18 +16,14 @@ import pytest
 import requests
 from PIL import Image
 
-from helpers.cli import BIN, psdclip  # noqa: E402
-
-
+from helpers.cli import BIN, cli
 
 
 @pytest.fixture(scope="module")
-def index_dir(dataset_dir, tmp_path_factory):
+def index_dir(dataset_dir, runs, tmp_path_factory):
     root = tmp_path_factory.mktemp("index")
-    psdclip("train", "--data", dataset_dir, "--out", root / "run", "--steps", 8, "--batch-size", 32, "--workers", 1,
-            "--no-progress", "--warmup", 2)
-    psdclip("index", "build", "--checkpoint", root / "run", "--data", dataset_dir, "--out", root / "idx",
-            "--no-progress", "--workers", 0)
+    cli("index", "build", "--checkpoint", runs[1], "--data", dataset_dir, "--out", root / "idx", "--no-progress",
+        "--workers", 0)
     return root / "idx"
 
 
@@ -38,7 +34,7 @@ def test_index_build_query_and_resume(index_dir, dataset_dir, tmp_path):
     meta = pd.read_parquet(index_dir / "metadata.parquet")
     assert meta["id"].tolist() == list(range(300)) and set(meta["key"]) == set(
         pd.read_parquet(dataset_dir / "manifest.parquet")["key"])
-    res = json.loads(psdclip("index", "query", index_dir, "--text", "two red circles", "-k", 5, "--json").stdout)
+    res = json.loads(cli("index", "query", index_dir, "--text", "two red circles", "-k", 5, "--json").stdout)
     assert len(res) == 5 and res[0]["score"] >= res[-1]["score"]
     # the results equal an exact search over the stored embeddings
     from psdclip.index.embed import load_embeddings
@@ -58,16 +54,16 @@ def test_index_build_query_and_resume(index_dir, dataset_dir, tmp_path):
     shutil.copytree(index_dir, out)
     for f in (out / "embeddings").glob("*_00001.npy"):
         f.unlink()
-    psdclip("index", "build", "--checkpoint", info["checkpoint"], "--data", dataset_dir, "--out", out, "--factory",
+    cli("index", "build", "--checkpoint", info["checkpoint"], "--data", dataset_dir, "--out", out, "--factory",
             "IVF4,Flat", "--no-progress", "--workers", 0)
     ivf = json.load(open(out / "index.json"))
     assert ivf["factory"] == "IVF4,Flat" and ivf["recall_at_k"]["index.faiss"]["recall"] >= 0.95
     assert ivf["search_params"]["index.faiss"]["param"] == "nprobe"
     # bad input
-    r = psdclip("index", "query", index_dir, "--text", "x", "--image", "y", check=False)
-    assert r.returncode == 1 and "exactly one of" in r.stderr
-    r = psdclip("index", "query", tmp_path, "--text", "x", check=False)
-    assert r.returncode == 1 and "not a psdclip index" in r.stderr
+    r = cli("index", "query", index_dir, "--text", "x", "--image", "y", check=False)
+    assert r.returncode == 2 and "exactly one of" in r.stderr
+    r = cli("index", "query", tmp_path, "--text", "x", check=False)
+    assert r.returncode == 2 and "not a psdclip index" in r.stderr
 
 
 def free_port():

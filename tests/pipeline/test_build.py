@@ -132,3 +132,27 @@ def test_append_new_lists_and_retry_failed(synth_dir, server, tmp_path):
     assert all(server.hits[p] == 2 for p in flaky)
     assert all(n == 1 for p, n in server.hits.items() if p.startswith("/img/") and p not in flaky)
     assert set(tar_members(ds)) == set(m3.loc[m3["status"] == "success", "key"])
+
+
+def test_txt_rows_are_empty_caption_and_empty_lists_warn(server, tmp_path, capsys):
+    (tmp_path / "u.txt").write_text(f"{server.base}/ok/a.jpg\n{server.base}/ok/b.jpg\n")
+    (tmp_path / "header.csv").write_text("url,caption\n")
+    (tmp_path / "one.csv").write_text(f"url,caption\n{server.base}/ok/c.jpg,a good one\n")
+    build(cfg([tmp_path / "u.txt", tmp_path / "header.csv", tmp_path / "one.csv"], tmp_path / "ds"))
+    m = pd.read_parquet(tmp_path / "ds" / "manifest.parquet").sort_values(["source", "source_row"])
+    assert m["status"].tolist() == ["success", "empty_caption", "empty_caption"]  # one.csv, then u.txt
+    err = capsys.readouterr().err
+    assert "header.csv: no rows (an empty or header-only list)" in err
+    assert "u.txt: a .txt list has no captions, so its 2 rows get the empty_caption status" in err
+    assert not any(p.endswith(("/a.jpg", "/b.jpg")) for p in server.hits)  # never downloaded
+
+
+def test_progress_counts_rows_while_one_shard_downloads(synth_urls, server, tmp_path, capsys):
+    """One 300-row shard: a shard-counting bar would sit at 0/1 until the end; the row bar moves."""
+    import re
+
+    server.delay_s = 0.02
+    build(cfg([synth_urls], tmp_path / "ds", shard_size=300, thread_count=2, progress=True))
+    err = capsys.readouterr().err
+    counts = {int(m) for m in re.findall(r"\| *(\d+)/300 ", err)}
+    assert 300 in counts and any(0 < c < 300 for c in counts), err[-2000:]

@@ -17,8 +17,6 @@ def test_ftfy_repairs_mojibake_entities_and_whitespace():
 def test_caption_filters_mark_not_drop():
     df = filter_captions(frame(["http://a.test/1"] * 3, ["", "x" * 11, "fine"]), max_length=10)
     assert df["status"].tolist() == ["empty_caption", "caption_too_long", "pending"]
-    df = filter_captions(frame(["http://a.test/1"], [""]), max_length=10, require=False)
-    assert df["status"].tolist() == ["pending"]
 
 
 def test_only_http_and_https_are_fetched():
@@ -39,5 +37,5 @@ def test_unicode_urls_are_percent_encoded():
 
 
 def test_first_status_wins():
-    df = clean_partition(frame(["file:///x", "http://a.test/1"], ["", ""]).drop(columns=["status", "error"]), 100, True)
+    df = clean_partition(frame(["file:///x", "http://a.test/1"], ["", ""]).drop(columns=["status", "error"]), 100)
     assert df["status"].tolist() == ["invalid_url", "empty_caption"]

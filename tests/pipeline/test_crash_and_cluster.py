@@ -4,21 +4,18 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pandas as pd
 import pytest
+from helpers.cli import BIN, cli
 from helpers.datasets import cfg, tar_members
 
 from psdclip.pipeline.build import build
 
-BIN = os.path.dirname(sys.executable)
 
-
-def run_cli(*args, **kw):
-    return subprocess.run([os.path.join(BIN, "psdclip"), *map(str, args)], capture_output=True, text=True,
-                          timeout=300, **kw)
+def run_cli(*args):
+    return cli(*args, check=False)
 
 
 @pytest.mark.parametrize("kill_when", ["first-shard", "early"])
@@ -44,6 +41,10 @@ def test_kill_9_and_rerun_loses_and_duplicates_nothing(synth_urls, server, tmp_p
     if kill_when == "first-shard":
         assert done_before
     hits_before = dict(server.hits)
+    ingests = ds / "_state" / "ingests"
+    if ingests.is_dir() and any(p.name.isdigit() for p in ingests.iterdir()):  # planned, then cut off
+        r = cli("data", "stats", ds, check=False)
+        assert r.returncode == 2 and "incomplete build" in r.stderr and "rerun the same" in r.stderr, r.stderr
     server.delay_s = 0.0
     build(cfg([synth_urls], ds, shard_size=40))
     m = pd.read_parquet(ds / "manifest.parquet")
@@ -146,7 +147,7 @@ def test_two_builds_into_one_dataset_the_second_says_who_holds_it(synth_urls, tm
         time.sleep(0.01)
     assert first.poll() is None, "the first build ended before the second could start"
     second = run_cli(*args)
-    assert second.returncode == 1 and f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+    assert second.returncode == 2 and f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
     assert len([ln for ln in second.stderr.splitlines() if ln.strip()]) == 1, second.stderr
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     assert pd.read_parquet(ds / "manifest.parquet")["status"].eq("success").sum() == 300
@@ -162,7 +163,7 @@ def test_data_serve_leaves_the_url_list_alone_and_refuses_a_busy_port(tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         r = run_cli("data", "serve", src, "--port", port)
-        assert r.returncode == 1 and f"--port {port}: cannot listen" in r.stderr and "Traceback" not in r.stderr
+        assert r.returncode == 2 and f"--port {port}: cannot listen" in r.stderr and "Traceback" not in r.stderr
     proc = subprocess.Popen([os.path.join(BIN, "psdclip"), "data", "serve", str(src), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -183,7 +184,7 @@ def test_cli_yaml_config_and_override(tmp_path):
     assert len(pd.read_csv(tmp_path / "s" / "urls.csv")) == 12
     (tmp_path / "bad.yaml").write_text("n: twelve\n")
     r = run_cli("data", "synth", "--config", tmp_path / "bad.yaml", "--out", tmp_path / "t")
-    assert r.returncode == 1 and "expected int" in r.stderr
+    assert r.returncode == 2 and "expected int" in r.stderr
     for cmd in (["--help"], ["data", "--help"], ["data", "build", "--help"], ["data", "synth", "--help"],
                 ["data", "serve", "--help"], ["data", "stats", "--help"], ["demo", "--help"]):
         r = run_cli(*cmd)

@@ -1,4 +1,5 @@
-import numpy as np
+import itertools
+
 import pandas as pd
 
 from psdclip.pipeline.clean import start
@@ -40,7 +41,7 @@ def test_hosts_are_spread_over_partitions_and_interleaved():
     for _, part in df.sort_values("order").groupby("shard"):
         assert part["order"].tolist() == list(range(len(part)))
         hosts = part["host"].tolist()
-        longest = max(len(list(g)) for _, g in __import__("itertools").groupby(hosts))
+        longest = max(len(list(g)) for _, g in itertools.groupby(hosts))
         # the big host has 3x the rows of all others together: runs stay short when interleaved
         assert longest <= 3 * len(part) // 4
 

@@ -35,6 +35,35 @@ def main(out):
             dist.all_reduce(total)
             loss = total / world
         results[name] = {"loss": loss.detach(), **{k: p.grad.clone() for k, p in model.named_parameters()}}
+    # the trainer's step (train.loop.forward_backward) on a model with a learnt logit scale: the whole local batch
+    # in one pass, and as 2 micro-batches with feature-cache accumulation
+    from psdclip.train.loop import forward_backward
+
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(1)
+            self.i, self.t = torch.nn.Linear(12, 6), torch.nn.Linear(10, 6)
+            self.logit_scale = torch.nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, a, b):
+            return {"image_features": F.normalize(self.i(a), dim=-1), "text_features": F.normalize(self.t(b), dim=-1),
+                    "logit_scale": self.logit_scale.exp()}
+
+    for name, parts in (("psd-one", 1), ("psd-accum", 2)):
+        pair = Pair()
+        net = torch.nn.parallel.DistributedDataParallel(pair) if world > 1 else pair
+        loss_fn = PSDLoss(PSDSchedule(10, 0.6, 0.6, "constant", 0.5, 0.5, "constant"), 1.5, seed=1, rank=rank,
+                          world_size=world)
+        m = n // parts
+        losses = forward_backward(net, pair, loss_fn, [(x[k * m:(k + 1) * m], y[k * m:(k + 1) * m]) for k in range(parts)],
+                                  step=4, world=world)
+        loss = losses["contrastive_loss"]
+        if world > 1:  # DDP averaged the gradients; the loss is averaged here
+            total = loss.clone()
+            dist.all_reduce(total)
+            loss = total / world
+        results[name] = {"loss": loss, **{k: p.grad.clone() for k, p in pair.named_parameters()}}
     if rank == 0:
         torch.save(results, out)
     if world > 1:

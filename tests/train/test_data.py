@@ -1,10 +1,6 @@
-import io
 import os
 import random
 import shutil
-
-import torch
-from PIL import Image
 
 from psdclip.train.data import ShardStream, epoch_shards, keep_keys, resolve_source, shuffle, split
 from psdclip.train.models import build_model

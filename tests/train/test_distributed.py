@@ -8,6 +8,7 @@ HERE = os.path.dirname(__file__)
 
 
 def test_two_process_torchrun_matches_one_process(tmp_path):
+    """CLIP and PSD losses and gradients, and the trainer's step with and without --accum, 1 vs 2 gloo ranks."""
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, os.path.join(HERE, "ddp_check.py"), str(one)], check=True, env=env, timeout=300)
@@ -20,3 +21,5 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
         for k in a[loss]:
             assert torch.allclose(a[loss][k], b[loss][k], atol=1e-6, rtol=1e-5), (loss, k, a[loss][k], b[loss][k])
     assert not torch.allclose(a["clip"]["loss"], a["psd"]["loss"])
+    for k in a["psd-one"]:  # feature-cache accumulation = the whole batch at once, in 1 and in 2 processes
+        assert torch.allclose(a["psd-accum"][k], a["psd-one"][k], atol=1e-6, rtol=1e-5), k

@@ -1,33 +1,16 @@
 """psdclip eval and compare, end to end on a tiny checkpoint trained on a pipeline-built dataset."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
-import pytest
 from PIL import Image
 
-from helpers.cli import BIN, psdclip  # noqa: E402
-from helpers.datasets import image, make_objectnet  # noqa: E402
-
-
-
-
-@pytest.fixture(scope="module")
-def runs(dataset_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    out = []
-    for loss, seed in (("clip", 0), ("psd", 0), ("clip", 1)):
-        run = root / f"{loss}{seed}"
-        psdclip("train", "--data", dataset_dir, "--out", run, "--steps", 6, "--batch-size", 32, "--workers", 1,
-                "--loss", loss, "--seed", seed, "--no-progress", "--warmup", 2)
-        out.append(run)
-    return out
+from helpers.cli import cli
+from helpers.datasets import image, make_objectnet
 
 
 def test_synthetic_suite_end_to_end(runs, synth_dir):
-    r = psdclip("eval", runs[0], "--suite", f"synthetic:{synth_dir}", "--json", "--workers", 0)
+    r = cli("eval", runs[0], "--suite", f"synthetic:{synth_dir}", "--json", "--workers", 0)
     res = json.loads(r.stdout)
     m = res["metrics"]
     for key in ("zeroshot_shape_base.top1", "zeroshot_shape_sketch.top1", "linear_probe_shape.accuracy",
@@ -37,14 +20,14 @@ def test_synthetic_suite_end_to_end(runs, synth_dir):
     saved = json.load(open(runs[0] / "eval" / "synthetic.json"))
     assert len(saved["examples"]["zeroshot_shape_base.top1"]) == 40  # the 40 held-out scenes
     assert list((runs[0] / "eval" / "cache").glob("*.npz"))  # features cached for the next metric/eval
-    again = json.loads(psdclip("eval", runs[0], "--suite", f"synthetic:{synth_dir}", "--json", "--workers", 0).stdout)
+    again = json.loads(cli("eval", runs[0], "--suite", f"synthetic:{synth_dir}", "--json", "--workers", 0).stdout)
     assert again["metrics"] == m
 
 
 def test_compare_with_bootstrap_and_effective_robustness(runs, synth_dir, tmp_path):
     for run in runs[1:]:
-        psdclip("eval", run, "--suite", f"synthetic:{synth_dir}", "--workers", 0)
-    r = psdclip("compare", runs[0], runs[1], "--reference", f"{runs[0]},{runs[2]}", "--out", tmp_path)
+        cli("eval", run, "--suite", f"synthetic:{synth_dir}", "--workers", 0)
+    r = cli("compare", runs[0], runs[1], "--reference", f"{runs[0]},{runs[2]}", "--out", tmp_path)
     assert "zeroshot_shape_base.top1" in r.stdout and "effective robustness" in r.stdout
     res = json.load(open(tmp_path / "compare.json"))
     row = next(x for x in res["rows"] if x["metric"] == "zeroshot_shape_base.top1")
@@ -68,17 +51,17 @@ def _folder(root, classes, per_class=6, bad=0):
 def test_imagefolder_and_retrieval_suites_and_their_bad_inputs(runs, tmp_path):
     folder = tmp_path / "folder"
     _folder(folder, ["red_thing", "blue_thing", "green_thing"], bad=1)
-    res = json.loads(psdclip("eval", runs[0], "--suite", f"imagefolder:{folder}", "--json", "--workers", 0).stdout)
+    res = json.loads(cli("eval", runs[0], "--suite", f"imagefolder:{folder}", "--json", "--workers", 0).stdout)
     assert res["metrics"]["skipped_images"] == 3 and 0 <= res["metrics"]["zeroshot.top1"] <= 1
     assert "linear_probe.accuracy" in res["metrics"]
     # classnames.txt written in another order than the sorted folders is paired by name, not by position
     (folder / "classnames.txt").write_text("green thing\nblue thing\nred thing\n")
-    named = json.loads(psdclip("eval", runs[0], "--suite", f"imagefolder:{folder}", "--json", "--workers", 0).stdout)
+    named = json.loads(cli("eval", runs[0], "--suite", f"imagefolder:{folder}", "--json", "--workers", 0).stdout)
     assert named["metrics"]["zeroshot.top1"] == res["metrics"]["zeroshot.top1"]
     assert "by name" in named["metrics"]["class_names"]
     rows = [{"image": f"folder/red_thing/{k}.jpg", "captions": ["a red thing", "something red"]} for k in range(4)]
     (tmp_path / "ret.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    res = json.loads(psdclip("eval", runs[0], "--suite", f"retrieval:{tmp_path / 'ret.jsonl'}", "--json",
+    res = json.loads(cli("eval", runs[0], "--suite", f"retrieval:{tmp_path / 'ret.jsonl'}", "--json",
                              "--workers", 0).stdout)
     assert res["metrics"]["retrieval.captions"] == 8 and res["metrics"]["retrieval.i2t_R@10"] == 1.0
     # bad inputs: one line each
@@ -95,17 +78,17 @@ def test_imagefolder_and_retrieval_suites_and_their_bad_inputs(runs, tmp_path):
         ("nonsense", "--suite 'nonsense'"),
     ]
     for suite, expect in cases:
-        r = psdclip("eval", runs[0], "--suite", suite, check=False)
+        r = cli("eval", runs[0], "--suite", suite, check=False)
         lines = [ln for ln in r.stderr.splitlines() if ln.startswith("psdclip: error")]
-        assert r.returncode == 1 and len(lines) == 1 and expect in lines[0], (suite, r.stderr[-1500:])
+        assert r.returncode == 2 and len(lines) == 1 and expect in lines[0], (suite, r.stderr[-1500:])
     # a cache whose features do not fit the checkpoint
     cache = next((runs[0] / "eval" / "cache").glob("imagefolder-*.npz"))
     data = dict(np.load(cache))
     data["images.f"] = np.zeros((18, 7), np.float32)
     np.savez(cache, **data)
     (folder / "classnames.txt").unlink()
-    r = psdclip("eval", runs[0], "--suite", f"imagefolder:{folder}", check=False)
-    assert r.returncode == 1 and "cached features have 7 dimensions" in r.stderr
+    r = cli("eval", runs[0], "--suite", f"imagefolder:{folder}", check=False)
+    assert r.returncode == 2 and "cached features have 7 dimensions" in r.stderr
 
 
 def test_imagenet_suite_on_a_subset_and_on_objectnet(runs, tmp_path):
@@ -116,15 +99,15 @@ def test_imagenet_suite_on_a_subset_and_on_objectnet(runs, tmp_path):
     for w in (wnids[1], wnids[409], wnids[999]):
         for k in range(3):
             image(sub / w / f"{k}.jpg")
-    res = json.loads(psdclip("eval", runs[0], "--suite", f"imagenet:{sub}", "--json", "--workers", 0).stdout)
+    res = json.loads(cli("eval", runs[0], "--suite", f"imagenet:{sub}", "--json", "--workers", 0).stdout)
     m = res["metrics"]
     assert m["variant"] == "imagenet-subset-3"
     assert m["classes"] == 3 and m["skipped_images"] == 0 and 0 <= m["zeroshot.top1"] <= m["zeroshot.top5"] == 1.0
     obj = make_objectnet(tmp_path / "objectnet-1.0")
-    res = json.loads(psdclip("eval", runs[0], "--suite", f"imagenet:{obj}", "--json", "--workers", 0).stdout)
+    res = json.loads(cli("eval", runs[0], "--suite", f"imagenet:{obj}", "--json", "--workers", 0).stdout)
     assert res["metrics"]["variant"] == "objectnet" and res["metrics"]["classes"] == 2
     assert (runs[0] / "eval" / "imagenet-imagenet-r.json").is_file()  # each data set keeps its own result
     saved = json.load(open(runs[0] / "eval" / "imagenet-objectnet-1.0.json"))
     assert len(saved["examples"]["zeroshot.top1"]) == 4  # alarm_clock + banana images; air_freshener is not in 1k
-    r = psdclip("eval", runs[0], "--suite", f"imagenet:{tmp_path}", check=False)  # folders that are not classes
-    assert r.returncode == 1 and r.stderr.count("psdclip: error") == 1 and "not a WordNet id" in r.stderr
+    r = cli("eval", runs[0], "--suite", f"imagenet:{tmp_path}", check=False)  # folders that are not classes
+    assert r.returncode == 2 and r.stderr.count("psdclip: error") == 1 and "not a WordNet id" in r.stderr

@@ -9,7 +9,7 @@ from open_clip import IMAGENET_CLASSNAMES
 from psdclip.pipeline.errors import InputError
 from psdclip.train.imagenet import group_scores, imagenet_layout, imagenet_wnids
 
-from helpers.datasets import image as _image, make_objectnet  # noqa: E402
+from helpers.datasets import image as _image, make_objectnet
 
 
 def test_wordnet_subset_folders_map_onto_imagenet_classes(tmp_path):

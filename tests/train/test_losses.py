@@ -177,3 +177,67 @@ def test_teacher_update_averages_parameters_and_batch_norm_statistics():
     # a resumed run rebuilds the teacher from the state it saved
     again = _make_teacher(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)), teacher.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), teacher.state_dict().values()))
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_feature_cache_accumulation_equals_one_big_batch():
+    """--accum 4 x 2 rows against one batch of 8: the same loss and gradients for CLIP, PSD settings that are not a
+    rescaled CLIP (T != 1, rho < 1) and an EMA teacher that sees the whole batch."""
+    import copy
+
+    from psdclip.train.loop import forward_backward
+    from psdclip.train.models import build_model
+
+    torch.manual_seed(0)
+    model, _, _, tok = build_model("tiny")
+    images = torch.randn(8, 3, 64, 64)
+    texts = tok([f"{c} {s}" for c in ("red", "blue", "green", "amber") for s in ("circle", "star")])
+    sched = PSDSchedule(total_steps=10, alpha_start=0.6, alpha_max=0.6, rho_start=0.5, rho_end=0.5)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # a teacher that differs from the student
+    cases = {"clip": (CLIPLoss(), None), "psd-T2-rho0.5": (PSDLoss(sched, teacher_temperature=2.0, seed=1), None),
+             "psd-ema": (PSDLoss(sched, seed=1), ema)}
+    reference = {}
+    for name, (loss_fn, teacher) in cases.items():
+        model.zero_grad()
+        big = forward_backward(model, model, loss_fn, [(images, texts)], step=3, ema=teacher)
+        g_big = reference[name] = _grads(model)
+        model.zero_grad()
+        micro = [(images[i:i + 2], texts[i:i + 2]) for i in range(0, 8, 2)]
+        acc = forward_backward(model, model, loss_fn, micro, step=3, ema=teacher)
+        g_acc = _grads(model)
+        assert abs(float(big["contrastive_loss"]) - float(acc["contrastive_loss"])) < 1e-5, name
+        assert g_big.keys() == g_acc.keys(), name
+        worst = max(float((g_big[k] - g_acc[k]).abs().max()) for k in g_big)
+        assert worst < 1e-5, (name, worst)
+    # a loss per micro-batch (independent small contrastive batches) is not the same: the test can tell
+    model.zero_grad()
+    for im, tx in micro:
+        out = model(im, tx)
+        (CLIPLoss()(out["image_features"], out["text_features"], out["logit_scale"])["contrastive_loss"] / 4).backward()
+    plain = _grads(model)
+    assert max(float((plain[k] - reference["clip"][k]).abs().max()) for k in plain) > 1e-3
+
+
+def test_accumulation_updates_batch_norm_statistics_once_per_micro_batch():
+    from psdclip.train.loop import forward_backward
+    from psdclip.train.models import build_model
+
+    torch.manual_seed(0)
+    model, _, _, tok = build_model("rn-small")
+    images, texts = torch.randn(8, 3, 48, 48), tok(["a red circle"] * 4 + ["a blue star"] * 4)
+    micro = [(images[i:i + 4], texts[i:i + 4]) for i in (0, 4)]
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for im, tx in micro:
+            model(im, tx)
+    expected = {k: v.clone() for k, v in model.named_buffers()}
+    model.load_state_dict(reference)
+    forward_backward(model, model, CLIPLoss(), micro, step=0)
+    for k, v in model.named_buffers():
+        assert torch.equal(v, expected[k]), k

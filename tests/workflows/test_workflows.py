@@ -11,9 +11,7 @@ import yaml
 from psdclip.pipeline.build import build
 from psdclip.workflows.recipe import RECIPES, load_recipe, validate
 
-from helpers.cli import BIN, psdclip  # noqa: E402
-
-
+from helpers.cli import cli, psdclip
 
 
 @pytest.mark.parametrize("name", sorted(f[:-5] for f in os.listdir(RECIPES) if f.endswith(".yaml")))
@@ -21,16 +19,16 @@ def test_bundled_recipes_parse_and_validate(name, tmp_path):
     cfgs = validate(name, load_recipe(name), str(tmp_path))
     assert cfgs["data"].out.startswith(str(tmp_path))
     cmd = "sweep" if "sweep" in load_recipe(name) else "run"
-    assert "valid" in psdclip(cmd, name, "--check").stdout
+    assert "valid" in cli(cmd, name, "--check").stdout
 
 
 def test_bad_recipes_fail_with_one_line(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: {steps: -3}\nsynthetic: {n: 10}\n")
-    r = psdclip("run", tmp_path / "bad.yaml", "--check", check=False)
-    assert r.returncode == 1 and "--steps must be >= 1" in r.stderr
+    r = cli("run", tmp_path / "bad.yaml", "--check", check=False)
+    assert r.returncode == 2 and "--steps must be >= 1" in r.stderr
     (tmp_path / "bad2.yaml").write_text("data: {inputs: [x.csv]}\ntrian: {}\n")
-    r = psdclip("run", tmp_path / "bad2.yaml", "--check", check=False)
-    assert r.returncode == 1 and "unknown section(s) trian" in r.stderr
+    r = cli("run", tmp_path / "bad2.yaml", "--check", check=False)
+    assert r.returncode == 2 and "unknown section(s) trian" in r.stderr
 
 
 @pytest.mark.parametrize("name", ["cc3m", "cc12m", "yfcc15m"])
@@ -63,18 +61,18 @@ def test_small_sweep_fits_plots_and_resumes(tmp_path):
         "synthetic": {"n": 300, "heldout": 30, "seed": 1, "image_size": 64},
         "data": {"image_size": 32, "shard_size": 100, "thread_count": 8},
         "train": {"model": "tiny", "batch_size": 16, "workers": 0, "warmup": 1},
-        "sweep": {"subsets": ["0.2", "0.5", "1.0"], "methods": {"psd": {"loss": "psd"}},
+        "sweep": {"subsets": ["0.2", "0.5", "1.0"], "methods": {"psd": {"loss": "psd"}}, "runner": "inprocess",
                   "seeds": [0], "compute": {"rule": "samples_seen", "samples": 32}, "suites": ["synthetic"],
                   "metrics": ["zeroshot_shape_base.top1"]},
     }
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(recipe))
-    r = psdclip("sweep", tmp_path / "sweep.yaml")
+    cli("sweep", tmp_path / "sweep.yaml")
     out = tmp_path / "sweep"
     table = pd.read_csv(out / "results.csv")
     assert len(table) == 3 and sorted(table["N"].unique()) == [60, 150, 300] and set(table["steps"]) == {2}
     assert "error = a·N^(−b) + c" in (out / "results.md").read_text()
     assert (out / "scaling_zeroshot_shape_base_top1.png").exists()
-    again = psdclip("sweep", tmp_path / "sweep.yaml")
+    again = cli("sweep", tmp_path / "sweep.yaml")
     assert again.stderr.count("done, skipped") == 3
 
 
@@ -94,14 +92,14 @@ def test_sweep_with_noise_levels_screening_and_val_test_splits(tmp_path):
                   "primary": "retrieval.mean_R@1", "metrics": ["zeroshot_shape_base.top1"],
                   "regime": {"method": "clip", "seed": 0, "require": {"zeroshot_shape_base.top1": 0.0}},
                   "methods": {"clip": {"loss": "clip"}},
-                  "screen": {"subset": "0.5", "noise": "noisy", "seeds": [0, 1],
+                  "screen": {"subset": "0.5", "noise": "noisy", "seeds": [0],
                              "methods": {"psd-T2": {"loss": "psd", "teacher_temperature": 2.0, "alpha_start": 0.5},
                                          "psd-snap": {"loss": "psd", "snapshot_every": "epoch",
                                                       "alpha_start": 0.5}}}},
     }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(recipe))
-    assert "2 noise level(s)" in psdclip("sweep", tmp_path / "study.yaml", "--check").stdout
-    psdclip("sweep", tmp_path / "study.yaml", timeout=900)
+    assert "2 noise level(s)" in cli("sweep", tmp_path / "study.yaml", "--check").stdout
+    cli("sweep", tmp_path / "study.yaml")
     out = tmp_path / "study"
     screen = json.load(open(out / "screen.json"))
     assert screen["best"] in ("psd-T2", "psd-snap") and screen["metric"] == "val:retrieval.mean_R@1"
@@ -114,22 +112,25 @@ def test_sweep_with_noise_levels_screening_and_val_test_splits(tmp_path):
     run = out / "clean" / "runs" / "100pct-clip-s1"
     assert {f.name for f in (run / "eval").glob("*.json")} == {"synthetic-val.json", "synthetic-test.json"}
     assert not (run / "checkpoints").exists() and (run / "metrics.jsonl").exists()  # pruned once finished
-    assert json.load(open(run / "eval" / "synthetic-test.json"))["metrics"]["retrieval.gallery"] == 18
+    assert not (run / "plots").exists() and not (run / "eval" / "cache").exists()
+    result = json.load(open(run / "eval" / "synthetic-test.json"))
+    assert result["metrics"]["retrieval.gallery"] == 18 and "examples" not in result
     report = (out / "results.md").read_text()
     assert "Chosen for the scaling stage" in report and "### Noise level: clean" in report
     assert "detectable" in report and (out / "diff_retrieval_mean_R1.png").exists()
     assert (out / "scaling_noisy_retrieval_mean_R1.png").exists()
     changed = dict(recipe, train={**recipe["train"], "lr": 0.01})
     (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
-    r = psdclip("sweep", tmp_path / "changed.yaml", check=False)  # finished runs are not reused for other settings
-    assert r.returncode == 1 and "was trained with other settings (lr)" in r.stderr
-    again = psdclip("sweep", tmp_path / "study.yaml")
+    r = cli("sweep", tmp_path / "changed.yaml", check=False)  # finished runs are not reused for other settings
+    assert r.returncode == 2 and "was trained with other settings (lr)" in r.stderr
+    again = cli("sweep", tmp_path / "study.yaml")
     assert "steps" not in "".join(ln for ln in again.stderr.splitlines() if ln.startswith("[sweep]") and
                                    "done, skipped" not in ln and "regime" not in ln and "noise level" not in ln)
 
 
-def test_sweep_runners_torchrun_and_dask(tmp_path):
-    """The same one-run sweep launched as a 2-process torchrun job, then as a task on a real Dask cluster."""
+def test_sweep_runners_sequential_torchrun_and_dask(tmp_path):
+    """The same one-run sweep launched as a `psdclip train` process, as a 2-process torchrun job, then as a task on
+    a real Dask cluster."""
     from dask.distributed import LocalCluster
 
     base = {
@@ -141,11 +142,12 @@ def test_sweep_runners_torchrun_and_dask(tmp_path):
     sweep = {"subsets": ["1.0"], "seeds": [0], "compute": {"rule": "samples_seen", "samples": 32},
              "suites": ["synthetic"], "metrics": ["zeroshot_shape_base.top1"]}
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        for runner, extra in (("torchrun", {"nproc": 2}), ("dask", {"scheduler": cluster.scheduler_address})):
+        for runner, extra in (("sequential", {}), ("torchrun", {"nproc": 2}),
+                              ("dask", {"scheduler": cluster.scheduler_address})):
             recipe = {**base, "name": f"sweep-{runner}",
                       "sweep": {**sweep, "methods": {f"psd-{runner}": {"loss": "psd"}}, "runner": runner, **extra}}
             (tmp_path / f"{runner}.yaml").write_text(yaml.safe_dump(recipe))
-            psdclip("sweep", tmp_path / f"{runner}.yaml", timeout=600)
+            cli("sweep", tmp_path / f"{runner}.yaml")
             run = tmp_path / "sweep" / "runs" / f"100pct-psd-{runner}-s0"
             metrics = [json.loads(line) for line in open(run / "metrics.jsonl")]
             assert metrics[-1]["step"] == 2 and (run / "eval" / "synthetic.json").exists(), runner
@@ -155,14 +157,15 @@ def test_sweep_runners_torchrun_and_dask(tmp_path):
 
 
 def test_demo_end_to_end(tmp_path):
-    r = psdclip("demo", "--out", tmp_path / "demo", "--n", 200, "--heldout", 30, "--steps", 3, "--batch-size", 32,
-                timeout=900)
+    r = cli("demo", "--out", tmp_path / "demo", "--n", 200, "--heldout", 30, "--steps", 3, "--batch-size", 32)
     out = tmp_path / "demo"
     assert "PSD - CLIP" in r.stdout and "example queries" in r.stdout
     for path in ("runs/clip/eval/synthetic.json", "runs/psd/eval/synthetic.json", "compare/compare.png",
                  "index/index.json", "dataset/subsets/1pct.json", "runs/psd/plots/loss.png"):
         assert (out / path).exists(), path
-    assert json.load(open(out / "index" / "index.json"))["count"] == 200
+    success = (pd.read_parquet(out / "dataset" / "manifest.parquet")["status"] == "success").sum()
+    assert 190 <= success <= 200  # duplicate images of the 200 are kept out
+    assert json.load(open(out / "index" / "index.json"))["count"] == success
 
 
 def test_cli_and_light_commands_import_no_model_stack():

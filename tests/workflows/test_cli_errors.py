@@ -1,0 +1,77 @@
+"""Bad input on any command ends with exit code 2 and one `psdclip: error:` line naming the input, never a
+traceback (issue 16's list), and the user's files are left as they were."""
+import os
+import subprocess
+
+import pytest
+from PIL import Image
+
+from helpers.cli import BIN, cli
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "afile").write_text("mine")
+    broken = d / "broken"
+    (broken / "_state").mkdir(parents=True)
+    (broken / "dataset.json").write_text("{")
+    (broken / "manifest.parquet").write_bytes(b"not parquet at all")
+    (d / "garbage.csv").write_bytes(b"\x00\x01\x02 not, a\n\"retrieval file")
+    (d / "not-yaml.csv").write_text("url,caption\nhttp://x/y.jpg,\"unclosed\n: [\n")
+    Image.new("L", (9000, 9000)).save(d / "bomb.png")  # 81 M pixels declared, a few KB on disk
+    (d / "sweep-method.yaml").write_text("synthetic: {n: 100}\nsweep: {subsets: ['1.0'], methods: {clip: 3}}\n")
+    (d / "model-list.yaml").write_text("synthetic: {n: 100}\ntrain: {model: [1, 2]}\n")
+    return d
+
+
+CASES = {
+    "stats of a damaged manifest": (["data", "stats", "{bad}/broken"], "manifest.parquet: damaged"),
+    "build into a damaged dataset.json": (["data", "build", "{bad}/garbage.csv", "--out", "{bad}/broken"],
+                                          "dataset.json: damaged"),
+    "synth into a file": (["data", "synth", "--out", "{bad}/afile", "--n", "5"], "afile"),
+    "build into a file": (["data", "build", "{bad}/garbage.csv", "--out", "{bad}/afile"], "is a file"),
+    "index: invalid factory": (["index", "build", "--checkpoint", "{run}", "--data", "{ds}", "--out", "{tmp}/i1",
+                                "--factory", "NoSuchIndex,Flat"], "--factory 'NoSuchIndex,Flat'"),
+    "index: factory too large for the data": (["index", "build", "--checkpoint", "{run}", "--data", "{ds}", "--out",
+                                               "{tmp}/i2", "--factory", "IVF65536,Flat"], "IVF65536"),
+    "index: budget too small": (["index", "build", "--checkpoint", "{run}", "--data", "{ds}", "--out", "{tmp}/i3",
+                                 "--max-memory", "1KB"], "--max-memory"),
+    "index: out is a file": (["index", "build", "--checkpoint", "{run}", "--data", "{ds}", "--out", "{bad}/afile"],
+                             "afile"),
+    "eval: garbage retrieval file": (["eval", "{run}", "--suite", "retrieval:{bad}/garbage.csv"], "garbage.csv"),
+    "query: decompression bomb": (["index", "query", "{index}", "--image", "{bad}/bomb.png"], "bomb.png"),
+    "sweep: a method that is not a mapping": (["sweep", "{bad}/sweep-method.yaml", "--check"],
+                                              "method 'clip' must be a mapping"),
+    "train: config that is not YAML": (["train", "--config", "{bad}/not-yaml.csv"], "not-yaml.csv"),
+    "run --check: model is a list": (["run", "{bad}/model-list.yaml", "--check"], "model"),
+}
+
+
+@pytest.fixture(scope="module")
+def index_small(dataset_dir, runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("idx") / "idx"
+    cli("index", "build", "--checkpoint", runs[0], "--data", dataset_dir, "--out", out, "--no-progress",
+        "--workers", 0)
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_and_exit_2(case, bad, dataset_dir, runs, index_small, tmp_path):
+    args, expect = CASES[case]
+    fill = {"bad": bad, "run": runs[0], "ds": dataset_dir, "tmp": tmp_path, "index": index_small}
+    r = cli(*[a.format(**fill) for a in args], check=False)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("psdclip: error: "), (r.returncode, r.stderr)
+    assert expect in lines[0], lines[0]
+    assert (bad / "afile").read_text() == "mine" and (bad / "broken" / "dataset.json").read_text() == "{"
+
+
+def test_stats_into_a_closed_pipe(dataset_dir):
+    """What a shell does to `psdclip data stats --json | head`: the reader is gone before the output is written
+    (`true` exits at once; psdclip writes after its start-up), so the write meets a closed pipe."""
+    r = subprocess.run(f"{os.path.join(BIN, 'psdclip')} data stats {dataset_dir} --json | true", shell=True,
+                       capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr and "Exception ignored" not in r.stderr, \
+        r.stderr
