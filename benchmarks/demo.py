@@ -29,11 +29,17 @@ def main():
         print(r.stderr[-3000:])
         raise SystemExit("the demo failed")
     summary = r.stdout[r.stdout.index("=" * 78) + 79:].split("\nexample queries")[0].strip()
-    body = (f"`psdclip demo` with its defaults (3,000 synthetic pairs with 20% mismatched, 10% shared and 5% "
-            f"low-information captions; 300 held-out scenes x 6 renderings; tiny model, 150 steps x 64 for each of "
-            f"CLIP and PSD), from an empty output folder, whole command: **{seconds / 60:.1f} minutes** "
-            f"(goal <= 10).\n\nThe demo's own comparison (one seed each, so differences are within noise; the "
-            f"sweep below is the real comparison):\n\n```\n{summary}\n```\n")
+    queries = "example queries" + r.stdout.split("\nexample queries", 1)[1].rstrip()
+    from psdclip.workflows.demo import DEMO_DIFFICULTY, DemoConfig
+
+    d = DemoConfig()
+    body = (f"`psdclip demo` with its defaults ({d.n:,} synthetic pairs with 20% mismatched, 10% shared and 5% "
+            f"low-information captions at a declared easier difficulty {DEMO_DIFFICULTY}; {d.heldout} held-out "
+            f"scenes x 6 renderings; {d.model}, {d.steps} steps x {d.batch_size} for each of CLIP and PSD), from an "
+            f"empty output folder, whole command: **{seconds / 60:.1f} minutes** (goal <= 10).\n\nThe demo's own "
+            f"comparison (one seed each, so differences are within noise; the study in README is the real "
+            f"comparison):\n\n```\n{summary}\n```\n\nIts example queries, answered by the demo's service:\n\n"
+            f"```\n{queries}\n```\n")
     record("demo", "Demo: `make demo` end to end", body)
 
 

@@ -1,11 +1,16 @@
 """Training benchmarks, each a side-by-side ratio measured in one run, recorded in BENCHMARKS.md.
 
-1. PSD step time / CLIP step time: same tiny model, batch 128, in-memory tensors. Goal <= 1.02.
+1. PSD step time / CLIP step time for each PSD setting: same model, batch 128, in-memory tensors. Goal <= 1.02
+   (the EMA teacher, which runs a second model's forward pass, is reported beside it).
 2. Our trainer reading real shards / a pure compute loop on in-memory tensors, samples/s. Goal >= 0.90.
 3. Our trainer / open_clip's own loop (open_clip_train) on the same model config, shards and batch,
    samples/s. Goal >= 1.0. (Needs `pip install 'open_clip_torch[training]'`; skipped if absent.)
+4. Presets: samples/s of each model preset (tiny, rn-small) in the pure compute loop and in our trainer on
+   real shards (`--only presets`).
+5. `--accum 4` / `--accum 1` at the same global batch, samples/s (`--only accum`).
 
-    python benchmarks/train.py [--images 3000] [--steps 20] [--batch-size 128] [--out bench-out]
+    python benchmarks/train.py [--images 3000] [--steps 20] [--batch-size 128] [--model tiny] [--device cpu]
+                               [--only step|loader|presets|accum] [--out bench-out]
 """
 from __future__ import annotations
 
@@ -48,23 +53,54 @@ def step_times(model, loss_fn, images, texts, opt, n):
 
 
 def psd_vs_clip(args) -> tuple[str, float]:
+    """Step time of every PSD setting of the study against CLIP, same model and batch, in-memory tensors."""
+    from psdclip.train.loop import forward_backward
+
     torch.manual_seed(0)
-    model, _, _, tok = build_model("tiny")
-    images = torch.randn(args.batch_size, 3, 64, 64)
-    texts = tok(["a photo of two small red circles on a white background"] * args.batch_size)
+    device = torch.device(args.device)
+    model, _, _, tok = build_model(args.step_model, device)
+    px = _image_size(model)
+    images = torch.randn(args.batch_size, 3, px, px, device=device)
+    texts = tok(["a photo of two small red circles on a white background"] * args.batch_size).to(device)
     opt = torch.optim.AdamW(param_groups(model, 0.2), lr=1e-4)
-    losses = {name: make_loss(TrainConfig(data="x", out="y", loss=name, steps=100), 0, 1) for name in ("clip", "psd")}
-    step_times(model, losses["clip"], images, texts, opt, 2)  # warm-up
-    res = {"clip": [], "psd": []}
+    settings = {"clip": {"loss": "clip"}, "psd (default)": {"loss": "psd"},
+                "psd T=2": {"loss": "psd", "teacher_temperature": 2.0},
+                "psd rho=0.5": {"loss": "psd", "rho_start": 0.5, "rho_end": 0.5},
+                "psd EMA teacher": {"loss": "psd", "ema_teacher": True}}
+    import copy
+
+    ema = copy.deepcopy(model).requires_grad_(False)
+
+    def run(name, n):
+        cfg = TrainConfig(data="x", out="y", steps=100, alpha_start=0.5, **settings[name])
+        loss_fn = make_loss(cfg, 0, 1)
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+                forward_backward(model, model, loss_fn, [(images, texts)], step=10,
+                                 ema=ema if cfg.ema_teacher else None)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return times
+
+    run("clip", 2)  # warm-up
+    res = {name: [] for name in settings}
     for _ in range(args.rounds):
-        for name in ("clip", "psd"):
-            res[name] += step_times(model, losses[name], images, texts, opt, 3)
+        for name in settings:
+            res[name] += run(name, 3)
     med = {k: statistics.median(v) for k, v in res.items()}
-    ratio = med["psd"] / med["clip"]
-    body = (f"tiny model (psdclip-tiny: 64 px ViT 4x192, text 4x128), batch {args.batch_size}, fp32 on CPU, "
-            f"full optimizer steps on in-memory tensors, {len(res['clip'])} steps each, alternated in blocks of 3.\n\n"
-            f"| loss | median step (s) |\n|---|---|\n| clip | {med['clip']:.3f} |\n| psd | {med['psd']:.3f} |\n\n"
-            f"**PSD / CLIP step time = {ratio:.3f}** (goal <= 1.02)\n")
+    ratio = max(med[k] for k in settings if k not in ("clip", "psd EMA teacher")) / med["clip"]
+    rows = "".join(f"| {k} | {v:.4f} | {v / med['clip']:.3f} |\n" for k, v in med.items())
+    body = (f"{args.step_model}, batch {args.batch_size}, {args.device} "
+            f"{'bf16' if args.device == 'cuda' else 'fp32'}, the trainer's step (train.loop.forward_backward + "
+            f"AdamW) on in-memory tensors, {len(res['clip'])} steps each, alternated in blocks of 3.\n\n"
+            f"| loss | median step (s) | / CLIP |\n|---|---|---|\n{rows}\n"
+            f"**slowest same-pass PSD setting / CLIP step time = {ratio:.3f}** (goal <= 1.02; the EMA or snapshot "
+            f"teacher adds the teacher's forward pass: {med['psd EMA teacher'] / med['clip']:.3f})\n")
     return body, ratio
 
 
@@ -81,26 +117,41 @@ def make_dataset(args) -> str:
     return ds
 
 
-def ours(ds, args) -> float:
+def ours(ds, args, name: str | None = None, accum: int = 1) -> float:
     from psdclip.train.loop import train
 
     run = os.path.join(args.out, "train-ours")
     shutil.rmtree(run, ignore_errors=True)
-    train(TrainConfig(data=ds, out=run, model="tiny", loss="psd", steps=args.steps, batch_size=args.batch_size,
-                      workers=args.workers, log_every=1, checkpoint_every=10_000, warmup=5, progress=False,
-                      shuffle_buffer=500))
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    train(TrainConfig(data=ds, out=run, model=name or args.model, loss="psd", steps=args.steps,
+                      batch_size=args.batch_size, workers=args.workers, log_every=1, checkpoint_every=10_000, warmup=5,
+                      progress=False, shuffle_buffer=500, device=args.device, accum=accum))
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
-    return statistics.median(r["samples_per_s"] for r in rows[3:]), statistics.median(r["data_wait_frac"] for r in rows[3:])
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
+    return (statistics.median(r["samples_per_s"] for r in rows[3:]),
+            statistics.median(r["data_wait_frac"] for r in rows[3:]), peak)
 
 
-def compute_only(args) -> float:
+def _image_size(model) -> int:
+    size = model.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def compute_only(args, name: str | None = None) -> float:
+    """The model's own speed: full optimizer steps on in-memory tensors (channels-last, as the trainer runs)."""
     torch.manual_seed(0)
-    model, _, _, tok = build_model("tiny")
-    images = torch.randn(args.batch_size, 3, 64, 64)
-    texts = tok(["a photo of two small red circles on a white background"] * args.batch_size)
+    device = torch.device(args.device)
+    model, _, _, tok = build_model(name or args.model, device)
+    model = model.to(memory_format=torch.channels_last)
+    px = _image_size(model)
+    images = torch.randn(args.batch_size, 3, px, px, device=device).contiguous(memory_format=torch.channels_last)
+    texts = tok(["a photo of two small red circles on a white background"] * args.batch_size).to(device)
     opt = torch.optim.AdamW(param_groups(model, 0.2), lr=1e-4)
     loss = make_loss(TrainConfig(data="x", out="y", loss="psd", steps=args.steps), 0, 1)
-    times = step_times(model, loss, images, texts, opt, args.steps)[3:]
+    bf16 = args.device == "cuda"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        times = step_times(model, loss, images, texts, opt, args.steps)[3:]
     return args.batch_size / statistics.median(times)
 
 
@@ -115,8 +166,9 @@ def open_clip_train(ds, args) -> float | None:
     shutil.rmtree(logs, ignore_errors=True)
     cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "_openclip_train.py"), "--train-data", spec,
            "--train-num-samples", str(args.steps * args.batch_size), "--dataset-type", "webdataset",
-           "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--precision", "fp32",
-           "--epochs", "1", "--model", "psdclip-tiny", "--lr", "5e-4", "--warmup", "5", "--log-every-n-steps", "1",
+           "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+           "--precision", "amp_bfloat16" if args.device == "cuda" else "fp32",
+           "--epochs", "1", "--model", {"tiny": "psdclip-tiny", "rn-small": "psdclip-rn-small"}.get(args.model, args.model), "--lr", "5e-4", "--warmup", "5", "--log-every-n-steps", "1",
            "--logs", logs, "--name", "bench", "--save-frequency", "0", "--report-to", "", "--seed", "0"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     rates = [float(x) for x in re.findall(r"([\d.]+)/s/gpu", r.stdout + r.stderr)]
@@ -134,30 +186,60 @@ def main():
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", default="bench-out")
-    ap.add_argument("--only", choices=["step", "loader"])
+    ap.add_argument("--only", choices=["step", "loader", "presets", "accum"])
+    ap.add_argument("--model", default="tiny", help="model of the throughput comparison")
+    ap.add_argument("--step-model", default="tiny", help="model of the PSD vs CLIP step-time comparison")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.only == "accum":
+        ds = make_dataset(args)
+        (one, _, peak1), (four, _, peak4) = ours(ds, args), ours(ds, args, accum=4)
+        body = (f"{args.model} model, PSD loss, global batch {args.batch_size}, {args.device}, {args.steps} steps (median "
+                f"after 3 warm-up steps), {args.workers} loader worker(s).\n\n| --accum | samples/s |\n|---|---|\n"
+                f"| 1 | {one:.1f} |\n| 4 (feature cache: one extra forward without gradients) | {four:.1f} |\n\n"
+                + (f"Peak GPU memory: {peak1:.2f} GiB (accum 1), {peak4:.2f} GiB (accum 4).\n\n" if args.device == "cuda"
+                   else "") +
+                f"**accum 4 / accum 1 = {four / one:.3f}** (expected ~0.75)\n")
+        record(f"train-accum-{args.device}", "Training: feature-cache accumulation, samples/s", body)
+        return
+    if args.only == "presets":
+        ds = make_dataset(args)
+        rows = []
+        for name in ("tiny", "rn-small"):
+            rows.append(f"| {name} | {compute_only(args, name):.0f} | {ours(ds, args, name)[0]:.0f} |")
+        body = (f"batch {args.batch_size}, PSD loss, {args.device}{' bf16' if args.device == 'cuda' else ' fp32'}, "
+                f"channels-last, {args.steps} steps (median after 3 warm-up steps); trainer: {args.workers} loader "
+                f"worker(s) on {args.images} synthetic images built by the pipeline at 64 px.\n\n"
+                "| preset | compute loop samples/s | trainer on real shards samples/s |\n|---|---|---|\n" +
+                "\n".join(rows) + "\n")
+        record(f"train-presets-{args.device}", f"Training: samples/s of the model presets ({args.device})", body)
+        return
     if args.only != "loader":
         body, _ = psd_vs_clip(args)
-        record("train-step", "Training: PSD step time vs CLIP", body)
+        record("train-step" + ("" if args.device == "cpu" else f"-{args.device}"), "Training: PSD step time vs CLIP "
+               f"({args.device})", body)
     if args.only == "step":
         return
     ds = make_dataset(args)
-    ours_sps, wait = ours(ds, args)
+    ours_sps, wait, peak = ours(ds, args)
     compute_sps = compute_only(args)
     oc = open_clip_train(ds, args)
     lines = [f"| psdclip trainer, real shards ({args.workers} loader worker) | {ours_sps:.1f} |",
              f"| pure compute loop, in-memory tensors | {compute_sps:.1f} |"]
     if oc is not None:
         lines.append(f"| open_clip_train, same shards and model config | {oc:.1f} |")
-    body = (f"tiny model, PSD loss, batch {args.batch_size}, fp32 on CPU, {args.steps} steps (median of the per-step "
+    body = (f"{args.model} model, PSD loss, batch {args.batch_size}, {args.device}, {args.steps} steps (median of the per-step "
             f"rates after 3 warm-up steps); dataset: {args.images} synthetic images built by the pipeline at 64 px.\n\n"
             f"| loop | samples/s |\n|---|---|\n" + "\n".join(lines) +
             f"\n\n**trainer / compute = {ours_sps / compute_sps:.3f}** (goal >= 0.90; median fraction of time "
             f"waiting for data {wait:.3f})  \n" +
             (f"**psdclip / open_clip_train = {ours_sps / oc:.3f}** (goal >= 1.0)\n" if oc else
              "open_clip_train not installed: `pip install 'open_clip_torch[training]'`\n"))
-    record("train-throughput", "Training: trainer throughput vs compute and vs open_clip_train", body)
+    if args.device == "cuda":
+        body += f"\nPeak GPU memory of the psdclip trainer: {peak:.2f} GiB.\n"
+    record("train-throughput" + ("" if args.device == "cpu" else f"-{args.device}"),
+           f"Training: trainer throughput vs compute and vs open_clip_train ({args.device})", body)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,12 @@ declared compute rule, with an optional screening stage that picks the PSD setti
       suites: [synthetic]
       metrics: [zeroshot_shape_base.top1, retrieval.t2i_R@1, linear_probe_shape.accuracy]
 
-`prune: true` deletes a finished run's checkpoints and feature cache (what a study commits is small: metrics,
-configs, plots, evaluations; sources and datasets are regenerated from the seed by a rerun). A method's
+`prune: true` deletes a finished run's checkpoints, feature cache, plots and per-example evaluation arrays (what a
+study commits is small: configs, metrics.jsonl and each evaluation's metrics; sources and datasets are
+regenerated from the seed by a rerun). A method's
 `snapshot_every: epoch` means one pass over its subset (a `warmup` below 1 is already a fraction of
-each run's steps). `regime: {method: clip, seed: 0, require: {METRIC: MIN}}` first trains that run at the largest subset and
+each run's steps). `regime: {method: clip, seed: 0, noise: LEVEL, require: {METRIC: MIN}}` first trains that run at the largest subset
+(of that noise level, else the first) and
 stops the sweep if it misses a minimum on the validation split (a baseline that does not learn cannot tell
 methods apart). The screening stage runs CLIP and every
 screened method, and the one with the best mean of the primary metric on the *validation* split joins the
@@ -51,7 +53,7 @@ import pandas as pd
 import yaml
 
 from psdclip.pipeline.errors import InputError
-from psdclip.train.evaluate import result_name
+from psdclip.train.config import result_name
 
 from .recipe import SweepConfig
 
@@ -175,6 +177,10 @@ class Sweep:
                 raise InputError(f"{cfg.recipe}: sweep.screen.subset must be one of sweep.subsets")
             if self.screen.get("noise", self.levels[0]) not in self.levels:
                 raise InputError(f"{cfg.recipe}: sweep.screen.noise must be one of sweep.noise's levels")
+        regime = sw.get("regime")
+        if regime is not None and (not isinstance(regime, dict) or regime.get("noise", self.levels[0]) not in self.levels):
+            raise InputError(f"{cfg.recipe}: sweep.regime must be a mapping whose noise (if any) is one of sweep.noise's "
+                             f"levels")
         self.methods = {**sw["methods"], **(self.screen.get("methods") or {})}
         for name, overrides in self.methods.items():
             if overrides is not None and not isinstance(overrides, dict):
@@ -240,11 +246,8 @@ class Sweep:
             for (suite, split), f in files.items():
                 if not os.path.isfile(f):
                     self._eval(run, _suite_spec(suite, src), split)
-            if self.sw.get("prune"):  # a finished run keeps its metrics, config, plots and evaluations only
-                import shutil
-
-                for sub in ("checkpoints", os.path.join("eval", "cache")):
-                    shutil.rmtree(os.path.join(run, sub), ignore_errors=True)
+        if self.sw.get("prune"):  # also a run finished before prune was set
+            _prune(run, list(files.values()))
         row = {"noise": level, "subset": subset, "N": n, "method": method, "seed": seed, "steps": steps}
         for (suite, split), f in files.items():
             with open(f) as fh:
@@ -327,30 +330,58 @@ def run_sweep(cfg: SweepConfig) -> int:
         methods[selection["best"]] = sweep.methods[selection["best"]]
     rows = []
     largest = sweep.subsets[-1]
-    for level in sweep.levels:
+    for i, level in enumerate(sweep.levels):
         for subset in sweep.subsets:
             for method in methods:
                 for seed in (sweep.seeds_largest if subset == largest else sweep.seeds):
                     rows.append(sweep.run(level, subset, method, seed))
+        if i < len(sweep.levels) - 1:  # a study spanning sessions reports each finished noise level
+            _write_results(sweep, rows, selection, pending=sweep.levels[i + 1:])
+    print(_write_results(sweep, rows, selection))
+    return 0
+
+
+def _write_results(sweep: Sweep, rows: list[dict], selection: dict | None, pending=()) -> str:
     table = pd.DataFrame(rows)
     table.to_csv(os.path.join(sweep.out, "results.csv"), index=False)
     report = summarize(table, sweep.metrics, sweep.out, primary=sweep.primary)
     if selection:
         report = selection["report"] + "\n\n" + report
+    if pending:
+        report = (f"**Partial results**: noise level(s) {', '.join(pending)} not run yet; rerun the same command to "
+                  f"go on.\n\n" + report)
     with open(os.path.join(sweep.out, "results.md"), "w") as f:
         f.write(report + "\n")
-    print(report)
-    return 0
+    return report
+
+
+def _prune(run: str, evals: list[str]) -> None:
+    """A finished run keeps its configs, metrics.jsonl and the metrics of its evaluations: checkpoints, the
+    feature cache, the per-example arrays of each evaluation (for `psdclip compare`'s bootstrap; the sweep pairs
+    runs by seed) and the plots (`psdclip.train.plots.plot_run` redraws them from metrics.jsonl) go, so that a
+    study of a hundred runs commits in a few MB."""
+    import shutil
+
+    for sub in ("checkpoints", os.path.join("eval", "cache"), "plots"):
+        shutil.rmtree(os.path.join(run, sub), ignore_errors=True)
+    for path in evals:
+        with open(path) as f:
+            result = json.load(f)
+        if result.pop("examples", None) is not None:
+            result["pruned"] = "per-example arrays removed by the sweep's prune: true"
+            with open(path + ".tmp", "w") as f:
+                json.dump(result, f, indent=1)
+            os.replace(path + ".tmp", path)
 
 
 def check_regime(sweep: Sweep) -> None:
     """`sweep.regime: {method: clip, seed: 0, require: {metric: minimum, ...}}`: before anything else, train that
-    run at the largest subset (of the first noise level) and stop with a one-line error if it misses a minimum on
+    run at the largest subset (of `noise:`, else the first noise level) and stop with a one-line error if it misses a minimum on
     the validation split: a study in which the baseline does not learn cannot tell methods apart."""
     regime = sweep.sw.get("regime")
     if not regime:
         return
-    level, subset = sweep.levels[0], sweep.subsets[-1]
+    level, subset = regime.get("noise", sweep.levels[0]), sweep.subsets[-1]
     row = sweep.run(level, subset, regime.get("method", "clip"), int(regime.get("seed", sweep.seeds[0])))
     missed = []
     for metric, minimum in (regime.get("require") or {}).items():
