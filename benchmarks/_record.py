@@ -8,6 +8,9 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the environment the command was started with (Dask's LocalCluster sets OMP_NUM_THREADS=1 in this process's
+# environment for its workers, which would otherwise be reported as part of the command)
+_STARTED_WITH = {k: os.environ[k] for k in ("OMP_NUM_THREADS",) if k in os.environ}
 
 
 def machine() -> str:
@@ -18,7 +21,7 @@ def record(name: str, title: str, body: str) -> None:
     path = os.path.join(ROOT, "BENCHMARKS.md")
     text = open(path, encoding="utf-8").read() if os.path.exists(path) else \
         "# Benchmarks\n\nEvery figure here is written by a script in `benchmarks/`, with the command that ran it.\n"
-    env = "".join(f"{k}={os.environ[k]} " for k in ("OMP_NUM_THREADS",) if k in os.environ)  # it changes figures
+    env = "".join(f"{k}={v} " for k, v in _STARTED_WITH.items())  # it changes figures
     cmd = env + "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
     section = (f"<!-- {name}:start -->\n## {title}\n\nCommand: `{cmd}`  \n"
                f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {machine()}\n\n"

@@ -25,7 +25,7 @@ class DemoConfig:
     out: str = field(default="demo-out", metadata={"help": "directory for everything the demo writes"})
     n: int = field(default=8000, metadata={"help": "synthetic training pairs"})
     heldout: int = field(default=300, metadata={"help": "held-out scenes for evaluation (each in 6 renderings)"})
-    steps: int = field(default=500, metadata={"help": "training steps of each model (equal compute)"})
+    steps: int = field(default=600, metadata={"help": "training steps of each model (equal compute)"})
     batch_size: int = field(default=128, metadata={"help": "training batch size"})
     model: str = field(default="rn-small", metadata={"help": "model preset (rn-small: a ResNet that learns shape on "
                                                               "these 2 cores in minutes; tiny: the small ViT)"})
@@ -39,7 +39,7 @@ class DemoConfig:
             raise InputError("--n must be >= 100, --heldout >= 20 and --steps >= 1")
 
 
-DEMO_DIFFICULTY = {"shape_scale": 1.4, "distractor_frac": 0.0, "backgrounds": 2, "positions": 1, "max_count": 2}
+DEMO_DIFFICULTY = {"shape_scale": 1.4, "distractor_frac": 0.0, "backgrounds": 1, "positions": 1, "max_count": 1}
 
 
 def _step(i: int, msg: str) -> None:
@@ -61,8 +61,8 @@ def run_demo(cfg: DemoConfig) -> int:
     src, ds = os.path.join(out, "synth"), os.path.join(out, "dataset")
     _step(1, f"synthetic source: {cfg.n:,} image-caption pairs with noisy captions, {cfg.heldout} held-out scenes")
     if not os.path.isfile(os.path.join(src, "synth.json")):
-        # a declared easier difficulty than `data synth`'s default (larger shapes, no distractors, two backgrounds,
-        # centred, at most two shapes), so that a model trained for minutes visibly answers the example queries
+        # the declared easier difficulty of the scaling-cpu study (one larger, centred shape on one background, no
+        # distractor), so that a model trained for minutes learns shape and visibly answers the example queries
         generate(SynthConfig(out=src, n=cfg.n, seed=cfg.seed, heldout=cfg.heldout, image_size=96, **DEMO_DIFFICULTY))
     with serving(src) as base_url:
         _step(2, f"served on {base_url}; building the dataset through Dask + img2dataset")
@@ -142,7 +142,7 @@ def _post(url: str, body: dict) -> dict:
 
 def _example_queries(base: str, src: str) -> list[tuple[str, list[dict]]]:
     out = []
-    for text in ("two red circles", "a large blue square on a white background", "a green star"):
+    for text in ("a red circle", "a large blue square", "a small green star"):
         out.append((f"text: {text!r}", _post(base + "/search", {"text": text, "k": 3})["results"]))
     path = os.path.join(src, "heldout", "base", "0000000.jpg")
     with open(path, "rb") as f:
@@ -151,6 +151,15 @@ def _example_queries(base: str, src: str) -> list[tuple[str, list[dict]]]:
     out.append((f"image -> captions: {os.path.relpath(path, src)}",
                 _post(base + "/search", {"image": img, "k": 3, "modality": "text"})["results"]))
     return out
+
+
+def _ground_truth(src: str) -> dict:
+    """images/<...>.jpg -> 'size colour shape' of the scene it renders."""
+    import pandas as pd
+
+    attrs = pd.read_parquet(os.path.join(src, "attributes.parquet"))
+    return {p.rsplit("images/", 1)[-1]: f"{z} {c} {s}" for p, z, c, s in
+            zip(attrs["path"], attrs["size"], attrs["colour"], attrs["shape"])}
 
 
 def _summary(out, runs, results, comp, info, base, examples, seconds) -> None:
@@ -162,11 +171,14 @@ def _summary(out, runs, results, comp, info, base, examples, seconds) -> None:
         c, p = results["clip"].get(k), results["psd"].get(k)
         if c is not None and p is not None:
             print(f"{k:<32}{c:>10.3f}{p:>10.3f}{p - c:>+14.3f}")
-    print("\nexample queries (served by the demo service):")
+    print("\nexample queries (served by the demo service; [what the image really shows] from the synthetic source's "
+          "ground truth, then the image's own, possibly noisy, caption):")
+    truth = _ground_truth(os.path.join(out, "synth"))
     for title, hits in examples:
         print(f"  {title}")
         for h in hits:
-            print(f"     {h['score']:.3f}  {h['caption'][:60]}")
+            seen = truth.get(h.get("url", "").rsplit("/images/", 1)[-1], "")
+            print(f"     {h['score']:.3f}  {'[' + seen + ']' if seen else '':<26}{h['caption'][:50]}")
     print(f"\nruns:      {runs['clip']}  {runs['psd']}  (metrics.jsonl, plots/*.png, eval/)")
     print(f"compare:   {comp['out']}/compare.md, compare.png")
     print(f"index:     {os.path.join(out, 'index')}  ({info['count']} images, {info['factory']})")
