@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 
@@ -17,6 +16,7 @@ import faiss
 import numpy as np
 import torch
 
+from psdclip.pipeline.dataset import atomic_path, read_json, write_json, write_parquet
 from psdclip.pipeline.errors import InputError
 
 from . import ann
@@ -50,7 +50,7 @@ def build_index(cfg: IndexBuildConfig) -> dict:
     digest = file_sha256(info["checkpoint"])
     meta_path = os.path.join(cfg.out, "index.json")
     if os.path.isfile(meta_path):
-        previous = json.load(open(meta_path))
+        previous = read_json(meta_path)
         if previous.get("checkpoint_sha256") != digest:
             raise InputError(f"{cfg.out}: built with another checkpoint; use a new --out or delete it")
     os.makedirs(cfg.out, exist_ok=True)
@@ -77,17 +77,14 @@ def build_index(cfg: IndexBuildConfig) -> dict:
             msg = str(err).strip().splitlines()[-1].split(": ", 1)[-1][:160]
             raise InputError(f"--factory {factory!r}: faiss could not train it on {n:,} vectors ({msg})") from None
         tuning = ann.tune(index, factory, vectors, queries, min(cfg.k, n), cfg.target_recall)
-        tmp = os.path.join(cfg.out, name + ".tmp")
-        faiss.write_index(index, tmp)
-        os.replace(tmp, os.path.join(cfg.out, name))
+        with atomic_path(os.path.join(cfg.out, name)) as tmp:
+            faiss.write_index(index, tmp)
         indices[name] = tuning
     t_index = time.time() - t1
-    meta_tmp = os.path.join(cfg.out, "metadata.parquet.tmp")
-    meta.to_parquet(meta_tmp, index=False)
-    os.replace(meta_tmp, os.path.join(cfg.out, "metadata.parquet"))
+    write_parquet(os.path.join(cfg.out, "metadata.parquet"), meta)
     doc = {"schema_version": 1, "checkpoint": os.path.abspath(info["checkpoint"]), "checkpoint_sha256": digest,
            "model_arch": info["arch"], "step": info["step"], "dataset": os.path.abspath(cfg.data),
-           "dataset_format": json.load(open(os.path.join(cfg.data, "dataset.json"))).get("output_format", "webdataset"),
+           "dataset_format": read_json(os.path.join(cfg.data, "dataset.json")).get("output_format", "webdataset"),
            "count": int(n), "dim": int(d), "metric": "inner_product (cosine on normalised vectors)",
            "factory": factory, "why": why, "budgets": {"max_memory": cfg.max_memory, "max_query_ms": cfg.max_query_ms},
            "search_params": {k: {"param": v["param"], "value": v["value"],
@@ -97,10 +94,7 @@ def build_index(cfg: IndexBuildConfig) -> dict:
                            for k, v in indices.items()},
            "embeddings_dtype": "float16" if cfg.fp16 else "float32", "embed_s": round(t_embed, 2),
            "index_build_s": round(t_index, 2), "undecodable_images": stats["undecodable"]}
-    tmp = meta_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2)
-    os.replace(tmp, meta_path)
+    write_json(meta_path, doc)
     return doc
 
 

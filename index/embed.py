@@ -16,7 +16,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from psdclip.pipeline.dataset import read_json
 from psdclip.pipeline.errors import InputError
+from psdclip.pipeline.status import SUCCESS
 
 
 class ShardImages(torch.utils.data.Dataset):
@@ -59,11 +61,9 @@ def success_rows(dataset: str) -> tuple[pd.DataFrame, str]:
     manifest = os.path.join(dataset, "manifest.parquet")
     if not os.path.isfile(manifest):
         raise InputError(f"--data {dataset}: not a psdclip dataset (no manifest.parquet)")
-    import json
-
-    fmt = json.load(open(os.path.join(dataset, "dataset.json"))).get("output_format", "webdataset")
+    fmt = read_json(os.path.join(dataset, "dataset.json")).get("output_format", "webdataset")
     m = pd.read_parquet(manifest, columns=["key", "url", "caption", "status", "shard", "offset", "size"])
-    ok = m[m["status"] == "success"].sort_values(["shard", "offset"]).reset_index(drop=True)
+    ok = m[m["status"] == SUCCESS].sort_values(["shard", "offset"]).reset_index(drop=True)
     if ok.empty:
         raise InputError(f"--data {dataset}: no successful samples to index")
     return ok, fmt

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import threading
 
@@ -17,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from psdclip.pipeline.dataset import read_json
 from psdclip.pipeline.errors import InputError
 from psdclip.train.models import encode_text
 
@@ -31,7 +31,7 @@ class Searcher:
             raise InputError(f"{index_dir}: not a psdclip index (no index.json)")
         self.dir = index_dir
         self.device = torch.device(device)
-        self.info = json.load(open(meta_path))
+        self.info = read_json(meta_path)
         self.indices = {}
         for name, modality in (("index.faiss", "image"), ("captions.faiss", "text")):
             index = faiss.read_index(os.path.join(index_dir, name))

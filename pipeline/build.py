@@ -21,14 +21,15 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .clean import PENDING, clean_partition, hosts
+from .clean import clean_partition, hosts
 from .config import BuildConfig
 from .dataset import SCHEMA_VERSION, Layout, assemble_manifest, compute_stats, now, read_json, write_json, \
     write_parquet
-from .download import TRANSIENT, download_partition
+from .download import download_partition
 from .errors import InputError, PsdclipError
 from .plan import assign_shards, mark_duplicates
 from .read import detect_format, read_source
+from .status import DUPLICATE_IMAGE, PENDING, SUCCESS, TRANSIENT
 from .subsets import build_subsets, parse_subsets
 
 SPLIT_BYTES = 8 << 20  # URL lists larger than this are cleaned by several tasks
@@ -236,7 +237,7 @@ def _build_locked(cfg: BuildConfig, layout: Layout, previous: dict | None) -> di
         "output_format": fmt,
         "shard_pattern": "shards/{shard:05d}." + ("parquet" if fmt == "arrow" else "tar"),
         "counts": {"rows": stats["rows"], "success": stats["success"], **stats["counts"]},
-        "shards": sorted(int(s) for s in manifest.loc[manifest["status"] == "success", "shard"].dropna().unique()),
+        "shards": sorted(int(s) for s in manifest.loc[manifest["status"] == SUCCESS, "shard"].dropna().unique()),
         "subsets": [list(s) for s in subset_specs],
         "subset_seed": cfg.subset_seed,
         "config": config,
@@ -377,7 +378,7 @@ def _download_pending(client, layout: Layout, cfg: BuildConfig, opts: dict, timi
             failed.append(f"{shard:05d} ({type(err).__name__}: {err})")
             continue
         write_parquet(layout.result_path(shard), res)
-        ok += int((res["status"] == "success").sum())
+        ok += int((res["status"] == SUCCESS).sum())
     timings["download_s"] = timings.get("download_s", 0.0) + time.time() - t
     timings["downloaded_rows"] = timings.get("downloaded_rows", 0) + n_rows
     timings["downloaded_ok"] = timings.get("downloaded_ok", 0) + ok
@@ -406,7 +407,7 @@ def mark_duplicate_images(client, layout: Layout, manifest: pd.DataFrame) -> pd.
     """Post-download Dask stage: among successful rows with the same sha256, the first in input order
     (the manifest's row order: ingest, then file, then row) stays 'success'; the rest become
     'duplicate_image'. Map: per chunk, the first rank of each hash (on the workers); reduce: the minimum."""
-    mask = ((manifest["status"] == "success") & (manifest["sha256"] != "")).to_numpy()
+    mask = ((manifest["status"] == SUCCESS) & (manifest["sha256"] != "")).to_numpy()
     if not mask.any():
         return manifest
     ranks = pd.DataFrame({"sha256": manifest["sha256"].to_numpy()[mask], "rank": np.flatnonzero(mask)})
@@ -417,7 +418,7 @@ def mark_duplicate_images(client, layout: Layout, manifest: pd.DataFrame) -> pd.
     if is_dup.any():
         idx = manifest.index[ranks["rank"].to_numpy()[is_dup]]
         manifest = manifest.copy()
-        manifest.loc[idx, "status"] = "duplicate_image"
+        manifest.loc[idx, "status"] = DUPLICATE_IMAGE
         manifest.loc[idx, "error"] = "same image bytes (sha256) as an earlier sample"
     return manifest
 
@@ -429,7 +430,7 @@ def _first_rank_per_hash(chunk: pd.DataFrame) -> pd.Series:
 def _write_subsets(layout: Layout, manifest: pd.DataFrame, specs, seed: int, fmt: str) -> None:
     if not specs:
         return
-    success = manifest.loc[manifest["status"] == "success", ["key", "shard"]].copy()
+    success = manifest.loc[manifest["status"] == SUCCESS, ["key", "shard"]].copy()
     success["shard"] = [layout.shard_name(int(s), fmt) for s in success["shard"]]
     docs = build_subsets(success, specs, seed)
     for name, doc in docs.items():

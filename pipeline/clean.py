@@ -16,7 +16,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-PENDING = "pending"
+from .keys import add_url_keys
+from .status import PENDING
+
 _WS = re.compile(r"\s+")
 # what ftfy can change: mojibake (a UTF-8 lead byte read as Latin-1/cp1252 followed by a continuation
 # byte), HTML entities, control and C1 characters, ligatures, full-width forms, curly quotes, combining
@@ -145,8 +147,6 @@ def clean_partition(df: pd.DataFrame, max_caption_length: int) -> pd.DataFrame:
     df = check_urls(df)
     df = fix_captions(df)
     df = filter_captions(df, max_caption_length)
-    from .plan import add_url_keys
-
     df = add_url_keys(df)
     # compact columns: the frame travels from the worker to the client
     for col in ("status", "error", "source"):

@@ -10,6 +10,7 @@ Readers (the trainer, streaming) use the contract files only; every one of them 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import glob
 import json
@@ -21,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError
+from .status import DUPLICATE_IMAGE, SUCCESS
 
 SCHEMA_VERSION = 1
 MANIFEST_COLUMNS = ["key", "url", "caption", "status", "error", "shard", "offset", "size", "width", "height",
@@ -42,18 +44,32 @@ def fsync_replace(tmp: str, path: str) -> None:
     os.replace(tmp, path)
 
 
-def write_json(path: str, obj) -> None:
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yields a unique temporary path beside `path`; what the block writes there replaces `path` whole when the
+    block ends (fsync, then rename), or is removed if it fails. For writers that take a path (faiss, pyarrow)."""
     tmp = _tmp(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
-        f.write("\n")
-    fsync_replace(tmp, path)
+    try:
+        yield tmp
+        fsync_replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def write_json(path: str, obj, indent: int = 2) -> None:
+    write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=str) + "\n")
 
 
 def write_parquet(path: str, df: pd.DataFrame) -> None:
-    tmp = _tmp(path)
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
-    fsync_replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
 
 
 def read_json(path: str):
@@ -200,8 +216,8 @@ def load_manifest(root: str) -> pd.DataFrame:
 def compute_stats(manifest: pd.DataFrame, layout: Layout, fmt: str) -> dict:
     counts = manifest["status"].value_counts().sort_index()
     total = int(len(manifest))
-    success = int(counts.get("success", 0))
-    ok = manifest[manifest["status"] == "success"]
+    success = int(counts.get(SUCCESS, 0))
+    ok = manifest[manifest["status"] == SUCCESS]
     sizes = {}
     for c in ("width", "height", "original_width", "original_height"):
         v = ok[c].dropna().astype(float)
@@ -211,7 +227,7 @@ def compute_stats(manifest: pd.DataFrame, layout: Layout, fmt: str) -> dict:
     downloaded = manifest[manifest["shard"].notna()]
     failing = []
     for shard, grp in downloaded.groupby("shard"):
-        fail = grp[~grp["status"].isin(["success", "duplicate_image"])]
+        fail = grp[~grp["status"].isin([SUCCESS, DUPLICATE_IMAGE])]
         rate = len(fail) / len(grp)
         if rate > 0.5:
             top = fail["status"].value_counts().head(3)

@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
-from .dataset import fsync_replace
+from .dataset import fsync_replace, write_text
+from .status import SUCCESS
 
-TRANSIENT = ("timeout", "http_5xx", "rate_limited", "connection_error")
 RESULT_COLUMNS = ["key", "status", "error", "width", "height", "original_width", "original_height", "sha256",
                   "offset", "size"]
 
@@ -140,9 +140,7 @@ class KeyedShardWriter:
         now = time.monotonic()
         if now - self._reported > 0.5:
             self._reported = now
-            with open(self.progress_path + ".tmp", "w") as f:
-                f.write(str(len(self.rows)))
-            os.replace(self.progress_path + ".tmp", self.progress_path)
+            write_text(self.progress_path, str(len(self.rows)))
 
     def close(self):
         if self.arrow:
@@ -201,8 +199,8 @@ def _results(meta: pd.DataFrame, rows: pd.DataFrame, shard: int) -> pd.DataFrame
     status, error = [], []
     for st, msg in zip(m["status"].to_numpy(), m["error_message"].to_numpy()):
         msg = msg if isinstance(msg, str) else ""
-        if st == "success":
-            status.append("success")
+        if st == "success":  # img2dataset's own status name
+            status.append(SUCCESS)
         elif st == "failed_to_download":
             status.append(classify("download", msg))
         elif st == "failed_to_resize":

@@ -1,4 +1,4 @@
-"""The global stages of an ingest: stable keys, duplicate URLs, host spreading, shard assignment.
+"""The global stages of an ingest: duplicate URLs, host spreading, shard assignment (keys: keys.py).
 
 They need every row at once, so they run on small numeric columns on the client after the per-partition
 Dask stages. Keys are stable: the first occurrence of a URL is keyed by a hash of the URL itself, every
@@ -7,47 +7,18 @@ URL gets the same key in any dataset.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .clean import PENDING
-
-KEY_BYTES = 10  # 20 hex characters: collisions are out of reach at web scale
-
-
-def url_keys(urls) -> list[str]:
-    """The key of a URL's first occurrence: a hash of the URL itself."""
-    b2 = hashlib.blake2b
-    return [b2(u.encode(), digest_size=KEY_BYTES).hexdigest() for u in urls]
-
-
-def url_key(url: str) -> str:
-    return url_keys([url])[0]
-
-
-def row_keys(sources, rows) -> list[str]:
-    """The key of every other row: a hash of (source file, row number)."""
-    b2 = hashlib.blake2b
-    return [b2(f"\x00row\x00{s}\x00{r}".encode(), digest_size=KEY_BYTES).hexdigest() for s, r in zip(sources, rows)]
+from .keys import add_url_keys, row_keys
+from .status import DUPLICATE_URL, PENDING
 
 
 def _h64(values) -> np.ndarray:
     return pd.util.hash_pandas_object(pd.Series(values, dtype=object), index=False).to_numpy()
-
-
-def add_url_keys(df: pd.DataFrame) -> pd.DataFrame:
-    """Hash the URL of every pending row (a Dask stage: it runs per partition, on the workers)."""
-    pending = df["status"].to_numpy() == PENDING
-    ukeys = np.full(len(df), "", dtype=object)
-    ukeys[pending] = url_keys(df["url"].to_numpy(dtype=object)[pending])
-    df = df.copy()
-    df["ukey"] = ukeys
-    return df
-
 
 def mark_duplicates(df: pd.DataFrame, existing_keys=frozenset()) -> pd.DataFrame:
     """Mark every pending row whose URL was seen before (earlier in input order, or already in the
@@ -75,7 +46,7 @@ def mark_duplicates(df: pd.DataFrame, existing_keys=frozenset()) -> pd.DataFrame
     df = df.drop(columns=["ukey"])
     df["key"] = pd.arrays.ArrowStringArray(pa.array(keys, type=pa.large_string()))
     dup = dup_in_batch & pending
-    status[dup] = "duplicate_url"
+    status[dup] = DUPLICATE_URL
     error[dup] = "URL already listed earlier or already in the dataset"
     df["status"] = status
     df["error"] = error

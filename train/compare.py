@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from psdclip.pipeline.dataset import read_json
 from psdclip.pipeline.errors import InputError
 
 from .config import CompareConfig
@@ -22,7 +23,7 @@ def load_evals(run: str) -> dict:
     files = sorted(glob.glob(os.path.join(run, "eval", "*.json")))
     if not files:
         raise InputError(f"{run}: no evaluations (run `psdclip eval {run} --suite …` first)")
-    return {os.path.basename(f)[:-5]: json.load(open(f)) for f in files}
+    return {os.path.basename(f)[:-5]: read_json(f) for f in files}
 
 
 def compare(cfg: CompareConfig) -> dict:

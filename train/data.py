@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from psdclip.pipeline.errors import InputError
+from psdclip.pipeline.status import SUCCESS
 
 log = logging.getLogger("psdclip.train.data")
 
@@ -84,7 +85,7 @@ def _from_dataset(root: str, spec: str) -> Source:
     info = _read_json(info_path)
     fmt = info.get("output_format", "webdataset")
     m = pd.read_parquet(manifest_path, columns=["key", "status", "shard"])
-    ok = m[m["status"] == "success"]
+    ok = m[m["status"] == SUCCESS]
     if ok.empty:
         raise InputError(f"--data {spec}: the dataset has no successful samples ({len(m)} rows; see "
                          f"`psdclip data stats {spec}`)")

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from psdclip.pipeline.dataset import write_json
 from psdclip.pipeline.errors import InputError
 
 from . import checkpoint as ckpt
@@ -332,10 +333,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     out_dir = os.path.join(info["run"], "eval")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{result_name(cfg.suite, cfg.split)}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, result, indent=1)
     result["path"] = path
     return result
 

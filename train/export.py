@@ -7,6 +7,7 @@ import os
 import open_clip
 import torch
 
+from psdclip.pipeline.dataset import write_json
 from psdclip.pipeline.errors import InputError
 
 from . import checkpoint as ckpt
@@ -43,10 +44,7 @@ def export(cfg: ExportConfig) -> int:
     model_cfg = json.loads(state["model_cfg"]) if state.get("model_cfg") else open_clip.get_model_config(arch)
     if model_cfg is None:
         raise InputError(f"{path}: model {arch!r} is not registered with open_clip; cannot write its config")
-    tmp = f"{config_path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(model_cfg, f, indent=2)
-    os.replace(tmp, config_path)
+    write_json(config_path, model_cfg)
     name = os.path.splitext(os.path.basename(config_path))[0]
     print(f"wrote {cfg.out} (open_clip checkpoint of {arch}, step {state['step']}) and {config_path}")
     print(f"load it with: import open_clip; open_clip.add_model_config({config_path!r}); "

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from psdclip.pipeline.dataset import write_text
 from psdclip.pipeline.errors import InputError, PsdclipError
 
 from . import checkpoint as ckpt
@@ -317,9 +318,7 @@ def _truncate_metrics(path: str, step: int) -> None:
         except (ValueError, KeyError, TypeError):  # a line cut short by a kill: dropped
             continue
     if len(kept) != len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        write_text(path, "".join(kept))
 
 
 def _resume(cfg, ckpt_dir, model, optimizer, scaler):

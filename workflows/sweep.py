@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from psdclip.pipeline.dataset import read_json, write_json, write_text
 from psdclip.pipeline.errors import InputError
 from psdclip.train.config import result_name
 
@@ -274,9 +275,7 @@ class Sweep:
         """Write RUN/train.yaml (the config `_same_settings` compares a rerun against) and train from it."""
         os.makedirs(run, exist_ok=True)
         train_yaml = os.path.join(run, "train.yaml")
-        with open(train_yaml + ".tmp", "w") as f:
-            yaml.safe_dump(config, f, sort_keys=False)
-        os.replace(train_yaml + ".tmp", train_yaml)
+        write_text(train_yaml, yaml.safe_dump(config, sort_keys=False))
         args = ["train", "--config", train_yaml]
         runner = self.sw.get("runner", "sequential")
         exe = os.path.join(os.path.dirname(sys.executable), "psdclip")
@@ -365,13 +364,10 @@ def _prune(run: str, evals: list[str]) -> None:
     for sub in ("checkpoints", os.path.join("eval", "cache"), "plots"):
         shutil.rmtree(os.path.join(run, sub), ignore_errors=True)
     for path in evals:
-        with open(path) as f:
-            result = json.load(f)
+        result = read_json(path)
         if result.pop("examples", None) is not None:
             result["pruned"] = "per-example arrays removed by the sweep's prune: true"
-            with open(path + ".tmp", "w") as f:
-                json.dump(result, f, indent=1)
-            os.replace(path + ".tmp", path)
+            write_json(path, result, indent=1)
 
 
 def check_regime(sweep: Sweep) -> None:

@@ -3,7 +3,8 @@ import itertools
 import pandas as pd
 
 from psdclip.pipeline.clean import start
-from psdclip.pipeline.plan import assign_shards, mark_duplicates, url_key
+from psdclip.pipeline.keys import url_key
+from psdclip.pipeline.plan import assign_shards, mark_duplicates
 
 
 def frame(urls, hosts=None, status=None):
