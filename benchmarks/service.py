@@ -1,7 +1,8 @@
 """Service load benchmark, recorded in BENCHMARKS.md: `psdclip serve` (uvicorn, one process) on the demo's
 index (`psdclip demo --out bench-out/demo` is run when it is missing), 32 concurrent clients in a closed loop
 for 60 s on loopback: QPS, p50/p99 latency and errors, for text queries (each is encoded by the model) and
-for embedding queries (index and metadata only). The load comes from wrk (C; `apt install wrk`) when it is
+for embedding queries (index and metadata only), with the text-embedding cache off and on (text queries
+all distinct, and Zipf-repeated; the hit rate from the service's /metrics). The load comes from wrk (C; `apt install wrk`) when it is
 installed, so that the generator takes little of the CPU the service runs on, else from httpx/asyncio.
 
     python benchmarks/service.py [--seconds 60] [--clients 32] [--index DIR]
@@ -104,49 +105,80 @@ def main():
     import shutil
     import tempfile
 
+    import httpx
+    import pandas as pd
+
     generator = ("wrk" if shutil.which("wrk") else "httpx") if args.generator == "auto" else args.generator
     tmp = tempfile.mkdtemp()
-    port = free_port()
-    server = subprocess.Popen([exe, "serve", idx, "--port", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    import httpx
-
-    for _ in range(300):
+    meta = json.load(open(os.path.join(idx, "index.json")))
+    caps = pd.read_parquet(os.path.join(idx, "metadata.parquet"))["caption"].tolist()
+    rng = np.random.default_rng(0)
+    n = 200_000  # more than a run sends: every text query is one the service has not seen
+    distinct = [{"text": f"{caps[i % len(caps)]} {i}", "k": 10} for i in range(n)]
+    # web search's repeats: 2,000 queries drawn with Zipf(1.1) frequencies (a few are very common)
+    pool = [caps[i] for i in rng.choice(len(caps), 2000, replace=False)]
+    ranks = np.minimum(rng.zipf(1.1, n), 2000) - 1
+    zipf = [{"text": pool[r], "k": 10} for r in ranks]
+    embs = rng.normal(size=(200, int(meta["dim"])))
+    workloads = {"text, all distinct": distinct, "text, Zipf-repeated": zipf,
+                 "embedding": [{"embedding": e.tolist(), "k": 10} for e in embs]}
+    results = {}
+    for cache in (0, 10_000):
+        port = free_port()
+        server = subprocess.Popen([exe, "serve", idx, "--port", str(port), "--text-cache", str(cache)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(base + "/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
         try:
-            if httpx.get(base + "/healthz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    try:
-        import pandas as pd
-
-        caps = pd.read_parquet(os.path.join(idx, "metadata.parquet"))["caption"].head(200).tolist()
-        rng = np.random.default_rng(0)
-        meta = json.load(open(os.path.join(idx, "index.json")))
-        embs = rng.normal(size=(200, int(meta["dim"])))
-        workloads = {"text": [{"text": c, "k": 10} for c in caps],
-                     "embedding": [{"embedding": e.tolist(), "k": 10} for e in embs]}
-        results = {}
-        for name, bodies in workloads.items():
-            results[name] = load_wrk(base, bodies, args.clients, args.seconds, tmp) if generator == "wrk" else \
-                asyncio.run(load(base, bodies, args.clients, args.seconds))
-            print(name, results[name], flush=True)
-    finally:
-        server.terminate()
-        server.wait()
-    rows = "\n".join(f"| {k} | {v['requests']:,} | {v['qps']:.0f} | {v['p50']:.1f} | {v['p99']:.1f} | {v['errors']} |"
-                     for k, v in results.items())
-    body = (f"`psdclip serve` (one uvicorn process, tiny model on CPU, concurrent queries answered in batches) over "
-            f"the demo's {meta['count']:,}-image `{meta['factory']}` index; {args.clients} concurrent clients in a "
-            f"closed loop for {args.seconds:.0f} s each, load from {generator} in another process on the same 2 cores, "
-            f"k=10.\n\n| query | requests | QPS | p50 ms | p99 ms | errors |\n|---|---|---|---|---|---|\n"
-            f"{rows}\n\nGoal: p99 <= 25 ms with no errors. In a closed loop latency is clients / throughput, so "
-            f"p99 <= 25 ms at 32 clients needs more than 1,280 QPS from one CPU process sharing 2 cores with the "
-            f"load generator. clip-retrieval's back end cannot run beside psdclip for a side-by-side figure (it pins "
-            f"numpy<2, pyarrow<16 and open_clip<3); its ClipClient is tested against our /knn-service.\n")
+            for name, bodies in workloads.items():
+                if name == "embedding" and cache:
+                    continue  # no text to cache
+                before = _cache_counts(base)
+                r = load_wrk(base, bodies, args.clients, args.seconds, tmp) if generator == "wrk" else \
+                    asyncio.run(load(base, bodies, args.clients, args.seconds))
+                hits, misses = (a - b for a, b in zip(_cache_counts(base), before))
+                r["hit_rate"] = hits / max(1, hits + misses) if name != "embedding" else None
+                results[(name, cache)] = r
+                print(name, cache, r, flush=True)
+        finally:
+            server.terminate()
+            server.wait()
+    rows = "\n".join(
+        f"| {name} | {'on (10,000)' if cache else 'off'} | {v['requests']:,} | {v['qps']:.0f} | {v['p50']:.1f} | "
+        f"{v['p99']:.1f} | {v['errors']} | {_rate(v['hit_rate'])} |"
+        for (name, cache), v in results.items())
+    body = (f"`psdclip serve` (one uvicorn process, the demo's model on CPU, concurrent queries answered in batches) "
+            f"over the demo's {meta['count']:,}-image `{meta['factory']}` index; {args.clients} concurrent clients in "
+            f"a closed loop for {args.seconds:.0f} s each, load from {generator} in another process on the same 2 "
+            f"cores, k=10. Text queries either all distinct (no cache can help) or drawn from 2,000 captions with "
+            f"Zipf(1.1) frequencies; the hit rate is read from the service's /metrics.\n\n"
+            f"| query | text cache | requests | QPS | p50 ms | p99 ms | errors | cache hit rate |\n"
+            f"|---|---|---|---|---|---|---|---|\n{rows}\n\nGoal: p99 <= 25 ms with no errors. In a closed loop "
+            f"latency is clients / throughput, so p99 <= 25 ms at 32 clients needs more than 1,280 QPS from one CPU "
+            f"process sharing 2 cores with the load generator.\n")
     record("service-load", "Service: 32 concurrent clients on loopback", body)
 
+
+def _rate(x) -> str:
+    return "" if x is None else f"{x:.1%}"
+
+
+def _cache_counts(base: str) -> tuple[float, float]:
+    """(hits, misses) of the text-embedding cache over all indices, from /metrics."""
+    import httpx
+
+    hits = misses = 0.0
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith("psdclip_text_cache_hits{"):
+            hits += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("psdclip_text_cache_misses{"):
+            misses += float(line.rsplit(" ", 1)[1])
+    return hits, misses
 
 if __name__ == "__main__":
     main()

@@ -89,6 +89,7 @@ class ServeConfig:
     api_key: str = field(default="", metadata={"help": "key required by the admin endpoints (X-API-Key); "
                                                         "default: from PSDCLIP_API_KEY, else admin is off"})
     device: str = field(default="cpu", metadata={"help": "device of the query encoder"})
+    text_cache: int = field(default=10_000, metadata={"help": "query texts whose embeddings are kept (LRU; 0: off)"})
 
     def __post_init__(self):
         if not self.indices:

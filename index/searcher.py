@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 
 import faiss
 import numpy as np
@@ -25,12 +26,16 @@ from .embed import read_image_bytes
 
 
 class Searcher:
-    def __init__(self, index_dir: str, device: str = "cpu", load_model: bool = True):
+    def __init__(self, index_dir: str, device: str = "cpu", load_model: bool = True, text_cache: int = 0):
         meta_path = os.path.join(index_dir, "index.json")
         if not os.path.isfile(meta_path):
             raise InputError(f"{index_dir}: not a psdclip index (no index.json)")
         self.dir = index_dir
         self.device = torch.device(device)
+        # an LRU cache of query-text embeddings (web search repeats its queries); 0 turns it off
+        self.text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.text_cache_size = text_cache
+        self.cache_hits = self.cache_misses = 0
         self.info = read_json(meta_path)
         self.indices = {}
         for name, modality in (("index.faiss", "image"), ("captions.faiss", "text")):
@@ -61,8 +66,27 @@ class Searcher:
     # ---- query embeddings ----
     @torch.no_grad()
     def embed_text(self, texts: list[str]) -> np.ndarray:
+        """The texts' embeddings; those in the LRU cache are not encoded again (the rest in one forward pass)."""
         with self._lock:
-            return encode_text(self.model, self.tokenizer(texts).to(self.device)).float().cpu().numpy()
+            cache, found = self.text_cache, {}
+            if self.text_cache_size:
+                for t in texts:
+                    if t in cache:
+                        cache.move_to_end(t)
+                        found[t] = cache[t]
+            missing = [t for t in texts if t not in found]
+            self.cache_hits += len(texts) - len(missing)
+            self.cache_misses += len(missing)
+            todo = list(dict.fromkeys(missing))
+            if todo:
+                fresh = encode_text(self.model, self.tokenizer(todo).to(self.device)).float().cpu().numpy()
+                found.update(zip(todo, fresh))
+                if self.text_cache_size:
+                    for t, v in zip(todo, fresh):
+                        cache[t] = v
+                    while len(cache) > self.text_cache_size:
+                        cache.popitem(last=False)
+            return np.stack([found[t] for t in texts])
 
     @torch.no_grad()
     def embed_images(self, images: list) -> np.ndarray:

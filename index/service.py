@@ -198,7 +198,7 @@ def create_app(cfg: ServeConfig):
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import FileResponse, PlainTextResponse, Response
     from PIL import Image
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
     from pydantic import BaseModel, ConfigDict, Field
 
     from .searcher import Searcher
@@ -206,11 +206,15 @@ def create_app(cfg: ServeConfig):
     paths = cfg.named()
     large_decodes = threading.BoundedSemaphore(LARGE_DECODES)
     fetch_slots = threading.BoundedSemaphore(FETCH_SLOTS)
-    searchers = {name: Searcher(path, cfg.device) for name, path in paths.items()}
+    searchers = {name: Searcher(path, cfg.device, text_cache=cfg.text_cache) for name, path in paths.items()}
     default = next(iter(searchers))
     lock = threading.Lock()
     api_key = cfg.api_key or os.environ.get("PSDCLIP_API_KEY", "")
     registry = CollectorRegistry()
+    # counts kept by each searcher (a reload starts a new one at 0): gauges set when /metrics is read
+    cache_hits = Gauge("psdclip_text_cache_hits", "query texts answered from the embedding cache", ["index"],
+                       registry=registry)
+    cache_misses = Gauge("psdclip_text_cache_misses", "query texts encoded by the model", ["index"], registry=registry)
     requests = Counter("psdclip_requests_total", "requests", ["endpoint", "status"], registry=registry)
     latency = Histogram("psdclip_request_seconds", "request latency", ["endpoint"], registry=registry,
                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
@@ -394,6 +398,9 @@ def create_app(cfg: ServeConfig):
 
     @app.get("/metrics")
     def metrics():
+        for name, s in searchers.items():
+            cache_hits.labels(name).set(s.cache_hits)
+            cache_misses.labels(name).set(s.cache_misses)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/reload")
@@ -406,7 +413,7 @@ def create_app(cfg: ServeConfig):
         if name not in paths:
             raise HTTPException(404, f"no index named {name!r}")
         try:
-            fresh = Searcher(paths[name], cfg.device)  # load aside; requests keep using the old one meanwhile
+            fresh = Searcher(paths[name], cfg.device, text_cache=cfg.text_cache)  # load aside; requests keep using the old one meanwhile
         except InputError as err:
             raise HTTPException(409, str(err)) from None
         except Exception as err:  # pylint: disable=broad-except  (a damaged file: the old index stays in service)

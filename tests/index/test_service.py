@@ -66,6 +66,22 @@ def test_index_build_query_and_resume(index_dir, dataset_dir, tmp_path):
     assert r.returncode == 2 and "not a psdclip index" in r.stderr
 
 
+def test_text_embedding_cache_is_lru_and_changes_no_result(index_dir):
+    from psdclip.index.searcher import Searcher
+
+    plain, cached = Searcher(str(index_dir)), Searcher(str(index_dir), text_cache=2)
+    first = cached.embed_text(["a red circle", "two blue squares", "a red circle"])  # the repeat: encoded once
+    assert (cached.cache_hits, cached.cache_misses) == (0, 3) and np.array_equal(first[0], first[2])
+    second = cached.embed_text(["a red circle", "a green star"])
+    assert (cached.cache_hits, cached.cache_misses) == (1, 4)
+    assert list(cached.text_cache) == ["a red circle", "a green star"]  # "two blue squares" was least recent
+    texts = ["a red circle", "two blue squares", "a green star"]
+    np.testing.assert_allclose(np.stack([first[0], first[1], second[1]]), plain.embed_text(texts), atol=1e-6)
+    cached.embed_text(["two blue squares"])
+    assert (cached.cache_hits, cached.cache_misses) == (1, 5)
+    assert plain.cache_hits == 0 and not plain.text_cache  # 0: off
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -129,6 +145,10 @@ def test_search_endpoints(service, index_dir):
     assert md[0]["metadata"]["url"] == hits[0]["url"]
     metrics = requests.get(service + "/metrics").text
     assert 'psdclip_requests_total{endpoint="/search",status="200"}' in metrics
+    # "a blue square" was asked of "main" by /search, then of "other" by /knn-service: one miss each; again: a hit
+    requests.post(service + "/search", json={"text": "a blue square", "k": 1})
+    metrics = requests.get(service + "/metrics").text
+    assert 'psdclip_text_cache_hits{index="main"} 1.0' in metrics, metrics
 
 
 def _clip_client_module():
