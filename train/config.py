@@ -70,6 +70,8 @@ class TrainConfig:
     nan_policy: Literal["stop", "skip"] = _help("on a non-finite loss: stop (after saving diagnostics) or skip the step",
                                                 default="stop")
     device: str = _help("auto, cpu or cuda[:N]", default="auto")
+    dist_timeout: float = _help("minutes a rank waits for the others in a collective before the job fails (torchrun)",
+                                default=30.0)
     progress: bool = _help("show a progress bar", default=True)
 
     @property
@@ -91,6 +93,8 @@ class TrainConfig:
         for name in ("alpha_start", "alpha_max", "rho_start", "rho_end", "ema_decay"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.dist_timeout <= 0:
+            raise InputError(f"--dist-timeout must be > 0 minutes, got {self.dist_timeout}")
         if self.snapshot_every < 0:
             raise InputError(f"--snapshot-every must be >= 0, got {self.snapshot_every}")
         if self.snapshot_every and self.ema_teacher:

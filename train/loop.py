@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -60,7 +61,8 @@ def setup_distributed(cfg: TrainConfig):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=cfg.dist_timeout))
     return rank, world, device
 
 
@@ -149,8 +151,7 @@ def train(cfg: TrainConfig) -> dict:
             window["samples"] += batch["image"].shape[0] * world
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             losses = forward_backward(net, model, loss_fn, micro_batches, step, ema=ema, world=world)
-        total = sum(v for k, v in losses.items() if k.endswith("_loss"))
-        finite = bool(torch.isfinite(total))
+        finite = all_finite(sum(v for k, v in losses.items() if k.endswith("_loss")), world)
         logs = {k: float(v) for k, v in losses.items()}
         if not finite:
             if cfg.nan_policy == "stop":
@@ -239,6 +240,15 @@ class _Interrupt:
 
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def all_finite(total: torch.Tensor, world: int) -> bool:
+    """Whether the loss is finite on every rank: decided together (one all-reduce), so that all ranks skip or
+    stop at the same step instead of one leaving the others waiting in the next collective."""
+    ok = torch.isfinite(total.detach()).all().to(torch.float32).reshape(1)
+    if world > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
 
 
 class _WorkerEnded(Exception):

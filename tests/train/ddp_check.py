@@ -64,8 +64,13 @@ def main(out):
             dist.all_reduce(total)
             loss = total / world
         results[name] = {"loss": loss, **{k: p.grad.clone() for k, p in pair.named_parameters()}}
-    if rank == 0:
-        torch.save(results, out)
+    # a non-finite loss on rank 0 only: every rank decides to skip (or stop) the step
+    from psdclip.train.loop import all_finite
+
+    mine = torch.tensor(float("nan") if rank == 0 else 1.0)
+    results["finite"] = {"nan on rank 0": torch.tensor(all_finite(mine, world)),
+                         "finite everywhere": torch.tensor(all_finite(torch.tensor(2.0), world))}
+    torch.save(results, out if rank == 0 else f"{out}.rank{rank}")
     if world > 1:
         dist.destroy_process_group()
 

@@ -21,5 +21,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
         for k in a[loss]:
             assert torch.allclose(a[loss][k], b[loss][k], atol=1e-6, rtol=1e-5), (loss, k, a[loss][k], b[loss][k])
     assert not torch.allclose(a["clip"]["loss"], a["psd"]["loss"])
+    other = torch.load(f"{two}.rank1", weights_only=True)["finite"]  # rank 1's own loss was finite
+    assert not bool(other["nan on rank 0"]) and bool(other["finite everywhere"])
     for k in a["psd-one"]:  # feature-cache accumulation = the whole batch at once, in 1 and in 2 processes
         assert torch.allclose(a["psd-accum"][k], a["psd-one"][k], atol=1e-6, rtol=1e-5), k
