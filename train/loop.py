@@ -119,7 +119,8 @@ def train(cfg: TrainConfig) -> dict:
     bar = _progress(cfg, rank, start_step)
     position = dict(data_position)
     skipped_samples: dict = {}
-    window = {"t0": time.time(), "wait": 0.0, "samples": 0, "skipped_steps": 0}
+    window = {"t0": time.time(), "wait": 0.0, "samples": 0, "skipped_steps": 0, "started": time.time(),
+              "first_step": start_step}
     step = start_step
     end = cfg.steps if not cfg.stop_after else min(cfg.steps, start_step + cfg.stop_after)
     interrupt = _Interrupt()
@@ -172,7 +173,7 @@ def train(cfg: TrainConfig) -> dict:
             _ema_update(ema, model, 0.0)  # PS-KD: the teacher becomes the model as it is now
         done = step + 1
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
-            _log(metrics_path, done, logs, lr, model, window, skipped_samples, world, bar)
+            _log(metrics_path, done, logs, lr, model, window, skipped_samples, world, bar, total_steps=end)
         stopping = interrupt.agreed(world, device)
         if done % cfg.checkpoint_every == 0 or done == end or stopping:
             # plots with the checkpoint at the end, on a stop, and at most every PLOT_EVERY_S in between (drawing
@@ -275,7 +276,7 @@ def _progress(cfg, rank, start):
     return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
-def _log(path, step, logs, lr, model, window, skipped, world, bar):
+def _log(path, step, logs, lr, model, window, skipped, world, bar, total_steps=0):
     elapsed = max(time.time() - window["t0"], 1e-9)
     record = {"step": step, "loss": sum(v for k, v in logs.items() if k.endswith("_loss")), **logs, "lr": lr,
               "logit_scale": float(model.logit_scale.detach().exp()), "samples_per_s": window["samples"] / elapsed,
@@ -285,7 +286,21 @@ def _log(path, step, logs, lr, model, window, skipped, world, bar):
         f.write(json.dumps(record) + "\n")
     if bar is not None:
         bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
+    elif total_steps:  # no bar (--no-progress, a log file): one line per log interval
+        rate = (step - window["first_step"]) / max(time.time() - window["started"], 1e-9)
+        eta = (total_steps - step) / rate if rate > 0 else float("inf")
+        print(f"step {step}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.2e}  "
+              f"{record['samples_per_s']:.0f} samples/s  data wait {record['data_wait_frac']:.0%}  "
+              f"ETA {_duration(eta)}", file=sys.stderr, flush=True)
     window.update(t0=time.time(), wait=0.0, samples=0)
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def _checkpoint(cfg, ckpt_dir, step, model, optimizer, scaler, position, world, rank, teacher=None, plot=True):
@@ -358,8 +373,10 @@ def _resume(cfg, ckpt_dir, model, optimizer, scaler):
     world = int(os.environ.get("WORLD_SIZE", 1))
     position = data.get("position", {})
     if data.get("world_size") != world or data.get("workers") != cfg.workers:
-        print("psdclip: warning: ranks or workers changed since the checkpoint; the data stream restarts its "
-              "epoch", file=sys.stderr)
+        seen = sum(int(p.get("samples", 0)) for p in position.values())
+        print(f"psdclip: warning: ranks or workers changed since the checkpoint ({data.get('world_size')} x "
+              f"{data.get('workers')} -> {world} x {cfg.workers}); the data stream restarts its epoch, so the "
+              f"{seen:,} samples of it already seen are seen again", file=sys.stderr)
         position = {}
     print(f"psdclip: resuming from {path} (step {state['step']})", file=sys.stderr)
     return int(state["step"]), position, state.get("teacher")

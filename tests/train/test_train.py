@@ -85,10 +85,13 @@ def test_resume_past_a_damaged_checkpoint_logs_each_step_once(dataset_dir, tmp_p
     common = ["--data", dataset_dir, "--out", run, "--log-every", 1, "--checkpoint-every", 4, *FAST]
     cli("train", "--steps", 8, *common)
     (run / "checkpoints" / "step_000008.pt").write_bytes(b"damaged on disk")
-    r = cli("train", "--steps", 10, *common[:-len(FAST)], *FAST[:-3], "--warmup", 20, "--no-progress")
+    r = cli("train", "--steps", 10, *common[:-len(FAST)], *FAST[:-3], "--warmup", 20, "--no-progress",
+            "--workers", 0)
     assert "step_000008.pt: not a loadable checkpoint" in r.stderr and "trying an older checkpoint" in r.stderr
     assert "(step 4)" in r.stderr  # fell back to step 4, so steps 5-8 ran again
     assert "--warmup 20 is 20 steps, more than --steps 10" in r.stderr
+    assert "(1 x 1 -> 1 x 0); the data stream restarts its epoch, so the 128 samples" in r.stderr  # 4 steps x 32
+    assert "step 10/10  loss" in r.stderr and "samples/s" in r.stderr and "ETA" in r.stderr  # no bar: log lines
     assert [m["step"] for m in metrics(run)] == list(range(1, 11))
 
 
