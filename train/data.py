@@ -120,6 +120,16 @@ def split(items: list, index: int, count: int) -> list:
     return items[index::count]
 
 
+def reader_shards(order: list[str], reader: int, readers: int) -> tuple[list[str], int, int]:
+    """(the shards this reader opens, how many readers share them, this reader's part of their samples).
+    With at least as many shards as readers each reader opens its own shards whole; with fewer, each opens one
+    shard and takes every share-th sample of it, so no reader reads a shard it takes nothing from."""
+    if len(order) >= readers:
+        return split(order, reader, readers), 1, 0
+    shard = reader % len(order)
+    return [order[shard]], len(range(shard, readers, len(order))), reader // len(order)
+
+
 def tar_samples(urls, on_error):
     """Samples ({__key__, ext: bytes}) from WebDataset tars; a broken shard is reported and skipped."""
     import webdataset as wds
@@ -187,7 +197,7 @@ def decode(samples, transform, tokenize, on_error):
 
 class ShardStream(IterableDataset):
     """An endless stream of batches for one rank; workers split the shards (or, with fewer shards than
-    readers, the samples)."""
+    readers, each shard's samples among the readers of that shard: see reader_shards)."""
 
     def __init__(self, spec: str, batch_size: int, transform, tokenizer, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle_buffer: int = 1000, resampled: bool = False, follow: bool = False,
@@ -218,12 +228,11 @@ class ShardStream(IterableDataset):
         while True:
             source = resolve_source(self.spec) if (self.follow and epoch > 0) else self.source
             order = epoch_shards(source.shards, epoch, self.seed, self.resampled)
-            by_shard = len(order) >= readers
-            mine = split(order, reader, readers) if by_shard else order
+            mine, share, part = reader_shards(order, reader, readers)
             raw = (arrow_samples(mine, on_error) if source.format == "arrow" else tar_samples(mine, on_error))
             raw = keep_keys(raw, source.keys)
-            if not by_shard:  # fewer shards than readers: every reader takes every readers-th sample
-                raw = (s for i, s in enumerate(raw) if i % readers == reader)
+            if share > 1:  # fewer shards than readers: the readers of a shard split its samples
+                raw = (s for i, s in enumerate(raw) if i % share == part)
             raw = shuffle(raw, self.shuffle_buffer, random.Random(f"{self.seed}-{epoch}-{reader}"))
             if skip:  # resume: drop what was already trained on, before any decoding
                 for _ in range(skip):

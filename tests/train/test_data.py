@@ -2,7 +2,7 @@ import os
 import random
 import shutil
 
-from psdclip.train.data import ShardStream, epoch_shards, keep_keys, resolve_source, shuffle, split
+from psdclip.train.data import ShardStream, epoch_shards, keep_keys, reader_shards, resolve_source, shuffle, split
 from psdclip.train.models import build_model
 
 
@@ -121,3 +121,18 @@ def test_small_subset_fills_batches_across_passes_and_resumes_there(dataset_dir)
     pos = {str(full[1]["reader"]): {"epoch": full[1]["epoch"], "samples": full[1]["samples"]}}
     resumed = _take(ShardStream(sub, 20, transform, tok, seed=2, shuffle_buffer=8, resume=pos), 2)
     assert [b["keys"] for b in resumed] == [b["keys"] for b in full[2:4]]
+
+
+def test_readers_open_only_shards_they_take_samples_from():
+    shards = [f"s{i}" for i in range(3)]
+    for readers in (1, 2, 3, 4, 7):
+        taken = []
+        for r in range(readers):
+            mine, share, part = reader_shards(shards, r, readers)
+            assert len(mine) == (1 if readers >= 3 else len(split(shards, r, readers)))
+            taken += [(s, share, part) for s in mine]
+        # every shard is read, and each of its samples by exactly one reader (parts 0..share-1 of it)
+        for s in shards:
+            parts = sorted(p for name, share, p in taken if name == s)
+            shares = {share for name, share, _ in taken if name == s}
+            assert len(shares) == 1 and parts == list(range(shares.pop())), (readers, s, parts)
