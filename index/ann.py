@@ -5,7 +5,7 @@ dependencies): exact search while it fits the latency budget; HNSW when the vect
 the graph and the collection is moderate; then IVF (nlist ~ 4·sqrt(n)) whose lists hold 4-bit fast-scan PQ
 codes (SIMD look-up tables: scanning is several times faster than flat or SQ8 codes), re-ranked by a refine
 stage over exact vectors or, when those do not fit, 8-bit SQ codes; (OPQ+)PQ alone when memory is tightest.
-The index is trained on a sample, its search parameter (nprobe or efSearch) is raised until recall@k against exact search reaches the target on held-out queries, and that recall is stored.
+The index is trained on a sample sized to its number of inverted lists (bounded), its search parameter (nprobe or efSearch) is raised until recall@k against exact search reaches the target on held-out queries, and that recall is stored.
 """
 from __future__ import annotations
 
@@ -114,9 +114,24 @@ def to_gpu(index):
     return index
 
 
-def build(xb: np.ndarray, factory: str, train_size: int = 100_000, seed: int = 0):
+MAX_TRAIN_POINTS = 1_000_000  # bounds the training sample's memory (1M x 256 float32 = 1 GB)
+
+
+def training_size(index, n: int, cap: int = MAX_TRAIN_POINTS) -> int:
+    """Points to train on: ~100 per inverted list (faiss advises at least 39; k-means uses at most 256), at least
+    10,000 (PQ codebooks of 256 centroids want ~39 x 256), never more than the collection or `cap`."""
+    try:
+        nlist = faiss.extract_index_ivf(index).nlist
+    except RuntimeError:  # not an IVF index
+        nlist = 0
+    return int(min(n, cap, max(10_000, 100 * nlist)))
+
+
+def build(xb: np.ndarray, factory: str, train_size: int | None = None, seed: int = 0):
+    """train_size: the training sample (default: training_size(), sized to the factory's nlist)."""
     xb = check_vectors(xb)
     index = faiss.index_factory(xb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    train_size = training_size(index, len(xb)) if train_size is None else train_size
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         sample = xb[rng.choice(len(xb), min(len(xb), train_size), replace=False)] if len(xb) > train_size else xb

@@ -47,6 +47,16 @@ def test_approximate_indices_against_exact_search(factory, tmp_path):
     assert np.array_equal(loaded.search(xq, 10)[1], approx)
 
 
+def test_training_sample_is_sized_to_the_inverted_lists():
+    def size(factory, n, d=64):
+        return ann.training_size(faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT), n)
+
+    assert size("IVF4096,Flat", 10**7) == 409_600  # ~100 per list (the old fixed 100,000 was 24 per list)
+    assert size("IVF64,Flat", 5_000) == 5_000  # never more than the collection
+    assert size("IVF65536,PQ32", 10**9) == ann.MAX_TRAIN_POINTS  # bounded
+    assert size("HNSW32,Flat", 10**6) == 10_000 and size("OPQ16,IVF256,PQ16", 10**6) == 25_600
+
+
 def test_recall_and_shape_checks():
     assert ann.recall_at_k(np.array([[1, 2, 3]]), np.array([[3, 2, 9]]), 3) == 2 / 3
     with pytest.raises(ValueError):
