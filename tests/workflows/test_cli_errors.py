@@ -1,6 +1,7 @@
 """Bad input on any command ends with exit code 2 and one `psdclip: error:` line naming the input, never a
 traceback (issue 16's list), and the user's files are left as they were."""
 import os
+import socket
 import subprocess
 
 import pytest
@@ -45,6 +46,7 @@ CASES = {
                                               "method 'clip' must be a mapping"),
     "train: config that is not YAML": (["train", "--config", "{bad}/not-yaml.csv"], "not-yaml.csv"),
     "run --check: model is a list": (["run", "{bad}/model-list.yaml", "--check"], "model"),
+    "data serve on a port in use": (["data", "serve", "{bad}", "--port", "{port}"], "--port {port}: cannot listen"),
 }
 
 
@@ -56,10 +58,19 @@ def index_small(dataset_dir, runs, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def busy_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_one_line_and_exit_2(case, bad, dataset_dir, runs, index_small, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(case, bad, dataset_dir, runs, index_small, busy_port, tmp_path):
     args, expect = CASES[case]
-    fill = {"bad": bad, "run": runs[0], "ds": dataset_dir, "tmp": tmp_path, "index": index_small}
+    fill = {"bad": bad, "run": runs[0], "ds": dataset_dir, "tmp": tmp_path, "index": index_small, "port": busy_port}
+    expect = expect.format(**fill)
     r = cli(*[a.format(**fill) for a in args], check=False)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
