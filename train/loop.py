@@ -406,13 +406,14 @@ def _make_teacher(model, state=None):
 
 @torch.no_grad()
 def _ema_update(ema, model, decay):
-    """teacher = decay·teacher + (1 − decay)·model, for the parameters and the floating-point buffers (batch-norm
-    statistics: the teacher runs in eval mode and needs them); other buffers are copied."""
+    """teacher = decay·teacher + (1 − decay)·model, for the parameters and the finite entries of floating-point
+    buffers (batch-norm statistics: the teacher runs in eval mode and needs them); other buffers and entries (the
+    text tower's causal mask holds -inf, which 0·(-inf) would turn into NaN at decay 0) are copied."""
     for e, p in zip(ema.parameters(), model.parameters()):
         e.mul_(decay).add_(p.detach(), alpha=1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
-        if e.is_floating_point():
-            e.mul_(decay).add_(b.detach(), alpha=1 - decay)
+        if e.is_floating_point() and decay > 0.0:
+            e.copy_(torch.where(torch.isfinite(b), e * decay + b * (1 - decay), b))
         else:
             e.copy_(b)
 

@@ -179,6 +179,27 @@ def test_teacher_update_averages_parameters_and_batch_norm_statistics():
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), teacher.state_dict().values()))
 
 
+def test_snapshot_and_ema_teachers_of_a_clip_model_stay_finite():
+    """The text tower's causal mask is a buffer of -inf: a snapshot (decay 0) once made the teacher all NaN."""
+    from psdclip.train.loop import _ema_update, _make_teacher
+    from psdclip.train.models import build_model
+
+    torch.manual_seed(0)
+    model, _, _, tok = build_model("rn-small")
+    x, t = torch.randn(4, 3, 48, 48), tok(["a red circle", "a blue star", "two squares", "a cross"])
+    for decay in (0.0, 0.99):
+        teacher = _make_teacher(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+        _ema_update(teacher, model, decay)
+        with torch.no_grad():
+            out = teacher(x, t)
+        assert all(torch.isfinite(out[k]).all() for k in ("image_features", "text_features")), decay
+        mask = dict(teacher.named_buffers())["attn_mask"]
+        assert torch.equal(mask, dict(model.named_buffers())["attn_mask"]), decay
+
+
 def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
