@@ -61,10 +61,14 @@ async def load(base: str, bodies: list[dict], clients: int, seconds: float) -> d
 WRK_SCRIPT = """
 local bodies = {}
 for line in io.lines(os.getenv("PSDCLIP_BODIES")) do bodies[#bodies + 1] = line end
-local i = 0
+local threads, i = 0, 0
+function setup(thread)  -- each of the 2 threads takes every other body, so that distinct bodies stay distinct
+  thread:set("id", threads)
+  threads = threads + 1
+end
 request = function()
   i = i + 1
-  return wrk.format("POST", "/search", {["Content-Type"] = "application/json"}, bodies[(i % #bodies) + 1])
+  return wrk.format("POST", "/search", {["Content-Type"] = "application/json"}, bodies[((2 * i + id) % #bodies) + 1])
 end
 done = function(summary, latency, requests)
   io.write(string.format("PSDCLIP %d %f %f %f %d %d\\n", summary.requests, summary.duration / 1e6,
