@@ -12,6 +12,7 @@ declared compute rule, with an optional screening stage that picks the PSD setti
         noisy: {mismatch_frac: 0.3, shared_frac: 0.1}
       split: true                          # evaluate the synthetic suite on its val and test splits
       primary: retrieval.mean_R@1          # the metric declared before running: fits, differences, selection
+      chance: {zeroshot_shape_base.top1: 0.1667}   # optional: fit those metrics' errors with a random-guess plateau
       screen:                              # optional: screen PSD settings first, at one subset and noise level
         subset: "0.1"
         noise: noisy
@@ -36,7 +37,8 @@ their evaluations) are skipped, so a sweep can span several working sessions.
 
 Results (per noise level when there are several): results.csv (test split, or all scenes, with the
 validation value of each metric as val:<metric>), results.md (mean ± 95% Student-t interval over seeds, fits
-error = a·N^(−b) + c over the individual runs with their R², each method minus CLIP paired by seed with the
+error = a·N^(−b) + c over the individual runs with their R² (or, for a metric with a declared chance value,
+the same law with a random-guess plateau, fit_scaling), each method minus CLIP paired by seed with the
 smallest difference the design detects), scaling_*.png and diff_*.png (method − CLIP against N).
 """
 from __future__ import annotations
@@ -47,6 +49,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -76,23 +79,68 @@ def power_law(n, a, b, c):
     return a * np.power(n, -b) + c
 
 
+def plateau_law(n, b, log_n0, c, e0):
+    """error = c + (e0 − c) / (1 + (N/N0)^b): the random-guess error e0 for N ≪ N0 (Hestness et al. 2017's
+    small-data region), a power law a·N^(−b) + c with a = (e0 − c)·N0^b for N ≫ N0."""
+    return c + (e0 - c) / (1 + np.power(np.asarray(n, float) / np.exp(log_n0), b))
+
+
+def _r2(errors, pred) -> float:
+    ss_res, ss_tot = float(((errors - pred) ** 2).sum()), float(((errors - errors.mean()) ** 2).sum())
+    return 1 - ss_res / ss_tot if ss_tot else 1.0
+
+
 def fit_power_law(ns, errors) -> dict:
     """error = a·N^(−b) + c by least squares over the given points (one per run, or one per size); R² of the
     fit over those points."""
-    from scipy.optimize import curve_fit
+    from scipy.optimize import OptimizeWarning, curve_fit
 
     ns, errors = np.asarray(ns, float), np.asarray(errors, float)
     if len(np.unique(ns)) < 3:
         return {"ok": False, "note": "needs at least three data sizes"}
     try:
-        (a, b, c), _ = curve_fit(power_law, ns, errors, p0=(1.0, 0.3, float(errors.min()) * 0.5),
-                                 bounds=([0, 0, 0], [np.inf, 3, 1]), maxfev=20000)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OptimizeWarning)
+            (a, b, c), _ = curve_fit(power_law, ns, errors, p0=(1.0, 0.3, float(errors.min()) * 0.5),
+                                     bounds=([0, 0, 0], [np.inf, 3, 1]), maxfev=20000)
     except (RuntimeError, ValueError) as err:
         return {"ok": False, "note": str(err)}
-    pred = power_law(ns, a, b, c)
-    ss_res, ss_tot = float(((errors - pred) ** 2).sum()), float(((errors - errors.mean()) ** 2).sum())
-    return {"ok": True, "a": float(a), "b": float(b), "c": float(c), "r2": 1 - ss_res / ss_tot if ss_tot else 1.0,
+    return {"ok": True, "form": "power", "a": float(a), "b": float(b), "c": float(c),
+            "r2": _r2(errors, power_law(ns, a, b, c)), "points": int(len(ns))}
+
+
+def fit_scaling(ns, errors, guess: float | None = None) -> dict:
+    """The declared fit of error against N. Without a random-guess error, the power law (fit_power_law). With
+    one (1 − the metric's chance value, declared in the recipe), the power law with a random-guess plateau
+    (plateau_law; same number of free parameters: b, N0, c), since with compute proportional to N the smallest
+    subsets train too little to leave chance and a plain power law cannot bend to a plateau. Both R² are
+    reported (r2 of the declared form, r2_power of the plain power law over the same points)."""
+    from scipy.optimize import OptimizeWarning, curve_fit
+
+    power = fit_power_law(ns, errors)
+    if guess is None or not power.get("ok", False) and "three" in power.get("note", ""):
+        return power
+    ns, errors = np.asarray(ns, float), np.asarray(errors, float)
+    e0 = float(guess)
+    law = lambda n, b, log_n0, c: plateau_law(n, b, log_n0, c, e0)  # noqa: E731
+    p0 = (1.0, float(np.log(np.median(ns))), max(0.0, min(float(errors.min()), e0) * 0.5))
+    try:
+        with warnings.catch_warnings():  # a covariance that cannot be estimated (few points) does not matter here
+            warnings.simplefilter("ignore", OptimizeWarning)
+            (b, log_n0, c), _ = curve_fit(law, ns, errors, p0=p0, bounds=([0, 0, 0], [5, 25, max(e0, 1e-9)]),
+                                          maxfev=20000)
+    except (RuntimeError, ValueError) as err:
+        return {"ok": False, "note": str(err), "r2_power": power.get("r2")}
+    n0 = float(np.exp(log_n0))
+    return {"ok": True, "form": "plateau", "e0": e0, "b": float(b), "n0": n0, "c": float(c),
+            "a": float((e0 - c) * n0 ** b), "r2": _r2(errors, law(ns, b, log_n0, c)), "r2_power": power.get("r2"),
             "points": int(len(ns))}
+
+
+def predict(fit: dict, ns):
+    if fit["form"] == "plateau":
+        return plateau_law(ns, fit["b"], np.log(fit["n0"]), fit["c"], fit["e0"])
+    return power_law(ns, fit["a"], fit["b"], fit["c"])
 
 
 def ci_half(values: np.ndarray) -> float:
@@ -168,6 +216,11 @@ class Sweep:
         self.suites = sw.get("suites", ["synthetic"])
         self.metrics = list(sw.get("metrics", ["zeroshot_shape_base.top1", "retrieval.t2i_R@1"]))
         self.primary = sw.get("primary") or self.metrics[0]
+        self.chance = sw.get("chance") or {}
+        if not isinstance(self.chance, dict) or not all(
+                isinstance(v, (int, float)) and 0 <= v < 1 for v in self.chance.values()):
+            raise InputError(f"{cfg.recipe}: sweep.chance must map a metric to its random-guess value in [0, 1), "
+                             f"e.g. {{zeroshot_shape_base.top1: 0.1667}}")
         if self.primary not in self.metrics:
             self.metrics.insert(0, self.primary)
         self.screen = sw.get("screen") or {}
@@ -343,14 +396,13 @@ def run_sweep(cfg: SweepConfig) -> int:
 def _write_results(sweep: Sweep, rows: list[dict], selection: dict | None, pending=()) -> str:
     table = pd.DataFrame(rows)
     table.to_csv(os.path.join(sweep.out, "results.csv"), index=False)
-    report = summarize(table, sweep.metrics, sweep.out, primary=sweep.primary)
+    report = summarize(table, sweep.metrics, sweep.out, primary=sweep.primary, chance=sweep.chance)
     if selection:
         report = selection["report"] + "\n\n" + report
     if pending:
         report = (f"**Partial results**: noise level(s) {', '.join(pending)} not run yet; rerun the same command to "
                   f"go on.\n\n" + report)
-    with open(os.path.join(sweep.out, "results.md"), "w") as f:
-        f.write(report + "\n")
+    write_text(os.path.join(sweep.out, "results.md"), report + "\n")
     return report
 
 
@@ -419,8 +471,7 @@ def screen(sweep: Sweep) -> dict:
     psd = {m: s for m, s in scores.items() if m != base}
     best = max(psd, key=psd.get)
     lines += ["", f"Chosen for the scaling stage (best mean {key}): **{best}**"]
-    with open(os.path.join(sweep.out, "screen.json"), "w") as f:
-        json.dump({"best": best, "metric": key, "scores": scores}, f, indent=1)
+    write_json(os.path.join(sweep.out, "screen.json"), {"best": best, "metric": key, "scores": scores}, indent=1)
     return {"best": best, "report": "\n".join(lines)}
 
 
@@ -442,9 +493,12 @@ def paired_differences(table: pd.DataFrame, metric: str, base: str = "clip") -> 
     return out
 
 
-def summarize(table: pd.DataFrame, metrics: list[str], out: str, primary: str | None = None) -> str:
-    """Per noise level: mean ± 95% CI (Student t) over seeds per (N, method), the power-law fits over the
-    individual runs, and each method minus CLIP on the primary metric; plots beside."""
+def summarize(table: pd.DataFrame, metrics: list[str], out: str, primary: str | None = None,
+              chance: dict | None = None) -> str:
+    """Per noise level: mean ± 95% CI (Student t) over seeds per (N, method), the scaling fits over the
+    individual runs (fit_scaling: with a random-guess plateau for a metric whose chance value is declared), and
+    each method minus CLIP on the primary metric; plots beside."""
+    chance = chance or {}
     primary = primary or metrics[0]
     levels = [lv for lv in table["noise"].unique()] if "noise" in table else [""]
     sections, diffs = [], {}
@@ -459,20 +513,26 @@ def summarize(table: pd.DataFrame, metrics: list[str], out: str, primary: str | 
                 v = grp[m].dropna().to_numpy() if m in grp else np.array([])
                 cells.append(f"{v.mean():.3f} ± {ci_half(v):.3f}" if len(v) else "")
             lines.append(f"| {n} | {method} | " + " | ".join(cells) + " |")
-        lines += ["", "Power-law fits of the error (1 − metric) over the individual runs: error = a·N^(−b) + c", "",
-                  "| method | metric | a | b | c | R² |", "|---|---|---|---|---|---|"]
+        lines += ["", "Fits of the error (1 − metric) over the individual runs: power law error = a·N^(−b) + c, or, "
+                  "for a metric with a declared chance value, the power law with a random-guess plateau e0 = 1 − "
+                  "chance: error = c + (e0 − c)/(1 + (N/N0)^b) (≈ a·N^(−b) + c for N ≫ N0). R² (power law) is the "
+                  "plain power law's fit over the same points.", "",
+                  "| method | metric | form | a | b | c | N0 | R² | R² (power law) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for method, grp in t.groupby("method"):
             for m in metrics:
                 if m not in grp:
                     continue
                 g = grp[["N", m]].dropna()
-                fit = fit_power_law(g["N"].to_numpy(), 1 - g[m].to_numpy())
+                guess = 1 - float(chance[m]) if m in chance else None
+                fit = fit_scaling(g["N"].to_numpy(), 1 - g[m].to_numpy(), guess)
                 fits[(method, m)] = fit
                 if fit["ok"]:
-                    lines.append(f"| {method} | {m} | {fit['a']:.3f} | {fit['b']:.3f} | {fit['c']:.3f} | "
-                                 f"{fit['r2']:.3f} |")
+                    n0 = f"{fit['n0']:.0f}" if "n0" in fit else "–"
+                    lines.append(f"| {method} | {m} | {fit['form']} | {fit['a']:.3g} | {fit['b']:.3f} | "
+                                 f"{fit['c']:.3f} | {n0} | {fit['r2']:.3f} | {fit.get('r2_power', fit['r2']):.3f} |")
                 else:
-                    lines.append(f"| {method} | {m} | – | – | – | {fit['note']} |")
+                    lines.append(f"| {method} | {m} | – | – | – | – | – | {fit['note']} | – |")
         d = paired_differences(t, primary)
         diffs[level] = d
         if d:
@@ -507,8 +567,9 @@ def _plot_fits(table, metrics, fits, out, level=""):
             fit = fits.get((method, m), {"ok": False})
             if fit["ok"]:
                 xs = np.logspace(np.log10(grp["N"].min()), np.log10(grp["N"].max()), 50)
-                ax.plot(xs, power_law(xs, fit["a"], fit["b"], fit["c"]), color=pts.get_facecolor()[0][:3],
-                        label=f"{method}: {fit['a']:.2f}·N^-{fit['b']:.2f}+{fit['c']:.2f} (R² {fit['r2']:.2f})")
+                label = (f"{method}: plateau, N0 {fit['n0']:.0f}, b {fit['b']:.2f}, c {fit['c']:.2f}"
+                         if fit["form"] == "plateau" else f"{method}: {fit['a']:.2f}·N^-{fit['b']:.2f}+{fit['c']:.2f}")
+                ax.plot(xs, predict(fit, xs), color=pts.get_facecolor()[0][:3], label=f"{label} (R² {fit['r2']:.2f})")
         ax.set_xscale("log")
         ax.set_xlabel("training pairs N")
         ax.set_ylabel(f"error (1 − {m})")

@@ -22,6 +22,8 @@ def bad(tmp_path_factory):
     (d / "not-yaml.csv").write_text("url,caption\nhttp://x/y.jpg,\"unclosed\n: [\n")
     Image.new("L", (9000, 9000)).save(d / "bomb.png")  # 81 M pixels declared, a few KB on disk
     (d / "sweep-method.yaml").write_text("synthetic: {n: 100}\nsweep: {subsets: ['1.0'], methods: {clip: 3}}\n")
+    (d / "sweep-chance.yaml").write_text("synthetic: {n: 100}\nsweep: {subsets: ['1.0'], methods: {clip: {}}, "
+                                         "chance: {zeroshot_shape_base.top1: 1.5}}\n")
     (d / "model-list.yaml").write_text("synthetic: {n: 100}\ntrain: {model: [1, 2]}\n")
     return d
 
@@ -44,6 +46,7 @@ CASES = {
     "query: decompression bomb": (["index", "query", "{index}", "--image", "{bad}/bomb.png"], "bomb.png"),
     "sweep: a method that is not a mapping": (["sweep", "{bad}/sweep-method.yaml", "--check"],
                                               "method 'clip' must be a mapping"),
+    "sweep: a chance value outside [0, 1)": (["sweep", "{bad}/sweep-chance.yaml", "--check"], "sweep.chance"),
     "train: config that is not YAML": (["train", "--config", "{bad}/not-yaml.csv"], "not-yaml.csv"),
     "run --check: model is a list": (["run", "{bad}/model-list.yaml", "--check"], "model"),
     "data serve on a port in use": (["data", "serve", "{bad}", "--port", "{port}"], "--port {port}: cannot listen"),
