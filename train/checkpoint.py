@@ -1,14 +1,21 @@
 """Checkpoints: model, optimizer, scaler, step, RNG states and data position, written to a temporary
 name and renamed (a crash never leaves a half-written step_*.pt), the newest K kept, loaded with
-torch.load(weights_only=True). `latest` names the newest complete checkpoint."""
+torch.load(weights_only=True). `latest` names the newest complete checkpoint.
+
+Also the one home of checkpoint -> model loading (`load_model` -> `LoadedModel`, used by eval, index build and
+the service) and of device resolution (`resolve_device`, used by training, eval and index build)."""
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 import random
 import re
 import sys
 import uuid
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,3 +96,80 @@ def find_latest(ckpt_dir: str) -> tuple[str, dict] | None:
         except InputError as err:
             print(f"psdclip: warning: {err}; trying an older checkpoint", file=sys.stderr)
     return None
+
+
+# ---- devices and models ------------------------------------------------------------------------------
+
+def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
+    """`auto`: this rank's GPU (cuda:LOCAL_RANK) when CUDA is available, else the CPU; otherwise the device named."""
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def checkpoint_path(run_or_file: str) -> str:
+    """A checkpoint file as given, or a run directory's newest complete checkpoint (checkpoints/latest)."""
+    if os.path.isfile(run_or_file):
+        return run_or_file
+    ckpt_dir = os.path.join(run_or_file, "checkpoints")
+    files = list_checkpoints(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+    if not files:
+        raise InputError(f"{run_or_file}: no checkpoint found (neither a file nor a run with checkpoints/)")
+    latest = os.path.join(ckpt_dir, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            name = f.read().strip()
+        if os.path.isfile(os.path.join(ckpt_dir, name)):
+            return os.path.join(ckpt_dir, name)
+    return files[-1]
+
+
+def image_size(transform) -> tuple[int, int]:
+    """The (height, width) an open_clip preprocessing transform produces."""
+    for t in getattr(transform, "transforms", []):
+        size = getattr(t, "size", None)
+        if size is not None:
+            return (size, size) if isinstance(size, int) else tuple(size)
+    return (224, 224)
+
+
+@dataclass
+class LoadedModel:
+    """A trained model ready for inference, with what was loaded and from where."""
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+    device: torch.device
+    checkpoint: str  # the checkpoint file
+    run: str         # its run directory (the file's directory for a loose checkpoint)
+    step: int
+    arch: str
+    loss: str | None
+    digest: str      # identifies (file, mtime, step): the key of the evaluation feature cache
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return image_size(self.preprocess)
+
+
+def load_model(target: str, device: torch.device | str = "cpu") -> LoadedModel:
+    """Build the checkpoint's open_clip model (from its registered or embedded config, no pretrained weights),
+    load its weights and put it in eval mode on `device`. `target` is a checkpoint file or a run directory."""
+    from .models import build_model, register_config
+
+    device = torch.device(device)
+    path = checkpoint_path(target)
+    state = load(path)
+    if "model_arch" not in state or "model" not in state:
+        raise InputError(f"{path}: not a psdclip training checkpoint")
+    if state.get("model_cfg"):  # a model from a JSON config file: known from the checkpoint itself
+        register_config(state["model_arch"], json.loads(state["model_cfg"]))
+    model, _, preprocess, tokenizer = build_model(state["model_arch"], device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    digest = hashlib.sha256(f"{os.path.abspath(path)}:{os.path.getmtime(path)}:{state['step']}".encode()).hexdigest()[:16]
+    parent = os.path.dirname(os.path.abspath(path))
+    run = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
+    return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer, device=device, checkpoint=path,
+                       run=run, step=int(state["step"]), arch=state["model_arch"], loss=state.get("loss"),
+                       digest=digest)
