@@ -43,7 +43,7 @@ from psdclip.pipeline.errors import InputError
 
 from .config import ServeConfig
 
-log = logging.getLogger("psdclip.index.service")
+log = logging.getLogger(__name__)
 LARGE_IMAGE_PIXELS = 4_000_000  # images above this are decoded in one of LARGE_DECODES slots
 LARGE_DECODES = 2
 FETCH_SLOTS = 8  # image_url fetches at once

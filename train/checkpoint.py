@@ -9,10 +9,10 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import random
 import re
-import sys
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +23,8 @@ import torch
 from psdclip.pipeline.errors import InputError
 
 _STEP = re.compile(r"step_(\d+)\.pt$")
+
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict:
@@ -94,7 +96,7 @@ def find_latest(ckpt_dir: str) -> tuple[str, dict] | None:
         try:
             return path, load(path)
         except InputError as err:
-            print(f"psdclip: warning: {err}; trying an older checkpoint", file=sys.stderr)
+            log.warning(f"psdclip: warning: {err}; trying an older checkpoint")
     return None
 
 

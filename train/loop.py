@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import os
 import sys
@@ -26,6 +27,8 @@ from .config import TrainConfig
 from .data import ShardStream, make_loader
 from .losses import CLIPLoss, PSDLoss, PSDSchedule
 from .models import build_model, model_config, resolve_model_name
+
+log = logging.getLogger(__name__)
 
 
 PLOT_EVERY_S = 120.0
@@ -66,8 +69,8 @@ def setup_distributed(cfg: TrainConfig):
 def make_loss(cfg: TrainConfig, rank: int, world: int):
     if cfg.loss == "clip":
         return CLIPLoss(rank=rank, world_size=world)
-    schedule = PSDSchedule(cfg.steps, cfg.alpha_start, cfg.alpha_max, cfg.alpha_schedule, cfg.rho_start, cfg.rho_end,
-                           cfg.rho_schedule)
+    schedule = PSDSchedule(total_steps=cfg.steps, **{f: getattr(cfg, f) for f in (
+        "alpha_start", "alpha_max", "alpha_schedule", "rho_start", "rho_end", "rho_schedule")})
     return PSDLoss(schedule, cfg.teacher_temperature, seed=cfg.seed, rank=rank, world_size=world)
 
 
@@ -96,8 +99,8 @@ def train(cfg: TrainConfig) -> dict:
     if rank == 0:
         _truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), start_step)
         if cfg.warmup_steps > cfg.steps:
-            print(f"psdclip: warning: --warmup {cfg.warmup:g} is {cfg.warmup_steps} steps, more than --steps "
-                  f"{cfg.steps}: the learning rate never reaches --lr {cfg.lr:g}", file=sys.stderr)
+            log.warning(f"psdclip: warning: --warmup {cfg.warmup:g} is {cfg.warmup_steps} steps, more than --steps "
+                        f"{cfg.steps}: the learning rate never reaches --lr {cfg.lr:g}")
         os.makedirs(os.path.join(cfg.out, "plots"), exist_ok=True)
         with open(os.path.join(cfg.out, "config.yaml"), "w") as f:
             yaml.safe_dump({**dataclasses.asdict(cfg), "model_arch": resolve_model_name(cfg.model), "world_size": world},
@@ -112,12 +115,9 @@ def train(cfg: TrainConfig) -> dict:
         raise InputError(f"--batch-size {cfg.batch_size}: larger than the {stream.source.samples:,} samples of "
                          f"--data {cfg.data} (a contrastive batch would hold the same pair twice)")
     batches = iter(make_loader(stream, cfg.workers))
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     bar = _progress(cfg, rank, start_step)
-    position = dict(data_position)
-    skipped_samples: dict = {}
-    window = {"t0": time.time(), "wait": 0.0, "samples": 0, "skipped_steps": 0, "started": time.time(),
-              "first_step": start_step}
+    state = TrainState(cfg=cfg, model=model, optimizer=optimizer, scaler=scaler, teacher=ema, rank=rank, world=world,
+                       window=_Window(first_step=start_step), position=dict(data_position))
     step = start_step
     end = cfg.steps if not cfg.stop_after else min(cfg.steps, start_step + cfg.stop_after)
     interrupt = _Interrupt()
@@ -126,7 +126,7 @@ def train(cfg: TrainConfig) -> dict:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        at_step_start = dict(position)
+        at_step_start = dict(state.position)
         micro_batches = []
         for _ in range(cfg.accum):
             t_wait = time.time()
@@ -136,17 +136,17 @@ def train(cfg: TrainConfig) -> dict:
                 if not interrupt.wait(2.0):  # no stop signal came with it: a worker died on its own
                     raise PsdclipError(f"{err}; the same command resumes from the last checkpoint") from None
                 if step > start_step:  # the steps done so far are whole: keep them
-                    _checkpoint(cfg, ckpt_dir, step, model, optimizer, scaler, at_step_start, world, rank, ema)
-                print(f"psdclip: {interrupt.name} at step {step}: checkpoint saved; the same command resumes "
-                      f"from it", file=sys.stderr)
+                    _checkpoint(state, step, at_step_start)
+                log.warning(f"psdclip: {interrupt.name} at step {step}: checkpoint saved; the same command resumes "
+                         f"from it")
                 raise KeyboardInterrupt from None
-            window["wait"] += time.time() - t_wait
-            position[str(batch["reader"])] = {"epoch": batch["epoch"], "samples": batch["samples"],
-                                              "batches": batch["batches"]}
-            skipped_samples[batch["reader"]] = batch["skipped"]
+            state.window.wait += time.time() - t_wait
+            state.position[str(batch["reader"])] = {"epoch": batch["epoch"], "samples": batch["samples"],
+                                                    "batches": batch["batches"]}
+            state.skipped_samples[batch["reader"]] = batch["skipped"]
             micro_batches.append((batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format),
                                   batch["text"].to(device, non_blocking=True)))
-            window["samples"] += batch["image"].shape[0] * world
+            state.window.samples += batch["image"].shape[0] * world
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             losses = forward_backward(net, model, loss_fn, micro_batches, step, ema=ema, world=world)
         finite = all_finite(sum(v for k, v in losses.items() if k.endswith("_loss")), world)
@@ -155,8 +155,8 @@ def train(cfg: TrainConfig) -> dict:
             if cfg.nan_policy == "stop":
                 _nan_diagnostics(cfg, step, logs, lr, model, batch)
             optimizer.zero_grad(set_to_none=True)
-            window["skipped_steps"] += 1
-            print(f"psdclip: warning: non-finite loss at step {step}; step skipped", file=sys.stderr)
+            state.window.skipped_steps += 1
+            log.warning(f"psdclip: warning: non-finite loss at step {step}; step skipped")
             continue
         if cfg.grad_clip > 0:
             logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
@@ -170,21 +170,20 @@ def train(cfg: TrainConfig) -> dict:
             _ema_update(ema, model, 0.0)  # PS-KD: the teacher becomes the model as it is now
         done = step + 1
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
-            _log(metrics_path, done, logs, lr, model, window, skipped_samples, world, bar, total_steps=end)
+            _log(state, done, logs, lr, bar, total_steps=end)
         stopping = interrupt.agreed(world, device)
         if done % cfg.checkpoint_every == 0 or done == end or stopping:
             # plots with the checkpoint at the end, on a stop, and at most every PLOT_EVERY_S in between (drawing
             # five PNGs takes ~1 s: at every checkpoint of a short run it would cost more than the training)
             plot = done == end or stopping or time.time() - last_plot >= PLOT_EVERY_S
-            _checkpoint(cfg, ckpt_dir, done, model, optimizer, scaler, position, world, rank, ema, plot=plot)
+            _checkpoint(state, done, state.position, plot=plot)
             last_plot = time.time() if plot else last_plot
         if bar is not None:
             bar.update(1)
         if stopping:
             if bar is not None:
                 bar.close()
-            print(f"psdclip: {interrupt.name} at step {done}: checkpoint saved; the same command resumes from it",
-                  file=sys.stderr)
+            log.warning(f"psdclip: {interrupt.name} at step {done}: checkpoint saved; the same command resumes from it")
             raise KeyboardInterrupt
     interrupt.restore()
     if bar is not None:
@@ -273,23 +272,60 @@ def _progress(cfg, rank, start):
     return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
-def _log(path, step, logs, lr, model, window, skipped, world, bar, total_steps=0):
-    elapsed = max(time.time() - window["t0"], 1e-9)
+@dataclasses.dataclass
+class _Window:
+    """The current log interval's counters (reset at each log row) and the run's start, for the ETA."""
+    first_step: int
+    started: float = dataclasses.field(default_factory=time.time)
+    t0: float = dataclasses.field(default_factory=time.time)
+    wait: float = 0.0
+    samples: int = 0
+    skipped_steps: int = 0
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What the loop carries from step to step (as open_clip's TrainState): the modules and optimizer, this
+    rank's data position per reader, samples its readers skipped, and the log interval's counters."""
+    cfg: TrainConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    teacher: torch.nn.Module | None
+    rank: int
+    world: int
+    window: _Window
+    position: dict = dataclasses.field(default_factory=dict)
+    skipped_samples: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def ckpt_dir(self) -> str:
+        return os.path.join(self.cfg.out, "checkpoints")
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.cfg.out, "metrics.jsonl")
+
+
+def _log(state: TrainState, step: int, logs: dict, lr: float, bar, total_steps: int = 0) -> None:
+    window = state.window
+    elapsed = max(time.time() - window.t0, 1e-9)
     record = {"step": step, "loss": sum(v for k, v in logs.items() if k.endswith("_loss")), **logs, "lr": lr,
-              "logit_scale": float(model.logit_scale.detach().exp()), "samples_per_s": window["samples"] / elapsed,
-              "data_wait_frac": window["wait"] / elapsed, "skipped_samples": int(sum(skipped.values())) * world,
-              "skipped_steps": window["skipped_steps"], "time": time.time()}
-    with open(path, "a") as f:
+              "logit_scale": float(state.model.logit_scale.detach().exp()), "samples_per_s": window.samples / elapsed,
+              "data_wait_frac": window.wait / elapsed,
+              "skipped_samples": int(sum(state.skipped_samples.values())) * state.world,
+              "skipped_steps": window.skipped_steps, "time": time.time()}
+    with open(state.metrics_path, "a") as f:
         f.write(json.dumps(record) + "\n")
     if bar is not None:
         bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
     elif total_steps:  # no bar (--no-progress, a log file): one line per log interval
-        rate = (step - window["first_step"]) / max(time.time() - window["started"], 1e-9)
+        rate = (step - window.first_step) / max(time.time() - window.started, 1e-9)
         eta = (total_steps - step) / rate if rate > 0 else float("inf")
-        print(f"step {step}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.2e}  "
-              f"{record['samples_per_s']:.0f} samples/s  data wait {record['data_wait_frac']:.0%}  "
-              f"ETA {_duration(eta)}", file=sys.stderr, flush=True)
-    window.update(t0=time.time(), wait=0.0, samples=0)
+        log.info(f"step {step}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.2e}  "
+                 f"{record['samples_per_s']:.0f} samples/s  data wait {record['data_wait_frac']:.0%}  "
+                 f"ETA {_duration(eta)}")
+    window.t0, window.wait, window.samples = time.time(), 0.0, 0
 
 
 def _duration(seconds: float) -> str:
@@ -300,7 +336,10 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def _checkpoint(cfg, ckpt_dir, step, model, optimizer, scaler, position, world, rank, teacher=None, plot=True):
+def _checkpoint(state: TrainState, step: int, position: dict, plot: bool = True) -> None:
+    """Every rank's data position gathered; rank 0 writes the checkpoint (and, when `plot`, redraws the run's
+    plots); the others wait for it at a barrier."""
+    cfg, world = state.cfg, state.world
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, position)
@@ -308,14 +347,15 @@ def _checkpoint(cfg, ckpt_dir, step, model, optimizer, scaler, position, world, 
         for p in gathered:
             merged.update(p)
         position = merged
-    if rank == 0:
-        ckpt.save(ckpt_dir, step, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+    if state.rank == 0:
+        ckpt.save(state.ckpt_dir, step, {
+            "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+            "scaler": state.scaler.state_dict(),
             "step": step, "rng": ckpt.rng_state(), "data": {"position": position, "world_size": world,
                                                             "workers": cfg.workers},
             "model_arch": resolve_model_name(cfg.model), "model_cfg": json.dumps(model_config(cfg.model)),
             "loss": cfg.loss, "config": json.dumps(dataclasses.asdict(cfg)),
-            **({"teacher": teacher.state_dict()} if teacher is not None else {}),
+            **({"teacher": state.teacher.state_dict()} if state.teacher is not None else {}),
         }, cfg.keep)
         if plot:
             from .plots import plot_run
@@ -371,11 +411,11 @@ def _resume(cfg, ckpt_dir, model, optimizer, scaler):
     position = data.get("position", {})
     if data.get("world_size") != world or data.get("workers") != cfg.workers:
         seen = sum(int(p.get("samples", 0)) for p in position.values())
-        print(f"psdclip: warning: ranks or workers changed since the checkpoint ({data.get('world_size')} x "
-              f"{data.get('workers')} -> {world} x {cfg.workers}); the data stream restarts its epoch, so the "
-              f"{seen:,} samples of it already seen are seen again", file=sys.stderr)
+        log.warning(f"psdclip: warning: ranks or workers changed since the checkpoint ({data.get('world_size')} x "
+                    f"{data.get('workers')} -> {world} x {cfg.workers}); the data stream restarts its epoch, so the "
+                    f"{seen:,} samples of it already seen are seen again")
         position = {}
-    print(f"psdclip: resuming from {path} (step {state['step']})", file=sys.stderr)
+    log.info(f"psdclip: resuming from {path} (step {state['step']})")
     return int(state["step"]), position, state.get("teacher")
 
 

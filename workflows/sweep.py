@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import subprocess
@@ -60,6 +61,8 @@ from psdclip.train.config import result_name
 from psdclip.train.metrics import ci_half, fit_scaling, min_detectable, predict
 
 from .recipe import SweepConfig
+
+log = logging.getLogger(__name__)
 
 
 def _suite_spec(suite: str, src: str) -> str:
@@ -173,7 +176,7 @@ class Sweep:
 
         for level in self.levels:
             if level:
-                print(f"[sweep] noise level {level}: source and dataset", file=sys.stderr, flush=True)
+                log.info(f"[sweep] noise level {level}: source and dataset")
             self.sources[level] = prepare_dataset(self.cfgs[level])
 
     def subset_path(self, level: str, name: str) -> tuple[str, int]:
@@ -206,9 +209,9 @@ class Sweep:
         wanted = {**settings, "data": subset_file, "out": run, "steps": steps, "seed": seed, "progress": False}
         self._same_settings(run, wanted)
         if all(os.path.isfile(f) for f in files.values()):
-            print(f"[sweep] {tag}: done, skipped", file=sys.stderr)
+            log.info(f"[sweep] {tag}: done, skipped")
         else:
-            print(f"[sweep] {tag}: {steps} steps", file=sys.stderr, flush=True)
+            log.info(f"[sweep] {tag}: {steps} steps")
             self._train(wanted, run)
             for (suite, split), f in files.items():
                 if not os.path.isfile(f):
@@ -352,7 +355,7 @@ def check_regime(sweep: Sweep) -> None:
     if missed:
         raise InputError(f"[sweep] the regime does not learn: at {subset} {level} the baseline has "
                          f"{'; '.join(missed)} (validation split); change model, budget or data before comparing")
-    print(f"[sweep] regime check passed at {subset} {level}", file=sys.stderr)
+    log.info(f"[sweep] regime check passed at {subset} {level}")
 
 
 def screen(sweep: Sweep) -> dict:
