@@ -66,6 +66,18 @@ def setup_distributed(cfg: TrainConfig):
     return rank, world, device
 
 
+def _lock_and_checkpoint(model, cfg: TrainConfig) -> None:
+    """Fine-tuning options as open_clip applies them: locked towers (LiT: parameters frozen, optionally all but
+    the last groups/layers) and gradient checkpointing."""
+    if cfg.lock_image:
+        model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
+                               freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
+    if cfg.lock_text:
+        model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers)  # its LayerNorms freeze too
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+
+
 def make_loss(cfg: TrainConfig, rank: int, world: int):
     if cfg.loss == "clip":
         return CLIPLoss(rank=rank, world_size=world)
@@ -86,6 +98,7 @@ def train(cfg: TrainConfig) -> dict:
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     loss_fn = make_loss(cfg, rank, world)
+    _lock_and_checkpoint(model, cfg)  # before the optimizer: it takes the parameters that still train
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   eps=cfg.eps)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -94,6 +107,10 @@ def train(cfg: TrainConfig) -> dict:
     resumed = _resume(cfg, ckpt_dir, model, optimizer, scaler)
     if resumed:
         start_step, data_position, teacher_state = resumed
+    elif cfg.pretrained:  # a resumed run continues from its own weights
+        source = ckpt.load_pretrained(model, cfg.pretrained, resolve_model_name(cfg.model))
+        if rank == 0:
+            log.info(f"psdclip: starting from the weights of {source}")
     ema = _make_teacher(model, teacher_state) if cfg.loss == "psd" and (cfg.ema_teacher or cfg.snapshot_every) \
         else None
     if rank == 0:
