@@ -76,6 +76,12 @@ class TrainConfig:
                                 "samples/s of a convolutional tower on CPU (oneDNN), also faster on GPUs",
                                 default=True)
     log_every: int = _help("log metrics every N steps", default=10)
+    report_to: str = _help("also report the logged metrics to: tensorboard (event files in RUN/tensorboard), wandb, "
+                           "or both (comma-separated); metrics.jsonl is always written", default="")
+    eval_every: int = _help("evaluate on --eval-suite every N steps (and at the end) while training; the results "
+                            "go into metrics.jsonl as rows with an `eval` key (0: off)", default=0)
+    eval_suite: str = _help("the suite of --eval-every, as `psdclip eval --suite` takes it (a synthetic suite is "
+                            "evaluated on its validation split)", default="")
     checkpoint_every: int = _help("write a checkpoint every N steps (and at the end)", default=100)
     keep: int = _help("checkpoints kept (the newest)", default=3)
     resume: str = _help("auto: continue from RUN/checkpoints when present; never; or a checkpoint path",
@@ -118,6 +124,13 @@ class TrainConfig:
             raise InputError("--lock-image-unlocked-groups and --lock-text-unlocked-layers must be >= 0")
         if self.teacher_temperature <= 0:
             raise InputError(f"--teacher-temperature must be > 0, got {self.teacher_temperature}")
+        unknown = {k.strip() for k in self.report_to.split(",") if k.strip()} - {"tensorboard", "wandb"}
+        if unknown:
+            raise InputError(f"--report-to {self.report_to!r}: expected tensorboard, wandb or both, comma-separated")
+        if self.eval_every < 0 or (self.eval_every and not self.eval_suite):
+            raise InputError("--eval-every N needs N >= 0 and an --eval-suite")
+        if self.eval_suite:
+            EvalConfig(target=self.out, suite=self.eval_suite)  # the suite's form, checked before training
 
 
 @dataclass

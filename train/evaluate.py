@@ -82,8 +82,9 @@ class FeatureCache:
     """Image features per (suite, checkpoint), computed once and reused across metrics and runs of eval."""
 
     def __init__(self, run_dir, suite_slug, digest, dim: int):
-        self.path = os.path.join(run_dir, "eval", "cache", f"{suite_slug}-{digest}.npz")
-        self.data = dict(np.load(self.path)) if os.path.isfile(self.path) else {}
+        """run_dir None: kept in memory only (evaluation during training: the weights change every step)."""
+        self.path = os.path.join(run_dir, "eval", "cache", f"{suite_slug}-{digest}.npz") if run_dir else None
+        self.data = dict(np.load(self.path)) if self.path and os.path.isfile(self.path) else {}
         self.dim = dim
         self.dirty = False
 
@@ -99,7 +100,7 @@ class FeatureCache:
         return self.data[f"{name}.f"], self.data[f"{name}.ok"]
 
     def save(self):
-        if self.dirty:
+        if self.dirty and self.path:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
                 np.savez(f, **self.data)
@@ -314,6 +315,17 @@ def suite_retrieval(path: str, ctx: SuiteContext) -> SuiteResult:
 
 SUITES = {"synthetic": suite_synthetic, "imagefolder": suite_folder, "retrieval": suite_retrieval,
           "imagenet": suite_imagenet}
+
+
+def evaluate_in_training(loaded: LoadedModel, suite: str, workers: int = 0) -> dict:
+    """The suite's metrics for a model being trained (its weights as they are now; the validation split of a
+    synthetic suite, so that a run's curve never looks at the test scenes). The caller sets eval/train mode."""
+    kind, arg = suite.split(":", 1)
+    cfg = EvalConfig(target=loaded.run, suite=suite, split="val" if kind == "synthetic" else "all", workers=workers)
+    with torch.no_grad():
+        dim = int(encode_texts(loaded.model, loaded.tokenizer, ["x"], loaded.device).shape[1])
+    res = SUITES[kind](arg, SuiteContext(loaded, cfg, FeatureCache(None, kind, "", dim)))
+    return {k: v for k, v in res.metrics.items() if isinstance(v, (int, float))}
 
 
 def evaluate(cfg: EvalConfig) -> dict:

@@ -94,7 +94,7 @@ def train(cfg: TrainConfig) -> dict:
     micro = cfg.batch_size // world // cfg.accum
     ckpt_dir = os.path.join(cfg.out, "checkpoints")
     torch.manual_seed(cfg.seed)
-    model, preprocess_train, _, tokenizer = build_model(cfg.model, device)
+    model, preprocess_train, preprocess_val, tokenizer = build_model(cfg.model, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     loss_fn = make_loss(cfg, rank, world)
@@ -134,7 +134,9 @@ def train(cfg: TrainConfig) -> dict:
     batches = iter(make_loader(stream, cfg.workers))
     bar = _progress(cfg, rank, start_step)
     state = TrainState(cfg=cfg, model=model, optimizer=optimizer, scaler=scaler, teacher=ema, rank=rank, world=world,
-                       window=_Window(first_step=start_step), position=dict(data_position))
+                       window=_Window(first_step=start_step), position=dict(data_position),
+                       reporter=Reporter(cfg) if rank == 0 else None)
+    evaluator = _Evaluator(cfg, model, preprocess_val, tokenizer, device) if cfg.eval_every and rank == 0 else None
     step = start_step
     end = cfg.steps if not cfg.stop_after else min(cfg.steps, start_step + cfg.stop_after)
     interrupt = _Interrupt()
@@ -188,6 +190,8 @@ def train(cfg: TrainConfig) -> dict:
         done = step + 1
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
             _log(state, done, logs, lr, bar, total_steps=end)
+        if evaluator is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+            evaluator.run(state, done)
         stopping = interrupt.agreed(world, device)
         if done % cfg.checkpoint_every == 0 or done == end or stopping:
             # plots with the checkpoint at the end, on a stop, and at most every PLOT_EVERY_S in between (drawing
@@ -205,6 +209,8 @@ def train(cfg: TrainConfig) -> dict:
     interrupt.restore()
     if bar is not None:
         bar.close()
+    if state.reporter is not None:
+        state.reporter.close()
     # (the plots were drawn with the last checkpoint, which the last step always writes)
     if world > 1:
         dist.barrier()
@@ -314,6 +320,7 @@ class TrainState:
     window: _Window
     position: dict = dataclasses.field(default_factory=dict)
     skipped_samples: dict = dataclasses.field(default_factory=dict)
+    reporter: "Reporter | None" = None
 
     @property
     def ckpt_dir(self) -> str:
@@ -334,6 +341,8 @@ def _log(state: TrainState, step: int, logs: dict, lr: float, bar, total_steps: 
               "skipped_steps": window.skipped_steps, "time": time.time()}
     with open(state.metrics_path, "a") as f:
         f.write(json.dumps(record) + "\n")
+    if state.reporter is not None:
+        state.reporter.log({f"train/{k}": v for k, v in record.items() if k not in ("step", "time")}, step)
     if bar is not None:
         bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
     elif total_steps:  # no bar (--no-progress, a log file): one line per log interval
@@ -343,6 +352,77 @@ def _log(state: TrainState, step: int, logs: dict, lr: float, bar, total_steps: 
                  f"{record['samples_per_s']:.0f} samples/s  data wait {record['data_wait_frac']:.0%}  "
                  f"ETA {_duration(eta)}")
     window.t0, window.wait, window.samples = time.time(), 0.0, 0
+
+
+class Reporter:
+    """--report-to: TensorBoard event files in RUN/tensorboard and/or a W&B run (its id fixed by the run directory,
+    so that a resumed run continues the same one), fed the rows that metrics.jsonl gets. Rank 0 only."""
+
+    def __init__(self, cfg: TrainConfig):
+        kinds = {k.strip() for k in cfg.report_to.split(",") if k.strip()}
+        self.tb = self.wandb = None
+        if "tensorboard" in kinds:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise InputError("--report-to tensorboard: the tensorboard package is not installed "
+                                 "(pip install tensorboard)") from None
+            self.tb = SummaryWriter(os.path.join(cfg.out, "tensorboard"))
+        if "wandb" in kinds:
+            try:
+                import wandb
+            except ImportError:
+                raise InputError("--report-to wandb: the wandb package is not installed (pip install wandb)") from None
+            import hashlib
+
+            run_id = hashlib.sha1(os.path.abspath(cfg.out).encode()).hexdigest()[:12]
+            self.wandb = wandb.init(project="psdclip", name=os.path.basename(os.path.abspath(cfg.out)), id=run_id,
+                                    resume="allow", dir=cfg.out, config=dataclasses.asdict(cfg))
+
+    def log(self, values: dict, step: int) -> None:
+        scalars = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class _Evaluator:
+    """--eval-every: the eval suite on the model as it is, written to metrics.jsonl (and the reporter) as a row
+    {"step", "eval": SUITE, "split", "metrics": {...}}. Rank 0 evaluates while the other ranks wait for it at
+    their next collective (within --dist-timeout)."""
+
+    def __init__(self, cfg: TrainConfig, model, preprocess, tokenizer, device):
+        self.cfg, self.model, self.preprocess, self.tokenizer, self.device = cfg, model, preprocess, tokenizer, device
+
+    def run(self, state: TrainState, step: int) -> None:
+        from .checkpoint import LoadedModel
+        from .evaluate import evaluate_in_training
+
+        cfg = self.cfg
+        loaded = LoadedModel(model=self.model, preprocess=self.preprocess, tokenizer=self.tokenizer,
+                             device=self.device, checkpoint="", run=cfg.out, step=step,
+                             arch=resolve_model_name(cfg.model), loss=cfg.loss, digest="")
+        t0 = time.time()
+        self.model.eval()
+        try:
+            metrics = evaluate_in_training(loaded, cfg.eval_suite)
+        finally:
+            self.model.train()
+        row = {"step": step, "eval": cfg.eval_suite, "split": "val" if cfg.eval_suite.startswith("synthetic:")
+               else "all", "metrics": metrics, "eval_s": round(time.time() - t0, 2), "time": time.time()}
+        with open(state.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if state.reporter is not None:
+            state.reporter.log({f"eval/{k}": v for k, v in metrics.items()}, step)
+        state.window.t0 += time.time() - t0  # the evaluation's time does not count against the samples/s
 
 
 def _duration(seconds: float) -> str:

@@ -20,18 +20,31 @@ def metrics(run):
     return [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
 
 
-def test_model_learns_and_writes_its_run(dataset_dir, tmp_path):
-    """The rn-small preset (the studies' model) learns within 60 steps and its export loads in plain open_clip."""
+def test_model_learns_and_writes_its_run(dataset_dir, synth_dir, tmp_path):
+    """The rn-small preset (the studies' model) learns within 60 steps, evaluates while it trains (as `psdclip eval`
+    does the checkpoint), reports to TensorBoard, and its export loads in plain open_clip."""
     run = tmp_path / "run"
     cli("train", "--data", dataset_dir, "--out", run, "--steps", 60, "--lr", "2e-3", "--log-every", 4,
-        "--checkpoint-every", 20, "--keep", 2, *FAST[2:], "--model", "rn-small")
-    rows = metrics(run)
+        "--checkpoint-every", 20, "--keep", 2, *FAST[2:], "--model", "rn-small", "--eval-every", 30,
+        "--eval-suite", f"synthetic:{synth_dir}", "--report-to", "tensorboard")
+    evals = [r for r in metrics(run) if "eval" in r]
+    assert [r["step"] for r in evals] == [30, 60] and all(r["split"] == "val" for r in evals)
+    alone = json.loads(cli("eval", run, "--suite", f"synthetic:{synth_dir}", "--split", "val", "--json",
+                           "--workers", 0).stdout)["metrics"]
+    for key in ("zeroshot_shape_base.top1", "retrieval.mean_R@1", "zeroshot_colour_base.top1"):
+        assert abs(evals[-1]["metrics"][key] - alone[key]) <= 0.1 + 1e-9, key  # 10 val scenes: one may tie apart
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert {"train/loss", "train/lr", "eval/zeroshot_shape_base.top1"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("eval/zeroshot_shape_base.top1")] == [30, 60]
+    rows = [r for r in metrics(run) if "eval" not in r]
     first, last = sum(r["loss"] for r in rows[:2]) / 2, sum(r["loss"] for r in rows[-2:]) / 2
     assert last < first - 0.3, (first, last)
     assert rows[-1]["alpha"] > rows[0]["alpha"] and 0 <= rows[-1]["data_wait_frac"] <= 1
     assert {"lr", "logit_scale", "samples_per_s", "contrastive_loss"} <= set(rows[-1])
     assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_000040.pt", "step_000060.pt"]
-    assert {"loss.png", "alpha.png", "lr.png"} <= set(os.listdir(run / "plots"))
+    assert {"loss.png", "alpha.png", "lr.png", "eval.png"} <= set(os.listdir(run / "plots"))
     assert "loss: psd" in (run / "config.yaml").read_text()
     # the recipe that export prints loads the model in plain open_clip (a fresh process, no psdclip imported)
     # and it encodes like our model
