@@ -169,7 +169,7 @@ def train(cfg: TrainConfig) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             losses = forward_backward(net, model, loss_fn, micro_batches, step, ema=ema, world=world)
         finite = all_finite(sum(v for k, v in losses.items() if k.endswith("_loss")), world)
-        logs = {k: float(v) for k, v in losses.items()}
+        logs = {k: v.detach() if torch.is_tensor(v) else v for k, v in losses.items()}  # read on log steps only
         if not finite:
             if cfg.nan_policy == "stop":
                 _nan_diagnostics(cfg, step, logs, lr, model, batch)
@@ -178,7 +178,7 @@ def train(cfg: TrainConfig) -> dict:
             log.warning(f"psdclip: warning: non-finite loss at step {step}; step skipped")
             continue
         if cfg.grad_clip > 0:
-            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).detach()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -332,6 +332,7 @@ class TrainState:
 
 
 def _log(state: TrainState, step: int, logs: dict, lr: float, bar, total_steps: int = 0) -> None:
+    logs = {k: float(v) for k, v in logs.items()}  # the step's only device -> host copies besides all_finite's
     window = state.window
     elapsed = max(time.time() - window.t0, 1e-9)
     record = {"step": step, "loss": sum(v for k, v in logs.items() if k.endswith("_loss")), **logs, "lr": lr,
@@ -519,7 +520,7 @@ def _resume(cfg, ckpt_dir, model, optimizer, scaler):
 def _nan_diagnostics(cfg, step, logs, lr, model, batch):
     path = os.path.join(cfg.out, f"nan_step_{step:06d}.json")
     with open(path, "w") as f:
-        json.dump({"step": step, "losses": logs, "lr": lr, "logit_scale": float(model.logit_scale.detach()),
+        json.dump({"step": step, "losses": {k: float(v) for k, v in logs.items()}, "lr": lr, "logit_scale": float(model.logit_scale.detach()),
                    "batch_keys": batch.get("keys", [])[:64],
                    "nonfinite_params": [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]},
                   f, indent=2)
