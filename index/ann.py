@@ -29,31 +29,38 @@ def check_vectors(x: np.ndarray, name: str = "vectors", dim: int | None = None) 
     return x
 
 
+def index_bytes(factory: str, n: int, d: int) -> float:
+    """Memory of an index of n d-dim vectors: faiss' own code size per vector for the factory string
+    (contrib.factory_tools.get_code_size: codes, refine vectors, graph links), 8-byte ids in inverted lists, and
+    10% for the rest (quantizer, list headers)."""
+    from faiss.contrib.factory_tools import get_code_size
+
+    return n * (get_code_size(d, factory) + (8 if "IVF" in factory else 0)) * 1.1
+
+
 def choose_factory(n: int, d: int, max_memory: float, max_query_ms: float) -> tuple[str, str]:
     """(faiss factory string, why) for n vectors of d dims under a memory budget (bytes) and a latency
-    budget for one query (ms)."""
-    flat = n * d * 4
+    budget for one query (ms): the first candidate, in order of search quality and speed, that fits."""
     exact_ms = 1000 * n * d / EXACT_VECTORS_PER_S
-    if flat <= max_memory and (exact_ms <= max_query_ms or n <= 20_000):
-        return "Flat", f"exact search fits: {flat / 1e6:.0f} MB, ~{exact_ms:.1f} ms per query"
     nlist = int(2 ** round(math.log2(max(64, min(65536, 4 * math.sqrt(n))))))
-    hnsw = n * (d * 4 + 32 * 2 * 4) * 1.1
-    if hnsw <= max_memory and n <= 2_000_000 and d <= 256:
-        return "HNSW32,Flat", f"vectors and graph fit ({hnsw / 1e6:.0f} MB); HNSW for low latency"
     fs = fast_scan_m(d)
-    if fs and flat * 1.1 + n * fs / 2 <= max_memory:
-        return (f"IVF{nlist},PQ{fs}x4fs,RFlat", f"flat vectors fit ({flat / 1e6:.0f} MB): IVF with {nlist} lists of "
-                f"{fs}x4-bit fast-scan PQ codes, re-ranked exactly")
-    if fs and n * (d + fs / 2) * 1.1 <= max_memory:
-        return (f"IVF{nlist},PQ{fs}x4fs,Refine(SQ8)", f"8-bit scalar codes fit ({n * d / 1e6:.0f} MB): IVF with "
-                f"{nlist} lists of {fs}x4-bit fast-scan PQ codes, re-ranked on the SQ8 codes")
-    if n * d * 1.1 <= max_memory:
-        return f"IVF{nlist},SQ8", f"8-bit scalar codes fit ({n * d / 1e6:.0f} MB); IVF with {nlist} lists"
-    for m in (64, 48, 32, 24, 16, 8, 4):
-        if d % m == 0 and n * m * 1.2 <= max_memory:
-            return f"OPQ{m},IVF{nlist},PQ{m}", f"{m}-byte PQ codes with OPQ fit ({n * m / 1e6:.0f} MB)"
+    candidates = [("Flat", exact_ms <= max_query_ms or n <= 20_000, f"exact search fits, ~{exact_ms:.1f} ms per query"),
+                  ("HNSW32,Flat", n <= 2_000_000 and d <= 256, "vectors and graph fit; HNSW for low latency"),
+                  (f"IVF{nlist},PQ{fs}x4fs,RFlat", fs is not None, f"flat vectors fit: IVF with {nlist} lists of "
+                   f"{fs}x4-bit fast-scan PQ codes, re-ranked exactly"),
+                  (f"IVF{nlist},PQ{fs}x4fs,Refine(SQ8)", fs is not None, f"8-bit scalar codes fit: IVF with {nlist} "
+                   f"lists of {fs}x4-bit fast-scan PQ codes, re-ranked on the SQ8 codes"),
+                  (f"IVF{nlist},SQ8", True, f"8-bit scalar codes fit; IVF with {nlist} lists")]
+    candidates += [(f"OPQ{m},IVF{nlist},PQ{m}", d % m == 0, f"{m}-byte PQ codes with OPQ fit")
+                   for m in (64, 48, 32, 24, 16, 8, 4)]
+    for factory, allowed, why in candidates:
+        if allowed:
+            need = index_bytes(factory, n, d)
+            if need <= max_memory:
+                return factory, f"{why} ({need / 1e6:.0f} MB)"
+    smallest = index_bytes(f"OPQ4,IVF{nlist},PQ4", n, d)
     raise InputError(f"--max-memory {max_memory / 1e6:.3g} MB: no index of {n:,} x {d} vectors fits in it (the "
-                     f"smallest, 4-byte PQ codes, needs ~{n * 4 * 1.2 / 1e6:.3g} MB)")
+                     f"smallest, 4-byte PQ codes, needs ~{smallest / 1e6:.3g} MB)")
 
 
 def check_factory(factory: str, n: int, d: int) -> None:

@@ -32,22 +32,20 @@ def file_sha256(path: str) -> str:
 
 
 def build_index(cfg: IndexBuildConfig) -> dict:
-    from psdclip.train.evaluate import load_for_eval
+    from psdclip.train.checkpoint import load_model, resolve_device
 
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise InputError(f"--out {cfg.out}: is a file, not an index directory")
     rows, _ = success_rows(cfg.data)
-    model, preprocess, tokenizer, info = load_for_eval(cfg.checkpoint, device)
+    m = load_model(cfg.checkpoint, resolve_device(cfg.device))
     with torch.no_grad():
-        dim = int(model.encode_text(tokenizer(["x"]).to(device)).shape[-1])
+        dim = int(m.model.encode_text(m.tokenizer(["x"]).to(m.device)).shape[-1])
     # budgets and --factory are checked before the (long) embedding pass, on the rows the dataset holds
     if cfg.factory:
         ann.check_factory(cfg.factory, len(rows), dim)
     else:
         ann.choose_factory(len(rows), dim, parse_bytes(cfg.max_memory), cfg.max_query_ms)
-    digest = file_sha256(info["checkpoint"])
+    digest = file_sha256(m.checkpoint)
     meta_path = os.path.join(cfg.out, "index.json")
     if os.path.isfile(meta_path):
         previous = read_json(meta_path)
@@ -55,8 +53,8 @@ def build_index(cfg: IndexBuildConfig) -> dict:
             raise InputError(f"{cfg.out}: built with another checkpoint; use a new --out or delete it")
     os.makedirs(cfg.out, exist_ok=True)
     t0 = time.time()
-    stats = embed_dataset(model, preprocess, tokenizer, cfg.data, cfg.out, cfg.batch_size, cfg.workers, cfg.fp16,
-                          device, cfg.progress)
+    stats = embed_dataset(m, cfg.data, cfg.out, batch_size=cfg.batch_size, workers=cfg.workers, fp16=cfg.fp16,
+                          progress=cfg.progress)
     t_embed = time.time() - t0
     img, txt, keys = load_embeddings(cfg.out)
     meta = rows.set_index("key").loc[keys].reset_index()[["key", "url", "caption", "shard", "offset", "size"]]
@@ -82,8 +80,8 @@ def build_index(cfg: IndexBuildConfig) -> dict:
         indices[name] = tuning
     t_index = time.time() - t1
     write_parquet(os.path.join(cfg.out, "metadata.parquet"), meta)
-    doc = {"schema_version": 1, "checkpoint": os.path.abspath(info["checkpoint"]), "checkpoint_sha256": digest,
-           "model_arch": info["arch"], "step": info["step"], "dataset": os.path.abspath(cfg.data),
+    doc = {"schema_version": 1, "checkpoint": os.path.abspath(m.checkpoint), "checkpoint_sha256": digest,
+           "model_arch": m.arch, "step": m.step, "dataset": os.path.abspath(cfg.data),
            "dataset_format": read_json(os.path.join(cfg.data, "dataset.json")).get("output_format", "webdataset"),
            "count": int(n), "dim": int(d), "metric": "inner_product (cosine on normalised vectors)",
            "factory": factory, "why": why, "budgets": {"max_memory": cfg.max_memory, "max_query_ms": cfg.max_query_ms},

@@ -16,9 +16,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from psdclip.pipeline.dataset import read_json
+from psdclip.pipeline.dataset import atomic_path, read_json
 from psdclip.pipeline.errors import InputError
 from psdclip.pipeline.status import SUCCESS
+from psdclip.train.checkpoint import LoadedModel
 
 
 class ShardImages(torch.utils.data.Dataset):
@@ -70,18 +71,16 @@ def success_rows(dataset: str) -> tuple[pd.DataFrame, str]:
 
 
 def _save(path: str, array: np.ndarray) -> None:
-    tmp = path + ".tmp.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 @torch.no_grad()
-def embed_dataset(model, preprocess, tokenizer, dataset: str, out: str, batch_size: int = 256, workers: int = 2,
-                  fp16: bool = False, device="cpu", progress: bool = True) -> dict:
-    from psdclip.train.evaluate import _size
-
+def embed_dataset(loaded: LoadedModel, dataset: str, out: str, *, batch_size: int = 256, workers: int = 2,
+                  fp16: bool = False, progress: bool = True) -> dict:
+    model, preprocess, tokenizer, device = loaded.model, loaded.preprocess, loaded.tokenizer, loaded.device
     rows, fmt = success_rows(dataset)
-    size = _size(preprocess)
+    size = loaded.image_size
     emb_dir = os.path.join(out, "embeddings")
     os.makedirs(emb_dir, exist_ok=True)
     dtype = np.float16 if fp16 else np.float32

@@ -59,9 +59,10 @@ class Searcher:
             self._load_model()
 
     def _load_model(self):
-        from psdclip.train.evaluate import load_for_eval
+        from psdclip.train.checkpoint import load_model
 
-        self.model, self.preprocess, self.tokenizer, _ = load_for_eval(self.info["checkpoint"], self.device)
+        m = load_model(self.info["checkpoint"], self.device)
+        self.model, self.preprocess, self.tokenizer = m.model, m.preprocess, m.tokenizer
 
     # ---- query embeddings ----
     @torch.no_grad()

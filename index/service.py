@@ -14,7 +14,7 @@ Bounds: k, body size, text length and image pixels (decompression bombs) are lim
 gets a 4xx; `image_url` is refused unless the operator lists allowed hosts; keys are looked up, never used
 as paths.
 """
-# no "from __future__ import annotations": FastAPI must see the request models defined in create_app
+# no "from __future__ import annotations": FastAPI reads the routes' annotations at run time
 
 import asyncio
 import base64
@@ -32,12 +32,18 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
+from fastapi import FastAPI, Header, HTTPException
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, PlainTextResponse, Response
+from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from psdclip.pipeline.errors import InputError
 
 from .config import ServeConfig
 
-log = logging.getLogger("psdclip.index.service")
+log = logging.getLogger(__name__)
 LARGE_IMAGE_PIXELS = 4_000_000  # images above this are decoded in one of LARGE_DECODES slots
 LARGE_DECODES = 2
 FETCH_SLOTS = 8  # image_url fetches at once
@@ -193,80 +199,146 @@ class _Guard:
         self.latency.labels(endpoint).observe(time.perf_counter() - t)
 
 
-def create_app(cfg: ServeConfig):
-    from fastapi import FastAPI, Header, HTTPException
-    from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import FileResponse, PlainTextResponse, Response
-    from PIL import Image
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-    from pydantic import BaseModel, ConfigDict, Field
+# ---- requests ----------------------------------------------------------------------------------------
+# The bounds below are the defaults; `bounded_models(cfg)` derives the service's own, so that its OpenAPI schema
+# states the operator's limits (--max-k, --max-text-chars).
 
-    from .searcher import Searcher
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: Optional[str] = Field(None, max_length=1000)
+    image: Optional[str] = Field(None, description="base64-encoded image")
+    image_url: Optional[str] = None
+    embedding: Optional[list[float]] = Field(None, max_length=8192)
+    k: int = Field(10, ge=1, le=1000)
+    modality: str = Field("image", pattern="^(image|text)$")
+    index: Optional[str] = None
+    dedupe: bool = False
 
-    paths = cfg.named()
-    large_decodes = threading.BoundedSemaphore(LARGE_DECODES)
-    fetch_slots = threading.BoundedSemaphore(FETCH_SLOTS)
-    searchers = {name: Searcher(path, cfg.device, text_cache=cfg.text_cache) for name, path in paths.items()}
-    default = next(iter(searchers))
-    lock = threading.Lock()
-    api_key = cfg.api_key or os.environ.get("PSDCLIP_API_KEY", "")
-    registry = CollectorRegistry()
-    # counts kept by each searcher (a reload starts a new one at 0): gauges set when /metrics is read
-    cache_hits = Gauge("psdclip_text_cache_hits", "query texts answered from the embedding cache", ["index"],
-                       registry=registry)
-    cache_misses = Gauge("psdclip_text_cache_misses", "query texts encoded by the model", ["index"], registry=registry)
-    requests = Counter("psdclip_requests_total", "requests", ["endpoint", "status"], registry=registry)
-    latency = Histogram("psdclip_request_seconds", "request latency", ["endpoint"], registry=registry,
-                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
-    app = FastAPI(title="psdclip retrieval", version="1")
 
-    app.add_middleware(_Guard, max_body=cfg.max_body_bytes, requests=requests, latency=latency)
+class KnnRequest(BaseModel):
+    """clip-retrieval's back-end request."""
+    model_config = ConfigDict(extra="allow")
+    text: Optional[str] = Field(None, max_length=1000)
+    image: Optional[str] = None
+    image_url: Optional[str] = None
+    embedding_input: Optional[list[float]] = Field(None, max_length=8192)
+    modality: str = Field("image", pattern="^(image|text)$")
+    num_images: int = Field(..., ge=1, le=1000)
+    num_result_ids: Optional[int] = Field(None, ge=1, le=10000)
+    indice_name: Optional[str] = None
+    deduplicate: bool = False
 
-    class SearchRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        text: Optional[str] = Field(None, max_length=cfg.max_text_chars)
-        image: Optional[str] = Field(None, description="base64-encoded image")
-        image_url: Optional[str] = None
-        embedding: Optional[list[float]] = Field(None, max_length=8192)
-        k: int = Field(10, ge=1, le=cfg.max_k)
-        modality: str = Field("image", pattern="^(image|text)$")
-        index: Optional[str] = None
-        dedupe: bool = False
 
-    class KnnRequest(BaseModel):  # clip-retrieval's back-end request
-        model_config = ConfigDict(extra="allow")
-        text: Optional[str] = Field(None, max_length=cfg.max_text_chars)
-        image: Optional[str] = None
-        image_url: Optional[str] = None
-        embedding_input: Optional[list[float]] = Field(None, max_length=8192)
-        modality: str = Field("image", pattern="^(image|text)$")
-        num_images: int = Field(..., ge=1, le=cfg.max_k)
-        num_result_ids: Optional[int] = Field(None, ge=1, le=cfg.max_k * 10)
-        indice_name: Optional[str] = None
-        deduplicate: bool = False
+class MetadataRequest(BaseModel):
+    ids: list[int] = Field(..., max_length=1000)
+    indice_name: Optional[str] = None
 
-    class MetadataRequest(BaseModel):
-        ids: list[int] = Field(..., max_length=cfg.max_k)
-        indice_name: Optional[str] = None
 
-    def pick(name: Optional[str]) -> Searcher:
-        with lock:
+def bounded_models(cfg: ServeConfig) -> tuple[type, type, type]:
+    """(SearchRequest, KnnRequest, MetadataRequest) with this service's limits."""
+    text = (Optional[str], Field(None, max_length=cfg.max_text_chars))
+    return (create_model("SearchRequest", __base__=SearchRequest, text=text, k=(int, Field(10, ge=1, le=cfg.max_k))),
+            create_model("KnnRequest", __base__=KnnRequest, text=text, num_images=(int, Field(..., ge=1, le=cfg.max_k)),
+                         num_result_ids=(Optional[int], Field(None, ge=1, le=cfg.max_k * 10))),
+            create_model("MetadataRequest", __base__=MetadataRequest, ids=(list[int], Field(..., max_length=cfg.max_k))))
+
+
+# ---- the service ---------------------------------------------------------------------------------------
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Every redirect hop is checked against the allow-list like the first URL (no SSRF through a redirect)."""
+
+    def __init__(self, allowed):
+        super().__init__()
+        self.allowed = allowed
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not self.allowed(newurl):
+            raise HTTPException(403, "image_url redirects to a host that is not allowed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class RetrievalService:
+    """What the routes call: the named searchers (and their reload), the query batcher, image decoding, image_url
+    fetching and the metrics registry. Errors a client caused are HTTPExceptions."""
+
+    def __init__(self, cfg: ServeConfig):
+        from .searcher import Searcher
+
+        self.cfg, self.Searcher = cfg, Searcher
+        self.paths = cfg.named()
+        self.searchers = {name: Searcher(path, cfg.device, text_cache=cfg.text_cache) for name, path in self.paths.items()}
+        self.default = next(iter(self.searchers))
+        self.lock = threading.Lock()
+        self.api_key = cfg.api_key or os.environ.get("PSDCLIP_API_KEY", "")
+        self.large_decodes = threading.BoundedSemaphore(LARGE_DECODES)
+        self.fetch_slots = threading.BoundedSemaphore(FETCH_SLOTS)
+        self.opener = urllib.request.build_opener(_CheckedRedirects(self.allowed))
+        self.registry = CollectorRegistry()
+        # counts kept by each searcher (a reload starts a new one at 0): gauges set when /metrics is read
+        self.cache_hits = Gauge("psdclip_text_cache_hits", "query texts answered from the embedding cache", ["index"],
+                                registry=self.registry)
+        self.cache_misses = Gauge("psdclip_text_cache_misses", "query texts encoded by the model", ["index"],
+                                  registry=self.registry)
+        self.requests = Counter("psdclip_requests_total", "requests", ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("psdclip_request_seconds", "request latency", ["endpoint"], registry=self.registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.batcher = Batcher(sizes=Histogram("psdclip_query_batch_size", "queries answered together",
+                                               registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64)))
+
+    # ---- indices ----
+    def pick(self, name: Optional[str]):
+        with self.lock:
             if name is None or name == "":
-                return searchers[default]
-            if name not in searchers:
-                raise HTTPException(404, f"no index named {name!r} (have: {', '.join(searchers)})")
-            return searchers[name]
+                return self.searchers[self.default]
+            if name not in self.searchers:
+                raise HTTPException(404, f"no index named {name!r} (have: {', '.join(self.searchers)})")
+            return self.searchers[name]
 
-    def decode_image(data: bytes):
+    def health(self) -> dict:
+        with self.lock:
+            return {"status": "ok", "indices": {n: {"count": s.info["count"], "factory": s.info["factory"]}
+                                                for n, s in self.searchers.items()}}
+
+    def metrics(self) -> bytes:
+        for name, s in self.searchers.items():
+            self.cache_hits.labels(name).set(s.cache_hits)
+            self.cache_misses.labels(name).set(s.cache_misses)
+        return generate_latest(self.registry)
+
+    def reload(self, name: Optional[str], key: Optional[str]) -> dict:
+        """Load the index aside (requests keep using the old one meanwhile), then swap it in."""
+        if not self.api_key:
+            raise HTTPException(403, "admin endpoints are off (start the service with --api-key)")
+        if key != self.api_key:
+            raise HTTPException(401, "wrong or missing X-API-Key")
+        name = name or self.default
+        if name not in self.paths:
+            raise HTTPException(404, f"no index named {name!r}")
+        try:
+            fresh = self.Searcher(self.paths[name], self.cfg.device, text_cache=self.cfg.text_cache)
+        except InputError as err:
+            raise HTTPException(409, str(err)) from None
+        except Exception as err:  # pylint: disable=broad-except  (a damaged file: the old index stays in service)
+            log.exception("reload of %s failed", self.paths[name])
+            raise HTTPException(409, f"could not load {name!r}: {type(err).__name__}: "
+                                     f"{str(err).splitlines()[0][:200] if str(err) else 'damaged index'}") from None
+        with self.lock:
+            self.searchers[name] = fresh
+        return {"reloaded": name, "count": fresh.info["count"]}
+
+    # ---- query images ----
+    def decode_image(self, data: bytes):
         """Decoded and shrunk to at most 1024 px a side (the model sees far fewer): a large image is decoded in one
         of a few slots only, so that concurrent large images cannot take the memory of all of them at once."""
-        Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
+        limit = self.cfg.max_image_pixels
+        Image.MAX_IMAGE_PIXELS = limit
         try:
             with Image.open(io.BytesIO(data)) as im:
-                if im.width * im.height > cfg.max_image_pixels:
-                    raise HTTPException(413, f"image over {cfg.max_image_pixels} pixels")
+                if im.width * im.height > limit:
+                    raise HTTPException(413, f"image over {limit} pixels")
                 big = im.width * im.height > LARGE_IMAGE_PIXELS
-                if big and not large_decodes.acquire(timeout=30):
+                if big and not self.large_decodes.acquire(timeout=30):
                     raise HTTPException(503, "too many large images being decoded; try again")
                 try:
                     im.draft("RGB", (1024, 1024))  # JPEG: decode at a reduced scale directly
@@ -275,45 +347,36 @@ def create_app(cfg: ServeConfig):
                     return im.convert("RGB")
                 finally:
                     if big:
-                        large_decodes.release()
+                        self.large_decodes.release()
         except HTTPException:
             raise
         except Image.DecompressionBombError:
-            raise HTTPException(413, f"image over {cfg.max_image_pixels} pixels") from None
+            raise HTTPException(413, f"image over {limit} pixels") from None
         except Exception:  # pylint: disable=broad-except
             raise HTTPException(400, "image is not a decodable image") from None
 
-    def from_base64(text: str):
+    def from_base64(self, text: str):
         try:
-            return decode_image(base64.b64decode(text, validate=True))
+            return self.decode_image(base64.b64decode(text, validate=True))
         except (binascii.Error, ValueError):
             raise HTTPException(400, "image must be base64") from None
 
-    def allowed(url: str) -> bool:
+    def allowed(self, url: str) -> bool:
         parts = urllib.parse.urlsplit(url)
-        return parts.scheme in ("http", "https") and parts.hostname in set(cfg.allowed_url_hosts)
+        return parts.scheme in ("http", "https") and parts.hostname in set(self.cfg.allowed_url_hosts)
 
-    class CheckedRedirects(urllib.request.HTTPRedirectHandler):
-        """Every redirect hop is checked against the allow-list like the first URL (no SSRF through a redirect)."""
-
-        def redirect_request(self, req, fp, code, msg, headers, newurl):
-            if not allowed(newurl):
-                raise HTTPException(403, "image_url redirects to a host that is not allowed")
-            return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-    opener = urllib.request.build_opener(CheckedRedirects)
-
-    def fetch_url(url: str):
+    def fetch_url(self, url: str):
         """Off the event loop, at most FETCH_SLOTS at once (more get 503 at once, so slow hosts cannot hold every
         worker thread), within --fetch-timeout in all; errors say nothing of the network behind the host."""
-        if not allowed(url):
+        cfg = self.cfg
+        if not self.allowed(url):
             raise HTTPException(403, "image_url queries are not allowed for this host (operator: --allowed-url-hosts)")
-        if not fetch_slots.acquire(blocking=False):
+        if not self.fetch_slots.acquire(blocking=False):
             raise HTTPException(503, "too many image_url fetches in flight; try again")
         try:
             deadline = time.monotonic() + cfg.fetch_timeout
             chunks, size = [], 0
-            with opener.open(url, timeout=cfg.fetch_timeout) as r:
+            with self.opener.open(url, timeout=cfg.fetch_timeout) as r:
                 while True:
                     if time.monotonic() > deadline:
                         raise HTTPException(504, f"image_url took longer than {cfg.fetch_timeout:g} s")
@@ -329,100 +392,92 @@ def create_app(cfg: ServeConfig):
         except (OSError, ValueError):
             raise HTTPException(502, "could not fetch image_url") from None
         finally:
-            fetch_slots.release()
-        return decode_image(b"".join(chunks))
+            self.fetch_slots.release()
+        return self.decode_image(b"".join(chunks))
 
-    batcher = Batcher(sizes=Histogram("psdclip_query_batch_size", "queries answered together", registry=registry,
-                                      buckets=(1, 2, 4, 8, 16, 32, 64)))
-
-    async def run_search(s: Searcher, text, image, image_url, embedding, k, modality, dedupe):
+    # ---- search ----
+    async def search(self, index: Optional[str], text, image, image_url, embedding, k: int, modality: str,
+                     dedupe: bool) -> list[dict]:
+        """Exactly one of text, image (base64), image_url or embedding; answered in the batcher's next batch."""
+        s = self.pick(index)
         given = [x is not None and x != "" for x in (text, image, image_url, embedding)]
         if sum(given) != 1:
             raise HTTPException(422, "give exactly one of text, image, image_url or embedding")
         img = None
         if image:
-            img = await run_in_threadpool(from_base64, image)
+            img = await run_in_threadpool(self.from_base64, image)
         elif image_url:
-            img = await run_in_threadpool(fetch_url, image_url)
+            img = await run_in_threadpool(self.fetch_url, image_url)
         try:
-            return await batcher.search(s, k, modality, dedupe, text=text or None, image=img, embedding=embedding)
+            return await self.batcher.search(s, k, modality, dedupe, text=text or None, image=img, embedding=embedding)
         except ValueError as err:
             raise HTTPException(422, str(err)) from None
 
-    def json_response(content) -> Response:
-        return Response(json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode(),
-                        media_type="application/json")
+    def metadata(self, ids: list[int], index: Optional[str]) -> list[dict]:
+        c = self.pick(index).columns
+        return [{"id": i, "metadata": {"url": c["url"][i], "caption": c["caption"][i], "key": c["key"][i]}}
+                for i in ids if 0 <= i < len(c["id"])]
+
+    def image_bytes(self, key: str, index: Optional[str]) -> bytes:
+        try:
+            return self.pick(index).image_bytes(key)
+        except KeyError:
+            raise HTTPException(404, "no such image") from None
+
+
+# ---- routes --------------------------------------------------------------------------------------------
+
+def _json(content) -> Response:
+    return Response(json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode(),
+                    media_type="application/json")
+
+
+def create_app(cfg: ServeConfig):
+    svc = RetrievalService(cfg)
+    Search, Knn, Metadata = bounded_models(cfg)
+    app = FastAPI(title="psdclip retrieval", version="1")
+    app.state.service = svc
+    app.add_middleware(_Guard, max_body=cfg.max_body_bytes, requests=svc.requests, latency=svc.latency)
 
     @app.post("/search")
-    async def search(req: SearchRequest):
+    async def search(req: Search):
         t = time.perf_counter()
-        s = pick(req.index)
-        results = await run_search(s, req.text, req.image, req.image_url, req.embedding, req.k, req.modality,
+        results = await svc.search(req.index, req.text, req.image, req.image_url, req.embedding, req.k, req.modality,
                                    req.dedupe)
-        return json_response({"results": results, "took_ms": round(1000 * (time.perf_counter() - t), 2),
-                              "index": req.index or default})
+        return _json({"results": results, "took_ms": round(1000 * (time.perf_counter() - t), 2),
+                      "index": req.index or svc.default})
 
     @app.post("/knn-service")
-    async def knn_service(req: KnnRequest):
-        s = pick(req.indice_name)
-        results = await run_search(s, req.text, req.image, req.image_url, req.embedding_input,
+    async def knn_service(req: Knn):
+        results = await svc.search(req.indice_name, req.text, req.image, req.image_url, req.embedding_input,
                                    req.num_images, req.modality, req.deduplicate)
-        return json_response([{"url": r["url"], "caption": r["caption"], "id": r["id"], "similarity": r["score"],
-                               "key": r["key"]} for r in results])
+        return _json([{"url": r["url"], "caption": r["caption"], "id": r["id"], "similarity": r["score"],
+                       "key": r["key"]} for r in results])
 
     @app.get("/indices-list")
     def indices_list():
-        return list(searchers)
+        return list(svc.searchers)
 
     @app.post("/metadata")
-    def metadata(req: MetadataRequest):
-        s = pick(req.indice_name)
-        c = s.columns
-        return [{"id": i, "metadata": {"url": c["url"][i], "caption": c["caption"][i], "key": c["key"][i]}}
-                for i in req.ids if 0 <= i < len(c["id"])]
+    def metadata(req: Metadata):
+        return svc.metadata(req.ids, req.indice_name)
 
     @app.get("/images/{key}")
     def image(key: str, index: Optional[str] = None):
-        s = pick(index)
-        try:
-            data = s.image_bytes(key)
-        except KeyError:
-            raise HTTPException(404, "no such image") from None
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
+        return Response(svc.image_bytes(key, index), media_type="image/jpeg",
+                        headers={"Cache-Control": "public, max-age=3600"})
 
     @app.get("/healthz")
     def healthz():
-        with lock:
-            return {"status": "ok", "indices": {n: {"count": s.info["count"], "factory": s.info["factory"]}
-                                                for n, s in searchers.items()}}
+        return svc.health()
 
     @app.get("/metrics")
     def metrics():
-        for name, s in searchers.items():
-            cache_hits.labels(name).set(s.cache_hits)
-            cache_misses.labels(name).set(s.cache_misses)
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(svc.metrics(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/reload")
     def reload(index: Optional[str] = None, x_api_key: Optional[str] = Header(None)):
-        if not api_key:
-            raise HTTPException(403, "admin endpoints are off (start the service with --api-key)")
-        if x_api_key != api_key:
-            raise HTTPException(401, "wrong or missing X-API-Key")
-        name = index or default
-        if name not in paths:
-            raise HTTPException(404, f"no index named {name!r}")
-        try:
-            fresh = Searcher(paths[name], cfg.device, text_cache=cfg.text_cache)  # load aside; requests keep using the old one meanwhile
-        except InputError as err:
-            raise HTTPException(409, str(err)) from None
-        except Exception as err:  # pylint: disable=broad-except  (a damaged file: the old index stays in service)
-            log.exception("reload of %s failed", paths[name])
-            raise HTTPException(409, f"could not load {name!r}: {type(err).__name__}: "
-                                     f"{str(err).splitlines()[0][:200] if str(err) else 'damaged index'}") from None
-        with lock:
-            searchers[name] = fresh
-        return {"reloaded": name, "count": fresh.info["count"]}
+        return svc.reload(index, x_api_key)
 
     @app.get("/")
     def page():

@@ -25,7 +25,8 @@ from .clean import clean_partition, hosts
 from .config import BuildConfig
 from .dataset import SCHEMA_VERSION, Layout, assemble_manifest, compute_stats, now, read_json, write_json, \
     write_parquet
-from .download import download_partition
+from .download import DownloadOptions, download_partition
+from . import logs
 from .errors import InputError, PsdclipError
 from .plan import assign_shards, mark_duplicates
 from .read import detect_format, read_source
@@ -36,8 +37,7 @@ SPLIT_BYTES = 8 << 20  # URL lists larger than this are cleaned by several tasks
 PLAN_COLUMNS = ["key", "url", "caption", "source", "source_row", "status", "error", "host", "shard", "order"]
 
 
-def log(msg: str) -> None:
-    print(f"[psdclip data build] {msg}", file=sys.stderr, flush=True)
+log = logs.get(__name__, "[psdclip data build] ")
 
 
 @contextlib.contextmanager
@@ -109,12 +109,6 @@ def _finished_by_rows(futures: dict, rows: dict, work: str, enabled: bool):
         bar.refresh()
     finally:
         bar.close()
-
-
-def _download_opts(cfg: BuildConfig) -> dict:
-    keys = ("format", "image_size", "resize_mode", "encode_format", "encode_quality", "timeout", "retries",
-            "thread_count", "max_image_area", "user_agent_token", "disallowed_header_directives")
-    return {k: getattr(cfg, k) for k in keys}
 
 
 def build(cfg: BuildConfig) -> dict:
@@ -195,7 +189,7 @@ def _build_locked(cfg: BuildConfig, layout: Layout, previous: dict | None) -> di
     t0 = time.time()
     layout.clear_scratch()
     timings: dict[str, float] = {}
-    opts = _download_opts(cfg)
+    opts = DownloadOptions.of(cfg)
     t = time.time()
     with dask_client(cfg.dask_scheduler, cfg.processes_count, os.path.join(layout.work, "dask")) as client:
         timings["cluster_start_s"] = time.time() - t
@@ -253,13 +247,13 @@ def ingest_inputs(client, layout: Layout, cfg: BuildConfig) -> pd.DataFrame | No
     Returns the plan, or None when there was nothing new."""
     known = {i["sha256"]: i["path"] for ing in layout.ingest_ids() for i in layout.load_inputs(ing)["files"]}
     workers = max(1, len(client.scheduler_info().get("workers", {})))
+    reading = ReadOptions.of(cfg)
     futures = []
     for i, path in enumerate(cfg.inputs):
         # a large file is cleaned in row ranges by several tasks (each reads it; parsing is the cheap part)
         parts = workers if _size(path) > SPLIT_BYTES else 1
-        futures.append([client.submit(_read_and_clean, path, cfg.input_format, cfg.url_col, cfg.caption_col,
-                                      cfg.max_caption_length, part, parts, cfg.column_names or None,
-                                      os.path.join(layout.work, "clean", f"{i:05d}-{part:03d}.arrow"),
+        futures.append([client.submit(_read_and_clean, path, reading, part=part, parts=parts,
+                                      out=os.path.join(layout.work, "clean", f"{i:05d}-{part:03d}.arrow"),
                                       pure=False, key=f"read-{i}-{part}-{os.path.basename(path)}")
                         for part in range(parts)])
     frames, files = [], []
@@ -273,13 +267,13 @@ def ingest_inputs(client, layout: Layout, cfg: BuildConfig) -> pd.DataFrame | No
         # millions of rows
         df = pd.concat([pd.read_feather(out, dtype_backend="pyarrow") for out, _ in results], ignore_index=True)
         if sha in known or sha in {f["sha256"] for f in files}:
-            log(f"{path}: already ingested (same content as {known.get(sha, 'an earlier argument')}); skipped")
+            log.info(f"{path}: already ingested (same content as {known.get(sha, 'an earlier argument')}); skipped")
             continue
         if len(df) == 0:
-            log(f"warning: {path}: no rows (an empty or header-only list)")
+            log.warning(f"warning: {path}: no rows (an empty or header-only list)")
         elif detect_format(path, cfg.input_format) == "txt":
-            log(f"warning: {path}: a .txt list has no captions, so its {len(df):,} rows get the empty_caption status "
-                f"(give a csv/tsv/parquet/jsonl list with a caption column)")
+            log.warning(f"warning: {path}: a .txt list has no captions, so its {len(df):,} rows get the empty_caption status "
+                        f"(give a csv/tsv/parquet/jsonl list with a caption column)")
         frames.append(df)
         files.append({"path": path, "sha256": sha, "rows": int(len(df))})
     if not frames:
@@ -290,8 +284,8 @@ def ingest_inputs(client, layout: Layout, cfg: BuildConfig) -> pd.DataFrame | No
     ingest = (layout.ingest_ids() or [-1])[-1] + 1
     layout.save_ingest(ingest, _compact(plan[PLAN_COLUMNS]), {"kind": "urls", "created_at": now(), "files": files})
     n_shards = plan.loc[plan["shard"] >= 0, "shard"].nunique()
-    log(f"ingest {ingest}: {len(plan):,} rows from {len(files)} file(s); "
-        f"{int((plan['status'] == PENDING).sum()):,} to download in {n_shards} shard(s)")
+    log.info(f"ingest {ingest}: {len(plan):,} rows from {len(files)} file(s); "
+             f"{int((plan['status'] == PENDING).sum()):,} to download in {n_shards} shard(s)")
     return plan
 
 
@@ -314,19 +308,34 @@ def _size(path: str) -> int:
         return 0
 
 
-def _read_and_clean(path, input_format, url_col, caption_col, max_caption_length, part, parts, column_names, out):
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+    """What a read-and-clean task needs of the build's options."""
+    input_format: str | None
+    url_col: str
+    caption_col: str
+    max_caption_length: int
+    column_names: list | None
+
+    @classmethod
+    def of(cls, cfg: BuildConfig) -> "ReadOptions":
+        return cls(input_format=cfg.input_format, url_col=cfg.url_col, caption_col=cfg.caption_col,
+                   max_caption_length=cfg.max_caption_length, column_names=cfg.column_names or None)
+
+
+def _read_and_clean(path: str, opts: ReadOptions, *, part: int, parts: int, out: str):
     """Dask task: read one URL list, run the per-partition stages on rows [part/parts, (part+1)/parts) and
     write them to `out` (Arrow IPC). Returns (out, sha256 of the file). Bad input comes back as a value (not
     raised), so that the worker does not log it as a failed computation."""
     try:
-        df, sha = read_source(path, input_format, url_col, caption_col, column_names)
+        df, sha = read_source(path, opts.input_format, opts.url_col, opts.caption_col, opts.column_names)
     except InputError as err:
         return err, None
     if parts > 1:
         n = len(df)
         df = df.iloc[n * part // parts: n * (part + 1) // parts].reset_index(drop=True)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    clean_partition(df, max_caption_length).reset_index(drop=True).to_feather(
+    clean_partition(df, opts.max_caption_length).reset_index(drop=True).to_feather(
         out, compression="uncompressed")
     return out, sha
 
@@ -358,13 +367,14 @@ def _pending_shards(layout: Layout) -> dict[int, pd.DataFrame]:
     return todo
 
 
-def _download_pending(client, layout: Layout, cfg: BuildConfig, opts: dict, timings: dict, what: str) -> None:
+def _download_pending(client, layout: Layout, cfg: BuildConfig, opts: DownloadOptions, timings: dict,
+                      what: str) -> None:
     todo = _pending_shards(layout)
     if not todo:
         return
     n_rows = sum(len(r) for r in todo.values())
     if what == "resume":
-        log(f"resuming: {len(todo)} planned shard(s) ({n_rows:,} rows) have no result yet")
+        log.info(f"resuming: {len(todo)} planned shard(s) ({n_rows:,} rows) have no result yet")
     t = time.time()
     futures = {client.submit(download_partition, rows, shard, layout.root, opts, pure=False, retries=1,
                              key=f"download-{shard:05d}-{time.time_ns()}"): shard for shard, rows in todo.items()}
@@ -391,7 +401,7 @@ def _plan_retry(layout: Layout, cfg: BuildConfig) -> None:
     manifest = assemble_manifest(layout)
     retry = manifest[manifest["status"].isin(TRANSIENT)]
     if retry.empty:
-        log("--retry-failed: no row has a transient status; nothing to retry")
+        log.info("--retry-failed: no row has a transient status; nothing to retry")
         return
     plan = retry[["key", "url", "caption", "source", "source_row"]].copy()
     plan["status"], plan["error"] = PENDING, ""
@@ -399,8 +409,8 @@ def _plan_retry(layout: Layout, cfg: BuildConfig) -> None:
     plan = assign_shards(plan, cfg.shard_size, _next_shard(layout))
     ingest = layout.ingest_ids()[-1] + 1
     layout.save_ingest(ingest, plan[PLAN_COLUMNS], {"kind": "retry", "created_at": now(), "files": []})
-    log(f"--retry-failed: ingest {ingest} downloads {len(plan):,} row(s) again "
-        f"({', '.join(f'{k} {v}' for k, v in retry['status'].value_counts().items())})")
+    log.info(f"--retry-failed: ingest {ingest} downloads {len(plan):,} row(s) again "
+             f"({', '.join(f'{k} {v}' for k, v in retry['status'].value_counts().items())})")
 
 
 def mark_duplicate_images(client, layout: Layout, manifest: pd.DataFrame) -> pd.DataFrame:
@@ -436,5 +446,5 @@ def _write_subsets(layout: Layout, manifest: pd.DataFrame, specs, seed: int, fmt
     for name, doc in docs.items():
         doc["shards"] = [f"shards/{s}" for s in doc["shards"]]
         if doc["truncated"]:
-            log(f"subset {name}: asked for {doc['requested']:,} samples, the dataset has {doc['count']:,}")
+            log.info(f"subset {name}: asked for {doc['requested']:,} samples, the dataset has {doc['count']:,}")
         write_json(os.path.join(layout.subsets, f"{name}.json"), doc)

@@ -8,6 +8,7 @@ a rerun simply redoes a shard whose result was not recorded.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -155,14 +156,34 @@ class KeyedShardWriter:
                                          "original_height", "sha256", "offset", "size"]).to_parquet(self.meta_path)
 
 
-def download_partition(rows: pd.DataFrame, shard: int, dataset_dir: str, opts: dict) -> pd.DataFrame:
+@dataclasses.dataclass(frozen=True)
+class DownloadOptions:
+    """What a download task needs of the build's options (a small picklable object sent with each task)."""
+    format: str
+    image_size: int
+    resize_mode: str
+    encode_format: str
+    encode_quality: int
+    timeout: float
+    retries: int
+    thread_count: int
+    max_image_area: float
+    user_agent_token: str | None = None
+    disallowed_header_directives: list | None = None
+
+    @classmethod
+    def of(cls, cfg) -> "DownloadOptions":
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
+def download_partition(rows: pd.DataFrame, shard: int, dataset_dir: str, opts: DownloadOptions) -> pd.DataFrame:
     """rows: key, url, caption, order for one partition. Downloads them with img2dataset's Downloader
     into a private work folder, then renames the shard into shards/. Returns one result row per input row
     (RESULT_COLUMNS + shard)."""
-    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(int(opts["max_image_area"])))
+    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(int(opts.max_image_area)))
     from img2dataset.downloader import Downloader
 
-    arrow = opts["format"] == "arrow"
+    arrow = opts.format == "arrow"
     work = os.path.join(dataset_dir, "_work", f"{shard:05d}-{uuid.uuid4().hex[:8]}")
     os.makedirs(work)
     try:
@@ -172,18 +193,18 @@ def download_partition(rows: pd.DataFrame, shard: int, dataset_dir: str, opts: d
                           "psdclip_key": rows["key"].astype(str)})
         feather.write_feather(table, src, compression="uncompressed")
         resizer = _guarded_resizer_class()(
-            image_size=opts["image_size"], resize_mode=opts["resize_mode"], resize_only_if_bigger=False,
-            upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=opts["encode_quality"],
-            encode_format=opts["encode_format"], skip_reencode=False, disable_all_reencoding=False,
-            min_image_size=0, max_image_area=opts["max_image_area"], max_aspect_ratio=float("inf"), blurrer=None)
+            image_size=opts.image_size, resize_mode=opts.resize_mode, resize_only_if_bigger=False,
+            upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=opts.encode_quality,
+            encode_format=opts.encode_format, skip_reencode=False, disable_all_reencoding=False,
+            min_image_size=0, max_image_area=opts.max_image_area, max_aspect_ratio=float("inf"), blurrer=None)
         downloader = Downloader(
             sample_writer_class=functools.partial(KeyedShardWriter, arrow=arrow), resizer=resizer,
-            thread_count=opts["thread_count"], save_caption=True, extract_exif=False, output_folder=work,
-            column_list=["url", "caption", "psdclip_key"], timeout=opts["timeout"],
+            thread_count=opts.thread_count, save_caption=True, extract_exif=False, output_folder=work,
+            column_list=["url", "caption", "psdclip_key"], timeout=opts.timeout,
             number_sample_per_shard=max(len(rows), 1), oom_shard_count=5, compute_hash="sha256",
-            verify_hash_type=None, encode_format=opts["encode_format"], retries=opts["retries"],
-            user_agent_token=opts.get("user_agent_token"),
-            disallowed_header_directives=opts.get("disallowed_header_directives") or None)
+            verify_hash_type=None, encode_format=opts.encode_format, retries=opts.retries,
+            user_agent_token=opts.user_agent_token,
+            disallowed_header_directives=opts.disallowed_header_directives or None)
         downloader.download_shard((shard, src))  # raises if the shard as a whole fails
         meta = pd.read_parquet(os.path.join(work, f"{shard:05d}.meta.parquet"))
         res = _results(meta, rows, shard)

@@ -1,6 +1,10 @@
 import pytest
 from helpers.servers import Server
 
+from psdclip.pipeline import logs
+
+logs.setup()  # library calls in tests log as under the CLI
+
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):

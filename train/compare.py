@@ -4,26 +4,34 @@ robustness against reference runs; a markdown table, JSON and a PNG bar chart.""
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import numpy as np
 
-from psdclip.pipeline.dataset import read_json
+from psdclip.pipeline.dataset import read_json, write_json, write_text
 from psdclip.pipeline.errors import InputError
 
 from .config import CompareConfig
 from .metrics import bootstrap_diff, effective_robustness
 
-# metric -> the per-example vector it is the mean of
-PAIRED = {"top1": "top1", "accuracy": "correct", "i2t_R@1": "i2t_r1", "t2i_R@1": "t2i_r1"}
+# evaluations written before per-example arrays were named as their metric
+_OLD_EXAMPLE_NAMES = {"correct": "accuracy", "i2t_r1": "i2t_R@1", "t2i_r1": "t2i_R@1"}
 
 
 def load_evals(run: str) -> dict:
+    """{suite result name: the evaluation}, per-example arrays under their metric's name."""
     files = sorted(glob.glob(os.path.join(run, "eval", "*.json")))
     if not files:
         raise InputError(f"{run}: no evaluations (run `psdclip eval {run} --suite …` first)")
-    return {os.path.basename(f)[:-5]: read_json(f) for f in files}
+    evals = {os.path.basename(f)[:-5]: read_json(f) for f in files}
+    for result in evals.values():
+        examples = result.get("examples") or {}
+        for key in list(examples):
+            group, name = key.rsplit(".", 1)
+            if name in _OLD_EXAMPLE_NAMES:
+                examples[f"{group}.{_OLD_EXAMPLE_NAMES[name]}"] = examples.pop(key)
+        result["examples"] = examples
+    return evals
 
 
 def compare(cfg: CompareConfig) -> dict:
@@ -43,10 +51,8 @@ def compare(cfg: CompareConfig) -> dict:
                 row["values"][run] = value
                 if run == base_run or value is None:
                     continue
-                group, name = metric.rsplit(".", 1)
-                ex = PAIRED.get(name)
-                a = evals[base_run][suite]["examples"].get(f"{group}.{ex}")
-                b = evals[run][suite]["examples"].get(f"{group}.{ex}")
+                a = evals[base_run][suite]["examples"].get(metric)  # the per-example values it is the mean of
+                b = evals[run][suite]["examples"].get(metric)
                 if a is not None and b is not None and len(a) == len(b):
                     row["diff"][run] = bootstrap_diff(np.array(a), np.array(b), n=cfg.bootstrap)
                 else:
@@ -56,11 +62,9 @@ def compare(cfg: CompareConfig) -> dict:
     out_dir = cfg.out or os.path.join(os.path.dirname(os.path.abspath(base_run)), "compare")
     os.makedirs(out_dir, exist_ok=True)
     result = {"runs": cfg.runs, "rows": rows, "effective_robustness": robustness}
-    with open(os.path.join(out_dir, "compare.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(os.path.join(out_dir, "compare.json"), result, indent=1)
     md = to_markdown(result)
-    with open(os.path.join(out_dir, "compare.md"), "w") as f:
-        f.write(md + "\n")
+    write_text(os.path.join(out_dir, "compare.md"), md + "\n")
     _plot(result, os.path.join(out_dir, "compare.png"))
     result["markdown"], result["out"] = md, out_dir
     return result

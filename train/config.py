@@ -50,6 +50,21 @@ class TrainConfig:
     ema_decay: float = _help("PSD: decay of the EMA teacher", default=0.999)
     snapshot_every: int = _help("PSD: PS-KD's previous-epoch teacher: a frozen copy of the model, refreshed every N "
                                 "steps (one more forward pass; 0: off)", default=0)
+    pretrained: str = _help("fine-tune: start from these weights: a psdclip run or checkpoint, a file written by "
+                            "`psdclip export` (any open_clip checkpoint of --model), or an open_clip pretrained tag "
+                            "(downloaded where its hub is reachable); a resumed run continues from its own checkpoint",
+                            default="")
+    lock_image: bool = _help("fine-tune: freeze the image tower (LiT)", default=False)
+    lock_image_unlocked_groups: int = _help("fine-tune: leave the last N layer groups of a locked image tower "
+                                            "trainable", default=0)
+    lock_image_freeze_bn_stats: bool = _help("fine-tune: also freeze the BatchNorm statistics of a locked image "
+                                             "tower", default=False)
+    lock_text: bool = _help("fine-tune: freeze the text tower", default=False)
+    lock_text_unlocked_layers: int = _help("fine-tune: leave the last N layers of a locked text tower trainable",
+                                           default=0)
+    grad_checkpointing: bool = _help("recompute the towers' activations in the backward pass (less memory, ~30%% "
+                                     "more compute; transformer towers only: open_clip's ModifiedResNet has none)",
+                                     default=False)
     seed: int = _help("random seed (model init, data order, PSD row choice)", default=0)
     workers: int = _help("DataLoader worker processes per rank", default=2)
     shuffle_buffer: int = _help("samples in the shuffle buffer of each reader", default=1000)
@@ -61,6 +76,12 @@ class TrainConfig:
                                 "samples/s of a convolutional tower on CPU (oneDNN), also faster on GPUs",
                                 default=True)
     log_every: int = _help("log metrics every N steps", default=10)
+    report_to: str = _help("also report the logged metrics to: tensorboard (event files in RUN/tensorboard), wandb, "
+                           "or both (comma-separated); metrics.jsonl is always written", default="")
+    eval_every: int = _help("evaluate on --eval-suite every N steps (and at the end) while training; the results "
+                            "go into metrics.jsonl as rows with an `eval` key (0: off)", default=0)
+    eval_suite: str = _help("the suite of --eval-every, as `psdclip eval --suite` takes it (a synthetic suite is "
+                            "evaluated on its validation split)", default="")
     checkpoint_every: int = _help("write a checkpoint every N steps (and at the end)", default=100)
     keep: int = _help("checkpoints kept (the newest)", default=3)
     resume: str = _help("auto: continue from RUN/checkpoints when present; never; or a checkpoint path",
@@ -99,8 +120,17 @@ class TrainConfig:
             raise InputError(f"--snapshot-every must be >= 0, got {self.snapshot_every}")
         if self.snapshot_every and self.ema_teacher:
             raise InputError("--ema-teacher and --snapshot-every are two different teachers: choose one")
+        if self.lock_image_unlocked_groups < 0 or self.lock_text_unlocked_layers < 0:
+            raise InputError("--lock-image-unlocked-groups and --lock-text-unlocked-layers must be >= 0")
         if self.teacher_temperature <= 0:
             raise InputError(f"--teacher-temperature must be > 0, got {self.teacher_temperature}")
+        unknown = {k.strip() for k in self.report_to.split(",") if k.strip()} - {"tensorboard", "wandb"}
+        if unknown:
+            raise InputError(f"--report-to {self.report_to!r}: expected tensorboard, wandb or both, comma-separated")
+        if self.eval_every < 0 or (self.eval_every and not self.eval_suite):
+            raise InputError("--eval-every N needs N >= 0 and an --eval-suite")
+        if self.eval_suite:
+            EvalConfig(target=self.out, suite=self.eval_suite)  # the suite's form, checked before training
 
 
 @dataclass

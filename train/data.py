@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from psdclip.pipeline.errors import InputError
 from psdclip.pipeline.status import SUCCESS
 
-log = logging.getLogger("psdclip.train.data")
+log = logging.getLogger(__name__)
 
 
 @dataclass

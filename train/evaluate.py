@@ -11,16 +11,17 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
 
-from psdclip.pipeline.dataset import write_json
+from psdclip.pipeline.dataset import atomic_path, write_json
 from psdclip.pipeline.errors import InputError
 
-from . import checkpoint as ckpt
+from .checkpoint import LoadedModel, image_size, load_model, resolve_device
 from .config import EvalConfig, result_name
 from .imagenet import collect_folders, group_scores, imagenet_layout as imagenet_variant
 from .metrics import linear_probe, recall_at, retrieval_ranks, topk_correct
@@ -29,27 +30,7 @@ from .models import encode_text
 SYNTH_TEMPLATES = ("a photo of a {}.", "a {} shape.", "a drawing of a {}.", "an image of a {}.", "{}")
 
 
-# ---- model -------------------------------------------------------------------------------------------
-
-def load_for_eval(target: str, device):
-    from .export import checkpoint_path
-    from .models import build_model, register_config
-
-    path = checkpoint_path(target)
-    state = ckpt.load(path)
-    if "model_arch" not in state or "model" not in state:
-        raise InputError(f"{path}: not a psdclip training checkpoint")
-    if state.get("model_cfg"):  # a model from a JSON config file: known from the checkpoint itself
-        register_config(state["model_arch"], json.loads(state["model_cfg"]))
-    model, _, preprocess, tokenizer = build_model(state["model_arch"], device)
-    model.load_state_dict(state["model"])
-    model.eval()
-    digest = hashlib.sha256(f"{os.path.abspath(path)}:{os.path.getmtime(path)}:{state['step']}".encode()).hexdigest()[:16]
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path))) if os.path.basename(
-        os.path.dirname(path)) == "checkpoints" else os.path.dirname(os.path.abspath(path))
-    return model, preprocess, tokenizer, {"checkpoint": path, "step": int(state["step"]), "digest": digest,
-                                          "arch": state["model_arch"], "loss": state.get("loss"), "run": run_dir}
-
+# ---- images, texts and the feature cache ----------------------------------------------------------------
 
 class _Images(torch.utils.data.Dataset):
     def __init__(self, paths, transform, border=0):
@@ -66,15 +47,7 @@ class _Images(torch.utils.data.Dataset):
                     im = im.crop((self.border, self.border, im.width - self.border, im.height - self.border))
                 return self.transform(im), True
         except Exception:  # pylint: disable=broad-except  (an image that does not decode is skipped, counted)
-            return torch.zeros(3, *_size(self.transform)), False
-
-
-def _size(transform):
-    for t in getattr(transform, "transforms", []):
-        size = getattr(t, "size", None)
-        if size is not None:
-            return (size, size) if isinstance(size, int) else tuple(size)
-    return (224, 224)
+            return torch.zeros(3, *image_size(self.transform)), False
 
 
 @torch.no_grad()
@@ -109,8 +82,9 @@ class FeatureCache:
     """Image features per (suite, checkpoint), computed once and reused across metrics and runs of eval."""
 
     def __init__(self, run_dir, suite_slug, digest, dim: int):
-        self.path = os.path.join(run_dir, "eval", "cache", f"{suite_slug}-{digest}.npz")
-        self.data = dict(np.load(self.path)) if os.path.isfile(self.path) else {}
+        """run_dir None: kept in memory only (evaluation during training: the weights change every step)."""
+        self.path = os.path.join(run_dir, "eval", "cache", f"{suite_slug}-{digest}.npz") if run_dir else None
+        self.data = dict(np.load(self.path)) if self.path and os.path.isfile(self.path) else {}
         self.dim = dim
         self.dirty = False
 
@@ -126,11 +100,41 @@ class FeatureCache:
         return self.data[f"{name}.f"], self.data[f"{name}.ok"]
 
     def save(self):
-        if self.dirty:
+        if self.dirty and self.path:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            tmp = self.path + ".tmp.npz"
-            np.savez(tmp, **self.data)
-            os.replace(tmp, self.path)
+            with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **self.data)
+
+
+@dataclass
+class SuiteContext:
+    """What a suite evaluates with: the loaded model, the eval options and the image-feature cache."""
+    loaded: LoadedModel
+    cfg: EvalConfig
+    cache: FeatureCache
+
+    def images(self, name: str, paths, border: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(features, decoded-ok mask) of the images, from the cache or computed once under `name`."""
+        m = self.loaded
+        return self.cache.get(name, lambda: encode_images(m.model, m.preprocess, paths, self.cfg, m.device, border))
+
+    def texts(self, texts) -> np.ndarray:
+        return encode_texts(self.loaded.model, self.loaded.tokenizer, texts, self.loaded.device)
+
+    def classifier(self, classnames, templates) -> np.ndarray:
+        return classifier(self.loaded.model, self.loaded.tokenizer, classnames, templates, self.loaded.device)
+
+
+@dataclass
+class SuiteResult:
+    """A suite's metrics (`group.name` -> value, in the order they are reported) and, for the metrics that are
+    means over examples, the per-example values under the same name (what `psdclip compare` bootstraps)."""
+    metrics: dict = field(default_factory=dict)
+    per_example: dict = field(default_factory=dict)
+
+    def add(self, group: str, values: dict, per_example: dict | None = None) -> None:
+        self.metrics.update({f"{group}.{k}": v for k, v in values.items()})
+        self.per_example.update({f"{group}.{k}": np.asarray(v) for k, v in (per_example or {}).items()})
 
 
 # ---- splits --------------------------------------------------------------------------------------------
@@ -141,62 +145,67 @@ def split_of(keys) -> np.ndarray:
     return np.where(h < 6, 0, np.where(h < 8, 1, 2))
 
 
-def _zero_shot(logits, labels) -> dict:
-    """top-1/top-5 from logits (examples x classes) and the true labels of those examples."""
+def _zero_shot(logits, labels) -> tuple[dict, dict]:
+    """(top-1/top-5, per-example top-1) from logits (examples x classes) and the true labels of those examples."""
     top1, top5 = topk_correct(logits, labels, 1), topk_correct(logits, labels, min(5, logits.shape[1]))
-    return {"top1": float(top1.mean()), "top5": float(top5.mean()), "_top1": top1, "_n": len(labels)}
+    return {"top1": float(top1.mean()), "top5": float(top5.mean())}, {"top1": top1}
 
 
-def _probe(feats, ok, labels, keys) -> dict | None:
+def _probe(feats, ok, labels, keys) -> tuple[dict, dict] | None:
     """None when the examples are too few to split into train/val/test with two classes to learn."""
     s = split_of(keys)
     parts = [(feats[ok & (s == k)], labels[ok & (s == k)]) for k in (0, 1, 2)]
     if any(len(y) == 0 for _, y in parts) or len(np.unique(parts[0][1])) < 2:
         return None
     res = linear_probe(*parts)
-    return {"accuracy": res["accuracy"], "C": res["C"], "_correct": res["correct"]}
+    return {"accuracy": res["accuracy"], "C": res["C"]}, {"accuracy": res["correct"]}
+
+
+def _retrieval(i2t: np.ndarray, t2i: np.ndarray) -> tuple[dict, dict]:
+    """Recall@1/5/10 both ways from the ranks, and the per-example R@1 hits."""
+    values = {**{f"i2t_{k}": v for k, v in recall_at(i2t).items()}, **{f"t2i_{k}": v for k, v in recall_at(t2i).items()}}
+    return values, {"i2t_R@1": (i2t < 1).astype(float), "t2i_R@1": (t2i < 1).astype(float)}
 
 
 # ---- suites --------------------------------------------------------------------------------------------
 
-def suite_synthetic(directory, model, preprocess, tokenizer, cfg, device, cache) -> dict:
+def suite_synthetic(directory: str, ctx: SuiteContext) -> SuiteResult:
     from psdclip.pipeline.synth import SHAPES, SHIFTS
 
     attrs_path = os.path.join(directory, "heldout", "attributes.parquet")
     if not os.path.isfile(attrs_path):
         raise InputError(f"synthetic:{directory}: no held-out scenes (heldout/attributes.parquet); make them with "
                          f"`psdclip data synth --heldout N`")
+    split = ctx.cfg.split
     held = pd.read_parquet(attrs_path)
-    if cfg.split != "all":
-        held = held[(held["id"] % 4 == 0) == (cfg.split == "val")].reset_index(drop=True)
+    if split != "all":
+        held = held[(held["id"] % 4 == 0) == (split == "val")].reset_index(drop=True)
     labels = held["shape"].map({s: i for i, s in enumerate(SHAPES)}).to_numpy()
-    clf = classifier(model, tokenizer, list(SHAPES), SYNTH_TEMPLATES, device)
-    out: dict = {}
-    base = None
+    clf = ctx.classifier(list(SHAPES), SYNTH_TEMPLATES)
+    out = SuiteResult()
+    top1 = {}
     for variant in SHIFTS:
         paths = [os.path.join(directory, "heldout", variant, f"{i:07d}.jpg") for i in held["id"]]
-        name = variant if cfg.split == "all" else f"{variant}@{cfg.split}"
-        feats, ok = cache.get(name, lambda p=paths: encode_images(model, preprocess, p, cfg, device))
-        zs = _zero_shot(feats[ok] @ clf, labels[ok])
-        out[f"zeroshot_shape_{variant}"] = zs
+        feats, ok = ctx.images(variant if split == "all" else f"{variant}@{split}", paths)
+        values, per_example = _zero_shot(feats[ok] @ clf, labels[ok])
+        out.add(f"zeroshot_shape_{variant}", values, per_example)
+        top1[variant] = values["top1"]
         if variant == "base":
             base = (feats, ok)
     feats, ok = base
     probe = _probe(feats, ok, labels, held["id"])
     if probe is not None:
-        out["linear_probe_shape"] = probe
+        out.add("linear_probe_shape", *probe)
     colours = sorted(held["colour"].unique())
-    clf_c = classifier(model, tokenizer, colours, ("a photo of a {} shape.", "something {}."), device)
+    clf_c = ctx.classifier(colours, ("a photo of a {} shape.", "something {}."))
     colour_labels = held["colour"].map({c: i for i, c in enumerate(colours)}).to_numpy()
-    out["zeroshot_colour_base"] = _zero_shot(feats[ok] @ clf_c, colour_labels[ok])
-    txt = encode_texts(model, tokenizer, held["true_caption"].tolist(), device)
+    out.add("zeroshot_colour_base", *_zero_shot(feats[ok] @ clf_c, colour_labels[ok]))
+    txt = ctx.texts(held["true_caption"].tolist())
     i2t, t2i = retrieval_ranks(feats[ok] @ txt[ok].T, np.arange(int(ok.sum())))
-    out["retrieval"] = {**{f"i2t_{k}": v for k, v in recall_at(i2t).items()},
-                        **{f"t2i_{k}": v for k, v in recall_at(t2i).items()},
-                        "mean_R@1": float(((i2t < 1).mean() + (t2i < 1).mean()) / 2), "gallery": int(ok.sum()),
-                        "_i2t_r1": (i2t < 1).astype(float), "_t2i_r1": (t2i < 1).astype(float)}
-    out["robustness"] = {"base": out["zeroshot_shape_base"]["top1"],
-                         **{v: out[f"zeroshot_shape_{v}"]["top1"] for v in SHIFTS if v != "base"}}
+    values, per_example = _retrieval(i2t, t2i)
+    out.add("retrieval", {**values, "mean_R@1": float(((i2t < 1).mean() + (t2i < 1).mean()) / 2),
+                          "gallery": int(ok.sum())}, per_example)
+    out.add("robustness", top1)
     return out
 
 
@@ -215,7 +224,7 @@ def _read_lines(path):
         return [ln.strip() for ln in f if ln.strip()]
 
 
-def suite_folder(path, model, preprocess, tokenizer, cfg, device, cache) -> dict:
+def suite_folder(path: str, ctx: SuiteContext) -> SuiteResult:
     classes, files, labels = _folder_classes(path)
     names_file = os.path.join(path, "classnames.txt")
     classnames, pairing = class_names(classes, _read_lines(names_file) if os.path.isfile(names_file) else None,
@@ -224,10 +233,10 @@ def suite_folder(path, model, preprocess, tokenizer, cfg, device, cache) -> dict
     templates = _read_lines(tpl_file) if os.path.isfile(tpl_file) else ["a photo of a {}."]
     if any("{}" not in t for t in templates):
         raise InputError(f"{tpl_file}: every template needs a {{}} for the class name")
-    feats, ok = cache.get("images", lambda: encode_images(model, preprocess, files, cfg, device))
-    clf = classifier(model, tokenizer, classnames, templates, device)
+    feats, ok = ctx.images("images", files)
+    clf = ctx.classifier(classnames, templates)
     out = _classification(path, files, labels, feats, ok, feats[ok] @ clf)
-    out["class_names"] = pairing
+    out.metrics["class_names"] = pairing
     return out
 
 
@@ -247,31 +256,32 @@ def class_names(folders: list[str], names: list[str] | None, names_file: str) ->
     return list(names), f"classnames.txt line i names the i-th folder in sorted order ({shown}, ...)"
 
 
-def suite_imagenet(path, model, preprocess, tokenizer, cfg, device, cache) -> dict:
+def suite_imagenet(path: str, ctx: SuiteContext) -> SuiteResult:
     """ImageNet, -V2, -Sketch, -R, -A and ObjectNet folders (see psdclip.train.imagenet)."""
     from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
     variant = imagenet_variant(path)
     columns = variant.classes
-    feats, ok = cache.get("images", lambda: encode_images(model, preprocess, variant.files, cfg, device,
-                                                          border=variant.border))
-    clf = classifier(model, tokenizer, [IMAGENET_CLASSNAMES[c] for c in columns], OPENAI_IMAGENET_TEMPLATES, device)
+    feats, ok = ctx.images("images", variant.files, border=variant.border)
+    clf = ctx.classifier([IMAGENET_CLASSNAMES[c] for c in columns], OPENAI_IMAGENET_TEMPLATES)
     out = _classification(path, variant.files, variant.labels, feats, ok,
                           group_scores(feats[ok] @ clf, variant.groups, columns))
-    out.update(variant=variant.name, classes=len(variant.groups))
+    out.metrics.update(variant=variant.name, classes=len(variant.groups))
     return out
 
 
-def _classification(path, files, labels, feats, ok, logits) -> dict:
+def _classification(path, files, labels, feats, ok, logits) -> SuiteResult:
     """Zero-shot top-1/5 from logits over the good images, and the linear probe, for a folder suite."""
-    out = {"zeroshot": _zero_shot(logits, labels[ok]), "skipped_images": int((~ok).sum())}
+    out = SuiteResult()
+    out.add("zeroshot", *_zero_shot(logits, labels[ok]))
+    out.metrics["skipped_images"] = int((~ok).sum())
     probe = _probe(feats, ok, labels, [os.path.relpath(f, path) for f in files])
     if probe is not None:
-        out["linear_probe"] = probe
+        out.add("linear_probe", *probe)
     return out
 
 
-def suite_retrieval(path, model, preprocess, tokenizer, cfg, device, cache) -> dict:
+def suite_retrieval(path: str, ctx: SuiteContext) -> SuiteResult:
     if not os.path.isfile(path):
         raise InputError(f"retrieval:{path}: no such file")
     try:
@@ -291,46 +301,47 @@ def suite_retrieval(path, model, preprocess, tokenizer, cfg, device, cache) -> d
         raise InputError(f"{path}: {len(missing)} image(s) not found, e.g. {missing[0]}")
     images = list(dict.fromkeys(df["path"]))
     index = {p: i for i, p in enumerate(images)}
-    feats, ok = cache.get("images", lambda: encode_images(model, preprocess, images, cfg, device))
-    txt = encode_texts(model, tokenizer, df["caption"].astype(str).tolist(), device)
+    feats, ok = ctx.images("images", images)
+    txt = ctx.texts(df["caption"].astype(str).tolist())
     caption_image = df["path"].map(index).to_numpy()
-    i2t, t2i = retrieval_ranks(feats @ txt.T, caption_image)
-    return {"retrieval": {**{f"i2t_{k}": v for k, v in recall_at(i2t).items()},
-                          **{f"t2i_{k}": v for k, v in recall_at(t2i).items()},
-                          "_i2t_r1": (i2t < 1).astype(float), "_t2i_r1": (t2i < 1).astype(float),
-                          "images": len(images), "captions": len(df)}, "skipped_images": int((~ok).sum())}
+    values, per_example = _retrieval(*retrieval_ranks(feats @ txt.T, caption_image))
+    out = SuiteResult()
+    out.add("retrieval", {**values, "images": len(images), "captions": len(df)}, per_example)
+    out.metrics["skipped_images"] = int((~ok).sum())
+    return out
 
 
 # ---- command -------------------------------------------------------------------------------------------
 
+SUITES = {"synthetic": suite_synthetic, "imagefolder": suite_folder, "retrieval": suite_retrieval,
+          "imagenet": suite_imagenet}
+
+
+def evaluate_in_training(loaded: LoadedModel, suite: str, workers: int = 0) -> dict:
+    """The suite's metrics for a model being trained (its weights as they are now; the validation split of a
+    synthetic suite, so that a run's curve never looks at the test scenes). The caller sets eval/train mode."""
+    kind, arg = suite.split(":", 1)
+    cfg = EvalConfig(target=loaded.run, suite=suite, split="val" if kind == "synthetic" else "all", workers=workers)
+    with torch.no_grad():
+        dim = int(encode_texts(loaded.model, loaded.tokenizer, ["x"], loaded.device).shape[1])
+    res = SUITES[kind](arg, SuiteContext(loaded, cfg, FeatureCache(None, kind, "", dim)))
+    return {k: v for k, v in res.metrics.items() if isinstance(v, (int, float))}
+
+
 def evaluate(cfg: EvalConfig) -> dict:
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
     t0 = time.time()
-    model, preprocess, tokenizer, info = load_for_eval(cfg.target, device)
+    m = load_model(cfg.target, resolve_device(cfg.device))
     kind, arg = cfg.suite.split(":", 1)
     slug = f"{kind}-{hashlib.md5(os.path.abspath(arg).encode()).hexdigest()[:8]}"
-    dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None else \
-        int(encode_texts(model, tokenizer, ["x"], device).shape[1])
-    cache = FeatureCache(info["run"], slug, info["digest"], dim)
-    runner = {"synthetic": suite_synthetic, "imagefolder": suite_folder, "retrieval": suite_retrieval,
-              "imagenet": suite_imagenet}[kind]
-    raw = runner(arg, model, preprocess, tokenizer, cfg, device, cache)
+    dim = int(m.model.text_projection.shape[1]) if getattr(m.model, "text_projection", None) is not None else \
+        int(encode_texts(m.model, m.tokenizer, ["x"], m.device).shape[1])
+    cache = FeatureCache(m.run, slug, m.digest, dim)
+    res = SUITES[kind](arg, SuiteContext(m, cfg, cache))
     cache.save()
-    metrics, examples = {}, {}
-    for group, values in raw.items():
-        if not isinstance(values, dict):
-            metrics[group] = values
-            continue
-        for k, v in values.items():
-            if k.startswith("_"):
-                if isinstance(v, np.ndarray):
-                    examples[f"{group}.{k[1:]}"] = v.tolist()
-            else:
-                metrics[f"{group}.{k}"] = v
-    result = {"suite": cfg.suite, "split": cfg.split, "kind": kind, **{k: info[k] for k in ("checkpoint", "step", "arch", "loss")},
-              "metrics": metrics, "examples": examples, "time_s": round(time.time() - t0, 2)}
-    out_dir = os.path.join(info["run"], "eval")
+    result = {"suite": cfg.suite, "split": cfg.split, "kind": kind, "checkpoint": m.checkpoint, "step": m.step,
+              "arch": m.arch, "loss": m.loss, "metrics": res.metrics,
+              "examples": {k: v.tolist() for k, v in res.per_example.items()}, "time_s": round(time.time() - t0, 2)}
+    out_dir = os.path.join(m.run, "eval")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{result_name(cfg.suite, cfg.split)}.json")
     write_json(path, result, indent=1)

@@ -11,22 +11,8 @@ from psdclip.pipeline.dataset import write_json
 from psdclip.pipeline.errors import InputError
 
 from . import checkpoint as ckpt
+from .checkpoint import checkpoint_path
 from .config import ExportConfig
-
-
-def checkpoint_path(run_or_file: str) -> str:
-    if os.path.isfile(run_or_file):
-        return run_or_file
-    ckpt_dir = os.path.join(run_or_file, "checkpoints")
-    files = ckpt.list_checkpoints(ckpt_dir) if os.path.isdir(ckpt_dir) else []
-    if not files:
-        raise InputError(f"{run_or_file}: no checkpoint found (neither a file nor a run with checkpoints/)")
-    latest = os.path.join(ckpt_dir, "latest")
-    if os.path.isfile(latest):
-        name = open(latest).read().strip()
-        if os.path.isfile(os.path.join(ckpt_dir, name)):
-            return os.path.join(ckpt_dir, name)
-    return files[-1]
 
 
 def export(cfg: ExportConfig) -> int:

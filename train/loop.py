@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import os
 import sys
@@ -26,6 +27,8 @@ from .config import TrainConfig
 from .data import ShardStream, make_loader
 from .losses import CLIPLoss, PSDLoss, PSDSchedule
 from .models import build_model, model_config, resolve_model_name
+
+log = logging.getLogger(__name__)
 
 
 PLOT_EVERY_S = 120.0
@@ -54,10 +57,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def setup_distributed(cfg: TrainConfig):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
+    device = ckpt.resolve_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -66,11 +66,23 @@ def setup_distributed(cfg: TrainConfig):
     return rank, world, device
 
 
+def _lock_and_checkpoint(model, cfg: TrainConfig) -> None:
+    """Fine-tuning options as open_clip applies them: locked towers (LiT: parameters frozen, optionally all but
+    the last groups/layers) and gradient checkpointing."""
+    if cfg.lock_image:
+        model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
+                               freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
+    if cfg.lock_text:
+        model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers)  # its LayerNorms freeze too
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+
+
 def make_loss(cfg: TrainConfig, rank: int, world: int):
     if cfg.loss == "clip":
         return CLIPLoss(rank=rank, world_size=world)
-    schedule = PSDSchedule(cfg.steps, cfg.alpha_start, cfg.alpha_max, cfg.alpha_schedule, cfg.rho_start, cfg.rho_end,
-                           cfg.rho_schedule)
+    schedule = PSDSchedule(total_steps=cfg.steps, **{f: getattr(cfg, f) for f in (
+        "alpha_start", "alpha_max", "alpha_schedule", "rho_start", "rho_end", "rho_schedule")})
     return PSDLoss(schedule, cfg.teacher_temperature, seed=cfg.seed, rank=rank, world_size=world)
 
 
@@ -82,10 +94,11 @@ def train(cfg: TrainConfig) -> dict:
     micro = cfg.batch_size // world // cfg.accum
     ckpt_dir = os.path.join(cfg.out, "checkpoints")
     torch.manual_seed(cfg.seed)
-    model, preprocess_train, _, tokenizer = build_model(cfg.model, device)
+    model, preprocess_train, preprocess_val, tokenizer = build_model(cfg.model, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     loss_fn = make_loss(cfg, rank, world)
+    _lock_and_checkpoint(model, cfg)  # before the optimizer: it takes the parameters that still train
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   eps=cfg.eps)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -94,13 +107,17 @@ def train(cfg: TrainConfig) -> dict:
     resumed = _resume(cfg, ckpt_dir, model, optimizer, scaler)
     if resumed:
         start_step, data_position, teacher_state = resumed
+    elif cfg.pretrained:  # a resumed run continues from its own weights
+        source = ckpt.load_pretrained(model, cfg.pretrained, resolve_model_name(cfg.model))
+        if rank == 0:
+            log.info(f"psdclip: starting from the weights of {source}")
     ema = _make_teacher(model, teacher_state) if cfg.loss == "psd" and (cfg.ema_teacher or cfg.snapshot_every) \
         else None
     if rank == 0:
         _truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), start_step)
         if cfg.warmup_steps > cfg.steps:
-            print(f"psdclip: warning: --warmup {cfg.warmup:g} is {cfg.warmup_steps} steps, more than --steps "
-                  f"{cfg.steps}: the learning rate never reaches --lr {cfg.lr:g}", file=sys.stderr)
+            log.warning(f"psdclip: warning: --warmup {cfg.warmup:g} is {cfg.warmup_steps} steps, more than --steps "
+                        f"{cfg.steps}: the learning rate never reaches --lr {cfg.lr:g}")
         os.makedirs(os.path.join(cfg.out, "plots"), exist_ok=True)
         with open(os.path.join(cfg.out, "config.yaml"), "w") as f:
             yaml.safe_dump({**dataclasses.asdict(cfg), "model_arch": resolve_model_name(cfg.model), "world_size": world},
@@ -115,12 +132,11 @@ def train(cfg: TrainConfig) -> dict:
         raise InputError(f"--batch-size {cfg.batch_size}: larger than the {stream.source.samples:,} samples of "
                          f"--data {cfg.data} (a contrastive batch would hold the same pair twice)")
     batches = iter(make_loader(stream, cfg.workers))
-    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     bar = _progress(cfg, rank, start_step)
-    position = dict(data_position)
-    skipped_samples: dict = {}
-    window = {"t0": time.time(), "wait": 0.0, "samples": 0, "skipped_steps": 0, "started": time.time(),
-              "first_step": start_step}
+    state = TrainState(cfg=cfg, model=model, optimizer=optimizer, scaler=scaler, teacher=ema, rank=rank, world=world,
+                       window=_Window(first_step=start_step), position=dict(data_position),
+                       reporter=Reporter(cfg) if rank == 0 else None)
+    evaluator = _Evaluator(cfg, model, preprocess_val, tokenizer, device) if cfg.eval_every and rank == 0 else None
     step = start_step
     end = cfg.steps if not cfg.stop_after else min(cfg.steps, start_step + cfg.stop_after)
     interrupt = _Interrupt()
@@ -129,7 +145,7 @@ def train(cfg: TrainConfig) -> dict:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        at_step_start = dict(position)
+        at_step_start = dict(state.position)
         micro_batches = []
         for _ in range(cfg.accum):
             t_wait = time.time()
@@ -139,30 +155,30 @@ def train(cfg: TrainConfig) -> dict:
                 if not interrupt.wait(2.0):  # no stop signal came with it: a worker died on its own
                     raise PsdclipError(f"{err}; the same command resumes from the last checkpoint") from None
                 if step > start_step:  # the steps done so far are whole: keep them
-                    _checkpoint(cfg, ckpt_dir, step, model, optimizer, scaler, at_step_start, world, rank, ema)
-                print(f"psdclip: {interrupt.name} at step {step}: checkpoint saved; the same command resumes "
-                      f"from it", file=sys.stderr)
+                    _checkpoint(state, step, at_step_start)
+                log.warning(f"psdclip: {interrupt.name} at step {step}: checkpoint saved; the same command resumes "
+                         f"from it")
                 raise KeyboardInterrupt from None
-            window["wait"] += time.time() - t_wait
-            position[str(batch["reader"])] = {"epoch": batch["epoch"], "samples": batch["samples"],
-                                              "batches": batch["batches"]}
-            skipped_samples[batch["reader"]] = batch["skipped"]
+            state.window.wait += time.time() - t_wait
+            state.position[str(batch["reader"])] = {"epoch": batch["epoch"], "samples": batch["samples"],
+                                                    "batches": batch["batches"]}
+            state.skipped_samples[batch["reader"]] = batch["skipped"]
             micro_batches.append((batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format),
                                   batch["text"].to(device, non_blocking=True)))
-            window["samples"] += batch["image"].shape[0] * world
+            state.window.samples += batch["image"].shape[0] * world
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             losses = forward_backward(net, model, loss_fn, micro_batches, step, ema=ema, world=world)
         finite = all_finite(sum(v for k, v in losses.items() if k.endswith("_loss")), world)
-        logs = {k: float(v) for k, v in losses.items()}
+        logs = {k: v.detach() if torch.is_tensor(v) else v for k, v in losses.items()}  # read on log steps only
         if not finite:
             if cfg.nan_policy == "stop":
                 _nan_diagnostics(cfg, step, logs, lr, model, batch)
             optimizer.zero_grad(set_to_none=True)
-            window["skipped_steps"] += 1
-            print(f"psdclip: warning: non-finite loss at step {step}; step skipped", file=sys.stderr)
+            state.window.skipped_steps += 1
+            log.warning(f"psdclip: warning: non-finite loss at step {step}; step skipped")
             continue
         if cfg.grad_clip > 0:
-            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).detach()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -173,25 +189,28 @@ def train(cfg: TrainConfig) -> dict:
             _ema_update(ema, model, 0.0)  # PS-KD: the teacher becomes the model as it is now
         done = step + 1
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
-            _log(metrics_path, done, logs, lr, model, window, skipped_samples, world, bar, total_steps=end)
+            _log(state, done, logs, lr, bar, total_steps=end)
+        if evaluator is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+            evaluator.run(state, done)
         stopping = interrupt.agreed(world, device)
         if done % cfg.checkpoint_every == 0 or done == end or stopping:
             # plots with the checkpoint at the end, on a stop, and at most every PLOT_EVERY_S in between (drawing
             # five PNGs takes ~1 s: at every checkpoint of a short run it would cost more than the training)
             plot = done == end or stopping or time.time() - last_plot >= PLOT_EVERY_S
-            _checkpoint(cfg, ckpt_dir, done, model, optimizer, scaler, position, world, rank, ema, plot=plot)
+            _checkpoint(state, done, state.position, plot=plot)
             last_plot = time.time() if plot else last_plot
         if bar is not None:
             bar.update(1)
         if stopping:
             if bar is not None:
                 bar.close()
-            print(f"psdclip: {interrupt.name} at step {done}: checkpoint saved; the same command resumes from it",
-                  file=sys.stderr)
+            log.warning(f"psdclip: {interrupt.name} at step {done}: checkpoint saved; the same command resumes from it")
             raise KeyboardInterrupt
     interrupt.restore()
     if bar is not None:
         bar.close()
+    if state.reporter is not None:
+        state.reporter.close()
     # (the plots were drawn with the last checkpoint, which the last step always writes)
     if world > 1:
         dist.barrier()
@@ -276,23 +295,135 @@ def _progress(cfg, rank, start):
     return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
-def _log(path, step, logs, lr, model, window, skipped, world, bar, total_steps=0):
-    elapsed = max(time.time() - window["t0"], 1e-9)
+@dataclasses.dataclass
+class _Window:
+    """The current log interval's counters (reset at each log row) and the run's start, for the ETA."""
+    first_step: int
+    started: float = dataclasses.field(default_factory=time.time)
+    t0: float = dataclasses.field(default_factory=time.time)
+    wait: float = 0.0
+    samples: int = 0
+    skipped_steps: int = 0
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What the loop carries from step to step (as open_clip's TrainState): the modules and optimizer, this
+    rank's data position per reader, samples its readers skipped, and the log interval's counters."""
+    cfg: TrainConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    teacher: torch.nn.Module | None
+    rank: int
+    world: int
+    window: _Window
+    position: dict = dataclasses.field(default_factory=dict)
+    skipped_samples: dict = dataclasses.field(default_factory=dict)
+    reporter: "Reporter | None" = None
+
+    @property
+    def ckpt_dir(self) -> str:
+        return os.path.join(self.cfg.out, "checkpoints")
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.cfg.out, "metrics.jsonl")
+
+
+def _log(state: TrainState, step: int, logs: dict, lr: float, bar, total_steps: int = 0) -> None:
+    logs = {k: float(v) for k, v in logs.items()}  # the step's only device -> host copies besides all_finite's
+    window = state.window
+    elapsed = max(time.time() - window.t0, 1e-9)
     record = {"step": step, "loss": sum(v for k, v in logs.items() if k.endswith("_loss")), **logs, "lr": lr,
-              "logit_scale": float(model.logit_scale.detach().exp()), "samples_per_s": window["samples"] / elapsed,
-              "data_wait_frac": window["wait"] / elapsed, "skipped_samples": int(sum(skipped.values())) * world,
-              "skipped_steps": window["skipped_steps"], "time": time.time()}
-    with open(path, "a") as f:
+              "logit_scale": float(state.model.logit_scale.detach().exp()), "samples_per_s": window.samples / elapsed,
+              "data_wait_frac": window.wait / elapsed,
+              "skipped_samples": int(sum(state.skipped_samples.values())) * state.world,
+              "skipped_steps": window.skipped_steps, "time": time.time()}
+    with open(state.metrics_path, "a") as f:
         f.write(json.dumps(record) + "\n")
+    if state.reporter is not None:
+        state.reporter.log({f"train/{k}": v for k, v in record.items() if k not in ("step", "time")}, step)
     if bar is not None:
         bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
     elif total_steps:  # no bar (--no-progress, a log file): one line per log interval
-        rate = (step - window["first_step"]) / max(time.time() - window["started"], 1e-9)
+        rate = (step - window.first_step) / max(time.time() - window.started, 1e-9)
         eta = (total_steps - step) / rate if rate > 0 else float("inf")
-        print(f"step {step}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.2e}  "
-              f"{record['samples_per_s']:.0f} samples/s  data wait {record['data_wait_frac']:.0%}  "
-              f"ETA {_duration(eta)}", file=sys.stderr, flush=True)
-    window.update(t0=time.time(), wait=0.0, samples=0)
+        log.info(f"step {step}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.2e}  "
+                 f"{record['samples_per_s']:.0f} samples/s  data wait {record['data_wait_frac']:.0%}  "
+                 f"ETA {_duration(eta)}")
+    window.t0, window.wait, window.samples = time.time(), 0.0, 0
+
+
+class Reporter:
+    """--report-to: TensorBoard event files in RUN/tensorboard and/or a W&B run (its id fixed by the run directory,
+    so that a resumed run continues the same one), fed the rows that metrics.jsonl gets. Rank 0 only."""
+
+    def __init__(self, cfg: TrainConfig):
+        kinds = {k.strip() for k in cfg.report_to.split(",") if k.strip()}
+        self.tb = self.wandb = None
+        if "tensorboard" in kinds:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise InputError("--report-to tensorboard: the tensorboard package is not installed "
+                                 "(pip install tensorboard)") from None
+            self.tb = SummaryWriter(os.path.join(cfg.out, "tensorboard"))
+        if "wandb" in kinds:
+            try:
+                import wandb
+            except ImportError:
+                raise InputError("--report-to wandb: the wandb package is not installed (pip install wandb)") from None
+            import hashlib
+
+            run_id = hashlib.sha1(os.path.abspath(cfg.out).encode()).hexdigest()[:12]
+            self.wandb = wandb.init(project="psdclip", name=os.path.basename(os.path.abspath(cfg.out)), id=run_id,
+                                    resume="allow", dir=cfg.out, config=dataclasses.asdict(cfg))
+
+    def log(self, values: dict, step: int) -> None:
+        scalars = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class _Evaluator:
+    """--eval-every: the eval suite on the model as it is, written to metrics.jsonl (and the reporter) as a row
+    {"step", "eval": SUITE, "split", "metrics": {...}}. Rank 0 evaluates while the other ranks wait for it at
+    their next collective (within --dist-timeout)."""
+
+    def __init__(self, cfg: TrainConfig, model, preprocess, tokenizer, device):
+        self.cfg, self.model, self.preprocess, self.tokenizer, self.device = cfg, model, preprocess, tokenizer, device
+
+    def run(self, state: TrainState, step: int) -> None:
+        from .checkpoint import LoadedModel
+        from .evaluate import evaluate_in_training
+
+        cfg = self.cfg
+        loaded = LoadedModel(model=self.model, preprocess=self.preprocess, tokenizer=self.tokenizer,
+                             device=self.device, checkpoint="", run=cfg.out, step=step,
+                             arch=resolve_model_name(cfg.model), loss=cfg.loss, digest="")
+        t0 = time.time()
+        self.model.eval()
+        try:
+            metrics = evaluate_in_training(loaded, cfg.eval_suite)
+        finally:
+            self.model.train()
+        row = {"step": step, "eval": cfg.eval_suite, "split": "val" if cfg.eval_suite.startswith("synthetic:")
+               else "all", "metrics": metrics, "eval_s": round(time.time() - t0, 2), "time": time.time()}
+        with open(state.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if state.reporter is not None:
+            state.reporter.log({f"eval/{k}": v for k, v in metrics.items()}, step)
+        state.window.t0 += time.time() - t0  # the evaluation's time does not count against the samples/s
 
 
 def _duration(seconds: float) -> str:
@@ -303,7 +434,10 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def _checkpoint(cfg, ckpt_dir, step, model, optimizer, scaler, position, world, rank, teacher=None, plot=True):
+def _checkpoint(state: TrainState, step: int, position: dict, plot: bool = True) -> None:
+    """Every rank's data position gathered; rank 0 writes the checkpoint (and, when `plot`, redraws the run's
+    plots); the others wait for it at a barrier."""
+    cfg, world = state.cfg, state.world
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, position)
@@ -311,14 +445,15 @@ def _checkpoint(cfg, ckpt_dir, step, model, optimizer, scaler, position, world, 
         for p in gathered:
             merged.update(p)
         position = merged
-    if rank == 0:
-        ckpt.save(ckpt_dir, step, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+    if state.rank == 0:
+        ckpt.save(state.ckpt_dir, step, {
+            "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+            "scaler": state.scaler.state_dict(),
             "step": step, "rng": ckpt.rng_state(), "data": {"position": position, "world_size": world,
                                                             "workers": cfg.workers},
             "model_arch": resolve_model_name(cfg.model), "model_cfg": json.dumps(model_config(cfg.model)),
             "loss": cfg.loss, "config": json.dumps(dataclasses.asdict(cfg)),
-            **({"teacher": teacher.state_dict()} if teacher is not None else {}),
+            **({"teacher": state.teacher.state_dict()} if state.teacher is not None else {}),
         }, cfg.keep)
         if plot:
             from .plots import plot_run
@@ -374,18 +509,18 @@ def _resume(cfg, ckpt_dir, model, optimizer, scaler):
     position = data.get("position", {})
     if data.get("world_size") != world or data.get("workers") != cfg.workers:
         seen = sum(int(p.get("samples", 0)) for p in position.values())
-        print(f"psdclip: warning: ranks or workers changed since the checkpoint ({data.get('world_size')} x "
-              f"{data.get('workers')} -> {world} x {cfg.workers}); the data stream restarts its epoch, so the "
-              f"{seen:,} samples of it already seen are seen again", file=sys.stderr)
+        log.warning(f"psdclip: warning: ranks or workers changed since the checkpoint ({data.get('world_size')} x "
+                    f"{data.get('workers')} -> {world} x {cfg.workers}); the data stream restarts its epoch, so the "
+                    f"{seen:,} samples of it already seen are seen again")
         position = {}
-    print(f"psdclip: resuming from {path} (step {state['step']})", file=sys.stderr)
+    log.info(f"psdclip: resuming from {path} (step {state['step']})")
     return int(state["step"]), position, state.get("teacher")
 
 
 def _nan_diagnostics(cfg, step, logs, lr, model, batch):
     path = os.path.join(cfg.out, f"nan_step_{step:06d}.json")
     with open(path, "w") as f:
-        json.dump({"step": step, "losses": logs, "lr": lr, "logit_scale": float(model.logit_scale.detach()),
+        json.dump({"step": step, "losses": {k: float(v) for k, v in logs.items()}, "lr": lr, "logit_scale": float(model.logit_scale.detach()),
                    "batch_keys": batch.get("keys", [])[:64],
                    "nonfinite_params": [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]},
                   f, indent=2)

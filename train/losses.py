@@ -41,7 +41,7 @@ def ramp(step: int, total: int, start: float, end: float, kind: str = "linear") 
     raise ValueError(f"unknown schedule {kind!r}; expected one of {', '.join(SCHEDULES)}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PSDSchedule:
     total_steps: int
     alpha_start: float = 0.0
@@ -56,6 +56,12 @@ class PSDSchedule:
 
     def rho_at(self, step: int) -> float:
         return ramp(step, self.total_steps, self.rho_start, self.rho_end, self.rho_schedule)
+
+
+def constant_schedule(alpha: float, rho: float = 1.0, total_steps: int = 10) -> PSDSchedule:
+    """α and ρ held fixed (for tests and analyses of one training moment)."""
+    return PSDSchedule(total_steps=total_steps, alpha_start=alpha, alpha_max=alpha, alpha_schedule="constant",
+                       rho_start=rho, rho_end=rho, rho_schedule="constant")
 
 
 class CLIPLoss(ClipLoss):

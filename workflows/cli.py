@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from psdclip.index.config import IndexBuildConfig, QueryConfig, ServeConfig
 from psdclip.pipeline.config import BuildConfig, ServeDataConfig, StatsConfig, SynthConfig
+from psdclip.pipeline import logs
 from psdclip.pipeline.errors import InputError, PsdclipError
 from psdclip.train.config import CompareConfig, EvalConfig, ExportConfig, TrainConfig
 
@@ -76,6 +77,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="psdclip", description="psdclip: URL lists -> datasets -> CLIP/PSD training -> "
                      "FAISS retrieval. Every command takes --config FILE.yaml; options override it.")
     parser.add_argument("--version", action="version", version=f"psdclip {__version__}")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_const", const="WARNING", dest="_log_level",
+                      help="only warnings and errors on stderr (progress bars stay; --no-progress turns them off)")
+    loud.add_argument("-v", "--verbose", action="store_const", const="DEBUG", dest="_log_level",
+                      help="debug messages too")
     groups: dict[tuple[str, ...], argparse._SubParsersAction] = {(): parser.add_subparsers(dest="cmd0",
                                                                                            metavar="COMMAND")}
     parents: dict[tuple[str, ...], argparse.ArgumentParser] = {}
@@ -98,12 +104,14 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    logs.setup(args._log_level)
     cmd = getattr(args, "_command", None)
     if cmd is None:
         chosen = tuple(v for k, v in sorted(vars(args).items()) if k.startswith("cmd") and v)
         (parser._psd_parents.get(chosen, parser)).print_help()  # type: ignore[attr-defined]
         return 2
-    values = {k: v for k, v in vars(args).items() if not k.startswith("cmd") and k not in ("_command", "config")}
+    values = {k: v for k, v in vars(args).items() if not k.startswith("cmd") and k not in ("_command", "config",
+                                                                                             "_log_level")}
     try:
         cfg = build_config(cmd.config, load_yaml(args.config) if args.config else {}, values,
                            source=args.config or "config")

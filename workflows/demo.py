@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
 from psdclip.pipeline.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,7 +45,7 @@ DEMO_DIFFICULTY = {"shape_scale": 1.4, "distractor_frac": 0.0, "backgrounds": 1,
 
 
 def _step(i: int, msg: str) -> None:
-    print(f"\n==> [{i}/7] {msg}", file=sys.stderr, flush=True)
+    log.info(f"\n==> [{i}/7] {msg}")
 
 
 def run_demo(cfg: DemoConfig) -> int:

@@ -45,11 +45,11 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -58,8 +58,11 @@ import yaml
 from psdclip.pipeline.dataset import read_json, write_json, write_text
 from psdclip.pipeline.errors import InputError
 from psdclip.train.config import result_name
+from psdclip.train.metrics import ci_half, fit_scaling, min_detectable, predict
 
 from .recipe import SweepConfig
+
+log = logging.getLogger(__name__)
 
 
 def _suite_spec(suite: str, src: str) -> str:
@@ -73,93 +76,6 @@ def steps_for(rule: dict, n_samples: int, batch_size: int) -> int:
     if rule.get("rule") == "epochs":
         return max(1, math.ceil(float(rule["epochs"]) * n_samples / batch_size))
     raise InputError(f"[sweep] compute: rule must be samples_seen or epochs, got {rule.get('rule')!r}")
-
-
-def power_law(n, a, b, c):
-    return a * np.power(n, -b) + c
-
-
-def plateau_law(n, b, log_n0, c, e0):
-    """error = c + (e0 − c) / (1 + (N/N0)^b): the random-guess error e0 for N ≪ N0 (Hestness et al. 2017's
-    small-data region), a power law a·N^(−b) + c with a = (e0 − c)·N0^b for N ≫ N0."""
-    return c + (e0 - c) / (1 + np.power(np.asarray(n, float) / np.exp(log_n0), b))
-
-
-def _r2(errors, pred) -> float:
-    ss_res, ss_tot = float(((errors - pred) ** 2).sum()), float(((errors - errors.mean()) ** 2).sum())
-    return 1 - ss_res / ss_tot if ss_tot else 1.0
-
-
-def fit_power_law(ns, errors) -> dict:
-    """error = a·N^(−b) + c by least squares over the given points (one per run, or one per size); R² of the
-    fit over those points."""
-    from scipy.optimize import OptimizeWarning, curve_fit
-
-    ns, errors = np.asarray(ns, float), np.asarray(errors, float)
-    if len(np.unique(ns)) < 3:
-        return {"ok": False, "note": "needs at least three data sizes"}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", OptimizeWarning)
-            (a, b, c), _ = curve_fit(power_law, ns, errors, p0=(1.0, 0.3, float(errors.min()) * 0.5),
-                                     bounds=([0, 0, 0], [np.inf, 3, 1]), maxfev=20000)
-    except (RuntimeError, ValueError) as err:
-        return {"ok": False, "note": str(err)}
-    return {"ok": True, "form": "power", "a": float(a), "b": float(b), "c": float(c),
-            "r2": _r2(errors, power_law(ns, a, b, c)), "points": int(len(ns))}
-
-
-def fit_scaling(ns, errors, guess: float | None = None) -> dict:
-    """The declared fit of error against N. Without a random-guess error, the power law (fit_power_law). With
-    one (1 − the metric's chance value, declared in the recipe), the power law with a random-guess plateau
-    (plateau_law; same number of free parameters: b, N0, c), since with compute proportional to N the smallest
-    subsets train too little to leave chance and a plain power law cannot bend to a plateau. Both R² are
-    reported (r2 of the declared form, r2_power of the plain power law over the same points)."""
-    from scipy.optimize import OptimizeWarning, curve_fit
-
-    power = fit_power_law(ns, errors)
-    if guess is None or not power.get("ok", False) and "three" in power.get("note", ""):
-        return power
-    ns, errors = np.asarray(ns, float), np.asarray(errors, float)
-    e0 = float(guess)
-    law = lambda n, b, log_n0, c: plateau_law(n, b, log_n0, c, e0)  # noqa: E731
-    p0 = (1.0, float(np.log(np.median(ns))), max(0.0, min(float(errors.min()), e0) * 0.5))
-    try:
-        with warnings.catch_warnings():  # a covariance that cannot be estimated (few points) does not matter here
-            warnings.simplefilter("ignore", OptimizeWarning)
-            (b, log_n0, c), _ = curve_fit(law, ns, errors, p0=p0, bounds=([0, 0, 0], [5, 25, max(e0, 1e-9)]),
-                                          maxfev=20000)
-    except (RuntimeError, ValueError) as err:
-        return {"ok": False, "note": str(err), "r2_power": power.get("r2")}
-    n0 = float(np.exp(log_n0))
-    return {"ok": True, "form": "plateau", "e0": e0, "b": float(b), "n0": n0, "c": float(c),
-            "a": float((e0 - c) * n0 ** b), "r2": _r2(errors, law(ns, b, log_n0, c)), "r2_power": power.get("r2"),
-            "points": int(len(ns))}
-
-
-def predict(fit: dict, ns):
-    if fit["form"] == "plateau":
-        return plateau_law(ns, fit["b"], np.log(fit["n0"]), fit["c"], fit["e0"])
-    return power_law(ns, fit["a"], fit["b"], fit["c"])
-
-
-def ci_half(values: np.ndarray) -> float:
-    """Half-width of the 95% confidence interval of the mean, Student t (few seeds: t, not 1.96)."""
-    from scipy.stats import t
-
-    n = len(values)
-    return float(t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-
-
-def min_detectable(values: np.ndarray, power: float = 0.8) -> float:
-    """The smallest true mean difference a paired two-sided t test at 5% detects with the given power, for
-    this many pairs and the observed spread of their differences: (t_0.975 + t_power)·sd/√n."""
-    from scipy.stats import t
-
-    n = len(values)
-    if n < 2:
-        return float("nan")
-    return float((t.ppf(0.975, n - 1) + t.ppf(power, n - 1)) * values.std(ddof=1) / np.sqrt(n))
 
 
 # ---- planning and running ----------------------------------------------------------------------------
@@ -260,7 +176,7 @@ class Sweep:
 
         for level in self.levels:
             if level:
-                print(f"[sweep] noise level {level}: source and dataset", file=sys.stderr, flush=True)
+                log.info(f"[sweep] noise level {level}: source and dataset")
             self.sources[level] = prepare_dataset(self.cfgs[level])
 
     def subset_path(self, level: str, name: str) -> tuple[str, int]:
@@ -293,9 +209,9 @@ class Sweep:
         wanted = {**settings, "data": subset_file, "out": run, "steps": steps, "seed": seed, "progress": False}
         self._same_settings(run, wanted)
         if all(os.path.isfile(f) for f in files.values()):
-            print(f"[sweep] {tag}: done, skipped", file=sys.stderr)
+            log.info(f"[sweep] {tag}: done, skipped")
         else:
-            print(f"[sweep] {tag}: {steps} steps", file=sys.stderr, flush=True)
+            log.info(f"[sweep] {tag}: {steps} steps")
             self._train(wanted, run)
             for (suite, split), f in files.items():
                 if not os.path.isfile(f):
@@ -439,7 +355,7 @@ def check_regime(sweep: Sweep) -> None:
     if missed:
         raise InputError(f"[sweep] the regime does not learn: at {subset} {level} the baseline has "
                          f"{'; '.join(missed)} (validation split); change model, budget or data before comparing")
-    print(f"[sweep] regime check passed at {subset} {level}", file=sys.stderr)
+    log.info(f"[sweep] regime check passed at {subset} {level}")
 
 
 def screen(sweep: Sweep) -> dict:

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from psdclip.train.losses import CLIPLoss, PSDLoss, PSDSchedule
+from psdclip.train.losses import CLIPLoss, PSDLoss, constant_schedule
 
 
 def main(out):
@@ -21,7 +21,7 @@ def main(out):
     model = torch.nn.ModuleDict({"i": enc_i, "t": enc_t})
     results = {}
     for name, loss_fn in (("clip", CLIPLoss(rank, world)),
-                          ("psd", PSDLoss(PSDSchedule(10, 0.6, 0.6, "constant", 0.5, 0.5, "constant"), 1.5, seed=1,
+                          ("psd", PSDLoss(constant_schedule(0.6, 0.5), 1.5, seed=1,
                                           rank=rank, world_size=world))):
         model.zero_grad()
         fi, ft = F.normalize(model["i"](x), dim=-1), F.normalize(model["t"](y), dim=-1)
@@ -53,7 +53,7 @@ def main(out):
     for name, parts in (("psd-one", 1), ("psd-accum", 2)):
         pair = Pair()
         net = torch.nn.parallel.DistributedDataParallel(pair) if world > 1 else pair
-        loss_fn = PSDLoss(PSDSchedule(10, 0.6, 0.6, "constant", 0.5, 0.5, "constant"), 1.5, seed=1, rank=rank,
+        loss_fn = PSDLoss(constant_schedule(0.6, 0.5), 1.5, seed=1, rank=rank,
                           world_size=world)
         m = n // parts
         losses = forward_backward(net, pair, loss_fn, [(x[k * m:(k + 1) * m], y[k * m:(k + 1) * m]) for k in range(parts)],

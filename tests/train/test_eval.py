@@ -19,6 +19,9 @@ def test_synthetic_suite_end_to_end(runs, synth_dir):
     assert m["zeroshot_shape_base.top5"] >= m["zeroshot_shape_base.top1"]
     saved = json.load(open(runs[0] / "eval" / "synthetic.json"))
     assert len(saved["examples"]["zeroshot_shape_base.top1"]) == 40  # the 40 held-out scenes
+    for key, values in saved["examples"].items():  # each per-example array is named as the metric it averages
+        assert np.isclose(np.mean(values), m[key]), key
+    assert {"retrieval.i2t_R@1", "retrieval.t2i_R@1", "linear_probe_shape.accuracy"} <= set(saved["examples"])
     assert list((runs[0] / "eval" / "cache").glob("*.npz"))  # features cached for the next metric/eval
     again = json.loads(cli("eval", runs[0], "--suite", f"synthetic:{synth_dir}", "--json", "--workers", 0).stdout)
     assert again["metrics"] == m
@@ -35,6 +38,16 @@ def test_compare_with_bootstrap_and_effective_robustness(runs, synth_dir, tmp_pa
     assert d["ci_low"] <= d["diff"] <= d["ci_high"]
     assert set(res["effective_robustness"][str(runs[1])]) == {"sketch", "texture", "colorshift", "blur", "noise"}
     assert (tmp_path / "compare.png").stat().st_size > 1000
+    # an evaluation written before per-example arrays were named as their metric still pairs by example
+    old = json.load(open(runs[1] / "eval" / "synthetic.json"))
+    old["examples"] = {k.replace("i2t_R@1", "i2t_r1").replace("shape.accuracy", "shape.correct"): v
+                       for k, v in old["examples"].items()}
+    (tmp_path / "legacy" / "eval").mkdir(parents=True)
+    (tmp_path / "legacy" / "eval" / "synthetic.json").write_text(json.dumps(old))
+    cli("compare", runs[0], tmp_path / "legacy", "--out", tmp_path / "cmp-legacy")
+    rows = {x["metric"]: x for x in json.load(open(tmp_path / "cmp-legacy" / "compare.json"))["rows"]}
+    for metric in ("retrieval.i2t_R@1", "linear_probe_shape.accuracy"):
+        assert "ci_low" in rows[metric]["diff"][str(tmp_path / "legacy")], metric
 
 
 def _folder(root, classes, per_class=6, bad=0):

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from psdclip.train.losses import CLIPLoss, PSDLoss, PSDSchedule, ramp
+from psdclip.train.losses import CLIPLoss, PSDLoss, PSDSchedule, constant_schedule, ramp
 from psdclip.train.loop import lr_at
 from psdclip.train.config import TrainConfig
 
@@ -16,7 +16,7 @@ def feats(n=16, d=8, seed=0):
 def test_psd_with_alpha_zero_is_clip():
     i, t, s = feats()
     clip = CLIPLoss()(i, t, s)["contrastive_loss"]
-    psd = PSDLoss(PSDSchedule(100, 0.0, 0.0))(i, t, s, step=50)["contrastive_loss"]
+    psd = PSDLoss(PSDSchedule(total_steps=100, alpha_start=0.0, alpha_max=0.0))(i, t, s, step=50)["contrastive_loss"]
     assert abs(float(clip) - float(psd)) < 1e-6
     # by hand: symmetric cross-entropy with the diagonal as labels
     logits = s * i @ t.T
@@ -28,7 +28,7 @@ def test_psd_with_alpha_zero_is_clip():
 def test_psd_targets_by_hand_and_no_gradient_through_the_teacher():
     i, t, s = feats()
     alpha = 0.4
-    loss = PSDLoss(PSDSchedule(10, alpha, alpha, "constant"))(i, t, s, step=3)["contrastive_loss"]
+    loss = PSDLoss(constant_schedule(alpha))(i, t, s, step=3)["contrastive_loss"]
     loss.backward()
     gi, gt = i.grad.clone(), t.grad.clone()
     # the same loss with the teacher as a constant computed outside autograd
@@ -46,7 +46,7 @@ def test_psd_targets_by_hand_and_no_gradient_through_the_teacher():
 
 
 def test_rho_selects_a_subset_of_rows_deterministically():
-    loss = PSDLoss(PSDSchedule(10, 0.5, 0.5, "constant", 0.25, 0.25, "constant"), seed=3)
+    loss = PSDLoss(constant_schedule(0.5, 0.25), seed=3)
     m1 = loss.row_mask(7, 4096, 4096, 0.25, "cpu")
     m2 = loss.row_mask(7, 4096, 4096, 0.25, "cpu")
     assert torch.equal(m1, m2) and 0.2 < m1.float().mean() < 0.3
@@ -61,7 +61,7 @@ def test_schedules_are_monotone_and_reach_their_end_points():
         assert abs(vals[0] - 0.1) < 1e-12 and abs(vals[100] - 0.7) < 1e-12 and vals[120] == vals[100]
         assert all(b >= a for a, b in zip(vals, vals[1:]))
     assert ramp(5, 100, 0.1, 0.7, "constant") == 0.7
-    sched = PSDSchedule(50, 0.0, 0.6)
+    sched = PSDSchedule(total_steps=50, alpha_start=0.0, alpha_max=0.6)
     assert sched.alpha_at(0) == 0.0 and abs(sched.alpha_at(50) - 0.6) < 1e-12
 
 
@@ -81,10 +81,10 @@ def test_same_pass_teacher_at_temperature_one_only_rescales_each_rows_gradient()
     clip = CLIPLoss()(i, t, s)["contrastive_loss"]
     (gi_clip,) = torch.autograd.grad(clip, i)
     alpha = 0.4
-    psd = PSDLoss(PSDSchedule(10, alpha, alpha, "constant"))(i, t, s, step=1)["contrastive_loss"]
+    psd = PSDLoss(constant_schedule(alpha))(i, t, s, step=1)["contrastive_loss"]
     (gi_psd,) = torch.autograd.grad(psd, i)
     assert torch.allclose(gi_psd, (1 - alpha) * gi_clip, atol=1e-6)
-    warm = PSDLoss(PSDSchedule(10, alpha, alpha, "constant"), teacher_temperature=2.0)(i, t, s, step=1)
+    warm = PSDLoss(constant_schedule(alpha), teacher_temperature=2.0)(i, t, s, step=1)
     (gi_warm,) = torch.autograd.grad(warm["contrastive_loss"], i)
     assert not torch.allclose(gi_warm, (1 - alpha) * gi_clip, atol=1e-4)
 
@@ -119,14 +119,14 @@ def _check_against_hand(loss_module, teach_fn, mask, alpha, step=3, teacher_logi
 
 def test_teacher_temperature_loss_and_gradient_by_hand():
     alpha, temp = 0.6, 2.0
-    loss = PSDLoss(PSDSchedule(10, alpha, alpha, "constant"), teacher_temperature=temp)
+    loss = PSDLoss(constant_schedule(alpha), teacher_temperature=temp)
     _check_against_hand(loss, lambda lg: (F.softmax(lg / temp, 1), F.softmax(lg.T / temp, 1)),
                         torch.ones(16, dtype=torch.bool), alpha)
 
 
 def test_rho_below_one_loss_and_gradient_by_hand():
     alpha, rho = 0.8, 0.5
-    loss = PSDLoss(PSDSchedule(10, alpha, alpha, "constant", rho, rho, "constant"), seed=5)
+    loss = PSDLoss(constant_schedule(alpha, rho), seed=5)
     mask = loss.row_mask(3, 16, 16, rho, "cpu")
     assert 0 < int(mask.sum()) < 16  # some rows distilled, some one-hot
     _check_against_hand(loss, lambda lg: (F.softmax(lg, 1), F.softmax(lg.T, 1)), mask, alpha)
@@ -137,7 +137,7 @@ def test_external_teacher_logits_loss_and_gradient_by_hand():
     alpha = 0.5
     ti, tt, s = feats(seed=9)
     teacher = (s * ti.detach() @ tt.detach().T, s * tt.detach() @ ti.detach().T)
-    loss = PSDLoss(PSDSchedule(10, alpha, alpha, "constant"), teacher_temperature=1.5)
+    loss = PSDLoss(constant_schedule(alpha), teacher_temperature=1.5)
     _check_against_hand(loss, lambda lg: (F.softmax(teacher[0] / 1.5, 1), F.softmax(teacher[1] / 1.5, 1)),
                         torch.ones(16, dtype=torch.bool), alpha, teacher_logits=teacher)
 
@@ -145,7 +145,7 @@ def test_external_teacher_logits_loss_and_gradient_by_hand():
 def test_soft_targets_stay_fp32_under_bf16_autocast():
     """Targets built in bf16 no longer sum to 1; the loss builds and applies them in fp32."""
     i, t, s = feats(n=64)
-    loss = PSDLoss(PSDSchedule(10, 0.5, 0.5, "constant"), teacher_temperature=2.0)
+    loss = PSDLoss(constant_schedule(0.5), teacher_temperature=2.0)
     ref = loss(i, t, s, step=1)["contrastive_loss"]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = loss(i.bfloat16(), t.bfloat16(), s, step=1)["contrastive_loss"]

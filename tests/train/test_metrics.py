@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from psdclip.train.metrics import (bootstrap_diff, effective_robustness, linear_probe, recall_at, retrieval_ranks,
-                                   topk_correct)
+from psdclip.train.metrics import (bootstrap_diff, ci_half, effective_robustness, fit_scaling, linear_probe,
+                                   min_detectable, plateau_law, predict, recall_at, retrieval_ranks, topk_correct)
 
 
 def test_topk_with_ties_counted_against():
@@ -70,3 +70,28 @@ def test_class_names_pair_by_name_when_they_match_the_folders():
     assert names == ["blue thing", "green_thing", "Red thing"] and "by name" in how
     names, how = class_names(folders, ["azure", "emerald", "crimson"], "x")  # other words: sorted-order rule
     assert names == ["azure", "emerald", "crimson"] and "blue_thing -> azure" in how
+
+
+def test_scaling_fit_with_a_random_guess_plateau():
+    """With compute proportional to N the smallest subsets stay at chance: the declared plateau form recovers the
+    law that generated such points, where the plain power law (convex in log N) cannot bend to the plateau."""
+    rng = np.random.default_rng(0)
+    ns = np.repeat([500, 1600, 5000, 16000, 50000], 3)
+    e0 = 1 - 1 / 6
+    errors = plateau_law(ns, 1.5, np.log(8000), 0.05, e0) + rng.normal(0, 0.01, len(ns))
+    fit = fit_scaling(ns, errors, guess=e0)
+    assert fit["ok"] and fit["form"] == "plateau" and fit["r2"] > 0.99 and fit["r2_power"] < fit["r2"] - 0.05
+    assert abs(fit["b"] - 1.5) < 0.3 and 6000 < fit["n0"] < 10000 and abs(fit["c"] - 0.05) < 0.03
+    assert np.allclose(predict(fit, [1e9]), fit["c"], atol=1e-3) and np.allclose(predict(fit, [1]), e0, atol=1e-3)
+    assert abs(fit["a"] - (e0 - fit["c"]) * fit["n0"] ** fit["b"]) < 1e-6 * fit["a"]  # the large-N power law
+    plain = fit_scaling(ns, 0.5 * ns ** -0.3 + 0.02)  # no chance declared: the plain power law, exact here
+    assert plain["form"] == "power" and plain["r2"] > 0.999 and abs(plain["b"] - 0.3) < 0.01
+    assert not fit_scaling([1, 2, 1, 2], [0.5, 0.4, 0.5, 0.4], guess=e0)["ok"]  # needs three sizes
+
+
+def test_seed_statistics_by_hand():
+    """Three seeds 1, 2, 3: sd 1, t(0.975, 2) = 4.3027, t(0.8, 2) = 1.0607."""
+    v = np.array([1.0, 2.0, 3.0])
+    assert abs(ci_half(v) - 4.3027 / np.sqrt(3)) < 1e-3
+    assert abs(min_detectable(v) - (4.3027 + 1.0607) / np.sqrt(3)) < 1e-3
+    assert np.isnan(ci_half(np.array([0.5]))) and np.isnan(min_detectable(np.array([0.5])))

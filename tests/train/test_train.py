@@ -20,18 +20,31 @@ def metrics(run):
     return [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
 
 
-def test_model_learns_and_writes_its_run(dataset_dir, tmp_path):
-    """The rn-small preset (the studies' model) learns within 60 steps and its export loads in plain open_clip."""
+def test_model_learns_and_writes_its_run(dataset_dir, synth_dir, tmp_path):
+    """The rn-small preset (the studies' model) learns within 60 steps, evaluates while it trains (as `psdclip eval`
+    does the checkpoint), reports to TensorBoard, and its export loads in plain open_clip."""
     run = tmp_path / "run"
     cli("train", "--data", dataset_dir, "--out", run, "--steps", 60, "--lr", "2e-3", "--log-every", 4,
-        "--checkpoint-every", 20, "--keep", 2, *FAST[2:], "--model", "rn-small")
-    rows = metrics(run)
+        "--checkpoint-every", 20, "--keep", 2, *FAST[2:], "--model", "rn-small", "--eval-every", 30,
+        "--eval-suite", f"synthetic:{synth_dir}", "--report-to", "tensorboard")
+    evals = [r for r in metrics(run) if "eval" in r]
+    assert [r["step"] for r in evals] == [30, 60] and all(r["split"] == "val" for r in evals)
+    alone = json.loads(cli("eval", run, "--suite", f"synthetic:{synth_dir}", "--split", "val", "--json",
+                           "--workers", 0).stdout)["metrics"]
+    for key in ("zeroshot_shape_base.top1", "retrieval.mean_R@1", "zeroshot_colour_base.top1"):
+        assert abs(evals[-1]["metrics"][key] - alone[key]) <= 0.1 + 1e-9, key  # 10 val scenes: one may tie apart
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert {"train/loss", "train/lr", "eval/zeroshot_shape_base.top1"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("eval/zeroshot_shape_base.top1")] == [30, 60]
+    rows = [r for r in metrics(run) if "eval" not in r]
     first, last = sum(r["loss"] for r in rows[:2]) / 2, sum(r["loss"] for r in rows[-2:]) / 2
     assert last < first - 0.3, (first, last)
     assert rows[-1]["alpha"] > rows[0]["alpha"] and 0 <= rows[-1]["data_wait_frac"] <= 1
     assert {"lr", "logit_scale", "samples_per_s", "contrastive_loss"} <= set(rows[-1])
     assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_000040.pt", "step_000060.pt"]
-    assert {"loss.png", "alpha.png", "lr.png"} <= set(os.listdir(run / "plots"))
+    assert {"loss.png", "alpha.png", "lr.png", "eval.png"} <= set(os.listdir(run / "plots"))
     assert "loss: psd" in (run / "config.yaml").read_text()
     # the recipe that export prints loads the model in plain open_clip (a fresh process, no psdclip imported)
     # and it encodes like our model
@@ -222,3 +235,37 @@ def test_a_model_from_a_json_config_evaluates_and_exports_without_the_file(datas
     cli("export", run, "--out", tmp_path / "out" / "mine.pt")
     exported = json.loads((tmp_path / "out" / "mine.json").read_text())
     assert exported["embed_dim"] == 32 and exported["vision_cfg"]["image_size"] == 32
+
+
+def test_fine_tuning_from_an_export_or_a_run_with_locked_towers(runs, dataset_dir, tmp_path):
+    """--pretrained from a `psdclip export` file or a run; --lock-image (LiT) keeps the image tower's pretrained
+    weights exactly while the text tower trains, --lock-text the other way round; --grad-checkpointing changes no
+    loss; weights that do not fit the model, or an unknown tag, are one-line errors."""
+    cli("export", runs[0], "--out", tmp_path / "base.pt")
+    src = torch.load(tmp_path / "base.pt", weights_only=True)["state_dict"]
+    image = [k for k in src if k.startswith("visual.")]
+    text = [k for k in src if k.startswith(("transformer.", "token_embedding.", "positional_embedding", "ln_final.",
+                                            "text_projection"))]
+    common = ["--data", dataset_dir, "--steps", 3, "--batch-size", 16, "--workers", 0, "--no-progress",
+              "--warmup", 1, "--lr", 0.01, "--log-every", 1]
+
+    def final(run):
+        return torch.load(run / "checkpoints" / "step_000003.pt", weights_only=True)["model"]
+
+    r = cli("train", *common, "--out", tmp_path / "lit", "--pretrained", tmp_path / "base.pt", "--lock-image")
+    assert "starting from the weights of" in r.stderr
+    got = final(tmp_path / "lit")
+    assert all(torch.equal(got[k], src[k]) for k in image) and not all(torch.equal(got[k], src[k]) for k in text)
+    cli("train", *common, "--out", tmp_path / "lt", "--pretrained", runs[0], "--lock-text")
+    got = final(tmp_path / "lt")
+    assert all(torch.equal(got[k], src[k]) for k in text) and not all(torch.equal(got[k], src[k]) for k in image)
+    cli("train", *common, "--out", tmp_path / "gc", "--pretrained", runs[0], "--grad-checkpointing")
+    cli("train", *common, "--out", tmp_path / "plain", "--pretrained", runs[0])
+    losses = [[json.loads(ln)["loss"] for ln in open(tmp_path / run / "metrics.jsonl")] for run in ("gc", "plain")]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-5)
+    bad = cli("train", *common, "--out", tmp_path / "bad", "--model", "rn-small", "--pretrained", tmp_path / "base.pt",
+              check=False)
+    assert bad.returncode == 2 and "do not fit --model psdclip-rn-small" in bad.stderr
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    tag = cli("train", *common, "--out", tmp_path / "tag", "--pretrained", "no_such_tag", check=False)
+    assert tag.returncode == 2 and "neither a file nor a run, nor an open_clip pretrained tag" in tag.stderr

@@ -47,6 +47,12 @@ CASES = {
     "sweep: a method that is not a mapping": (["sweep", "{bad}/sweep-method.yaml", "--check"],
                                               "method 'clip' must be a mapping"),
     "sweep: a chance value outside [0, 1)": (["sweep", "{bad}/sweep-chance.yaml", "--check"], "sweep.chance"),
+    "train: an unknown --report-to": (["train", "--data", "{ds}", "--out", "{tmp}/t1", "--report-to", "mlflow"],
+                                      "--report-to 'mlflow'"),
+    "train: --eval-every without a suite": (["train", "--data", "{ds}", "--out", "{tmp}/t2", "--eval-every", "5"],
+                                            "--eval-every N needs"),
+    "train: an eval suite of no known kind": (["train", "--data", "{ds}", "--out", "{tmp}/t3", "--eval-every", "5",
+                                               "--eval-suite", "coco"], "--suite 'coco'"),
     "train: config that is not YAML": (["train", "--config", "{bad}/not-yaml.csv"], "not-yaml.csv"),
     "run --check: model is a list": (["run", "{bad}/model-list.yaml", "--check"], "model"),
     "data serve on a port in use": (["data", "serve", "{bad}", "--port", "{port}"], "--port {port}: cannot listen"),
@@ -89,3 +95,28 @@ def test_stats_into_a_closed_pipe(dataset_dir):
                        capture_output=True, text=True, timeout=120)
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr and "Exception ignored" not in r.stderr, \
         r.stderr
+
+
+def test_one_logging_setup_and_quiet_verbose_flags(capsys):
+    """Every module logs under psdclip.*; the CLI's --quiet / --verbose set the level once (children inherit it)."""
+    import logging
+    import os
+
+    from psdclip.pipeline import logs
+    from psdclip.workflows.cli import make_parser
+
+    assert make_parser().parse_args(["-q", "demo"])._log_level == "WARNING"
+    assert make_parser().parse_args(["--verbose", "demo"])._log_level == "DEBUG"
+    log = logging.getLogger("psdclip.train.loop")
+    try:
+        logs.setup("WARNING")
+        log.info("an info line")
+        log.warning("a warning line")
+        assert os.environ[logs.ENV] == "WARNING"
+    finally:
+        logs.setup("INFO")
+    log.info("info again")
+    err = capsys.readouterr().err
+    assert "an info line" not in err and "a warning line\n" in err and "info again\n" in err
+    ours = [h for h in logging.getLogger("psdclip").handlers if isinstance(h, logs._Stderr)]
+    assert len(ours) == 1  # setup again replaces its handler
