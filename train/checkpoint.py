@@ -13,13 +13,13 @@ import logging
 import os
 import random
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from psdclip.pipeline.dataset import atomic_path, write_text
 from psdclip.pipeline.errors import InputError
 
 _STEP = re.compile(r"step_(\d+)\.pt$")
@@ -56,16 +56,9 @@ def set_rng_state(state: dict) -> None:
 def save(ckpt_dir: str, step: int, payload: dict, keep: int) -> str:
     os.makedirs(ckpt_dir, exist_ok=True)
     final = os.path.join(ckpt_dir, f"step_{step:06d}.pt")
-    tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
+    with atomic_path(final) as tmp, open(tmp, "wb") as f:
         torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    latest_tmp = os.path.join(ckpt_dir, f"latest.tmp-{uuid.uuid4().hex[:8]}")
-    with open(latest_tmp, "w") as f:
-        f.write(os.path.basename(final) + "\n")
-    os.replace(latest_tmp, os.path.join(ckpt_dir, "latest"))
+    write_text(os.path.join(ckpt_dir, "latest"), os.path.basename(final) + "\n")
     for old in list_checkpoints(ckpt_dir)[:-keep]:
         os.remove(old)
     return final

@@ -66,7 +66,7 @@ def setup_distributed(cfg: TrainConfig):
     return rank, world, device
 
 
-def _lock_and_checkpoint(model, cfg: TrainConfig) -> None:
+def _fine_tuning_options(model, cfg: TrainConfig) -> None:
     """Fine-tuning options as open_clip applies them: locked towers (LiT: parameters frozen, optionally all but
     the last groups/layers) and gradient checkpointing."""
     if cfg.lock_image:
@@ -98,7 +98,7 @@ def train(cfg: TrainConfig) -> dict:
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     loss_fn = make_loss(cfg, rank, world)
-    _lock_and_checkpoint(model, cfg)  # before the optimizer: it takes the parameters that still train
+    _fine_tuning_options(model, cfg)  # before the optimizer: it takes the parameters that still train
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   eps=cfg.eps)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -156,6 +156,7 @@ def train(cfg: TrainConfig) -> dict:
                     raise PsdclipError(f"{err}; the same command resumes from the last checkpoint") from None
                 if step > start_step:  # the steps done so far are whole: keep them
                     _checkpoint(state, step, at_step_start)
+                    state.writer.wait()
                 log.warning(f"psdclip: {interrupt.name} at step {step}: checkpoint saved; the same command resumes "
                          f"from it")
                 raise KeyboardInterrupt from None
@@ -202,11 +203,13 @@ def train(cfg: TrainConfig) -> dict:
         if bar is not None:
             bar.update(1)
         if stopping:
+            state.writer.wait()  # the checkpoint is on disk before the process ends
             if bar is not None:
                 bar.close()
             log.warning(f"psdclip: {interrupt.name} at step {done}: checkpoint saved; the same command resumes from it")
             raise KeyboardInterrupt
     interrupt.restore()
+    state.writer.wait()
     if bar is not None:
         bar.close()
     if state.reporter is not None:
@@ -321,6 +324,7 @@ class TrainState:
     position: dict = dataclasses.field(default_factory=dict)
     skipped_samples: dict = dataclasses.field(default_factory=dict)
     reporter: "Reporter | None" = None
+    writer: "_BackgroundWriter" = dataclasses.field(default_factory=lambda: _BackgroundWriter())
 
     @property
     def ckpt_dir(self) -> str:
@@ -434,9 +438,52 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+class _BackgroundWriter:
+    """Rank 0 writes checkpoints and draws plots on one background thread, one job at a time, so that neither its
+    training nor the other ranks wait for the disk (they used to wait at a barrier under the process-group
+    timeout). A job's payload is a host-memory snapshot taken when it is submitted. An error in a job is raised
+    at the next submit or wait."""
+
+    def __init__(self):
+        self.thread = None
+        self.error: BaseException | None = None
+
+    def submit(self, job) -> None:
+        import threading
+
+        self.wait()
+        self.thread = threading.Thread(target=self._run, args=(job,), name="psdclip-checkpoint", daemon=True)
+        self.thread.start()
+
+    def _run(self, job) -> None:
+        try:
+            job()
+        except BaseException as err:  # pylint: disable=broad-except  (re-raised in the training thread)
+            self.error = err
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+
+def _snapshot(obj):
+    """A copy in host memory of a (nested) state dict: what the next optimizer step changes is not what is written."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj
+
+
 def _checkpoint(state: TrainState, step: int, position: dict, plot: bool = True) -> None:
-    """Every rank's data position gathered; rank 0 writes the checkpoint (and, when `plot`, redraws the run's
-    plots); the others wait for it at a barrier."""
+    """Every rank's data position gathered (the one collective); rank 0 snapshots model, optimizer and RNG
+    states and hands the write (and, when `plot`, the run's plots) to its background writer."""
     cfg, world = state.cfg, state.world
     if world > 1:
         gathered = [None] * world
@@ -446,7 +493,8 @@ def _checkpoint(state: TrainState, step: int, position: dict, plot: bool = True)
             merged.update(p)
         position = merged
     if state.rank == 0:
-        ckpt.save(state.ckpt_dir, step, {
+        state.writer.wait()  # one write in flight at most (and its error, if any, surfaces here)
+        payload = _snapshot({
             "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
             "scaler": state.scaler.state_dict(),
             "step": step, "rng": ckpt.rng_state(), "data": {"position": position, "world_size": world,
@@ -454,13 +502,16 @@ def _checkpoint(state: TrainState, step: int, position: dict, plot: bool = True)
             "model_arch": resolve_model_name(cfg.model), "model_cfg": json.dumps(model_config(cfg.model)),
             "loss": cfg.loss, "config": json.dumps(dataclasses.asdict(cfg)),
             **({"teacher": state.teacher.state_dict()} if state.teacher is not None else {}),
-        }, cfg.keep)
-        if plot:
-            from .plots import plot_run
+        })
 
-            plot_run(cfg.out)
-    if world > 1:
-        dist.barrier()
+        def job():
+            ckpt.save(state.ckpt_dir, step, payload, cfg.keep)
+            if plot:
+                from .plots import plot_run
+
+                plot_run(cfg.out)
+
+        state.writer.submit(job)
 
 
 def _truncate_metrics(path: str, step: int) -> None:

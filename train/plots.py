@@ -18,7 +18,13 @@ def plot_run(run_dir: str) -> list[str]:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return []
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+    rows = []
+    with open(path) as f:  # drawn while training appends: a line still being written is left for the next time
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
     if not rows:
         return []
     out_dir = os.path.join(run_dir, "plots")

@@ -39,13 +39,19 @@ def test_linear_probe_separates_separable_features():
         return centers[y] + rng.normal(size=(n, 8)) * 0.5, y
     res = linear_probe(split(90), split(30), split(60))
     assert res["accuracy"] == 1.0 and len(res["correct"]) == 60
-    noise = lambda n: (rng.normal(size=(n, 8)), rng.integers(0, 3, n))  # noqa: E731
+    def noise(n):
+        return rng.normal(size=(n, 8)), rng.integers(0, 3, n)
+
     assert linear_probe(noise(90), noise(30), noise(300))["accuracy"] < 0.6
 
 
 def test_effective_robustness_on_made_up_points():
-    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
-    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    def logit(p):
+        return np.log(p / (1 - p))
+
+    def sig(x):
+        return 1 / (1 + np.exp(-x))
+
     base = np.array([0.5, 0.6, 0.7, 0.8])
     shifted = sig(0.8 * logit(base) - 1.0)  # exactly on the line
     on_line = effective_robustness(base, shifted, 0.65, float(sig(0.8 * logit(0.65) - 1.0)))

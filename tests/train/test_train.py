@@ -269,3 +269,30 @@ def test_fine_tuning_from_an_export_or_a_run_with_locked_towers(runs, dataset_di
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     tag = cli("train", *common, "--out", tmp_path / "tag", "--pretrained", "no_such_tag", check=False)
     assert tag.returncode == 2 and "neither a file nor a run, nor an open_clip pretrained tag" in tag.stderr
+
+
+def test_checkpoint_writes_run_in_the_background_on_a_snapshot():
+    """Rank 0's checkpoint write does not hold up the step: submit returns while the job runs, the payload is a copy
+    that later in-place updates do not reach, one job is in flight at a time, and a job's error surfaces in the
+    training thread at the next wait."""
+    import threading
+
+    from psdclip.train.loop import _BackgroundWriter, _snapshot
+
+    weights = {"w": torch.ones(3), "opt": {"state": {0: {"exp_avg": torch.zeros(2)}}, "groups": [{"lr": 0.1}]}}
+    snap = _snapshot(weights)
+    weights["w"].add_(1)
+    weights["opt"]["state"][0]["exp_avg"].add_(5)
+    assert torch.equal(snap["w"], torch.ones(3)) and torch.equal(snap["opt"]["state"][0]["exp_avg"], torch.zeros(2))
+    assert snap["opt"]["groups"] == [{"lr": 0.1}]
+    writer, release, order = _BackgroundWriter(), threading.Event(), []
+    writer.submit(lambda: (release.wait(5), order.append("first")))
+    assert order == []  # submit returned while the job waits
+    release.set()
+    writer.submit(lambda: order.append("second"))  # waits for the first job before starting
+    writer.wait()
+    assert order == ["first", "second"]
+    writer.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        writer.wait()
+    writer.wait()  # reported once
