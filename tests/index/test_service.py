@@ -128,8 +128,10 @@ def test_search_endpoints(service, index_dir):
     img = requests.get(f"{service}/images/{key}")
     assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg"
     pic = Image.open(io.BytesIO(img.content))
-    same = requests.post(service + "/search", json={"image": b64(pic), "k": 1}).json()
-    assert same["results"][0]["key"] == key
+    same = requests.post(service + "/search", json={"image": b64(pic), "k": 5}).json()["results"]
+    # the stored image is the top hit; a barely trained model may embed another image as close (equal up to the
+    # float noise between the index's batched encoding and this single query), so ties at the top score count
+    assert key in [r["key"] for r in same if r["score"] >= same[0]["score"] - 1e-4], same
     emb = np.random.default_rng(0).normal(size=128).tolist()
     assert len(requests.post(service + "/search", json={"embedding": emb, "k": 3, "modality": "text"}).json()["results"]) == 3
     # clip-retrieval's back-end protocol, shaped as its ClipClient sends it
