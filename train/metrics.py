@@ -149,9 +149,9 @@ def fit_scaling(ns, errors, guess: float | None = None) -> dict:
     from scipy.optimize import OptimizeWarning, curve_fit
 
     power = fit_power_law(ns, errors)
-    if guess is None or not power.get("ok", False) and "three" in power.get("note", ""):
-        return power
     ns, errors = np.asarray(ns, float), np.asarray(errors, float)
+    if guess is None or len(np.unique(ns)) < 3:
+        return power
     e0 = float(guess)
     law = lambda n, b, log_n0, c: plateau_law(n, b, log_n0, c, e0)  # noqa: E731
     p0 = (1.0, float(np.log(np.median(ns))), max(0.0, min(float(errors.min()), e0) * 0.5))
