@@ -22,16 +22,19 @@ from _record import record  # noqa: E402
 from psdclip.index import ann  # noqa: E402
 
 
-def embeddings(n: int, d: int, clusters: int, seed: int) -> np.ndarray:
+def embedding_chunks(n: int, d: int, clusters: int, seed: int, chunk: int = 100_000):
+    """n clustered vectors shaped like real embeddings, chunk by chunk (never all in memory)."""
     rng = np.random.default_rng(seed)
     scale = (np.arange(1, d + 1) ** -0.5).astype(np.float32)  # a decaying spectrum, as real embeddings have
     centers = rng.standard_normal((clusters, d), dtype=np.float32) * scale
-    out = np.empty((n, d), np.float32)
-    for start in range(0, n, 100_000):
-        m = min(100_000, n - start)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
         x = centers[rng.integers(0, clusters, m)] + 0.6 * rng.standard_normal((m, d), dtype=np.float32) * scale
-        out[start:start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
+        yield x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def embeddings(n: int, d: int, clusters: int, seed: int) -> np.ndarray:
+    return np.concatenate(list(embedding_chunks(n, d, clusters, seed)))
 
 
 def qps(search, xq, one_by_one: int = 200) -> tuple[float, float]:
@@ -66,7 +69,7 @@ def main():
     build_s = time.time() - t
     print(f"{factory}: built in {build_s:.1f} s", flush=True)
     t = time.time()
-    tuned = ann.tune(index, factory, xb, tune_q, 10, 0.95)
+    tuned = ann.tune(index, factory, ann.exact_knn(xb, tune_q, 10)[1], tune_q, 10, 0.95)
     tune_s = time.time() - t
     print(f"tuned {tuned} in {tune_s:.1f} s", flush=True)
     _, exact = ann.exact_knn(xb, test_q, 10)

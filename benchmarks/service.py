@@ -58,6 +58,24 @@ async def load(base: str, bodies: list[dict], clients: int, seconds: float) -> d
             "p99": float(np.percentile(a, 99)), "errors": errors}
 
 
+def start_service(exe: str, idx: str, *args: str, wait_s: float = 60) -> tuple[subprocess.Popen, str]:
+    """`psdclip serve IDX ARGS` on a free loopback port, once /healthz answers: (process, base URL)."""
+    import httpx
+
+    port = free_port()
+    server = subprocess.Popen([exe, "serve", idx, "--port", str(port), *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(base + "/healthz").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return server, base
+
+
 WRK_SCRIPT = """
 local bodies = {}
 for line in io.lines(os.getenv("PSDCLIP_BODIES")) do bodies[#bodies + 1] = line end
@@ -109,13 +127,12 @@ def main():
     import shutil
     import tempfile
 
-    import httpx
-    import pandas as pd
+    import pyarrow.feather as pa_feather
 
     generator = ("wrk" if shutil.which("wrk") else "httpx") if args.generator == "auto" else args.generator
     tmp = tempfile.mkdtemp()
     meta = json.load(open(os.path.join(idx, "index.json")))
-    caps = pd.read_parquet(os.path.join(idx, "metadata.parquet"))["caption"].tolist()
+    caps = pa_feather.read_table(os.path.join(idx, "metadata.arrow")).column("caption").to_pylist()
     rng = np.random.default_rng(0)
     n = 200_000  # more than a run sends: every text query is one the service has not seen
     distinct = [{"text": f"{caps[i % len(caps)]} {i}", "k": 10} for i in range(n)]
@@ -128,16 +145,7 @@ def main():
                  "embedding": [{"embedding": e.tolist(), "k": 10} for e in embs]}
     results = {}
     for cache in (0, 10_000):
-        port = free_port()
-        server = subprocess.Popen([exe, "serve", idx, "--port", str(port), "--text-cache", str(cache)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        server, base = start_service(exe, idx, "--text-cache", str(cache))
         try:
             for name, bodies in workloads.items():
                 if name == "embedding" and cache:

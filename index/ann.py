@@ -10,11 +10,13 @@ The index is trained on a sample sized to its number of inverted lists (bounded)
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import faiss
 import numpy as np
 
+from psdclip.pipeline.dataset import atomic_path
 from psdclip.pipeline.errors import InputError
 
 EXACT_VECTORS_PER_S = 4e9  # dimensions scanned per second by exact CPU search, a conservative figure
@@ -38,9 +40,11 @@ def index_bytes(factory: str, n: int, d: int) -> float:
     return n * (get_code_size(d, factory) + (8 if "IVF" in factory else 0)) * 1.1
 
 
-def choose_factory(n: int, d: int, max_memory: float, max_query_ms: float) -> tuple[str, str]:
+def choose_factory(n: int, d: int, max_memory: float, max_query_ms: float, max_build_memory: float = math.inf
+                   ) -> tuple[str, str]:
     """(faiss factory string, why) for n vectors of d dims under a memory budget (bytes) and a latency
-    budget for one query (ms): the first candidate, in order of search quality and speed, that fits."""
+    budget for one query (ms): the first candidate, in order of search quality and speed, that fits. Only IVF
+    indices can be built in shards, so the others must also fit in the build's budget."""
     exact_ms = 1000 * n * d / EXACT_VECTORS_PER_S
     nlist = int(2 ** round(math.log2(max(64, min(65536, 4 * math.sqrt(n))))))
     fs = fast_scan_m(d)
@@ -56,7 +60,7 @@ def choose_factory(n: int, d: int, max_memory: float, max_query_ms: float) -> tu
     for factory, allowed, why in candidates:
         if allowed:
             need = index_bytes(factory, n, d)
-            if need <= max_memory:
+            if need <= max_memory and ("IVF" in factory or need <= 0.75 * max_build_memory):
                 return factory, f"{why} ({need / 1e6:.0f} MB)"
     smallest = index_bytes(f"OPQ4,IVF{nlist},PQ4", n, d)
     raise InputError(f"--max-memory {max_memory / 1e6:.3g} MB: no index of {n:,} x {d} vectors fits in it (the "
@@ -99,10 +103,6 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
     return hits / (len(exact) * k)
 
 
-def set_param(index, name: str, value: int) -> None:
-    faiss.ParameterSpace().set_index_parameter(index, name, value)
-
-
 def search_param(factory: str) -> str | None:
     if factory.startswith("HNSW"):
         return "efSearch"
@@ -134,45 +134,197 @@ def training_size(index, n: int, cap: int = MAX_TRAIN_POINTS) -> int:
     return int(min(n, cap, max(10_000, 100 * nlist)))
 
 
+def _train(index, sample: np.ndarray):
+    gpu = to_gpu(index)
+    gpu.train(sample)
+    return faiss.index_gpu_to_cpu(gpu) if gpu is not index else index
+
+
 def build(xb: np.ndarray, factory: str, train_size: int | None = None, seed: int = 0):
-    """train_size: the training sample (default: training_size(), sized to the factory's nlist)."""
+    """An index of in-memory vectors (benchmarks, small collections); train_size: the training sample (default:
+    training_size(), sized to the factory's nlist). `build_streamed` is the out-of-core build."""
     xb = check_vectors(xb)
     index = faiss.index_factory(xb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     train_size = training_size(index, len(xb)) if train_size is None else train_size
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         sample = xb[rng.choice(len(xb), min(len(xb), train_size), replace=False)] if len(xb) > train_size else xb
-        gpu = to_gpu(index)
-        gpu.train(sample)
-        index = faiss.index_gpu_to_cpu(gpu) if gpu is not index else index
+        index = _train(index, sample)
     index.add(xb)
     if isinstance(index, faiss.IndexRefine):
         index.k_factor = REFINE_K_FACTORS[0]  # saved with the index; tune() may raise it
-    if "IVF" in factory:
-        faiss.extract_index_ivf(index).make_direct_map()  # reconstruct() for de-duplicating results
     return index
 
 
-def tune(index, factory: str, xb: np.ndarray, queries: np.ndarray, k: int, target: float) -> dict:
-    """Raise nprobe / efSearch until recall@k >= target against exact search (or the search space ends); with a
-    refine stage, try a few re-ranking depths (k_factor) at each nprobe before raising it, since re-ranking a
+def chunk_rows(max_build_memory: float, d: int) -> int:
+    """Vectors read at a time by an out-of-core pass: an eighth of the build budget (1,024 to 262,144)."""
+    return int(max(1024, min(262_144, max_build_memory / 8 / (4 * d))))
+
+
+def shard_file(path: str, shard: int) -> str:
+    """index.faiss -> index.00003.faiss: the file of one index shard."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.{shard:05d}{ext}"
+
+
+def build_streamed(parts, kind: str, factory: str, path: str, max_build_memory: float, *, seed: int = 0,
+                   progress: bool = False) -> dict:
+    """Train and fill an index from embedding parts without holding them: the training sample is sized to the
+    factory's nlist and to a quarter of the build budget, vectors are added in chunks read through memory maps,
+    and when the filled index would not fit in the budget, IVF indices are built as several shards (each a
+    range of row ids, all from one trained quantizer) written one after the other and searched together.
+    Writes `path` (one shard) or shard_file(path, s); returns {"files": [...], "rows_per_shard": R}."""
+    from . import parts as P
+
+    n, d = P.total(parts), P.vectors(parts[0], kind).shape[1]
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = "IVF" in factory
+    if not index.is_trained:
+        size = training_size(index, n, cap=int(min(MAX_TRAIN_POINTS, max(10_000, max_build_memory / 4 / (4 * d)))))
+        index = _train(index, P.gather(parts, kind, P.sample_ids(n, size, seed)))
+    if isinstance(index, faiss.IndexRefine):
+        index.k_factor = REFINE_K_FACTORS[0]
+    per_vector = index_bytes(factory, 1, d)
+    chunk = chunk_rows(max_build_memory, d)
+    fits = n * per_vector + chunk * 4 * d <= max_build_memory * 0.75
+    if not fits and not ivf:
+        raise InputError(f"--max-build-memory {max_build_memory / 1e6:.3g} MB: a {factory} index of {n:,} vectors "
+                         f"(~{n * per_vector / 1e6:.3g} MB) does not fit in it and only IVF indices can be built in "
+                         f"shards; raise the budget or give an IVF --factory")
+    rows = n if fits else max(chunk, int((max_build_memory * 0.75 - chunk * 4 * d) / per_vector))
+    trained = faiss.serialize_index(index) if rows < n else None
+    files = []
+    bar = None
+    if progress:
+        import sys
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc=f"index {os.path.basename(path)}", unit="vec", file=sys.stderr)
+    for s, start in enumerate(range(0, n, rows)):
+        shard = index if trained is None else faiss.deserialize_index(trained)
+        for _, x in P.chunks(parts, kind, chunk, start, min(n, start + rows)):
+            shard.add(x)
+            if bar:
+                bar.update(len(x))
+        out = path if trained is None else shard_file(path, s)
+        with atomic_path(out) as tmp:
+            faiss.write_index(shard, tmp)
+        files.append(os.path.basename(out))
+        del shard
+    if bar:
+        bar.close()
+    return {"files": files, "rows_per_shard": int(rows)}
+
+
+MMAP_FLAGS = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+
+
+def open_index(directory: str, files: list[str], mmap: bool = True):
+    """An index written by build_streamed, memory-mapped (the codes and inverted lists stay in the page cache,
+    shared and evictable; read-only). Several shards are searched together (faiss.IndexShards, ids successive)."""
+    flags = MMAP_FLAGS if mmap else 0
+    subs = [faiss.read_index(os.path.join(directory, f), flags) for f in files]
+    if len(subs) == 1:
+        return subs[0]
+    shards = faiss.IndexShards(subs[0].d, False, True)  # not threaded: faiss' OpenMP already uses the cores
+    for sub in subs:
+        shards.add_shard(sub)  # faiss' Python wrapper keeps a reference: the shards live as long as the whole
+    return shards
+
+
+class ShardFiles:
+    """Index files searched one at a time, each memory-mapped for its search and closed after it (ids successive,
+    results merged): a pass over them (the build's tuning) holds no more than one shard's touched pages."""
+
+    def __init__(self, directory: str, files: list[str]):
+        self.paths = [os.path.join(directory, f) for f in files]
+        self.first = faiss.read_index(self.paths[0], MMAP_FLAGS)  # the type and nlist, for tuning
+        self.params: dict[str, int] = {}
+        self.k_factor = None
+
+    def search(self, queries: np.ndarray, k: int):
+        heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+        start = 0
+        for path in self.paths:
+            sub = faiss.read_index(path, MMAP_FLAGS)
+            for name, value in self.params.items():
+                faiss.ParameterSpace().set_index_parameter(sub, name, value)
+            if self.k_factor is not None and isinstance(sub, faiss.IndexRefine):
+                sub.k_factor = self.k_factor
+            D, I = sub.search(queries, k)
+            heap.add_result(D, np.where(I >= 0, I + start, -1))
+            start += sub.ntotal
+            del sub  # unmapped
+        heap.finalize()
+        return heap.D, heap.I
+
+
+def sub_indices(index) -> list:
+    if isinstance(index, ShardFiles):
+        return [index.first]
+    if isinstance(index, faiss.IndexShards):
+        return [faiss.downcast_index(index.at(i)) for i in range(index.count())]
+    return [index]
+
+
+def set_param(index, name: str, value: int) -> None:
+    if isinstance(index, ShardFiles):
+        index.params[name] = value
+        return
+    for sub in sub_indices(index):
+        faiss.ParameterSpace().set_index_parameter(sub, name, value)
+
+
+def set_k_factor(index, value: float) -> None:
+    if isinstance(index, ShardFiles):
+        index.k_factor = float(value)
+        return
+    for sub in sub_indices(index):
+        if isinstance(sub, faiss.IndexRefine):
+            sub.k_factor = float(value)
+
+
+def is_refine(index) -> bool:
+    return isinstance(sub_indices(index)[0], faiss.IndexRefine)
+
+
+def exact_knn_streamed(parts, kind: str, queries: np.ndarray, k: int, rows: int = 262_144
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k over the parts, a chunk at a time (memory: one chunk and the heaps)."""
+    from . import parts as P
+
+    queries = check_vectors(queries)
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    for start, x in P.chunks(parts, kind, rows):
+        D, I = faiss.knn(queries, x, min(k, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
+        if D.shape[1] < k:
+            D = np.pad(D, ((0, 0), (0, k - D.shape[1])), constant_values=-np.inf)
+            I = np.pad(I, ((0, 0), (0, k - I.shape[1])), constant_values=-1)
+        heap.add_result(D, np.where(I >= 0, I + start, -1))
+    heap.finalize()
+    return heap.D, heap.I
+
+
+def tune(index, factory: str, exact: np.ndarray, queries: np.ndarray, k: int, target: float) -> dict:
+    """Raise nprobe / efSearch until recall@k >= target against the exact top-k ids (or the search space ends);
+    with a refine stage, try a few re-ranking depths (k_factor) at each nprobe before raising it, since re-ranking a
     few hundred candidates costs far less than scanning more lists. The k_factor is stored in the index."""
-    _, exact = exact_knn(xb, queries, k)
     name = search_param(factory)
     if name is None:
         return {"param": None, "value": None, "recall": 1.0}
-    ivf_lists = faiss.extract_index_ivf(index).nlist if name == "nprobe" else None
+    ivf_lists = faiss.extract_index_ivf(sub_indices(index)[0]).nlist if name == "nprobe" else None
     values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if ivf_lists is None or v <= ivf_lists]
     if name == "efSearch":
         values = [max(v, k) for v in (16, 32, 64, 128, 256, 512, 1024)]
-    refine = isinstance(index, faiss.IndexRefine)
+    refine = is_refine(index)
     factors = REFINE_K_FACTORS if refine else (None,)
     best = None
     for v in values:
         set_param(index, name, v)
         for kf in factors:
             if kf is not None:
-                index.k_factor = kf
+                set_k_factor(index, kf)
             t = time.perf_counter()
             _, approx = index.search(queries, k)
             ms = 1000 * (time.perf_counter() - t) / len(queries)

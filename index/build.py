@@ -1,27 +1,38 @@
-"""psdclip index build: embeddings + a FAISS index chosen under memory and latency budgets.
+"""psdclip index build: embeddings + a FAISS index chosen under memory and latency budgets, built out of core.
 
-    INDEX/index.json        model checkpoint + hash, dim, metric, factory, build params, recall@k vs exact
-    INDEX/index.faiss       image vectors (text->image and image->image queries)
-    INDEX/captions.faiss    caption vectors (image->text queries)
-    INDEX/embeddings/       img_*.npy, txt_*.npy, keys_*.npy per shard
-    INDEX/metadata.parquet  row id -> key, url, caption, shard, offset, size
+    INDEX/index.json          model checkpoint + hash (or none), dim, metric, factory, files, build params,
+                              recall@k vs exact
+    INDEX/index.faiss         image vectors (text->image and image->image queries); or index.NNNNN.faiss shards
+    INDEX/captions.faiss      caption vectors (image->text queries), when captions were embedded
+    INDEX/embeddings/         per-shard parts in clip-retrieval's layout (img_emb/, text_emb/, metadata/), unless
+                              the index was built from --embeddings DIR (index.json names that folder)
+    INDEX/metadata.arrow      row id -> key, url, caption, shard, offset, size (Arrow IPC, read memory-mapped)
+    INDEX/key_order.arrow     row ids in key order (the image endpoint's key -> id lookup, a binary search)
+
+Memory: vectors are read from the parts through memory maps; the training sample, one chunk and the index being
+filled are what the build holds, and `--max-build-memory` bounds them (IVF indices over the budget are built as
+several shards searched together).
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 
-import faiss
 import numpy as np
-import torch
 
-from psdclip.pipeline.dataset import atomic_path, read_json, write_json, write_parquet
+from psdclip.pipeline.dataset import atomic_path, read_json, write_json
 from psdclip.pipeline.errors import InputError
 
 from . import ann
+from . import parts as P
 from .config import IndexBuildConfig, parse_bytes
-from .embed import embed_dataset, load_embeddings, success_rows
+
+log = logging.getLogger(__name__)
+
+STANDARD_COLUMNS = ("key", "url", "caption", "shard", "offset", "size")
+
 
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
@@ -31,74 +42,176 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def build_index(cfg: IndexBuildConfig) -> dict:
-    from psdclip.train.checkpoint import load_model, resolve_device
+def _model_dim(m) -> int:
+    import torch
 
+    with torch.no_grad():
+        return int(m.model.encode_text(m.tokenizer(["x"]).to(m.device)).shape[-1])
+
+
+def _wait_for_parts(emb_dir: str, shards: list[int], poll: float = 2.0) -> None:
+    """Rank 0 waits for the other ranks' parts (torchrun stops every rank when one fails, so this cannot hang on a
+    dead rank)."""
+    from .embed import part_done
+
+    missing = [s for s in shards if not part_done(emb_dir, s)]
+    if missing:
+        log.info("waiting for %d shards embedded by other ranks", len(missing))
+    while missing:
+        time.sleep(poll)
+        missing = [s for s in missing if not part_done(emb_dir, s)]
+
+
+def write_metadata(parts: list[P.Part], out: str) -> dict:
+    """metadata.arrow: one row per index row id, streamed part by part; key_order.arrow: the ids sorted by key.
+    Parts without a metadata file get their row id as key and empty url/caption."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("id", pa.int64()), ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),
+                        ("shard", pa.int64()), ("offset", pa.int64()), ("size", pa.int64())])
+    path = os.path.join(out, "metadata.arrow")
+    first = 0
+    with atomic_path(path) as tmp, pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for part in parts:
+            ids = pa.array(np.arange(first, first + part.count), pa.int64())
+            have = pq.read_table(part.metadata) if part.metadata else pa.table({})
+            cols = {"id": ids}
+            for name in STANDARD_COLUMNS:
+                field = schema.field(name)
+                if name == "key" and name not in have.column_names and "image_path" in have.column_names:
+                    col = have.column("image_path")  # clip-retrieval's own metadata names the image by its path
+                elif name in have.column_names:
+                    col = have.column(name)
+                elif name == "key":
+                    col = pc.cast(ids, pa.string())
+                else:
+                    col = pa.nulls(part.count, field.type)
+                cols[name] = pc.cast(col, field.type)
+            writer.write_table(pa.table(cols, schema=schema), max_chunksize=65_536)
+            first += part.count
+    table = pa.ipc.open_file(pa.memory_map(path)).read_all()
+    order = pc.sort_indices(table.column("key"))
+    with atomic_path(os.path.join(out, "key_order.arrow")) as tmp, pa.OSFile(tmp, "wb") as sink, \
+            pa.ipc.new_file(sink, pa.schema([("id", pa.int64())])) as writer:
+        writer.write_table(pa.table({"id": pc.cast(order, pa.int64())}))
+    return {"rows": first}
+
+
+def build_index(cfg: IndexBuildConfig) -> dict:
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise InputError(f"--out {cfg.out}: is a file, not an index directory")
-    rows, _ = success_rows(cfg.data)
-    m = load_model(cfg.checkpoint, resolve_device(cfg.device))
-    with torch.no_grad():
-        dim = int(m.model.encode_text(m.tokenizer(["x"]).to(m.device)).shape[-1])
-    # budgets and --factory are checked before the (long) embedding pass, on the rows the dataset holds
-    if cfg.factory:
-        ann.check_factory(cfg.factory, len(rows), dim)
-    else:
-        ann.choose_factory(len(rows), dim, parse_bytes(cfg.max_memory), cfg.max_query_ms)
-    digest = file_sha256(m.checkpoint)
+    max_memory, build_memory = parse_bytes(cfg.max_memory), parse_bytes(cfg.max_build_memory)
     meta_path = os.path.join(cfg.out, "index.json")
-    if os.path.isfile(meta_path):
-        previous = read_json(meta_path)
-        if previous.get("checkpoint_sha256") != digest:
-            raise InputError(f"{cfg.out}: built with another checkpoint; use a new --out or delete it")
-    os.makedirs(cfg.out, exist_ok=True)
+    m = digest = None
+    if cfg.checkpoint:
+        from psdclip.train.checkpoint import checkpoint_path, load_model, resolve_device
+
+        from .embed import dist_env
+
+        rank, world = dist_env()
+        m = load_model(cfg.checkpoint, resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", rank))))
+        digest = file_sha256(checkpoint_path(cfg.checkpoint))
+    if os.path.isfile(meta_path) and (read_json(meta_path).get("checkpoint_sha256") != digest):
+        raise InputError(f"{cfg.out}: built with another checkpoint; use a new --out or delete it")
+    stats = {"undecodable": 0}
     t0 = time.time()
-    stats = embed_dataset(m, cfg.data, cfg.out, batch_size=cfg.batch_size, workers=cfg.workers, fp16=cfg.fp16,
-                          progress=cfg.progress)
+    if cfg.embeddings:
+        emb_dir = os.path.abspath(cfg.embeddings)
+    else:
+        from .embed import embed_dataset, success_rows
+
+        rows, _ = success_rows(cfg.data)
+        dim = _model_dim(m)
+        # budgets and --factory are checked before the (long) embedding pass, on the rows the dataset holds
+        if cfg.factory:
+            ann.check_factory(cfg.factory, len(rows), dim)
+        else:
+            ann.choose_factory(len(rows), dim, max_memory, cfg.max_query_ms)
+        os.makedirs(cfg.out, exist_ok=True)
+        emb_dir = os.path.join(os.path.abspath(cfg.out), "embeddings")
+        stats = embed_dataset(m, cfg.data, cfg.out, batch_size=cfg.batch_size, workers=cfg.workers, fp16=cfg.fp16,
+                              progress=cfg.progress, rank=rank, world=world)
+        if rank != 0:
+            return {"rank": rank, "embedded": stats}
+        if world > 1:
+            _wait_for_parts(emb_dir, sorted(int(s) for s in rows["shard"].unique()))
+        del rows
     t_embed = time.time() - t0
-    img, txt, keys = load_embeddings(cfg.out)
-    meta = rows.set_index("key").loc[keys].reset_index()[["key", "url", "caption", "shard", "offset", "size"]]
-    meta.insert(0, "id", np.arange(len(meta)))
-    n, d = img.shape
-    factory, why = (cfg.factory, "given with --factory") if cfg.factory else \
-        ann.choose_factory(n, d, parse_bytes(cfg.max_memory), cfg.max_query_ms)
+    parts, d = P.list_parts(emb_dir, "--embeddings" if cfg.embeddings else "embeddings")
+    n = P.total(parts)
+    if n == 0:
+        raise InputError(f"{emb_dir}: the parts hold no vectors")
+    if m is not None and _model_dim(m) != d:
+        raise InputError(f"--checkpoint {cfg.checkpoint}: its model embeds into {_model_dim(m)} dims, the "
+                         f"embeddings have {d}")
+    if cfg.factory:
+        ann.check_factory(cfg.factory, n, d)
+        factory, why = cfg.factory, "given with --factory"
+    else:
+        factory, why = ann.choose_factory(n, d, max_memory, cfg.max_query_ms, build_memory)
+    os.makedirs(cfg.out, exist_ok=True)
     t1 = time.time()
-    rng = np.random.default_rng(0)
-    held = rng.choice(n, min(n, 500), replace=False)
     # held-out queries: captions (text->image, the main use) and images
-    queries = np.concatenate([txt[held[: len(held) // 2]], img[held[len(held) // 2:]]])
-    indices = {}
-    for name, vectors in (("index.faiss", img), ("captions.faiss", txt)):
+    held = P.sample_ids(n, min(n, 500), seed=1)
+    rng = np.random.default_rng(0)
+    rng.shuffle(held)
+    with_text = P.has_text(parts)
+    half = len(held) // 2 if with_text else 0
+    queries = np.concatenate([P.gather(parts, "text", np.sort(held[:half])) if half else np.zeros((0, d), np.float32),
+                              P.gather(parts, "image", np.sort(held[half:]))])
+    k = min(cfg.k, n)
+    files, tunings = {}, {}
+    for name, kind in (("index.faiss", "image"), ("captions.faiss", "text")):
+        if kind == "text" and not with_text:
+            continue
         try:
-            index = ann.build(vectors, factory)
+            built = ann.build_streamed(parts, kind, factory, os.path.join(cfg.out, name), build_memory,
+                                       progress=cfg.progress)
         except RuntimeError as err:  # e.g. PQ codes that need more training points than the dataset has
             msg = str(err).strip().splitlines()[-1].split(": ", 1)[-1][:160]
             raise InputError(f"--factory {factory!r}: faiss could not train it on {n:,} vectors ({msg})") from None
-        tuning = ann.tune(index, factory, vectors, queries, min(cfg.k, n), cfg.target_recall)
-        with atomic_path(os.path.join(cfg.out, name)) as tmp:
-            faiss.write_index(index, tmp)
-        indices[name] = tuning
+        _, exact = ann.exact_knn_streamed(parts, kind, queries, k, rows=ann.chunk_rows(build_memory, d))
+        index = ann.ShardFiles(cfg.out, built["files"])
+        tunings[name] = ann.tune(index, factory, exact, queries, k, cfg.target_recall)
+        files[name] = built
+        del index
     t_index = time.time() - t1
-    write_parquet(os.path.join(cfg.out, "metadata.parquet"), meta)
-    doc = {"schema_version": 1, "checkpoint": os.path.abspath(m.checkpoint), "checkpoint_sha256": digest,
-           "model_arch": m.arch, "step": m.step, "dataset": os.path.abspath(cfg.data),
-           "dataset_format": read_json(os.path.join(cfg.data, "dataset.json")).get("output_format", "webdataset"),
+    write_metadata(parts, cfg.out)
+    dataset = os.path.abspath(cfg.data) if cfg.data else None
+    doc = {"schema_version": 2, "checkpoint": m.checkpoint if m else None, "checkpoint_sha256": digest,
+           "model_arch": m.arch if m else None, "step": m.step if m else None, "dataset": dataset,
+           "dataset_format": read_json(os.path.join(cfg.data, "dataset.json")).get("output_format", "webdataset")
+           if cfg.data else None, "embeddings": emb_dir,
            "count": int(n), "dim": int(d), "metric": "inner_product (cosine on normalised vectors)",
-           "factory": factory, "why": why, "budgets": {"max_memory": cfg.max_memory, "max_query_ms": cfg.max_query_ms},
-           "search_params": {k: {"param": v["param"], "value": v["value"],
-                                     **({"k_factor": v["k_factor"]} if "k_factor" in v else {})}
-                                 for k, v in indices.items()},
-           "recall_at_k": {k: {"k": min(cfg.k, n), "recall": v["recall"], "ms_per_query": v.get("ms_per_query")}
-                           for k, v in indices.items()},
-           "embeddings_dtype": "float16" if cfg.fp16 else "float32", "embed_s": round(t_embed, 2),
-           "index_build_s": round(t_index, 2), "undecodable_images": stats["undecodable"]}
+           "factory": factory, "why": why,
+           "budgets": {"max_memory": cfg.max_memory, "max_build_memory": cfg.max_build_memory,
+                       "max_query_ms": cfg.max_query_ms},
+           "files": {k_: v["files"] for k_, v in files.items()},
+           "layout": {k_: ("single index" if len(v["files"]) == 1 else
+                           f"{len(v['files'])} IVF shards of {v['rows_per_shard']:,} rows, one quantizer, searched "
+                           f"together") for k_, v in files.items()},
+           "search_params": {k_: {"param": v["param"], "value": v["value"],
+                                  **({"k_factor": v["k_factor"]} if "k_factor" in v else {})}
+                             for k_, v in tunings.items()},
+           "recall_at_k": {k_: {"k": k, "recall": v["recall"], "ms_per_query": v.get("ms_per_query")}
+                           for k_, v in tunings.items()},
+           "embeddings_dtype": str(P.vectors(parts[0], "image").dtype), "embed_s": round(t_embed, 2),
+           "index_build_s": round(t_index, 2), "undecodable_images": stats.get("undecodable", 0)}
     write_json(meta_path, doc)
     return doc
 
 
 def cmd_index_build(cfg: IndexBuildConfig) -> int:
     doc = build_index(cfg)
+    if "rank" in doc:
+        print(f"rank {doc['rank']}: embedded {doc['embedded']['embedded_now']:,} rows of "
+              f"{doc['embedded']['shards']} shards; rank 0 builds the index")
+        return 0
     r = doc["recall_at_k"]["index.faiss"]
-    print(f"indexed {doc['count']:,} images x {doc['dim']} dims with {doc['factory']} ({doc['why']}); "
-          f"recall@{r['k']} vs exact {r['recall']:.3f}; index in {os.path.abspath(cfg.out)}")
+    shards = len(doc["files"]["index.faiss"])
+    print(f"indexed {doc['count']:,} images x {doc['dim']} dims with {doc['factory']} ({doc['why']})"
+          f"{f' in {shards} shards' if shards > 1 else ''}; recall@{r['k']} vs exact {r['recall']:.3f}; "
+          f"index in {os.path.abspath(cfg.out)}")
     return 0

@@ -11,10 +11,10 @@ from psdclip.pipeline.errors import InputError
 _SIZE = re.compile(r"^\s*([\d.]+)\s*([kmgt]?)i?b?\s*$", re.I)
 
 
-def parse_bytes(text: str) -> float:
+def parse_bytes(text: str, option: str = "--max-memory") -> float:
     m = _SIZE.match(str(text))
     if not m:
-        raise InputError(f"--max-memory {text!r}: expected a size such as 512MB or 2GB")
+        raise InputError(f"{option} {text!r}: expected a size such as 512MB or 2GB")
     return float(m.group(1)) * 1024 ** "_kmgt".index((m.group(2) or "_").lower())
 
 
@@ -22,25 +22,37 @@ def parse_bytes(text: str) -> float:
 class IndexBuildConfig:
     """psdclip index build: encode a dataset with a checkpoint and build a FAISS index under budgets."""
 
-    checkpoint: str = field(default="", metadata={"help": "run directory or checkpoint file"})
-    data: str = field(default="", metadata={"help": "dataset directory"})
+    checkpoint: str = field(default="", metadata={"help": "run directory or checkpoint file (optional with "
+                                                          "--embeddings: then only embedding queries)"})
+    data: str = field(default="", metadata={"help": "dataset directory to embed"})
+    embeddings: str = field(default="", metadata={
+        "help": "index precomputed embeddings instead of a dataset: a folder in clip-retrieval's layout "
+                "(img_emb/img_emb_*.npy, optional text_emb/ and metadata/metadata_*.parquet)"})
     out: str = field(default="", metadata={"help": "index directory"})
     max_memory: str = field(default="2GB", metadata={"help": "memory budget of the index (e.g. 512MB, 2GB)"})
+    max_build_memory: str = field(default="4GB", metadata={
+        "help": "memory budget of the build (training sample, chunks, the index being filled); IVF indices "
+                "over it are built in shards"})
     max_query_ms: float = field(default=10.0, metadata={"help": "latency budget of one query in ms"})
     factory: str = field(default="", metadata={"help": "force a faiss factory string (default: chosen under the budgets)"})
     target_recall: float = field(default=0.95, metadata={"help": "recall@k vs exact search that tuning aims for"})
     k: int = field(default=10, metadata={"help": "k of the recall measurement"})
     fp16: bool = field(default=False, metadata={"help": "store embeddings as float16"})
     batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
-    workers: int = field(default=2, metadata={"help": "image loading worker processes"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
+    workers: int = field(default=2, metadata={"help": "image loading worker processes (each reads whole shards)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N] (auto under torchrun: this rank's GPU)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self):
-        for name in ("checkpoint", "data", "out"):
-            if not getattr(self, name):
-                raise InputError(f"--{name} is required")
-        parse_bytes(self.max_memory)
+        if not self.out:
+            raise InputError("--out is required")
+        if self.embeddings and self.data:
+            raise InputError("give --data (a dataset to embed) or --embeddings (vectors embedded elsewhere), not both")
+        if not self.embeddings and not (self.data and self.checkpoint):
+            raise InputError("--checkpoint and --data are required (or --embeddings DIR to index precomputed vectors)")
+        parse_bytes(self.max_memory, "--max-memory")
+        if parse_bytes(self.max_build_memory, "--max-build-memory") < 1 << 20:
+            raise InputError(f"--max-build-memory {self.max_build_memory}: at least 1MB")
         if not 0 < self.target_recall <= 1 or self.k < 1 or self.max_query_ms <= 0:
             raise InputError("--target-recall must be in (0, 1], --k >= 1 and --max-query-ms > 0")
 

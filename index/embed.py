@@ -1,12 +1,19 @@
-"""Encode every successful image (and its caption) of a dataset with a checkpoint's model.
+"""Encode every successful image (and its caption) of a dataset with a checkpoint's model, shard by shard.
 
-Images are read by byte offset from the shards (the manifest says where each one lies) through a
-multi-worker DataLoader. Embeddings are written per shard (embeddings/img_<shard>.npy, txt_<shard>.npy,
-keys_<shard>.npy, each renamed into place), so an interrupted run resumes at the next unfinished shard.
+Each shard is read once, front to back (webdataset's tar reader, or the Arrow shard's record batches): no seek
+per image. DataLoader workers take whole shards and cut each shard into the same batches whatever the number of
+workers or ranks, so the vectors do not depend on how the work was split. Under torchrun each rank takes every
+WORLD_SIZE-th shard. A finished shard becomes one part in clip-retrieval's layout (see parts.py):
+
+    OUT/embeddings/img_emb/img_emb_<shard>.npy, text_emb/text_emb_<shard>.npy, metadata/metadata_<shard>.parquet
+
+each renamed into place, the metadata last: a part is complete when its metadata file exists, and an
+interrupted run (any rank) resumes at the next unfinished shard.
 """
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sys
 from functools import lru_cache
@@ -16,34 +23,21 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from psdclip.pipeline.dataset import atomic_path, read_json
+from psdclip.pipeline.dataset import atomic_path, read_json, write_parquet
 from psdclip.pipeline.errors import InputError
 from psdclip.pipeline.status import SUCCESS
 from psdclip.train.checkpoint import LoadedModel
 
+from .parts import part_paths
 
-class ShardImages(torch.utils.data.Dataset):
-    """Images of manifest rows, read from their shard at their offset (tars) or row (Arrow shards)."""
+log = logging.getLogger(__name__)
 
-    def __init__(self, root: str, rows: pd.DataFrame, fmt: str, transform, size: tuple[int, int]):
-        self.root, self.fmt, self.transform, self.size = root, fmt, transform, size
-        self.shards = rows["shard"].astype(int).to_numpy()
-        self.offsets = rows["offset"].astype(int).to_numpy()
-        self.sizes = rows["size"].astype(int).to_numpy()
-
-    def __len__(self):
-        return len(self.shards)
-
-    def __getitem__(self, i):
-        data = read_image_bytes(self.root, self.fmt, int(self.shards[i]), int(self.offsets[i]), int(self.sizes[i]))
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                return self.transform(im.convert("RGB")), True
-        except Exception:  # pylint: disable=broad-except  (counted by the caller)
-            return torch.zeros(3, *self.size), False
+META_COLUMNS = ["key", "url", "caption", "shard", "offset", "size"]
+TEXT_BATCH = 512
 
 
 def read_image_bytes(root: str, fmt: str, shard: int, offset: int, size: int) -> bytes:
+    """One stored image, by its shard and offset (tars) or row (Arrow shards): the service's image endpoint."""
     if fmt == "arrow":
         return _arrow_table(os.path.join(root, "shards", f"{shard:05d}.parquet")).column("jpg")[offset].as_py()
     with open(os.path.join(root, "shards", f"{shard:05d}.tar"), "rb") as f:
@@ -67,66 +61,131 @@ def success_rows(dataset: str) -> tuple[pd.DataFrame, str]:
     ok = m[m["status"] == SUCCESS].sort_values(["shard", "offset"]).reset_index(drop=True)
     if ok.empty:
         raise InputError(f"--data {dataset}: no successful samples to index")
+    ok["shard"] = ok["shard"].astype(int)
     return ok, fmt
 
 
+class ShardBatches(torch.utils.data.IterableDataset):
+    """(shard, batch number, images, decoded mask) for each batch of each shard; a worker takes whole shards.
+    Batch j of a shard holds its successful rows [j*B, (j+1)*B) in manifest order, whoever reads it."""
+
+    def __init__(self, root: str, fmt: str, shards: list[tuple[int, list[str]]], transform, size, batch_size: int):
+        self.root, self.fmt, self.shards, self.transform = root, fmt, shards, transform
+        self.size, self.batch_size = tuple(size), batch_size
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        mine = self.shards[info.id::info.num_workers] if info else self.shards
+        for shard, keys in mine:
+            yield from self._shard(shard, keys)
+
+    def _samples(self, shard: int):
+        from psdclip.train.data import arrow_samples, tar_samples
+
+        path = os.path.join(self.root, "shards", f"{shard:05d}.{'parquet' if self.fmt == 'arrow' else 'tar'}")
+
+        def on_error(msg):
+            log.warning("shard %05d: %s", shard, msg)
+
+        return (arrow_samples if self.fmt == "arrow" else tar_samples)([path], on_error)
+
+    def _shard(self, shard: int, keys: list[str]):
+        B = self.batch_size
+        where = {k: i for i, k in enumerate(keys)}
+        nbatches = (len(keys) + B - 1) // B
+        pending: dict[int, tuple[torch.Tensor, np.ndarray, list]] = {}
+
+        def batch(j):
+            n = min(B, len(keys) - j * B)
+            return pending.setdefault(j, (torch.zeros(n, 3, *self.size), np.zeros(n, dtype=bool), [0]))
+
+        for s in self._samples(shard):
+            i = where.get(s.get("__key__"))
+            if i is None:
+                continue
+            images, ok, seen = batch(i // B)
+            raw = s.get("jpg") or s.get("png") or s.get("webp") or s.get("jpeg")
+            try:
+                with Image.open(io.BytesIO(raw)) as im:
+                    images[i % B] = self.transform(im.convert("RGB"))
+                ok[i % B] = True
+            except Exception:  # pylint: disable=broad-except  (counted as undecodable by the caller)
+                pass
+            seen[0] += 1
+            if seen[0] == len(ok):
+                yield shard, i // B, images, ok
+                del pending[i // B]
+        for j in range(nbatches):  # rows the shard did not hold (or a cut-off shard): not decoded
+            if j in pending:
+                images, ok, _ = pending.pop(j)
+                yield shard, j, images, ok
+
+
+def dist_env() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def part_done(emb_dir: str, shard: int) -> bool:
+    return os.path.isfile(part_paths(emb_dir, f"{shard:05d}")["metadata"])
+
+
 def _save(path: str, array: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
 
 
 @torch.no_grad()
 def embed_dataset(loaded: LoadedModel, dataset: str, out: str, *, batch_size: int = 256, workers: int = 2,
-                  fp16: bool = False, progress: bool = True) -> dict:
-    model, preprocess, tokenizer, device = loaded.model, loaded.preprocess, loaded.tokenizer, loaded.device
+                  fp16: bool = False, progress: bool = True, rank: int = 0, world: int = 1) -> dict:
+    """Embed this rank's unfinished shards into OUT/embeddings (see the module docstring)."""
+    model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
     rows, fmt = success_rows(dataset)
-    size = loaded.image_size
     emb_dir = os.path.join(out, "embeddings")
-    os.makedirs(emb_dir, exist_ok=True)
     dtype = np.float16 if fp16 else np.float32
-    done = skipped = 0
+    groups = {int(s): part for s, part in rows.groupby("shard", sort=True)}
+    mine = sorted(groups)[rank::world]
+    todo = [s for s in mine if not part_done(emb_dir, s)]
+    stats = {"rows": len(rows), "shards": len(mine), "embedded_now": 0, "undecodable": 0}
+    if not todo:
+        return stats
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(rows), desc="embed", unit="img", file=sys.stderr)
-    for shard, part in rows.groupby("shard", sort=True):
-        shard = int(shard)
-        paths = [os.path.join(emb_dir, f"{kind}_{shard:05d}.npy") for kind in ("img", "txt", "keys")]
-        if all(os.path.isfile(p) for p in paths):
-            if bar:
-                bar.update(len(part))
-            continue
-        loader = torch.utils.data.DataLoader(ShardImages(dataset, part, fmt, preprocess, size),
-                                             batch_size=batch_size, num_workers=workers)
-        feats, oks = [], []
-        for images, ok in loader:
-            feats.append(model.encode_image(images.to(device), normalize=True).float().cpu().numpy())
-            oks.append(ok.numpy().astype(bool))
-            if bar:
-                bar.update(len(ok))
-        ok = np.concatenate(oks)
-        skipped += int((~ok).sum())
-        if not ok.any():
-            continue
-        img, keep = np.concatenate(feats)[ok], part[ok]
-        captions = keep["caption"].astype(str).tolist()
-        txt = np.concatenate([model.encode_text(tokenizer(captions[i:i + 512]).to(device), normalize=True).float()
-                              .cpu().numpy() for i in range(0, len(captions), 512)])
-        _save(paths[0], img.astype(dtype))
-        _save(paths[1], txt.astype(dtype))
-        _save(paths[2], keep["key"].to_numpy().astype(str))
-        done += len(keep)
+        bar = tqdm(total=sum(len(groups[s]) for s in todo), desc=f"embed{f' rank {rank}' if world > 1 else ''}",
+                   unit="img", file=sys.stderr)
+    reader = ShardBatches(dataset, fmt, [(s, groups[s]["key"].tolist()) for s in todo], loaded.preprocess,
+                          loaded.image_size, batch_size)
+    loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=min(workers, len(todo)))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    received: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {s: {} for s in todo}
+    for shard, j, images, ok in loader:
+        with autocast:
+            feats = model.encode_image(images.to(device, non_blocking=True), normalize=True)
+        received[shard][j] = (feats.float().cpu().numpy(), np.asarray(ok))
+        if bar:
+            bar.update(len(ok))
+        part = groups[shard]
+        if len(received[shard]) == -(-len(part) // batch_size):  # every batch of the shard is in
+            got = received.pop(shard)
+            img = np.concatenate([got[j][0] for j in sorted(got)])
+            ok = np.concatenate([got[j][1] for j in sorted(got)])
+            stats["undecodable"] += int((~ok).sum())
+            keep = part[ok]
+            captions = keep["caption"].astype(str).tolist()
+            with autocast:
+                txt = [model.encode_text(tokenizer(captions[i:i + TEXT_BATCH]).to(device), normalize=True).float()
+                       .cpu().numpy() for i in range(0, len(captions), TEXT_BATCH)]
+            txt = np.concatenate(txt) if txt else np.zeros((0, img.shape[1]), np.float32)
+            paths = part_paths(emb_dir, f"{shard:05d}")
+            _save(paths["image"], img[ok].astype(dtype))
+            _save(paths["text"], txt.astype(dtype))
+            os.makedirs(os.path.dirname(paths["metadata"]), exist_ok=True)
+            write_parquet(paths["metadata"], keep[META_COLUMNS].reset_index(drop=True))  # last: the part is done
+            stats["embedded_now"] += len(keep)
     if bar:
         bar.close()
-    return {"rows": len(rows), "embedded_now": done, "undecodable": skipped}
-
-
-def load_embeddings(out: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image vectors, caption vectors, keys) over every shard, in shard order, as float32."""
-    emb_dir = os.path.join(out, "embeddings")
-    shards = sorted(f[4:-4] for f in os.listdir(emb_dir) if f.startswith("img_") and f.endswith(".npy"))
-    img = np.concatenate([np.load(os.path.join(emb_dir, f"img_{s}.npy")) for s in shards]).astype(np.float32)
-    txt = np.concatenate([np.load(os.path.join(emb_dir, f"txt_{s}.npy")) for s in shards]).astype(np.float32)
-    keys = np.concatenate([np.load(os.path.join(emb_dir, f"keys_{s}.npy")) for s in shards])
-    return img, txt, keys
+    return stats

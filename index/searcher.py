@@ -12,62 +12,80 @@ import os
 import threading
 from collections import OrderedDict
 
-import faiss
 import numpy as np
-import pandas as pd
-import torch
 
 from psdclip.pipeline.dataset import read_json
 from psdclip.pipeline.errors import InputError
-from psdclip.train.models import encode_text
 
 from . import ann
-from .embed import read_image_bytes
+from . import parts as P
 
 
 class Searcher:
-    def __init__(self, index_dir: str, device: str = "cpu", load_model: bool = True, text_cache: int = 0):
+    """model: a LoadedModel to reuse (a reload of an index built with the same checkpoint shares it)."""
+
+    def __init__(self, index_dir: str, device: str = "cpu", load_model: bool = True, text_cache: int = 0,
+                 model=None):
         meta_path = os.path.join(index_dir, "index.json")
         if not os.path.isfile(meta_path):
             raise InputError(f"{index_dir}: not a psdclip index (no index.json)")
         self.dir = index_dir
-        self.device = torch.device(device)
+        self.device = _Device(device)  # torch is imported only when a model is loaded
         # an LRU cache of query-text embeddings (web search repeats its queries); 0 turns it off
         self.text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.text_cache_size = text_cache
         self.cache_hits = self.cache_misses = 0
         self.info = read_json(meta_path)
+        files = self.info.get("files") or {"index.faiss": ["index.faiss"], "captions.faiss": ["captions.faiss"]}
         self.indices = {}
         for name, modality in (("index.faiss", "image"), ("captions.faiss", "text")):
-            index = faiss.read_index(os.path.join(index_dir, name))
+            if name not in files:
+                continue
+            # memory-mapped: the index costs page cache (shared, evictable), not the process' own memory
+            index = ann.open_index(index_dir, files[name], mmap=self.device.type != "cuda")
             p = self.info["search_params"][name]
             if p["param"]:
                 ann.set_param(index, p["param"], int(p["value"]))
             if p.get("k_factor"):
-                index.k_factor = float(p["k_factor"])
+                ann.set_k_factor(index, float(p["k_factor"]))
             if self.device.type == "cuda":
                 index = ann.to_gpu(index)  # faiss-gpu, when installed; unchanged otherwise
             self.indices[modality] = index
-        self.meta = pd.read_parquet(os.path.join(index_dir, "metadata.parquet"))
-        # plain column lists: building a result row is a few list lookups, not a pandas row
-        self.columns = {c: self.meta[c].tolist() for c in ("id", "key", "url", "caption", "shard", "offset", "size")}
-        self.key_to_id = dict(zip(self.columns["key"], self.columns["id"]))
+        self.meta, self.key_order = _read_metadata(index_dir)
+        self.count = self.meta.num_rows
+        self.parts = None
+        emb = self.info.get("embeddings")
+        if emb and os.path.isdir(emb):
+            try:
+                self.parts = P.list_parts(emb)[0]
+            except InputError:
+                self.parts = None
         self.dim = int(self.info["dim"])
-        self.model = None
+        self.model = self.loaded = None
         self._lock = threading.Lock()
-        if load_model:
+        if model is not None:
+            self._use(model)
+        elif load_model and self.info.get("checkpoint"):
             self._load_model()
 
     def _load_model(self):
         from psdclip.train.checkpoint import load_model
 
-        m = load_model(self.info["checkpoint"], self.device)
+        self._use(load_model(self.info["checkpoint"], self.device.name))
+
+    def _use(self, m):
+        self.loaded = m
         self.model, self.preprocess, self.tokenizer = m.model, m.preprocess, m.tokenizer
 
+    def _need_model(self, what: str):
+        if self.model is None:
+            raise ValueError(f"{what} queries need a model: this index was built from embeddings without a "
+                             f"checkpoint (embedding queries only)")
+
     # ---- query embeddings ----
-    @torch.no_grad()
     def embed_text(self, texts: list[str]) -> np.ndarray:
         """The texts' embeddings; those in the LRU cache are not encoded again (the rest in one forward pass)."""
+        self._need_model("text")
         with self._lock:
             cache, found = self.text_cache, {}
             if self.text_cache_size:
@@ -80,7 +98,12 @@ class Searcher:
             self.cache_misses += len(missing)
             todo = list(dict.fromkeys(missing))
             if todo:
-                fresh = encode_text(self.model, self.tokenizer(todo).to(self.device)).float().cpu().numpy()
+                import torch
+
+                from psdclip.train.models import encode_text
+
+                with torch.no_grad():
+                    fresh = encode_text(self.model, self.tokenizer(todo).to(self.device.name)).float().cpu().numpy()
                 found.update(zip(todo, fresh))
                 if self.text_cache_size:
                     for t, v in zip(todo, fresh):
@@ -89,10 +112,12 @@ class Searcher:
                         cache.popitem(last=False)
             return np.stack([found[t] for t in texts])
 
-    @torch.no_grad()
     def embed_images(self, images: list) -> np.ndarray:
-        x = torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device)
-        with self._lock:
+        self._need_model("image")
+        import torch
+
+        x = torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device.name)
+        with self._lock, torch.no_grad():
             return self.model.encode_image(x, normalize=True).float().cpu().numpy()
 
     def embed_image(self, image) -> np.ndarray:
@@ -125,8 +150,10 @@ class Searcher:
                        dedupe_threshold: float = 0.98) -> list[list[dict]]:
         """Several query vectors in one index call (the service batches concurrent requests this way); each
         query has its own k and de-duplication flag."""
-        if modality not in self.indices:
+        if modality not in ("image", "text"):
             raise ValueError(f"modality must be image or text, not {modality!r}")
+        if modality not in self.indices:
+            raise ValueError("this index has no caption vectors (built from embeddings without text_emb/)")
         dedupe = dedupe or [False] * len(ks)
         index = self.indices[modality]
         fetch = min(index.ntotal, max(k * 3 if d else k for k, d in zip(ks, dedupe)))
@@ -136,20 +163,32 @@ class Searcher:
             keep = ids >= 0
             scores, ids = scores[keep], ids[keep]
             if d and len(ids):
-                scores, ids = self._dedupe(index, scores, ids, dedupe_threshold, k)
+                scores, ids = self._dedupe(self.vectors_of(modality), scores, ids, dedupe_threshold, k)
             out.append(self.rows(ids[:k], scores[:k]))
         return out
 
-    @staticmethod
-    def _dedupe(index, scores, ids, threshold, k=None):
-        """Greedy in rank order: a result is kept unless it is within `threshold` (cosine) of one already kept.
-        One similarity matrix and one row operation per kept result (k = 1000 takes milliseconds)."""
+    def vectors_of(self, modality: str):
+        """ids -> the stored vectors: from the embedding parts (memory-mapped) when they are there, else
+        reconstructed by the index (None when it cannot)."""
+        if self.parts is not None:
+            kind = "image" if modality == "image" else "text"
+            return lambda ids: P.gather(self.parts, kind, ids)
+        index = self.indices[modality]
         if not _can_reconstruct(index):
+            return None
+        return lambda ids: _reconstruct(index, ids)
+
+    @staticmethod
+    def _dedupe(vectors_of, scores, ids, threshold, k=None):
+        """Greedy in rank order: a result is kept unless it is within `threshold` (cosine) of one already kept.
+        One similarity matrix and one row operation per kept result (k = 1000 takes milliseconds).
+        vectors_of: ids -> vectors (or a faiss index that can reconstruct them; None: no de-duplication)."""
+        if vectors_of is None:
             return scores, ids
-        try:
-            vecs = index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
-        except RuntimeError:  # index types without a batch reconstruct
-            vecs = np.vstack([index.reconstruct(int(i)) for i in ids])
+        if not callable(vectors_of):
+            index = vectors_of
+            vectors_of = lambda ids_: _reconstruct(index, ids_)  # noqa: E731
+        vecs = vectors_of(ids)
         vecs = vecs / (np.linalg.norm(vecs, axis=1, keepdims=True) + 1e-12)
         close = (vecs @ vecs.T) >= threshold
         suppressed = np.zeros(len(ids), dtype=bool)
@@ -164,17 +203,73 @@ class Searcher:
         return scores[chosen], ids[chosen]
 
     def rows(self, ids, scores) -> list[dict]:
-        c = self.columns
-        return [{"rank": r, "id": c["id"][i], "key": c["key"][i], "url": c["url"][i], "caption": c["caption"][i],
-                 "score": float(s), "shard": c["shard"][i], "offset": c["offset"][i]}
-                for r, (i, s) in enumerate(zip(ids.tolist(), scores))]
+        ids = np.asarray(ids, dtype=np.int64)
+        cols = self.meta.take(ids).to_pydict() if len(ids) else {c: [] for c in self.meta.column_names}
+        return [{"rank": r, "id": cols["id"][r], "key": cols["key"][r], "url": cols["url"][r],
+                 "caption": cols["caption"][r], "score": float(s), "shard": cols["shard"][r],
+                 "offset": cols["offset"][r]} for r, s in enumerate(scores)]
+
+    def metadata(self, ids: list[int]) -> list[dict]:
+        """clip-retrieval's /metadata: url, caption and key of each valid id."""
+        valid = [i for i in ids if 0 <= i < self.count]
+        cols = self.meta.take(np.asarray(valid, dtype=np.int64)).to_pydict() if valid else {}
+        return [{"id": i, "metadata": {"url": cols["url"][j], "caption": cols["caption"][j], "key": cols["key"][j]}}
+                for j, i in enumerate(valid)]
+
+    def id_of(self, key: str) -> int:
+        """The row id of a key: a binary search through the ids in key order (memory-mapped, no key -> id dict)."""
+        keys, order = self.meta.column("key"), self.key_order
+        lo, hi = 0, len(order)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if keys[order[mid].as_py()].as_py() < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < len(order) and keys[order[lo].as_py()].as_py() == key:
+            return int(order[lo].as_py())
+        raise KeyError(key)
 
     def image_bytes(self, key: str) -> bytes:
-        if key not in self.key_to_id:
-            raise KeyError(key)
-        i, c = self.key_to_id[key], self.columns
-        return read_image_bytes(self.info["dataset"], self.info.get("dataset_format", "webdataset"), int(c["shard"][i]),
-                                int(c["offset"][i]), int(c["size"][i]))
+        if not self.info.get("dataset"):
+            raise KeyError(key)  # built from embeddings alone: the images are elsewhere
+        from .embed import read_image_bytes
+
+        row = self.meta.slice(self.id_of(key), 1).to_pydict()
+        return read_image_bytes(self.info["dataset"], self.info.get("dataset_format", "webdataset"), int(row["shard"][0]),
+                                int(row["offset"][0]), int(row["size"][0]))
+
+
+class _Device:
+    """A device name and its type (torch.device's two fields used here, without importing torch)."""
+
+    def __init__(self, name: str):
+        self.name = str(name)
+        self.type = self.name.split(":")[0]
+
+
+def _read_metadata(index_dir: str):
+    """(metadata table, ids in key order): metadata.arrow memory-mapped (zero-copy), or an older index's
+    metadata.parquet read whole."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = os.path.join(index_dir, "metadata.arrow")
+    if os.path.isfile(path):
+        table = pa.ipc.open_file(pa.memory_map(path)).read_all()
+        order = pa.ipc.open_file(pa.memory_map(os.path.join(index_dir, "key_order.arrow"))).read_all().column("id")
+    else:
+        table = pq.read_table(os.path.join(index_dir, "metadata.parquet"))
+        order = pc.sort_indices(table.column("key"))
+    return table, order
+
+
+def _reconstruct(index, ids) -> np.ndarray:
+    try:
+        return index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+    except RuntimeError:  # index types without a batch reconstruct
+        return np.vstack([index.reconstruct(int(i)) for i in ids])
 
 
 def _can_reconstruct(index) -> bool:

@@ -316,7 +316,8 @@ class RetrievalService:
         if name not in self.paths:
             raise HTTPException(404, f"no index named {name!r}")
         try:
-            fresh = self.Searcher(self.paths[name], self.cfg.device, text_cache=self.cfg.text_cache)
+            fresh = self.Searcher(self.paths[name], self.cfg.device, text_cache=self.cfg.text_cache,
+                                  model=self._same_model(name))
         except InputError as err:
             raise HTTPException(409, str(err)) from None
         except Exception as err:  # pylint: disable=broad-except  (a damaged file: the old index stays in service)
@@ -326,6 +327,20 @@ class RetrievalService:
         with self.lock:
             self.searchers[name] = fresh
         return {"reloaded": name, "count": fresh.info["count"]}
+
+    def _same_model(self, name: str):
+        """The loaded model of the index being reloaded when the rebuilt index names the same checkpoint file with
+        the same contents: the reload then shares it instead of holding a second copy."""
+        from psdclip.pipeline.dataset import read_json
+
+        old = self.searchers[name]
+        try:
+            info = read_json(os.path.join(self.paths[name], "index.json"))
+        except (OSError, InputError):
+            return None
+        same = info.get("checkpoint") == old.info.get("checkpoint") and \
+            info.get("checkpoint_sha256") == old.info.get("checkpoint_sha256")
+        return old.loaded if same else None
 
     # ---- query images ----
     def decode_image(self, data: bytes):
@@ -414,9 +429,7 @@ class RetrievalService:
             raise HTTPException(422, str(err)) from None
 
     def metadata(self, ids: list[int], index: Optional[str]) -> list[dict]:
-        c = self.pick(index).columns
-        return [{"id": i, "metadata": {"url": c["url"][i], "caption": c["caption"][i], "key": c["key"][i]}}
-                for i in ids if 0 <= i < len(c["id"])]
+        return self.pick(index).metadata(ids)
 
     def image_bytes(self, key: str, index: Optional[str]) -> bytes:
         try:

@@ -34,8 +34,8 @@ def test_approximate_indices_against_exact_search(factory, tmp_path):
     # on tight clusters is hard
     refined = "RFlat" in factory or "Refine" in factory
     target = 0.5 if "PQ" in factory and not refined else 0.9 if "HNSW" in factory else 0.95
-    tuned = ann.tune(index, factory, xb, xq, 10, target)
     _, exact = ann.exact_knn(xb, xq, 10)
+    tuned = ann.tune(index, factory, exact, xq, 10, target)
     _, approx = index.search(xq, 10)
     rec = ann.recall_at_k(approx, exact, 10)
     assert rec >= target and abs(rec - tuned["recall"]) < 1e-9

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import pyarrow.feather
 import pytest
 import requests
 from PIL import Image
@@ -31,20 +32,28 @@ def test_index_build_query_and_resume(index_dir, dataset_dir, tmp_path):
     info = json.load(open(index_dir / "index.json"))
     assert info["count"] == 300 and info["dim"] == 128 and info["factory"] == "Flat"
     assert info["recall_at_k"]["index.faiss"]["recall"] == 1.0 and len(info["checkpoint_sha256"]) == 64
-    meta = pd.read_parquet(index_dir / "metadata.parquet")
+    meta = pyarrow.feather.read_table(index_dir / "metadata.arrow").to_pandas()  # Arrow IPC: any tool reads it
     assert meta["id"].tolist() == list(range(300)) and set(meta["key"]) == set(
         pd.read_parquet(dataset_dir / "manifest.parquet")["key"])
     res = json.loads(cli("index", "query", index_dir, "--text", "two red circles", "-k", 5, "--json").stdout)
     assert len(res) == 5 and res[0]["score"] >= res[-1]["score"]
-    # the results equal an exact search over the stored embeddings
-    from psdclip.index.embed import load_embeddings
+    # the results equal an exact search over the stored embeddings (clip-retrieval's layout, one part per shard)
+    from psdclip.index import parts as P
     from psdclip.index.searcher import Searcher
 
-    img, txt, keys = load_embeddings(str(index_dir))
+    parts, dim = P.list_parts(str(index_dir / "embeddings"))
+    assert [p.name for p in parts] == ["00000", "00001", "00002"] and dim == 128
+    img = np.concatenate([np.load(p.image) for p in parts])
+    keys = pd.concat([pd.read_parquet(p.metadata) for p in parts])["key"].to_numpy()
+    assert list(keys) == meta["key"].tolist()
     s = Searcher(str(index_dir))
     q = s.embed_text(["two red circles"])
     exact = np.argsort(-(img @ q[0]))[:5]
     assert [r["key"] for r in res] == list(keys[exact])
+    # key -> id through the key-ordered ids (a binary search), for every key and a missing one
+    assert all(s.id_of(k) == i for i, k in enumerate(keys))
+    with pytest.raises(KeyError):
+        s.id_of("no-such-key")
     # image -> text and de-duplication
     first = Image.open(io.BytesIO(s.image_bytes(res[0]["key"])))
     assert s.search(image=first, k=1)[0]["key"] == res[0]["key"]
@@ -52,18 +61,37 @@ def test_index_build_query_and_resume(index_dir, dataset_dir, tmp_path):
     # an IVF index, forced, is checked against exact search at build time; resume redoes one missing shard
     out = tmp_path / "ivf"
     shutil.copytree(index_dir, out)
-    for f in (out / "embeddings").glob("*_00001.npy"):
+    for f in (out / "embeddings").glob("*/*_00001.*"):
         f.unlink()
     cli("index", "build", "--checkpoint", info["checkpoint"], "--data", dataset_dir, "--out", out, "--factory",
             "IVF4,Flat", "--no-progress", "--workers", 0)
     ivf = json.load(open(out / "index.json"))
     assert ivf["factory"] == "IVF4,Flat" and ivf["recall_at_k"]["index.faiss"]["recall"] >= 0.95
     assert ivf["search_params"]["index.faiss"]["param"] == "nprobe"
+    redone = np.load(out / "embeddings" / "img_emb" / "img_emb_00001.npy")
+    np.testing.assert_array_equal(redone, np.load(parts[1].image))  # the same vectors, read and batched the same
     # bad input
     r = cli("index", "query", index_dir, "--text", "x", "--image", "y", check=False)
     assert r.returncode == 2 and "exactly one of" in r.stderr
     r = cli("index", "query", tmp_path, "--text", "x", check=False)
     assert r.returncode == 2 and "not a psdclip index" in r.stderr
+
+
+def test_two_torchrun_ranks_embed_the_vectors_one_process_does(index_dir, dataset_dir, tmp_path):
+    """Each rank takes every other shard (and its loader worker reads them whole, front to back); rank 0 builds the
+    index once every part is in. The parts are bit-identical to the one-process build's."""
+    info = json.load(open(index_dir / "index.json"))
+    out = tmp_path / "two"
+    r = subprocess.run([os.path.join(BIN, "torchrun"), "--standalone", "--nproc-per-node", "2", "-m",
+                        "psdclip.workflows.cli", "index", "build", "--checkpoint", info["checkpoint"], "--data",
+                        str(dataset_dir), "--out", str(out), "--no-progress", "--workers", "1"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 1: embedded" in r.stdout and "indexed 300 images" in r.stdout
+    for kind in ("img_emb", "text_emb"):
+        for f in sorted((index_dir / "embeddings" / kind).glob("*.npy")):
+            np.testing.assert_array_equal(np.load(out / "embeddings" / kind / f.name), np.load(f))
+    assert json.load(open(out / "index.json"))["count"] == 300
 
 
 def test_text_embedding_cache_is_lru_and_changes_no_result(index_dir):
@@ -331,7 +359,10 @@ def test_image_url_fetches_are_checked_bounded_and_quiet_and_a_bad_reload_is_409
                 assert requests.get(base + "/healthz", timeout=5).ok and time.time() - t0 < 2
                 codes = sorted(f.result().status_code for f in slow)
             assert set(codes) == {503, 504} and codes.count(504) <= 8, codes
-        (idx / "index.faiss").write_bytes((idx / "index.faiss").read_bytes()[:100])
+        # a damaged file put in place as writers do, by rename (the service memory-maps the old one, which stays
+        # valid; truncating a mapped file in place would pull the pages from under it: the docs say so)
+        (idx / "damaged.tmp").write_bytes((idx / "index.faiss").read_bytes()[:100])
+        os.replace(idx / "damaged.tmp", idx / "index.faiss")
         r = requests.post(base + "/admin/reload", headers={"X-API-Key": "k"})
         assert r.status_code == 409 and "could not load" in r.json()["detail"]
         assert requests.post(base + "/search", json={"text": "a red star", "k": 2}).status_code == 200
