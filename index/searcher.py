@@ -53,6 +53,10 @@ class Searcher:
             self.indices[modality] = index
         self.meta, self.key_order = _read_metadata(index_dir)
         self.count = self.meta.num_rows
+        # the table's record batches and where each starts: rows are taken batch by batch (Arrow's take on the
+        # whole chunked table concatenates every chunk first: ~1 s per call at 10M rows)
+        self.batches = self.meta.to_batches()
+        self.batch_starts = np.cumsum([0] + [b.num_rows for b in self.batches])
         self.parts = None
         emb = self.info.get("embeddings")
         if emb and os.path.isdir(emb):
@@ -203,8 +207,7 @@ class Searcher:
         return scores[chosen], ids[chosen]
 
     def rows(self, ids, scores) -> list[dict]:
-        ids = np.asarray(ids, dtype=np.int64)
-        cols = self.meta.take(ids).to_pydict() if len(ids) else {c: [] for c in self.meta.column_names}
+        cols = self.take(ids)
         return [{"rank": r, "id": cols["id"][r], "key": cols["key"][r], "url": cols["url"][r],
                  "caption": cols["caption"][r], "score": float(s), "shard": cols["shard"][r],
                  "offset": cols["offset"][r]} for r, s in enumerate(scores)]
@@ -212,9 +215,25 @@ class Searcher:
     def metadata(self, ids: list[int]) -> list[dict]:
         """clip-retrieval's /metadata: url, caption and key of each valid id."""
         valid = [i for i in ids if 0 <= i < self.count]
-        cols = self.meta.take(np.asarray(valid, dtype=np.int64)).to_pydict() if valid else {}
+        cols = self.take(valid)
         return [{"id": i, "metadata": {"url": cols["url"][j], "caption": cols["caption"][j], "key": cols["key"][j]}}
                 for j, i in enumerate(valid)]
+
+    def take(self, ids) -> dict[str, list]:
+        """The metadata rows of the given ids, in their order, as column lists: one take per record batch."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(ids):
+            return {c: [] for c in self.meta.column_names}
+        which = np.searchsorted(self.batch_starts, ids, side="right") - 1
+        out = {c: [None] * len(ids) for c in self.meta.column_names}
+        for b in np.unique(which):
+            at = np.nonzero(which == b)[0]
+            part = self.batches[b].take(ids[at] - self.batch_starts[b]).to_pydict()
+            for c, values in part.items():
+                col = out[c]
+                for j, v in zip(at.tolist(), values):
+                    col[j] = v
+        return out
 
     def id_of(self, key: str) -> int:
         """The row id of a key: a binary search through the ids in key order (memory-mapped, no key -> id dict)."""
@@ -235,7 +254,7 @@ class Searcher:
             raise KeyError(key)  # built from embeddings alone: the images are elsewhere
         from .embed import read_image_bytes
 
-        row = self.meta.slice(self.id_of(key), 1).to_pydict()
+        row = self.take([self.id_of(key)])
         return read_image_bytes(self.info["dataset"], self.info.get("dataset_format", "webdataset"), int(row["shard"][0]),
                                 int(row["offset"][0]), int(row["size"][0]))
 

@@ -53,6 +53,8 @@ def test_precomputed_embeddings_are_indexed_and_served_without_a_model(emb_dir, 
     s = Searcher(str(out))
     assert s.metadata([int(exact[0]), 10**9])[0]["metadata"]["url"] == f"http://example.invalid/{exact[0]}.jpg"
     assert s.id_of(f"img/{exact[1]:06d}.jpg") == exact[1]
+    ids = np.random.default_rng(0).integers(0, 20_000, 300)  # rows from all three record batches, any order
+    assert len(s.batches) == 3 and s.take(ids) == s.meta.take(ids).to_pydict()
     # text queries need a model: a clear one-line error, and an image->text search has no caption vectors
     r = cli("index", "query", out, "--text", "a red circle", check=False)
     assert r.returncode == 2 and "need a model" in r.stderr and "Traceback" not in r.stderr
