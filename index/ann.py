@@ -306,13 +306,26 @@ def exact_knn_streamed(parts, kind: str, queries: np.ndarray, k: int, rows: int 
     return heap.D, heap.I
 
 
-def tune(index, factory: str, exact: np.ndarray, queries: np.ndarray, k: int, target: float) -> dict:
+def drop_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
+    """The first k ids of each row other than the row's own id (self_ids[r] < 0: nothing to drop)."""
+    out = np.empty((len(ids), k), dtype=ids.dtype)
+    for r, (row, own) in enumerate(zip(ids, self_ids)):
+        out[r] = (row[row != own] if own >= 0 else row)[:k]
+    return out
+
+
+def tune(index, factory: str, exact: np.ndarray, queries: np.ndarray, k: int, target: float,
+         self_ids: np.ndarray | None = None) -> dict:
     """Raise nprobe / efSearch until recall@k >= target against the exact top-k ids (or the search space ends);
     with a refine stage, try a few re-ranking depths (k_factor) at each nprobe before raising it, since re-ranking a
-    few hundred candidates costs far less than scanning more lists. The k_factor is stored in the index."""
+    few hundred candidates costs far less than scanning more lists. The k_factor is stored in the index.
+    self_ids: for queries that are vectors of the collection, their own ids (else -1): a query finds itself
+    almost for free, so recall is measured on the k neighbours after it (exact then holds the top k + 1)."""
     name = search_param(factory)
     if name is None:
         return {"param": None, "value": None, "recall": 1.0}
+    if self_ids is not None:
+        exact = drop_self(exact, self_ids, k)
     ivf_lists = faiss.extract_index_ivf(sub_indices(index)[0]).nlist if name == "nprobe" else None
     values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if ivf_lists is None or v <= ivf_lists]
     if name == "efSearch":
@@ -326,8 +339,10 @@ def tune(index, factory: str, exact: np.ndarray, queries: np.ndarray, k: int, ta
             if kf is not None:
                 set_k_factor(index, kf)
             t = time.perf_counter()
-            _, approx = index.search(queries, k)
+            _, approx = index.search(queries, k if self_ids is None else k + 1)
             ms = 1000 * (time.perf_counter() - t) / len(queries)
+            if self_ids is not None:
+                approx = drop_self(approx, self_ids, k)
             rec = recall_at_k(approx, exact, k)
             best = {"param": name, "value": v, "recall": rec, "ms_per_query": ms,
                     **({"k_factor": kf} if kf is not None else {})}

@@ -159,9 +159,11 @@ def build_index(cfg: IndexBuildConfig) -> dict:
     rng.shuffle(held)
     with_text = P.has_text(parts)
     half = len(held) // 2 if with_text else 0
-    queries = np.concatenate([P.gather(parts, "text", np.sort(held[:half])) if half else np.zeros((0, d), np.float32),
-                              P.gather(parts, "image", np.sort(held[half:]))])
+    text_ids, image_ids = np.sort(held[:half]), np.sort(held[half:])
+    queries = np.concatenate([P.gather(parts, "text", text_ids) if half else np.zeros((0, d), np.float32),
+                              P.gather(parts, "image", image_ids)])
     k = min(cfg.k, n)
+    exclude = n > k  # a query that is a vector of the index finds itself: recall is measured past it
     files, tunings = {}, {}
     for name, kind in (("index.faiss", "image"), ("captions.faiss", "text")):
         if kind == "text" and not with_text:
@@ -172,9 +174,12 @@ def build_index(cfg: IndexBuildConfig) -> dict:
         except RuntimeError as err:  # e.g. PQ codes that need more training points than the dataset has
             msg = str(err).strip().splitlines()[-1].split(": ", 1)[-1][:160]
             raise InputError(f"--factory {factory!r}: faiss could not train it on {n:,} vectors ({msg})") from None
-        _, exact = ann.exact_knn_streamed(parts, kind, queries, k, rows=ann.chunk_rows(build_memory, d))
+        none = np.full(len(text_ids) if kind == "image" else len(image_ids), -1)
+        own = (np.concatenate([none, image_ids]) if kind == "image" else np.concatenate([text_ids, none])) \
+            if exclude else None
+        _, exact = ann.exact_knn_streamed(parts, kind, queries, k + exclude, rows=ann.chunk_rows(build_memory, d))
         index = ann.ShardFiles(cfg.out, built["files"])
-        tunings[name] = ann.tune(index, factory, exact, queries, k, cfg.target_recall)
+        tunings[name] = ann.tune(index, factory, exact, queries, k, cfg.target_recall, self_ids=own)
         files[name] = built
         del index
     t_index = time.time() - t1
