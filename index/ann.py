@@ -170,7 +170,7 @@ def shard_file(path: str, shard: int) -> str:
 def build_streamed(parts, kind: str, factory: str, path: str, max_build_memory: float, *, seed: int = 0,
                    progress: bool = False) -> dict:
     """Train and fill an index from embedding parts without holding them: the training sample is sized to the
-    factory's nlist and to a quarter of the build budget, vectors are added in chunks read through memory maps,
+    factory's nlist and to a quarter of the build budget, vectors are added in chunks read from the parts,
     and when the filled index would not fit in the budget, IVF indices are built as several shards (each a
     range of row ids, all from one trained quantizer) written one after the other and searched together.
     Writes `path` (one shard) or shard_file(path, s); returns {"files": [...], "rows_per_shard": R}."""

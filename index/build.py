@@ -9,7 +9,7 @@
     INDEX/metadata.arrow      row id -> key, url, caption, shard, offset, size (Arrow IPC, read memory-mapped)
     INDEX/key_order.arrow     row ids in key order (the image endpoint's key -> id lookup, a binary search)
 
-Memory: vectors are read from the parts through memory maps; the training sample, one chunk and the index being
+Memory: vectors are read from the parts in chunks (plain reads); the training sample, one chunk and the index being
 filled are what the build holds, and `--max-build-memory` bounds them (IVF indices over the budget are built as
 several shards searched together).
 """
@@ -62,7 +62,7 @@ def _wait_for_parts(emb_dir: str, shards: list[int], poll: float = 2.0) -> None:
         missing = [s for s in missing if not part_done(emb_dir, s)]
 
 
-def write_metadata(parts: list[P.Part], out: str) -> dict:
+def write_metadata(parts: list[P.Part], out: str) -> None:
     """metadata.arrow: one row per index row id, streamed part by part; key_order.arrow: the ids sorted by key.
     Parts without a metadata file get their row id as key and empty url/caption."""
     import pyarrow as pa
@@ -96,7 +96,6 @@ def write_metadata(parts: list[P.Part], out: str) -> dict:
     with atomic_path(os.path.join(out, "key_order.arrow")) as tmp, pa.OSFile(tmp, "wb") as sink, \
             pa.ipc.new_file(sink, pa.schema([("id", pa.int64())])) as writer:
         writer.write_table(pa.table({"id": pc.cast(order, pa.int64())}))
-    return {"rows": first}
 
 
 def build_index(cfg: IndexBuildConfig) -> dict:
@@ -104,7 +103,7 @@ def build_index(cfg: IndexBuildConfig) -> dict:
         raise InputError(f"--out {cfg.out}: is a file, not an index directory")
     max_memory, build_memory = parse_bytes(cfg.max_memory), parse_bytes(cfg.max_build_memory)
     meta_path = os.path.join(cfg.out, "index.json")
-    m = digest = None
+    m = digest = dim = None
     if cfg.checkpoint:
         from psdclip.train.checkpoint import checkpoint_path, load_model, resolve_device
 
@@ -113,6 +112,7 @@ def build_index(cfg: IndexBuildConfig) -> dict:
         rank, world = dist_env()
         m = load_model(cfg.checkpoint, resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", rank))))
         digest = file_sha256(checkpoint_path(cfg.checkpoint))
+        dim = _model_dim(m)
     if os.path.isfile(meta_path) and (read_json(meta_path).get("checkpoint_sha256") != digest):
         raise InputError(f"{cfg.out}: built with another checkpoint; use a new --out or delete it")
     stats = {"undecodable": 0}
@@ -123,12 +123,11 @@ def build_index(cfg: IndexBuildConfig) -> dict:
         from .embed import embed_dataset, success_rows
 
         rows, _ = success_rows(cfg.data)
-        dim = _model_dim(m)
         # budgets and --factory are checked before the (long) embedding pass, on the rows the dataset holds
         if cfg.factory:
             ann.check_factory(cfg.factory, len(rows), dim)
         else:
-            ann.choose_factory(len(rows), dim, max_memory, cfg.max_query_ms)
+            ann.choose_factory(len(rows), dim, max_memory, cfg.max_query_ms, build_memory)
         os.makedirs(cfg.out, exist_ok=True)
         emb_dir = os.path.join(os.path.abspath(cfg.out), "embeddings")
         stats = embed_dataset(m, cfg.data, cfg.out, batch_size=cfg.batch_size, workers=cfg.workers, fp16=cfg.fp16,
@@ -143,8 +142,8 @@ def build_index(cfg: IndexBuildConfig) -> dict:
     n = P.total(parts)
     if n == 0:
         raise InputError(f"{emb_dir}: the parts hold no vectors")
-    if m is not None and _model_dim(m) != d:
-        raise InputError(f"--checkpoint {cfg.checkpoint}: its model embeds into {_model_dim(m)} dims, the "
+    if dim is not None and dim != d:
+        raise InputError(f"--checkpoint {cfg.checkpoint}: its model embeds into {dim} dims, the "
                          f"embeddings have {d}")
     if cfg.factory:
         ann.check_factory(cfg.factory, n, d)

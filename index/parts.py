@@ -70,8 +70,8 @@ def list_parts(root: str, what: str = "--embeddings") -> tuple[list[Part], int]:
         if img.shape[1] != dim:
             raise InputError(f"{what} {paths['image']}: {img.shape[1]} dimensions, the other parts have {dim}")
         text = paths["text"] if os.path.isfile(paths["text"]) else None
-        if text and _open(text, what).shape != img.shape:
-            raise InputError(f"{what} {text}: shape {_open(text, what).shape} differs from its images' {img.shape}")
+        if text and (shape := _open(text, what).shape) != img.shape:
+            raise InputError(f"{what} {text}: shape {shape} differs from its images' {img.shape}")
         meta = paths["metadata"] if os.path.isfile(paths["metadata"]) else None
         if meta:
             import pyarrow.parquet as pq

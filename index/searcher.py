@@ -172,11 +172,10 @@ class Searcher:
         return out
 
     def vectors_of(self, modality: str):
-        """ids -> the stored vectors: from the embedding parts (memory-mapped) when they are there, else
-        reconstructed by the index (None when it cannot)."""
+        """ids -> the stored vectors: read from the embedding parts when they are there, else reconstructed by
+        the index (None when it cannot)."""
         if self.parts is not None:
-            kind = "image" if modality == "image" else "text"
-            return lambda ids: P.gather(self.parts, kind, ids)
+            return lambda ids: P.gather(self.parts, modality, ids)
         index = self.indices[modality]
         if not _can_reconstruct(index):
             return None
