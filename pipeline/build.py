@@ -376,6 +376,9 @@ def _download_pending(client, layout: Layout, cfg: BuildConfig, opts: DownloadOp
     if what == "resume":
         log.info(f"resuming: {len(todo)} planned shard(s) ({n_rows:,} rows) have no result yet")
     t = time.time()
+    if opts.host_rate:  # each worker process keeps its share of the build's per-host cap
+        workers = max(1, len(client.scheduler_info().get("workers", {})))
+        opts = dataclasses.replace(opts, host_rate=opts.host_rate / workers)
     futures = {client.submit(download_partition, rows, shard, layout.root, opts, pure=False, retries=1,
                              key=f"download-{shard:05d}-{time.time_ns()}"): shard for shard, rows in todo.items()}
     failed, ok = [], 0

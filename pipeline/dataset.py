@@ -17,6 +17,7 @@ import json
 import os
 import uuid
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -236,6 +237,7 @@ def compute_stats(manifest: pd.DataFrame, layout: Layout, fmt: str) -> dict:
     return {
         "rows": total,
         "counts": {k: int(v) for k, v in counts.items()},
+        "hosts": failing_hosts(downloaded),
         "success": success,
         "success_rate": round(success / total, 6) if total else 0.0,
         "attempted": int(len(downloaded)),
@@ -246,6 +248,26 @@ def compute_stats(manifest: pd.DataFrame, layout: Layout, fmt: str) -> dict:
         "shards": len(shard_files),
         "failing_shards": failing,
     }
+
+
+def failing_hosts(downloaded: pd.DataFrame, top: int = 10) -> list[dict]:
+    """The hosts with the most failed downloads among the attempted rows: attempts, successes, failures and the
+    failures' statuses (a host that throttles, times out or opts out stands out here)."""
+    from .clean import hosts
+
+    if downloaded.empty:
+        return []
+    ok = downloaded["status"].isin([SUCCESS, DUPLICATE_IMAGE]).to_numpy()
+    host = hosts(pa.array(downloaded["url"].astype(str).to_numpy(), pa.string()), np.ones(len(downloaded), bool))
+    frame = pd.DataFrame({"host": host.to_numpy(zero_copy_only=False), "ok": ok,
+                          "status": downloaded["status"].astype(str).to_numpy()})
+    per = frame.groupby("host")["ok"].agg(["size", "sum"])
+    per["failed"] = per["size"] - per["sum"]
+    per = per[per["failed"] > 0].sort_values(["failed", "size"], ascending=False).head(top)
+    fails = frame[~frame["ok"] & frame["host"].isin(per.index)].groupby(["host", "status"]).size()
+    return [{"host": h, "attempted": int(r["size"]), "success": int(r["sum"]), "failed": int(r["failed"]),
+             "statuses": {st: int(n) for st, n in fails[h].sort_values(ascending=False).items()}}
+            for h, r in per.iterrows()]
 
 
 def format_stats(stats: dict) -> str:
@@ -266,6 +288,12 @@ def format_stats(stats: dict) -> str:
         lines.append(f"original size: width {ow['min']}..{ow['max']} (median {ow['median']:.0f}), "
                      f"height {oh['min']}..{oh['max']} (median {oh['median']:.0f})")
         lines.append(f"stored size:   width {w['min']}..{w['max']}, height {h['min']}..{h['max']}")
+    if stats.get("hosts"):
+        lines.append("")
+        lines.append(f"{'failing hosts':<40}{'attempted':>10}{'failed':>9}  statuses")
+        for h in stats["hosts"]:
+            sts = ", ".join(f"{k} {v}" for k, v in h["statuses"].items())
+            lines.append(f"{h['host'][:39]:<40}{h['attempted']:>10,}{h['failed']:>9,}  {sts}")
     for f in stats["failing_shards"]:
         errs = ", ".join(f"{k} {v}" for k, v in f["top_errors"].items())
         lines.append(f"warning: shard {f['shard']}: {f['failure_rate']:.0%} of {f['rows']} downloads failed "

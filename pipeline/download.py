@@ -170,6 +170,20 @@ class DownloadOptions:
     max_image_area: float
     user_agent_token: str | None = None
     disallowed_header_directives: list | None = None
+    host_rate: float = 0.0  # this worker's share of the build's per-host cap (requests/s; 0: none)
+    rate_limit_retries: int = 3
+    backoff: float = 1.0
+    max_backoff: float = 60.0
+    shard_timeout: float = 3600.0
+
+    def policy(self):
+        """The shard's politeness and time limit, starting now (see polite.py)."""
+        from .polite import ShardPolicy
+
+        return ShardPolicy.starting_now(self.timeout, self.shard_timeout,
+                                        host_interval=1.0 / self.host_rate if self.host_rate else 0.0,
+                                        throttle_retries=self.rate_limit_retries, backoff=self.backoff,
+                                        max_backoff=self.max_backoff)
 
     @classmethod
     def of(cls, cfg) -> "DownloadOptions":
@@ -183,6 +197,9 @@ def download_partition(rows: pd.DataFrame, shard: int, dataset_dir: str, opts: D
     os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(int(opts.max_image_area)))
     from img2dataset.downloader import Downloader
 
+    from .polite import install
+
+    install()
     arrow = opts.format == "arrow"
     work = os.path.join(dataset_dir, "_work", f"{shard:05d}-{uuid.uuid4().hex[:8]}")
     os.makedirs(work)
@@ -200,7 +217,7 @@ def download_partition(rows: pd.DataFrame, shard: int, dataset_dir: str, opts: D
         downloader = Downloader(
             sample_writer_class=functools.partial(KeyedShardWriter, arrow=arrow), resizer=resizer,
             thread_count=opts.thread_count, save_caption=True, extract_exif=False, output_folder=work,
-            column_list=["url", "caption", "psdclip_key"], timeout=opts.timeout,
+            column_list=["url", "caption", "psdclip_key"], timeout=opts.policy(),
             number_sample_per_shard=max(len(rows), 1), oom_shard_count=5, compute_hash="sha256",
             verify_hash_type=None, encode_format=opts.encode_format, retries=opts.retries,
             user_agent_token=opts.user_agent_token,

@@ -122,6 +122,8 @@ def test_cli_build_stats_and_one_line_errors(synth_urls, tmp_path):
         (["data", "build", synth_urls, "--out", ds, "--format", "arrow"], "cannot append with --format arrow"),
         (["data", "build", synth_urls, "--out", ds, "--subsets", "0.1,zero"], "--subsets 'zero'"),
         (["data", "stats", tmp_path], "not a psdclip dataset"),
+        (["data", "build", synth_urls, "--out", ds, "--shard-timeout", "0"], "--shard-timeout must be > 0"),
+        (["data", "build", synth_urls, "--out", ds, "--host-rate", "-1"], "--host-rate must be >= 0"),
         (["data", "build", synth_urls, "--out", ds, "--config", tmp_path / "missing.yaml"], "no such config file"),
     ]
     for args, expect in cases:
