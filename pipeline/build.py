@@ -2,7 +2,8 @@
 
     read + clean (Dask task per input file) -> keys, duplicate URLs, host spreading, shards (client)
     -> plan saved atomically -> download (Dask task per partition, img2dataset) -> result per shard
-    -> duplicate images (Dask dataframe over the results) -> manifest, subsets, stats, dataset.json
+    -> duplicate images (Dask dataframe over the results) -> manifest/ (a file per shard), subsets, stats,
+    dataset.json
 
 A rerun first finishes every planned shard that has no result yet, so a crash at any point loses and
 duplicates nothing; input files already ingested (recognised by content) are skipped; new ones append.
@@ -24,7 +25,7 @@ import pyarrow as pa
 from .clean import clean_partition, hosts
 from .config import BuildConfig
 from .dataset import SCHEMA_VERSION, Layout, assemble_manifest, compute_stats, now, read_json, write_json, \
-    write_parquet
+    write_manifest, write_parquet
 from .download import DownloadOptions, download_partition
 from . import logs
 from .errors import InputError, PsdclipError
@@ -209,8 +210,8 @@ def _build_locked(cfg: BuildConfig, layout: Layout, previous: dict | None) -> di
         fmt = cfg.format
         subset_specs = parse_subsets(cfg.subsets) if cfg.subsets else [
             tuple(s) for s in (previous or {}).get("subsets", [])]
+        write_manifest(layout, manifest)  # before the subsets: their readers take exclusions from it
         _write_subsets(layout, manifest, subset_specs, cfg.subset_seed, fmt)
-        write_parquet(layout.manifest, manifest)
         timings["finalize_s"] = time.time() - t
         t = time.time()
     timings["cluster_close_s"] = time.time() - t
@@ -448,6 +449,8 @@ def _write_subsets(layout: Layout, manifest: pd.DataFrame, specs, seed: int, fmt
     docs = build_subsets(success, specs, seed)
     for name, doc in docs.items():
         doc["shards"] = [f"shards/{s}" for s in doc["shards"]]
+        if doc["boundary"]:
+            doc["boundary"]["shard"] = f"shards/{doc['boundary']['shard']}"
         if doc["truncated"]:
             log.info(f"subset {name}: asked for {doc['requested']:,} samples, the dataset has {doc['count']:,}")
         write_json(os.path.join(layout.subsets, f"{name}.json"), doc)

@@ -1,7 +1,7 @@
 """The dataset directory: its layout, atomic writes, internal state, manifest assembly and stats.
 
     DATASET/
-      dataset.json  manifest.parquet  stats.json  shards/  subsets/     the contract (DESIGN.md)
+      dataset.json  manifest/  stats.json  shards/  subsets/            the contract (DESIGN.md)
       _state/ingests/<id>/plan.parquet, inputs.json                     what each ingest planned
       _state/results/<shard>.parquet                                    one per finished shard
       _work/                                                            scratch, cleared on every run
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from .errors import InputError
 from .status import DUPLICATE_IMAGE, SUCCESS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: manifest/ (a file per shard) and subsets as shard lists plus a rank rule
 MANIFEST_COLUMNS = ["key", "url", "caption", "status", "error", "shard", "offset", "size", "width", "height",
                     "original_width", "original_height", "sha256", "source", "source_row", "ingest"]
 
@@ -34,7 +34,12 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _tmp(path: str) -> str:
+def _tmp(path: str, hidden: bool = False) -> str:
+    """A temporary name beside `path`; hidden ones (a leading dot) are skipped by pyarrow.dataset and DuckDB, so a
+    reader of a partitioned folder never sees a file being written."""
+    if hidden:
+        head, tail = os.path.split(path)
+        return os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:8]}")
     return f"{path}.tmp-{uuid.uuid4().hex[:8]}"
 
 
@@ -46,10 +51,10 @@ def fsync_replace(tmp: str, path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str):
+def atomic_path(path: str, hidden: bool = False):
     """Yields a unique temporary path beside `path`; what the block writes there replaces `path` whole when the
     block ends (fsync, then rename), or is removed if it fails. For writers that take a path (faiss, pyarrow)."""
-    tmp = _tmp(path)
+    tmp = _tmp(path, hidden)
     try:
         yield tmp
         fsync_replace(tmp, path)
@@ -91,7 +96,8 @@ class Layout:
         self.ingests = os.path.join(self.state, "ingests")
         self.results = os.path.join(self.state, "results")
         self.work = os.path.join(self.root, "_work")
-        self.manifest = os.path.join(self.root, "manifest.parquet")
+        self.manifest = os.path.join(self.root, "manifest")  # a partitioned Parquet dataset
+        self.legacy_manifest = os.path.join(self.root, "manifest.parquet")  # datasets written before it
         self.dataset_json = os.path.join(self.root, "dataset.json")
         self.stats_json = os.path.join(self.root, "stats.json")
         self._plans: dict[int, pd.DataFrame] = {}
@@ -106,7 +112,7 @@ class Layout:
 
         shutil.rmtree(self.work, ignore_errors=True)
         for pattern in ("*.tmp-*", "shards/*.tmp-*", "subsets/*.tmp-*", "_state/results/*.tmp-*",
-                        "_state/ingests/*.tmp-*"):
+                        "_state/ingests/*.tmp-*", "manifest/.*.tmp-*"):
             for path in glob.glob(os.path.join(self.root, pattern)):
                 if os.path.isdir(path):
                     shutil.rmtree(path, ignore_errors=True)
@@ -199,19 +205,77 @@ def unfinished_shards(layout: Layout) -> tuple[int, int]:
     return len(planned - layout.done_shards()), len(planned)
 
 
-def load_manifest(root: str) -> pd.DataFrame:
+MANIFEST_SCHEMA = pa.schema([(c, pa.int64() if c in ("shard", "offset", "size", "width", "height", "original_width",
+                                                     "original_height", "source_row", "ingest") else pa.string())
+                              for c in MANIFEST_COLUMNS])
+
+
+def manifest_file(root: str, shard: int | None = None, ingest: int | None = None) -> str:
+    """manifest/shard-NNNNN.parquet holds the rows whose (latest) plan put them in that shard;
+    manifest/ingest-NNNNN.parquet the rows of that ingest that never reached a shard (filtered, duplicate URLs)."""
+    name = f"shard-{shard:05d}.parquet" if shard is not None else f"ingest-{ingest:05d}.parquet"
+    return os.path.join(root, "manifest", name)
+
+
+def write_manifest(layout: Layout, manifest: pd.DataFrame) -> None:
+    """The manifest as a partitioned Parquet dataset, each file replaced atomically (hidden temporary names:
+    readers of the folder skip them), then files no row points at any more and a legacy manifest.parquet removed.
+    pyarrow.dataset, DuckDB (manifest/*.parquet) and pandas read the folder as one table."""
+    os.makedirs(layout.manifest, exist_ok=True)
+    sharded = manifest["shard"].notna().to_numpy()
+    parts = [(manifest_file(layout.root, shard=int(s)), rows) for s, rows in manifest[sharded].groupby("shard")]
+    parts += [(manifest_file(layout.root, ingest=int(i)), rows) for i, rows in manifest[~sharded].groupby("ingest")]
+    for path, rows in parts:
+        table = pa.Table.from_pandas(rows[MANIFEST_COLUMNS], schema=MANIFEST_SCHEMA, preserve_index=False)
+        with atomic_path(path, hidden=True) as tmp:
+            pq.write_table(table, tmp)
+    keep = {os.path.basename(p) for p, _ in parts}
+    for name in os.listdir(layout.manifest):
+        if name.endswith(".parquet") and name not in keep:
+            os.remove(os.path.join(layout.manifest, name))
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(layout.legacy_manifest)
+
+
+def _to_pandas(table: pa.Table) -> pd.DataFrame:
+    return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+
+
+def load_manifest(root: str, columns=None) -> pd.DataFrame:
+    """The whole manifest (manifest/ or a legacy manifest.parquet) as one frame; a missing or damaged one is a
+    one-line error naming what to run."""
     layout = Layout(root)
-    if not os.path.isfile(layout.manifest):
+    path = layout.manifest if os.path.isdir(layout.manifest) else layout.legacy_manifest
+    if not os.path.exists(path):
         if layout.ingest_ids():
             left, planned = unfinished_shards(layout)
             raise InputError(f"{root}: incomplete build ({planned - left} of {planned} shard(s) downloaded, no "
                              f"manifest yet): rerun the same `psdclip data build` command")
-        raise InputError(f"{root}: not a psdclip dataset (no manifest.parquet)")
+        raise InputError(f"{root}: not a psdclip dataset (no manifest)")
     try:
-        return pd.read_parquet(layout.manifest)
+        if path == layout.legacy_manifest:
+            return pd.read_parquet(path, columns=columns)
+        import pyarrow.dataset as pads
+
+        return _to_pandas(pads.dataset(path, format="parquet", schema=MANIFEST_SCHEMA).to_table(columns=columns))
     except (OSError, ValueError, pa.ArrowException) as err:
-        raise InputError(f"{layout.manifest}: damaged, not a Parquet table ({str(err).splitlines()[0][:120]}); "
+        raise InputError(f"{path}: damaged, not a Parquet table ({str(err).splitlines()[0][:160]}); "
                          f"rerun the `psdclip data build` command that made it") from None
+
+
+def shard_exclusions(root: str, shard: str) -> frozenset:
+    """Keys a shard holds that are no training sample (duplicate_image: bytes kept, status not success), read from
+    that shard's manifest file only. Empty for a legacy dataset (its readers use the success keys)."""
+    stem = shard.split(".")[0]
+    if not stem.isdigit():
+        return frozenset()
+    path = manifest_file(root, shard=int(stem))
+    if not os.path.isfile(path):
+        return frozenset()
+    t = pq.read_table(path, columns=["key", "status"])
+    import pyarrow.compute as pc
+
+    return frozenset(t.filter(pc.not_equal(t.column("status"), SUCCESS)).column("key").to_pylist())
 
 
 def compute_stats(manifest: pd.DataFrame, layout: Layout, fmt: str) -> dict:

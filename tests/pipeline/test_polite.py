@@ -88,7 +88,7 @@ def test_build_is_polite_ends_in_time_and_retry_failed_completes(server, tmp_pat
     assert stats["build"]["download_s"] < 25
     starts = sorted(t for ts in server.times.values() for t in ts)
     assert starts[-1] - starts[0] < limit
-    m = pd.read_parquet(ds / "manifest.parquet").sort_values("source_row")
+    m = pd.read_parquet(ds / "manifest").sort_values("source_row")
     assert len(m) == len(rows) and m["key"].is_unique
     status = dict(zip(m["caption"], m["status"]))
     assert all(status[c] == "success" for _, c in capped[:3])
@@ -112,6 +112,6 @@ def test_build_is_polite_ends_in_time_and_retry_failed_completes(server, tmp_pat
 
     server.limited = server.stuck = False
     build(cfg([], ds, retry_failed=True, shard_timeout=limit))
-    m = pd.read_parquet(ds / "manifest.parquet")
+    m = pd.read_parquet(ds / "manifest")
     assert len(m) == len(rows) and (m["status"] == "success").sum() == len(rows)
     assert set(tar_members(ds)) == set(m["key"])
