@@ -10,6 +10,7 @@ Readers (the trainer, streaming) use the contract files only; every one of them 
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as _dt
 import glob
@@ -278,60 +279,126 @@ def shard_exclusions(root: str, shard: str) -> frozenset:
     return frozenset(t.filter(pc.not_equal(t.column("status"), SUCCESS)).column("key").to_pylist())
 
 
-def compute_stats(manifest: pd.DataFrame, layout: Layout, fmt: str) -> dict:
-    counts = manifest["status"].value_counts().sort_index()
-    total = int(len(manifest))
-    success = int(counts.get(SUCCESS, 0))
-    ok = manifest[manifest["status"] == SUCCESS]
-    sizes = {}
-    for c in ("width", "height", "original_width", "original_height"):
-        v = ok[c].dropna().astype(float)
-        sizes[c] = ({"min": int(v.min()), "median": float(v.median()), "max": int(v.max()), "mean": float(v.mean())}
-                    if len(v) else None)
-    shard_files = sorted(glob.glob(os.path.join(layout.shards, "*.tar" if fmt != "arrow" else "*.parquet")))
-    downloaded = manifest[manifest["shard"].notna()]
-    failing = []
-    for shard, grp in downloaded.groupby("shard"):
-        fail = grp[~grp["status"].isin([SUCCESS, DUPLICATE_IMAGE])]
-        rate = len(fail) / len(grp)
-        if rate > 0.5:
-            top = fail["status"].value_counts().head(3)
-            failing.append({"shard": layout.shard_name(int(shard), fmt), "rows": int(len(grp)),
-                            "failure_rate": round(rate, 4), "top_errors": {k: int(v) for k, v in top.items()}})
-    return {
-        "rows": total,
-        "counts": {k: int(v) for k, v in counts.items()},
-        "hosts": failing_hosts(downloaded),
-        "success": success,
-        "success_rate": round(success / total, 6) if total else 0.0,
-        "attempted": int(len(downloaded)),
-        "download_success_rate": round(success / len(downloaded), 6) if len(downloaded) else 0.0,
-        "image_sizes": sizes,
-        "image_bytes": int(ok["size"].dropna().sum()) if len(ok) else 0,
-        "shard_bytes": int(sum(os.path.getsize(f) for f in shard_files)),
-        "shards": len(shard_files),
-        "failing_shards": failing,
-    }
+SIZE_COLUMNS = ("width", "height", "original_width", "original_height")
+STATS_COLUMNS = ["url", "status", "shard", "size", *SIZE_COLUMNS]
 
 
-def failing_hosts(downloaded: pd.DataFrame, top: int = 10) -> list[dict]:
-    """The hosts with the most failed downloads among the attempted rows: attempts, successes, failures and the
-    failures' statuses (a host that throttles, times out or opts out stands out here)."""
-    from .clean import hosts
+def _median(hist: collections.Counter) -> float:
+    """The median of the values a histogram counts (the mean of the two middle ones for an even count)."""
+    values = sorted(hist)
+    cum = np.cumsum([hist[v] for v in values])
+    n = int(cum[-1])
+    lo = values[int(np.searchsorted(cum, (n - 1) // 2, side="right"))]
+    hi = values[int(np.searchsorted(cum, n // 2, side="right"))]
+    return (lo + hi) / 2
 
-    if downloaded.empty:
-        return []
-    ok = downloaded["status"].isin([SUCCESS, DUPLICATE_IMAGE]).to_numpy()
-    host = hosts(pa.array(downloaded["url"].astype(str).to_numpy(), pa.string()), np.ones(len(downloaded), bool))
-    frame = pd.DataFrame({"host": host.to_numpy(zero_copy_only=False), "ok": ok,
-                          "status": downloaded["status"].astype(str).to_numpy()})
-    per = frame.groupby("host")["ok"].agg(["size", "sum"])
-    per["failed"] = per["size"] - per["sum"]
-    per = per[per["failed"] > 0].sort_values(["failed", "size"], ascending=False).head(top)
-    fails = frame[~frame["ok"] & frame["host"].isin(per.index)].groupby(["host", "status"]).size()
-    return [{"host": h, "attempted": int(r["size"]), "success": int(r["sum"]), "failed": int(r["failed"]),
-             "statuses": {st: int(n) for st, n in fails[h].sort_values(ascending=False).items()}}
-            for h, r in per.iterrows()]
+
+class StatsAccumulator:
+    """The dataset's figures, accumulated over pieces of the manifest (a file or a record batch at a time). Its memory
+    grows with the distinct statuses, image sizes (exact medians from histograms), shards and failing hosts, never
+    with rows; hosts are kept for the HOST_CAP with the most failures (beyond that the host figures are approximate)."""
+    HOST_CAP = 50_000
+
+    def __init__(self):
+        self.rows = self.attempted = self.image_bytes = 0
+        self.counts: collections.Counter = collections.Counter()
+        self.sizes = {c: collections.Counter() for c in SIZE_COLUMNS}
+        self.shards: dict[int, list] = {}  # shard -> [rows, failures, Counter of failure statuses]
+        self.hosts: dict[str, list] = {}  # host -> [attempted, failures, Counter of failure statuses]
+
+    def add(self, frame: pd.DataFrame) -> "StatsAccumulator":
+        from .clean import hosts
+
+        self.rows += len(frame)
+        status = frame["status"].astype(str)
+        self.counts.update(status.value_counts().to_dict())
+        ok = (status == SUCCESS).to_numpy()
+        for c in SIZE_COLUMNS:
+            v = frame[c].to_numpy()[ok]
+            self.sizes[c].update(pd.Series(v).dropna().astype(np.int64).value_counts().to_dict())
+        self.image_bytes += int(pd.Series(frame["size"].to_numpy()[ok]).dropna().sum())
+        tried = frame["shard"].notna().to_numpy()
+        if not tried.any():
+            return self
+        d = pd.DataFrame({"shard": frame["shard"].to_numpy()[tried].astype(np.int64), "status": status.to_numpy()[tried]})
+        d["fail"] = ~d["status"].isin([SUCCESS, DUPLICATE_IMAGE])
+        d["host"] = hosts(pa.array(frame["url"].astype(str).to_numpy()[tried], pa.string()),
+                          np.ones(len(d), bool)).to_numpy(zero_copy_only=False)
+        self.attempted += len(d)
+        for col, table in (("shard", self.shards), ("host", self.hosts)):
+            per = d.groupby(col)["fail"].agg(["size", "sum"])
+            fails = d[d["fail"]].groupby([col, "status"]).size()
+            for name, (n, f) in zip(per.index, per.to_numpy()):
+                entry = table.setdefault(name, [0, 0, collections.Counter()])
+                entry[0] += int(n)
+                entry[1] += int(f)
+            for (name, st), n in fails.items():
+                table[name][2][st] += int(n)
+        if len(self.hosts) > self.HOST_CAP:  # keep the hosts with the most failures
+            keep = sorted(self.hosts.items(), key=lambda kv: (-kv[1][1], -kv[1][0]))[: self.HOST_CAP // 2]
+            self.hosts = dict(keep)
+        return self
+
+    def result(self, layout: "Layout", fmt: str, top_hosts: int = 10) -> dict:
+        success = int(self.counts.get(SUCCESS, 0))
+        sizes = {c: ({"min": min(h), "median": _median(h), "max": max(h),
+                      "mean": sum(v * n for v, n in h.items()) / sum(h.values())} if h else None)
+                 for c, h in self.sizes.items()}
+        shard_files = sorted(glob.glob(os.path.join(layout.shards, "*.tar" if fmt != "arrow" else "*.parquet")))
+        failing = [{"shard": layout.shard_name(int(s), fmt), "rows": n, "failure_rate": round(f / n, 4),
+                    "top_errors": dict(c.most_common(3))}
+                   for s, (n, f, c) in sorted(self.shards.items()) if f / n > 0.5]
+        worst = sorted(((h, e) for h, e in self.hosts.items() if e[1]), key=lambda kv: (-kv[1][1], -kv[1][0]))
+        hosts_out = [{"host": h, "attempted": n, "success": n - f, "failed": f, "statuses": dict(c.most_common())}
+                     for h, (n, f, c) in worst[:top_hosts]]
+        return {
+            "rows": self.rows,
+            "counts": dict(sorted(self.counts.items())),
+            "hosts": hosts_out,
+            "success": success,
+            "success_rate": round(success / self.rows, 6) if self.rows else 0.0,
+            "attempted": self.attempted,
+            "download_success_rate": round(success / self.attempted, 6) if self.attempted else 0.0,
+            "image_sizes": sizes,
+            "image_bytes": self.image_bytes,
+            "shard_bytes": int(sum(os.path.getsize(f) for f in shard_files)),
+            "shards": len(shard_files),
+            "failing_shards": failing,
+        }
+
+
+def compute_stats(manifest: pd.DataFrame, layout: "Layout", fmt: str) -> dict:
+    return StatsAccumulator().add(manifest).result(layout, fmt)
+
+
+def manifest_batches(root: str, columns=None, batch_size: int = 262_144):
+    """The manifest as frames of at most batch_size rows, one file at a time (manifest/ or a legacy
+    manifest.parquet): what a reader of a 1B-row manifest holds at once."""
+    layout = Layout(root)
+    if os.path.isdir(layout.manifest):
+        files = sorted(os.path.join(layout.manifest, n) for n in os.listdir(layout.manifest)
+                       if n.endswith(".parquet") and not n.startswith((".", "_")))
+    else:
+        load_manifest(root, columns=[])  # the one-line errors of a missing or damaged manifest
+        files = [layout.legacy_manifest]
+    for path in files:
+        try:
+            pf = pq.ParquetFile(path)
+            for batch in pf.iter_batches(columns=columns, batch_size=batch_size):
+                yield _to_pandas(pa.Table.from_batches([batch]))
+        except (OSError, pa.ArrowException) as err:
+            raise InputError(f"{path}: damaged, not a Parquet table ({str(err).splitlines()[0][:160]}); "
+                             f"rerun the `psdclip data build` command that made it") from None
+
+
+def stream_stats(root: str) -> dict:
+    """`psdclip data stats`: the figures of a dataset, its manifest read a batch of rows at a time."""
+    acc = StatsAccumulator()
+    for frame in manifest_batches(root, STATS_COLUMNS):
+        acc.add(frame)
+    layout = Layout(root)
+    info = read_json(layout.dataset_json) if os.path.isfile(layout.dataset_json) else {}
+    return acc.result(layout, info.get("output_format", "webdataset"))
 
 
 def format_stats(stats: dict) -> str:
