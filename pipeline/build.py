@@ -349,23 +349,13 @@ def _existing_keys(layout: Layout) -> set:
 
 
 def _next_shard(layout: Layout) -> int:
-    top = -1
-    for ingest in layout.ingest_ids():
-        s = layout.load_plan(ingest, ["shard"])["shard"]
-        if len(s):
-            top = max(top, int(s.max()))
-    return top + 1
+    return max(layout.planned_shards(), default=-1) + 1
 
 
-def _pending_shards(layout: Layout) -> dict[int, pd.DataFrame]:
+def _pending_shards(layout: Layout) -> dict[int, tuple[str, int]]:
+    """shard -> (input file, rows) for every planned shard with no result yet."""
     done = layout.done_shards()
-    todo: dict[int, pd.DataFrame] = {}
-    for ingest in layout.ingest_ids():
-        plan = layout.load_plan(ingest)
-        plan = plan[(plan["shard"] >= 0) & ~plan["shard"].isin(done)]
-        for shard, rows in plan.groupby("shard"):
-            todo[int(shard)] = rows[["key", "url", "caption", "order"]].reset_index(drop=True)
-    return todo
+    return {shard: v for shard, v in sorted(layout.planned_shards().items()) if shard not in done}
 
 
 def _download_pending(client, layout: Layout, cfg: BuildConfig, opts: DownloadOptions, timings: dict,
@@ -373,17 +363,18 @@ def _download_pending(client, layout: Layout, cfg: BuildConfig, opts: DownloadOp
     todo = _pending_shards(layout)
     if not todo:
         return
-    n_rows = sum(len(r) for r in todo.values())
+    n_rows = sum(rows for _, rows in todo.values())
     if what == "resume":
         log.info(f"resuming: {len(todo)} planned shard(s) ({n_rows:,} rows) have no result yet")
     t = time.time()
     if opts.host_rate:  # each worker process keeps its share of the build's per-host cap
         workers = max(1, len(client.scheduler_info().get("workers", {})))
         opts = dataclasses.replace(opts, host_rate=opts.host_rate / workers)
-    futures = {client.submit(download_partition, rows, shard, layout.root, opts, pure=False, retries=1,
-                             key=f"download-{shard:05d}-{time.time_ns()}"): shard for shard, rows in todo.items()}
+    # a task gets the shard's input file, never its rows: the scheduler's traffic does not grow with rows
+    futures = {client.submit(download_partition, path, shard, layout.root, opts, pure=False, retries=1,
+                             key=f"download-{shard:05d}-{time.time_ns()}"): shard for shard, (path, _) in todo.items()}
     failed, ok = [], 0
-    rows_of = {shard: len(rows) for shard, rows in todo.items()}
+    rows_of = {shard: rows for shard, (_, rows) in todo.items()}
     for fut in _finished_by_rows(futures, rows_of, layout.work, cfg.progress):
         shard = futures[fut]
         try:

@@ -147,19 +147,53 @@ class Layout:
         return read_json(os.path.join(self.ingests, f"{ingest:05d}", "inputs.json"))
 
     def save_ingest(self, ingest: int, plan: pd.DataFrame, inputs: dict) -> None:
-        """Write plan and inputs into a temporary folder, then rename it: an ingest exists whole or not at all."""
+        """Write plan, inputs and each shard's input file into a temporary folder, then rename it: an ingest exists
+        whole or not at all."""
         final = os.path.join(self.ingests, f"{ingest:05d}")
         tmp = _tmp(final)
         os.makedirs(tmp)
         write_parquet(os.path.join(tmp, "plan.parquet"), plan)
+        _write_shard_inputs(tmp, plan)
         write_json(os.path.join(tmp, "inputs.json"), inputs)
         os.replace(tmp, final)
+
+    def planned_shards(self) -> dict[int, tuple[str, int]]:
+        """shard -> (its input file, rows) over every ingest, from the small shards.json of each: the client
+        neither loads a plan nor sends rows to find and start the downloads. An ingest written before shard input
+        files existed gets them now, once."""
+        out: dict[int, tuple[str, int]] = {}
+        for ingest in self.ingest_ids():
+            folder = os.path.join(self.ingests, f"{ingest:05d}")
+            index = os.path.join(folder, "shards.json")
+            if not os.path.isfile(index):
+                _write_shard_inputs(folder, self.load_plan(ingest))
+            for shard, rows in read_json(index).items():
+                out[int(shard)] = (os.path.join(folder, "shards", f"{int(shard):05d}.arrow"), int(rows))
+        return out
 
     def done_shards(self) -> set[int]:
         return {int(os.path.basename(p).split(".")[0]) for p in glob.glob(os.path.join(self.results, "*.parquet"))}
 
     def result_files(self) -> list[str]:
         return sorted(glob.glob(os.path.join(self.results, "*.parquet")))
+
+
+def _write_shard_inputs(folder: str, plan: pd.DataFrame) -> None:
+    """FOLDER/shards/NNNNN.arrow: a shard's rows in download order, in the form img2dataset's Downloader reads
+    (url, caption, psdclip_key), and FOLDER/shards.json: shard -> rows, written last."""
+    import pyarrow.feather as feather
+
+    os.makedirs(os.path.join(folder, "shards"), exist_ok=True)
+    counts = {}
+    pending = plan[plan["shard"] >= 0]
+    for shard, rows in pending.groupby("shard"):
+        rows = rows.sort_values("order", kind="stable")
+        table = pa.table({"url": rows["url"].astype(str).to_numpy(), "caption": rows["caption"].astype(str).to_numpy(),
+                          "psdclip_key": rows["key"].astype(str).to_numpy()})
+        with atomic_path(os.path.join(folder, "shards", f"{int(shard):05d}.arrow")) as tmp:
+            feather.write_feather(table, tmp, compression="uncompressed")
+        counts[str(int(shard))] = len(rows)
+    write_json(os.path.join(folder, "shards.json"), counts, indent=0)
 
 
 def assemble_manifest(layout: Layout) -> pd.DataFrame:
@@ -199,10 +233,7 @@ def assemble_manifest(layout: Layout) -> pd.DataFrame:
 
 def unfinished_shards(layout: Layout) -> tuple[int, int]:
     """(shards planned but not downloaded yet, shards planned): a build cut off before its end leaves some."""
-    planned: set[int] = set()
-    for ingest in layout.ingest_ids():
-        shards = layout.load_plan(ingest, ["shard"])["shard"]
-        planned.update(int(x) for x in shards[shards >= 0].unique())
+    planned = set(layout.planned_shards())
     return len(planned - layout.done_shards()), len(planned)
 
 

@@ -137,8 +137,13 @@ def test_append_new_lists_and_retry_failed(synth_dir, server, tmp_path):
 
     shutil.rmtree(ds / "manifest")
     m2.to_parquet(ds / "manifest.parquet")
+    ingest0 = ds / "_state" / "ingests" / "00000"  # and its ingest had no shard input files
+    shard_inputs = {p.name: p.read_bytes() for p in (ingest0 / "shards").iterdir()}
+    shutil.rmtree(ingest0 / "shards")
+    (ingest0 / "shards.json").unlink()
     build(cfg([], ds, retry_failed=True))
     assert not (ds / "manifest.parquet").exists() and (ds / "manifest" / "ingest-00001.parquet").exists()
+    assert {p.name: p.read_bytes() for p in (ingest0 / "shards").iterdir()} == shard_inputs
     m3 = pd.read_parquet(ds / "manifest")
     assert len(m3) == 350 and (m3["status"] == "success").sum() == 300
     assert all(server.hits[p] == 2 for p in flaky)
