@@ -349,13 +349,13 @@ def _existing_keys(layout: Layout) -> set:
 
 
 def _next_shard(layout: Layout) -> int:
-    return max(layout.planned_shards(), default=-1) + 1
+    return max(layout.planned_shards(upgrade=True), default=-1) + 1
 
 
 def _pending_shards(layout: Layout) -> dict[int, tuple[str, int]]:
     """shard -> (input file, rows) for every planned shard with no result yet."""
     done = layout.done_shards()
-    return {shard: v for shard, v in sorted(layout.planned_shards().items()) if shard not in done}
+    return {shard: v for shard, v in sorted(layout.planned_shards(upgrade=True).items()) if shard not in done}
 
 
 def _download_pending(client, layout: Layout, cfg: BuildConfig, opts: DownloadOptions, timings: dict,

@@ -113,7 +113,7 @@ class Layout:
 
         shutil.rmtree(self.work, ignore_errors=True)
         for pattern in ("*.tmp-*", "shards/*.tmp-*", "subsets/*.tmp-*", "_state/results/*.tmp-*",
-                        "_state/ingests/*.tmp-*", "manifest/.*.tmp-*"):
+                        "_state/ingests/*.tmp-*", "_state/ingests/*/shards/*.tmp-*", "manifest/.*.tmp-*"):
             for path in glob.glob(os.path.join(self.root, pattern)):
                 if os.path.isdir(path):
                     shutil.rmtree(path, ignore_errors=True)
@@ -157,15 +157,19 @@ class Layout:
         write_json(os.path.join(tmp, "inputs.json"), inputs)
         os.replace(tmp, final)
 
-    def planned_shards(self) -> dict[int, tuple[str, int]]:
+    def planned_shards(self, upgrade: bool = False) -> dict[int, tuple[str, int]]:
         """shard -> (its input file, rows) over every ingest, from the small shards.json of each: the client
         neither loads a plan nor sends rows to find and start the downloads. An ingest written before shard input
-        files existed gets them now, once."""
+        files existed gets them with upgrade=True (a build, which holds the lock), once; readers only look."""
         out: dict[int, tuple[str, int]] = {}
         for ingest in self.ingest_ids():
             folder = os.path.join(self.ingests, f"{ingest:05d}")
             index = os.path.join(folder, "shards.json")
             if not os.path.isfile(index):
+                if not upgrade:
+                    shards = self.load_plan(ingest, ["shard"])["shard"]
+                    out.update({int(s): ("", int(n)) for s, n in shards[shards >= 0].value_counts().items()})
+                    continue
                 _write_shard_inputs(folder, self.load_plan(ingest))
             for shard, rows in read_json(index).items():
                 out[int(shard)] = (os.path.join(folder, "shards", f"{int(shard):05d}.arrow"), int(rows))
