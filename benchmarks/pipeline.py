@@ -8,7 +8,12 @@
    invalid): rows/s through the same code path the build uses (Dask tasks + the client's global stages,
    plan written), excluding cluster start-up. Goal >= 200,000 rows/s.
 
+3. What a download task carries: the pickled size of one download task's arguments (as the client submits it to
+   the scheduler) for shards of 1,000 to 100,000 rows, beside what it carried before (the shard's rows as a
+   frame). Goal: independent of rows per shard. Not a timing: it may run beside other work.
+
     python benchmarks/pipeline.py [--images 6000] [--rows 1000000] [--repeats 2] [--out bench-out]
+                                  [--only download|clean|task-args]
 """
 from __future__ import annotations
 
@@ -176,19 +181,50 @@ def clean_benchmark(args) -> str:
             f"\n\nstatuses: {counts}\n\nGoal >= 200,000 rows/s.\n")
 
 
+def task_args_benchmark(args) -> str:
+    import cloudpickle
+
+    from psdclip.pipeline.build import _pending_shards
+    from psdclip.pipeline.download import DownloadOptions
+
+    lines = []
+    for rows in (1_000, 10_000, 100_000):
+        out = os.path.join(args.out, f"task-args-{rows}")
+        shutil.rmtree(out, ignore_errors=True)
+        paths = make_url_list(os.path.join(args.out, f"task-args-{rows}.csv"), rows)
+        cfg = BuildConfig(inputs=paths, out=out, progress=False, shard_size=rows)
+        layout = Layout(out)
+        layout.create()
+        with dask_client(None, 1, os.path.join(layout.work, "dask")) as client:
+            plan = ingest_inputs(client, layout, cfg)
+        shard, (path, n) = next(iter(_pending_shards(layout).items()))
+        now = len(cloudpickle.dumps((path, shard, layout.root, DownloadOptions.of(cfg))))
+        frame = plan[plan["shard"] == shard][["key", "url", "caption", "order"]].reset_index(drop=True)
+        before = len(cloudpickle.dumps((frame, shard, layout.root, DownloadOptions.of(cfg))))
+        lines.append(f"| {n:,} | {now:,} | {before:,} ({before / n:.0f} bytes/row) |")
+        print(lines[-1], flush=True)
+    return ("Pickled arguments of one `download_partition` task (cloudpickle, as Dask sends them), for a shard of "
+            "N pending rows of the benchmark's URL list: now (the shard's input file path, shard id, dataset folder, "
+            "options) beside before (the shard's rows as a frame).\n\n"
+            "| rows in the shard | bytes now | bytes before |\n|---|---|---|\n" + "\n".join(lines) +
+            "\n\nGoal: independent of rows per shard.\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=6000)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="bench-out")
-    ap.add_argument("--only", choices=["download", "clean"])
+    ap.add_argument("--only", choices=["download", "clean", "task-args"])
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    if args.only != "clean":
+    if args.only in (None, "task-args"):
+        record("pipeline-task-args", "Pipeline: what a download task carries", task_args_benchmark(args))
+    if args.only in (None, "download"):
         body, _ = download_benchmark(args)
         record("pipeline-download", "Pipeline: download throughput vs plain img2dataset", body)
-    if args.only != "download":
+    if args.only in (None, "clean"):
         record("pipeline-clean", "Pipeline: read, clean and dedupe of a 1M-row URL list", clean_benchmark(args))
 
 

@@ -106,7 +106,7 @@ def psd_vs_clip(args) -> tuple[str, float]:
 
 def make_dataset(args) -> str:
     ds = os.path.join(args.out, f"train-ds-{args.images}")
-    if os.path.isfile(os.path.join(ds, "manifest.parquet")):
+    if os.path.isfile(os.path.join(ds, "dataset.json")):
         return ds
     src = os.path.join(args.out, f"train-synth-{args.images}")
     if not os.path.isfile(os.path.join(src, "synth.json")):

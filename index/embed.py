@@ -53,11 +53,12 @@ def _arrow_table(path):
 
 
 def success_rows(dataset: str) -> tuple[pd.DataFrame, str]:
-    manifest = os.path.join(dataset, "manifest.parquet")
-    if not os.path.isfile(manifest):
-        raise InputError(f"--data {dataset}: not a psdclip dataset (no manifest.parquet)")
+    from psdclip.pipeline.dataset import load_manifest
+
+    if not os.path.isdir(os.path.join(dataset, "manifest")) and not os.path.isfile(os.path.join(dataset, "manifest.parquet")):
+        raise InputError(f"--data {dataset}: not a psdclip dataset (no manifest)")
     fmt = read_json(os.path.join(dataset, "dataset.json")).get("output_format", "webdataset")
-    m = pd.read_parquet(manifest, columns=["key", "url", "caption", "status", "shard", "offset", "size"])
+    m = load_manifest(dataset, columns=["key", "url", "caption", "status", "shard", "offset", "size"])
     ok = m[m["status"] == SUCCESS].sort_values(["shard", "offset"]).reset_index(drop=True)
     if ok.empty:
         raise InputError(f"--data {dataset}: no successful samples to index")

@@ -2,7 +2,8 @@
 
     read + clean (Dask task per input file) -> keys, duplicate URLs, host spreading, shards (client)
     -> plan saved atomically -> download (Dask task per partition, img2dataset) -> result per shard
-    -> duplicate images (Dask dataframe over the results) -> manifest, subsets, stats, dataset.json
+    -> duplicate images (Dask dataframe over the results) -> manifest/ (a file per shard), subsets, stats,
+    dataset.json
 
 A rerun first finishes every planned shard that has no result yet, so a crash at any point loses and
 duplicates nothing; input files already ingested (recognised by content) are skipped; new ones append.
@@ -24,7 +25,7 @@ import pyarrow as pa
 from .clean import clean_partition, hosts
 from .config import BuildConfig
 from .dataset import SCHEMA_VERSION, Layout, assemble_manifest, compute_stats, now, read_json, write_json, \
-    write_parquet
+    write_manifest, write_parquet
 from .download import DownloadOptions, download_partition
 from . import logs
 from .errors import InputError, PsdclipError
@@ -209,8 +210,8 @@ def _build_locked(cfg: BuildConfig, layout: Layout, previous: dict | None) -> di
         fmt = cfg.format
         subset_specs = parse_subsets(cfg.subsets) if cfg.subsets else [
             tuple(s) for s in (previous or {}).get("subsets", [])]
+        write_manifest(layout, manifest)  # before the subsets: their readers take exclusions from it
         _write_subsets(layout, manifest, subset_specs, cfg.subset_seed, fmt)
-        write_parquet(layout.manifest, manifest)
         timings["finalize_s"] = time.time() - t
         t = time.time()
     timings["cluster_close_s"] = time.time() - t
@@ -348,23 +349,13 @@ def _existing_keys(layout: Layout) -> set:
 
 
 def _next_shard(layout: Layout) -> int:
-    top = -1
-    for ingest in layout.ingest_ids():
-        s = layout.load_plan(ingest, ["shard"])["shard"]
-        if len(s):
-            top = max(top, int(s.max()))
-    return top + 1
+    return max(layout.planned_shards(upgrade=True), default=-1) + 1
 
 
-def _pending_shards(layout: Layout) -> dict[int, pd.DataFrame]:
+def _pending_shards(layout: Layout) -> dict[int, tuple[str, int]]:
+    """shard -> (input file, rows) for every planned shard with no result yet."""
     done = layout.done_shards()
-    todo: dict[int, pd.DataFrame] = {}
-    for ingest in layout.ingest_ids():
-        plan = layout.load_plan(ingest)
-        plan = plan[(plan["shard"] >= 0) & ~plan["shard"].isin(done)]
-        for shard, rows in plan.groupby("shard"):
-            todo[int(shard)] = rows[["key", "url", "caption", "order"]].reset_index(drop=True)
-    return todo
+    return {shard: v for shard, v in sorted(layout.planned_shards(upgrade=True).items()) if shard not in done}
 
 
 def _download_pending(client, layout: Layout, cfg: BuildConfig, opts: DownloadOptions, timings: dict,
@@ -372,14 +363,18 @@ def _download_pending(client, layout: Layout, cfg: BuildConfig, opts: DownloadOp
     todo = _pending_shards(layout)
     if not todo:
         return
-    n_rows = sum(len(r) for r in todo.values())
+    n_rows = sum(rows for _, rows in todo.values())
     if what == "resume":
         log.info(f"resuming: {len(todo)} planned shard(s) ({n_rows:,} rows) have no result yet")
     t = time.time()
-    futures = {client.submit(download_partition, rows, shard, layout.root, opts, pure=False, retries=1,
-                             key=f"download-{shard:05d}-{time.time_ns()}"): shard for shard, rows in todo.items()}
+    if opts.host_rate:  # each worker process keeps its share of the build's per-host cap
+        workers = max(1, len(client.scheduler_info().get("workers", {})))
+        opts = dataclasses.replace(opts, host_rate=opts.host_rate / workers)
+    # a task gets the shard's input file, never its rows: the scheduler's traffic does not grow with rows
+    futures = {client.submit(download_partition, path, shard, layout.root, opts, pure=False, retries=1,
+                             key=f"download-{shard:05d}-{time.time_ns()}"): shard for shard, (path, _) in todo.items()}
     failed, ok = [], 0
-    rows_of = {shard: len(rows) for shard, rows in todo.items()}
+    rows_of = {shard: rows for shard, (_, rows) in todo.items()}
     for fut in _finished_by_rows(futures, rows_of, layout.work, cfg.progress):
         shard = futures[fut]
         try:
@@ -445,6 +440,8 @@ def _write_subsets(layout: Layout, manifest: pd.DataFrame, specs, seed: int, fmt
     docs = build_subsets(success, specs, seed)
     for name, doc in docs.items():
         doc["shards"] = [f"shards/{s}" for s in doc["shards"]]
+        if doc["boundary"]:
+            doc["boundary"]["shard"] = f"shards/{doc['boundary']['shard']}"
         if doc["truncated"]:
             log.info(f"subset {name}: asked for {doc['requested']:,} samples, the dataset has {doc['count']:,}")
         write_json(os.path.join(layout.subsets, f"{name}.json"), doc)

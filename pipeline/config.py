@@ -36,6 +36,15 @@ class BuildConfig:
     encode_quality: int = _help("encoding quality (jpg/webp 0-100, png compression 0-9)", default=95)
     timeout: float = _help("per-request timeout in seconds", default=10.0)
     retries: int = _help("download retries per URL", default=0)
+    host_rate: float = _help("most requests per second to any one host, over the whole build (0: no cap)", default=0.0)
+    rate_limit_retries: int = _help("retries of a URL answered 429 or 503, each after the host's Retry-After or an "
+                                    "exponential back-off; then the row is rate_limited/http_5xx (transient)", default=3)
+    backoff: float = _help("first back-off in seconds after a 429/503 without Retry-After (doubles each time)",
+                           default=1.0)
+    max_backoff: float = _help("longest pause a build waits for a host (Retry-After or back-off); past it the row "
+                               "ends rate_limited and --retry-failed takes it later", default=60.0)
+    shard_timeout: float = _help("wall-clock limit of one shard's download in seconds: rows unfinished by then end "
+                                 "'timeout' (transient: --retry-failed takes them)", default=3600.0)
     thread_count: int = _help("download threads per partition (img2dataset thread_count)", default=64)
     processes_count: int = _help("Dask worker processes of the LocalCluster (ignored with --dask-scheduler)", default=2)
     shard_size: int = _help("rows per partition, i.e. per output shard (img2dataset number_sample_per_shard)", default=10000)
@@ -71,8 +80,11 @@ class BuildConfig:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.timeout <= 0:
             raise InputError(f"--timeout must be > 0, got {self.timeout}")
-        if self.retries < 0:
-            raise InputError(f"--retries must be >= 0, got {self.retries}")
+        for name in ("retries", "rate_limit_retries", "host_rate", "backoff", "max_backoff"):
+            if getattr(self, name) < 0:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not self.shard_timeout > 0:
+            raise InputError(f"--shard-timeout must be > 0 seconds, got {self.shard_timeout}")
         self.subset_sizes()  # validates
 
     def subset_sizes(self) -> list[tuple[str, float]]:

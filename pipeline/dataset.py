@@ -1,7 +1,7 @@
 """The dataset directory: its layout, atomic writes, internal state, manifest assembly and stats.
 
     DATASET/
-      dataset.json  manifest.parquet  stats.json  shards/  subsets/     the contract (DESIGN.md)
+      dataset.json  manifest/  stats.json  shards/  subsets/            the contract (DESIGN.md)
       _state/ingests/<id>/plan.parquet, inputs.json                     what each ingest planned
       _state/results/<shard>.parquet                                    one per finished shard
       _work/                                                            scratch, cleared on every run
@@ -10,6 +10,7 @@ Readers (the trainer, streaming) use the contract files only; every one of them 
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as _dt
 import glob
@@ -17,6 +18,7 @@ import json
 import os
 import uuid
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,7 +26,7 @@ import pyarrow.parquet as pq
 from .errors import InputError
 from .status import DUPLICATE_IMAGE, SUCCESS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: manifest/ (a file per shard) and subsets as shard lists plus a rank rule
 MANIFEST_COLUMNS = ["key", "url", "caption", "status", "error", "shard", "offset", "size", "width", "height",
                     "original_width", "original_height", "sha256", "source", "source_row", "ingest"]
 
@@ -33,7 +35,12 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _tmp(path: str) -> str:
+def _tmp(path: str, hidden: bool = False) -> str:
+    """A temporary name beside `path`; hidden ones (a leading dot) are skipped by pyarrow.dataset and DuckDB, so a
+    reader of a partitioned folder never sees a file being written."""
+    if hidden:
+        head, tail = os.path.split(path)
+        return os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:8]}")
     return f"{path}.tmp-{uuid.uuid4().hex[:8]}"
 
 
@@ -45,10 +52,10 @@ def fsync_replace(tmp: str, path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str):
+def atomic_path(path: str, hidden: bool = False):
     """Yields a unique temporary path beside `path`; what the block writes there replaces `path` whole when the
     block ends (fsync, then rename), or is removed if it fails. For writers that take a path (faiss, pyarrow)."""
-    tmp = _tmp(path)
+    tmp = _tmp(path, hidden)
     try:
         yield tmp
         fsync_replace(tmp, path)
@@ -90,7 +97,8 @@ class Layout:
         self.ingests = os.path.join(self.state, "ingests")
         self.results = os.path.join(self.state, "results")
         self.work = os.path.join(self.root, "_work")
-        self.manifest = os.path.join(self.root, "manifest.parquet")
+        self.manifest = os.path.join(self.root, "manifest")  # a partitioned Parquet dataset
+        self.legacy_manifest = os.path.join(self.root, "manifest.parquet")  # datasets written before it
         self.dataset_json = os.path.join(self.root, "dataset.json")
         self.stats_json = os.path.join(self.root, "stats.json")
         self._plans: dict[int, pd.DataFrame] = {}
@@ -105,7 +113,7 @@ class Layout:
 
         shutil.rmtree(self.work, ignore_errors=True)
         for pattern in ("*.tmp-*", "shards/*.tmp-*", "subsets/*.tmp-*", "_state/results/*.tmp-*",
-                        "_state/ingests/*.tmp-*"):
+                        "_state/ingests/*.tmp-*", "_state/ingests/*/shards/*.tmp-*", "manifest/.*.tmp-*"):
             for path in glob.glob(os.path.join(self.root, pattern)):
                 if os.path.isdir(path):
                     shutil.rmtree(path, ignore_errors=True)
@@ -139,19 +147,57 @@ class Layout:
         return read_json(os.path.join(self.ingests, f"{ingest:05d}", "inputs.json"))
 
     def save_ingest(self, ingest: int, plan: pd.DataFrame, inputs: dict) -> None:
-        """Write plan and inputs into a temporary folder, then rename it: an ingest exists whole or not at all."""
+        """Write plan, inputs and each shard's input file into a temporary folder, then rename it: an ingest exists
+        whole or not at all."""
         final = os.path.join(self.ingests, f"{ingest:05d}")
         tmp = _tmp(final)
         os.makedirs(tmp)
         write_parquet(os.path.join(tmp, "plan.parquet"), plan)
+        _write_shard_inputs(tmp, plan)
         write_json(os.path.join(tmp, "inputs.json"), inputs)
         os.replace(tmp, final)
+
+    def planned_shards(self, upgrade: bool = False) -> dict[int, tuple[str, int]]:
+        """shard -> (its input file, rows) over every ingest, from the small shards.json of each: the client
+        neither loads a plan nor sends rows to find and start the downloads. An ingest written before shard input
+        files existed gets them with upgrade=True (a build, which holds the lock), once; readers only look."""
+        out: dict[int, tuple[str, int]] = {}
+        for ingest in self.ingest_ids():
+            folder = os.path.join(self.ingests, f"{ingest:05d}")
+            index = os.path.join(folder, "shards.json")
+            if not os.path.isfile(index):
+                if not upgrade:
+                    shards = self.load_plan(ingest, ["shard"])["shard"]
+                    out.update({int(s): ("", int(n)) for s, n in shards[shards >= 0].value_counts().items()})
+                    continue
+                _write_shard_inputs(folder, self.load_plan(ingest))
+            for shard, rows in read_json(index).items():
+                out[int(shard)] = (os.path.join(folder, "shards", f"{int(shard):05d}.arrow"), int(rows))
+        return out
 
     def done_shards(self) -> set[int]:
         return {int(os.path.basename(p).split(".")[0]) for p in glob.glob(os.path.join(self.results, "*.parquet"))}
 
     def result_files(self) -> list[str]:
         return sorted(glob.glob(os.path.join(self.results, "*.parquet")))
+
+
+def _write_shard_inputs(folder: str, plan: pd.DataFrame) -> None:
+    """FOLDER/shards/NNNNN.arrow: a shard's rows in download order, in the form img2dataset's Downloader reads
+    (url, caption, psdclip_key), and FOLDER/shards.json: shard -> rows, written last."""
+    import pyarrow.feather as feather
+
+    os.makedirs(os.path.join(folder, "shards"), exist_ok=True)
+    counts = {}
+    pending = plan[plan["shard"] >= 0]
+    for shard, rows in pending.groupby("shard"):
+        rows = rows.sort_values("order", kind="stable")
+        table = pa.table({"url": rows["url"].astype(str).to_numpy(), "caption": rows["caption"].astype(str).to_numpy(),
+                          "psdclip_key": rows["key"].astype(str).to_numpy()})
+        with atomic_path(os.path.join(folder, "shards", f"{int(shard):05d}.arrow")) as tmp:
+            feather.write_feather(table, tmp, compression="uncompressed")
+        counts[str(int(shard))] = len(rows)
+    write_json(os.path.join(folder, "shards.json"), counts, indent=0)
 
 
 def assemble_manifest(layout: Layout) -> pd.DataFrame:
@@ -191,61 +237,203 @@ def assemble_manifest(layout: Layout) -> pd.DataFrame:
 
 def unfinished_shards(layout: Layout) -> tuple[int, int]:
     """(shards planned but not downloaded yet, shards planned): a build cut off before its end leaves some."""
-    planned: set[int] = set()
-    for ingest in layout.ingest_ids():
-        shards = layout.load_plan(ingest, ["shard"])["shard"]
-        planned.update(int(x) for x in shards[shards >= 0].unique())
+    planned = set(layout.planned_shards())
     return len(planned - layout.done_shards()), len(planned)
 
 
-def load_manifest(root: str) -> pd.DataFrame:
+MANIFEST_SCHEMA = pa.schema([(c, pa.int64() if c in ("shard", "offset", "size", "width", "height", "original_width",
+                                                     "original_height", "source_row", "ingest") else pa.string())
+                              for c in MANIFEST_COLUMNS])
+
+
+def manifest_file(root: str, shard: int | None = None, ingest: int | None = None) -> str:
+    """manifest/shard-NNNNN.parquet holds the rows whose (latest) plan put them in that shard;
+    manifest/ingest-NNNNN.parquet the rows of that ingest that never reached a shard (filtered, duplicate URLs)."""
+    name = f"shard-{shard:05d}.parquet" if shard is not None else f"ingest-{ingest:05d}.parquet"
+    return os.path.join(root, "manifest", name)
+
+
+def write_manifest(layout: Layout, manifest: pd.DataFrame) -> None:
+    """The manifest as a partitioned Parquet dataset, each file replaced atomically (hidden temporary names:
+    readers of the folder skip them), then files no row points at any more and a legacy manifest.parquet removed.
+    pyarrow.dataset, DuckDB (manifest/*.parquet) and pandas read the folder as one table."""
+    os.makedirs(layout.manifest, exist_ok=True)
+    sharded = manifest["shard"].notna().to_numpy()
+    parts = [(manifest_file(layout.root, shard=int(s)), rows) for s, rows in manifest[sharded].groupby("shard")]
+    parts += [(manifest_file(layout.root, ingest=int(i)), rows) for i, rows in manifest[~sharded].groupby("ingest")]
+    for path, rows in parts:
+        table = pa.Table.from_pandas(rows[MANIFEST_COLUMNS], schema=MANIFEST_SCHEMA, preserve_index=False)
+        with atomic_path(path, hidden=True) as tmp:
+            pq.write_table(table, tmp)
+    keep = {os.path.basename(p) for p, _ in parts}
+    for name in os.listdir(layout.manifest):
+        if name.endswith(".parquet") and name not in keep:
+            os.remove(os.path.join(layout.manifest, name))
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(layout.legacy_manifest)
+
+
+def _to_pandas(table: pa.Table) -> pd.DataFrame:
+    return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+
+
+def load_manifest(root: str, columns=None) -> pd.DataFrame:
+    """The whole manifest (manifest/ or a legacy manifest.parquet) as one frame; a missing or damaged one is a
+    one-line error naming what to run."""
     layout = Layout(root)
-    if not os.path.isfile(layout.manifest):
+    path = layout.manifest if os.path.isdir(layout.manifest) else layout.legacy_manifest
+    if not os.path.exists(path):
         if layout.ingest_ids():
             left, planned = unfinished_shards(layout)
             raise InputError(f"{root}: incomplete build ({planned - left} of {planned} shard(s) downloaded, no "
                              f"manifest yet): rerun the same `psdclip data build` command")
-        raise InputError(f"{root}: not a psdclip dataset (no manifest.parquet)")
+        raise InputError(f"{root}: not a psdclip dataset (no manifest)")
     try:
-        return pd.read_parquet(layout.manifest)
+        if path == layout.legacy_manifest:
+            return pd.read_parquet(path, columns=columns)
+        import pyarrow.dataset as pads
+
+        return _to_pandas(pads.dataset(path, format="parquet", schema=MANIFEST_SCHEMA).to_table(columns=columns))
     except (OSError, ValueError, pa.ArrowException) as err:
-        raise InputError(f"{layout.manifest}: damaged, not a Parquet table ({str(err).splitlines()[0][:120]}); "
+        raise InputError(f"{path}: damaged, not a Parquet table ({str(err).splitlines()[0][:160]}); "
                          f"rerun the `psdclip data build` command that made it") from None
 
 
-def compute_stats(manifest: pd.DataFrame, layout: Layout, fmt: str) -> dict:
-    counts = manifest["status"].value_counts().sort_index()
-    total = int(len(manifest))
-    success = int(counts.get(SUCCESS, 0))
-    ok = manifest[manifest["status"] == SUCCESS]
-    sizes = {}
-    for c in ("width", "height", "original_width", "original_height"):
-        v = ok[c].dropna().astype(float)
-        sizes[c] = ({"min": int(v.min()), "median": float(v.median()), "max": int(v.max()), "mean": float(v.mean())}
-                    if len(v) else None)
-    shard_files = sorted(glob.glob(os.path.join(layout.shards, "*.tar" if fmt != "arrow" else "*.parquet")))
-    downloaded = manifest[manifest["shard"].notna()]
-    failing = []
-    for shard, grp in downloaded.groupby("shard"):
-        fail = grp[~grp["status"].isin([SUCCESS, DUPLICATE_IMAGE])]
-        rate = len(fail) / len(grp)
-        if rate > 0.5:
-            top = fail["status"].value_counts().head(3)
-            failing.append({"shard": layout.shard_name(int(shard), fmt), "rows": int(len(grp)),
-                            "failure_rate": round(rate, 4), "top_errors": {k: int(v) for k, v in top.items()}})
-    return {
-        "rows": total,
-        "counts": {k: int(v) for k, v in counts.items()},
-        "success": success,
-        "success_rate": round(success / total, 6) if total else 0.0,
-        "attempted": int(len(downloaded)),
-        "download_success_rate": round(success / len(downloaded), 6) if len(downloaded) else 0.0,
-        "image_sizes": sizes,
-        "image_bytes": int(ok["size"].dropna().sum()) if len(ok) else 0,
-        "shard_bytes": int(sum(os.path.getsize(f) for f in shard_files)),
-        "shards": len(shard_files),
-        "failing_shards": failing,
-    }
+def shard_exclusions(root: str, shard: str) -> frozenset:
+    """Keys a shard holds that are no training sample (duplicate_image: bytes kept, status not success), read from
+    that shard's manifest file only. Empty for a legacy dataset (its readers use the success keys)."""
+    stem = shard.split(".")[0]
+    if not stem.isdigit():
+        return frozenset()
+    path = manifest_file(root, shard=int(stem))
+    if not os.path.isfile(path):
+        return frozenset()
+    t = pq.read_table(path, columns=["key", "status"])
+    import pyarrow.compute as pc
+
+    return frozenset(t.filter(pc.not_equal(t.column("status"), SUCCESS)).column("key").to_pylist())
+
+
+SIZE_COLUMNS = ("width", "height", "original_width", "original_height")
+STATS_COLUMNS = ["url", "status", "shard", "size", *SIZE_COLUMNS]
+
+
+def _median(hist: collections.Counter) -> float:
+    """The median of the values a histogram counts (the mean of the two middle ones for an even count)."""
+    values = sorted(hist)
+    cum = np.cumsum([hist[v] for v in values])
+    n = int(cum[-1])
+    lo = values[int(np.searchsorted(cum, (n - 1) // 2, side="right"))]
+    hi = values[int(np.searchsorted(cum, n // 2, side="right"))]
+    return (lo + hi) / 2
+
+
+class StatsAccumulator:
+    """The dataset's figures, accumulated over pieces of the manifest (a file or a record batch at a time). Its memory
+    grows with the distinct statuses, image sizes (exact medians from histograms), shards and failing hosts, never
+    with rows; hosts are kept for the HOST_CAP with the most failures (beyond that the host figures are approximate)."""
+    HOST_CAP = 50_000
+
+    def __init__(self):
+        self.rows = self.attempted = self.image_bytes = 0
+        self.counts: collections.Counter = collections.Counter()
+        self.sizes = {c: collections.Counter() for c in SIZE_COLUMNS}
+        self.shards: dict[int, list] = {}  # shard -> [rows, failures, Counter of failure statuses]
+        self.hosts: dict[str, list] = {}  # host -> [attempted, failures, Counter of failure statuses]
+
+    def add(self, frame: pd.DataFrame) -> "StatsAccumulator":
+        from .clean import hosts
+
+        self.rows += len(frame)
+        status = frame["status"].astype(str)
+        self.counts.update(status.value_counts().to_dict())
+        ok = (status == SUCCESS).to_numpy()
+        for c in SIZE_COLUMNS:
+            v = frame[c].to_numpy()[ok]
+            self.sizes[c].update(pd.Series(v).dropna().astype(np.int64).value_counts().to_dict())
+        self.image_bytes += int(pd.Series(frame["size"].to_numpy()[ok]).dropna().sum())
+        tried = frame["shard"].notna().to_numpy()
+        if not tried.any():
+            return self
+        d = pd.DataFrame({"shard": frame["shard"].to_numpy()[tried].astype(np.int64), "status": status.to_numpy()[tried]})
+        d["fail"] = ~d["status"].isin([SUCCESS, DUPLICATE_IMAGE])
+        d["host"] = hosts(pa.array(frame["url"].astype(str).to_numpy()[tried], pa.string()),
+                          np.ones(len(d), bool)).to_numpy(zero_copy_only=False)
+        self.attempted += len(d)
+        for col, table in (("shard", self.shards), ("host", self.hosts)):
+            per = d.groupby(col)["fail"].agg(["size", "sum"])
+            fails = d[d["fail"]].groupby([col, "status"]).size()
+            for name, (n, f) in zip(per.index, per.to_numpy()):
+                entry = table.setdefault(name, [0, 0, collections.Counter()])
+                entry[0] += int(n)
+                entry[1] += int(f)
+            for (name, st), n in fails.items():
+                table[name][2][st] += int(n)
+        if len(self.hosts) > self.HOST_CAP:  # keep the hosts with the most failures
+            keep = sorted(self.hosts.items(), key=lambda kv: (-kv[1][1], -kv[1][0]))[: self.HOST_CAP // 2]
+            self.hosts = dict(keep)
+        return self
+
+    def result(self, layout: "Layout", fmt: str, top_hosts: int = 10) -> dict:
+        success = int(self.counts.get(SUCCESS, 0))
+        sizes = {c: ({"min": min(h), "median": _median(h), "max": max(h),
+                      "mean": sum(v * n for v, n in h.items()) / sum(h.values())} if h else None)
+                 for c, h in self.sizes.items()}
+        shard_files = sorted(glob.glob(os.path.join(layout.shards, "*.tar" if fmt != "arrow" else "*.parquet")))
+        failing = [{"shard": layout.shard_name(int(s), fmt), "rows": n, "failure_rate": round(f / n, 4),
+                    "top_errors": dict(c.most_common(3))}
+                   for s, (n, f, c) in sorted(self.shards.items()) if f / n > 0.5]
+        worst = sorted(((h, e) for h, e in self.hosts.items() if e[1]), key=lambda kv: (-kv[1][1], -kv[1][0]))
+        hosts_out = [{"host": h, "attempted": n, "success": n - f, "failed": f, "statuses": dict(c.most_common())}
+                     for h, (n, f, c) in worst[:top_hosts]]
+        return {
+            "rows": self.rows,
+            "counts": dict(sorted(self.counts.items())),
+            "hosts": hosts_out,
+            "success": success,
+            "success_rate": round(success / self.rows, 6) if self.rows else 0.0,
+            "attempted": self.attempted,
+            "download_success_rate": round(success / self.attempted, 6) if self.attempted else 0.0,
+            "image_sizes": sizes,
+            "image_bytes": self.image_bytes,
+            "shard_bytes": int(sum(os.path.getsize(f) for f in shard_files)),
+            "shards": len(shard_files),
+            "failing_shards": failing,
+        }
+
+
+def compute_stats(manifest: pd.DataFrame, layout: "Layout", fmt: str) -> dict:
+    return StatsAccumulator().add(manifest).result(layout, fmt)
+
+
+def manifest_batches(root: str, columns=None, batch_size: int = 262_144):
+    """The manifest as frames of at most batch_size rows, one file at a time (manifest/ or a legacy
+    manifest.parquet): what a reader of a 1B-row manifest holds at once."""
+    layout = Layout(root)
+    if os.path.isdir(layout.manifest):
+        files = sorted(os.path.join(layout.manifest, n) for n in os.listdir(layout.manifest)
+                       if n.endswith(".parquet") and not n.startswith((".", "_")))
+    else:
+        load_manifest(root, columns=[])  # the one-line errors of a missing or damaged manifest
+        files = [layout.legacy_manifest]
+    for path in files:
+        try:
+            pf = pq.ParquetFile(path)
+            for batch in pf.iter_batches(columns=columns, batch_size=batch_size):
+                yield _to_pandas(pa.Table.from_batches([batch]))
+        except (OSError, pa.ArrowException) as err:
+            raise InputError(f"{path}: damaged, not a Parquet table ({str(err).splitlines()[0][:160]}); "
+                             f"rerun the `psdclip data build` command that made it") from None
+
+
+def stream_stats(root: str) -> dict:
+    """`psdclip data stats`: the figures of a dataset, its manifest read a batch of rows at a time."""
+    acc = StatsAccumulator()
+    for frame in manifest_batches(root, STATS_COLUMNS):
+        acc.add(frame)
+    layout = Layout(root)
+    info = read_json(layout.dataset_json) if os.path.isfile(layout.dataset_json) else {}
+    return acc.result(layout, info.get("output_format", "webdataset"))
 
 
 def format_stats(stats: dict) -> str:
@@ -266,6 +454,12 @@ def format_stats(stats: dict) -> str:
         lines.append(f"original size: width {ow['min']}..{ow['max']} (median {ow['median']:.0f}), "
                      f"height {oh['min']}..{oh['max']} (median {oh['median']:.0f})")
         lines.append(f"stored size:   width {w['min']}..{w['max']}, height {h['min']}..{h['max']}")
+    if stats.get("hosts"):
+        lines.append("")
+        lines.append(f"{'failing hosts':<40}{'attempted':>10}{'failed':>9}  statuses")
+        for h in stats["hosts"]:
+            sts = ", ".join(f"{k} {v}" for k, v in h["statuses"].items())
+            lines.append(f"{h['host'][:39]:<40}{h['attempted']:>10,}{h['failed']:>9,}  {sts}")
     for f in stats["failing_shards"]:
         errs = ", ".join(f"{k} {v}" for k, v in f["top_errors"].items())
         lines.append(f"warning: shard {f['shard']}: {f['failure_rate']:.0%} of {f['rows']} downloads failed "

@@ -19,9 +19,9 @@ import tarfile
 import time
 import uuid
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from .dataset import fsync_replace, write_text
@@ -170,28 +170,42 @@ class DownloadOptions:
     max_image_area: float
     user_agent_token: str | None = None
     disallowed_header_directives: list | None = None
+    host_rate: float = 0.0  # this worker's share of the build's per-host cap (requests/s; 0: none)
+    rate_limit_retries: int = 3
+    backoff: float = 1.0
+    max_backoff: float = 60.0
+    shard_timeout: float = 3600.0
+
+    def policy(self):
+        """The shard's politeness and time limit, starting now (see polite.py)."""
+        from .polite import ShardPolicy
+
+        return ShardPolicy.starting_now(self.timeout, self.shard_timeout,
+                                        host_interval=1.0 / self.host_rate if self.host_rate else 0.0,
+                                        throttle_retries=self.rate_limit_retries, backoff=self.backoff,
+                                        max_backoff=self.max_backoff)
 
     @classmethod
     def of(cls, cfg) -> "DownloadOptions":
         return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
-def download_partition(rows: pd.DataFrame, shard: int, dataset_dir: str, opts: DownloadOptions) -> pd.DataFrame:
-    """rows: key, url, caption, order for one partition. Downloads them with img2dataset's Downloader
-    into a private work folder, then renames the shard into shards/. Returns one result row per input row
-    (RESULT_COLUMNS + shard)."""
+def download_partition(src: str, shard: int, dataset_dir: str, opts: DownloadOptions) -> pd.DataFrame:
+    """src: the shard's input file (Arrow IPC: url, caption, psdclip_key, in download order; see
+    dataset._write_shard_inputs), which img2dataset's Downloader reads itself. Downloads into a private work folder,
+    then renames the shard into shards/. Returns one result row per input row (RESULT_COLUMNS + shard)."""
     os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(int(opts.max_image_area)))
     from img2dataset.downloader import Downloader
 
+    from .polite import install
+
+    install()
     arrow = opts.format == "arrow"
     work = os.path.join(dataset_dir, "_work", f"{shard:05d}-{uuid.uuid4().hex[:8]}")
     os.makedirs(work)
     try:
-        rows = rows.sort_values("order", kind="stable").reset_index(drop=True)
-        src = os.path.join(work, "input.arrow")
-        table = pa.table({"url": rows["url"].astype(str), "caption": rows["caption"].astype(str),
-                          "psdclip_key": rows["key"].astype(str)})
-        feather.write_feather(table, src, compression="uncompressed")
+        with pa.memory_map(src) as f:
+            keys = pa.ipc.open_file(f).read_all().column("psdclip_key").to_pylist()
         resizer = _guarded_resizer_class()(
             image_size=opts.image_size, resize_mode=opts.resize_mode, resize_only_if_bigger=False,
             upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=opts.encode_quality,
@@ -200,14 +214,19 @@ def download_partition(rows: pd.DataFrame, shard: int, dataset_dir: str, opts: D
         downloader = Downloader(
             sample_writer_class=functools.partial(KeyedShardWriter, arrow=arrow), resizer=resizer,
             thread_count=opts.thread_count, save_caption=True, extract_exif=False, output_folder=work,
-            column_list=["url", "caption", "psdclip_key"], timeout=opts.timeout,
-            number_sample_per_shard=max(len(rows), 1), oom_shard_count=5, compute_hash="sha256",
+            column_list=["url", "caption", "psdclip_key"], timeout=opts.policy(),
+            number_sample_per_shard=max(len(keys), 1), oom_shard_count=5, compute_hash="sha256",
             verify_hash_type=None, encode_format=opts.encode_format, retries=opts.retries,
             user_agent_token=opts.user_agent_token,
             disallowed_header_directives=opts.disallowed_header_directives or None)
-        downloader.download_shard((shard, src))  # raises if the shard as a whole fails
+        given = os.path.join(work, "input.arrow")  # img2dataset deletes the file it was given: a link, not ours
+        try:
+            os.link(src, given)
+        except OSError:  # another file system
+            shutil.copyfile(src, given)
+        downloader.download_shard((shard, given))  # raises if the shard as a whole fails
         meta = pd.read_parquet(os.path.join(work, f"{shard:05d}.meta.parquet"))
-        res = _results(meta, rows, shard)
+        res = _results(meta, keys, shard)
         name = f"{shard:05d}.{'parquet' if arrow else 'tar'}"
         fsync_replace(os.path.join(work, name), os.path.join(dataset_dir, "shards", name))
         return res
@@ -215,8 +234,8 @@ def download_partition(rows: pd.DataFrame, shard: int, dataset_dir: str, opts: D
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _results(meta: pd.DataFrame, rows: pd.DataFrame, shard: int) -> pd.DataFrame:
-    m = meta.drop_duplicates("key").set_index("key").reindex(rows["key"])
+def _results(meta: pd.DataFrame, keys: list, shard: int) -> pd.DataFrame:
+    m = meta.drop_duplicates("key").set_index("key").reindex(keys)
     status, error = [], []
     for st, msg in zip(m["status"].to_numpy(), m["error_message"].to_numpy()):
         msg = msg if isinstance(msg, str) else ""
@@ -230,7 +249,7 @@ def _results(meta: pd.DataFrame, rows: pd.DataFrame, shard: int) -> pd.DataFrame
             status.append("download_error")
             msg = msg or "img2dataset returned no record for this row"
         error.append(msg)
-    res = pd.DataFrame({"key": rows["key"].to_numpy(), "status": status, "error": error})
+    res = pd.DataFrame({"key": np.asarray(keys, dtype=object), "status": status, "error": error})
     for col in ("width", "height", "original_width", "original_height", "offset", "size"):
         res[col] = pd.array(m[col].to_numpy(), dtype="Int64")
     res["sha256"] = m["sha256"].fillna("").astype(str).to_numpy()

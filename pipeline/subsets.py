@@ -1,13 +1,16 @@
 """Nested subsets for scaling-law runs.
 
 Every successful key gets a pseudo-random rank from a hash of (seed, shard) then (seed, key); a subset of
-size n is the n keys of lowest rank. So every smaller subset is contained in every larger one, a subset never copies
-images (it lists shards and keys), and subsets can span any number of orders of magnitude.
+size n is the n keys of lowest rank. So every smaller subset is contained in every larger one, a subset never
+copies images nor lists keys (it names shards, plus one boundary shard and a rank threshold), and subsets can
+span any number of orders of magnitude.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
+import os
 
 import numpy as np
 import pandas as pd
@@ -53,22 +56,33 @@ def subset_rank(keys: pd.Series, seed: int) -> np.ndarray:
 
 
 def build_subsets(success: pd.DataFrame, specs: list[tuple[str, float]], seed: int) -> dict[str, dict]:
-    """success: rows with columns key, shard. Returns {name: subset document}.
+    """success: rows with columns key, shard (shard names). Returns {name: subset document}.
 
-    The order is shard-major (shards in a seeded random order, keys in a seeded random order inside each
-    shard), so a small subset lies in few shards and a reader does not scan the whole dataset to find it;
-    shards are already random partitions of the input (see plan.assign_shards)."""
-    shard_rank = subset_rank(success["shard"].astype(str), seed + 1)
-    order = success.assign(_shard=shard_rank, _rank=subset_rank(success["key"], seed)).sort_values(
-        ["_shard", "_rank", "key"], kind="stable")
-    total = len(order)
+    The order is shard-major: shards in a seeded random order (shards are already random partitions of the
+    input, see plan.assign_shards), keys in a seeded random order (subset_rank) inside each shard. A subset of
+    size n is the first n samples of that order, so a document names the shards it takes whole plus at most one
+    boundary shard, from which it takes the keys whose rank is at most `max_rank`: a reader decides each
+    sample's membership from its key alone (SubsetRule), no key list is written, and every smaller subset is
+    contained in every larger one. The client needs per shard only its count and, for a boundary shard, its
+    keys' ranks."""
+    counts = success.groupby("shard").size()
+    shards = sorted(counts.index, key=lambda s: (int(subset_rank([str(s)], seed + 1)[0]), str(s)))
+    sizes = counts.reindex(shards).to_numpy()
+    ends = np.cumsum(sizes)
+    total = int(ends[-1]) if len(ends) else 0
     docs = {}
     for name, size in specs:
         requested = round(size * total) if size <= 1 else int(size)
         if size <= 1:
             requested = max(1, requested) if total else 0
         n = min(requested, total)
-        part = order.iloc[:n]
+        whole = int(np.searchsorted(ends, n, side="right"))  # shards that fit entirely in the first n
+        taken = int(ends[whole - 1]) if whole else 0
+        boundary = None
+        if n > taken:
+            shard = shards[whole]
+            ranks = np.sort(subset_rank(success.loc[success["shard"] == shard, "key"], seed))
+            boundary = {"shard": shard, "max_rank": str(int(ranks[n - taken - 1])), "count": n - taken}
         docs[name] = {
             "name": name,
             "size": size,
@@ -77,7 +91,59 @@ def build_subsets(success: pd.DataFrame, specs: list[tuple[str, float]], seed: i
             "seed": seed,
             "of_total": total,
             "truncated": n < requested,
-            "shards": sorted(part["shard"].unique().tolist()),
-            "keys": part["key"].tolist(),
+            "rule": "a sample of a listed shard, or of the boundary shard with subset_rank(key, seed) <= max_rank "
+                    "(blake2b-64 of 'seed:key', little-endian); successful samples only",
+            "shards": [str(s) for s in shards[:whole]],
+            "boundary": boundary,
         }
     return docs
+
+
+@dataclasses.dataclass(frozen=True)
+class SubsetRule:
+    """Membership of one sample of a subset, decided from its shard and key (picklable: loader workers get it).
+    `whole`: shard names taken whole; `boundary`/`max_rank`: the one shard taken in part."""
+    whole: frozenset
+    boundary: str | None = None
+    max_rank: int = 0
+    seed: int = 0
+
+    @classmethod
+    def of(cls, doc: dict) -> "SubsetRule":
+        b = doc.get("boundary") or {}
+        return cls(whole=frozenset(os.path.basename(s) for s in doc["shards"]),
+                   boundary=os.path.basename(b["shard"]) if b else None, max_rank=int(b.get("max_rank", 0)),
+                   seed=int(doc.get("seed", 0)))
+
+    def shards(self) -> list[str]:
+        """Every shard the subset reads from (names)."""
+        return sorted(self.whole | ({self.boundary} if self.boundary else set()))
+
+    def keep(self, shard: str, key: str) -> bool:
+        if shard in self.whole:
+            return True
+        return shard == self.boundary and int(subset_rank([key], self.seed)[0]) <= self.max_rank
+
+    def keeps(self, shard: str, keys) -> np.ndarray:
+        """A mask over `keys` of shard `shard` (its file name): which of them are in the subset."""
+        if shard in self.whole:
+            return np.ones(len(keys), dtype=bool)
+        if shard != self.boundary:
+            return np.zeros(len(keys), dtype=bool)
+        return subset_rank(keys, self.seed) <= np.uint64(self.max_rank)
+
+
+def member_keys(root: str, rule: SubsetRule) -> set[str]:
+    """Every key of a subset (for tools and tests; readers decide per sample): the successful rows of its shards'
+    manifest files that the rule takes."""
+    import pyarrow.parquet as pq
+
+    from .dataset import manifest_file
+    from .status import SUCCESS
+
+    out: set[str] = set()
+    for shard in rule.shards():
+        t = pq.read_table(manifest_file(root, shard=int(shard.split(".")[0])), columns=["key", "status"]).to_pandas()
+        keys = t.loc[t["status"] == SUCCESS, "key"].to_numpy(dtype=object)
+        out.update(keys[rule.keeps(shard, keys)].tolist())
+    return out

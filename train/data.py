@@ -4,7 +4,7 @@ webdataset (tars; fsspec paths and `pipe:` commands) or pyarrow (Arrow/Parquet s
 The stream is a chain of small generator stages (webdataset's style), each testable on a plain list:
 
     shard order (seeded per epoch; resampled on request) -> split by rank and worker -> samples
-    -> keep listed keys -> shuffle buffer (seeded) -> skip (resume) -> decode + transform + tokenize
+    -> keep the subset's samples (its rule per key; a legacy subset's key set) -> shuffle buffer (seeded) -> skip (resume) -> decode + transform + tokenize
     -> batch (inside the worker)
 
 Every batch carries (reader, epoch, samples of that epoch it has used), so the trainer knows exactly how far
@@ -33,10 +33,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Source:
-    """What to stream: shard URLs, optionally the keys to keep, and the format."""
+    """What to stream: shard URLs, which of their samples to keep, and the format. A dataset or subset keeps
+    the samples its rule takes (SubsetRule: whole shards, one boundary shard by key rank) that its shard's
+    manifest file does not exclude; only datasets written before the manifest/ folder keep a key set."""
 
     shards: list[str]
-    keys: frozenset | None = None
+    keys: frozenset | None = None  # legacy datasets (manifest.parquet, subsets listing keys)
+    rule: object | None = None  # a psdclip.pipeline.subsets.SubsetRule
     format: str = "webdataset"
     root: str | None = None  # the dataset directory, when there is one
     spec: str = ""
@@ -75,34 +78,52 @@ def _read_json(path: str) -> dict:
 
 
 def _from_dataset(root: str, spec: str) -> Source:
-    info_path = os.path.join(root, "dataset.json")
-    manifest_path = os.path.join(root, "manifest.parquet")
-    if not os.path.isfile(info_path) or not os.path.isfile(manifest_path):
-        raise InputError(f"--data {spec}: not a psdclip dataset (no dataset.json / manifest.parquet); "
-                         f"build one with `psdclip data build`")
-    import pandas as pd
+    from psdclip.pipeline.subsets import SubsetRule
 
+    info_path = os.path.join(root, "dataset.json")
+    manifest_dir, legacy = os.path.join(root, "manifest"), os.path.join(root, "manifest.parquet")
+    if not os.path.isfile(info_path) or not (os.path.isdir(manifest_dir) or os.path.isfile(legacy)):
+        raise InputError(f"--data {spec}: not a psdclip dataset (no dataset.json / manifest); "
+                         f"build one with `psdclip data build`")
     info = _read_json(info_path)
     fmt = info.get("output_format", "webdataset")
-    m = pd.read_parquet(manifest_path, columns=["key", "status", "shard"])
+    ext = "parquet" if fmt == "arrow" else "tar"
+    if os.path.isdir(manifest_dir):  # dataset.json names the shards holding samples: no row is read here
+        names = [f"{int(s):05d}.{ext}" for s in info.get("shards", [])]
+        samples = int((info.get("counts") or {}).get("success", 0))
+        if not names or not samples:
+            raise InputError(f"--data {spec}: the dataset has no successful samples (see `psdclip data stats {spec}`)")
+        return Source(shards=[os.path.join(root, "shards", n) for n in names], rule=SubsetRule(whole=frozenset(names)),
+                      format=fmt, root=root, spec=spec, samples=samples)
+    import pandas as pd
+
+    m = pd.read_parquet(legacy, columns=["key", "status", "shard"])
     ok = m[m["status"] == SUCCESS]
     if ok.empty:
         raise InputError(f"--data {spec}: the dataset has no successful samples ({len(m)} rows; see "
                          f"`psdclip data stats {spec}`)")
-    ext = "parquet" if fmt == "arrow" else "tar"
     shards = [os.path.join(root, "shards", f"{int(s):05d}.{ext}") for s in sorted(ok["shard"].dropna().unique())]
     return Source(shards=shards, keys=frozenset(ok["key"]), format=fmt, root=root, spec=spec, samples=len(ok))
 
 
 def _from_subset(path: str, root: str) -> Source:
+    from psdclip.pipeline.subsets import SubsetRule
+
     doc = _read_json(path)
-    if "keys" not in doc or "shards" not in doc:
-        raise InputError(f"--data {path}: not a subset file (no keys/shards)")
+    if "shards" not in doc or not ("keys" in doc or "boundary" in doc):
+        raise InputError(f"--data {path}: not a subset file (no shards and keys/boundary)")
     info = _read_json(os.path.join(root, "dataset.json")) if os.path.isfile(os.path.join(root, "dataset.json")) else {}
-    if not doc["keys"]:
+    fmt = info.get("output_format", "webdataset")
+    if "keys" in doc:  # written before subsets became rules
+        if not doc["keys"]:
+            raise InputError(f"--data {path}: the subset is empty")
+        return Source(shards=[os.path.join(root, s) for s in doc["shards"]], keys=frozenset(doc["keys"]),
+                      format=fmt, root=root, spec=path, samples=len(doc["keys"]))
+    rule = SubsetRule.of(doc)
+    if not int(doc.get("count", 0)) or not rule.shards():
         raise InputError(f"--data {path}: the subset is empty")
-    return Source(shards=[os.path.join(root, s) for s in doc["shards"]], keys=frozenset(doc["keys"]),
-                  format=info.get("output_format", "webdataset"), root=root, spec=path, samples=len(doc["keys"]))
+    return Source(shards=[os.path.join(root, "shards", n) for n in rule.shards()], rule=rule, format=fmt, root=root,
+                  spec=path, samples=int(doc["count"]))
 
 
 # ---- stages -------------------------------------------------------------------------------------------
@@ -154,6 +175,29 @@ def arrow_samples(urls, on_error, ext: str = "jpg"):
                         yield {"__key__": key, ext: img, "txt": (cap or "").encode(), "__url__": url}
         except Exception as err:  # pylint: disable=broad-except
             on_error(f"shard {url}: {err}")
+
+
+def keep_members(samples, rule, root: str):
+    """Keep the samples `rule` takes (decided per key) that their shard's manifest file does not exclude
+    (duplicate_image: the bytes stay in the shard). Holds one shard's exclusions at a time."""
+    from psdclip.pipeline.dataset import shard_exclusions
+
+    current, excluded = None, frozenset()
+    for s in samples:
+        shard = os.path.basename(str(s.get("__url__", "")))
+        if shard != current:
+            current, excluded = shard, (shard_exclusions(root, shard) if root else frozenset())
+        key = s.get("__key__")
+        if key not in excluded and rule.keep(shard, key):
+            yield s
+
+
+def select(samples, source: Source):
+    if source.keys is not None:
+        return keep_keys(samples, source.keys)
+    if source.rule is not None:
+        return keep_members(samples, source.rule, source.root)
+    return samples
 
 
 def keep_keys(samples, keys):
@@ -230,7 +274,7 @@ class ShardStream(IterableDataset):
             order = epoch_shards(source.shards, epoch, self.seed, self.resampled)
             mine, share, part = reader_shards(order, reader, readers)
             raw = (arrow_samples(mine, on_error) if source.format == "arrow" else tar_samples(mine, on_error))
-            raw = keep_keys(raw, source.keys)
+            raw = select(raw, source)
             if share > 1:  # fewer shards than readers: the readers of a shard split its samples
                 raw = (s for i, s in enumerate(raw) if i % share == part)
             raw = shuffle(raw, self.shuffle_buffer, random.Random(f"{self.seed}-{epoch}-{reader}"))

@@ -24,13 +24,10 @@ def cmd_build(cfg: BuildConfig) -> int:
 
 
 def cmd_stats(cfg: StatsConfig) -> int:
-    from psdclip.pipeline.dataset import (Layout, compute_stats, format_stats, load_manifest, read_json,
-                                          unfinished_shards)
+    from psdclip.pipeline.dataset import Layout, format_stats, read_json, stream_stats, unfinished_shards
 
-    manifest = load_manifest(cfg.dataset)
+    stats = stream_stats(cfg.dataset)  # a batch of rows at a time
     layout = Layout(cfg.dataset)
-    info = read_json(layout.dataset_json) if os.path.isfile(layout.dataset_json) else {}
-    stats = compute_stats(manifest, layout, info.get("output_format", "webdataset"))
     if os.path.isfile(layout.stats_json):
         stats["build"] = read_json(layout.stats_json).get("build")
     left, planned = unfinished_shards(layout)

@@ -46,6 +46,11 @@ class Server(ThreadingHTTPServer):
         self.hits: collections.Counter = collections.Counter()
         self.flaky: dict[str, int] = {}  # path -> number of 503s still to send
         self.delay_s = 0.0  # added to every /img/ response
+        self.times: dict[str, list] = collections.defaultdict(list)  # path -> time.monotonic() of each request
+        self.throttle_first = 1  # /throttle/ paths: this many 429s (Retry-After: retry_after) before the image
+        self.retry_after = "1"
+        self.limited = True  # /limited/ paths answer 429 (Retry-After: retry_after) while this holds
+        self.stuck = True  # /stuck/ paths trickle a byte a second while this holds
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -90,11 +95,19 @@ class Handler(BaseHTTPRequestHandler):
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
         with srv.lock:
             srv.hits[path] += 1
+            srv.times[path].append(time.monotonic())
             flaky_left = srv.flaky.get(path, 0)
             if flaky_left:
                 srv.flaky[path] = flaky_left - 1
         if flaky_left:
             return self._send(503, b"try later", "text/plain")
+        for prefix, refuse in (("/throttle/", srv.hits[path] <= srv.throttle_first), ("/limited/", srv.limited)):
+            if path.startswith(prefix) and refuse:
+                return self._send(429, b"slow down", "text/plain", [("Retry-After", srv.retry_after)])
+        if path.startswith("/stuck/") and srv.stuck:
+            path = "/bad/trickle.jpg"
+        if path.startswith(("/throttle/", "/limited/", "/stuck/")):
+            path = "/ok/" + path.split("/", 2)[2]
         if path.startswith("/img/") and srv.root:
             if srv.delay_s:
                 time.sleep(srv.delay_s)

@@ -34,7 +34,7 @@ def test_index_build_query_and_resume(index_dir, dataset_dir, tmp_path):
     assert info["recall_at_k"]["index.faiss"]["recall"] == 1.0 and len(info["checkpoint_sha256"]) == 64
     meta = pyarrow.feather.read_table(index_dir / "metadata.arrow").to_pandas()  # Arrow IPC: any tool reads it
     assert meta["id"].tolist() == list(range(300)) and set(meta["key"]) == set(
-        pd.read_parquet(dataset_dir / "manifest.parquet")["key"])
+        pd.read_parquet(dataset_dir / "manifest")["key"])
     res = json.loads(cli("index", "query", index_dir, "--text", "two red circles", "-k", 5, "--json").stdout)
     assert len(res) == 5 and res[0]["score"] >= res[-1]["score"]
     # the results equal an exact search over the stored embeddings (clip-retrieval's layout, one part per shard)

@@ -10,6 +10,7 @@ from PIL import Image
 from helpers.datasets import cfg, tar_members
 
 from psdclip.pipeline.build import build
+from psdclip.pipeline.subsets import SubsetRule, member_keys
 
 
 def test_build_webdataset_end_to_end(synth_urls, server, tmp_path, monkeypatch):
@@ -19,7 +20,7 @@ def test_build_webdataset_end_to_end(synth_urls, server, tmp_path, monkeypatch):
     ds = tmp_path / "ds"
     stats = build(cfg([synth_urls], ds, subsets=["0.01", "0.1", "1.0"]))
     assert os.listdir(cwd) == [] and sorted(os.listdir(tmp_path)) == ["cwd", "ds", "urls.csv"]
-    m = pd.read_parquet(ds / "manifest.parquet")
+    m = pd.read_parquet(ds / "manifest")
     assert len(m) == 300 and m["key"].is_unique
     assert (m["status"] == "success").all(), m["status"].value_counts()
     assert stats["success"] == 300 and stats["shards"] == 4
@@ -37,15 +38,20 @@ def test_build_webdataset_end_to_end(synth_urls, server, tmp_path, monkeypatch):
     # each image was fetched exactly once; a rerun with the same list downloads nothing
     img_hits = {p: n for p, n in server.hits.items() if p.startswith("/img/")}
     assert len(img_hits) == 300 and set(img_hits.values()) == {1}
-    before = (ds / "manifest.parquet").read_bytes()
+    # the manifest: a file per shard, one table for pandas (and pyarrow.dataset / DuckDB)
+    assert sorted(os.listdir(ds / "manifest")) == [f"shard-{i:05d}.parquet" for i in range(4)]
+    before = {p.name: p.read_bytes() for p in (ds / "manifest").iterdir()}
     build(cfg([synth_urls], ds))
     assert sum(n for p, n in server.hits.items() if p.startswith("/img/")) == 300
-    assert pd.read_parquet(ds / "manifest.parquet").equals(pd.read_parquet(io.BytesIO(before)))
+    assert {p.name: p.read_bytes() for p in (ds / "manifest").iterdir()} == before
     subsets = {n: json.loads((ds / "subsets" / f"{n}.json").read_text()) for n in ("1pct", "10pct", "100pct")}
     assert [subsets[n]["count"] for n in ("1pct", "10pct", "100pct")] == [3, 30, 300]
-    assert set(subsets["1pct"]["keys"]) <= set(subsets["10pct"]["keys"]) <= set(subsets["100pct"]["keys"])
+    assert not any("keys" in d for d in subsets.values())  # shards and a rank rule, never a key list
+    members = {n: member_keys(ds, SubsetRule.of(d)) for n, d in subsets.items()}
+    assert [len(members[n]) for n in ("1pct", "10pct", "100pct")] == [3, 30, 300]
+    assert members["1pct"] <= members["10pct"] <= members["100pct"] == set(m["key"])
     info = json.loads((ds / "dataset.json").read_text())
-    assert info["schema_version"] == 1 and info["output_format"] == "webdataset" and info["counts"]["success"] == 300
+    assert info["schema_version"] == 2 and info["output_format"] == "webdataset" and info["counts"]["success"] == 300
     runs = json.loads((ds / "stats.json").read_text())["builds"]
     assert len(runs) == 2 and runs[0]["images_per_s"] > 0 and runs[1]["downloaded_rows"] == 0
     assert not (ds / "_work").exists()
@@ -54,7 +60,7 @@ def test_build_webdataset_end_to_end(synth_urls, server, tmp_path, monkeypatch):
 def test_build_arrow(synth_urls, tmp_path):
     ds = tmp_path / "ds"
     build(cfg([synth_urls], ds, format="arrow", shard_size=150))
-    m = pd.read_parquet(ds / "manifest.parquet")
+    m = pd.read_parquet(ds / "manifest")
     assert sorted(os.listdir(ds / "shards")) == ["00000.parquet", "00001.parquet"]
     tables = {n: pd.read_parquet(ds / "shards" / n) for n in os.listdir(ds / "shards")}
     assert sum(len(t) for t in tables.values()) == (m["status"] == "success").sum() == 300
@@ -95,7 +101,7 @@ def test_faulty_urls_each_end_with_one_status(server, tmp_path):
     src.write_text("\n".join(json.dumps({"url": u, "caption": c}) for u, c, _ in rows) + "\n", encoding="utf-8")
     ds = tmp_path / "ds"
     stats = build(cfg([src], ds, timeout=1.0, max_caption_length=200, shard_size=100))
-    m = pd.read_parquet(ds / "manifest.parquet").sort_values("source_row")
+    m = pd.read_parquet(ds / "manifest").sort_values("source_row")
     assert m["source_row"].tolist() == list(range(len(rows)))
     assert m["status"].tolist() == [s for _, _, s in rows]
     assert (m.loc[m["status"] != "success", "error"] != "").all()
@@ -115,19 +121,30 @@ def test_append_new_lists_and_retry_failed(synth_dir, server, tmp_path):
     flaky = ["/img/" + p for p in attrs["path"][:10]]
     server.flaky.update({p: 1 for p in flaky})
     ds = tmp_path / "ds"
-    build(cfg([tmp_path / "a.csv"], ds, subsets=["0.5"]))
-    m1 = pd.read_parquet(ds / "manifest.parquet")
+    build(cfg([tmp_path / "a.csv"], ds, subsets=["0.5"], rate_limit_retries=0))  # a 503 is not waited for
+    m1 = pd.read_parquet(ds / "manifest")
     assert (m1["status"] == "http_5xx").sum() == 10 and (m1["status"] == "success").sum() == 140
     first_shards = {n: os.path.getmtime(ds / "shards" / n) for n in os.listdir(ds / "shards")}
     build(cfg([tmp_path / "b.parquet"], ds))
-    m2 = pd.read_parquet(ds / "manifest.parquet")
+    m2 = pd.read_parquet(ds / "manifest")
     assert len(m2) == 350 and m2["key"].is_unique
     assert (m2["status"] == "duplicate_url").sum() == 50 and (m2["status"] == "success").sum() == 290
     assert m2.loc[m2["ingest"] == 1, "shard"].dropna().min() > max(int(n[:5]) for n in first_shards)
     assert all(os.path.getmtime(ds / "shards" / n) == t for n, t in first_shards.items())
     assert json.loads((ds / "subsets" / "50pct.json").read_text())["count"] == 145  # kept up to date
+    # written as before manifest/ existed (one manifest.parquet): the next build rewrites it in the new layout
+    import shutil
+
+    shutil.rmtree(ds / "manifest")
+    m2.to_parquet(ds / "manifest.parquet")
+    ingest0 = ds / "_state" / "ingests" / "00000"  # and its ingest had no shard input files
+    shard_inputs = {p.name: p.read_bytes() for p in (ingest0 / "shards").iterdir()}
+    shutil.rmtree(ingest0 / "shards")
+    (ingest0 / "shards.json").unlink()
     build(cfg([], ds, retry_failed=True))
-    m3 = pd.read_parquet(ds / "manifest.parquet")
+    assert not (ds / "manifest.parquet").exists() and (ds / "manifest" / "ingest-00001.parquet").exists()
+    assert {p.name: p.read_bytes() for p in (ingest0 / "shards").iterdir()} == shard_inputs
+    m3 = pd.read_parquet(ds / "manifest")
     assert len(m3) == 350 and (m3["status"] == "success").sum() == 300
     assert all(server.hits[p] == 2 for p in flaky)
     assert all(n == 1 for p, n in server.hits.items() if p.startswith("/img/") and p not in flaky)
@@ -139,7 +156,7 @@ def test_txt_rows_are_empty_caption_and_empty_lists_warn(server, tmp_path, capsy
     (tmp_path / "header.csv").write_text("url,caption\n")
     (tmp_path / "one.csv").write_text(f"url,caption\n{server.base}/ok/c.jpg,a good one\n")
     build(cfg([tmp_path / "u.txt", tmp_path / "header.csv", tmp_path / "one.csv"], tmp_path / "ds"))
-    m = pd.read_parquet(tmp_path / "ds" / "manifest.parquet").sort_values(["source", "source_row"])
+    m = pd.read_parquet(tmp_path / "ds" / "manifest").sort_values(["source", "source_row"])
     assert m["status"].tolist() == ["success", "empty_caption", "empty_caption"]  # one.csv, then u.txt
     err = capsys.readouterr().err
     assert "header.csv: no rows (an empty or header-only list)" in err

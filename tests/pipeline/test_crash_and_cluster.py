@@ -47,7 +47,7 @@ def test_kill_9_and_rerun_loses_and_duplicates_nothing(synth_urls, server, tmp_p
         assert r.returncode == 2 and "incomplete build" in r.stderr and "rerun the same" in r.stderr, r.stderr
     server.delay_s = 0.0
     build(cfg([synth_urls], ds, shard_size=40))
-    m = pd.read_parquet(ds / "manifest.parquet")
+    m = pd.read_parquet(ds / "manifest")
     assert len(m) == 300 and m["key"].is_unique and (m["status"] == "success").all()
     assert set(tar_members(ds)) == set(m["key"])
     assert not [p for p in ds.rglob("*") if ".tmp-" in p.name]
@@ -83,7 +83,7 @@ def test_separate_dask_scheduler_and_workers(synth_urls, tmp_path):
         ds = tmp_path / "ds"
         stats = build(cfg([synth_urls], ds, dask_scheduler=f"tcp://127.0.0.1:{port}"))
         assert stats["success"] == 300 and stats["shards"] == 4
-        assert set(tar_members(ds)) == set(pd.read_parquet(ds / "manifest.parquet")["key"])
+        assert set(tar_members(ds)) == set(pd.read_parquet(ds / "manifest")["key"])
     finally:
         for p in (worker, sched):
             os.killpg(p.pid, signal.SIGTERM)
@@ -122,6 +122,8 @@ def test_cli_build_stats_and_one_line_errors(synth_urls, tmp_path):
         (["data", "build", synth_urls, "--out", ds, "--format", "arrow"], "cannot append with --format arrow"),
         (["data", "build", synth_urls, "--out", ds, "--subsets", "0.1,zero"], "--subsets 'zero'"),
         (["data", "stats", tmp_path], "not a psdclip dataset"),
+        (["data", "build", synth_urls, "--out", ds, "--shard-timeout", "0"], "--shard-timeout must be > 0"),
+        (["data", "build", synth_urls, "--out", ds, "--host-rate", "-1"], "--host-rate must be >= 0"),
         (["data", "build", synth_urls, "--out", ds, "--config", tmp_path / "missing.yaml"], "no such config file"),
     ]
     for args, expect in cases:
@@ -131,7 +133,7 @@ def test_cli_build_stats_and_one_line_errors(synth_urls, tmp_path):
         assert len(lines) == 1 and expect in lines[0], (args, r.stderr)
         assert "Traceback" not in r.stderr
     assert not (tmp_path / "new").exists()  # a failed fresh build leaves nothing behind
-    assert pd.read_parquet(ds / "manifest.parquet")["status"].eq("success").sum() == 300  # nothing lost
+    assert pd.read_parquet(ds / "manifest")["status"].eq("success").sum() == 300  # nothing lost
     assert (theirs / "shards" / "00000.tar").read_bytes() == b"the user's own file"
     assert json.loads((ds / "dataset.json").read_text())["config"]["image_size"] == 24
 
@@ -150,7 +152,7 @@ def test_two_builds_into_one_dataset_the_second_says_who_holds_it(synth_urls, tm
     assert second.returncode == 2 and f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
     assert len([ln for ln in second.stderr.splitlines() if ln.strip()]) == 1, second.stderr
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
-    assert pd.read_parquet(ds / "manifest.parquet")["status"].eq("success").sum() == 300
+    assert pd.read_parquet(ds / "manifest")["status"].eq("success").sum() == 300
     assert run_cli(*args).returncode == 0  # the lock is free again once the first has ended
 
 

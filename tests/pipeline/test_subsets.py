@@ -1,8 +1,10 @@
+import json
+
 import pandas as pd
 import pytest
 
 from psdclip.pipeline.errors import InputError
-from psdclip.pipeline.subsets import build_subsets, parse_subsets
+from psdclip.pipeline.subsets import SubsetRule, build_subsets, parse_subsets, subset_rank
 
 
 def test_parse():
@@ -13,17 +15,35 @@ def test_parse():
             parse_subsets(bad)
 
 
-def test_subsets_are_nested_and_span_orders_of_magnitude():
+def _members(docs, keys):
+    """name -> the keys each subset's rule takes, decided per key (as a reader does)."""
+    out = {}
+    for name, doc in docs.items():
+        rule = SubsetRule.of(doc)
+        out[name] = {k for shard, grp in keys.groupby("shard") for k in grp["key"][rule.keeps(shard, grp["key"].tolist())]}
+    return out
+
+
+def test_subsets_are_nested_rules_and_span_orders_of_magnitude():
     keys = pd.DataFrame({"key": [f"{i:08x}" for i in range(20_000)], "shard": [f"{i // 1000:05d}.tar" for i in range(20_000)]})
     docs = build_subsets(keys, parse_subsets(["0.001,0.01,0.1,1.0,50000"]), seed=1)
-    sizes = [docs[n]["count"] for n in ("0_1pct", "1pct", "10pct", "100pct")]
-    assert sizes == [20, 200, 2000, 20000]
     names = ["0_1pct", "1pct", "10pct", "100pct"]
+    assert [docs[n]["count"] for n in names] == [20, 200, 2000, 20000]
+    assert all("keys" not in d for d in docs.values())
+    assert len(json.dumps(docs["100pct"])) < 2000  # shard names and a threshold, whatever the number of keys
+    members = _members(docs, keys)
+    assert [len(members[n]) for n in names] == [20, 200, 2000, 20000]
     for small, large in zip(names, names[1:]):
-        assert set(docs[small]["keys"]) <= set(docs[large]["keys"])
-        assert set(docs[small]["shards"]) <= set(docs[large]["shards"])
+        assert members[small] <= members[large]
+        assert set(SubsetRule.of(docs[small]).shards()) <= set(SubsetRule.of(docs[large]).shards())
+    assert len(SubsetRule.of(docs["1pct"]).shards()) == 1  # shard-major: a small subset lies in few shards
+    assert docs["10pct"]["boundary"] is None and len(docs["10pct"]["shards"]) == 2  # two whole shards
     assert docs["n50000"]["truncated"] and docs["n50000"]["count"] == 20000
+    # the first n of the seeded shard-major order (shards by rank, then keys by rank): the rule matches it exactly
+    order = keys.assign(s=subset_rank(keys["shard"], 2), k=subset_rank(keys["key"], 1)).sort_values(["s", "k"])
+    for n in ("0_1pct", "1pct"):
+        assert members[n] == set(order["key"].iloc[:docs[n]["count"]])
     # independent of row order, dependent on the seed
     shuffled = build_subsets(keys.sample(frac=1, random_state=0), parse_subsets(["0.01"]), seed=1)
-    assert shuffled["1pct"]["keys"] == docs["1pct"]["keys"]
-    assert build_subsets(keys, parse_subsets(["0.01"]), seed=2)["1pct"]["keys"] != docs["1pct"]["keys"]
+    assert shuffled["1pct"] == docs["1pct"]
+    assert _members(build_subsets(keys, parse_subsets(["0.01"]), seed=2), keys)["1pct"] != members["1pct"]

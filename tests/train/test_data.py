@@ -1,7 +1,9 @@
+import json
 import os
 import random
 import shutil
 
+from psdclip.pipeline.subsets import member_keys
 from psdclip.train.data import ShardStream, epoch_shards, keep_keys, reader_shards, resolve_source, shuffle, split
 from psdclip.train.models import build_model
 
@@ -31,11 +33,11 @@ def test_stream_filters_keys_and_skips_corrupt_samples_and_shards(dataset_dir, t
     shutil.copytree(dataset_dir, ds)
     _, transform, _, tok = build_model("tiny")
     src = resolve_source(str(ds))
-    assert len(src.keys) == 300 and len(src.shards) == 3
+    assert src.samples == 300 and src.keys is None and len(src.shards) == 3  # no key set held
     # corrupt one image inside shard 0 (bytes replaced, same size) and truncate shard 2
     import pandas as pd
 
-    m = pd.read_parquet(ds / "manifest.parquet")
+    m = pd.read_parquet(ds / "manifest")
     row = m[m["shard"] == 0].iloc[0]
     with open(ds / "shards" / "00000.tar", "r+b") as f:
         f.seek(int(row["offset"]))
@@ -61,21 +63,21 @@ def test_resume_position_skips_exactly_what_was_consumed(dataset_dir):
 def test_subset_and_follow_pick_up_new_shards(dataset_dir, tmp_path):
     _, transform, _, tok = build_model("tiny")
     sub = resolve_source(str(dataset_dir / "subsets" / "10pct.json"))
-    assert len(sub.keys) == 30
+    assert sub.samples == 30 and len(member_keys(str(dataset_dir), sub.rule)) == 30
     ds = tmp_path / "ds"
     shutil.copytree(dataset_dir, ds)
     import pandas as pd
 
-    m = pd.read_parquet(ds / "manifest.parquet")
-    # hide shard 2 from the manifest, as if the pipeline had not published it yet
-    hidden = m.copy()
-    hidden.loc[hidden["shard"] == 2, "status"] = "pending"
-    hidden.to_parquet(ds / "manifest.parquet")
+    m = pd.read_parquet(ds / "manifest")
+    # hide shard 2 from dataset.json, as if the pipeline had not published it yet
+    info = json.loads((ds / "dataset.json").read_text())
+    hidden = dict(info, shards=[s for s in info["shards"] if s != 2])
+    (ds / "dataset.json").write_text(json.dumps(hidden))
     stream = ShardStream(str(ds), 25, transform, tok, seed=0, shuffle_buffer=10, follow=True)
     it = iter(stream)
     first_epoch = [next(it) for _ in range(8)]  # 200 samples: the whole first pass
     assert {b["epoch"] for b in first_epoch} == {0}
-    m.to_parquet(ds / "manifest.parquet")  # now shard 2 is published
+    (ds / "dataset.json").write_text(json.dumps(info))  # now shard 2 is published
     later = [next(it) for _ in range(12)]
     seen = {k for b in later if b["epoch"] == 1 for k in b["keys"]}
     assert seen & set(m.loc[m["shard"] == 2, "key"])
@@ -97,7 +99,7 @@ def test_arrow_shards_stream_like_tars(synth_dir, server, tmp_path):
     assert src.format == "arrow" and all(s.endswith(".parquet") for s in src.shards)
     batches = _take(ShardStream(str(tmp_path / "ds"), 20, transform, tok, shuffle_buffer=10), 4)
     assert batches[0]["image"].shape == (20, 3, 64, 64)
-    assert {k for b in batches[:3] for k in b["keys"]} == set(src.keys)
+    assert {k for b in batches[:3] for k in b["keys"]} == member_keys(src.root, src.rule)
 
 
 def test_small_subset_fills_batches_across_passes_and_resumes_there(dataset_dir):
@@ -111,7 +113,7 @@ def test_small_subset_fills_batches_across_passes_and_resumes_there(dataset_dir)
     batches = [next(it) for _ in range(4)]
     assert all(len(b["keys"]) == 16 for b in batches)
     assert {b["epoch"] for b in batches} >= {1}  # the first batch of each reader needed a second pass
-    keys = set(resolve_source(sub).keys)
+    keys = member_keys(str(dataset_dir), resolve_source(sub).rule)
     assert all(set(b["keys"]) <= keys for b in batches)
     one = list(iter(ShardStream(sub, 16, transform, tok, seed=1, shuffle_buffer=8)).__next__()["keys"])
     assert len(one) == 16 and len(set(one)) == 16  # a single reader: 30 distinct samples, no repeat in a batch
@@ -136,3 +138,41 @@ def test_readers_open_only_shards_they_take_samples_from():
             parts = sorted(p for name, share, p in taken if name == s)
             shares = {share for name, share, _ in taken if name == s}
             assert len(shares) == 1 and parts == list(range(shares.pop())), (readers, s, parts)
+
+
+def test_duplicate_images_are_left_out_and_legacy_datasets_still_stream(dataset_dir, tmp_path):
+    """A duplicate_image keeps its bytes in the shard: the reader drops it by its shard's manifest file alone. A
+    dataset written before manifest/ (manifest.parquet, subsets listing keys) streams as before."""
+    import pandas as pd
+
+    from psdclip.pipeline.subsets import SubsetRule
+
+    ds = tmp_path / "ds"
+    shutil.copytree(dataset_dir, ds)
+    part = pd.read_parquet(ds / "manifest" / "shard-00001.parquet")
+    dups = set(part["key"].iloc[:5])
+    part.loc[part["key"].isin(dups), "status"] = "duplicate_image"
+    part.to_parquet(ds / "manifest" / "shard-00001.parquet")
+    _, transform, _, tok = build_model("tiny")
+    seen = {k for b in _take(ShardStream(str(ds), 50, transform, tok, shuffle_buffer=10), 6) for k in b["keys"]}
+    assert len(seen) == 295 and not seen & dups
+    sub = json.loads((ds / "subsets" / "100pct.json").read_text())
+    assert dups <= {k for s in SubsetRule.of(sub).shards() for k in pd.read_parquet(ds / "manifest" / f"shard-{s[:5]}.parquet")["key"]}
+    seen = {k for b in _take(ShardStream(str(ds / "subsets" / "100pct.json"), 50, transform, tok, shuffle_buffer=10), 6)
+            for k in b["keys"]}
+    assert len(seen) == 295 and not seen & dups
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(dataset_dir, legacy)
+    m = pd.read_parquet(legacy / "manifest")
+    shutil.rmtree(legacy / "manifest")
+    m.to_parquet(legacy / "manifest.parquet")
+    ten = json.loads((legacy / "subsets" / "10pct.json").read_text())
+    keys = sorted(member_keys(str(dataset_dir), SubsetRule.of(ten)))
+    shards = [f"shards/{n}" for n in SubsetRule.of(ten).shards()]
+    (legacy / "subsets" / "10pct.json").write_text(json.dumps({"shards": shards, "keys": keys}))
+    src = resolve_source(str(legacy))
+    assert src.keys is not None and len(src.keys) == 300
+    got = {k for b in _take(ShardStream(str(legacy / "subsets" / "10pct.json"), 10, transform, tok, shuffle_buffer=4), 6)
+           for k in b["keys"]}
+    assert got == set(keys)

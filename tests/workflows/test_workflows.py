@@ -168,7 +168,7 @@ def test_demo_end_to_end(tmp_path):
     for path in ("runs/clip/eval/synthetic.json", "runs/psd/eval/synthetic.json", "compare/compare.png",
                  "index/index.json", "dataset/subsets/1pct.json", "runs/psd/plots/loss.png"):
         assert (out / path).exists(), path
-    success = (pd.read_parquet(out / "dataset" / "manifest.parquet")["status"] == "success").sum()
+    success = (pd.read_parquet(out / "dataset" / "manifest")["status"] == "success").sum()
     assert 190 <= success <= 200  # duplicate images of the 200 are kept out
     assert json.load(open(out / "index" / "index.json"))["count"] == success
 
