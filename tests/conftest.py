@@ -17,6 +17,22 @@ def synth_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def scheduler():
+    """One real Dask cluster (2 worker processes, img2dataset imported once) shared by the pipeline tests that are
+    not about starting one: their builds connect with --dask-scheduler, as on a real cluster. Starting a
+    LocalCluster per build is tested by the dataset fixture, the crash and cluster tests, and the recipes."""
+    import logging
+
+    from dask.distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      silence_logs=logging.ERROR) as cluster:
+        with Client(cluster) as client:
+            client.run(lambda: __import__("img2dataset.downloader"))
+        yield cluster.scheduler_address
+
+
 @pytest.fixture()
 def server(synth_dir):
     """A real HTTP server on 127.0.0.1 serving the synthetic images under /img/ and faults under /bad/."""

@@ -8,6 +8,7 @@ ModifiedResNet with one block per stage, width 16, at 48 px; a 2-layer, 64-wide 
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -71,8 +72,16 @@ def build_model(name: str, device: str | torch.device = "cpu"):
             arch, pretrained=None, device=device, output_dict=True)
     finally:
         logging.disable(logging.NOTSET)
-    tokenizer = open_clip.get_tokenizer(arch)
-    return model, preprocess_train, preprocess_val, tokenizer
+    return model, preprocess_train, preprocess_val, _tokenizer(arch, json.dumps(model_config(arch)["text_cfg"],
+                                                                              sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(arch: str, text_cfg: str):  # pylint: disable=unused-argument  (text_cfg keys the cache)
+    """open_clip's tokenizer for a model: building one reads the BPE vocabulary (~0.2 s), and it holds no state
+    but a memo of words already split, so one per text configuration is shared (an eval or sweep in one process
+    builds many models)."""
+    return open_clip.get_tokenizer(arch)
 
 
 def context_length(name: str) -> int:

@@ -41,7 +41,8 @@ def test_build_webdataset_end_to_end(synth_urls, server, tmp_path, monkeypatch):
     # the manifest: a file per shard, one table for pandas (and pyarrow.dataset / DuckDB)
     assert sorted(os.listdir(ds / "manifest")) == [f"shard-{i:05d}.parquet" for i in range(4)]
     before = {p.name: p.read_bytes() for p in (ds / "manifest").iterdir()}
-    build(cfg([synth_urls], ds))
+    # a rerun on the same list has nothing to do: it contacts no Dask scheduler at all (this one does not exist)
+    build(cfg([synth_urls], ds, dask_scheduler="tcp://127.0.0.1:9"))
     assert sum(n for p, n in server.hits.items() if p.startswith("/img/")) == 300
     assert {p.name: p.read_bytes() for p in (ds / "manifest").iterdir()} == before
     subsets = {n: json.loads((ds / "subsets" / f"{n}.json").read_text()) for n in ("1pct", "10pct", "100pct")}
@@ -54,12 +55,13 @@ def test_build_webdataset_end_to_end(synth_urls, server, tmp_path, monkeypatch):
     assert info["schema_version"] == 2 and info["output_format"] == "webdataset" and info["counts"]["success"] == 300
     runs = json.loads((ds / "stats.json").read_text())["builds"]
     assert len(runs) == 2 and runs[0]["images_per_s"] > 0 and runs[1]["downloaded_rows"] == 0
+    assert runs[1]["nothing_to_do"] and "nothing_to_do" not in runs[0]
     assert not (ds / "_work").exists()
 
 
-def test_build_arrow(synth_urls, tmp_path):
+def test_build_arrow(synth_urls, tmp_path, scheduler):
     ds = tmp_path / "ds"
-    build(cfg([synth_urls], ds, format="arrow", shard_size=150))
+    build(cfg([synth_urls], ds, format="arrow", shard_size=150, dask_scheduler=scheduler))
     m = pd.read_parquet(ds / "manifest")
     assert sorted(os.listdir(ds / "shards")) == ["00000.parquet", "00001.parquet"]
     tables = {n: pd.read_parquet(ds / "shards" / n) for n in os.listdir(ds / "shards")}
@@ -69,10 +71,10 @@ def test_build_arrow(synth_urls, tmp_path):
     assert shard.iloc[row.offset]["key"] == row.key and shard.iloc[row.offset]["caption"] == row.caption
     assert Image.open(io.BytesIO(shard.iloc[row.offset]["jpg"])).size == (32, 32)
     with pytest.raises(Exception, match="cannot append with --format webdataset"):
-        build(cfg([synth_urls], ds))
+        build(cfg([synth_urls], ds, dask_scheduler=scheduler))
 
 
-def test_faulty_urls_each_end_with_one_status(server, tmp_path):
+def test_faulty_urls_each_end_with_one_status(server, tmp_path, scheduler):
     b = server.base
     rows = [
         (f"{b}/ok/a.jpg", "a good one", "success"),
@@ -100,7 +102,7 @@ def test_faulty_urls_each_end_with_one_status(server, tmp_path):
     src = tmp_path / "faulty.jsonl"
     src.write_text("\n".join(json.dumps({"url": u, "caption": c}) for u, c, _ in rows) + "\n", encoding="utf-8")
     ds = tmp_path / "ds"
-    stats = build(cfg([src], ds, timeout=1.0, max_caption_length=200, shard_size=100))
+    stats = build(cfg([src], ds, timeout=1.0, max_caption_length=200, shard_size=100, dask_scheduler=scheduler))
     m = pd.read_parquet(ds / "manifest").sort_values("source_row")
     assert m["source_row"].tolist() == list(range(len(rows)))
     assert m["status"].tolist() == [s for _, _, s in rows]
@@ -113,7 +115,7 @@ def test_faulty_urls_each_end_with_one_status(server, tmp_path):
     assert stats["failing_shards"] and stats["failing_shards"][0]["failure_rate"] > 0.5
 
 
-def test_append_new_lists_and_retry_failed(synth_dir, server, tmp_path):
+def test_append_new_lists_and_retry_failed(synth_dir, server, tmp_path, scheduler):
     attrs = pd.read_parquet(synth_dir / "attributes.parquet")
     urls = server.base + "/img/" + attrs["path"]
     pd.DataFrame({"url": urls[:150], "caption": attrs["caption"][:150]}).to_csv(tmp_path / "a.csv", index=False)
@@ -121,11 +123,11 @@ def test_append_new_lists_and_retry_failed(synth_dir, server, tmp_path):
     flaky = ["/img/" + p for p in attrs["path"][:10]]
     server.flaky.update({p: 1 for p in flaky})
     ds = tmp_path / "ds"
-    build(cfg([tmp_path / "a.csv"], ds, subsets=["0.5"], rate_limit_retries=0))  # a 503 is not waited for
+    build(cfg([tmp_path / "a.csv"], ds, subsets=["0.5"], rate_limit_retries=0, dask_scheduler=scheduler))  # a 503 is not waited for
     m1 = pd.read_parquet(ds / "manifest")
     assert (m1["status"] == "http_5xx").sum() == 10 and (m1["status"] == "success").sum() == 140
     first_shards = {n: os.path.getmtime(ds / "shards" / n) for n in os.listdir(ds / "shards")}
-    build(cfg([tmp_path / "b.parquet"], ds))
+    build(cfg([tmp_path / "b.parquet"], ds, dask_scheduler=scheduler))
     m2 = pd.read_parquet(ds / "manifest")
     assert len(m2) == 350 and m2["key"].is_unique
     assert (m2["status"] == "duplicate_url").sum() == 50 and (m2["status"] == "success").sum() == 290
@@ -141,7 +143,7 @@ def test_append_new_lists_and_retry_failed(synth_dir, server, tmp_path):
     shard_inputs = {p.name: p.read_bytes() for p in (ingest0 / "shards").iterdir()}
     shutil.rmtree(ingest0 / "shards")
     (ingest0 / "shards.json").unlink()
-    build(cfg([], ds, retry_failed=True))
+    build(cfg([], ds, retry_failed=True, dask_scheduler=scheduler))
     assert not (ds / "manifest.parquet").exists() and (ds / "manifest" / "ingest-00001.parquet").exists()
     assert {p.name: p.read_bytes() for p in (ingest0 / "shards").iterdir()} == shard_inputs
     m3 = pd.read_parquet(ds / "manifest")
@@ -151,11 +153,11 @@ def test_append_new_lists_and_retry_failed(synth_dir, server, tmp_path):
     assert set(tar_members(ds)) == set(m3.loc[m3["status"] == "success", "key"])
 
 
-def test_txt_rows_are_empty_caption_and_empty_lists_warn(server, tmp_path, capsys):
+def test_txt_rows_are_empty_caption_and_empty_lists_warn(server, tmp_path, capsys, scheduler):
     (tmp_path / "u.txt").write_text(f"{server.base}/ok/a.jpg\n{server.base}/ok/b.jpg\n")
     (tmp_path / "header.csv").write_text("url,caption\n")
     (tmp_path / "one.csv").write_text(f"url,caption\n{server.base}/ok/c.jpg,a good one\n")
-    build(cfg([tmp_path / "u.txt", tmp_path / "header.csv", tmp_path / "one.csv"], tmp_path / "ds"))
+    build(cfg([tmp_path / "u.txt", tmp_path / "header.csv", tmp_path / "one.csv"], tmp_path / "ds", dask_scheduler=scheduler))
     m = pd.read_parquet(tmp_path / "ds" / "manifest").sort_values(["source", "source_row"])
     assert m["status"].tolist() == ["success", "empty_caption", "empty_caption"]  # one.csv, then u.txt
     err = capsys.readouterr().err
@@ -164,12 +166,12 @@ def test_txt_rows_are_empty_caption_and_empty_lists_warn(server, tmp_path, capsy
     assert not any(p.endswith(("/a.jpg", "/b.jpg")) for p in server.hits)  # never downloaded
 
 
-def test_progress_counts_rows_while_one_shard_downloads(synth_urls, server, tmp_path, capsys):
+def test_progress_counts_rows_while_one_shard_downloads(synth_urls, server, tmp_path, capsys, scheduler):
     """One 300-row shard: a shard-counting bar would sit at 0/1 until the end; the row bar moves."""
     import re
 
     server.delay_s = 0.02
-    build(cfg([synth_urls], tmp_path / "ds", shard_size=300, thread_count=2, progress=True))
+    build(cfg([synth_urls], tmp_path / "ds", shard_size=300, thread_count=2, progress=True, dask_scheduler=scheduler))
     err = capsys.readouterr().err
     counts = {int(m) for m in re.findall(r"\| *(\d+)/300 ", err)}
     assert 300 in counts and any(0 < c < 300 for c in counts), err[-2000:]

@@ -70,7 +70,7 @@ def test_fetch_stops_a_trickling_host_at_the_shard_deadline(server):
     assert classify("download", err) == "timeout" and "--shard-timeout" in err
 
 
-def test_build_is_polite_ends_in_time_and_retry_failed_completes(server, tmp_path):
+def test_build_is_polite_ends_in_time_and_retry_failed_completes(server, tmp_path, scheduler):
     """Under a per-host cap, with a host that asks for Retry-After and one that never finishes a response: the
     build ends within its shard time limit, every row has one status, and --retry-failed completes it."""
     port = server.server_address[1]
@@ -83,7 +83,7 @@ def test_build_is_polite_ends_in_time_and_retry_failed_completes(server, tmp_pat
     ds = tmp_path / "ds"
     limit, rate = 6.0, 8.0
     stats = build(cfg([src], ds, shard_size=16, timeout=10.0, shard_timeout=limit, host_rate=rate,
-                      rate_limit_retries=1))
+                      rate_limit_retries=1, dask_scheduler=scheduler))
     # a stuck response alone trickles for 30 s; the shards end at their limit (plus a worker's start-up)
     assert stats["build"]["download_s"] < 25
     starts = sorted(t for ts in server.times.values() for t in ts)
@@ -111,7 +111,7 @@ def test_build_is_polite_ends_in_time_and_retry_failed_completes(server, tmp_pat
     assert f"127.0.0.1:{port}" in format_stats(stats).split("failing hosts")[1]
 
     server.limited = server.stuck = False
-    build(cfg([], ds, retry_failed=True, shard_timeout=limit))
+    build(cfg([], ds, retry_failed=True, shard_timeout=limit, dask_scheduler=scheduler))
     m = pd.read_parquet(ds / "manifest")
     assert len(m) == len(rows) and (m["status"] == "success").sum() == len(rows)
     assert set(tar_members(ds)) == set(m["key"])

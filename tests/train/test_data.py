@@ -83,7 +83,7 @@ def test_subset_and_follow_pick_up_new_shards(dataset_dir, tmp_path):
     assert seen & set(m.loc[m["shard"] == 2, "key"])
 
 
-def test_arrow_shards_stream_like_tars(synth_dir, server, tmp_path):
+def test_arrow_shards_stream_like_tars(synth_dir, server, tmp_path, scheduler):
     import pandas as pd
 
     from psdclip.pipeline.build import build
@@ -93,7 +93,7 @@ def test_arrow_shards_stream_like_tars(synth_dir, server, tmp_path):
     urls = tmp_path / "u.csv"
     pd.DataFrame({"url": server.base + "/img/" + attrs["path"], "caption": attrs["caption"]}).to_csv(urls, index=False)
     build(BuildConfig(inputs=[str(urls)], out=str(tmp_path / "ds"), format="arrow", image_size=64, shard_size=30,
-                      processes_count=1, thread_count=8, progress=False))
+                      thread_count=8, progress=False, dask_scheduler=scheduler))
     _, transform, _, tok = build_model("tiny")
     src = resolve_source(str(tmp_path / "ds"))
     assert src.format == "arrow" and all(s.endswith(".parquet") for s in src.shards)

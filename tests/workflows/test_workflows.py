@@ -32,7 +32,7 @@ def test_bad_recipes_fail_with_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["cc3m", "cc12m", "yfcc15m"])
-def test_real_column_layouts_go_through_the_pipeline(name, synth_dir, server, tmp_path):
+def test_real_column_layouts_go_through_the_pipeline(name, synth_dir, server, tmp_path, scheduler):
     """A 100-row file in the real layout of each data set, pointing at the loopback server."""
     attrs = pd.read_parquet(synth_dir / "attributes.parquet").head(100)
     urls = (server.base + "/img/" + attrs["path"]).tolist()
@@ -48,7 +48,8 @@ def test_real_column_layouts_go_through_the_pipeline(name, synth_dir, server, tm
     else:
         path = tmp_path / "part-00000.parquet"
         pd.DataFrame({"photoid": range(100), "downloadurl": urls, "title": caps, "description": ""}).to_parquet(path)
-    data.update(inputs=[str(path)], image_size=32, processes_count=2, thread_count=8, shard_size=50, progress=False)
+    data.update(inputs=[str(path)], image_size=32, thread_count=8, shard_size=50, progress=False,
+                dask_scheduler=scheduler)
     recipe["data"] = data
     cfgs = validate(name, recipe, str(tmp_path / "out"))
     stats = build(cfgs["data"])
