@@ -184,19 +184,29 @@ class Layout:
 
 def _write_shard_inputs(folder: str, plan: pd.DataFrame) -> None:
     """FOLDER/shards/NNNNN.arrow: a shard's rows in download order, in the form img2dataset's Downloader reads
-    (url, caption, psdclip_key), and FOLDER/shards.json: shard -> rows, written last."""
+    (url, caption, psdclip_key), and FOLDER/shards.json: shard -> rows, written last. One Arrow sort by (shard,
+    order), then each shard is a zero-copy slice."""
+    import pyarrow.compute as pc
     import pyarrow.feather as feather
 
     os.makedirs(os.path.join(folder, "shards"), exist_ok=True)
-    counts = {}
     pending = plan[plan["shard"] >= 0]
-    for shard, rows in pending.groupby("shard"):
-        rows = rows.sort_values("order", kind="stable")
-        table = pa.table({"url": rows["url"].astype(str).to_numpy(), "caption": rows["caption"].astype(str).to_numpy(),
-                          "psdclip_key": rows["key"].astype(str).to_numpy()})
-        with atomic_path(os.path.join(folder, "shards", f"{int(shard):05d}.arrow")) as tmp:
-            feather.write_feather(table, tmp, compression="uncompressed")
-        counts[str(int(shard))] = len(rows)
+    table = pa.table({"url": pa.array(pending["url"], pa.string()), "caption": pa.array(pending["caption"], pa.string()),
+                      "psdclip_key": pa.array(pending["key"], pa.string()),
+                      "shard": pa.array(pending["shard"].to_numpy(np.int64)),
+                      "order": pa.array(pending["order"].to_numpy(np.int64))})
+    table = table.take(pc.sort_indices(table, [("shard", "ascending"), ("order", "ascending")]))
+    shards = table.column("shard").to_numpy()
+    cuts = np.flatnonzero(np.diff(shards)) + 1
+    counts = {}
+    for start, stop in zip(np.r_[0, cuts], np.r_[cuts, len(shards)]):
+        if stop <= start:
+            continue
+        shard = int(shards[start])
+        with atomic_path(os.path.join(folder, "shards", f"{shard:05d}.arrow")) as tmp:
+            feather.write_feather(table.slice(start, stop - start).select(["url", "caption", "psdclip_key"]), tmp,
+                                  compression="uncompressed")
+        counts[str(shard)] = int(stop - start)
     write_json(os.path.join(folder, "shards.json"), counts, indent=0)
 
 
