@@ -2,7 +2,7 @@
 
     DATASET/
       dataset.json  manifest/  stats.json  shards/  subsets/            the contract (DESIGN.md)
-      _state/ingests/<id>/plan.parquet, inputs.json                     what each ingest planned
+      _state/ingests/<id>/shards/NNNNN.arrow, shards.json, unsharded.parquet, inputs.json   what each ingest planned
       _state/results/<shard>.parquet                                    one per finished shard
       _work/                                                            scratch, cleared on every run
 
@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError
-from .status import DUPLICATE_IMAGE, SUCCESS
+from .status import DUPLICATE_IMAGE, PENDING, SUCCESS
 
 SCHEMA_VERSION = 2  # 2: manifest/ (a file per shard) and subsets as shard lists plus a rank rule
 MANIFEST_COLUMNS = ["key", "url", "caption", "status", "error", "shard", "offset", "size", "width", "height",
@@ -133,10 +133,18 @@ class Layout:
         return sorted(int(d) for d in os.listdir(self.ingests) if d.isdigit())
 
     def load_plan(self, ingest: int, columns=None) -> pd.DataFrame:
-        """An ingest's plan (a copy; plans never change once written, so each is read from disk once)."""
+        """An ingest's plan (a copy; plans never change once written, so each is read from disk once): its
+        unsharded.parquet (rows that reach no shard) and its shard input files, or the one plan.parquet of an
+        ingest written before those files held the plan."""
         plan = self._plans.get(ingest)
         if plan is None:
-            plan = pd.read_parquet(os.path.join(self.ingests, f"{ingest:05d}", "plan.parquet"))
+            folder = os.path.join(self.ingests, f"{ingest:05d}")
+            if os.path.isfile(os.path.join(folder, "plan.parquet")):
+                plan = pd.read_parquet(os.path.join(folder, "plan.parquet"))
+            else:
+                plan = pd.concat([pd.read_parquet(os.path.join(folder, "unsharded.parquet"))] +
+                                 [_read_shard_input(folder, int(shard))
+                                  for shard in read_json(os.path.join(folder, "shards.json"))], ignore_index=True)
             for col in plan.columns:  # dictionary-encoded on disk; plain values in memory
                 if isinstance(plan[col].dtype, pd.CategoricalDtype):
                     plan[col] = plan[col].astype(object)
@@ -152,8 +160,8 @@ class Layout:
         final = os.path.join(self.ingests, f"{ingest:05d}")
         tmp = _tmp(final)
         os.makedirs(tmp)
-        write_parquet(os.path.join(tmp, "plan.parquet"), plan)
-        _write_shard_inputs(tmp, plan)
+        write_parquet(os.path.join(tmp, "unsharded.parquet"), plan[plan["shard"] < 0])
+        _write_shard_inputs(tmp, plan)  # the rows that reach a shard: its input file (the plan holds no copy)
         write_json(os.path.join(tmp, "inputs.json"), inputs)
         os.replace(tmp, final)
 
@@ -182,10 +190,13 @@ class Layout:
         return sorted(glob.glob(os.path.join(self.results, "*.parquet")))
 
 
+SHARD_INPUT_COLUMNS = ["url", "caption", "psdclip_key", "source", "source_row", "host"]
+
+
 def _write_shard_inputs(folder: str, plan: pd.DataFrame) -> None:
-    """FOLDER/shards/NNNNN.arrow: a shard's rows in download order, in the form img2dataset's Downloader reads
-    (url, caption, psdclip_key), and FOLDER/shards.json: shard -> rows, written last. One Arrow sort by (shard,
-    order), then each shard is a zero-copy slice."""
+    """FOLDER/shards/NNNNN.arrow: a shard's planned rows in download order (url, caption and psdclip_key are what
+    img2dataset's Downloader reads; source, source_row and host complete the plan), and FOLDER/shards.json:
+    shard -> rows, written last. One Arrow sort by (shard, order), then each shard is a zero-copy slice."""
     import pyarrow.compute as pc
     import pyarrow.feather as feather
 
@@ -193,6 +204,9 @@ def _write_shard_inputs(folder: str, plan: pd.DataFrame) -> None:
     pending = plan[plan["shard"] >= 0]
     table = pa.table({"url": pa.array(pending["url"], pa.string()), "caption": pa.array(pending["caption"], pa.string()),
                       "psdclip_key": pa.array(pending["key"], pa.string()),
+                      "source": pa.array(pending["source"].astype(str), pa.string()).dictionary_encode(),
+                      "source_row": pa.array(pending["source_row"].to_numpy(np.int64)),
+                      "host": pa.array(pending["host"], pa.string()),
                       "shard": pa.array(pending["shard"].to_numpy(np.int64)),
                       "order": pa.array(pending["order"].to_numpy(np.int64))})
     table = table.take(pc.sort_indices(table, [("shard", "ascending"), ("order", "ascending")]))
@@ -204,10 +218,20 @@ def _write_shard_inputs(folder: str, plan: pd.DataFrame) -> None:
             continue
         shard = int(shards[start])
         with atomic_path(os.path.join(folder, "shards", f"{shard:05d}.arrow")) as tmp:
-            feather.write_feather(table.slice(start, stop - start).select(["url", "caption", "psdclip_key"]), tmp,
+            feather.write_feather(table.slice(start, stop - start).select(SHARD_INPUT_COLUMNS), tmp,
                                   compression="uncompressed")
         counts[str(shard)] = int(stop - start)
     write_json(os.path.join(folder, "shards.json"), counts, indent=0)
+
+
+def _read_shard_input(folder: str, shard: int) -> pd.DataFrame:
+    """A shard input file back as plan rows (pending, in download order)."""
+    import pyarrow.feather as feather
+
+    df = feather.read_table(os.path.join(folder, "shards", f"{shard:05d}.arrow")).to_pandas()
+    df = df.rename(columns={"psdclip_key": "key"})
+    df["status"], df["error"], df["shard"], df["order"] = PENDING, "", shard, np.arange(len(df), dtype=np.int64)
+    return df
 
 
 def assemble_manifest(layout: Layout) -> pd.DataFrame:

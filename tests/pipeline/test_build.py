@@ -4,12 +4,14 @@ import json
 import os
 
 import pandas as pd
+import pyarrow.feather as feather
 import pytest
 from PIL import Image
 
 from helpers.datasets import cfg, tar_members
 
 from psdclip.pipeline.build import build
+from psdclip.pipeline.dataset import Layout
 from psdclip.pipeline.subsets import SubsetRule, member_keys
 
 
@@ -139,13 +141,15 @@ def test_append_new_lists_and_retry_failed(synth_dir, server, tmp_path, schedule
 
     shutil.rmtree(ds / "manifest")
     m2.to_parquet(ds / "manifest.parquet")
-    ingest0 = ds / "_state" / "ingests" / "00000"  # and its ingest had no shard input files
-    shard_inputs = {p.name: p.read_bytes() for p in (ingest0 / "shards").iterdir()}
+    ingest0 = ds / "_state" / "ingests" / "00000"  # and its first ingest one plan.parquet, no shard input files
+    shard_inputs = {p.name: feather.read_table(p) for p in (ingest0 / "shards").iterdir()}
+    Layout(str(ds)).load_plan(0).to_parquet(ingest0 / "plan.parquet")
     shutil.rmtree(ingest0 / "shards")
     (ingest0 / "shards.json").unlink()
+    (ingest0 / "unsharded.parquet").unlink()
     build(cfg([], ds, retry_failed=True, dask_scheduler=scheduler))
     assert not (ds / "manifest.parquet").exists() and (ds / "manifest" / "ingest-00001.parquet").exists()
-    assert {p.name: p.read_bytes() for p in (ingest0 / "shards").iterdir()} == shard_inputs
+    assert {p.name: feather.read_table(p) for p in (ingest0 / "shards").iterdir()} == shard_inputs
     m3 = pd.read_parquet(ds / "manifest")
     assert len(m3) == 350 and (m3["status"] == "success").sum() == 300
     assert all(server.hits[p] == 2 for p in flaky)
