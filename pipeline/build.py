@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from .clean import clean_partition, hosts
 from .config import BuildConfig
-from .dataset import SCHEMA_VERSION, Layout, assemble_manifest, compute_stats, now, read_json, write_json, \
+from .dataset import SCHEMA_VERSION, Layout, assemble_manifest, now, read_json, stream_stats, write_json, \
     write_manifest, write_parquet
 from .download import DownloadOptions, download_partition
 from . import logs
@@ -245,7 +245,7 @@ def _build_locked(cfg: BuildConfig, layout: Layout, previous: dict | None) -> di
         _download_pending(client, layout, cfg, opts, timings, "download")
         # 3. post-download stage and the contract files
         t = time.time()
-        manifest = assemble_manifest(layout)
+        manifest = assemble_manifest(layout, sharded_only=True)  # the rows a download could change, no others
         manifest = mark_duplicate_images(client, layout, manifest)
         fmt = cfg.format
         subset_specs = parse_subsets(cfg.subsets) if cfg.subsets else [
@@ -255,7 +255,7 @@ def _build_locked(cfg: BuildConfig, layout: Layout, previous: dict | None) -> di
         timings["finalize_s"] = time.time() - t
         t = time.time()
     timings["cluster_close_s"] = time.time() - t
-    stats = compute_stats(manifest, layout, fmt)
+    stats = stream_stats(layout.root, fmt)  # over the files just written, a batch of rows at a time
     timings["total_s"] = time.time() - t0
     dl = timings.get("download_s", 0.0)
     stats["build"] = {"finished_at": now(), **{k: round(v, 3) for k, v in timings.items()},
@@ -433,7 +433,7 @@ def _download_pending(client, layout: Layout, cfg: BuildConfig, opts: DownloadOp
 
 
 def _plan_retry(layout: Layout, cfg: BuildConfig) -> None:
-    manifest = assemble_manifest(layout)
+    manifest = assemble_manifest(layout, sharded_only=True)  # transient statuses come from downloads only
     retry = manifest[manifest["status"].isin(TRANSIENT)]
     if retry.empty:
         log.info("--retry-failed: no row has a transient status; nothing to retry")

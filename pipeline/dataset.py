@@ -142,14 +142,39 @@ class Layout:
             if os.path.isfile(os.path.join(folder, "plan.parquet")):
                 plan = pd.read_parquet(os.path.join(folder, "plan.parquet"))
             else:
-                plan = pd.concat([pd.read_parquet(os.path.join(folder, "unsharded.parquet"))] +
-                                 [_read_shard_input(folder, int(shard))
-                                  for shard in read_json(os.path.join(folder, "shards.json"))], ignore_index=True)
+                parts = [pd.read_parquet(os.path.join(folder, "unsharded.parquet"))]
+                parts = [p for p in parts if len(p)] + [_read_shard_input(folder, int(shard))
+                                                        for shard in read_json(os.path.join(folder, "shards.json"))]
+                plan = pd.concat(parts, ignore_index=True) if parts else pd.read_parquet(
+                    os.path.join(folder, "unsharded.parquet"))
             for col in plan.columns:  # dictionary-encoded on disk; plain values in memory
                 if isinstance(plan[col].dtype, pd.CategoricalDtype):
                     plan[col] = plan[col].astype(object)
             self._plans[ingest] = plan
         return (plan[list(columns)] if columns else plan).copy()
+
+    def load_sharded_plan(self, ingest: int) -> pd.DataFrame:
+        """The rows of an ingest's plan that reach a shard (from its shard input files alone, when it has them)."""
+        folder = os.path.join(self.ingests, f"{ingest:05d}")
+        if ingest in self._plans or os.path.isfile(os.path.join(folder, "plan.parquet")):
+            plan = self.load_plan(ingest)
+            return plan[plan["shard"] >= 0]
+        shards = read_json(os.path.join(folder, "shards.json"))
+        if not shards:
+            return self.load_plan(ingest).iloc[:0]
+        plan = pd.concat([_read_shard_input(folder, int(s)) for s in shards], ignore_index=True)
+        plan["source"] = plan["source"].astype(object)
+        return plan
+
+    def unsharded_manifest(self, ingest: int) -> str:
+        """_state/ingests/N/manifest.parquet: the manifest rows of an ingest that reach no shard (their statuses are
+        final once planned), written with the ingest (or, for an older ingest, at its first finalize) and copied
+        into manifest/ingest-N.parquet as they are: a finalize never reads those rows again."""
+        path = os.path.join(self.ingests, f"{ingest:05d}", "manifest.parquet")
+        if not os.path.isfile(path):
+            plan = self.load_plan(ingest)
+            _write_unsharded_manifest(path, plan[plan["shard"] < 0], ingest)
+        return path
 
     def load_inputs(self, ingest: int) -> dict:
         return read_json(os.path.join(self.ingests, f"{ingest:05d}", "inputs.json"))
@@ -161,6 +186,7 @@ class Layout:
         tmp = _tmp(final)
         os.makedirs(tmp)
         write_parquet(os.path.join(tmp, "unsharded.parquet"), plan[plan["shard"] < 0])
+        _write_unsharded_manifest(os.path.join(tmp, "manifest.parquet"), plan[plan["shard"] < 0], ingest)
         _write_shard_inputs(tmp, plan)  # the rows that reach a shard: its input file (the plan holds no copy)
         write_json(os.path.join(tmp, "inputs.json"), inputs)
         os.replace(tmp, final)
@@ -234,13 +260,34 @@ def _read_shard_input(folder: str, shard: int) -> pd.DataFrame:
     return df
 
 
-def assemble_manifest(layout: Layout) -> pd.DataFrame:
+def _write_unsharded_manifest(path: str, rows: pd.DataFrame, ingest: int) -> None:
+    m = rows.copy()
+    m["ingest"] = ingest
+    for c in ("offset", "size", "width", "height", "original_width", "original_height", "shard"):
+        m[c] = pd.NA
+    m["sha256"] = ""
+    for c in ("status", "error", "source"):
+        m[c] = m[c].astype(str)
+    table = pa.Table.from_pandas(m[MANIFEST_COLUMNS].reset_index(drop=True), schema=MANIFEST_SCHEMA,
+                                 preserve_index=False)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def assemble_manifest(layout: Layout, sharded_only: bool = False) -> pd.DataFrame:
     """One row per input row: the plan of every ingest, with download results joined in; for a key that
-    a later ingest planned again (--retry-failed), the later row wins."""
+    a later ingest planned again (--retry-failed), the later row wins. sharded_only: only the rows that reached a
+    shard (what a download can change), in input order (ingest, file, row)."""
     plans = []
+    order: dict[str, int] = {}
     for ingest in layout.ingest_ids():
-        plan = layout.load_plan(ingest)
+        plan = layout.load_sharded_plan(ingest) if sharded_only else layout.load_plan(ingest)
         plan["ingest"] = ingest
+        if sharded_only:
+            for f in layout.load_inputs(ingest).get("files", []):
+                order.setdefault(f["path"], len(order))
+            src = plan["source"].map(order).fillna(len(order)).to_numpy()
+            plan = plan.iloc[np.lexsort((plan["source_row"].to_numpy(), src))]
         plans.append(plan)
     if not plans:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in MANIFEST_COLUMNS})
@@ -291,15 +338,27 @@ def write_manifest(layout: Layout, manifest: pd.DataFrame) -> None:
     """The manifest as a partitioned Parquet dataset, each file replaced atomically (hidden temporary names:
     readers of the folder skip them), then files no row points at any more and a legacy manifest.parquet removed.
     pyarrow.dataset, DuckDB (manifest/*.parquet) and pandas read the folder as one table."""
+    import shutil
+
     os.makedirs(layout.manifest, exist_ok=True)
     sharded = manifest["shard"].notna().to_numpy()
     parts = [(manifest_file(layout.root, shard=int(s)), rows) for s, rows in manifest[sharded].groupby("shard")]
-    parts += [(manifest_file(layout.root, ingest=int(i)), rows) for i, rows in manifest[~sharded].groupby("ingest")]
+    if not sharded.all():  # a frame of every row (tests, older callers): its unsharded rows as they are
+        parts += [(manifest_file(layout.root, ingest=int(i)), rows) for i, rows in manifest[~sharded].groupby("ingest")]
     for path, rows in parts:
         table = pa.Table.from_pandas(rows[MANIFEST_COLUMNS], schema=MANIFEST_SCHEMA, preserve_index=False)
         with atomic_path(path, hidden=True) as tmp:
             pq.write_table(table, tmp)
     keep = {os.path.basename(p) for p, _ in parts}
+    if sharded.all():  # the rows that reach no shard: each ingest's file, copied once, never read here
+        for ingest in layout.ingest_ids():
+            src, dst = layout.unsharded_manifest(ingest), manifest_file(layout.root, ingest=ingest)
+            if not pq.ParquetFile(src).metadata.num_rows:
+                continue
+            keep.add(os.path.basename(dst))
+            if not os.path.isfile(dst) or os.path.getsize(dst) != os.path.getsize(src):
+                with atomic_path(dst, hidden=True) as tmp:
+                    shutil.copyfile(src, tmp)
     for name in os.listdir(layout.manifest):
         if name.endswith(".parquet") and name not in keep:
             os.remove(os.path.join(layout.manifest, name))
@@ -460,14 +519,17 @@ def manifest_batches(root: str, columns=None, batch_size: int = 262_144):
                              f"rerun the `psdclip data build` command that made it") from None
 
 
-def stream_stats(root: str) -> dict:
-    """`psdclip data stats`: the figures of a dataset, its manifest read a batch of rows at a time."""
+def stream_stats(root: str, fmt: str | None = None) -> dict:
+    """The figures of a dataset (`psdclip data stats`, the end of a build), its manifest read a batch of rows at a
+    time. fmt: the shard format (default: dataset.json's)."""
     acc = StatsAccumulator()
     for frame in manifest_batches(root, STATS_COLUMNS):
         acc.add(frame)
     layout = Layout(root)
-    info = read_json(layout.dataset_json) if os.path.isfile(layout.dataset_json) else {}
-    return acc.result(layout, info.get("output_format", "webdataset"))
+    if fmt is None:
+        info = read_json(layout.dataset_json) if os.path.isfile(layout.dataset_json) else {}
+        fmt = info.get("output_format", "webdataset")
+    return acc.result(layout, fmt)
 
 
 def format_stats(stats: dict) -> str:
