@@ -245,7 +245,7 @@ def _build_locked(cfg: BuildConfig, layout: Layout, previous: dict | None) -> di
         _download_pending(client, layout, cfg, opts, timings, "download")
         # 3. post-download stage and the contract files
         t = time.time()
-        manifest = assemble_manifest(layout, sharded_only=True)  # the rows a download could change, no others
+        manifest = assemble_manifest(layout)  # the rows a download could change, no others
         manifest = mark_duplicate_images(client, layout, manifest)
         fmt = cfg.format
         subset_specs = parse_subsets(cfg.subsets) if cfg.subsets else [
@@ -433,7 +433,7 @@ def _download_pending(client, layout: Layout, cfg: BuildConfig, opts: DownloadOp
 
 
 def _plan_retry(layout: Layout, cfg: BuildConfig) -> None:
-    manifest = assemble_manifest(layout, sharded_only=True)  # transient statuses come from downloads only
+    manifest = assemble_manifest(layout)  # transient statuses come from downloads only
     retry = manifest[manifest["status"].isin(TRANSIENT)]
     if retry.empty:
         log.info("--retry-failed: no row has a transient status; nothing to retry")

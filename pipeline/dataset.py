@@ -274,21 +274,19 @@ def _write_unsharded_manifest(path: str, rows: pd.DataFrame, ingest: int) -> Non
         pq.write_table(table, tmp)
 
 
-def assemble_manifest(layout: Layout, sharded_only: bool = False) -> pd.DataFrame:
-    """One row per input row: the plan of every ingest, with download results joined in; for a key that
-    a later ingest planned again (--retry-failed), the later row wins. sharded_only: only the rows that reached a
-    shard (what a download can change), in input order (ingest, file, row)."""
+def assemble_manifest(layout: Layout) -> pd.DataFrame:
+    """The manifest rows a download can change: every ingest's rows that reached a shard, in input order (ingest,
+    file, row), with download results joined in; for a key that a later ingest planned again (--retry-failed), the
+    later row wins. Rows that reach no shard are final once planned (Layout.unsharded_manifest)."""
     plans = []
     order: dict[str, int] = {}
     for ingest in layout.ingest_ids():
-        plan = layout.load_sharded_plan(ingest) if sharded_only else layout.load_plan(ingest)
+        plan = layout.load_sharded_plan(ingest)
         plan["ingest"] = ingest
-        if sharded_only:
-            for f in layout.load_inputs(ingest).get("files", []):
-                order.setdefault(f["path"], len(order))
-            src = plan["source"].map(order).fillna(len(order)).to_numpy()
-            plan = plan.iloc[np.lexsort((plan["source_row"].to_numpy(), src))]
-        plans.append(plan)
+        for f in layout.load_inputs(ingest).get("files", []):
+            order.setdefault(f["path"], len(order))
+        src = plan["source"].map(order).fillna(len(order)).to_numpy()
+        plans.append(plan.iloc[np.lexsort((plan["source_row"].to_numpy(), src))])
     if not plans:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in MANIFEST_COLUMNS})
     plan = pd.concat(plans, ignore_index=True)
@@ -312,7 +310,6 @@ def assemble_manifest(layout: Layout, sharded_only: bool = False) -> pd.DataFram
               "ingest"):
         plan[c] = pd.array(plan[c], dtype="Int64")
     plan["sha256"] = plan["sha256"].fillna("").astype(str)
-    plan.loc[plan["shard"] < 0, "shard"] = pd.NA
     return plan[MANIFEST_COLUMNS].reset_index(drop=True)
 
 
@@ -493,10 +490,6 @@ class StatsAccumulator:
             "shards": len(shard_files),
             "failing_shards": failing,
         }
-
-
-def compute_stats(manifest: pd.DataFrame, layout: "Layout", fmt: str) -> dict:
-    return StatsAccumulator().add(manifest).result(layout, fmt)
 
 
 def manifest_batches(root: str, columns=None, batch_size: int = 262_144):

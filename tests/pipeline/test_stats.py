@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from psdclip.pipeline.dataset import MANIFEST_COLUMNS, Layout, compute_stats, manifest_batches, stream_stats, \
+from psdclip.pipeline.dataset import MANIFEST_COLUMNS, Layout, StatsAccumulator, manifest_batches, stream_stats, \
     write_manifest
 
 
@@ -31,7 +31,7 @@ def test_streamed_stats_equal_whole_table_figures(tmp_path):
     layout.create()
     write_manifest(layout, m)
     streamed = stream_stats(layout.root)
-    whole = compute_stats(m, layout, "webdataset")
+    whole = StatsAccumulator().add(m).result(layout, "webdataset")  # the whole table at once
     assert streamed == whole
     assert sum(len(b) for b in manifest_batches(layout.root, ["status"], batch_size=100)) == len(m)
     ok = m[m["status"] == "success"]
