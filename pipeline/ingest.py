@@ -238,15 +238,15 @@ def read_part(part: Part, opts: ReadOptions, buckets: int, out: str) -> dict:
     except InputError as err:
         return {"error": err, "quotes": 0}
     df = clean_partition(df, opts.max_caption_length)
-    status = df["status"].astype(str).to_numpy(dtype=object)
+    status = df["status"].to_numpy(dtype=object)
     pending = status == PENDING
     rows = np.arange(len(df), dtype=np.int64)
-    ukey = df["ukey"].astype(str).to_numpy(dtype=object)
+    ukey = df["ukey"].to_numpy(dtype=object)
     bucket = rows % buckets
     if pending.any():
         bucket[pending] = fine_buckets(ukey[pending]) * buckets // FINE
     table = pa.table({"url": pa.array(df["url"].array, pa.string()), "caption": pa.array(df["caption"].array, pa.string()),
-                      "status": pa.array(status, pa.string()), "error": pa.array(df["error"].astype(str), pa.string()),
+                      "status": pa.array(status, pa.string()), "error": pa.array(df["error"].to_numpy(dtype=object), pa.string()),
                       "row": pa.array(rows), "ukey": pa.array(ukey, pa.string()),
                       "host": pa.array(df["host"].array, pa.string())}, schema=PART_SCHEMA)
     _write_batches(out, table, bucket, buckets)
