@@ -1,7 +1,8 @@
 """psdclip data build: the orchestration of the pipeline's stages on a Dask cluster.
 
-    read + clean (Dask task per input file) -> keys, duplicate URLs, host spreading, shards (client)
-    -> plan saved atomically -> download (Dask task per partition, img2dataset) -> result per shard
+    read + clean (Dask tasks over parts of the input files) -> duplicate URLs and keys (a task per URL-key
+    bucket) -> host spreading and shards (a task per bucket, then per group of shards; ingest.py) -> plan saved
+    atomically as shard input files -> download (Dask task per partition, img2dataset) -> result per shard
     -> duplicate images (Dask dataframe over the results) -> manifest/ (a file per shard), subsets, stats,
     dataset.json
 
@@ -22,20 +23,19 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .clean import clean_partition, hosts
+from .clean import hosts
 from .config import BuildConfig
-from .dataset import SCHEMA_VERSION, Layout, assemble_manifest, now, read_json, stream_stats, write_json, \
-    write_manifest, write_parquet
+from .dataset import PLAN_COLUMNS, SCHEMA_VERSION, Layout, manifest_batches, now, read_json, stream_stats, \
+    write_json, write_parquet
+from .finalize import finalize_manifest, write_subsets
 from .download import DownloadOptions, download_partition
 from . import logs
 from .errors import InputError, PsdclipError
-from .plan import assign_shards, mark_duplicates
-from .read import detect_format, read_source
-from .status import DUPLICATE_IMAGE, PENDING, SUCCESS, TRANSIENT
-from .subsets import build_subsets, parse_subsets
+from .ingest import file_sha256, ingest_inputs
+from .plan import assign_shards
+from .status import PENDING, SUCCESS, TRANSIENT
+from .subsets import parse_subsets
 
-SPLIT_BYTES = 8 << 20  # URL lists larger than this are cleaned by several tasks
-PLAN_COLUMNS = ["key", "url", "caption", "source", "source_row", "status", "error", "host", "shard", "order"]
 
 
 log = logs.get(__name__, "[psdclip data build] ")
@@ -186,22 +186,6 @@ def _build(cfg: BuildConfig) -> dict:
         return _build_locked(cfg, layout, previous)
 
 
-def _file_sha256(path: str) -> str | None:
-    """sha256 of a URL list's (decompressed) bytes, as the read task computes it, streamed; None if unreadable."""
-    import hashlib
-
-    import fsspec
-
-    h = hashlib.sha256()
-    try:
-        with fsspec.open(path, "rb", compression="infer") as f:
-            for block in iter(lambda: f.read(8 << 20), b""):
-                h.update(block)
-    except (OSError, EOFError, ValueError):
-        return None
-    return h.hexdigest()
-
-
 def _nothing_to_do(cfg: BuildConfig, layout: Layout, previous: dict | None) -> bool:
     """A rerun of a finished build on lists it already holds (a sweep or recipe run again): nothing to read, plan,
     download or rewrite, so no cluster is started."""
@@ -215,7 +199,7 @@ def _nothing_to_do(cfg: BuildConfig, layout: Layout, previous: dict | None) -> b
     if set(layout.planned_shards()) - layout.done_shards():
         return False
     known = {f["sha256"] for ing in previous.get("ingests", []) for f in ing.get("files", [])}
-    return all(_file_sha256(path) in known for path in cfg.inputs)
+    return all(file_sha256(path) in known for path in cfg.inputs)
 
 
 def _build_locked(cfg: BuildConfig, layout: Layout, previous: dict | None) -> dict:
@@ -240,19 +224,20 @@ def _build_locked(cfg: BuildConfig, layout: Layout, previous: dict | None) -> di
         t = time.time()
         ingest_inputs(client, layout, cfg)
         timings["read_clean_plan_s"] = time.time() - t
-        if cfg.retry_failed:
-            _plan_retry(layout, cfg)
         _download_pending(client, layout, cfg, opts, timings, "download")
-        # 3. post-download stage and the contract files
+        # 3. post-download stage and the contract files (Dask tasks over groups of shards; finalize.py)
         t = time.time()
-        manifest = assemble_manifest(layout)  # the rows a download could change, no others
-        manifest = mark_duplicate_images(client, layout, manifest)
+        counts = finalize_manifest(client, layout)
+        if cfg.retry_failed and _plan_retry(layout, cfg):  # transient failures, read from the manifest just written
+            timings["finalize_s"] = time.time() - t
+            _download_pending(client, layout, cfg, opts, timings, "download")
+            t = time.time()
+            counts = finalize_manifest(client, layout)
         fmt = cfg.format
         subset_specs = parse_subsets(cfg.subsets) if cfg.subsets else [
             tuple(s) for s in (previous or {}).get("subsets", [])]
-        write_manifest(layout, manifest)  # before the subsets: their readers take exclusions from it
-        _write_subsets(layout, manifest, subset_specs, cfg.subset_seed, fmt)
-        timings["finalize_s"] = time.time() - t
+        write_subsets(layout, counts, subset_specs, cfg.subset_seed, fmt)  # after manifest/: readers use it
+        timings["finalize_s"] = timings.get("finalize_s", 0.0) + time.time() - t
         t = time.time()
     timings["cluster_close_s"] = time.time() - t
     stats = stream_stats(layout.root, fmt)  # over the files just written, a batch of rows at a time
@@ -272,7 +257,7 @@ def _build_locked(cfg: BuildConfig, layout: Layout, previous: dict | None) -> di
         "output_format": fmt,
         "shard_pattern": "shards/{shard:05d}." + ("parquet" if fmt == "arrow" else "tar"),
         "counts": {"rows": stats["rows"], "success": stats["success"], **stats["counts"]},
-        "shards": sorted(int(s) for s in manifest.loc[manifest["status"] == SUCCESS, "shard"].dropna().unique()),
+        "shards": sorted(s for s, n in counts.items() if n),
         "subsets": [list(s) for s in subset_specs],
         "subset_seed": cfg.subset_seed,
         "config": config,
@@ -280,112 +265,6 @@ def _build_locked(cfg: BuildConfig, layout: Layout, previous: dict | None) -> di
     })
     layout.clear_scratch()
     return stats
-
-
-def ingest_inputs(client, layout: Layout, cfg: BuildConfig) -> pd.DataFrame | None:
-    """Read and clean every new input file (a Dask task each), then mark duplicate URLs, spread hosts,
-    assign shards, and save the plan as a new ingest. Files already ingested (same bytes) are skipped.
-    Returns the plan, or None when there was nothing new."""
-    known = {i["sha256"]: i["path"] for ing in layout.ingest_ids() for i in layout.load_inputs(ing)["files"]}
-    workers = max(1, len(client.scheduler_info().get("workers", {})))
-    reading = ReadOptions.of(cfg)
-    futures = []
-    for i, path in enumerate(cfg.inputs):
-        # a large file is cleaned in row ranges by several tasks (each reads it; parsing is the cheap part)
-        parts = workers if _size(path) > SPLIT_BYTES else 1
-        futures.append([client.submit(_read_and_clean, path, reading, part=part, parts=parts,
-                                      out=os.path.join(layout.work, "clean", f"{i:05d}-{part:03d}.arrow"),
-                                      pure=False, key=f"read-{i}-{part}-{os.path.basename(path)}")
-                        for part in range(parts)])
-    frames, files = [], []
-    for path, futs in zip(cfg.inputs, futures):
-        results = [f.result() for f in futs]
-        for out, _ in results:
-            if isinstance(out, InputError):
-                raise out
-        sha = results[0][1]
-        # the cleaned rows come back through the (shared) dataset folder: faster than the comms for
-        # millions of rows
-        df = pd.concat([pd.read_feather(out, dtype_backend="pyarrow") for out, _ in results], ignore_index=True)
-        if sha in known or sha in {f["sha256"] for f in files}:
-            log.info(f"{path}: already ingested (same content as {known.get(sha, 'an earlier argument')}); skipped")
-            continue
-        if len(df) == 0:
-            log.warning(f"warning: {path}: no rows (an empty or header-only list)")
-        elif detect_format(path, cfg.input_format) == "txt":
-            log.warning(f"warning: {path}: a .txt list has no captions, so its {len(df):,} rows get the empty_caption status "
-                        f"(give a csv/tsv/parquet/jsonl list with a caption column)")
-        frames.append(df)
-        files.append({"path": path, "sha256": sha, "rows": int(len(df))})
-    if not frames:
-        return None
-    plan = pd.concat(frames, ignore_index=True)
-    plan = mark_duplicates(plan, _existing_keys(layout))
-    plan = assign_shards(plan, cfg.shard_size, _next_shard(layout))
-    ingest = (layout.ingest_ids() or [-1])[-1] + 1
-    layout.save_ingest(ingest, _compact(plan[PLAN_COLUMNS]), {"kind": "urls", "created_at": now(), "files": files})
-    n_shards = plan.loc[plan["shard"] >= 0, "shard"].nunique()
-    log.info(f"ingest {ingest}: {len(plan):,} rows from {len(files)} file(s); "
-             f"{int((plan['status'] == PENDING).sum()):,} to download in {n_shards} shard(s)")
-    return plan
-
-
-def _compact(plan: pd.DataFrame) -> pd.DataFrame:
-    """Few distinct values -> categorical (a Parquet dictionary): small and fast to write and read."""
-    plan = plan.copy(deep=False)
-    for col in ("status", "error", "source"):
-        if not isinstance(plan[col].dtype, pd.CategoricalDtype):
-            plan[col] = pd.Categorical(plan[col].to_numpy(dtype=object))
-    return plan
-
-
-def _size(path: str) -> int:
-    import fsspec
-
-    try:
-        fs, p = fsspec.core.url_to_fs(path)
-        return int(fs.size(p) or 0)
-    except (OSError, ValueError):
-        return 0
-
-
-@dataclasses.dataclass(frozen=True)
-class ReadOptions:
-    """What a read-and-clean task needs of the build's options."""
-    input_format: str | None
-    url_col: str
-    caption_col: str
-    max_caption_length: int
-    column_names: list | None
-
-    @classmethod
-    def of(cls, cfg: BuildConfig) -> "ReadOptions":
-        return cls(input_format=cfg.input_format, url_col=cfg.url_col, caption_col=cfg.caption_col,
-                   max_caption_length=cfg.max_caption_length, column_names=cfg.column_names or None)
-
-
-def _read_and_clean(path: str, opts: ReadOptions, *, part: int, parts: int, out: str):
-    """Dask task: read one URL list, run the per-partition stages on rows [part/parts, (part+1)/parts) and
-    write them to `out` (Arrow IPC). Returns (out, sha256 of the file). Bad input comes back as a value (not
-    raised), so that the worker does not log it as a failed computation."""
-    try:
-        df, sha = read_source(path, opts.input_format, opts.url_col, opts.caption_col, opts.column_names)
-    except InputError as err:
-        return err, None
-    if parts > 1:
-        n = len(df)
-        df = df.iloc[n * part // parts: n * (part + 1) // parts].reset_index(drop=True)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    clean_partition(df, opts.max_caption_length).reset_index(drop=True).to_feather(
-        out, compression="uncompressed")
-    return out, sha
-
-
-def _existing_keys(layout: Layout) -> set:
-    keys: set = set()
-    for ingest in layout.ingest_ids():
-        keys.update(layout.load_plan(ingest, ["key"])["key"].tolist())
-    return keys
 
 
 def _next_shard(layout: Layout) -> int:
@@ -432,56 +311,23 @@ def _download_pending(client, layout: Layout, cfg: BuildConfig, opts: DownloadOp
                            f"rerun the same command to retry them")
 
 
-def _plan_retry(layout: Layout, cfg: BuildConfig) -> None:
-    manifest = assemble_manifest(layout)  # transient statuses come from downloads only
-    retry = manifest[manifest["status"].isin(TRANSIENT)]
+def _plan_retry(layout: Layout, cfg: BuildConfig) -> bool:
+    """A new ingest of the rows whose status is transient (read from the manifest a batch at a time: the client holds
+    those rows only), with the shard each came from (replaced.parquet: the finalize leaves them to the new shard).
+    False when there is none."""
+    cols = ["key", "url", "caption", "source", "source_row", "status", "shard"]
+    retry = [b[b["status"].isin(TRANSIENT)] for b in manifest_batches(layout.root, cols)]
+    retry = pd.concat(retry, ignore_index=True) if retry else pd.DataFrame(columns=cols)
     if retry.empty:
         log.info("--retry-failed: no row has a transient status; nothing to retry")
-        return
+        return False
     plan = retry[["key", "url", "caption", "source", "source_row"]].copy()
     plan["status"], plan["error"] = PENDING, ""
-    plan["host"] = pd.arrays.ArrowStringArray(hosts(pa.array(plan["url"].array), np.ones(len(plan), bool)))
+    plan["host"] = pd.arrays.ArrowStringArray(hosts(pa.array(plan["url"].astype(str)), np.ones(len(plan), bool)))
     plan = assign_shards(plan, cfg.shard_size, _next_shard(layout))
     ingest = layout.ingest_ids()[-1] + 1
-    layout.save_ingest(ingest, plan[PLAN_COLUMNS], {"kind": "retry", "created_at": now(), "files": []})
+    layout.save_ingest(ingest, plan[PLAN_COLUMNS], {"kind": "retry", "created_at": now(), "files": []},
+                       replaced=retry[["key", "shard"]].astype({"shard": np.int64}))
     log.info(f"--retry-failed: ingest {ingest} downloads {len(plan):,} row(s) again "
              f"({', '.join(f'{k} {v}' for k, v in retry['status'].value_counts().items())})")
-
-
-def mark_duplicate_images(client, layout: Layout, manifest: pd.DataFrame) -> pd.DataFrame:
-    """Post-download Dask stage: among successful rows with the same sha256, the first in input order
-    (the manifest's row order: ingest, then file, then row) stays 'success'; the rest become
-    'duplicate_image'. Map: per chunk, the first rank of each hash (on the workers); reduce: the minimum."""
-    mask = ((manifest["status"] == SUCCESS) & (manifest["sha256"] != "")).to_numpy()
-    if not mask.any():
-        return manifest
-    ranks = pd.DataFrame({"sha256": manifest["sha256"].to_numpy()[mask], "rank": np.flatnonzero(mask)})
-    chunks = [ranks.iloc[i: i + 250_000] for i in range(0, len(ranks), 250_000)]
-    firsts = client.gather(client.map(_first_rank_per_hash, chunks, pure=False))
-    first = pd.concat(firsts).groupby(level=0).min()
-    is_dup = ranks["rank"].to_numpy() != first.reindex(ranks["sha256"]).to_numpy()
-    if is_dup.any():
-        idx = manifest.index[ranks["rank"].to_numpy()[is_dup]]
-        manifest = manifest.copy()
-        manifest.loc[idx, "status"] = DUPLICATE_IMAGE
-        manifest.loc[idx, "error"] = "same image bytes (sha256) as an earlier sample"
-    return manifest
-
-
-def _first_rank_per_hash(chunk: pd.DataFrame) -> pd.Series:
-    return chunk.groupby("sha256")["rank"].min()
-
-
-def _write_subsets(layout: Layout, manifest: pd.DataFrame, specs, seed: int, fmt: str) -> None:
-    if not specs:
-        return
-    success = manifest.loc[manifest["status"] == SUCCESS, ["key", "shard"]].copy()
-    success["shard"] = [layout.shard_name(int(s), fmt) for s in success["shard"]]
-    docs = build_subsets(success, specs, seed)
-    for name, doc in docs.items():
-        doc["shards"] = [f"shards/{s}" for s in doc["shards"]]
-        if doc["boundary"]:
-            doc["boundary"]["shard"] = f"shards/{doc['boundary']['shard']}"
-        if doc["truncated"]:
-            log.info(f"subset {name}: asked for {doc['requested']:,} samples, the dataset has {doc['count']:,}")
-        write_json(os.path.join(layout.subsets, f"{name}.json"), doc)
+    return True

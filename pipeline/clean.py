@@ -147,9 +147,4 @@ def clean_partition(df: pd.DataFrame, max_caption_length: int) -> pd.DataFrame:
     df = check_urls(df)
     df = fix_captions(df)
     df = filter_captions(df, max_caption_length)
-    df = add_url_keys(df)
-    # compact columns: the frame travels from the worker to the client
-    for col in ("status", "error", "source"):
-        df[col] = df[col].astype("category")
-    df["ukey"] = pd.array(df["ukey"], dtype="string[pyarrow]")
-    return df
+    return add_url_keys(df)

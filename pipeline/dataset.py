@@ -2,7 +2,7 @@
 
     DATASET/
       dataset.json  manifest/  stats.json  shards/  subsets/            the contract (DESIGN.md)
-      _state/ingests/<id>/shards/NNNNN.arrow, shards.json, unsharded.parquet, inputs.json   what each ingest planned
+      _state/ingests/<id>/shards/NNNNN.arrow, shards.json, unsharded/, keys/, inputs.json   what each ingest planned
       _state/results/<shard>.parquet                                    one per finished shard
       _work/                                                            scratch, cleared on every run
 
@@ -113,7 +113,8 @@ class Layout:
 
         shutil.rmtree(self.work, ignore_errors=True)
         for pattern in ("*.tmp-*", "shards/*.tmp-*", "subsets/*.tmp-*", "_state/results/*.tmp-*",
-                        "_state/ingests/*.tmp-*", "_state/ingests/*/shards/*.tmp-*", "manifest/.*.tmp-*"):
+                        "_state/ingests/*.tmp-*", "_state/ingests/*/*.tmp-*", "_state/ingests/*/shards/*.tmp-*",
+                        "manifest/.*.tmp-*"):
             for path in glob.glob(os.path.join(self.root, pattern)):
                 if os.path.isdir(path):
                     shutil.rmtree(path, ignore_errors=True)
@@ -134,13 +135,18 @@ class Layout:
 
     def load_plan(self, ingest: int, columns=None) -> pd.DataFrame:
         """An ingest's plan (a copy; plans never change once written, so each is read from disk once): its
-        unsharded.parquet (rows that reach no shard) and its shard input files, or the one plan.parquet of an
-        ingest written before those files held the plan."""
+        unsharded/ manifest parts (rows that reach no shard) and its shard input files; for older ingests an
+        unsharded.parquet and shard input files, or one plan.parquet."""
         plan = self._plans.get(ingest)
         if plan is None:
             folder = os.path.join(self.ingests, f"{ingest:05d}")
             if os.path.isfile(os.path.join(folder, "plan.parquet")):
                 plan = pd.read_parquet(os.path.join(folder, "plan.parquet"))
+            elif os.path.isdir(os.path.join(folder, "unsharded")):  # written by the partitioned ingest
+                parts = [_unsharded_plan(path) for _, path in self.unsharded_manifests(ingest)]
+                parts += [_read_shard_input(folder, int(shard)) for shard in read_json(os.path.join(folder, "shards.json"))]
+                plan = pd.concat(parts, ignore_index=True)[PLAN_COLUMNS] if parts else pd.DataFrame(
+                    {c: pd.Series(dtype=object) for c in PLAN_COLUMNS})
             else:
                 parts = [pd.read_parquet(os.path.join(folder, "unsharded.parquet"))]
                 parts = [p for p in parts if len(p)] + [_read_shard_input(folder, int(shard))
@@ -166,30 +172,47 @@ class Layout:
         plan["source"] = plan["source"].astype(object)
         return plan
 
-    def unsharded_manifest(self, ingest: int) -> str:
-        """_state/ingests/N/manifest.parquet: the manifest rows of an ingest that reach no shard (their statuses are
-        final once planned), written with the ingest (or, for an older ingest, at its first finalize) and copied
-        into manifest/ingest-N.parquet as they are: a finalize never reads those rows again."""
-        path = os.path.join(self.ingests, f"{ingest:05d}", "manifest.parquet")
+    def unsharded_manifests(self, ingest: int) -> list[tuple[str, str]]:
+        """[(name in manifest/, stored file)]: the manifest rows of an ingest that reach no shard (their statuses are
+        final once planned), written with the ingest and copied into manifest/ as they are: a finalize never reads
+        those rows again. A partitioned ingest has one file per bucket (_state/ingests/N/unsharded/JJJJ.parquet ->
+        manifest/ingest-N-JJJJ.parquet); an older one _state/ingests/N/manifest.parquet (written at its first
+        finalize if missing) -> manifest/ingest-N.parquet."""
+        folder = os.path.join(self.ingests, f"{ingest:05d}")
+        parts = os.path.join(folder, "unsharded")
+        if os.path.isdir(parts):
+            return [(f"ingest-{ingest:05d}-{name}", os.path.join(parts, name)) for name in sorted(os.listdir(parts))
+                    if name.endswith(".parquet") and not name.startswith(".")]
+        path = os.path.join(folder, "manifest.parquet")
         if not os.path.isfile(path):
             plan = self.load_plan(ingest)
             _write_unsharded_manifest(path, plan[plan["shard"] < 0], ingest)
-        return path
+        return [(f"ingest-{ingest:05d}.parquet", path)]
 
     def load_inputs(self, ingest: int) -> dict:
         return read_json(os.path.join(self.ingests, f"{ingest:05d}", "inputs.json"))
 
-    def save_ingest(self, ingest: int, plan: pd.DataFrame, inputs: dict) -> None:
+    def save_ingest(self, ingest: int, plan: pd.DataFrame, inputs: dict, replaced: pd.DataFrame | None = None) -> None:
         """Write plan, inputs and each shard's input file into a temporary folder, then rename it: an ingest exists
-        whole or not at all."""
+        whole or not at all. replaced: (key, shard) of rows an earlier ingest planned that this one plans again."""
         final = os.path.join(self.ingests, f"{ingest:05d}")
         tmp = _tmp(final)
         os.makedirs(tmp)
-        write_parquet(os.path.join(tmp, "unsharded.parquet"), plan[plan["shard"] < 0])
-        _write_unsharded_manifest(os.path.join(tmp, "manifest.parquet"), plan[plan["shard"] < 0], ingest)
+        os.makedirs(os.path.join(tmp, "unsharded"))
+        if (plan["shard"] < 0).any():
+            _write_unsharded_manifest(os.path.join(tmp, "unsharded", "0000.parquet"), plan[plan["shard"] < 0], ingest)
         _write_shard_inputs(tmp, plan)  # the rows that reach a shard: its input file (the plan holds no copy)
+        os.makedirs(os.path.join(tmp, "keys"))  # its keys are earlier ingests' (a retry plans no new URL)
+        if replaced is not None:
+            write_replaced(os.path.join(tmp, "replaced.parquet"), replaced)
         write_json(os.path.join(tmp, "inputs.json"), inputs)
         os.replace(tmp, final)
+
+    def planned_shards_of(self, ingest: int) -> dict[int, tuple[str, int]]:
+        """shard -> (its input file, rows) of one ingest (from its shards.json)."""
+        folder = os.path.join(self.ingests, f"{ingest:05d}")
+        return {int(shard): (os.path.join(folder, "shards", f"{int(shard):05d}.arrow"), int(rows))
+                for shard, rows in read_json(os.path.join(folder, "shards.json")).items()}
 
     def planned_shards(self, upgrade: bool = False) -> dict[int, tuple[str, int]]:
         """shard -> (its input file, rows) over every ingest, from the small shards.json of each: the client
@@ -205,8 +228,7 @@ class Layout:
                     out.update({int(s): ("", int(n)) for s, n in shards[shards >= 0].value_counts().items()})
                     continue
                 _write_shard_inputs(folder, self.load_plan(ingest))
-            for shard, rows in read_json(index).items():
-                out[int(shard)] = (os.path.join(folder, "shards", f"{int(shard):05d}.arrow"), int(rows))
+            out.update(self.planned_shards_of(ingest))
         return out
 
     def done_shards(self) -> set[int]:
@@ -260,6 +282,26 @@ def _read_shard_input(folder: str, shard: int) -> pd.DataFrame:
     return df
 
 
+PLAN_COLUMNS = ["key", "url", "caption", "source", "source_row", "status", "error", "host", "shard", "order"]
+
+
+def _unsharded_plan(path: str) -> pd.DataFrame:
+    """Stored manifest rows that reach no shard, back as plan rows."""
+    m = pd.read_parquet(path, columns=["key", "url", "caption", "source", "source_row", "status", "error"])
+    m["host"], m["shard"], m["order"] = "", -1, -1
+    return m
+
+
+def write_replaced(path: str, rows: pd.DataFrame) -> None:
+    """replaced.parquet of a retry ingest: (key, shard of the earlier plan), sorted by shard (a finalize task reads
+    its shard's rows through the row groups' statistics)."""
+    rows = rows.sort_values("shard", kind="stable")
+    table = pa.table({"key": pa.array(rows["key"].astype(str), pa.string()),
+                      "shard": pa.array(rows["shard"].to_numpy(np.int64))})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=65_536)
+
+
 def _write_unsharded_manifest(path: str, rows: pd.DataFrame, ingest: int) -> None:
     m = rows.copy()
     m["ingest"] = ingest
@@ -272,45 +314,6 @@ def _write_unsharded_manifest(path: str, rows: pd.DataFrame, ingest: int) -> Non
                                  preserve_index=False)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-
-
-def assemble_manifest(layout: Layout) -> pd.DataFrame:
-    """The manifest rows a download can change: every ingest's rows that reached a shard, in input order (ingest,
-    file, row), with download results joined in; for a key that a later ingest planned again (--retry-failed), the
-    later row wins. Rows that reach no shard are final once planned (Layout.unsharded_manifest)."""
-    plans = []
-    order: dict[str, int] = {}
-    for ingest in layout.ingest_ids():
-        plan = layout.load_sharded_plan(ingest)
-        plan["ingest"] = ingest
-        for f in layout.load_inputs(ingest).get("files", []):
-            order.setdefault(f["path"], len(order))
-        src = plan["source"].map(order).fillna(len(order)).to_numpy()
-        plans.append(plan.iloc[np.lexsort((plan["source_row"].to_numpy(), src))])
-    if not plans:
-        return pd.DataFrame({c: pd.Series(dtype=object) for c in MANIFEST_COLUMNS})
-    plan = pd.concat(plans, ignore_index=True)
-    plan = plan.drop_duplicates("key", keep="last")
-    files = layout.result_files()
-    if files:
-        res = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-        res = res.rename(columns={"status": "r_status", "error": "r_error"})
-        # a retried key has results in two shards: join only the one from the shard its latest plan names
-        plan = plan.merge(res, on=["key", "shard"], how="left", validate="one_to_one")
-        has = plan["r_status"].notna()
-        plan.loc[has, "status"] = plan.loc[has, "r_status"]
-        plan.loc[has, "error"] = plan.loc[has, "r_error"]
-        plan.loc[~has, "sha256"] = ""
-        plan = plan.drop(columns=["r_status", "r_error"])
-    else:
-        for c in ("offset", "size", "width", "height", "original_width", "original_height"):
-            plan[c] = pd.NA
-        plan["sha256"] = ""
-    for c in ("offset", "size", "width", "height", "original_width", "original_height", "shard", "source_row",
-              "ingest"):
-        plan[c] = pd.array(plan[c], dtype="Int64")
-    plan["sha256"] = plan["sha256"].fillna("").astype(str)
-    return plan[MANIFEST_COLUMNS].reset_index(drop=True)
 
 
 def unfinished_shards(layout: Layout) -> tuple[int, int]:
@@ -329,38 +332,6 @@ def manifest_file(root: str, shard: int | None = None, ingest: int | None = None
     manifest/ingest-NNNNN.parquet the rows of that ingest that never reached a shard (filtered, duplicate URLs)."""
     name = f"shard-{shard:05d}.parquet" if shard is not None else f"ingest-{ingest:05d}.parquet"
     return os.path.join(root, "manifest", name)
-
-
-def write_manifest(layout: Layout, manifest: pd.DataFrame) -> None:
-    """The manifest as a partitioned Parquet dataset, each file replaced atomically (hidden temporary names:
-    readers of the folder skip them), then files no row points at any more and a legacy manifest.parquet removed.
-    pyarrow.dataset, DuckDB (manifest/*.parquet) and pandas read the folder as one table."""
-    import shutil
-
-    os.makedirs(layout.manifest, exist_ok=True)
-    sharded = manifest["shard"].notna().to_numpy()
-    parts = [(manifest_file(layout.root, shard=int(s)), rows) for s, rows in manifest[sharded].groupby("shard")]
-    if not sharded.all():  # a frame of every row (tests, older callers): its unsharded rows as they are
-        parts += [(manifest_file(layout.root, ingest=int(i)), rows) for i, rows in manifest[~sharded].groupby("ingest")]
-    for path, rows in parts:
-        table = pa.Table.from_pandas(rows[MANIFEST_COLUMNS], schema=MANIFEST_SCHEMA, preserve_index=False)
-        with atomic_path(path, hidden=True) as tmp:
-            pq.write_table(table, tmp)
-    keep = {os.path.basename(p) for p, _ in parts}
-    if sharded.all():  # the rows that reach no shard: each ingest's file, copied once, never read here
-        for ingest in layout.ingest_ids():
-            src, dst = layout.unsharded_manifest(ingest), manifest_file(layout.root, ingest=ingest)
-            if not pq.ParquetFile(src).metadata.num_rows:
-                continue
-            keep.add(os.path.basename(dst))
-            if not os.path.isfile(dst) or os.path.getsize(dst) != os.path.getsize(src):
-                with atomic_path(dst, hidden=True) as tmp:
-                    shutil.copyfile(src, tmp)
-    for name in os.listdir(layout.manifest):
-        if name.endswith(".parquet") and name not in keep:
-            os.remove(os.path.join(layout.manifest, name))
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(layout.legacy_manifest)
 
 
 def _to_pandas(table: pa.Table) -> pd.DataFrame:

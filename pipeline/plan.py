@@ -1,9 +1,5 @@
-"""The global stages of an ingest: duplicate URLs, host spreading, shard assignment (keys: keys.py).
-
-They need every row at once, so they run on small numeric columns on the client after the per-partition
-Dask stages. Keys are stable: the first occurrence of a URL is keyed by a hash of the URL itself, every
-other row by a hash of (source file, row) - a rerun on the same inputs gives the same keys, and the same
-URL gets the same key in any dataset.
+"""Shard assignment of a --retry-failed ingest (its rows: the transient failures, read back from the manifest).
+A new list's rows are planned by the partitioned ingest (ingest.py), which deals each URL-key bucket the same way.
 """
 from __future__ import annotations
 
@@ -11,46 +7,12 @@ import math
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
-from .keys import add_url_keys, row_keys
-from .status import DUPLICATE_URL, PENDING
+from .status import PENDING
 
 
 def _h64(values) -> np.ndarray:
     return pd.util.hash_pandas_object(pd.Series(values, dtype=object), index=False).to_numpy()
-
-def mark_duplicates(df: pd.DataFrame, existing_keys=frozenset()) -> pd.DataFrame:
-    """Mark every pending row whose URL was seen before (earlier in input order, or already in the
-    dataset) as duplicate_url, and assign keys to all rows."""
-    df = df.copy(deep=False)
-    status = df["status"].to_numpy(dtype=object).copy()
-    error = df["error"].to_numpy(dtype=object).copy()
-    pending = status == PENDING
-    if "ukey" not in df:  # the clean stage computes it on the workers
-        df = add_url_keys(df)
-    ukeys = df["ukey"].to_numpy(dtype=object)
-    dup_in_batch = np.zeros(len(df), dtype=bool)
-    if pending.any():
-        dup_in_batch[pending] = pd.Series(ukeys[pending]).duplicated(keep="first").to_numpy()
-    keys = np.empty(len(df), dtype=object)
-    canon = pending & ~dup_in_batch
-    keys[canon] = ukeys[canon]
-    if existing_keys:
-        seen = np.fromiter((k in existing_keys for k in keys[canon]), dtype=bool, count=int(canon.sum()))
-        idx = np.flatnonzero(canon)[seen]
-        canon[idx] = False
-        dup_in_batch[idx] = True
-    other = ~canon
-    keys[other] = row_keys(df["source"].to_numpy()[other], df["source_row"].to_numpy()[other])
-    df = df.drop(columns=["ukey"])
-    df["key"] = pd.arrays.ArrowStringArray(pa.array(keys, type=pa.large_string()))
-    dup = dup_in_batch & pending
-    status[dup] = DUPLICATE_URL
-    error[dup] = "URL already listed earlier or already in the dataset"
-    df["status"] = status
-    df["error"] = error
-    return df
 
 
 def assign_shards(df: pd.DataFrame, shard_size: int, first_shard: int) -> pd.DataFrame:

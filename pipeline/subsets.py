@@ -55,19 +55,18 @@ def subset_rank(keys: pd.Series, seed: int) -> np.ndarray:
         dtype=np.uint64, count=len(keys))
 
 
-def build_subsets(success: pd.DataFrame, specs: list[tuple[str, float]], seed: int) -> dict[str, dict]:
-    """success: rows with columns key, shard (shard names). Returns {name: subset document}.
+def build_subsets(counts: dict[str, int], keys_of, specs: list[tuple[str, float]], seed: int) -> dict[str, dict]:
+    """counts: shard name -> successful samples; keys_of(shard name): that shard's successful keys (asked only for
+    a subset's boundary shard). Returns {name: subset document}.
 
     The order is shard-major: shards in a seeded random order (shards are already random partitions of the
-    input, see plan.assign_shards), keys in a seeded random order (subset_rank) inside each shard. A subset of
-    size n is the first n samples of that order, so a document names the shards it takes whole plus at most one
-    boundary shard, from which it takes the keys whose rank is at most `max_rank`: a reader decides each
-    sample's membership from its key alone (SubsetRule), no key list is written, and every smaller subset is
-    contained in every larger one. The client needs per shard only its count and, for a boundary shard, its
-    keys' ranks."""
-    counts = success.groupby("shard").size()
-    shards = sorted(counts.index, key=lambda s: (int(subset_rank([str(s)], seed + 1)[0]), str(s)))
-    sizes = counts.reindex(shards).to_numpy()
+    input, see ingest.py), keys in a seeded random order (subset_rank) inside each shard. A subset of size n is
+    the first n samples of that order, so a document names the shards it takes whole plus at most one boundary
+    shard, from which it takes the keys whose rank is at most `max_rank`: a reader decides each sample's
+    membership from its key alone (SubsetRule), no key list is written, and every smaller subset is contained in
+    every larger one. The client needs per shard only its count and, for a boundary shard, its keys' ranks."""
+    shards = sorted((s for s, n in counts.items() if n), key=lambda s: (int(subset_rank([str(s)], seed + 1)[0]), str(s)))
+    sizes = np.array([counts[s] for s in shards], dtype=np.int64)
     ends = np.cumsum(sizes)
     total = int(ends[-1]) if len(ends) else 0
     docs = {}
@@ -81,7 +80,7 @@ def build_subsets(success: pd.DataFrame, specs: list[tuple[str, float]], seed: i
         boundary = None
         if n > taken:
             shard = shards[whole]
-            ranks = np.sort(subset_rank(success.loc[success["shard"] == shard, "key"], seed))
+            ranks = np.sort(subset_rank(list(keys_of(shard)), seed))
             boundary = {"shard": shard, "max_rank": str(int(ranks[n - taken - 1])), "count": n - taken}
         docs[name] = {
             "name": name,

@@ -146,15 +146,23 @@ def test_append_new_lists_and_retry_failed(synth_dir, server, tmp_path, schedule
     Layout(str(ds)).load_plan(0).to_parquet(ingest0 / "plan.parquet")
     shutil.rmtree(ingest0 / "shards")
     (ingest0 / "shards.json").unlink()
-    (ingest0 / "unsharded.parquet").unlink()
+    shutil.rmtree(ingest0 / "unsharded")
+    shutil.rmtree(ingest0 / "keys")
     build(cfg([], ds, retry_failed=True, dask_scheduler=scheduler))
-    assert not (ds / "manifest.parquet").exists() and (ds / "manifest" / "ingest-00001.parquet").exists()
+    assert not (ds / "manifest.parquet").exists()
+    assert any(n.startswith("ingest-00001-") for n in os.listdir(ds / "manifest"))
     assert {p.name: feather.read_table(p) for p in (ingest0 / "shards").iterdir()} == shard_inputs
     m3 = pd.read_parquet(ds / "manifest")
     assert len(m3) == 350 and (m3["status"] == "success").sum() == 300
     assert all(server.hits[p] == 2 for p in flaky)
     assert all(n == 1 for p, n in server.hits.items() if p.startswith("/img/") and p not in flaky)
     assert set(tar_members(ds)) == set(m3.loc[m3["status"] == "success", "key"])
+    # a new list with URLs of the old-layout ingest: its URL keys are bucketed into a key store once, and found
+    pd.DataFrame({"url": urls[:5], "caption": attrs["caption"][:5]}).to_csv(tmp_path / "c.csv", index=False)
+    build(cfg([tmp_path / "c.csv"], ds, dask_scheduler=scheduler))
+    m4 = pd.read_parquet(ds / "manifest")
+    assert len(m4) == 355 and (m4.loc[m4["ingest"] == 3, "status"] == "duplicate_url").all()
+    assert os.listdir(ingest0 / "keys")
 
 
 def test_txt_rows_are_empty_caption_and_empty_lists_warn(server, tmp_path, capsys, scheduler):

@@ -2,9 +2,13 @@ import itertools
 
 import pandas as pd
 
+from helpers.datasets import cfg
+
 from psdclip.pipeline.clean import start
 from psdclip.pipeline.keys import url_key
-from psdclip.pipeline.plan import assign_shards, mark_duplicates
+from psdclip.pipeline.dataset import Layout
+from psdclip.pipeline.ingest import ingest_inputs
+from psdclip.pipeline.plan import assign_shards
 
 
 def frame(urls, hosts=None, status=None):
@@ -15,26 +19,39 @@ def frame(urls, hosts=None, status=None):
     return df
 
 
-def test_duplicates_keep_the_first_and_keys_are_stable_and_unique():
+def ingest_csv(tmp_path, scheduler, name, rows, earlier=(), ds="ds"):
+    """Plan one csv list (after the lists in `earlier`) with the partitioned ingest on the shared cluster."""
+    from dask.distributed import Client
+
+    layout = Layout(str(tmp_path / ds))
+    layout.create()
+    with Client(scheduler) as client:
+        for i, (n, r) in enumerate(list(earlier) + [(name, rows)]):
+            pd.DataFrame(r, columns=["url", "caption"]).to_csv(tmp_path / n, index=False)
+            ingest_inputs(client, layout, cfg([tmp_path / n], layout.root))
+    return layout.load_plan(len(earlier)).sort_values("source_row").reset_index(drop=True)
+
+
+def test_duplicates_keep_the_first_and_keys_are_stable_and_unique(tmp_path, scheduler):
     urls = ["http://a.test/1", "http://a.test/2", "http://a.test/1", "http://a.test/1"]
-    df = mark_duplicates(frame(urls))
+    df = ingest_csv(tmp_path, scheduler, "l.csv", [(u, "c") for u in urls])
     assert df["status"].tolist() == ["pending", "pending", "duplicate_url", "duplicate_url"]
     assert df.loc[0, "key"] == url_key("http://a.test/1")
     assert df["key"].is_unique
-    again = mark_duplicates(frame(urls))
+    again = ingest_csv(tmp_path, scheduler, "l.csv", [(u, "c") for u in urls], ds="again")
     assert again["key"].tolist() == df["key"].tolist()
 
 
-def test_duplicates_against_the_existing_dataset_and_filtered_rows_dont_count():
-    urls = ["http://a.test/1", "http://a.test/2", "http://a.test/2"]
-    df = mark_duplicates(frame(urls, status=["pending", "empty_caption", "pending"]), {url_key("http://a.test/1")})
+def test_duplicates_against_the_existing_dataset_and_filtered_rows_dont_count(tmp_path, scheduler):
+    rows = [("http://a.test/1", "c"), ("http://a.test/2", ""), ("http://a.test/2", "c")]
+    df = ingest_csv(tmp_path, scheduler, "new.csv", rows, earlier=[("old.csv", [("http://a.test/1", "c")])])
     assert df["status"].tolist() == ["duplicate_url", "empty_caption", "pending"]
     assert df["key"].is_unique
 
 
 def test_hosts_are_spread_over_partitions_and_interleaved():
     urls = [f"http://big.test/{i}" for i in range(90)] + [f"http://h{i}.test/x" for i in range(30)]
-    df = assign_shards(mark_duplicates(frame(urls)), shard_size=40, first_shard=7)
+    df = assign_shards(frame(urls), shard_size=40, first_shard=7)
     sizes = df.groupby("shard").size()
     assert sorted(sizes.index) == [7, 8, 9] and sizes.max() - sizes.min() <= 1
     big = df[df["host"] == "big.test"]
@@ -48,5 +65,5 @@ def test_hosts_are_spread_over_partitions_and_interleaved():
 
 
 def test_only_pending_rows_get_shards():
-    df = assign_shards(mark_duplicates(frame(["http://a.test/1", "file:///x"], status=["pending", "invalid_url"])), 10, 0)
+    df = assign_shards(frame(["http://a.test/1", "file:///x"], status=["pending", "invalid_url"]), 10, 0)
     assert df["shard"].tolist() == [0, -1]

@@ -3,8 +3,23 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from psdclip.pipeline.dataset import MANIFEST_COLUMNS, Layout, StatsAccumulator, manifest_batches, stream_stats, \
-    write_manifest
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from psdclip.pipeline.dataset import MANIFEST_COLUMNS, MANIFEST_SCHEMA, Layout, StatsAccumulator, manifest_batches, \
+    manifest_file, stream_stats
+
+
+def write_manifest(layout, m):
+    """The manifest's partitioned layout: a file per shard, one for the rows that reached no shard."""
+    import os
+
+    os.makedirs(layout.manifest, exist_ok=True)
+    sharded = m["shard"].notna().to_numpy()
+    parts = [(manifest_file(layout.root, shard=int(s)), rows) for s, rows in m[sharded].groupby("shard")]
+    parts.append((manifest_file(layout.root, ingest=0), m[~sharded]))
+    for path, rows in parts:
+        pq.write_table(pa.Table.from_pandas(rows[MANIFEST_COLUMNS], schema=MANIFEST_SCHEMA, preserve_index=False), path)
 
 
 def _manifest(n=5000, seed=0):

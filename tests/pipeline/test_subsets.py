@@ -15,6 +15,12 @@ def test_parse():
             parse_subsets(bad)
 
 
+def subsets_of(keys, specs, seed):
+    """build_subsets over a frame of (key, shard): its counts, and a boundary shard's keys from the frame."""
+    return build_subsets(keys.groupby("shard").size().to_dict(),
+                         lambda shard: keys.loc[keys["shard"] == shard, "key"].tolist(), specs, seed)
+
+
 def _members(docs, keys):
     """name -> the keys each subset's rule takes, decided per key (as a reader does)."""
     out = {}
@@ -26,7 +32,7 @@ def _members(docs, keys):
 
 def test_subsets_are_nested_rules_and_span_orders_of_magnitude():
     keys = pd.DataFrame({"key": [f"{i:08x}" for i in range(20_000)], "shard": [f"{i // 1000:05d}.tar" for i in range(20_000)]})
-    docs = build_subsets(keys, parse_subsets(["0.001,0.01,0.1,1.0,50000"]), seed=1)
+    docs = subsets_of(keys, parse_subsets(["0.001,0.01,0.1,1.0,50000"]), seed=1)
     names = ["0_1pct", "1pct", "10pct", "100pct"]
     assert [docs[n]["count"] for n in names] == [20, 200, 2000, 20000]
     assert all("keys" not in d for d in docs.values())
@@ -44,6 +50,6 @@ def test_subsets_are_nested_rules_and_span_orders_of_magnitude():
     for n in ("0_1pct", "1pct"):
         assert members[n] == set(order["key"].iloc[:docs[n]["count"]])
     # independent of row order, dependent on the seed
-    shuffled = build_subsets(keys.sample(frac=1, random_state=0), parse_subsets(["0.01"]), seed=1)
+    shuffled = subsets_of(keys.sample(frac=1, random_state=0), parse_subsets(["0.01"]), seed=1)
     assert shuffled["1pct"] == docs["1pct"]
-    assert _members(build_subsets(keys, parse_subsets(["0.01"]), seed=2), keys)["1pct"] != members["1pct"]
+    assert _members(subsets_of(keys, parse_subsets(["0.01"]), seed=2), keys)["1pct"] != members["1pct"]

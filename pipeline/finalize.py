@@ -1,0 +1,228 @@
+"""The end of a build as Dask tasks over groups of shards: the client holds O(shards + files + buckets), never rows.
+
+    rows      a task per group of shards joins each shard's input file (its plan) with its download result into
+              manifest rows (a key a later --retry-failed ingest planned again is left to that ingest's shard) and
+              sends the successful rows' (sha256, input order, shard, key) to B buckets by sha256.
+    images    a task per sha256 bucket: among rows with the same image bytes the first in input order (ingest,
+              file, row) stays success, the others become duplicate_image (bytes kept in their shard); the
+              duplicates go back to their group.
+    write     a task per group writes manifest/shard-NNNNN.parquet of each of its shards (atomically, hidden
+              temporary names) and returns the shard's success count.
+
+Then each ingest's manifest rows that reach no shard are copied into manifest/ as they are (they were final when
+planned), manifest files no row points at any more are removed, and the subsets are written from the success
+counts (plus, for a subset's boundary shard, that shard's keys).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import uuid
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.feather as feather
+import pyarrow.parquet as pq
+
+from . import logs
+from .dataset import MANIFEST_COLUMNS, MANIFEST_SCHEMA, Layout, atomic_path, manifest_file, write_json, \
+    write_replaced
+from .ingest import FINE, GROUP_ROWS, _pow2, _read_batch, _write_batches, fine_buckets
+from .status import DUPLICATE_IMAGE, PENDING, SUCCESS
+
+log = logs.get(__name__, "[psdclip data build] ")
+
+RESULT_FIELDS = ["offset", "size", "width", "height", "original_width", "original_height"]
+IMAGE_SCHEMA = pa.schema([("sha256", pa.string()), ("ingest", pa.int64()), ("file", pa.int64()),
+                          ("source_row", pa.int64()), ("shard", pa.int64()), ("key", pa.string())])
+
+
+def _shard_rows(layout: Layout, shard: int, ingest: int, path: str, file_order: dict, replaced: list[str]) -> pd.DataFrame:
+    """One shard's manifest rows: its plan (the shard input file) with its download result joined in."""
+    t = feather.read_table(path).to_pandas()
+    t = t.rename(columns={"psdclip_key": "key"})
+    t["source"] = t["source"].astype(str)
+    for p in replaced:  # keys a later ingest planned again: the later row is the manifest's
+        gone = pq.read_table(p, columns=["key"], filters=[("shard", "=", shard)]).column("key").to_pylist()
+        if gone:
+            t = t[~t["key"].isin(gone)]
+    res_path = layout.result_path(shard)
+    if os.path.isfile(res_path):
+        res = pd.read_parquet(res_path)
+        t = t.merge(res, on="key", how="left", validate="one_to_one")
+        t["status"] = t["status"].fillna(PENDING).astype(str)
+        t["error"] = t["error"].fillna("").astype(str)
+        t["sha256"] = t["sha256"].fillna("").astype(str)
+    else:  # planned, not downloaded
+        t["status"], t["error"], t["sha256"] = PENDING, "", ""
+        for c in RESULT_FIELDS:
+            t[c] = pd.NA
+    for c in RESULT_FIELDS:
+        t[c] = pd.array(t[c], dtype="Int64")
+    t["shard"] = pd.array(np.full(len(t), shard), dtype="Int64")
+    t["ingest"] = pd.array(np.full(len(t), ingest), dtype="Int64")
+    t["source_row"] = pd.array(t["source_row"], dtype="Int64")
+    t["file"] = t["source"].map(file_order).fillna(len(file_order)).astype(np.int64)
+    return t
+
+
+def rows_pass(root: str, shards: list[tuple[int, int, str]], file_order: dict, replaced: dict, buckets: int,
+              work: str, g: int) -> int:
+    """Dask task: the manifest rows of a group of shards ((shard, ingest, input file) each) into WORK/rows-G.parquet,
+    and its successful images by sha256 bucket into WORK/images-G.arrow."""
+    layout = Layout(root)
+    frames = [_shard_rows(layout, s, i, p, file_order, [r for ing, r in replaced.items() if ing > i])
+              for s, i, p in shards]
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    os.makedirs(work, exist_ok=True)
+    cols = MANIFEST_COLUMNS + ["file"]
+    schema = MANIFEST_SCHEMA.append(pa.field("file", pa.int64()))
+    rows_table = pa.Table.from_pandas(rows[cols], schema=schema, preserve_index=False) if len(rows) else schema.empty_table()
+    with atomic_path(os.path.join(work, f"rows-{g:05d}.parquet")) as tmp:
+        pq.write_table(rows_table, tmp)
+    ok = rows_table.filter(pc.and_(pc.equal(rows_table.column("status"), SUCCESS),
+                                   pc.not_equal(rows_table.column("sha256"), "")))
+    images = ok.select(IMAGE_SCHEMA.names).cast(IMAGE_SCHEMA)
+    bucket = (fine_buckets(images.column("sha256").to_numpy(zero_copy_only=False)) * buckets // FINE
+              if images.num_rows else np.zeros(0, np.int64))
+    _write_batches(os.path.join(work, f"images-{g:05d}.arrow"), images, bucket, buckets)
+    return len(rows)
+
+
+def images_pass(b: int, groups: int, firsts: tuple, work: str) -> None:
+    """Dask task: sha256 bucket b of every group; the rows that repeat an earlier row's image bytes, sent back to
+    their groups (WORK/dups-B.arrow, a batch per group)."""
+    pieces = [t for t in (_read_batch(os.path.join(work, f"images-{g:05d}.arrow"), b) for g in range(groups))
+              if t.num_rows]
+    t = pa.concat_tables(pieces) if pieces else IMAGE_SCHEMA.empty_table()
+    df = t.to_pandas()
+    df = df.sort_values(["sha256", "ingest", "file", "source_row"], kind="stable")
+    dups = df[df.duplicated("sha256", keep="first")]
+    group = (np.searchsorted(np.asarray(firsts), dups["shard"].to_numpy(), side="right") - 1).astype(np.int64)
+    out = pa.table({"shard": pa.array(dups["shard"].to_numpy(np.int64)), "key": pa.array(dups["key"], pa.string())})
+    _write_batches(os.path.join(work, f"dups-{b:05d}.arrow"), out, group, groups)
+
+
+def write_pass(root: str, g: int, buckets: int, work: str) -> dict[int, int]:
+    """Dask task: the group's manifest files, with its duplicate images marked. Returns shard -> success count."""
+    rows = pq.read_table(os.path.join(work, f"rows-{g:05d}.parquet")).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+    dups = [t for t in (_read_batch(os.path.join(work, f"dups-{b:05d}.arrow"), g) for b in range(buckets)) if t.num_rows]
+    if dups:
+        d = pa.concat_tables(dups).to_pandas()
+        hit = pd.MultiIndex.from_frame(rows[["shard", "key"]].astype({"shard": np.int64, "key": str})).isin(
+            pd.MultiIndex.from_frame(d[["shard", "key"]]))
+        rows.loc[hit, "status"] = DUPLICATE_IMAGE
+        rows.loc[hit, "error"] = "same image bytes (sha256) as an earlier sample"
+    # input order inside a file (ingest, file, row), as readers of one shard's file would list it
+    rows = rows.sort_values(["ingest", "file", "source_row"], kind="stable")
+    counts = {}
+    for shard, part in rows.groupby("shard", sort=True):
+        table = pa.Table.from_pandas(part[MANIFEST_COLUMNS], schema=MANIFEST_SCHEMA, preserve_index=False)
+        with atomic_path(manifest_file(root, shard=int(shard)), hidden=True) as tmp:
+            pq.write_table(table, tmp)
+        counts[int(shard)] = int((part["status"] == SUCCESS).sum())
+    return counts
+
+
+def _file_order(layout: Layout) -> dict[str, int]:
+    order: dict[str, int] = {}
+    for ingest in layout.ingest_ids():
+        for f in layout.load_inputs(ingest).get("files", []):
+            order.setdefault(f["path"], len(order))
+    return order
+
+
+def _replaced(layout: Layout, ingest: int) -> str:
+    """A retry ingest's replaced.parquet (key, shard of the earlier plan), sorted by shard; for a retry ingest written
+    before it existed, found once by reading the earlier ingests' shard input files one at a time."""
+    path = os.path.join(layout.ingests, f"{ingest:05d}", "replaced.parquet")
+    if not os.path.isfile(path):
+        keys = pa.array(layout.load_sharded_plan(ingest)["key"].astype(str), pa.string())
+        found = []
+        for earlier in layout.ingest_ids():
+            if earlier >= ingest:
+                break
+            for shard, (p, _) in layout.planned_shards_of(earlier).items():
+                k = feather.read_table(p, columns=["psdclip_key"]).column("psdclip_key")
+                hit = k.filter(pc.is_in(k, value_set=keys))
+                if len(hit):
+                    found.append(pd.DataFrame({"key": hit.to_pylist(), "shard": shard}))
+        write_replaced(path, pd.concat(found, ignore_index=True) if found else pd.DataFrame(
+            {"key": pd.Series(dtype=str), "shard": pd.Series(dtype=np.int64)}))
+    return path
+
+
+def finalize_manifest(client, layout: Layout) -> dict[int, int]:
+    """manifest/ for every planned shard (tasks) and every ingest's unsharded rows (copied); returns the success
+    count of every shard."""
+    workers = max(1, len(client.scheduler_info().get("workers", {})))
+    planned = []  # (shard, ingest, input file, rows)
+    replaced = {}  # retry ingest -> its replaced.parquet (key, shard of the earlier plan)
+    for ingest in layout.ingest_ids():
+        for shard, (path, rows) in layout.planned_shards_of(ingest).items():
+            planned.append((shard, ingest, path, rows))
+        if layout.load_inputs(ingest).get("kind") == "retry":
+            replaced[ingest] = _replaced(layout, ingest)
+    planned.sort()
+    total = sum(r for *_, r in planned)
+    groups = max(1, min(len(planned), max(2 * workers, math.ceil(total / GROUP_ROWS))))
+    cuts = [len(planned) * g // groups for g in range(groups + 1)]
+    members = [[(s, i, p) for s, i, p, _ in planned[cuts[g]:cuts[g + 1]]] for g in range(groups)]
+    firsts = tuple(m[0][0] if m else -1 for m in members)
+    buckets = min(FINE, _pow2(max(workers, math.ceil(total / GROUP_ROWS))))
+    work = os.path.join(layout.work, "finalize")
+    tok = uuid.uuid4().hex[:8]
+    counts: dict[int, int] = {}
+    os.makedirs(layout.manifest, exist_ok=True)
+    if planned:
+        file_order = _file_order(layout)
+        client.gather([client.submit(rows_pass, layout.root, members[g], file_order, replaced, buckets, work, g,
+                                     pure=False, key=f"manifest-rows-{tok}-{g}") for g in range(groups)])
+        client.gather([client.submit(images_pass, b, groups, firsts, work, pure=False,
+                                     key=f"manifest-images-{tok}-{b}") for b in range(buckets)])
+        for c in client.gather([client.submit(write_pass, layout.root, g, buckets, work, pure=False,
+                                              key=f"manifest-write-{tok}-{g}") for g in range(groups)]):
+            counts.update(c)
+    keep = {os.path.basename(manifest_file(layout.root, shard=s)) for s, *_ in planned}
+    for ingest in layout.ingest_ids():  # the rows that reach no shard: each ingest's files, copied once
+        for name, src in layout.unsharded_manifests(ingest):
+            dst = os.path.join(layout.manifest, name)
+            if not pq.ParquetFile(src).metadata.num_rows:
+                continue
+            keep.add(name)
+            if not os.path.isfile(dst) or os.path.getsize(dst) != os.path.getsize(src):
+                with atomic_path(dst, hidden=True) as tmp:
+                    shutil.copyfile(src, tmp)
+    for name in os.listdir(layout.manifest):
+        if name.endswith(".parquet") and name not in keep:
+            os.remove(os.path.join(layout.manifest, name))
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(layout.legacy_manifest)
+    shutil.rmtree(work, ignore_errors=True)
+    return counts
+
+
+def write_subsets(layout: Layout, counts: dict[int, int], specs, seed: int, fmt: str) -> None:
+    """subsets/NAME.json from the shards' success counts; a boundary shard's keys are read from its manifest file."""
+    from .subsets import build_subsets
+
+    if not specs:
+        return
+    names = {layout.shard_name(s, fmt): s for s, n in counts.items() if n}
+
+    def keys_of(name: str) -> list[str]:
+        t = pq.read_table(manifest_file(layout.root, shard=names[name]), columns=["key", "status"])
+        return t.filter(pc.equal(t.column("status"), SUCCESS)).column("key").to_pylist()
+
+    docs = build_subsets({name: counts[s] for name, s in names.items()}, keys_of, specs, seed)
+    for name, doc in docs.items():
+        doc["shards"] = [f"shards/{s}" for s in doc["shards"]]
+        if doc["boundary"]:
+            doc["boundary"]["shard"] = f"shards/{doc['boundary']['shard']}"
+        if doc["truncated"]:
+            log.info(f"subset {name}: asked for {doc['requested']:,} samples, the dataset has {doc['count']:,}")
+        write_json(os.path.join(layout.subsets, f"{name}.json"), doc)

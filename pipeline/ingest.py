@@ -1,0 +1,538 @@
+"""Ingest new URL lists as Dask tasks over partitions: the client holds O(parts + buckets + shards) state, never rows.
+
+    parts     each input file is cut into parts: byte ranges of an uncompressed txt/csv/tsv/jsonl file (cut just
+              after a line end; a CSV cut that falls inside a quoted field is found and that file is read whole),
+              row groups of a Parquet file, the whole of a compressed file. The client only seeks to each cut.
+    read      a task per part reads and cleans its rows and sends each to one of B buckets: pending rows by their
+              URL key (so that rows with equal URLs meet in one bucket), other rows by position. One Arrow IPC
+              file per part, a record batch per bucket.
+    dedupe    a task per bucket takes its batch from every part, in input order (file, row): a pending URL listed
+              earlier in this ingest or taken by an earlier ingest (its key store, bucketed the same way) becomes
+              duplicate_url; rows keep the keys of keys.py; rows that reach no shard are written as this ingest's
+              manifest part for the bucket; the bucket's new URL keys join the ingest's key store.
+    deal      the client turns the buckets' counts into offsets; a task per bucket sorts its rows by host and deals
+              them round-robin over the ingest's shards from its offset (shard sizes differ by at most one; a host's
+              rows of one bucket land on consecutive shards), one IPC file, a record batch per group of shards.
+    group     a task per group of shards takes its batch from every bucket and writes each shard's input file, rows
+              interleaved by host (a host's first row in the shard, then its second, ...).
+
+Everything is written into a temporary ingest folder that is renamed into _state/ingests/ at the end: an ingest
+exists whole or not at all. Same outputs as one process reading every row would give: the same keys and
+statuses for every row (tested against the in-memory reference).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import shutil
+import uuid
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import logs
+from .clean import clean_partition
+from .dataset import MANIFEST_COLUMNS, MANIFEST_SCHEMA, Layout, SHARD_INPUT_COLUMNS, _tmp, atomic_path, now, \
+    write_json
+from .errors import InputError
+from .keys import row_keys
+from .read import detect_format, read_url_list
+from .status import DUPLICATE_URL, PENDING
+
+log = logs.get(__name__, "[psdclip data build] ")
+
+FINE = 4096  # key buckets: the first 3 hex digits of a URL key; a bucket of an ingest is a range of them
+SPLIT_BYTES = 8 << 20  # text lists larger than this are read by several tasks (at least one per worker)
+PART_BYTES = 64 << 20  # ... and by one task per this many bytes
+BUCKET_BYTES = 64 << 20  # one bucket per this many input bytes (a power of two >= the workers, <= FINE)
+GROUP_ROWS = 500_000  # rows per shard-writing task (at least two tasks per worker)
+_TEXT = ("txt", "csv", "tsv", "jsonl")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+    """What a read task needs of the build's options."""
+    input_format: str | None
+    url_col: str
+    caption_col: str
+    max_caption_length: int
+    column_names: list | None
+
+    @classmethod
+    def of(cls, cfg) -> "ReadOptions":
+        return cls(input_format=cfg.input_format, url_col=cfg.url_col, caption_col=cfg.caption_col,
+                   max_caption_length=cfg.max_caption_length, column_names=cfg.column_names or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One read task's share of an input file: bytes [start, stop) of a text file, some row groups of a Parquet
+    file, or (count == 1) the whole file."""
+    path: str
+    fmt: str
+    index: int
+    count: int
+    start: int = 0
+    stop: int = -1
+    row_groups: tuple = ()
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def _size(path: str) -> int:
+    import fsspec
+
+    try:
+        fs, p = fsspec.core.url_to_fs(path)
+        return int(fs.size(p) or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def split_file(path: str, fmt: str, size: int, workers: int) -> list[Part]:
+    """The parts of one input file (the client seeks to each cut and reads to the next line end)."""
+    import fsspec
+    from fsspec.utils import infer_compression
+
+    part_bytes, split_bytes = PART_BYTES, SPLIT_BYTES
+    if size <= split_bytes or infer_compression(path):
+        return [Part(path, fmt, 0, 1)]
+    n = max(workers, math.ceil(size / part_bytes))
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            with fsspec.open(path, "rb") as f:
+                groups = pq.ParquetFile(f).metadata.num_row_groups
+        except (OSError, pa.ArrowException):
+            return [Part(path, fmt, 0, 1)]  # the read task names what is wrong
+        n = min(n, groups)
+        if n <= 1:
+            return [Part(path, fmt, 0, 1)]
+        cuts = [groups * k // n for k in range(n + 1)]
+        return [Part(path, fmt, k, n, row_groups=tuple(range(cuts[k], cuts[k + 1]))) for k in range(n)]
+    if fmt not in _TEXT:
+        return [Part(path, fmt, 0, 1)]
+    cuts = [0]
+    with fsspec.open(path, "rb") as f:
+        for k in range(1, n):
+            pos = max(size * k // n, cuts[-1] + 1)
+            if pos >= size:
+                break
+            f.seek(pos - 1)
+            while True:  # the first line start at or after pos
+                block = f.read(1 << 16)
+                if not block:
+                    pos = size
+                    break
+                i = block.find(b"\n")
+                if i >= 0:
+                    pos = f.tell() - len(block) + i + 1
+                    break
+            if pos >= size:
+                break
+            cuts.append(pos)
+    cuts.append(size)
+    if len(cuts) <= 2:
+        return [Part(path, fmt, 0, 1)]
+    return [Part(path, fmt, k, len(cuts) - 1, start=cuts[k], stop=cuts[k + 1]) for k in range(len(cuts) - 1)]
+
+
+def _part_bytes(part: Part) -> bytes:
+    import fsspec
+
+    try:
+        if part.count == 1:
+            with fsspec.open(part.path, "rb", compression="infer") as f:
+                return f.read()
+        with fsspec.open(part.path, "rb") as f:
+            f.seek(part.start)
+            return f.read(part.stop - part.start)
+    except FileNotFoundError:
+        raise InputError(f"{part.path}: no such file") from None
+    except (OSError, EOFError) as err:  # e.g. a corrupt .gz
+        raise InputError(f"{part.path}: cannot read ({err})") from None
+
+
+def _header(part: Part) -> list[str]:
+    """The column names of a CSV/TSV file (its first line), for a part that starts after it."""
+    import csv
+
+    import fsspec
+
+    with fsspec.open(part.path, "rb") as f:
+        first = f.readline().decode("utf-8-sig", errors="replace").rstrip("\r\n")
+    return next(csv.reader([first], delimiter="," if part.fmt == "csv" else "\t"), [])
+
+
+def file_sha256(path: str) -> str | None:
+    """sha256 of a URL list's (decompressed) bytes, streamed; None if unreadable. An ingested file is recognised by
+    it."""
+    import fsspec
+
+    h = hashlib.sha256()
+    try:
+        with fsspec.open(path, "rb", compression="infer") as f:
+            for block in iter(lambda: f.read(8 << 20), b""):
+                h.update(block)
+    except (OSError, EOFError, ValueError):
+        return None
+    return h.hexdigest()
+
+
+def fine_buckets(keys) -> np.ndarray:
+    """The key bucket (0..FINE-1) of each URL key: its first three hex digits."""
+    codes = np.asarray(keys, dtype="S3").view(np.uint8).reshape(-1, 3).astype(np.int64)
+    codes = np.where(codes >= ord("a"), codes - ord("a") + 10, codes - ord("0"))
+    return (codes[:, 0] << 8) | (codes[:, 1] << 4) | codes[:, 2]
+
+
+def _bucket_range(j: int, buckets: int) -> tuple[int, int]:
+    return j * FINE // buckets, (j + 1) * FINE // buckets
+
+
+def _write_batches(path: str, table: pa.Table, group: np.ndarray, groups: int) -> None:
+    """`table` as an Arrow IPC file with one record batch per group (rows of group g in batch g, in table order),
+    so that a reader takes batch g alone."""
+    order = np.argsort(group, kind="stable")
+    bounds = np.searchsorted(group[order], np.arange(groups + 1))
+    batch = table.take(pa.array(order)).combine_chunks()
+    batch = batch.to_batches()[0] if batch.num_rows else pa.RecordBatch.from_pylist([], schema=table.schema)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_path(path) as tmp:
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            for g in range(groups):
+                writer.write_batch(batch.slice(int(bounds[g]), int(bounds[g + 1] - bounds[g])))
+
+
+def _read_batch(path: str, g: int) -> pa.Table:
+    with pa.memory_map(path) as src:
+        return pa.Table.from_batches([pa.ipc.open_file(src).get_batch(g)])
+
+
+PART_SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("status", pa.string()),
+                         ("error", pa.string()), ("row", pa.int64()), ("ukey", pa.string()), ("host", pa.string())])
+
+
+def read_part(part: Part, opts: ReadOptions, buckets: int, out: str) -> dict:
+    """Dask task: read and clean one part, write its rows to `out` (a batch per bucket). Returns small figures:
+    rows, the part's sha256 when it is the whole file, its count of '"' (a CSV cut must not fall inside a quoted
+    field), or the InputError as a value (so that the worker does not log it as a failed computation)."""
+    try:
+        if part.fmt == "parquet" and part.count > 1:
+            df = _read_row_groups(part, opts)
+            raw = b""
+        else:
+            raw = _part_bytes(part)
+            names = opts.column_names
+            if part.fmt in ("csv", "tsv") and part.index > 0 and not names:
+                names = _header(part)
+            df = read_url_list(part.path, opts.input_format or part.fmt, opts.url_col, opts.caption_col, raw=raw,
+                               column_names=names)
+    except InputError as err:
+        return {"error": err, "quotes": 0}
+    df = clean_partition(df, opts.max_caption_length)
+    status = df["status"].to_numpy(dtype=object)
+    pending = status == PENDING
+    rows = np.arange(len(df), dtype=np.int64)
+    ukey = df["ukey"].to_numpy(dtype=object)
+    bucket = rows % buckets
+    if pending.any():
+        bucket[pending] = fine_buckets(ukey[pending]) * buckets // FINE
+    table = pa.table({"url": pa.array(df["url"].array, pa.string()), "caption": pa.array(df["caption"].array, pa.string()),
+                      "status": pa.array(status, pa.string()), "error": pa.array(df["error"].to_numpy(dtype=object), pa.string()),
+                      "row": pa.array(rows), "ukey": pa.array(ukey, pa.string()),
+                      "host": pa.array(df["host"].array, pa.string())}, schema=PART_SCHEMA)
+    _write_batches(out, table, bucket, buckets)
+    return {"error": None, "rows": len(df), "sha": hashlib.sha256(raw).hexdigest() if part.count == 1 else None,
+            "quotes": raw.count(b'"') if part.fmt in ("csv", "tsv") else 0}
+
+
+def _read_row_groups(part: Part, opts: ReadOptions) -> pd.DataFrame:
+    import fsspec
+    import pyarrow.parquet as pq
+
+    from .read import _check_columns, _finish
+
+    cols = [opts.url_col] + ([opts.caption_col] if opts.caption_col else [])
+    try:
+        with fsspec.open(part.path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            _check_columns(part.path, pf.schema_arrow.names, opts.url_col, opts.caption_col, "parquet")
+            table = pf.read_row_groups(list(part.row_groups), columns=cols)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise InputError(f"{part.path}: not a readable Parquet file ({err})") from None
+    url = table.column(opts.url_col).cast(pa.string()).to_pandas()
+    cap = (table.column(opts.caption_col).cast(pa.string()).to_pandas() if opts.caption_col
+           else [""] * table.num_rows)
+    return _finish(part.path, url.to_numpy(), cap if isinstance(cap, list) else cap.to_numpy())
+
+
+@dataclasses.dataclass(frozen=True)
+class PartRef:
+    """A read task's output as a dedupe task sees it: where, which input file (its place in input order), and
+    the file's row number of the part's first row."""
+    out: str
+    file: int
+    source: str
+    first_row: int
+
+
+def _earlier_keys(key_dirs: list[str], lo: int, hi: int) -> pa.Array:
+    """The URL keys in key buckets [lo, hi) that earlier ingests took (files keys/LLL-HHH.arrow)."""
+    import pyarrow.feather as feather
+
+    found = []
+    for d in key_dirs:
+        for name in os.listdir(d):
+            if not name.endswith(".arrow"):
+                continue
+            a, b = (int(x, 16) for x in name[:-6].split("-"))
+            if b <= lo or a >= hi:
+                continue
+            keys = feather.read_table(os.path.join(d, name), columns=["key"]).column("key").combine_chunks()
+            if a < lo or b > hi:
+                fine = fine_buckets(keys.to_numpy(zero_copy_only=False))
+                keys = keys.filter(pa.array((fine >= lo) & (fine < hi)))
+            found.append(keys)
+    return pa.concat_arrays(found) if found else pa.array([], pa.string())
+
+
+def dedupe_bucket(j: int, buckets: int, parts: list[PartRef], key_dirs: list[str], ingest: int, folder: str,
+                  out: str) -> dict:
+    """Dask task: bucket j of every part in input order; duplicate URLs (here or in earlier ingests), keys, this
+    bucket's manifest rows that reach no shard (FOLDER/unsharded/JJJJ.parquet), its new URL keys
+    (FOLDER/keys/LLL-HHH.arrow) and its rows to download (`out`). Returns the counts."""
+    import pyarrow.feather as feather
+    import pyarrow.parquet as pq
+
+    pieces = []
+    for i, ref in enumerate(parts):
+        t = _read_batch(ref.out, j)
+        if t.num_rows:
+            pieces.append(t.append_column("file", pa.array(np.full(t.num_rows, ref.file, np.int64)))
+                           .append_column("part", pa.array(np.full(t.num_rows, i, np.int64)))
+                           .set_column(4, "row", pc.add(t.column("row"), ref.first_row)))
+    lo, hi = _bucket_range(j, buckets)
+    empty = pa.table({n: pa.array([], PART_SCHEMA.field(n).type) for n in PART_SCHEMA.names}).append_column(
+        "file", pa.array([], pa.int64())).append_column("part", pa.array([], pa.int64()))
+    table = pa.concat_tables(pieces) if pieces else empty
+    order = np.lexsort((table.column("row").to_numpy(), table.column("file").to_numpy()))  # input order
+    table = table.take(pa.array(order))
+    status = table.column("status").to_numpy(zero_copy_only=False).astype(object)
+    error = table.column("error").to_numpy(zero_copy_only=False).astype(object)
+    ukey = table.column("ukey")
+    pending = status == PENDING
+    first = np.zeros(len(status), dtype=bool)
+    if pending.any():
+        first[pending] = ~pd.Series(ukey.filter(pa.array(pending)).to_numpy(zero_copy_only=False)).duplicated().to_numpy()
+    earlier = _earlier_keys(key_dirs, lo, hi)
+    if len(earlier) and first.any():
+        first &= ~pc.is_in(ukey, value_set=earlier).to_numpy(zero_copy_only=False)
+    dup = pending & ~first
+    status[dup] = DUPLICATE_URL
+    error[dup] = "URL already listed earlier or already in the dataset"
+    sources = np.array([p.source for p in parts], dtype=object)
+    src = sources[table.column("part").to_numpy()] if len(parts) else np.array([], dtype=object)
+    rows = table.column("row").to_numpy()
+    keys = ukey.to_numpy(zero_copy_only=False).astype(object)
+    keys[~first] = row_keys(src[~first], rows[~first])
+    os.makedirs(os.path.join(folder, "keys"), exist_ok=True)
+    rest = np.flatnonzero(~first)
+    if len(rest):
+        os.makedirs(os.path.join(folder, "unsharded"), exist_ok=True)
+        na = pa.nulls(len(rest), pa.int64())
+        cols = {"key": pa.array(keys[rest], pa.string()), "url": table.column("url").take(rest),
+                "caption": table.column("caption").take(rest), "status": pa.array(status[rest], pa.string()),
+                "error": pa.array(error[rest], pa.string()), "shard": na, "offset": na, "size": na, "width": na,
+                "height": na, "original_width": na, "original_height": na,
+                "sha256": pa.array([""] * len(rest), pa.string()), "source": pa.array(src[rest], pa.string()),
+                "source_row": pa.array(rows[rest]), "ingest": pa.array(np.full(len(rest), ingest, np.int64))}
+        with atomic_path(os.path.join(folder, "unsharded", f"{j:04d}.parquet"), hidden=True) as tmp:
+            pq.write_table(pa.table([cols[c] for c in MANIFEST_COLUMNS], schema=MANIFEST_SCHEMA), tmp)
+    take = np.flatnonzero(first)
+    new = pa.table({"url": table.column("url").take(take), "caption": table.column("caption").take(take),
+                    "key": pa.array(keys[take], pa.string()), "source": pa.array(src[take], pa.string()),
+                    "source_row": pa.array(rows[take]), "host": table.column("host").take(take),
+                    "file": table.column("file").take(take)})
+    if len(take):
+        with atomic_path(os.path.join(folder, "keys", f"{lo:03x}-{hi:03x}.arrow")) as tmp:
+            feather.write_feather(new.select(["key"]), tmp, compression="uncompressed")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with atomic_path(out) as tmp:
+        feather.write_feather(new, tmp, compression="uncompressed")
+    counts = pd.Series(status).value_counts().to_dict()
+    return {"pending": int(len(take)), "statuses": {str(k): int(v) for k, v in counts.items()}}
+
+
+def _host_hash(hosts) -> np.ndarray:
+    return pd.util.hash_array(np.asarray(hosts, dtype=object), categorize=False)
+
+
+def deal_bucket(path: str, offset: int, shards: int, groups: int, out: str) -> None:
+    """Dask task: a bucket's rows to download, sorted by host (then input order), dealt round-robin over the
+    ingest's `shards` shards from `offset`; written as one batch per group of shards."""
+    import pyarrow.feather as feather
+
+    t = feather.read_table(path)
+    hh = _host_hash(t.column("host").to_numpy(zero_copy_only=False))
+    order = np.lexsort((t.column("source_row").to_numpy(), t.column("file").to_numpy(), hh))
+    shard = np.empty(len(order), dtype=np.int64)
+    shard[order] = (offset + np.arange(len(order), dtype=np.int64)) % shards
+    t = t.append_column("shard", pa.array(shard)).append_column("host_hash", pa.array(hh))
+    _write_batches(out, t, shard * groups // shards, groups)
+
+
+def write_group(g: int, dealt: list[str], first_shard: int, folder: str) -> dict:
+    """Dask task: the input file of every shard of group g, from every bucket's batch g: a shard's rows ordered by
+    round (a host's first row in the shard, then its second, ...), then host, then input order."""
+    import pyarrow.feather as feather
+
+    pieces = [t for t in (_read_batch(p, g) for p in dealt) if t.num_rows]
+    if not pieces:
+        return {}
+    t = pa.concat_tables(pieces)
+    shard, hh = t.column("shard").to_numpy(), t.column("host_hash").to_numpy()
+    rank = pd.DataFrame({"s": shard, "h": hh}).groupby(["s", "h"]).cumcount().to_numpy()
+    order = np.lexsort((t.column("source_row").to_numpy(), t.column("file").to_numpy(), hh, rank, shard))
+    t = t.take(pa.array(order))
+    t = t.set_column(t.schema.get_field_index("source"), "source", pc.dictionary_encode(t.column("source")))
+    shard = shard[order]
+    cuts = np.flatnonzero(np.diff(shard)) + 1
+    counts = {}
+    os.makedirs(os.path.join(folder, "shards"), exist_ok=True)
+    for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(shard)]):
+        s = int(shard[a]) + first_shard
+        piece = t.slice(int(a), int(b - a)).rename_columns(
+            ["psdclip_key" if n == "key" else n for n in t.column_names]).select(SHARD_INPUT_COLUMNS)
+        with atomic_path(os.path.join(folder, "shards", f"{s:05d}.arrow")) as tmp:
+            feather.write_feather(piece, tmp, compression="uncompressed")
+        counts[s] = int(b - a)
+    return counts
+
+
+def write_key_store(root: str, ingest: int, buckets: int) -> None:
+    """Dask task, for an ingest written before key stores: its URL keys (the rows that reached a shard) bucketed
+    as a new ingest writes them."""
+    import pyarrow.feather as feather
+
+    layout = Layout(root)
+    folder = os.path.join(layout.ingests, f"{ingest:05d}")
+    keys = np.asarray(layout.load_sharded_plan(ingest)["key"].astype(str).to_numpy(), dtype=object)
+    tmp = _tmp(os.path.join(folder, "keys"))
+    os.makedirs(tmp)
+    bucket = fine_buckets(keys) * buckets // FINE if len(keys) else np.array([], np.int64)
+    for j in np.unique(bucket):
+        lo, hi = _bucket_range(int(j), buckets)
+        feather.write_feather(pa.table({"key": pa.array(keys[bucket == j], pa.string())}),
+                              os.path.join(tmp, f"{lo:03x}-{hi:03x}.arrow"), compression="uncompressed")
+    os.replace(tmp, os.path.join(folder, "keys"))
+
+
+def ingest_inputs(client, layout: Layout, cfg) -> dict | None:
+    """Read, clean, dedupe and plan every new input file as Dask tasks, and save the plan as a new ingest. Files
+    already ingested (same bytes) are skipped. Returns the ingest's figures, or None when there was nothing new."""
+    known = {i["sha256"]: i["path"] for ing in layout.ingest_ids() for i in layout.load_inputs(ing)["files"]}
+    workers = max(1, len(client.scheduler_info().get("workers", {})))
+    opts = ReadOptions.of(cfg)
+    sizes = [_size(p) for p in cfg.inputs]
+    buckets = min(FINE, _pow2(max(workers, math.ceil(sum(sizes) / BUCKET_BYTES))))
+    work = os.path.join(layout.work, "ingest")
+    tok = uuid.uuid4().hex[:8]  # task keys unique to this build (a shared cluster may hold an earlier build's)
+    files = []
+    for i, (path, size) in enumerate(zip(cfg.inputs, sizes)):
+        fmt = detect_format(path, cfg.input_format)
+        parts = split_file(path, fmt, size, workers)
+        futs = [client.submit(read_part, p, opts, buckets, os.path.join(work, "parts", f"{i:05d}-{p.index:04d}.arrow"),
+                              pure=False, key=f"read-{tok}-{i}-{p.index}") for p in parts]
+        sha = (client.submit(file_sha256, path, pure=False, key=f"sha256-{tok}-{i}")
+               if len(parts) > 1 else None)
+        files.append([path, fmt, parts, futs, sha])
+    ingest = (layout.ingest_ids() or [-1])[-1] + 1
+    taken, refs, file_info = set(), [], []
+    for i, (path, fmt, parts, futs, sha) in enumerate(files):
+        results = [f.result() for f in futs]
+        bad = next((r["error"] for r in results if r["error"] is not None), None)
+        quotes = np.cumsum([r["quotes"] for r in results])[:-1]
+        if len(parts) > 1 and (bad is not None or (quotes % 2).any()):
+            # a cut inside a quoted field, or bad input: the file read whole gives its rows or its exact error
+            whole = Part(path, fmt, 0, 1)
+            out = os.path.join(work, "parts", f"{i:05d}-whole.arrow")
+            results = [client.submit(read_part, whole, opts, buckets, out, pure=False,
+                                     key=f"read-whole-{tok}-{i}").result()]
+            parts, outs = [whole], [out]
+            bad = results[0]["error"]
+        else:
+            outs = [os.path.join(work, "parts", f"{i:05d}-{p.index:04d}.arrow") for p in parts]
+        if bad is not None:
+            raise bad
+        digest = sha.result() if len(parts) > 1 else results[0]["sha"]
+        rows = sum(r["rows"] for r in results)
+        if digest in known or digest in taken:
+            log.info(f"{path}: already ingested (same content as {known.get(digest, 'an earlier argument')}); skipped")
+            continue
+        taken.add(digest)
+        if rows == 0:
+            log.warning(f"warning: {path}: no rows (an empty or header-only list)")
+        elif fmt == "txt":
+            log.warning(f"warning: {path}: a .txt list has no captions, so its {rows:,} rows get the empty_caption "
+                        f"status (give a csv/tsv/parquet/jsonl list with a caption column)")
+        first = 0
+        for out, r in zip(outs, results):
+            refs.append(PartRef(out, len(file_info), path, first))
+            first += r["rows"]
+        file_info.append({"path": path, "sha256": digest, "rows": rows})
+    if not file_info:
+        return None
+    final = os.path.join(layout.ingests, f"{ingest:05d}")
+    folder = _tmp(final)
+    os.makedirs(folder)
+    key_dirs = []
+    for earlier in layout.ingest_ids():
+        d = os.path.join(layout.ingests, f"{earlier:05d}", "keys")
+        if not os.path.isdir(d):  # an ingest written before key stores: bucketed once
+            client.submit(write_key_store, layout.root, earlier, buckets, pure=False,
+                          key=f"keys-{tok}-{earlier}").result()
+        key_dirs.append(d)
+    log.info(f"ingest {ingest}: {sum(f['rows'] for f in file_info):,} rows read in {len(refs)} part(s); duplicate "
+             f"URLs over {buckets} bucket(s)")
+    dedupe = [client.submit(dedupe_bucket, j, buckets, refs, key_dirs, ingest, folder,
+                            os.path.join(work, "canon", f"{j:04d}.arrow"), pure=False, key=f"dedupe-{tok}-{j}")
+              for j in range(buckets)]
+    counts = client.gather(dedupe)
+    pending = [c["pending"] for c in counts]
+    total = sum(pending)
+    statuses: dict[str, int] = {}
+    for c in counts:
+        for k, v in c["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+    shard_counts: dict[int, int] = {}
+    if total:
+        shards = math.ceil(total / cfg.shard_size)
+        groups = min(shards, max(2 * workers, math.ceil(total / GROUP_ROWS)))
+        offsets = np.r_[0, np.cumsum(pending)[:-1]]
+        dealt = [os.path.join(work, "dealt", f"{j:04d}.arrow") for j in range(buckets)]
+        client.gather([client.submit(deal_bucket, os.path.join(work, "canon", f"{j:04d}.arrow"), int(offsets[j]),
+                                     shards, groups, dealt[j], pure=False, key=f"deal-{tok}-{j}")
+                       for j in range(buckets)])
+        first_shard = max(layout.planned_shards(upgrade=True), default=-1) + 1
+        for c in client.gather([client.submit(write_group, g, dealt, first_shard, folder, pure=False,
+                                              key=f"group-{tok}-{g}") for g in range(groups)]):
+            shard_counts.update(c)
+    for d in ("keys", "unsharded"):  # (either may be empty)
+        os.makedirs(os.path.join(folder, d), exist_ok=True)
+    write_json(os.path.join(folder, "shards.json"), {str(s): n for s, n in sorted(shard_counts.items())}, indent=0)
+    write_json(os.path.join(folder, "inputs.json"), {"kind": "urls", "created_at": now(), "files": file_info,
+                                                     "buckets": buckets})
+    os.replace(folder, final)
+    shutil.rmtree(work, ignore_errors=True)
+    rows = sum(f["rows"] for f in file_info)
+    log.info(f"ingest {ingest}: {rows:,} rows from {len(file_info)} file(s); {total:,} to download in "
+             f"{len(shard_counts)} shard(s)")
+    return {"ingest": ingest, "rows": rows, "pending": total, "shards": len(shard_counts), "statuses": statuses}
