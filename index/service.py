@@ -393,9 +393,14 @@ class RetrievalService:
         return generate_latest(self.registry)
 
     async def follow_reloads(self) -> None:
-        """Several workers: reload what another worker reloaded (polled every 0.2 s)."""
+        """Several workers: reload what another worker reloaded (polled every 0.2 s); leave when the parent process
+        is gone (killed with SIGKILL, it cannot stop its workers itself)."""
+        parent = os.getppid()
         while True:
             await asyncio.sleep(0.2)
+            if os.getppid() != parent:
+                log.warning("worker %d: the serve process is gone; stopping", os.getpid())
+                os._exit(0)
             for name, gen in self.workers.moved().items():
                 try:
                     await run_in_threadpool(self._swap, name)
