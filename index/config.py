@@ -102,10 +102,15 @@ class ServeConfig:
                                                         "default: from PSDCLIP_API_KEY, else admin is off"})
     device: str = field(default="cpu", metadata={"help": "device of the query encoder"})
     text_cache: int = field(default=10_000, metadata={"help": "query texts whose embeddings are kept (LRU; 0: off)"})
+    workers: int = field(default=1, metadata={
+        "help": "service processes sharing the port and the memory-mapped indices (each holds its own query "
+                "encoder; /admin/reload reaches every one)"})
 
     def __post_init__(self):
         if not self.indices:
             raise InputError("give at least one INDEX directory")
+        if not 1 <= self.workers <= 64:
+            raise InputError(f"--workers must be in [1, 64], got {self.workers}")
         if not 1 <= self.max_k <= 100_000:
             raise InputError(f"--max-k must be in [1, 100000], got {self.max_k}")
         if not 0 < self.fetch_timeout <= 300:

@@ -19,6 +19,8 @@ as paths.
 import asyncio
 import base64
 import binascii
+import contextlib
+import dataclasses
 import gc
 import io
 import json
@@ -36,7 +38,8 @@ from fastapi import FastAPI, Header, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, PlainTextResponse, Response
 from PIL import Image
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, \
+    multiprocess
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from psdclip.pipeline.errors import InputError
@@ -48,6 +51,76 @@ LARGE_IMAGE_PIXELS = 4_000_000  # images above this are decoded in one of LARGE_
 LARGE_DECODES = 2
 FETCH_SLOTS = 8  # image_url fetches at once
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+RUN_DIR = "PSDCLIP_SERVE_RUNDIR"  # set by `psdclip serve --workers N` for its worker processes
+
+
+class Workers:
+    """How the processes of `psdclip serve --workers N` agree on reloads, through a run folder they share:
+    generations.json (index name -> reload generation; a worker that reloads bumps it under a file lock) and
+    acks/PID.json (the generations each live worker has loaded). Every worker polls generations.json and reloads
+    an index whose generation moved; the worker that took /admin/reload answers once every worker has it."""
+
+    def __init__(self, folder: str, count: int):
+        self.folder, self.count = folder, count
+        self.acks = os.path.join(folder, "acks")
+        os.makedirs(self.acks, exist_ok=True)
+        self.seen = self.generations()
+        self.ack()
+
+    def generations(self) -> dict:
+        try:
+            with open(os.path.join(self.folder, "generations.json"), encoding="utf-8") as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def _write(self, name: str, obj) -> None:
+        path = os.path.join(self.folder, name)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)
+
+    def ack(self) -> None:
+        self._write(os.path.join("acks", f"{os.getpid()}.json"), self.seen)
+
+    def bump(self, name: str) -> int:
+        """A new generation of `name` (this worker has loaded it)."""
+        import fcntl
+
+        with open(os.path.join(self.folder, "lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            gens = self.generations()
+            gens[name] = int(gens.get(name, 0)) + 1
+            self._write("generations.json", gens)
+        self.seen[name] = gens[name]
+        self.ack()
+        return gens[name]
+
+    def moved(self) -> dict:
+        """name -> generation, for the indices another worker reloaded since this one last looked."""
+        return {n: g for n, g in self.generations().items() if g > self.seen.get(n, 0)}
+
+    def loaded(self, name: str, gen: int) -> int:
+        """How many live workers have loaded generation `gen` of `name` (or a later one)."""
+        n = 0
+        for entry in os.listdir(self.acks):
+            pid = entry.split(".")[0]
+            if not pid.isdigit():
+                continue
+            try:
+                os.kill(int(pid), 0)
+                with open(os.path.join(self.acks, entry), encoding="utf-8") as f:
+                    n += int(json.load(f).get(name, 0)) >= gen
+            except (OSError, ValueError):
+                continue
+        return n
+
+    def wait(self, name: str, gen: int, timeout: float = 300.0) -> int:
+        deadline = time.monotonic() + timeout
+        while (n := self.loaded(name, gen)) < self.count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return n
 
 
 class _Query(NamedTuple):
@@ -274,12 +347,14 @@ class RetrievalService:
         self.large_decodes = threading.BoundedSemaphore(LARGE_DECODES)
         self.fetch_slots = threading.BoundedSemaphore(FETCH_SLOTS)
         self.opener = urllib.request.build_opener(_CheckedRedirects(self.allowed))
+        self.workers = Workers(os.environ[RUN_DIR], cfg.workers) if cfg.workers > 1 and RUN_DIR in os.environ else None
         self.registry = CollectorRegistry()
-        # counts kept by each searcher (a reload starts a new one at 0): gauges set when /metrics is read
+        # counts kept by each searcher (a reload starts a new one at 0): gauges set when /metrics is read (several
+        # workers: prometheus_client's multiprocess files, summed over the live workers)
         self.cache_hits = Gauge("psdclip_text_cache_hits", "query texts answered from the embedding cache", ["index"],
-                                registry=self.registry)
+                                registry=self.registry, multiprocess_mode="livesum")
         self.cache_misses = Gauge("psdclip_text_cache_misses", "query texts encoded by the model", ["index"],
-                                  registry=self.registry)
+                                  registry=self.registry, multiprocess_mode="livesum")
         self.requests = Counter("psdclip_requests_total", "requests", ["endpoint", "status"], registry=self.registry)
         self.latency = Histogram("psdclip_request_seconds", "request latency", ["endpoint"], registry=self.registry,
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
@@ -295,16 +370,45 @@ class RetrievalService:
                 raise HTTPException(404, f"no index named {name!r} (have: {', '.join(self.searchers)})")
             return self.searchers[name]
 
+    def name_of(self, searcher) -> str:
+        with self.lock:
+            return next((n for n, s in self.searchers.items() if s is searcher), self.default)
+
     def health(self) -> dict:
         with self.lock:
-            return {"status": "ok", "indices": {n: {"count": s.info["count"], "factory": s.info["factory"]}
-                                                for n, s in self.searchers.items()}}
+            out = {"status": "ok", "indices": {n: {"count": s.info["count"], "factory": s.info["factory"]}
+                                               for n, s in self.searchers.items()}}
+        if self.workers:
+            out["worker"] = {"pid": os.getpid(), "generations": dict(self.workers.seen)}
+        return out
 
     def metrics(self) -> bytes:
         for name, s in self.searchers.items():
             self.cache_hits.labels(name).set(s.cache_hits)
             self.cache_misses.labels(name).set(s.cache_misses)
+        if self.workers:
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)
+            return generate_latest(merged)
         return generate_latest(self.registry)
+
+    async def follow_reloads(self) -> None:
+        """Several workers: reload what another worker reloaded (polled every 0.2 s); leave when the parent process
+        is gone (killed with SIGKILL, it cannot stop its workers itself)."""
+        parent = os.getppid()
+        while True:
+            await asyncio.sleep(0.2)
+            if os.getppid() != parent:
+                log.warning("worker %d: the serve process is gone; stopping", os.getpid())
+                os._exit(0)
+            for name, gen in self.workers.moved().items():
+                try:
+                    await run_in_threadpool(self._swap, name)
+                    self.workers.seen[name] = gen
+                    self.workers.ack()
+                except Exception:  # pylint: disable=broad-except  (the old index stays; the reload reports fewer workers)
+                    log.exception("worker %d: reload of %s failed", os.getpid(), name)
+                    self.workers.seen[name] = gen
 
     def reload(self, name: Optional[str], key: Optional[str]) -> dict:
         """Load the index aside (requests keep using the old one meanwhile), then swap it in."""
@@ -316,17 +420,25 @@ class RetrievalService:
         if name not in self.paths:
             raise HTTPException(404, f"no index named {name!r}")
         try:
-            fresh = self.Searcher(self.paths[name], self.cfg.device, text_cache=self.cfg.text_cache,
-                                  model=self._same_model(name))
+            fresh = self._swap(name)
         except InputError as err:
             raise HTTPException(409, str(err)) from None
         except Exception as err:  # pylint: disable=broad-except  (a damaged file: the old index stays in service)
             log.exception("reload of %s failed", self.paths[name])
             raise HTTPException(409, f"could not load {name!r}: {type(err).__name__}: "
                                      f"{str(err).splitlines()[0][:200] if str(err) else 'damaged index'}") from None
+        out = {"reloaded": name, "count": fresh.info["count"]}
+        if self.workers:  # the others follow; answer once every worker serves the new index
+            out["workers"] = self.workers.wait(name, self.workers.bump(name))
+            out["of_workers"] = self.workers.count
+        return out
+
+    def _swap(self, name: str):
+        fresh = self.Searcher(self.paths[name], self.cfg.device, text_cache=self.cfg.text_cache,
+                              model=self._same_model(name))
         with self.lock:
             self.searchers[name] = fresh
-        return {"reloaded": name, "count": fresh.info["count"]}
+        return fresh
 
     def _same_model(self, name: str):
         """The loaded model of the index being reloaded when the rebuilt index names the same checkpoint file with
@@ -424,7 +536,12 @@ class RetrievalService:
         elif image_url:
             img = await run_in_threadpool(self.fetch_url, image_url)
         try:
-            return await self.batcher.search(s, k, modality, dedupe, text=text or None, image=img, embedding=embedding)
+            results = await self.batcher.search(s, k, modality, dedupe, text=text or None, image=img,
+                                                embedding=embedding)
+            if self.workers and text:  # several processes: /metrics is read by any one of them
+                self.cache_hits.labels(self.name_of(s)).set(s.cache_hits)
+                self.cache_misses.labels(self.name_of(s)).set(s.cache_misses)
+            return results
         except ValueError as err:
             raise HTTPException(422, str(err)) from None
 
@@ -448,7 +565,14 @@ def _json(content) -> Response:
 def create_app(cfg: ServeConfig):
     svc = RetrievalService(cfg)
     Search, Knn, Metadata = bounded_models(cfg)
-    app = FastAPI(title="psdclip retrieval", version="1")
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        follower = asyncio.create_task(svc.follow_reloads()) if svc.workers else None
+        yield
+        if follower:
+            follower.cancel()
+
+    app = FastAPI(title="psdclip retrieval", version="1", lifespan=lifespan)
     app.state.service = svc
     app.add_middleware(_Guard, max_body=cfg.max_body_bytes, requests=svc.requests, latency=svc.latency)
 
@@ -503,13 +627,50 @@ def create_app(cfg: ServeConfig):
     return app
 
 
-def cmd_serve(cfg: ServeConfig) -> int:
-    import uvicorn
-
-    app = create_app(cfg)
+def _quiet_gc() -> None:
     gc.collect()
     gc.freeze()  # the loaded model, index metadata and app stay out of later collections: shorter GC pauses
     gc.set_threshold(50_000, 20, 100)  # requests make short-lived objects: collect young ones less often
-    print(f"serving {', '.join(cfg.named())} on http://{cfg.host}:{cfg.port}", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+
+
+def worker_app():
+    """The app of one `psdclip serve --workers N` process (uvicorn's factory; the config comes from the parent)."""
+    cfg = ServeConfig(**json.loads(os.environ["PSDCLIP_SERVE_CONFIG"]))
+    app = create_app(cfg)
+    _quiet_gc()
+    return app
+
+
+def cmd_serve(cfg: ServeConfig) -> int:
+    import uvicorn
+
+    if cfg.workers == 1:
+        app = create_app(cfg)
+        _quiet_gc()
+        print(f"serving {', '.join(cfg.named())} on http://{cfg.host}:{cfg.port}", flush=True)
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+        return 0
+    import shutil
+    import socket
+    import tempfile
+
+    from .searcher import Searcher
+
+    for path in cfg.named().values():  # a bad index is one line here, not N workers failing
+        Searcher(path, cfg.device, load_model=False)
+    if cfg.port == 0:
+        with socket.socket() as sock:
+            sock.bind((cfg.host, 0))
+            cfg = dataclasses.replace(cfg, port=sock.getsockname()[1])
+    run = tempfile.mkdtemp(prefix="psdclip-serve-")
+    os.makedirs(os.path.join(run, "metrics"))
+    os.environ.update({"PSDCLIP_SERVE_CONFIG": json.dumps(dataclasses.asdict(cfg)), RUN_DIR: run,
+                       "PROMETHEUS_MULTIPROC_DIR": os.path.join(run, "metrics")})
+    print(f"serving {', '.join(cfg.named())} on http://{cfg.host}:{cfg.port} ({cfg.workers} worker processes)",
+          flush=True)
+    try:
+        uvicorn.run("psdclip.index.service:worker_app", factory=True, workers=cfg.workers, host=cfg.host,
+                    port=cfg.port, log_level="warning", access_log=False)
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
     return 0

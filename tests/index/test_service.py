@@ -370,3 +370,43 @@ def test_image_url_fetches_are_checked_bounded_and_quiet_and_a_bad_reload_is_409
         proc.terminate()
         proc.wait(timeout=30)
     assert b"reload of" in proc.stderr.read()  # the failure is in the log with its traceback
+
+
+def test_worker_processes_share_the_port_and_a_reload_reaches_every_one(index_dir, tmp_path):
+    """`--workers 2`: two processes answer on one port; /admin/reload on one answers once both serve the rebuilt
+    index (here: its metadata replaced by rename, as a rebuild does); /metrics sums over both."""
+    import pyarrow as pa
+    import pyarrow.feather as feather
+
+    idx = tmp_path / "idx"
+    shutil.copytree(index_dir, idx)
+    proc, base = start_service(idx, "--workers", "2", "--api-key", "k")
+    try:
+        pids = set()
+        for _ in range(200):
+            pids.add(requests.get(base + "/healthz", timeout=5).json()["worker"]["pid"])
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2 and proc.pid not in pids
+        before = requests.post(base + "/search", json={"text": "a red star", "k": 3}).json()["results"]
+        meta = feather.read_table(idx / "metadata.arrow")
+        upper = meta.set_column(meta.schema.get_field_index("caption"), "caption",
+                                pa.array([c.upper() for c in meta.column("caption").to_pylist()]))
+        feather.write_feather(upper, idx / "metadata.tmp", compression="uncompressed")
+        os.replace(idx / "metadata.tmp", idx / "metadata.arrow")
+        r = requests.post(base + "/admin/reload", headers={"X-API-Key": "k"})
+        assert r.status_code == 200 and r.json()["workers"] == r.json()["of_workers"] == 2
+        seen = set()
+        for _ in range(40):  # every answer, from either process, comes from the reloaded index
+            res = requests.post(base + "/search", json={"text": "a red star", "k": 3}).json()["results"]
+            assert [x["caption"] for x in res] == [x["caption"].upper() for x in before]
+            seen.add(requests.get(base + "/healthz").json()["worker"]["pid"])
+        assert seen == pids
+        metrics = requests.get(base + "/metrics").text
+        total = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                    if line.startswith('psdclip_requests_total{endpoint="/search",status="200"'))
+        assert total == 41
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode is not None
