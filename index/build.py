@@ -104,12 +104,14 @@ def build_index(cfg: IndexBuildConfig) -> dict:
     max_memory, build_memory = parse_bytes(cfg.max_memory), parse_bytes(cfg.max_build_memory)
     meta_path = os.path.join(cfg.out, "index.json")
     m = digest = dim = None
+    # torchrun's rank (as embed.dist_env; read here so that --embeddings needs no torch): with --embeddings there is
+    # nothing to embed, and only rank 0 builds (every rank writing the same index files would race)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.embeddings and rank != 0:
+        return {"rank": rank, "embedded": {"embedded_now": 0, "shards": 0}}
     if cfg.checkpoint:
         from psdclip.train.checkpoint import checkpoint_path, load_model, resolve_device
 
-        from .embed import dist_env
-
-        rank, world = dist_env()
         m = load_model(cfg.checkpoint, resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", rank))))
         digest = file_sha256(checkpoint_path(cfg.checkpoint))
         dim = _model_dim(m)

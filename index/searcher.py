@@ -57,13 +57,7 @@ class Searcher:
         # whole chunked table concatenates every chunk first: ~1 s per call at 10M rows)
         self.batches = self.meta.to_batches()
         self.batch_starts = np.cumsum([0] + [b.num_rows for b in self.batches])
-        self.parts = None
-        emb = self.info.get("embeddings")
-        if emb and os.path.isdir(emb):
-            try:
-                self.parts = P.list_parts(emb)[0]
-            except InputError:
-                self.parts = None
+        self._parts = False  # the embedding parts, listed at the first de-duplicated query (a header read per part)
         self.dim = int(self.info["dim"])
         self.model = self.loaded = None
         self._lock = threading.Lock()
@@ -71,6 +65,19 @@ class Searcher:
             self._use(model)
         elif load_model and self.info.get("checkpoint"):
             self._load_model()
+
+    @property
+    def parts(self):
+        """The index's embedding parts (None when it has none), listed once, when first asked for."""
+        if self._parts is False:
+            emb, parts = self.info.get("embeddings"), None
+            if emb and os.path.isdir(emb):
+                try:
+                    parts = P.list_parts(emb)[0]
+                except InputError:
+                    parts = None
+            self._parts = parts
+        return self._parts
 
     def _load_model(self):
         from psdclip.train.checkpoint import load_model
@@ -184,8 +191,9 @@ class Searcher:
     def vectors_of(self, modality: str):
         """ids -> the stored vectors: read from the embedding parts when they are there, else reconstructed by
         the index (None when it cannot)."""
-        if self.parts is not None:
-            return lambda ids: P.gather(self.parts, modality, ids)
+        parts = self.parts
+        if parts is not None:
+            return lambda ids: P.gather(parts, modality, ids)
         index = self.indices[modality]
         if not _can_reconstruct(index):
             return None

@@ -502,7 +502,9 @@ def ingest_inputs(client, layout: Layout, cfg) -> dict | None:
         key_dirs.append(d)
     log.info(f"ingest {ingest}: {sum(f['rows'] for f in file_info):,} rows read in {len(refs)} part(s); duplicate "
              f"URLs over {buckets} bucket(s)")
-    dedupe = [client.submit(dedupe_bucket, j, buckets, refs, key_dirs, ingest, folder,
+    # every dedupe task reads every part: the list goes to the workers once (scattered), not with each task
+    refs_f, dirs_f = client.scatter([refs, key_dirs], broadcast=True, hash=False)
+    dedupe = [client.submit(dedupe_bucket, j, buckets, refs_f, dirs_f, ingest, folder,
                             os.path.join(work, "canon", f"{j:04d}.arrow"), pure=False, key=f"dedupe-{tok}-{j}")
               for j in range(buckets)]
     counts = client.gather(dedupe)
@@ -522,7 +524,8 @@ def ingest_inputs(client, layout: Layout, cfg) -> dict | None:
                                      shards, groups, dealt[j], pure=False, key=f"deal-{tok}-{j}")
                        for j in range(buckets)])
         first_shard = max(layout.planned_shards(upgrade=True), default=-1) + 1
-        for c in client.gather([client.submit(write_group, g, dealt, first_shard, folder, pure=False,
+        dealt_f = client.scatter([dealt], broadcast=True, hash=False)[0]
+        for c in client.gather([client.submit(write_group, g, dealt_f, first_shard, folder, pure=False,
                                               key=f"group-{tok}-{g}") for g in range(groups)]):
             shard_counts.update(c)
     for d in ("keys", "unsharded"):  # (either may be empty)

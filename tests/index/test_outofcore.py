@@ -115,3 +115,16 @@ def test_bad_embedding_parts_are_one_line_errors(tmp_path):
     r = cli("index", "build", "--embeddings", bad, "--data", bad, "--out", tmp_path / "o", check=False)
     assert r.returncode == 2 and "not both" in r.stderr
     assert not (tmp_path / "o" / "index.json").exists()
+
+
+def test_under_torchrun_only_rank_0_builds_from_precomputed_embeddings(emb_dir, tmp_path, monkeypatch):
+    """With --embeddings there is nothing to embed: a rank other than 0 writes nothing (every rank writing the same
+    index files would race) and says rank 0 builds."""
+    from psdclip.index.build import build_index
+    from psdclip.index.config import IndexBuildConfig
+
+    root, _ = emb_dir
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    doc = build_index(IndexBuildConfig(embeddings=str(root), out=str(tmp_path / "idx"), progress=False))
+    assert doc["rank"] == 1 and not (tmp_path / "idx").exists()
