@@ -381,12 +381,21 @@ def test_worker_processes_share_the_port_and_a_reload_reaches_every_one(index_di
     idx = tmp_path / "idx"
     shutil.copytree(index_dir, idx)
     proc, base = start_service(idx, "--workers", "2", "--api-key", "k")
+
+    def workers(until):
+        """pid -> the generations it serves, over fresh connections (the kernel hands each to either process)
+        until both have answered and until(generations) holds for both (the second may still be starting)."""
+        seen, deadline = {}, time.time() + 120
+        while time.time() < deadline:
+            w = requests.get(base + "/healthz", timeout=5).json()["worker"]
+            seen[w["pid"]] = w["generations"]
+            if len(seen) == 2 and all(until(g) for g in seen.values()):
+                return seen
+            time.sleep(0.02)
+        raise AssertionError(f"workers seen: {seen}")
+
     try:
-        pids = set()
-        for _ in range(200):
-            pids.add(requests.get(base + "/healthz", timeout=5).json()["worker"]["pid"])
-            if len(pids) == 2:
-                break
+        pids = set(workers(lambda g: True))
         assert len(pids) == 2 and proc.pid not in pids
         before = requests.post(base + "/search", json={"text": "a red star", "k": 3}).json()["results"]
         meta = feather.read_table(idx / "metadata.arrow")
@@ -396,12 +405,10 @@ def test_worker_processes_share_the_port_and_a_reload_reaches_every_one(index_di
         os.replace(idx / "metadata.tmp", idx / "metadata.arrow")
         r = requests.post(base + "/admin/reload", headers={"X-API-Key": "k"})
         assert r.status_code == 200 and r.json()["workers"] == r.json()["of_workers"] == 2
-        seen = set()
         for _ in range(40):  # every answer, from either process, comes from the reloaded index
             res = requests.post(base + "/search", json={"text": "a red star", "k": 3}).json()["results"]
             assert [x["caption"] for x in res] == [x["caption"].upper() for x in before]
-            seen.add(requests.get(base + "/healthz").json()["worker"]["pid"])
-        assert seen == pids
+        assert set(workers(lambda g: g.get(idx.name) == 1)) == pids  # both serve generation 1, none restarted
         metrics = requests.get(base + "/metrics").text
         total = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                     if line.startswith('psdclip_requests_total{endpoint="/search",status="200"'))
