@@ -91,7 +91,7 @@ def _size(path: str) -> int:
     try:
         fs, p = fsspec.core.url_to_fs(path)
         return int(fs.size(p) or 0)
-    except (OSError, ValueError):
+    except Exception:  # pylint: disable=broad-except  (read whole by one task, which says what is wrong)
         return 0
 
 
@@ -156,8 +156,8 @@ def _part_bytes(part: Part) -> bytes:
             return f.read(part.stop - part.start)
     except FileNotFoundError:
         raise InputError(f"{part.path}: no such file") from None
-    except (OSError, EOFError) as err:  # e.g. a corrupt .gz
-        raise InputError(f"{part.path}: cannot read ({err})") from None
+    except Exception as err:  # pylint: disable=broad-except  (a corrupt .gz, remote storage without credentials)
+        raise InputError(f"{part.path}: cannot read ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
 
 
 def _header(part: Part) -> list[str]:
@@ -181,7 +181,7 @@ def file_sha256(path: str) -> str | None:
         with fsspec.open(path, "rb", compression="infer") as f:
             for block in iter(lambda: f.read(8 << 20), b""):
                 h.update(block)
-    except (OSError, EOFError, ValueError):
+    except Exception:  # pylint: disable=broad-except  (unreadable: the read tasks say why)
         return None
     return h.hexdigest()
 
@@ -473,6 +473,8 @@ def ingest_inputs(client, layout: Layout, cfg) -> dict | None:
         if bad is not None:
             raise bad
         digest = sha.result() if len(parts) > 1 else results[0]["sha"]
+        if digest is None:
+            raise InputError(f"{path}: cannot read it whole (it changed or became unreadable while being read)")
         rows = sum(r["rows"] for r in results)
         if digest in known or digest in taken:
             log.info(f"{path}: already ingested (same content as {known.get(digest, 'an earlier argument')}); skipped")

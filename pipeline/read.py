@@ -7,7 +7,6 @@ the line, where there is one).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import re
@@ -47,8 +46,8 @@ def _read_bytes(path: str) -> bytes:
             return f.read()
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
-    except (OSError, EOFError) as err:  # e.g. a corrupt .gz
-        raise InputError(f"{path}: cannot read ({err})") from None
+    except Exception as err:  # pylint: disable=broad-except  (a corrupt .gz, remote storage without credentials)
+        raise InputError(f"{path}: cannot read ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
 
 
 def _decode(path: str, raw: bytes) -> str:
@@ -109,14 +108,6 @@ def _finish(path: str, urls, captions) -> pd.DataFrame:
 
 
 _CSV_LINE = re.compile(r"line (\d+)")
-
-
-def read_source(path: str, input_format: str | None = None, url_col: str = "url",
-                caption_col: str | None = "caption", column_names=None) -> tuple[pd.DataFrame, str]:
-    """Read one URL list; also return the sha256 of its bytes (an ingested file is recognised by content)."""
-    raw = _read_bytes(path)
-    return (read_url_list(path, input_format, url_col, caption_col, raw=raw, column_names=column_names),
-            hashlib.sha256(raw).hexdigest())
 
 
 def read_url_list(path: str, input_format: str | None = None, url_col: str = "url",

@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from psdclip.pipeline.errors import InputError
-from psdclip.pipeline.read import detect_format, read_source, read_url_list
+from psdclip.pipeline.ingest import file_sha256
+from psdclip.pipeline.read import detect_format, read_url_list
 
 
 def test_formats_give_the_same_rows(tmp_path):
@@ -46,7 +47,13 @@ def test_custom_columns_and_fsspec_memory_path():
 def test_content_hash_identifies_a_file(tmp_path):
     (tmp_path / "a.csv").write_text("url,caption\nhttp://a.test/1.jpg,x\n")
     (tmp_path / "b.csv").write_text("url,caption\nhttp://a.test/1.jpg,x\n")
-    assert read_source(str(tmp_path / "a.csv"))[1] == read_source(str(tmp_path / "b.csv"))[1]
+    import gzip
+
+    (tmp_path / "c.csv.gz").write_bytes(gzip.compress((tmp_path / "a.csv").read_bytes()))  # decompressed bytes count
+    (tmp_path / "d.csv").write_text("url,caption\nhttp://a.test/2.jpg,x\n")
+    digests = [file_sha256(str(tmp_path / n)) for n in ("a.csv", "b.csv", "c.csv.gz", "d.csv")]
+    assert digests[0] == digests[1] == digests[2] != digests[3]
+    assert file_sha256(str(tmp_path / "missing.csv")) is None
 
 
 @pytest.mark.parametrize("name,content,expect", [
