@@ -42,6 +42,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
     multiprocess
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from psdclip.pipeline.dataset import write_json
 from psdclip.pipeline.errors import InputError
 
 from .config import ServeConfig
@@ -74,15 +75,8 @@ class Workers:
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
 
-    def _write(self, name: str, obj) -> None:
-        path = os.path.join(self.folder, name)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-
     def ack(self) -> None:
-        self._write(os.path.join("acks", f"{os.getpid()}.json"), self.seen)
+        write_json(os.path.join(self.acks, f"{os.getpid()}.json"), self.seen, indent=0)
 
     def bump(self, name: str) -> int:
         """A new generation of `name` (this worker has loaded it)."""
@@ -92,7 +86,7 @@ class Workers:
             fcntl.flock(lock, fcntl.LOCK_EX)
             gens = self.generations()
             gens[name] = int(gens.get(name, 0)) + 1
-            self._write("generations.json", gens)
+            write_json(os.path.join(self.folder, "generations.json"), gens, indent=0)
         self.seen[name] = gens[name]
         self.ack()
         return gens[name]
@@ -105,8 +99,8 @@ class Workers:
         """How many live workers have loaded generation `gen` of `name` (or a later one)."""
         n = 0
         for entry in os.listdir(self.acks):
-            pid = entry.split(".")[0]
-            if not pid.isdigit():
+            pid = entry[:-len(".json")]
+            if not entry.endswith(".json") or not pid.isdigit():  # (not a file being written)
                 continue
             try:
                 os.kill(int(pid), 0)
@@ -370,10 +364,6 @@ class RetrievalService:
                 raise HTTPException(404, f"no index named {name!r} (have: {', '.join(self.searchers)})")
             return self.searchers[name]
 
-    def name_of(self, searcher) -> str:
-        with self.lock:
-            return next((n for n, s in self.searchers.items() if s is searcher), self.default)
-
     def health(self) -> dict:
         with self.lock:
             out = {"status": "ok", "indices": {n: {"count": s.info["count"], "factory": s.info["factory"]}
@@ -539,8 +529,9 @@ class RetrievalService:
             results = await self.batcher.search(s, k, modality, dedupe, text=text or None, image=img,
                                                 embedding=embedding)
             if self.workers and text:  # several processes: /metrics is read by any one of them
-                self.cache_hits.labels(self.name_of(s)).set(s.cache_hits)
-                self.cache_misses.labels(self.name_of(s)).set(s.cache_misses)
+                name = index or self.default
+                self.cache_hits.labels(name).set(s.cache_hits)
+                self.cache_misses.labels(name).set(s.cache_misses)
             return results
         except ValueError as err:
             raise HTTPException(422, str(err)) from None

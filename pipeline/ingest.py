@@ -40,7 +40,7 @@ from .dataset import MANIFEST_COLUMNS, MANIFEST_SCHEMA, Layout, SHARD_INPUT_COLU
     write_json
 from .errors import InputError
 from .keys import row_keys
-from .read import detect_format, read_url_list
+from .read import detect_format, read_parquet_list, read_url_list
 from .status import DUPLICATE_URL, PENDING
 
 log = logs.get(__name__, "[psdclip data build] ")
@@ -226,7 +226,7 @@ def read_part(part: Part, opts: ReadOptions, buckets: int, out: str) -> dict:
     field), or the InputError as a value (so that the worker does not log it as a failed computation)."""
     try:
         if part.fmt == "parquet" and part.count > 1:
-            df = _read_row_groups(part, opts)
+            df = read_parquet_list(part.path, opts.url_col, opts.caption_col, row_groups=part.row_groups)
             raw = b""
         else:
             raw = _part_bytes(part)
@@ -252,26 +252,6 @@ def read_part(part: Part, opts: ReadOptions, buckets: int, out: str) -> dict:
     _write_batches(out, table, bucket, buckets)
     return {"error": None, "rows": len(df), "sha": hashlib.sha256(raw).hexdigest() if part.count == 1 else None,
             "quotes": raw.count(b'"') if part.fmt in ("csv", "tsv") else 0}
-
-
-def _read_row_groups(part: Part, opts: ReadOptions) -> pd.DataFrame:
-    import fsspec
-    import pyarrow.parquet as pq
-
-    from .read import _check_columns, _finish
-
-    cols = [opts.url_col] + ([opts.caption_col] if opts.caption_col else [])
-    try:
-        with fsspec.open(part.path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            _check_columns(part.path, pf.schema_arrow.names, opts.url_col, opts.caption_col, "parquet")
-            table = pf.read_row_groups(list(part.row_groups), columns=cols)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise InputError(f"{part.path}: not a readable Parquet file ({err})") from None
-    url = table.column(opts.url_col).cast(pa.string()).to_pandas()
-    cap = (table.column(opts.caption_col).cast(pa.string()).to_pandas() if opts.caption_col
-           else [""] * table.num_rows)
-    return _finish(part.path, url.to_numpy(), cap if isinstance(cap, list) else cap.to_numpy())
 
 
 @dataclasses.dataclass(frozen=True)

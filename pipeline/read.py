@@ -6,6 +6,7 @@ the line, where there is one).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -118,7 +119,7 @@ def read_url_list(path: str, input_format: str | None = None, url_col: str = "ur
         caption_col = None
     raw = _read_bytes(path) if raw is None else raw
     if fmt == "parquet":
-        return _read_parquet(path, raw, url_col, caption_col)
+        return read_parquet_list(path, url_col, caption_col, raw=raw)
     if fmt in ("csv", "tsv"):
         fast = _read_csv_arrow(path, raw, "," if fmt == "csv" else "\t", url_col, caption_col, column_names)
         if fast is not None:
@@ -165,12 +166,19 @@ def read_url_list(path: str, input_format: str | None = None, url_col: str = "ur
     return _finish(path, urls.to_numpy(), caps if isinstance(caps, list) else caps.to_numpy())
 
 
-def _read_parquet(path: str, raw: bytes, url_col: str, caption_col: str | None) -> pd.DataFrame:
+def read_parquet_list(path: str, url_col: str = "url", caption_col: str | None = "caption", raw: bytes | None = None,
+                      row_groups=None) -> pd.DataFrame:
+    """A Parquet URL list from its bytes, or (raw=None) opened through fsspec; row_groups: only those (a part of a
+    large file read by one task)."""
+    cols = [url_col] + ([caption_col] if caption_col else [])
     try:
-        pf = pq.ParquetFile(io.BytesIO(raw))
-        _check_columns(path, pf.schema_arrow.names, url_col, caption_col, "parquet")
-        table = pf.read(columns=[url_col] + ([caption_col] if caption_col else []))
-    except (pa.ArrowInvalid, OSError) as err:
+        with (contextlib.nullcontext(io.BytesIO(raw)) if raw is not None else fsspec.open(path, "rb")) as f:
+            pf = pq.ParquetFile(f)
+            _check_columns(path, pf.schema_arrow.names, url_col, caption_col, "parquet")
+            table = pf.read(columns=cols) if row_groups is None else pf.read_row_groups(list(row_groups), columns=cols)
+    except InputError:
+        raise
+    except Exception as err:  # pylint: disable=broad-except  (not Parquet; remote storage that refuses us)
         raise InputError(f"{path}: not a readable Parquet file ({err})") from None
     url = table.column(url_col).cast(pa.string()).to_pandas()
     cap = table.column(caption_col).cast(pa.string()).to_pandas() if caption_col else [""] * table.num_rows
