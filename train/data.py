@@ -151,15 +151,79 @@ def reader_shards(order: list[str], reader: int, readers: int) -> tuple[list[str
     return [order[shard]], len(range(shard, readers, len(order))), reader // len(order)
 
 
+class _TarEnd:
+    """A shard's byte stream that can tell, once tarfile stops reading it, whether the tar really ended. tarfile
+    ends a stream quietly at EOF on a member boundary and at an unreadable header, so a shard cut short between
+    two members (a partial copy) would lose its tail unnoticed: a whole tar ends in zero blocks (the
+    end-of-archive marker and its padding) and holds nothing but zeros after the point where tarfile stopped."""
+
+    TAIL = 1024  # two 512-byte zero blocks
+
+    def __init__(self, raw):
+        self.raw, self.tail, self.eof = raw, b"", False
+
+    def read(self, n=-1):
+        data = self.raw.read(n)
+        if not data and n != 0:
+            self.eof = True
+        self.tail = (self.tail + data)[-self.TAIL:]
+        return data
+
+    def problem(self) -> str | None:
+        """None if the tar ended whole; else what is wrong (reads what tarfile left: normally its padding)."""
+        while not self.eof:
+            rest = self.read(1 << 20)
+            if rest.strip(b"\0"):
+                return "data after an unreadable tar header (a damaged shard)"
+        if self.tail != bytes(self.TAIL):
+            return "truncated (no end-of-archive blocks: a partial copy?)"
+        return None
+
+    def close(self):
+        close = getattr(self.raw, "close", None)
+        if close:
+            close()
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
+
+
 def tar_samples(urls, on_error):
-    """Samples ({__key__, ext: bytes}) from WebDataset tars; a broken shard is reported and skipped."""
-    import webdataset as wds
+    """Samples ({__key__, ext: bytes}) from WebDataset tars; a broken or truncated shard is reported (once) and
+    what it held before the damage is kept."""
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
     def handler(exn):
         on_error(f"shard: {exn}")
         return True
 
-    yield from wds.tariterators.tarfile_samples(({"url": u} for u in urls), handler=handler)
+    current = []
+
+    def streams():
+        for url in urls:
+            try:
+                stream = _TarEnd(gopen(url))
+            except Exception as exn:  # pylint: disable=broad-except
+                on_error(f"shard {url}: {exn}")
+                continue
+            if current:  # the previous shard stopped at an error (already reported)
+                current[1].close()
+            current[:] = [url, stream]
+            yield {"url": url, "stream": stream}
+
+    def checked(files):
+        for f in files:
+            if not f and current:  # webdataset's end-of-shard marker: the shard's tar stream was read to its end
+                url, stream = current
+                problem = stream.problem()
+                stream.close()
+                current.clear()
+                if problem:
+                    on_error(f"shard {url}: {problem}")
+            yield f
+
+    yield from group_by_keys(checked(tar_file_expander(streams(), handler=handler)), handler=handler)
 
 
 def arrow_samples(urls, on_error, ext: str = "jpg"):

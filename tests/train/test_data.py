@@ -4,7 +4,8 @@ import random
 import shutil
 
 from psdclip.pipeline.subsets import member_keys
-from psdclip.train.data import ShardStream, epoch_shards, keep_keys, reader_shards, resolve_source, shuffle, split
+from psdclip.train.data import (ShardStream, epoch_shards, keep_keys, reader_shards, resolve_source, shuffle, split,
+                                tar_samples)
 from psdclip.train.models import build_model
 
 
@@ -21,6 +22,39 @@ def test_stages_on_plain_lists():
     assert [s["__key__"] for s in keep_keys(samples, frozenset("ace"))] == ["a", "c", "e"]
     a = list(shuffle(range(100), 10, random.Random(3)))
     assert sorted(a) == list(range(100)) and a != list(range(100)) and a == list(shuffle(range(100), 10, random.Random(3)))
+
+
+def test_truncated_or_damaged_tars_are_reported_and_keep_what_they_held(tmp_path):
+    import io
+    import tarfile
+
+    path = tmp_path / "whole.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(6):
+            for ext, data in (("jpg", bytes([i + 1]) * (300 + 700 * i)), ("txt", f"caption {i}".encode())):
+                info = tarfile.TarInfo(f"{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        bounds = [m.offset for m in tar.getmembers()]  # where each member's header starts
+    whole = path.read_bytes()
+
+    def read(data):
+        p = tmp_path / "shard.tar"
+        p.write_bytes(data)
+        errors = []
+        keys = [s["__key__"] for s in tar_samples([str(p)], errors.append)]
+        return keys, errors
+
+    assert read(whole) == ([f"{i:03d}" for i in range(6)], [])
+    keys, errors = read(whole[:bounds[6]])  # cut exactly between two members: tarfile itself ends quietly
+    assert keys == ["000", "001", "002"] and len(errors) == 1 and "truncated" in errors[0]
+    keys, errors = read(whole[:bounds[7] + 100])  # cut inside a member
+    assert keys[:3] == ["000", "001", "002"] and len(errors) == 1
+    damaged = bytearray(whole)
+    damaged[bounds[4]:bounds[4] + 512] = b"\xff" * 512  # an unreadable header: tarfile stops there quietly
+    keys, errors = read(bytes(damaged))
+    assert keys == ["000", "001"] and len(errors) == 1 and "damaged" in errors[0]
 
 
 def _take(stream, n):
