@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -286,7 +287,25 @@ def shuffle(samples, bufsize: int, rng: random.Random):
     yield from buf
 
 
-def decode(samples, transform, tokenize, on_error):
+def seeded(transform, seed: str):
+    """transform(image) with torch's CPU generator (which torchvision's and open_clip's random augmentations
+    draw from) seeded from `seed` for the call and restored after it: a sample's augmentation then depends on
+    (run seed, epoch, sample key) only, not on what the reader drew before, so a resumed run (or one with another
+    worker count) augments each sample exactly as the uninterrupted run did."""
+    def apply(image):
+        gen = torch.default_generator  # (torch.manual_seed would also seed every accelerator: 100x slower)
+        state = gen.get_state()
+        gen.manual_seed(zlib.crc32(seed.encode()))
+        try:
+            return transform(image)
+        finally:
+            gen.set_state(state)
+    return apply
+
+
+def decode(samples, transform, tokenize, on_error, aug_seed: str | None = None):
+    """(image tensor, tokens, key) per sample; with aug_seed, each sample's augmentation is seeded from
+    (aug_seed, key) (see seeded)."""
     from PIL import Image
 
     for s in samples:
@@ -295,7 +314,8 @@ def decode(samples, transform, tokenize, on_error):
             if raw is None:
                 raise ValueError("no image in sample")
             with Image.open(io.BytesIO(raw)) as im:
-                image = transform(im.convert("RGB"))
+                rgb = im.convert("RGB")
+                image = (seeded(transform, f"{aug_seed}-{s['__key__']}") if aug_seed is not None else transform)(rgb)
             text = s.get("txt", b"")
             text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
             yield image, tokenize([text])[0], s["__key__"]
@@ -347,7 +367,7 @@ class ShardStream(IterableDataset):
                     if next(raw, None) is None:
                         break
             used, skip, fresh = skip, 0, 0
-            for image, text, key in decode(raw, self.transform, self.tokenizer, on_error):
+            for image, text, key in decode(raw, self.transform, self.tokenizer, on_error, f"{self.seed}-{epoch}"):
                 images.append(image)
                 texts.append(text)
                 keys.append(key)

@@ -56,11 +56,11 @@ def test_real_column_layouts_go_through_the_pipeline(name, synth_dir, server, tm
     assert stats["rows"] == 100 and stats["success"] == 100
 
 
-def test_small_sweep_fits_plots_and_resumes(tmp_path):
+def test_small_sweep_fits_plots_and_resumes(tmp_path, scheduler):
     recipe = {
         "name": "tiny-sweep", "out": str(tmp_path / "sweep"),
         "synthetic": {"n": 300, "heldout": 30, "seed": 1, "image_size": 64},
-        "data": {"image_size": 32, "shard_size": 100, "thread_count": 8},
+        "data": {"image_size": 32, "shard_size": 100, "thread_count": 8, "dask_scheduler": scheduler},
         "train": {"model": "tiny", "batch_size": 16, "workers": 0, "warmup": 1},
         "sweep": {"subsets": ["0.2", "0.5", "1.0"], "methods": {"psd": {"loss": "psd"}}, "runner": "inprocess",
                   "seeds": [0], "compute": {"rule": "samples_seen", "samples": 32}, "suites": ["synthetic"],
@@ -82,13 +82,13 @@ def test_small_sweep_fits_plots_and_resumes(tmp_path):
     assert again.stderr.count("done, skipped") == 3
 
 
-def test_sweep_with_noise_levels_screening_and_val_test_splits(tmp_path):
+def test_sweep_with_noise_levels_screening_and_val_test_splits(tmp_path, scheduler):
     """The study's shape: a regime check, PSD settings screened on the validation split, the chosen one scaled
     beside CLIP over two caption-noise levels, differences paired by seed, and a rerun that trains nothing."""
     recipe = {
         "name": "study", "out": str(tmp_path / "study"),
         "synthetic": {"n": 120, "heldout": 24, "seed": 1, "image_size": 32},
-        "data": {"image_size": 32, "shard_size": 60, "thread_count": 8},
+        "data": {"image_size": 32, "shard_size": 60, "thread_count": 8, "dask_scheduler": scheduler},
         "train": {"model": "rn-small", "batch_size": 16, "workers": 0, "warmup": 0.5},
         "sweep": {"subsets": ["0.5", "1.0"], "seeds": [0], "seeds_largest": [0, 1], "runner": "inprocess",
                   "prune": True,
@@ -134,32 +134,28 @@ def test_sweep_with_noise_levels_screening_and_val_test_splits(tmp_path):
                                    "done, skipped" not in ln and "regime" not in ln and "noise level" not in ln)
 
 
-def test_sweep_runners_sequential_torchrun_and_dask(tmp_path):
+def test_sweep_runners_sequential_torchrun_and_dask(tmp_path, scheduler):
     """The same one-run sweep launched as a `psdclip train` process, as a 2-process torchrun job, then as a task on
-    a real Dask cluster."""
-    from dask.distributed import LocalCluster
-
+    a real Dask cluster (the shared one, which also builds the sweep's dataset)."""
     base = {
         "out": str(tmp_path / "sweep"),
         "synthetic": {"n": 120, "heldout": 20, "seed": 2, "image_size": 64},
-        "data": {"image_size": 32, "shard_size": 60, "thread_count": 8},
+        "data": {"image_size": 32, "shard_size": 60, "thread_count": 8, "dask_scheduler": scheduler},
         "train": {"model": "tiny", "batch_size": 16, "workers": 0, "warmup": 1},
     }
     sweep = {"subsets": ["1.0"], "seeds": [0], "compute": {"rule": "samples_seen", "samples": 32},
              "suites": ["synthetic"], "metrics": ["zeroshot_shape_base.top1"]}
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        for runner, extra in (("sequential", {}), ("torchrun", {"nproc": 2}),
-                              ("dask", {"scheduler": cluster.scheduler_address})):
-            recipe = {**base, "name": f"sweep-{runner}",
-                      "sweep": {**sweep, "methods": {f"psd-{runner}": {"loss": "psd"}}, "runner": runner, **extra}}
-            (tmp_path / f"{runner}.yaml").write_text(yaml.safe_dump(recipe))
-            cli("sweep", tmp_path / f"{runner}.yaml")
-            run = tmp_path / "sweep" / "runs" / f"100pct-psd-{runner}-s0"
-            metrics = [json.loads(line) for line in open(run / "metrics.jsonl")]
-            assert metrics[-1]["step"] == 2 and (run / "eval" / "synthetic.json").exists(), runner
-            assert yaml.safe_load(open(run / "config.yaml"))["world_size"] == (2 if runner == "torchrun" else 1)
-            table = pd.read_csv(tmp_path / "sweep" / "results.csv")
-            assert list(table["method"]) == [f"psd-{runner}"]
+    for runner, extra in (("sequential", {}), ("torchrun", {"nproc": 2}), ("dask", {"scheduler": scheduler})):
+        recipe = {**base, "name": f"sweep-{runner}",
+                  "sweep": {**sweep, "methods": {f"psd-{runner}": {"loss": "psd"}}, "runner": runner, **extra}}
+        (tmp_path / f"{runner}.yaml").write_text(yaml.safe_dump(recipe))
+        cli("sweep", tmp_path / f"{runner}.yaml")
+        run = tmp_path / "sweep" / "runs" / f"100pct-psd-{runner}-s0"
+        metrics = [json.loads(line) for line in open(run / "metrics.jsonl")]
+        assert metrics[-1]["step"] == 2 and (run / "eval" / "synthetic.json").exists(), runner
+        assert yaml.safe_load(open(run / "config.yaml"))["world_size"] == (2 if runner == "torchrun" else 1)
+        table = pd.read_csv(tmp_path / "sweep" / "results.csv")
+        assert list(table["method"]) == [f"psd-{runner}"]
 
 
 def test_demo_end_to_end(tmp_path):
