@@ -117,7 +117,7 @@ def make_dataset(args) -> str:
     return ds
 
 
-def ours(ds, args, name: str | None = None, accum: int = 1) -> float:
+def ours(ds, args, name: str | None = None, accum: int = 1, threads: int = 0) -> float:
     from psdclip.train.loop import train
 
     run = os.path.join(args.out, "train-ours")
@@ -126,7 +126,8 @@ def ours(ds, args, name: str | None = None, accum: int = 1) -> float:
         torch.cuda.reset_peak_memory_stats()
     train(TrainConfig(data=ds, out=run, model=name or args.model, loss="psd", steps=args.steps,
                       batch_size=args.batch_size, workers=args.workers, log_every=1, checkpoint_every=10_000, warmup=5,
-                      progress=False, shuffle_buffer=500, device=args.device, accum=accum))
+                      progress=False, shuffle_buffer=500, device=args.device, accum=accum,
+                      threads=threads))
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
     return (statistics.median(r["samples_per_s"] for r in rows[3:]),
@@ -205,13 +206,15 @@ def main():
         return
     if args.only == "presets":
         ds = make_dataset(args)
-        rows = []
+        rows, left = [], max(1, (os.cpu_count() or 1) - args.workers)  # the cores the loader workers leave
         for name in ("tiny", "rn-small"):
-            rows.append(f"| {name} | {compute_only(args, name):.0f} | {ours(ds, args, name)[0]:.0f} |")
+            rows.append(f"| {name} | {compute_only(args, name):.0f} | {ours(ds, args, name)[0]:.0f} | "
+                        f"{ours(ds, args, name, threads=left)[0]:.0f} |")
         body = (f"batch {args.batch_size}, PSD loss, {args.device}{' bf16' if args.device == 'cuda' else ' fp32'}, "
                 f"channels-last, {args.steps} steps (median after 3 warm-up steps); trainer: {args.workers} loader "
                 f"worker(s) on {args.images} synthetic images built by the pipeline at 64 px.\n\n"
-                "| preset | compute loop samples/s | trainer on real shards samples/s |\n|---|---|---|\n" +
+                f"| preset | compute loop samples/s | trainer on real shards samples/s | the same, --threads {left} |\n"
+                "|---|---|---|---|\n" +
                 "\n".join(rows) + "\n")
         record(f"train-presets-{args.device}", f"Training: samples/s of the model presets ({args.device})", body)
         return

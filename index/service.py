@@ -624,10 +624,28 @@ def _quiet_gc() -> None:
     gc.set_threshold(50_000, 20, 100)  # requests make short-lived objects: collect young ones less often
 
 
+FAILED = "failed.json"  # in the run folder: why a worker could not start
+
+
 def worker_app():
-    """The app of one `psdclip serve --workers N` process (uvicorn's factory; the config comes from the parent)."""
+    """The app of one `psdclip serve --workers N` process (uvicorn's factory; the config comes from the parent).
+    A worker that cannot start (a checkpoint that does not load, no memory) records why in the run folder and
+    stops the parent, which shuts the service down and reports it in one line: uvicorn would otherwise start
+    the worker again and again."""
     cfg = ServeConfig(**json.loads(os.environ["PSDCLIP_SERVE_CONFIG"]))
-    app = create_app(cfg)
+    try:
+        app = create_app(cfg)
+    except Exception as err:  # pylint: disable=broad-except
+        import signal
+
+        from psdclip.pipeline.errors import PsdclipError
+
+        message = str(err) if isinstance(err, PsdclipError) else f"{type(err).__name__}: {err}"
+        with contextlib.suppress(OSError):
+            write_json(os.path.join(os.environ[RUN_DIR], FAILED),
+                       {"message": message, "input": isinstance(err, InputError)})
+        os.kill(os.getppid(), signal.SIGTERM)  # uvicorn's supervisor: it stops the other workers and returns
+        raise SystemExit(3) from None
     _quiet_gc()
     return app
 
@@ -647,8 +665,11 @@ def cmd_serve(cfg: ServeConfig) -> int:
 
     from .searcher import Searcher
 
-    for path in cfg.named().values():  # a bad index is one line here, not N workers failing
-        Searcher(path, cfg.device, load_model=False)
+    for path in cfg.named().values():  # a bad index or a missing checkpoint is one line here, not N workers failing
+        ckpt = Searcher(path, cfg.device, load_model=False).info.get("checkpoint")
+        if ckpt and not os.path.exists(ckpt):
+            raise InputError(f"{path}: the model checkpoint its index.json names, {ckpt}, is missing (text and "
+                             f"image queries need it: restore it, or rebuild the index)")
     if cfg.port == 0:
         with socket.socket() as sock:
             sock.bind((cfg.host, 0))
@@ -662,6 +683,13 @@ def cmd_serve(cfg: ServeConfig) -> int:
     try:
         uvicorn.run("psdclip.index.service:worker_app", factory=True, workers=cfg.workers, host=cfg.host,
                     port=cfg.port, log_level="warning", access_log=False)
+        failed = os.path.join(run, FAILED)
+        if os.path.isfile(failed):
+            with open(failed, encoding="utf-8") as f:
+                why = json.load(f)
+            from psdclip.pipeline.errors import PsdclipError
+
+            raise (InputError if why["input"] else PsdclipError)(f"a worker could not start: {why['message']}")
     finally:
         shutil.rmtree(run, ignore_errors=True)
     return 0

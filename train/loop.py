@@ -88,6 +88,17 @@ def make_loss(cfg: TrainConfig, rank: int, world: int):
 
 def train(cfg: TrainConfig) -> dict:
     rank, world, device = setup_distributed(cfg)
+    before = torch.get_num_threads()
+    if device.type != "cpu" or not cfg.threads or cfg.threads == before:
+        return _train(cfg, rank, world, device)
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, rank, world, device)
+    finally:
+        torch.set_num_threads(before)  # a caller in the same process (a sweep, a test) keeps its own setting
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     if cfg.batch_size % (world * cfg.accum):
         raise InputError(f"--batch-size {cfg.batch_size} must divide evenly over {world} rank(s) x {cfg.accum} "
                          f"micro-batches")

@@ -234,7 +234,7 @@ class Sweep:
             return
         with open(path, encoding="utf-8") as f:
             before = yaml.safe_load(f) or {}
-        changed = sorted(k for k in set(before) | set(wanted) if k not in ("data", "out")
+        changed = sorted(k for k in set(before) | set(wanted) if k not in ("data", "out", "threads")  # speed only
                          and before.get(k) != wanted.get(k))
         if changed:
             raise InputError(f"[sweep] {run} was trained with other settings ({', '.join(changed)}); delete it to "

@@ -372,6 +372,24 @@ def test_image_url_fetches_are_checked_bounded_and_quiet_and_a_bad_reload_is_409
     assert b"reload of" in proc.stderr.read()  # the failure is in the log with its traceback
 
 
+def test_workers_that_cannot_load_the_model_end_the_service_with_one_line(index_dir, tmp_path):
+    """A checkpoint that is missing is caught before any worker starts; one that the workers cannot load stops the
+    service (uvicorn would restart the failing workers for ever) with the workers' reason, exit 2."""
+    idx = tmp_path / "idx"
+    shutil.copytree(index_dir, idx)
+    info = json.loads((idx / "index.json").read_text())
+    bad = tmp_path / "damaged.pt"
+    (idx / "index.json").write_text(json.dumps({**info, "checkpoint": str(bad)}))
+    for why in ("is missing", "not a loadable checkpoint"):
+        if why != "is missing":
+            bad.write_bytes(b"damaged on disk")
+        r = subprocess.run([os.path.join(BIN, "psdclip"), "serve", str(idx), "--workers", "2", "--port", "0"],
+                           capture_output=True, text=True, timeout=300)
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("psdclip: error")]
+        assert r.returncode == 2 and len(errors) == 1 and why in errors[0] and str(bad) in errors[0], r.stderr[-2000:]
+        assert "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
 def test_worker_processes_share_the_port_and_a_reload_reaches_every_one(index_dir, tmp_path):
     """`--workers 2`: two processes answer on one port; /admin/reload on one answers once both serve the rebuilt
     index (here: its metadata replaced by rename, as a rebuild does); /metrics sums over both."""

@@ -229,8 +229,11 @@ def test_a_model_from_a_json_config_evaluates_and_exports_without_the_file(datas
                                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2,
                                             "layers": 1}}))
     run = tmp_path / "run"
+    threads = torch.get_num_threads()
     cli("train", "--data", dataset_dir, "--out", run, "--model", cfg, "--steps", 2, "--batch-size", 16,
-            "--workers", 0, "--warmup", 1, "--no-progress")
+            "--workers", 0, "--warmup", 1, "--no-progress", "--threads", 1)
+    assert torch.get_num_threads() == threads  # --threads held for the run only
+    assert "threads: 1" in (run / "config.yaml").read_text()
     cfg.unlink()  # the run alone must be enough
     r = cli("eval", run, "--suite", f"synthetic:{synth_dir}", "--workers", 0)
     assert "checkpoint step 2, mine" in r.stdout

@@ -129,6 +129,8 @@ def test_sweep_with_noise_levels_screening_and_val_test_splits(tmp_path, schedul
     (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
     r = cli("sweep", tmp_path / "changed.yaml", check=False)  # finished runs are not reused for other settings
     assert r.returncode == 2 and "was trained with other settings (lr)" in r.stderr
+    faster = dict(recipe, train={**recipe["train"], "threads": 1})  # speed only: finished runs are reused
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(faster))
     again = cli("sweep", tmp_path / "study.yaml")
     assert "steps" not in "".join(ln for ln in again.stderr.splitlines() if ln.startswith("[sweep]") and
                                    "done, skipped" not in ln and "regime" not in ln and "noise level" not in ln)
