@@ -180,13 +180,21 @@ class _TarEnd:
             return "truncated (no end-of-archive blocks: a partial copy?)"
         return None
 
-    def close(self):
+    def close(self) -> str | None:
+        """Close the stream; what went wrong, if anything (a `pipe:` command's exit status is checked here)."""
         close = getattr(self.raw, "close", None)
-        if close:
-            close()
+        try:
+            if close:
+                close()
+        except Exception as err:  # pylint: disable=broad-except
+            return f"closing it failed ({err})"
+        return None
 
     def __getattr__(self, name):
         return getattr(self.raw, name)
+
+    def __repr__(self):
+        return repr(self.raw)
 
 
 def tar_samples(urls, on_error):
@@ -209,16 +217,18 @@ def tar_samples(urls, on_error):
                 on_error(f"shard {url}: {exn}")
                 continue
             if current:  # the previous shard stopped at an error (already reported)
-                current[1].close()
+                current[1].close()  # (and what closing it says adds nothing)
             current[:] = [url, stream]
             yield {"url": url, "stream": stream}
+        if current:  # the last shard stopped at an error
+            current[1].close()
 
     def checked(files):
         for f in files:
             if not f and current:  # webdataset's end-of-shard marker: the shard's tar stream was read to its end
                 url, stream = current
-                problem = stream.problem()
-                stream.close()
+                problem, closing = stream.problem(), stream.close()
+                problem = problem or closing
                 current.clear()
                 if problem:
                     on_error(f"shard {url}: {problem}")
