@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import signal
 import threading
 import time
 import urllib.parse
@@ -43,7 +44,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from psdclip.pipeline.dataset import write_json
-from psdclip.pipeline.errors import InputError
+from psdclip.pipeline.errors import InputError, PsdclipError
 
 from .config import ServeConfig
 
@@ -636,10 +637,6 @@ def worker_app():
     try:
         app = create_app(cfg)
     except Exception as err:  # pylint: disable=broad-except
-        import signal
-
-        from psdclip.pipeline.errors import PsdclipError
-
         message = str(err) if isinstance(err, PsdclipError) else f"{type(err).__name__}: {err}"
         with contextlib.suppress(OSError):
             write_json(os.path.join(os.environ[RUN_DIR], FAILED),
@@ -687,8 +684,6 @@ def cmd_serve(cfg: ServeConfig) -> int:
         if os.path.isfile(failed):
             with open(failed, encoding="utf-8") as f:
                 why = json.load(f)
-            from psdclip.pipeline.errors import PsdclipError
-
             raise (InputError if why["input"] else PsdclipError)(f"a worker could not start: {why['message']}")
     finally:
         shutil.rmtree(run, ignore_errors=True)

@@ -69,8 +69,8 @@ class TrainConfig:
     workers: int = _help("DataLoader worker processes per rank", default=2)
     threads: int = _help("compute threads of a CPU run (0: torch's default, one per core). A model whose loader "
                          "workers are busy runs faster on the cores they leave: rn-small at batch 256 on 2 cores "
-                         "beside 1 loader worker, 583 samples/s with 1 thread against 335 with 2 (~1.1x at batch "
-                         "64); tiny, whose compute dwarfs its loading, runs slower (68 against 109). Speed only: "
+                         "beside 1 loader worker, 583 samples/s with 1 thread against 335 with 2 (less at smaller "
+                         "batches); tiny, whose compute dwarfs its loading, runs slower (68 against 109). Speed only: "
                          "a run resumes with any value (equal up to float rounding)", default=0)
     shuffle_buffer: int = _help("samples in the shuffle buffer of each reader", default=1000)
     resampled: bool = _help("draw shards with replacement (for runs far longer than one pass)", default=False)

@@ -297,20 +297,18 @@ def shuffle(samples, bufsize: int, rng: random.Random):
     yield from buf
 
 
-def seeded(transform, seed: str):
+def seeded(transform, image, seed: str):
     """transform(image) with torch's CPU generator (which torchvision's and open_clip's random augmentations
     draw from) seeded from `seed` for the call and restored after it: a sample's augmentation then depends on
     (run seed, epoch, sample key) only, not on what the reader drew before, so a resumed run (or one with another
     worker count) augments each sample exactly as the uninterrupted run did."""
-    def apply(image):
-        gen = torch.default_generator  # (torch.manual_seed would also seed every accelerator: 100x slower)
-        state = gen.get_state()
-        gen.manual_seed(zlib.crc32(seed.encode()))
-        try:
-            return transform(image)
-        finally:
-            gen.set_state(state)
-    return apply
+    gen = torch.default_generator  # (torch.manual_seed would also seed every accelerator: 100x slower)
+    state = gen.get_state()
+    gen.manual_seed(zlib.crc32(seed.encode()))
+    try:
+        return transform(image)
+    finally:
+        gen.set_state(state)
 
 
 def decode(samples, transform, tokenize, on_error, aug_seed: str | None = None):
@@ -325,7 +323,7 @@ def decode(samples, transform, tokenize, on_error, aug_seed: str | None = None):
                 raise ValueError("no image in sample")
             with Image.open(io.BytesIO(raw)) as im:
                 rgb = im.convert("RGB")
-                image = (seeded(transform, f"{aug_seed}-{s['__key__']}") if aug_seed is not None else transform)(rgb)
+                image = transform(rgb) if aug_seed is None else seeded(transform, rgb, f"{aug_seed}-{s['__key__']}")
             text = s.get("txt", b"")
             text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
             yield image, tokenize([text])[0], s["__key__"]

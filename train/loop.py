@@ -89,9 +89,8 @@ def make_loss(cfg: TrainConfig, rank: int, world: int):
 def train(cfg: TrainConfig) -> dict:
     rank, world, device = setup_distributed(cfg)
     before = torch.get_num_threads()
-    if device.type != "cpu" or not cfg.threads or cfg.threads == before:
-        return _train(cfg, rank, world, device)
-    torch.set_num_threads(cfg.threads)
+    if device.type == "cpu" and cfg.threads:
+        torch.set_num_threads(cfg.threads)
     try:
         return _train(cfg, rank, world, device)
     finally:
