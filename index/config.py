@@ -105,6 +105,12 @@ class ServeConfig:
     workers: int = field(default=1, metadata={
         "help": "service processes sharing the port and the memory-mapped indices (each holds its own query "
                 "encoder; /admin/reload reaches every one)"})
+    threads: int = field(default=1, metadata={
+        "help": "CPU threads of each process' model and index search (0: torch's and faiss' default, one per "
+                "core). Queries come in small batches: with more threads, idle ones spin and take the CPU the "
+                "event loop needs"})
+    text_runtime: str = field(default="torchscript", metadata={
+        "help": "how the text tower runs: torchscript (traces that release the GIL while they run) or eager"})
 
     def __post_init__(self):
         if not self.indices:
@@ -115,6 +121,10 @@ class ServeConfig:
             raise InputError(f"--max-k must be in [1, 100000], got {self.max_k}")
         if not 0 < self.fetch_timeout <= 300:
             raise InputError(f"--fetch-timeout must be in (0, 300] seconds, got {self.fetch_timeout}")
+        if not 0 <= self.threads <= 1024:
+            raise InputError(f"--threads must be in [0, 1024], got {self.threads}")
+        if self.text_runtime not in ("torchscript", "eager"):
+            raise InputError(f"--text-runtime must be torchscript or eager, got {self.text_runtime!r}")
         if not 0 <= self.port <= 65535:
             raise InputError(f"--port must be in [0, 65535], got {self.port}")
 

@@ -22,10 +22,15 @@ from . import parts as P
 
 
 class Searcher:
-    """model: a LoadedModel to reuse (a reload of an index built with the same checkpoint shares it)."""
+    """model: a LoadedModel to reuse (a reload of an index built with the same checkpoint shares it).
+    text_runtime: "eager" (plain PyTorch) or "torchscript" (the text tower as traces that release the GIL, for a
+    service answering many small batches; see train.models.TracedText)."""
 
     def __init__(self, index_dir: str, device: str = "cpu", load_model: bool = True, text_cache: int = 0,
-                 model=None):
+                 model=None, text_runtime: str = "eager"):
+        if text_runtime not in ("eager", "torchscript"):
+            raise ValueError(f"text_runtime must be eager or torchscript, not {text_runtime!r}")
+        self.text_runtime = text_runtime
         meta_path = os.path.join(index_dir, "index.json")
         if not os.path.isfile(meta_path):
             raise InputError(f"{index_dir}: not a psdclip index (no index.json)")
@@ -87,6 +92,18 @@ class Searcher:
     def _use(self, m):
         self.loaded = m
         self.model, self.preprocess, self.tokenizer = m.model, m.preprocess, m.tokenizer
+        if self.text_runtime == "torchscript":
+            from psdclip.train.models import TracedText
+
+            # kept with the loaded model: a reload that shares the model shares its traces
+            if "traced_text" not in m.__dict__:
+                m.traced_text = TracedText(m.model)
+                m.traced_text.warm(self.tokenizer, self.device.name)
+            self.encode_text = m.traced_text
+        else:
+            from psdclip.train.models import encode_text
+
+            self.encode_text = lambda tokens: encode_text(self.model, tokens)
 
     def _need_model(self, what: str):
         if self.model is None:
@@ -111,10 +128,8 @@ class Searcher:
             if todo:
                 import torch
 
-                from psdclip.train.models import encode_text
-
                 with torch.no_grad():
-                    fresh = encode_text(self.model, self.tokenizer(todo).to(self.device.name)).float().cpu().numpy()
+                    fresh = self.encode_text(self.tokenizer(todo).to(self.device.name)).float().cpu().numpy()
                 found.update(zip(todo, fresh))
                 if self.text_cache_size:
                     for t, v in zip(todo, fresh):

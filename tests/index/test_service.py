@@ -94,6 +94,16 @@ def test_two_torchrun_ranks_embed_the_vectors_one_process_does(index_dir, datase
     assert json.load(open(out / "index.json"))["count"] == 300
 
 
+def test_the_query_thread_uses_the_configured_thread_count():
+    """OpenMP's thread count is per thread: the service sets faiss' (and its BLAS') in the thread that searches."""
+    import faiss
+
+    from psdclip.index.service import Batcher
+
+    for n in (1, 3):
+        assert Batcher(threads=n).executor.submit(faiss.omp_get_max_threads).result() == n
+
+
 def test_text_embedding_cache_is_lru_and_changes_no_result(index_dir):
     from psdclip.index.searcher import Searcher
 
@@ -261,6 +271,14 @@ def test_bounds_and_bad_requests_get_4xx(service):
         r = requests.post(service + "/search", json=body)
         assert r.status_code == code, (body, r.status_code, r.text[:200])
     assert requests.post(service + "/search", data=b"{", headers={"Content-Type": "application/json"}).status_code == 422
+    # the query routes are answered before FastAPI's router; their errors keep FastAPI's shape
+    detail = requests.post(service + "/search", json={"text": "x", "k": 0}).json()["detail"]
+    assert detail[0]["loc"] == ["body", "k"] and detail[0]["type"] == "greater_than_equal", detail
+    r = requests.post(service + "/search", data=b'{"text": "x"}', headers={"Content-Type": "text/plain"})
+    assert r.status_code == 422 and "must be JSON" in r.json()["detail"]
+    assert requests.post(service + "/knn-service", json={"text": "x"}).json()["detail"][0]["loc"] == \
+        ["body", "num_images"]
+    assert "/search" in requests.get(service + "/openapi.json").json()["paths"]
     big = requests.post(service + "/search", data=b"x" * 300_000, headers={"Content-Type": "application/json"})
     assert big.status_code == 413
     for path in ("/images/..%2F..%2F..%2Fetc%2Fpasswd", "/images/nope", "/images/%2e%2e"):
