@@ -79,6 +79,7 @@ def start_service(exe: str, idx: str, *args: str, wait_s: float = 60) -> tuple[s
 WRK_SCRIPT = """
 local bodies = {}
 for line in io.lines(os.getenv("PSDCLIP_BODIES")) do bodies[#bodies + 1] = line end
+local path = os.getenv("PSDCLIP_PATH") or "/search"
 local threads, i = 0, 0
 function setup(thread)  -- each of the 2 threads takes every other body, so that distinct bodies stay distinct
   thread:set("id", threads)
@@ -86,7 +87,7 @@ function setup(thread)  -- each of the 2 threads takes every other body, so that
 end
 request = function()
   i = i + 1
-  return wrk.format("POST", "/search", {["Content-Type"] = "application/json"}, bodies[((2 * i + id) % #bodies) + 1])
+  return wrk.format("POST", path, {["Content-Type"] = "application/json"}, bodies[((2 * i + id) % #bodies) + 1])
 end
 done = function(summary, latency, requests)
   io.write(string.format("PSDCLIP %d %f %f %f %d %d\\n", summary.requests, summary.duration / 1e6,
@@ -97,15 +98,15 @@ end
 """
 
 
-def load_wrk(base: str, bodies: list[dict], clients: int, seconds: float, tmp: str) -> dict:
+def load_wrk(base: str, bodies: list[dict], clients: int, seconds: float, tmp: str, path: str = "/search") -> dict:
     body_file, script = os.path.join(tmp, "bodies.jsonl"), os.path.join(tmp, "load.lua")
     with open(body_file, "w") as f:
         f.write("\n".join(json.dumps(b) for b in bodies) + "\n")
     with open(script, "w") as f:
         f.write(WRK_SCRIPT)
-    out = subprocess.run(["wrk", "-t", "2", "-c", str(clients), "-d", f"{int(seconds)}s", "--timeout", "10s",
-                          "-s", script, base], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PSDCLIP_BODIES": body_file}).stdout
+    out = subprocess.run(["wrk", "-t", str(min(2, clients)), "-c", str(clients), "-d", f"{int(seconds)}s",
+                          "--timeout", "10s", "-s", script, base], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PSDCLIP_BODIES": body_file, "PSDCLIP_PATH": path}).stdout
     fields = next(line for line in out.splitlines() if line.startswith("PSDCLIP ")).split()
     n, wall, p50, p99, errors = int(fields[1]), float(fields[2]), float(fields[3]), float(fields[4]), int(fields[5])
     return {"requests": n, "qps": n / wall, "p50": p50, "p99": p99, "errors": errors}
