@@ -112,6 +112,16 @@ def load_wrk(base: str, bodies: list[dict], clients: int, seconds: float, tmp: s
     return {"requests": n, "qps": n / wall, "p50": p50, "p99": p99, "errors": errors}
 
 
+def demo_index(idx: str, default: str) -> tuple[str, str]:
+    """(the psdclip executable, the index): the demo's, made by `psdclip demo` when it is missing."""
+    exe = os.path.join(os.path.dirname(sys.executable), "psdclip")
+    if not os.path.isfile(os.path.join(idx, "index.json")):
+        if idx != default:
+            raise SystemExit(f"{idx}: not a psdclip index")
+        subprocess.run([exe, "demo", "--out", os.path.dirname(idx)], check=True, capture_output=True)
+    return exe, idx
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=60)
@@ -120,12 +130,7 @@ def main():
     ap.add_argument("--generator", choices=["auto", "wrk", "httpx"], default="auto")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="service processes (`serve --workers`)")
     args = ap.parse_args()
-    exe = os.path.join(os.path.dirname(sys.executable), "psdclip")
-    idx = args.index
-    if not os.path.isfile(os.path.join(idx, "index.json")):
-        if idx != ap.get_default("index"):
-            raise SystemExit(f"{idx}: not a psdclip index")
-        subprocess.run([exe, "demo", "--out", os.path.dirname(idx)], check=True, capture_output=True)
+    exe, idx = demo_index(args.index, ap.get_default("index"))
     import shutil
     import tempfile
 

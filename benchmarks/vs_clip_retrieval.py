@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _record import record  # noqa: E402
-from service import free_port, load_wrk, start_service  # noqa: E402
+from service import demo_index, free_port, load_wrk, start_service  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -110,12 +110,7 @@ def main():
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed (apt install wrk): both services get the same load from it")
-    exe = os.path.join(os.path.dirname(sys.executable), "psdclip")
-    idx = args.index
-    if not os.path.isfile(os.path.join(idx, "index.json")):
-        if idx != ap.get_default("index"):
-            raise SystemExit(f"{idx}: not a psdclip index")
-        subprocess.run([exe, "demo", "--out", os.path.dirname(idx)], check=True, capture_output=True)
+    exe, idx = demo_index(args.index, ap.get_default("index"))
     meta = json.load(open(os.path.join(idx, "index.json")))
     py = ensure_venv(args.venv)
     tmp = tempfile.mkdtemp()
