@@ -19,21 +19,14 @@ import os
 import sys
 import time
 
-import numpy as np
-import pandas as pd
-import pyarrow as pa
-
-from .clean import hosts
 from .config import BuildConfig
-from .dataset import PLAN_COLUMNS, SCHEMA_VERSION, Layout, manifest_batches, now, read_json, stream_stats, \
-    write_json, write_parquet
+from .dataset import SCHEMA_VERSION, Layout, now, read_json, stream_stats, write_json, write_parquet
 from .finalize import finalize_manifest, write_subsets
 from .download import DownloadOptions, download_partition
 from . import logs
 from .errors import InputError, PsdclipError
-from .ingest import file_sha256, ingest_inputs
-from .plan import assign_shards
-from .status import PENDING, SUCCESS, TRANSIENT
+from .ingest import file_sha256, ingest_inputs, plan_retry
+from .status import SUCCESS
 from .subsets import parse_subsets
 
 
@@ -228,7 +221,7 @@ def _build_locked(cfg: BuildConfig, layout: Layout, previous: dict | None) -> di
         # 3. post-download stage and the contract files (Dask tasks over groups of shards; finalize.py)
         t = time.time()
         counts = finalize_manifest(client, layout)
-        if cfg.retry_failed and _plan_retry(layout, cfg):  # transient failures, read from the manifest just written
+        if cfg.retry_failed and _plan_retry(client, layout, cfg):  # transient failures, from the manifest just written
             timings["finalize_s"] = time.time() - t
             _download_pending(client, layout, cfg, opts, timings, "download")
             t = time.time()
@@ -311,23 +304,13 @@ def _download_pending(client, layout: Layout, cfg: BuildConfig, opts: DownloadOp
                            f"rerun the same command to retry them")
 
 
-def _plan_retry(layout: Layout, cfg: BuildConfig) -> bool:
-    """A new ingest of the rows whose status is transient (read from the manifest a batch at a time: the client holds
-    those rows only), with the shard each came from (replaced.parquet: the finalize leaves them to the new shard).
-    False when there is none."""
-    cols = ["key", "url", "caption", "source", "source_row", "status", "shard"]
-    retry = [b[b["status"].isin(TRANSIENT)] for b in manifest_batches(layout.root, cols)]
-    retry = pd.concat(retry, ignore_index=True) if retry else pd.DataFrame(columns=cols)
-    if retry.empty:
+def _plan_retry(client, layout: Layout, cfg: BuildConfig) -> bool:
+    """--retry-failed: a new ingest of the rows whose status is transient (ingest.plan_retry: Dask tasks over the
+    manifest's files). False when there is none."""
+    r = plan_retry(client, layout, cfg.shard_size)
+    if r is None:
         log.info("--retry-failed: no row has a transient status; nothing to retry")
         return False
-    plan = retry[["key", "url", "caption", "source", "source_row"]].copy()
-    plan["status"], plan["error"] = PENDING, ""
-    plan["host"] = pd.arrays.ArrowStringArray(hosts(pa.array(plan["url"].astype(str)), np.ones(len(plan), bool)))
-    plan = assign_shards(plan, cfg.shard_size, _next_shard(layout))
-    ingest = layout.ingest_ids()[-1] + 1
-    layout.save_ingest(ingest, plan[PLAN_COLUMNS], {"kind": "retry", "created_at": now(), "files": []},
-                       replaced=retry[["key", "shard"]].astype({"shard": np.int64}))
-    log.info(f"--retry-failed: ingest {ingest} downloads {len(plan):,} row(s) again "
-             f"({', '.join(f'{k} {v}' for k, v in retry['status'].value_counts().items())})")
+    log.info(f"--retry-failed: ingest {r['ingest']} downloads {r['pending']:,} row(s) again "
+             f"({', '.join(f'{k} {v}' for k, v in sorted(r['statuses'].items()))})")
     return True

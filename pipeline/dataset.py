@@ -192,22 +192,6 @@ class Layout:
     def load_inputs(self, ingest: int) -> dict:
         return read_json(os.path.join(self.ingests, f"{ingest:05d}", "inputs.json"))
 
-    def save_ingest(self, ingest: int, plan: pd.DataFrame, inputs: dict, replaced: pd.DataFrame | None = None) -> None:
-        """Write plan, inputs and each shard's input file into a temporary folder, then rename it: an ingest exists
-        whole or not at all. replaced: (key, shard) of rows an earlier ingest planned that this one plans again."""
-        final = os.path.join(self.ingests, f"{ingest:05d}")
-        tmp = _tmp(final)
-        os.makedirs(tmp)
-        os.makedirs(os.path.join(tmp, "unsharded"))
-        if (plan["shard"] < 0).any():
-            _write_unsharded_manifest(os.path.join(tmp, "unsharded", "0000.parquet"), plan[plan["shard"] < 0], ingest)
-        _write_shard_inputs(tmp, plan)  # the rows that reach a shard: its input file (the plan holds no copy)
-        os.makedirs(os.path.join(tmp, "keys"))  # its keys are earlier ingests' (a retry plans no new URL)
-        if replaced is not None:
-            write_replaced(os.path.join(tmp, "replaced.parquet"), replaced)
-        write_json(os.path.join(tmp, "inputs.json"), inputs)
-        os.replace(tmp, final)
-
     def planned_shards_of(self, ingest: int) -> dict[int, tuple[str, int]]:
         """shard -> (its input file, rows) of one ingest (from its shards.json)."""
         folder = os.path.join(self.ingests, f"{ingest:05d}")
@@ -463,17 +447,21 @@ class StatsAccumulator:
         }
 
 
+def manifest_files(root: str) -> list[str]:
+    """The manifest's Parquet files: manifest/'s, or a legacy manifest.parquet (one-line errors when missing or
+    damaged)."""
+    layout = Layout(root)
+    if os.path.isdir(layout.manifest):
+        return sorted(os.path.join(layout.manifest, n) for n in os.listdir(layout.manifest)
+                      if n.endswith(".parquet") and not n.startswith((".", "_")))
+    load_manifest(root, columns=[])  # the one-line errors of a missing or damaged manifest
+    return [layout.legacy_manifest]
+
+
 def manifest_batches(root: str, columns=None, batch_size: int = 262_144):
     """The manifest as frames of at most batch_size rows, one file at a time (manifest/ or a legacy
     manifest.parquet): what a reader of a 1B-row manifest holds at once."""
-    layout = Layout(root)
-    if os.path.isdir(layout.manifest):
-        files = sorted(os.path.join(layout.manifest, n) for n in os.listdir(layout.manifest)
-                       if n.endswith(".parquet") and not n.startswith((".", "_")))
-    else:
-        load_manifest(root, columns=[])  # the one-line errors of a missing or damaged manifest
-        files = [layout.legacy_manifest]
-    for path in files:
+    for path in manifest_files(root):
         try:
             pf = pq.ParquetFile(path)
             for batch in pf.iter_batches(columns=columns, batch_size=batch_size):

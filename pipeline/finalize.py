@@ -137,8 +137,12 @@ def _file_order(layout: Layout) -> dict[str, int]:
 
 
 def _replaced(layout: Layout, ingest: int) -> str:
-    """A retry ingest's replaced.parquet (key, shard of the earlier plan), sorted by shard; for a retry ingest written
-    before it existed, found once by reading the earlier ingests' shard input files one at a time."""
+    """A retry ingest's rows planned again: replaced/ (one Parquet file per manifest file the retry read), or an
+    older retry's replaced.parquet, each (key, shard of the earlier plan) sorted by shard; for a retry ingest
+    written before either existed, found once by reading the earlier ingests' shard input files one at a time."""
+    folder = os.path.join(layout.ingests, f"{ingest:05d}", "replaced")
+    if os.path.isdir(folder):
+        return folder
     path = os.path.join(layout.ingests, f"{ingest:05d}", "replaced.parquet")
     if not os.path.isfile(path):
         keys = pa.array(layout.load_sharded_plan(ingest)["key"].astype(str), pa.string())

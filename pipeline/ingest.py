@@ -35,13 +35,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import logs
-from .clean import clean_partition
-from .dataset import MANIFEST_COLUMNS, MANIFEST_SCHEMA, Layout, SHARD_INPUT_COLUMNS, _tmp, atomic_path, now, \
-    write_json
+from .clean import clean_partition, hosts
+from .dataset import MANIFEST_COLUMNS, MANIFEST_SCHEMA, Layout, SHARD_INPUT_COLUMNS, _tmp, atomic_path, \
+    manifest_files, now, write_json, write_replaced
 from .errors import InputError
 from .keys import row_keys
 from .read import detect_format, read_parquet_list, read_url_list
-from .status import DUPLICATE_URL, PENDING
+from .status import DUPLICATE_URL, PENDING, TRANSIENT
 
 log = logs.get(__name__, "[psdclip data build] ")
 
@@ -415,6 +415,93 @@ def write_key_store(root: str, ingest: int, buckets: int) -> None:
     os.replace(tmp, os.path.join(folder, "keys"))
 
 
+def plan_shards(client, layout: Layout, canon: list[str], pending: list[int], shard_size: int, folder: str, work: str,
+                tok: str) -> dict[int, int]:
+    """The shards of a new ingest (in FOLDER, not yet renamed into place) from files of rows to download (`canon`,
+    `pending` rows each: url, caption, key, source, source_row, host, file), as Dask tasks: each file's rows are
+    dealt over the shards, sorted by host, then each group of shards' input files is written. Also writes
+    shards.json and the keys/ and unsharded/ folders. Returns shard -> rows; the client holds no row."""
+    workers = max(1, len(client.scheduler_info().get("workers", {})))
+    total = sum(pending)
+    shard_counts: dict[int, int] = {}
+    if total:
+        shards = math.ceil(total / shard_size)
+        groups = min(shards, max(2 * workers, math.ceil(total / GROUP_ROWS)))
+        offsets = np.r_[0, np.cumsum(pending)[:-1]]
+        dealt = [os.path.join(work, "dealt", f"{j:04d}.arrow") for j in range(len(canon))]
+        client.gather([client.submit(deal_bucket, path, int(offsets[j]), shards, groups, dealt[j], pure=False,
+                                     key=f"deal-{tok}-{j}")
+                       for j, path in enumerate(canon) if pending[j]])
+        dealt = [d for d, n in zip(dealt, pending) if n]
+        first_shard = max(layout.planned_shards(upgrade=True), default=-1) + 1
+        dealt_f = client.scatter([dealt], broadcast=True, hash=False)[0]
+        for c in client.gather([client.submit(write_group, g, dealt_f, first_shard, folder, pure=False,
+                                              key=f"group-{tok}-{g}") for g in range(groups)]):
+            shard_counts.update(c)
+    for d in ("keys", "unsharded"):  # (either may be empty)
+        os.makedirs(os.path.join(folder, d), exist_ok=True)
+    write_json(os.path.join(folder, "shards.json"), {str(s): n for s, n in sorted(shard_counts.items())}, indent=0)
+    return shard_counts
+
+
+def retry_rows(path: str, index: int, out: str, replaced: str) -> dict:
+    """Dask task: the rows of one manifest file whose status is transient, as rows to download again (`out`, as
+    plan_shards reads them; `file` is the manifest file's index) and as (key, shard of the earlier plan) for the
+    finalize to leave them to the new shard (`replaced`). Returns their count per status."""
+    import pyarrow.feather as feather
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path, columns=["key", "url", "caption", "source", "source_row", "status", "shard"])
+    t = t.filter(pc.is_in(t.column("status"), value_set=pa.array(TRANSIENT, pa.string())))
+    counts = pd.Series(t.column("status").to_numpy(zero_copy_only=False)).value_counts().to_dict()
+    if not t.num_rows:
+        return {}
+    url = t.column("url").cast(pa.string())
+    rows = pa.table({"url": url, "caption": t.column("caption").cast(pa.string()),
+                     "key": t.column("key").cast(pa.string()), "source": t.column("source").cast(pa.string()),
+                     "source_row": t.column("source_row").cast(pa.int64()),
+                     "host": hosts(url, np.ones(t.num_rows, bool)),
+                     "file": pa.array(np.full(t.num_rows, index, np.int64))})
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with atomic_path(out) as tmp:
+        feather.write_feather(rows, tmp, compression="uncompressed")
+    write_replaced(replaced, pd.DataFrame({"key": t.column("key").to_numpy(zero_copy_only=False),
+                                           "shard": t.column("shard").to_numpy(zero_copy_only=False)}))
+    return {str(k): int(v) for k, v in counts.items()}
+
+
+def plan_retry(client, layout: Layout, shard_size: int) -> dict | None:
+    """A new ingest of the rows whose status is transient, planned as Dask tasks over the manifest's files (the
+    client holds their counts, not their rows), with replaced/ (one file per manifest file: key, shard of the
+    earlier plan). Returns its figures, or None when no row is transient."""
+    files = manifest_files(layout.root)
+    ingest = (layout.ingest_ids() or [-1])[-1] + 1
+    final = os.path.join(layout.ingests, f"{ingest:05d}")
+    folder = _tmp(final)
+    work = os.path.join(layout.work, "retry")
+    tok = uuid.uuid4().hex[:8]
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(os.path.join(folder, "replaced"))
+    canon = [os.path.join(work, "canon", f"{i:05d}.arrow") for i in range(len(files))]
+    counts = client.gather([client.submit(retry_rows, path, i, canon[i],
+                                          os.path.join(folder, "replaced", f"{i:05d}.parquet"), pure=False,
+                                          key=f"retry-{tok}-{i}") for i, path in enumerate(files)])
+    pending = [sum(c.values()) for c in counts]
+    statuses: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            statuses[k] = statuses.get(k, 0) + v
+    if not sum(pending):
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+        return None
+    shard_counts = plan_shards(client, layout, canon, pending, shard_size, folder, work, tok)
+    write_json(os.path.join(folder, "inputs.json"), {"kind": "retry", "created_at": now(), "files": []})
+    os.replace(folder, final)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"ingest": ingest, "pending": sum(pending), "shards": len(shard_counts), "statuses": statuses}
+
+
 def ingest_inputs(client, layout: Layout, cfg) -> dict | None:
     """Read, clean, dedupe and plan every new input file as Dask tasks, and save the plan as a new ingest. Files
     already ingested (same bytes) are skipped. Returns the ingest's figures, or None when there was nothing new."""
@@ -496,23 +583,8 @@ def ingest_inputs(client, layout: Layout, cfg) -> dict | None:
     for c in counts:
         for k, v in c["statuses"].items():
             statuses[k] = statuses.get(k, 0) + v
-    shard_counts: dict[int, int] = {}
-    if total:
-        shards = math.ceil(total / cfg.shard_size)
-        groups = min(shards, max(2 * workers, math.ceil(total / GROUP_ROWS)))
-        offsets = np.r_[0, np.cumsum(pending)[:-1]]
-        dealt = [os.path.join(work, "dealt", f"{j:04d}.arrow") for j in range(buckets)]
-        client.gather([client.submit(deal_bucket, os.path.join(work, "canon", f"{j:04d}.arrow"), int(offsets[j]),
-                                     shards, groups, dealt[j], pure=False, key=f"deal-{tok}-{j}")
-                       for j in range(buckets)])
-        first_shard = max(layout.planned_shards(upgrade=True), default=-1) + 1
-        dealt_f = client.scatter([dealt], broadcast=True, hash=False)[0]
-        for c in client.gather([client.submit(write_group, g, dealt_f, first_shard, folder, pure=False,
-                                              key=f"group-{tok}-{g}") for g in range(groups)]):
-            shard_counts.update(c)
-    for d in ("keys", "unsharded"):  # (either may be empty)
-        os.makedirs(os.path.join(folder, d), exist_ok=True)
-    write_json(os.path.join(folder, "shards.json"), {str(s): n for s, n in sorted(shard_counts.items())}, indent=0)
+    shard_counts = plan_shards(client, layout, [os.path.join(work, "canon", f"{j:04d}.arrow") for j in range(buckets)],
+                               pending, cfg.shard_size, folder, work, tok)
     write_json(os.path.join(folder, "inputs.json"), {"kind": "urls", "created_at": now(), "files": file_info,
                                                      "buckets": buckets})
     os.replace(folder, final)

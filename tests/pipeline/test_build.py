@@ -154,6 +154,16 @@ def test_append_new_lists_and_retry_failed(synth_dir, server, tmp_path, schedule
     assert {p.name: feather.read_table(p) for p in (ingest0 / "shards").iterdir()} == shard_inputs
     m3 = pd.read_parquet(ds / "manifest")
     assert len(m3) == 350 and (m3["status"] == "success").sum() == 300
+    # the retry is an ingest planned by Dask tasks over the manifest's files: its shards hold the 10 rows, and
+    # replaced/ names them with the shards the earlier plan had put them in
+    retry = ds / "_state" / "ingests" / "00002"
+    assert json.loads((retry / "inputs.json").read_text())["kind"] == "retry"
+    assert sum(json.loads((retry / "shards.json").read_text()).values()) == 10
+    failed = m1[m1["status"] == "http_5xx"]
+    replaced = pd.read_parquet(retry / "replaced").sort_values("key")
+    assert replaced["key"].tolist() == sorted(failed["key"])
+    assert replaced["shard"].tolist() == failed.sort_values("key")["shard"].astype(int).tolist()
+    assert (m3.set_index("key").loc[failed["key"], "ingest"] == 2).all()
     assert all(server.hits[p] == 2 for p in flaky)
     assert all(n == 1 for p, n in server.hits.items() if p.startswith("/img/") and p not in flaky)
     assert set(tar_members(ds)) == set(m3.loc[m3["status"] == "success", "key"])
