@@ -183,7 +183,8 @@ def main():
             f"a closed loop for {args.seconds:.0f} s each, load from {generator} in another process on the same 2 "
             f"cores, k=10. Text queries either all distinct (no cache can help) or drawn from 2,000 captions with "
             f"Zipf(1.1) frequencies; the hit rate is read from the service's /metrics.\n\n"
-            f"| workers | text tower | query | text cache | requests | QPS | p50 ms | p99 ms | errors | cache hit rate |\n"
+            f"| workers | text tower | query | text cache | requests | QPS | p50 ms | p99 ms | errors | "
+            f"cache hit rate |\n"
             f"|---|---|---|---|---|---|---|---|---|---|\n{rows}\n\nGoal: p99 <= 25 ms with no errors. In a closed loop "
             f"latency is clients / throughput, so p99 <= 25 ms at 32 clients needs more than 1,280 QPS on 2 cores "
             f"shared with the load generator.\n")

@@ -399,8 +399,9 @@ class RetrievalService:
         self.requests = Counter("psdclip_requests_total", "requests", ["endpoint", "status"], registry=self.registry)
         self.latency = Histogram("psdclip_request_seconds", "request latency", ["endpoint"], registry=self.registry,
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
-        self.batcher = Batcher(threads=cfg.threads, sizes=Histogram("psdclip_query_batch_size", "queries answered together",
-                                               registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64)))
+        sizes = Histogram("psdclip_query_batch_size", "queries answered together", registry=self.registry,
+                          buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.batcher = Batcher(threads=cfg.threads, sizes=sizes)
 
     # ---- indices ----
     def pick(self, name: Optional[str]):
