@@ -292,7 +292,10 @@ class _Guard:
             status, content = 200, await answer(req)
         except HTTPException as err:
             status, content = err.status_code, {"detail": err.detail}
-        body = orjson.dumps(content, default=str)
+        try:
+            body = orjson.dumps(content, default=str)
+        except TypeError:  # what orjson refuses and json writes: a validation error echoing an integer beyond
+            body = json.dumps(content, default=str).encode()  # 64 bits, or a string with a lone surrogate
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

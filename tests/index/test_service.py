@@ -279,6 +279,12 @@ def test_bounds_and_bad_requests_get_4xx(service):
     assert requests.post(service + "/knn-service", json={"text": "x"}).json()["detail"][0]["loc"] == \
         ["body", "num_images"]
     assert "/search" in requests.get(service + "/openapi.json").json()["paths"]
+    # echoed back in the 422: an integer beyond 64 bits and a lone surrogate (found by schemathesis)
+    for raw in (b'{"text": "x", "k": 100000000000000000000000000000000000000}', b'{"text": 5, "bogus": "\\udc00"}',
+                b'{"num_images": 2, "image_url": {"a": [-1056467582511337704925397480636416]}}'):
+        for path in ("/search", "/knn-service"):
+            r = requests.post(service + path, data=raw, headers={"Content-Type": "application/json"})
+            assert r.status_code == 422, (path, raw, r.status_code, r.text[:200])
     big = requests.post(service + "/search", data=b"x" * 300_000, headers={"Content-Type": "application/json"})
     assert big.status_code == 413
     for path in ("/images/..%2F..%2F..%2Fetc%2Fpasswd", "/images/nope", "/images/%2e%2e"):
