@@ -257,7 +257,8 @@ class _Guard:
             query = self.queries.get(scope["path"]) if scope["method"] == "POST" else None
             if query is not None:
                 state["endpoint"] = scope["path"]
-                await self._query(query, headers, bounded_receive, tracking_send)
+                if not await self._query(query, headers, bounded_receive, tracking_send):
+                    state["status"] = 499  # the client went away before its body arrived: counted, not a 500
             else:
                 await self.app(scope, bounded_receive, tracking_send)
         except _BodyTooLarge:
@@ -270,13 +271,14 @@ class _Guard:
         self._count(scope, state, t)
 
     @staticmethod
-    async def _query(query, headers, receive, send):
+    async def _query(query, headers, receive, send) -> bool:
+        """Answers one query request; False when the client disconnected before sending its whole body."""
         model, answer = query
         chunks = []
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return False
             chunks.append(message.get("body", b""))
             if not message.get("more_body"):
                 break
@@ -299,6 +301,7 @@ class _Guard:
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+        return True
 
     @staticmethod
     async def _reply(send, status, detail, state):

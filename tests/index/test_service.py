@@ -279,6 +279,17 @@ def test_bounds_and_bad_requests_get_4xx(service):
     assert requests.post(service + "/knn-service", json={"text": "x"}).json()["detail"][0]["loc"] == \
         ["body", "num_images"]
     assert "/search" in requests.get(service + "/openapi.json").json()["paths"]
+    # a client that goes away mid-body is counted as 499 (not a 500) and the service goes on
+    host, port = service.rsplit("/", 1)[-1].split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"text\": ")
+    for _ in range(50):
+        if 'psdclip_requests_total{endpoint="/search",status="499"}' in requests.get(service + "/metrics").text:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the half-sent request was not counted as 499")
     # echoed back in the 422: an integer beyond 64 bits and a lone surrogate (found by schemathesis)
     for raw in (b'{"text": "x", "k": 100000000000000000000000000000000000000}', b'{"text": 5, "bogus": "\\udc00"}',
                 b'{"num_images": 2, "image_url": {"a": [-1056467582511337704925397480636416]}}'):
