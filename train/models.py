@@ -139,8 +139,8 @@ class TracedText:
     token-length bucket (8, 16, 32, 48, 64 or the context length; a batch is cut to the smallest bucket that holds
     its longest text), traced when a bucket is first used. A trace runs without Python between its operators, so
     it releases the GIL for the whole forward pass (the service's event loop keeps answering meanwhile; eager
-    mode takes the GIL back after every operator) and skips the per-module call overhead (about half the time
-    of a small batch on the CPU). Each trace is checked against eager mode on the batch it was traced with; a
+    mode takes the GIL back after every operator) and skips the per-module call overhead
+    (benchmarks/text_tower.py measures both). Each trace is checked against eager mode on the batch it was traced with; a
     bucket whose trace differs, or a model that cannot be cut (see _trimmable), uses eager mode. The traces share
     the model's parameters (no copy). Not thread-safe: one caller at a time (the service's query thread)."""
 
@@ -168,8 +168,8 @@ class TracedText:
         if trace is None:
             return _encode_first(self.model, text, True)
         # no graph optimisation: TorchScript's profiling executor specialises a graph on the shapes it sees and
-        # optimises again as batch sizes change, which slows a service's first minutes of queries (measured by
-        # hand: about the same median time per batch without it, and faster first calls)
+        # optimises again as batch sizes change, which slowed the first workload after a service's start-up (the
+        # 19:02 run of benchmarks/service.py in BENCHMARKS.md)
         with torch.jit.optimized_execution(False):
             return trace(text)
 
