@@ -25,6 +25,7 @@ from PIL import Image
 
 from psdclip.pipeline.dataset import atomic_path, read_json, write_parquet
 from psdclip.pipeline.errors import InputError
+from psdclip.pipeline import storage
 from psdclip.pipeline.status import SUCCESS
 from psdclip.train.checkpoint import LoadedModel
 
@@ -39,25 +40,26 @@ TEXT_BATCH = 512
 def read_image_bytes(root: str, fmt: str, shard: int, offset: int, size: int) -> bytes:
     """One stored image, by its shard and offset (tars) or row (Arrow shards): the service's image endpoint."""
     if fmt == "arrow":
-        return _arrow_table(os.path.join(root, "shards", f"{shard:05d}.parquet")).column("jpg")[offset].as_py()
-    with open(os.path.join(root, "shards", f"{shard:05d}.tar"), "rb") as f:
+        return _arrow_table(storage.join(root, "shards", f"{shard:05d}.parquet")).column("jpg")[offset].as_py()
+    with storage.open_file(storage.join(root, "shards", f"{shard:05d}.tar"), "rb") as f:
         f.seek(offset)
         return f.read(size)
 
 
 @lru_cache(maxsize=4)
 def _arrow_table(path):
-    import pyarrow.parquet as pq
+    from psdclip.pipeline.dataset import read_parquet_table
 
-    return pq.read_table(path)
+    return read_parquet_table(path)
 
 
 def success_rows(dataset: str) -> tuple[pd.DataFrame, str]:
     from psdclip.pipeline.dataset import load_manifest
 
-    if not os.path.isdir(os.path.join(dataset, "manifest")) and not os.path.isfile(os.path.join(dataset, "manifest.parquet")):
+    J = storage.join
+    if not storage.isdir(J(dataset, "manifest")) and not storage.isfile(J(dataset, "manifest.parquet")):
         raise InputError(f"--data {dataset}: not a psdclip dataset (no manifest)")
-    fmt = read_json(os.path.join(dataset, "dataset.json")).get("output_format", "webdataset")
+    fmt = read_json(J(dataset, "dataset.json")).get("output_format", "webdataset")
     m = load_manifest(dataset, columns=["key", "url", "caption", "status", "shard", "offset", "size"])
     ok = m[m["status"] == SUCCESS].sort_values(["shard", "offset"]).reset_index(drop=True)
     if ok.empty:
@@ -83,7 +85,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
     def _samples(self, shard: int):
         from psdclip.train.data import arrow_samples, tar_samples
 
-        path = os.path.join(self.root, "shards", f"{shard:05d}.{'parquet' if self.fmt == 'arrow' else 'tar'}")
+        path = storage.join(self.root, "shards", f"{shard:05d}.{'parquet' if self.fmt == 'arrow' else 'tar'}")
 
         def on_error(msg):
             log.warning("shard %05d: %s", shard, msg)

@@ -19,6 +19,7 @@ import os
 import sys
 import time
 
+from . import storage
 from .config import BuildConfig
 from .dataset import SCHEMA_VERSION, Layout, now, read_json, stream_stats, write_json, write_parquet
 from .finalize import finalize_manifest, write_subsets
@@ -77,6 +78,7 @@ def _finished_by_rows(futures: dict, rows: dict, work: str, enabled: bool):
     if not enabled:
         yield from as_completed(futures)
         return
+    local = not storage.is_remote(work)  # on an object store the shards in flight are not polled (requests)
     from tqdm import tqdm
 
     bar = tqdm(total=sum(rows.values()), desc="download", unit="row", unit_scale=True, file=sys.stderr,
@@ -93,7 +95,7 @@ def _finished_by_rows(futures: dict, rows: dict, work: str, enabled: bool):
                 finished += rows[futures[fut]]
                 yield fut
             in_flight = 0
-            for path in glob.glob(os.path.join(work, "*", "rows-done")):
+            for path in glob.glob(os.path.join(work, "*", "rows-done")) if local else ():
                 with contextlib.suppress(OSError, ValueError):
                     with open(path) as f:
                         in_flight += int(f.read() or 0)
@@ -110,15 +112,13 @@ def build(cfg: BuildConfig) -> dict:
 
     If the output folder did not exist and the build stops on bad input before anything was planned,
     the folder is removed again; an existing dataset is never left changed by a failed read."""
-    fresh = not os.path.exists(cfg.out)
+    fresh = not storage.exists(cfg.out)
     try:
         return _build(cfg)
     except InputError:
         layout = Layout(cfg.out)
-        if fresh and os.path.isdir(layout.root) and not layout.ingest_ids():
-            import shutil
-
-            shutil.rmtree(layout.root, ignore_errors=True)
+        if fresh and storage.isdir(layout.root) and not layout.ingest_ids():
+            storage.rmtree(layout.root)
         raise
 
 
@@ -129,9 +129,9 @@ FIXED_OPTIONS = ("image_size", "resize_mode", "encode_format", "encode_quality")
 def _check_out(cfg: BuildConfig, layout: Layout, previous: dict | None) -> None:
     """Refuse an --out that is a file, or a non-empty folder that is not a psdclip dataset (its files would be
     overwritten), and an append whose image options differ from the dataset's."""
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+    if storage.isfile(cfg.out):
         raise InputError(f"--out {cfg.out}: is a file, not a dataset directory")
-    if os.path.isdir(cfg.out) and previous is None and not os.path.isdir(layout.state) and os.listdir(cfg.out):
+    if previous is None and not storage.isdir(layout.state) and storage.listdir(cfg.out):
         raise InputError(f"--out {cfg.out}: a non-empty folder that is not a psdclip dataset; choose a new or empty "
                          f"folder")
     if previous and previous.get("output_format") != cfg.format:
@@ -149,6 +149,10 @@ def _build_lock(layout: Layout):
     """One build at a time per dataset: an advisory lock the OS drops when the process ends, even by kill -9."""
     import fcntl
 
+    if storage.is_remote(layout.root):
+        with _object_lock(layout):
+            yield
+        return
     path = os.path.join(layout.state, "build.lock")
     f = open(path, "a+")
     try:
@@ -168,9 +172,50 @@ def _build_lock(layout: Layout):
         f.close()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _object_lock(layout: Layout):
+    """The build lock of a dataset on an object store: an object naming its holder (pid, host), removed at the end.
+    An object store cannot drop it when the holder dies: a lock left by a dead process of this host is taken over;
+    one from another host is reported with how to remove it."""
+    import json
+    import socket
+
+    path = storage.join(layout.state, "build.lock")
+    host = socket.gethostname()
+    if storage.exists(path):
+        try:
+            holder = read_json(path)
+        except InputError:
+            holder = {}
+        if holder.get("host") == host and not _pid_alive(int(holder.get("pid", -1))):
+            log.info(f"{path}: left by an earlier build (pid {holder.get('pid')}, no longer running); taken over")
+        else:
+            raise InputError(f"{layout.root}: another `psdclip data build` (pid {holder.get('pid')} on "
+                             f"{holder.get('host')}, since {holder.get('since')}) is writing this dataset; wait for "
+                             f"it to finish (if it was killed, remove {path})")
+    me = {"pid": os.getpid(), "host": host, "since": now()}
+    write_json(path, me)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            if read_json(path) == json.loads(json.dumps(me)):
+                storage.remove(path)
+
+
 def _build(cfg: BuildConfig) -> dict:
     layout = Layout(cfg.out)
-    previous = read_json(layout.dataset_json) if os.path.isfile(layout.dataset_json) else None
+    previous = read_json(layout.dataset_json) if storage.isfile(layout.dataset_json) else None
     _check_out(cfg, layout, previous)
     if not cfg.inputs and not cfg.retry_failed and not layout.ingest_ids():
         raise InputError("no URL list given (psdclip data build URL_LIST... --out DATASET)")
@@ -184,7 +229,7 @@ def _nothing_to_do(cfg: BuildConfig, layout: Layout, previous: dict | None) -> b
     download or rewrite, so no cluster is started."""
     if not previous or cfg.retry_failed or previous.get("schema_version") != SCHEMA_VERSION:
         return False
-    if not os.path.isdir(layout.manifest) or not os.path.isfile(layout.stats_json):
+    if not storage.isdir(layout.manifest) or not storage.isfile(layout.stats_json):
         return False
     if cfg.subset_seed != previous.get("subset_seed") or (
             cfg.subsets and [list(s) for s in parse_subsets(cfg.subsets)] != previous.get("subsets")):
@@ -209,7 +254,10 @@ def _build_locked(cfg: BuildConfig, layout: Layout, previous: dict | None) -> di
     timings: dict[str, float] = {}
     opts = DownloadOptions.of(cfg)
     t = time.time()
-    with dask_client(cfg.dask_scheduler, cfg.processes_count, os.path.join(layout.work, "dask")) as client:
+    # a local cluster's scratch space: in the dataset folder, or a temporary folder for a dataset on an object store
+    scratch = contextlib.nullcontext(os.path.join(layout.work, "dask")) if not storage.is_remote(layout.root) else \
+        __import__("tempfile").TemporaryDirectory(prefix="psdclip-dask-")
+    with scratch as local_dir, dask_client(cfg.dask_scheduler, cfg.processes_count, local_dir) as client:
         timings["cluster_start_s"] = time.time() - t
         # 1. finish what an interrupted run planned
         _download_pending(client, layout, cfg, opts, timings, "resume")
@@ -239,7 +287,7 @@ def _build_locked(cfg: BuildConfig, layout: Layout, previous: dict | None) -> di
     stats["build"] = {"finished_at": now(), **{k: round(v, 3) for k, v in timings.items()},
                       "downloaded_rows": timings.get("downloaded_rows", 0),
                       "images_per_s": round(timings.get("downloaded_ok", 0) / dl, 2) if dl else None}
-    earlier = read_json(layout.stats_json).get("builds", []) if os.path.isfile(layout.stats_json) else []
+    earlier = read_json(layout.stats_json).get("builds", []) if storage.isfile(layout.stats_json) else []
     stats["builds"] = (earlier + [stats["build"]])[-100:]  # every run's figures, latest last
     write_json(layout.stats_json, stats)
     config = dataclasses.asdict(cfg)

@@ -23,7 +23,8 @@ class BuildConfig:
 
     inputs: list[str] = _help("URL list files (txt/csv/tsv/parquet/jsonl, optionally .gz; local or fsspec paths)",
                               default_factory=list, meta={"positional": True, "metavar": "URL_LIST"})
-    out: str = _help("output dataset directory (created, resumed or appended to)", default="")
+    out: str = _help("output dataset directory (created, resumed or appended to); a local path or an fsspec URL "
+                     "(s3://bucket/prefix: workers need no shared mount)", default="")
     input_format: Optional[str] = _help("input format; default: from each file's ending", default=None)
     url_col: str = _help("column holding the image URL", default="url")
     caption_col: str = _help("column holding the caption", default="caption")

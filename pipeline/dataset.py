@@ -6,23 +6,23 @@
       _state/results/<shard>.parquet                                    one per finished shard
       _work/                                                            scratch, cleared on every run
 
-Readers (the trainer, streaming) use the contract files only; every one of them is replaced atomically.
+Readers (the trainer, streaming) use the contract files only; every one of them is replaced atomically. DATASET may
+be a local folder or an fsspec URL (s3://...): every path goes through storage.py.
 """
 from __future__ import annotations
 
 import collections
-import contextlib
 import datetime as _dt
 import glob
 import json
 import os
-import uuid
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import storage
 from .errors import InputError
 from .status import DUPLICATE_IMAGE, PENDING, SUCCESS
 
@@ -35,33 +35,13 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _tmp(path: str, hidden: bool = False) -> str:
-    """A temporary name beside `path`; hidden ones (a leading dot) are skipped by pyarrow.dataset and DuckDB, so a
-    reader of a partitioned folder never sees a file being written."""
-    if hidden:
-        head, tail = os.path.split(path)
-        return os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:8]}")
-    return f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-
-
 def fsync_replace(tmp: str, path: str) -> None:
-    """fsync, then rename into place: a reader sees the whole file or none of it."""
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """fsync, then rename into place (or upload, for a dataset on an object store): a reader sees the whole file or
+    none of it."""
+    storage.put(tmp, path)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str, hidden: bool = False):
-    """Yields a unique temporary path beside `path`; what the block writes there replaces `path` whole when the
-    block ends (fsync, then rename), or is removed if it fails. For writers that take a path (faiss, pyarrow)."""
-    tmp = _tmp(path, hidden)
-    try:
-        yield tmp
-        fsync_replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+atomic_path = storage.atomic_path  # a temporary local path that replaces `path` whole when the block ends
 
 
 def write_text(path: str, text: str) -> None:
@@ -82,56 +62,86 @@ def write_parquet(path: str, df: pd.DataFrame) -> None:
 def read_json(path: str):
     """A JSON file of ours; a damaged one is a one-line error naming it."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        with storage.open_file(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: damaged (not valid JSON: {err})") from None
 
 
+J = storage.join
+
+
+def _read_parquet(path: str, columns=None) -> pd.DataFrame:
+    return read_parquet_table(path, columns=columns).to_pandas()
+
+
+def read_feather(path: str, columns=None) -> pa.Table:
+    """An Arrow IPC file of ours (memory-mapped when local)."""
+    import pyarrow.feather as feather
+
+    if not storage.is_remote(path):
+        return feather.read_table(path, columns=columns)
+    with storage.open_file(path) as f:
+        return feather.read_table(pa.BufferReader(f.read()), columns=columns)
+
+
+def read_parquet_table(path: str, **kw) -> pa.Table:
+    """pq.read_table of a file of ours, local or in an object store."""
+    fs, p = storage.arrow_filesystem(path)
+    return pq.read_table(p, filesystem=fs, **kw)
+
+
 class Layout:
     def __init__(self, root: str):
-        self.root = os.path.abspath(root)
-        self.shards = os.path.join(self.root, "shards")
-        self.subsets = os.path.join(self.root, "subsets")
-        self.state = os.path.join(self.root, "_state")
-        self.ingests = os.path.join(self.state, "ingests")
-        self.results = os.path.join(self.state, "results")
-        self.work = os.path.join(self.root, "_work")
-        self.manifest = os.path.join(self.root, "manifest")  # a partitioned Parquet dataset
-        self.legacy_manifest = os.path.join(self.root, "manifest.parquet")  # datasets written before it
-        self.dataset_json = os.path.join(self.root, "dataset.json")
-        self.stats_json = os.path.join(self.root, "stats.json")
+        self.root = storage.resolve(root)
+        self.shards = J(self.root, "shards")
+        self.subsets = J(self.root, "subsets")
+        self.state = J(self.root, "_state")
+        self.ingests = J(self.state, "ingests")
+        self.results = J(self.state, "results")
+        self.work = J(self.root, "_work")
+        self.manifest = J(self.root, "manifest")  # a partitioned Parquet dataset
+        self.legacy_manifest = J(self.root, "manifest.parquet")  # datasets written before it
+        self.dataset_json = J(self.root, "dataset.json")
+        self.stats_json = J(self.root, "stats.json")
         self._plans: dict[int, pd.DataFrame] = {}
 
     def create(self) -> None:
         for d in (self.shards, self.subsets, self.ingests, self.results):
-            os.makedirs(d, exist_ok=True)
+            storage.makedirs(d)
 
     def clear_scratch(self) -> None:
         """Remove what an interrupted run left: the work folder and half-written temporary files."""
+        storage.rmtree(self.work)
+        if storage.is_remote(self.root):  # objects are uploaded whole: no temporary files; half-published ingests
+            for name in storage.listdir(self.ingests):
+                folder = J(self.ingests, name)
+                if ".tmp-" in name or (name.isdigit() and not storage.exists(J(folder, "inputs.json"))):
+                    storage.rmtree(folder)
+            return
         import shutil
 
-        shutil.rmtree(self.work, ignore_errors=True)
         for pattern in ("*.tmp-*", "shards/*.tmp-*", "subsets/*.tmp-*", "_state/results/*.tmp-*",
                         "_state/ingests/*.tmp-*", "_state/ingests/*/*.tmp-*", "_state/ingests/*/shards/*.tmp-*",
                         "manifest/.*.tmp-*"):
-            for path in glob.glob(os.path.join(self.root, pattern)):
-                if os.path.isdir(path):
+            for path in glob.glob(J(self.root, pattern)):
+                if storage.isdir(path):
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     os.remove(path)
 
     def result_path(self, shard: int) -> str:
-        return os.path.join(self.results, f"{shard:05d}.parquet")
+        return J(self.results, f"{shard:05d}.parquet")
 
     def shard_name(self, shard: int, fmt: str) -> str:
         return f"{shard:05d}.{'parquet' if fmt == 'arrow' else 'tar'}"
 
     # ingests ---------------------------------------------------------------------------------------
     def ingest_ids(self) -> list[int]:
-        if not os.path.isdir(self.ingests):
-            return []
-        return sorted(int(d) for d in os.listdir(self.ingests) if d.isdigit())
+        names = sorted(int(d) for d in storage.listdir(self.ingests) if d.isdigit())
+        if storage.is_remote(self.root):  # an ingest is whole once its inputs.json (copied last) is there
+            names = [i for i in names if storage.exists(J(self.ingests, f"{i:05d}", "inputs.json"))]
+        return names
 
     def load_plan(self, ingest: int, columns=None) -> pd.DataFrame:
         """An ingest's plan (a copy; plans never change once written, so each is read from disk once): its
@@ -139,20 +149,20 @@ class Layout:
         unsharded.parquet and shard input files, or one plan.parquet."""
         plan = self._plans.get(ingest)
         if plan is None:
-            folder = os.path.join(self.ingests, f"{ingest:05d}")
-            if os.path.isfile(os.path.join(folder, "plan.parquet")):
-                plan = pd.read_parquet(os.path.join(folder, "plan.parquet"))
-            elif os.path.isdir(os.path.join(folder, "unsharded")):  # written by the partitioned ingest
+            folder = J(self.ingests, f"{ingest:05d}")
+            if storage.isfile(J(folder, "plan.parquet")):
+                plan = _read_parquet(J(folder, "plan.parquet"))
+            elif storage.isdir(J(folder, "unsharded")):  # written by the partitioned ingest
                 parts = [_unsharded_plan(path) for _, path in self.unsharded_manifests(ingest)]
-                parts += [_read_shard_input(folder, int(shard)) for shard in read_json(os.path.join(folder, "shards.json"))]
+                parts += [_read_shard_input(folder, int(shard)) for shard in read_json(J(folder, "shards.json"))]
                 plan = pd.concat(parts, ignore_index=True)[PLAN_COLUMNS] if parts else pd.DataFrame(
                     {c: pd.Series(dtype=object) for c in PLAN_COLUMNS})
             else:
-                parts = [pd.read_parquet(os.path.join(folder, "unsharded.parquet"))]
+                parts = [_read_parquet(J(folder, "unsharded.parquet"))]
                 parts = [p for p in parts if len(p)] + [_read_shard_input(folder, int(shard))
-                                                        for shard in read_json(os.path.join(folder, "shards.json"))]
-                plan = pd.concat(parts, ignore_index=True) if parts else pd.read_parquet(
-                    os.path.join(folder, "unsharded.parquet"))
+                                                        for shard in read_json(J(folder, "shards.json"))]
+                plan = pd.concat(parts, ignore_index=True) if parts else _read_parquet(
+                    J(folder, "unsharded.parquet"))
             for col in plan.columns:  # dictionary-encoded on disk; plain values in memory
                 if isinstance(plan[col].dtype, pd.CategoricalDtype):
                     plan[col] = plan[col].astype(object)
@@ -161,11 +171,11 @@ class Layout:
 
     def load_sharded_plan(self, ingest: int) -> pd.DataFrame:
         """The rows of an ingest's plan that reach a shard (from its shard input files alone, when it has them)."""
-        folder = os.path.join(self.ingests, f"{ingest:05d}")
-        if ingest in self._plans or os.path.isfile(os.path.join(folder, "plan.parquet")):
+        folder = J(self.ingests, f"{ingest:05d}")
+        if ingest in self._plans or storage.isfile(J(folder, "plan.parquet")):
             plan = self.load_plan(ingest)
             return plan[plan["shard"] >= 0]
-        shards = read_json(os.path.join(folder, "shards.json"))
+        shards = read_json(J(folder, "shards.json"))
         if not shards:
             return self.load_plan(ingest).iloc[:0]
         plan = pd.concat([_read_shard_input(folder, int(s)) for s in shards], ignore_index=True)
@@ -178,25 +188,25 @@ class Layout:
         those rows again. A partitioned ingest has one file per bucket (_state/ingests/N/unsharded/JJJJ.parquet ->
         manifest/ingest-N-JJJJ.parquet); an older one _state/ingests/N/manifest.parquet (written at its first
         finalize if missing) -> manifest/ingest-N.parquet."""
-        folder = os.path.join(self.ingests, f"{ingest:05d}")
-        parts = os.path.join(folder, "unsharded")
-        if os.path.isdir(parts):
-            return [(f"ingest-{ingest:05d}-{name}", os.path.join(parts, name)) for name in sorted(os.listdir(parts))
+        folder = J(self.ingests, f"{ingest:05d}")
+        parts = J(folder, "unsharded")
+        if storage.isdir(parts):
+            return [(f"ingest-{ingest:05d}-{name}", J(parts, name)) for name in sorted(storage.listdir(parts))
                     if name.endswith(".parquet") and not name.startswith(".")]
-        path = os.path.join(folder, "manifest.parquet")
-        if not os.path.isfile(path):
+        path = J(folder, "manifest.parquet")
+        if not storage.isfile(path):
             plan = self.load_plan(ingest)
             _write_unsharded_manifest(path, plan[plan["shard"] < 0], ingest)
         return [(f"ingest-{ingest:05d}.parquet", path)]
 
     def load_inputs(self, ingest: int) -> dict:
-        return read_json(os.path.join(self.ingests, f"{ingest:05d}", "inputs.json"))
+        return read_json(J(self.ingests, f"{ingest:05d}", "inputs.json"))
 
     def planned_shards_of(self, ingest: int) -> dict[int, tuple[str, int]]:
         """shard -> (its input file, rows) of one ingest (from its shards.json)."""
-        folder = os.path.join(self.ingests, f"{ingest:05d}")
-        return {int(shard): (os.path.join(folder, "shards", f"{int(shard):05d}.arrow"), int(rows))
-                for shard, rows in read_json(os.path.join(folder, "shards.json")).items()}
+        folder = J(self.ingests, f"{ingest:05d}")
+        return {int(shard): (J(folder, "shards", f"{int(shard):05d}.arrow"), int(rows))
+                for shard, rows in read_json(J(folder, "shards.json")).items()}
 
     def planned_shards(self, upgrade: bool = False) -> dict[int, tuple[str, int]]:
         """shard -> (its input file, rows) over every ingest, from the small shards.json of each: the client
@@ -204,9 +214,9 @@ class Layout:
         files existed gets them with upgrade=True (a build, which holds the lock), once; readers only look."""
         out: dict[int, tuple[str, int]] = {}
         for ingest in self.ingest_ids():
-            folder = os.path.join(self.ingests, f"{ingest:05d}")
-            index = os.path.join(folder, "shards.json")
-            if not os.path.isfile(index):
+            folder = J(self.ingests, f"{ingest:05d}")
+            index = J(folder, "shards.json")
+            if not storage.isfile(index):
                 if not upgrade:
                     shards = self.load_plan(ingest, ["shard"])["shard"]
                     out.update({int(s): ("", int(n)) for s, n in shards[shards >= 0].value_counts().items()})
@@ -216,10 +226,10 @@ class Layout:
         return out
 
     def done_shards(self) -> set[int]:
-        return {int(os.path.basename(p).split(".")[0]) for p in glob.glob(os.path.join(self.results, "*.parquet"))}
+        return {int(os.path.basename(p).split(".")[0]) for p in storage.glob(self.results, "*.parquet")}
 
     def result_files(self) -> list[str]:
-        return sorted(glob.glob(os.path.join(self.results, "*.parquet")))
+        return storage.glob(self.results, "*.parquet")
 
 
 SHARD_INPUT_COLUMNS = ["url", "caption", "psdclip_key", "source", "source_row", "host"]
@@ -232,7 +242,7 @@ def _write_shard_inputs(folder: str, plan: pd.DataFrame) -> None:
     import pyarrow.compute as pc
     import pyarrow.feather as feather
 
-    os.makedirs(os.path.join(folder, "shards"), exist_ok=True)
+    storage.makedirs(J(folder, "shards"))
     pending = plan[plan["shard"] >= 0]
     table = pa.table({"url": pa.array(pending["url"], pa.string()), "caption": pa.array(pending["caption"], pa.string()),
                       "psdclip_key": pa.array(pending["key"], pa.string()),
@@ -249,18 +259,16 @@ def _write_shard_inputs(folder: str, plan: pd.DataFrame) -> None:
         if stop <= start:
             continue
         shard = int(shards[start])
-        with atomic_path(os.path.join(folder, "shards", f"{shard:05d}.arrow")) as tmp:
+        with atomic_path(J(folder, "shards", f"{shard:05d}.arrow")) as tmp:
             feather.write_feather(table.slice(start, stop - start).select(SHARD_INPUT_COLUMNS), tmp,
                                   compression="uncompressed")
         counts[str(shard)] = int(stop - start)
-    write_json(os.path.join(folder, "shards.json"), counts, indent=0)
+    write_json(J(folder, "shards.json"), counts, indent=0)
 
 
 def _read_shard_input(folder: str, shard: int) -> pd.DataFrame:
     """A shard input file back as plan rows (pending, in download order)."""
-    import pyarrow.feather as feather
-
-    df = feather.read_table(os.path.join(folder, "shards", f"{shard:05d}.arrow")).to_pandas()
+    df = read_feather(J(folder, "shards", f"{shard:05d}.arrow")).to_pandas()
     df = df.rename(columns={"psdclip_key": "key"})
     df["status"], df["error"], df["shard"], df["order"] = PENDING, "", shard, np.arange(len(df), dtype=np.int64)
     return df
@@ -271,7 +279,7 @@ PLAN_COLUMNS = ["key", "url", "caption", "source", "source_row", "status", "erro
 
 def _unsharded_plan(path: str) -> pd.DataFrame:
     """Stored manifest rows that reach no shard, back as plan rows."""
-    m = pd.read_parquet(path, columns=["key", "url", "caption", "source", "source_row", "status", "error"])
+    m = _read_parquet(path, columns=["key", "url", "caption", "source", "source_row", "status", "error"])
     m["host"], m["shard"], m["order"] = "", -1, -1
     return m
 
@@ -315,7 +323,7 @@ def manifest_file(root: str, shard: int | None = None, ingest: int | None = None
     """manifest/shard-NNNNN.parquet holds the rows whose (latest) plan put them in that shard;
     manifest/ingest-NNNNN.parquet the rows of that ingest that never reached a shard (filtered, duplicate URLs)."""
     name = f"shard-{shard:05d}.parquet" if shard is not None else f"ingest-{ingest:05d}.parquet"
-    return os.path.join(root, "manifest", name)
+    return J(storage.resolve(root), "manifest", name)
 
 
 def _to_pandas(table: pa.Table) -> pd.DataFrame:
@@ -326,8 +334,8 @@ def load_manifest(root: str, columns=None) -> pd.DataFrame:
     """The whole manifest (manifest/ or a legacy manifest.parquet) as one frame; a missing or damaged one is a
     one-line error naming what to run."""
     layout = Layout(root)
-    path = layout.manifest if os.path.isdir(layout.manifest) else layout.legacy_manifest
-    if not os.path.exists(path):
+    path = layout.manifest if storage.isdir(layout.manifest) else layout.legacy_manifest
+    if not storage.exists(path):
         if layout.ingest_ids():
             left, planned = unfinished_shards(layout)
             raise InputError(f"{root}: incomplete build ({planned - left} of {planned} shard(s) downloaded, no "
@@ -335,10 +343,12 @@ def load_manifest(root: str, columns=None) -> pd.DataFrame:
         raise InputError(f"{root}: not a psdclip dataset (no manifest)")
     try:
         if path == layout.legacy_manifest:
-            return pd.read_parquet(path, columns=columns)
+            return _read_parquet(path, columns=columns)
         import pyarrow.dataset as pads
 
-        return _to_pandas(pads.dataset(path, format="parquet", schema=MANIFEST_SCHEMA).to_table(columns=columns))
+        fs, p = storage.arrow_filesystem(path)
+        return _to_pandas(pads.dataset(p, format="parquet", schema=MANIFEST_SCHEMA, filesystem=fs).to_table(
+            columns=columns))
     except (OSError, ValueError, pa.ArrowException) as err:
         raise InputError(f"{path}: damaged, not a Parquet table ({str(err).splitlines()[0][:160]}); "
                          f"rerun the `psdclip data build` command that made it") from None
@@ -351,9 +361,9 @@ def shard_exclusions(root: str, shard: str) -> frozenset:
     if not stem.isdigit():
         return frozenset()
     path = manifest_file(root, shard=int(stem))
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         return frozenset()
-    t = pq.read_table(path, columns=["key", "status"])
+    t = read_parquet_table(path, columns=["key", "status"])
     import pyarrow.compute as pc
 
     return frozenset(t.filter(pc.not_equal(t.column("status"), SUCCESS)).column("key").to_pylist())
@@ -424,7 +434,7 @@ class StatsAccumulator:
         sizes = {c: ({"min": min(h), "median": _median(h), "max": max(h),
                       "mean": sum(v * n for v, n in h.items()) / sum(h.values())} if h else None)
                  for c, h in self.sizes.items()}
-        shard_files = sorted(glob.glob(os.path.join(layout.shards, "*.tar" if fmt != "arrow" else "*.parquet")))
+        shard_files = storage.sizes(layout.shards, "*.tar" if fmt != "arrow" else "*.parquet")
         failing = [{"shard": layout.shard_name(int(s), fmt), "rows": n, "failure_rate": round(f / n, 4),
                     "top_errors": dict(c.most_common(3))}
                    for s, (n, f, c) in sorted(self.shards.items()) if f / n > 0.5]
@@ -441,7 +451,7 @@ class StatsAccumulator:
             "download_success_rate": round(success / self.attempted, 6) if self.attempted else 0.0,
             "image_sizes": sizes,
             "image_bytes": self.image_bytes,
-            "shard_bytes": int(sum(os.path.getsize(f) for f in shard_files)),
+            "shard_bytes": int(sum(shard_files.values())),
             "shards": len(shard_files),
             "failing_shards": failing,
         }
@@ -451,8 +461,8 @@ def manifest_files(root: str) -> list[str]:
     """The manifest's Parquet files: manifest/'s, or a legacy manifest.parquet (one-line errors when missing or
     damaged)."""
     layout = Layout(root)
-    if os.path.isdir(layout.manifest):
-        return sorted(os.path.join(layout.manifest, n) for n in os.listdir(layout.manifest)
+    if storage.isdir(layout.manifest):
+        return sorted(J(layout.manifest, n) for n in storage.listdir(layout.manifest)
                       if n.endswith(".parquet") and not n.startswith((".", "_")))
     load_manifest(root, columns=[])  # the one-line errors of a missing or damaged manifest
     return [layout.legacy_manifest]
@@ -463,7 +473,8 @@ def manifest_batches(root: str, columns=None, batch_size: int = 262_144):
     manifest.parquet): what a reader of a 1B-row manifest holds at once."""
     for path in manifest_files(root):
         try:
-            pf = pq.ParquetFile(path)
+            fs, p = storage.arrow_filesystem(path)
+            pf = pq.ParquetFile(p, filesystem=fs)
             for batch in pf.iter_batches(columns=columns, batch_size=batch_size):
                 yield _to_pandas(pa.Table.from_batches([batch]))
         except (OSError, pa.ArrowException) as err:
@@ -479,7 +490,7 @@ def stream_stats(root: str, fmt: str | None = None) -> dict:
         acc.add(frame)
     layout = Layout(root)
     if fmt is None:
-        info = read_json(layout.dataset_json) if os.path.isfile(layout.dataset_json) else {}
+        info = read_json(layout.dataset_json) if storage.isfile(layout.dataset_json) else {}
         fmt = info.get("output_format", "webdataset")
     return acc.result(layout, fmt)
 

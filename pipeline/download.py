@@ -2,9 +2,10 @@
 
 Dask plays the part of img2dataset's distributor (as its pyspark and ray distributors do): each task
 builds img2dataset's Resizer and Downloader and downloads one shard with its thread pool, into a private
-work folder, through a sample writer of ours that names samples by our stable keys and records where
-each image lies. The finished shard is renamed into shards/, so a reader never sees a partial shard and
-a rerun simply redoes a shard whose result was not recorded.
+work folder (the worker's temporary folder when the dataset is on an object store), through a sample writer
+of ours that names samples by our stable keys and records where each image lies. The finished shard is
+renamed (or uploaded whole) into shards/, so a reader never sees a partial shard and a rerun simply redoes a
+shard whose result was not recorded.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .dataset import fsync_replace, write_text
+from . import storage
+from .dataset import write_text
 from .status import SUCCESS
 
 RESULT_COLUMNS = ["key", "status", "error", "width", "height", "original_width", "original_height", "sha256",
@@ -201,10 +203,17 @@ def download_partition(src: str, shard: int, dataset_dir: str, opts: DownloadOpt
 
     install()
     arrow = opts.format == "arrow"
-    work = os.path.join(dataset_dir, "_work", f"{shard:05d}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(work)
+    if storage.is_remote(dataset_dir):  # img2dataset and the tar writer work on a local folder of this worker
+        import tempfile
+
+        work = tempfile.mkdtemp(prefix=f"psdclip-{shard:05d}-")
+    else:
+        work = os.path.join(dataset_dir, "_work", f"{shard:05d}-{uuid.uuid4().hex[:8]}")
+        os.makedirs(work)
     try:
-        with pa.memory_map(src) as f:
+        given = os.path.join(work, "input.arrow")  # img2dataset deletes the file it was given: a link, not ours
+        storage.fetch(src, given)
+        with pa.memory_map(given) as f:
             keys = pa.ipc.open_file(f).read_all().column("psdclip_key").to_pylist()
         resizer = _guarded_resizer_class()(
             image_size=opts.image_size, resize_mode=opts.resize_mode, resize_only_if_bigger=False,
@@ -219,16 +228,11 @@ def download_partition(src: str, shard: int, dataset_dir: str, opts: DownloadOpt
             verify_hash_type=None, encode_format=opts.encode_format, retries=opts.retries,
             user_agent_token=opts.user_agent_token,
             disallowed_header_directives=opts.disallowed_header_directives or None)
-        given = os.path.join(work, "input.arrow")  # img2dataset deletes the file it was given: a link, not ours
-        try:
-            os.link(src, given)
-        except OSError:  # another file system
-            shutil.copyfile(src, given)
         downloader.download_shard((shard, given))  # raises if the shard as a whole fails
         meta = pd.read_parquet(os.path.join(work, f"{shard:05d}.meta.parquet"))
         res = _results(meta, keys, shard)
         name = f"{shard:05d}.{'parquet' if arrow else 'tar'}"
-        fsync_replace(os.path.join(work, name), os.path.join(dataset_dir, "shards", name))
+        storage.put(os.path.join(work, name), storage.join(dataset_dir, "shards", name))
         return res
     finally:
         shutil.rmtree(work, ignore_errors=True)

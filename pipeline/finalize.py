@@ -15,25 +15,24 @@ counts (plus, for a subset's boundary shard, that shard's keys).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import shutil
 import uuid
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from . import logs
-from .dataset import MANIFEST_COLUMNS, MANIFEST_SCHEMA, Layout, atomic_path, manifest_file, write_json, \
-    write_replaced
+from . import storage
+from .dataset import MANIFEST_COLUMNS, MANIFEST_SCHEMA, Layout, atomic_path, manifest_file, read_feather, \
+    read_parquet_table, write_json, write_replaced
 from .ingest import FINE, GROUP_ROWS, _pow2, _read_batch, _write_batches, fine_buckets
 from .status import DUPLICATE_IMAGE, PENDING, SUCCESS
 
+J = storage.join
 log = logs.get(__name__, "[psdclip data build] ")
 
 RESULT_FIELDS = ["offset", "size", "width", "height", "original_width", "original_height"]
@@ -43,16 +42,16 @@ IMAGE_SCHEMA = pa.schema([("sha256", pa.string()), ("ingest", pa.int64()), ("fil
 
 def _shard_rows(layout: Layout, shard: int, ingest: int, path: str, file_order: dict, replaced: list[str]) -> pd.DataFrame:
     """One shard's manifest rows: its plan (the shard input file) with its download result joined in."""
-    t = feather.read_table(path).to_pandas()
+    t = read_feather(path).to_pandas()
     t = t.rename(columns={"psdclip_key": "key"})
     t["source"] = t["source"].astype(str)
     for p in replaced:  # keys a later ingest planned again: the later row is the manifest's
-        gone = pq.read_table(p, columns=["key"], filters=[("shard", "=", shard)]).column("key").to_pylist()
+        gone = read_parquet_table(p, columns=["key"], filters=[("shard", "=", shard)]).column("key").to_pylist()
         if gone:
             t = t[~t["key"].isin(gone)]
     res_path = layout.result_path(shard)
-    if os.path.isfile(res_path):
-        res = pd.read_parquet(res_path)
+    if storage.isfile(res_path):
+        res = read_parquet_table(res_path).to_pandas()
         t = t.merge(res, on="key", how="left", validate="one_to_one")
         t["status"] = t["status"].fillna(PENDING).astype(str)
         t["error"] = t["error"].fillna("").astype(str)
@@ -78,25 +77,25 @@ def rows_pass(root: str, shards: list[tuple[int, int, str]], file_order: dict, r
     frames = [_shard_rows(layout, s, i, p, file_order, [r for ing, r in replaced.items() if ing > i])
               for s, i, p in shards]
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    os.makedirs(work, exist_ok=True)
+    storage.makedirs(work)
     cols = MANIFEST_COLUMNS + ["file"]
     schema = MANIFEST_SCHEMA.append(pa.field("file", pa.int64()))
     rows_table = pa.Table.from_pandas(rows[cols], schema=schema, preserve_index=False) if len(rows) else schema.empty_table()
-    with atomic_path(os.path.join(work, f"rows-{g:05d}.parquet")) as tmp:
+    with atomic_path(J(work, f"rows-{g:05d}.parquet")) as tmp:
         pq.write_table(rows_table, tmp)
     ok = rows_table.filter(pc.and_(pc.equal(rows_table.column("status"), SUCCESS),
                                    pc.not_equal(rows_table.column("sha256"), "")))
     images = ok.select(IMAGE_SCHEMA.names).cast(IMAGE_SCHEMA)
     bucket = (fine_buckets(images.column("sha256").to_numpy(zero_copy_only=False)) * buckets // FINE
               if images.num_rows else np.zeros(0, np.int64))
-    _write_batches(os.path.join(work, f"images-{g:05d}.arrow"), images, bucket, buckets)
+    _write_batches(J(work, f"images-{g:05d}.arrow"), images, bucket, buckets)
     return len(rows)
 
 
 def images_pass(b: int, groups: int, firsts: tuple, work: str) -> None:
     """Dask task: sha256 bucket b of every group; the rows that repeat an earlier row's image bytes, sent back to
     their groups (WORK/dups-B.arrow, a batch per group)."""
-    pieces = [t for t in (_read_batch(os.path.join(work, f"images-{g:05d}.arrow"), b) for g in range(groups))
+    pieces = [t for t in (_read_batch(J(work, f"images-{g:05d}.arrow"), b) for g in range(groups))
               if t.num_rows]
     t = pa.concat_tables(pieces) if pieces else IMAGE_SCHEMA.empty_table()
     df = t.to_pandas()
@@ -104,13 +103,13 @@ def images_pass(b: int, groups: int, firsts: tuple, work: str) -> None:
     dups = df[df.duplicated("sha256", keep="first")]
     group = (np.searchsorted(np.asarray(firsts), dups["shard"].to_numpy(), side="right") - 1).astype(np.int64)
     out = pa.table({"shard": pa.array(dups["shard"].to_numpy(np.int64)), "key": pa.array(dups["key"], pa.string())})
-    _write_batches(os.path.join(work, f"dups-{b:05d}.arrow"), out, group, groups)
+    _write_batches(J(work, f"dups-{b:05d}.arrow"), out, group, groups)
 
 
 def write_pass(root: str, g: int, buckets: int, work: str) -> dict[int, int]:
     """Dask task: the group's manifest files, with its duplicate images marked. Returns shard -> success count."""
-    rows = pq.read_table(os.path.join(work, f"rows-{g:05d}.parquet")).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
-    dups = [t for t in (_read_batch(os.path.join(work, f"dups-{b:05d}.arrow"), g) for b in range(buckets)) if t.num_rows]
+    rows = read_parquet_table(J(work, f"rows-{g:05d}.parquet")).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+    dups = [t for t in (_read_batch(J(work, f"dups-{b:05d}.arrow"), g) for b in range(buckets)) if t.num_rows]
     if dups:
         d = pa.concat_tables(dups).to_pandas()
         hit = pd.MultiIndex.from_frame(rows[["shard", "key"]].astype({"shard": np.int64, "key": str})).isin(
@@ -140,18 +139,18 @@ def _replaced(layout: Layout, ingest: int) -> str:
     """A retry ingest's rows planned again: replaced/ (one Parquet file per manifest file the retry read), or an
     older retry's replaced.parquet, each (key, shard of the earlier plan) sorted by shard; for a retry ingest
     written before either existed, found once by reading the earlier ingests' shard input files one at a time."""
-    folder = os.path.join(layout.ingests, f"{ingest:05d}", "replaced")
-    if os.path.isdir(folder):
+    folder = J(layout.ingests, f"{ingest:05d}", "replaced")
+    if storage.isdir(folder):
         return folder
-    path = os.path.join(layout.ingests, f"{ingest:05d}", "replaced.parquet")
-    if not os.path.isfile(path):
+    path = J(layout.ingests, f"{ingest:05d}", "replaced.parquet")
+    if not storage.isfile(path):
         keys = pa.array(layout.load_sharded_plan(ingest)["key"].astype(str), pa.string())
         found = []
         for earlier in layout.ingest_ids():
             if earlier >= ingest:
                 break
             for shard, (p, _) in layout.planned_shards_of(earlier).items():
-                k = feather.read_table(p, columns=["psdclip_key"]).column("psdclip_key")
+                k = read_feather(p, columns=["psdclip_key"]).column("psdclip_key")
                 hit = k.filter(pc.is_in(k, value_set=keys))
                 if len(hit):
                     found.append(pd.DataFrame({"key": hit.to_pylist(), "shard": shard}))
@@ -178,10 +177,10 @@ def finalize_manifest(client, layout: Layout) -> dict[int, int]:
     members = [[(s, i, p) for s, i, p, _ in planned[cuts[g]:cuts[g + 1]]] for g in range(groups)]
     firsts = tuple(m[0][0] if m else -1 for m in members)
     buckets = min(FINE, _pow2(max(workers, math.ceil(total / GROUP_ROWS))))
-    work = os.path.join(layout.work, "finalize")
+    work = J(layout.work, "finalize")
     tok = uuid.uuid4().hex[:8]
     counts: dict[int, int] = {}
-    os.makedirs(layout.manifest, exist_ok=True)
+    storage.makedirs(layout.manifest)
     if planned:
         file_order = _file_order(layout)
         client.gather([client.submit(rows_pass, layout.root, members[g], file_order, replaced, buckets, work, g,
@@ -192,21 +191,20 @@ def finalize_manifest(client, layout: Layout) -> dict[int, int]:
                                               key=f"manifest-write-{tok}-{g}") for g in range(groups)]):
             counts.update(c)
     keep = {os.path.basename(manifest_file(layout.root, shard=s)) for s, *_ in planned}
+    present = {os.path.basename(p): n for p, n in storage.sizes(layout.manifest, "*.parquet").items()}
     for ingest in layout.ingest_ids():  # the rows that reach no shard: each ingest's files, copied once
         for name, src in layout.unsharded_manifests(ingest):
-            dst = os.path.join(layout.manifest, name)
-            if not pq.ParquetFile(src).metadata.num_rows:
+            fs, p = storage.arrow_filesystem(src)
+            if not pq.ParquetFile(p, filesystem=fs).metadata.num_rows:
                 continue
             keep.add(name)
-            if not os.path.isfile(dst) or os.path.getsize(dst) != os.path.getsize(src):
-                with atomic_path(dst, hidden=True) as tmp:
-                    shutil.copyfile(src, tmp)
-    for name in os.listdir(layout.manifest):
-        if name.endswith(".parquet") and name not in keep:
-            os.remove(os.path.join(layout.manifest, name))
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(layout.legacy_manifest)
-    shutil.rmtree(work, ignore_errors=True)
+            if present.get(name) != storage.size(src):
+                storage.copy(src, J(layout.manifest, name))
+    for name in present:
+        if name not in keep:
+            storage.remove(J(layout.manifest, name))
+    storage.remove(layout.legacy_manifest)
+    storage.rmtree(work)
     return counts
 
 
@@ -219,7 +217,7 @@ def write_subsets(layout: Layout, counts: dict[int, int], specs, seed: int, fmt:
     names = {layout.shard_name(s, fmt): s for s, n in counts.items() if n}
 
     def keys_of(name: str) -> list[str]:
-        t = pq.read_table(manifest_file(layout.root, shard=names[name]), columns=["key", "status"])
+        t = read_parquet_table(manifest_file(layout.root, shard=names[name]), columns=["key", "status"])
         return t.filter(pc.equal(t.column("status"), SUCCESS)).column("key").to_pylist()
 
     docs = build_subsets({name: counts[s] for name, s in names.items()}, keys_of, specs, seed)
@@ -229,4 +227,4 @@ def write_subsets(layout: Layout, counts: dict[int, int], specs, seed: int, fmt:
             doc["boundary"]["shard"] = f"shards/{doc['boundary']['shard']}"
         if doc["truncated"]:
             log.info(f"subset {name}: asked for {doc['requested']:,} samples, the dataset has {doc['count']:,}")
-        write_json(os.path.join(layout.subsets, f"{name}.json"), doc)
+        write_json(J(layout.subsets, f"{name}.json"), doc)

@@ -16,8 +16,8 @@
     group     a task per group of shards takes its batch from every bucket and writes each shard's input file, rows
               interleaved by host (a host's first row in the shard, then its second, ...).
 
-Everything is written into a temporary ingest folder that is renamed into _state/ingests/ at the end: an ingest
-exists whole or not at all. Same outputs as one process reading every row would give: the same keys and
+Everything is written into a temporary ingest folder that is renamed into _state/ingests/ at the end (on an object
+store: written in place, its inputs.json last; storage.staging_dir): an ingest exists whole or not at all. Same outputs as one process reading every row would give: the same keys and
 statuses for every row (tested against the in-memory reference).
 """
 from __future__ import annotations
@@ -25,8 +25,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
-import shutil
 import uuid
 
 import numpy as np
@@ -36,8 +34,9 @@ import pyarrow.compute as pc
 
 from . import logs
 from .clean import clean_partition, hosts
-from .dataset import MANIFEST_COLUMNS, MANIFEST_SCHEMA, Layout, SHARD_INPUT_COLUMNS, _tmp, atomic_path, \
-    manifest_files, now, write_json, write_replaced
+from . import storage
+from .dataset import MANIFEST_COLUMNS, MANIFEST_SCHEMA, Layout, SHARD_INPUT_COLUMNS, atomic_path, manifest_files, \
+    now, read_feather, read_parquet_table, write_json, write_replaced
 from .errors import InputError
 from .keys import row_keys
 from .read import detect_format, read_parquet_list, read_url_list
@@ -204,7 +203,7 @@ def _write_batches(path: str, table: pa.Table, group: np.ndarray, groups: int) -
     bounds = np.searchsorted(group[order], np.arange(groups + 1))
     batch = table.take(pa.array(order)).combine_chunks()
     batch = batch.to_batches()[0] if batch.num_rows else pa.RecordBatch.from_pylist([], schema=table.schema)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    storage.ensure_parent(path)
     with atomic_path(path) as tmp:
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             for g in range(groups):
@@ -212,6 +211,10 @@ def _write_batches(path: str, table: pa.Table, group: np.ndarray, groups: int) -
 
 
 def _read_batch(path: str, g: int) -> pa.Table:
+    """Batch g of an IPC file of _write_batches (memory-mapped when local; ranged reads of an object otherwise)."""
+    if storage.is_remote(path):
+        with storage.open_file(path) as f:
+            return pa.Table.from_batches([pa.ipc.open_file(f).get_batch(g)])
     with pa.memory_map(path) as src:
         return pa.Table.from_batches([pa.ipc.open_file(src).get_batch(g)])
 
@@ -266,17 +269,15 @@ class PartRef:
 
 def _earlier_keys(key_dirs: list[str], lo: int, hi: int) -> pa.Array:
     """The URL keys in key buckets [lo, hi) that earlier ingests took (files keys/LLL-HHH.arrow)."""
-    import pyarrow.feather as feather
-
     found = []
     for d in key_dirs:
-        for name in os.listdir(d):
+        for name in storage.listdir(d):
             if not name.endswith(".arrow"):
                 continue
             a, b = (int(x, 16) for x in name[:-6].split("-"))
             if b <= lo or a >= hi:
                 continue
-            keys = feather.read_table(os.path.join(d, name), columns=["key"]).column("key").combine_chunks()
+            keys = read_feather(storage.join(d, name), columns=["key"]).column("key").combine_chunks()
             if a < lo or b > hi:
                 fine = fine_buckets(keys.to_numpy(zero_copy_only=False))
                 keys = keys.filter(pa.array((fine >= lo) & (fine < hi)))
@@ -323,10 +324,10 @@ def dedupe_bucket(j: int, buckets: int, parts: list[PartRef], key_dirs: list[str
     rows = table.column("row").to_numpy()
     keys = ukey.to_numpy(zero_copy_only=False).astype(object)
     keys[~first] = row_keys(src[~first], rows[~first])
-    os.makedirs(os.path.join(folder, "keys"), exist_ok=True)
+    storage.makedirs(storage.join(folder, "keys"))
     rest = np.flatnonzero(~first)
     if len(rest):
-        os.makedirs(os.path.join(folder, "unsharded"), exist_ok=True)
+        storage.makedirs(storage.join(folder, "unsharded"))
         na = pa.nulls(len(rest), pa.int64())
         cols = {"key": pa.array(keys[rest], pa.string()), "url": table.column("url").take(rest),
                 "caption": table.column("caption").take(rest), "status": pa.array(status[rest], pa.string()),
@@ -334,7 +335,7 @@ def dedupe_bucket(j: int, buckets: int, parts: list[PartRef], key_dirs: list[str
                 "height": na, "original_width": na, "original_height": na,
                 "sha256": pa.array([""] * len(rest), pa.string()), "source": pa.array(src[rest], pa.string()),
                 "source_row": pa.array(rows[rest]), "ingest": pa.array(np.full(len(rest), ingest, np.int64))}
-        with atomic_path(os.path.join(folder, "unsharded", f"{j:04d}.parquet"), hidden=True) as tmp:
+        with atomic_path(storage.join(folder, "unsharded", f"{j:04d}.parquet"), hidden=True) as tmp:
             pq.write_table(pa.table([cols[c] for c in MANIFEST_COLUMNS], schema=MANIFEST_SCHEMA), tmp)
     take = np.flatnonzero(first)
     new = pa.table({"url": table.column("url").take(take), "caption": table.column("caption").take(take),
@@ -342,9 +343,9 @@ def dedupe_bucket(j: int, buckets: int, parts: list[PartRef], key_dirs: list[str
                     "source_row": pa.array(rows[take]), "host": table.column("host").take(take),
                     "file": table.column("file").take(take)})
     if len(take):
-        with atomic_path(os.path.join(folder, "keys", f"{lo:03x}-{hi:03x}.arrow")) as tmp:
+        with atomic_path(storage.join(folder, "keys", f"{lo:03x}-{hi:03x}.arrow")) as tmp:
             feather.write_feather(new.select(["key"]), tmp, compression="uncompressed")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    storage.ensure_parent(out)
     with atomic_path(out) as tmp:
         feather.write_feather(new, tmp, compression="uncompressed")
     counts = pd.Series(status).value_counts().to_dict()
@@ -358,9 +359,7 @@ def _host_hash(hosts) -> np.ndarray:
 def deal_bucket(path: str, offset: int, shards: int, groups: int, out: str) -> None:
     """Dask task: a bucket's rows to download, sorted by host (then input order), dealt round-robin over the
     ingest's `shards` shards from `offset`; written as one batch per group of shards."""
-    import pyarrow.feather as feather
-
-    t = feather.read_table(path)
+    t = read_feather(path)
     hh = _host_hash(t.column("host").to_numpy(zero_copy_only=False))
     order = np.lexsort((t.column("source_row").to_numpy(), t.column("file").to_numpy(), hh))
     shard = np.empty(len(order), dtype=np.int64)
@@ -386,12 +385,12 @@ def write_group(g: int, dealt: list[str], first_shard: int, folder: str) -> dict
     shard = shard[order]
     cuts = np.flatnonzero(np.diff(shard)) + 1
     counts = {}
-    os.makedirs(os.path.join(folder, "shards"), exist_ok=True)
+    storage.makedirs(storage.join(folder, "shards"))
     for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(shard)]):
         s = int(shard[a]) + first_shard
         piece = t.slice(int(a), int(b - a)).rename_columns(
             ["psdclip_key" if n == "key" else n for n in t.column_names]).select(SHARD_INPUT_COLUMNS)
-        with atomic_path(os.path.join(folder, "shards", f"{s:05d}.arrow")) as tmp:
+        with atomic_path(storage.join(folder, "shards", f"{s:05d}.arrow")) as tmp:
             feather.write_feather(piece, tmp, compression="uncompressed")
         counts[s] = int(b - a)
     return counts
@@ -403,16 +402,17 @@ def write_key_store(root: str, ingest: int, buckets: int) -> None:
     import pyarrow.feather as feather
 
     layout = Layout(root)
-    folder = os.path.join(layout.ingests, f"{ingest:05d}")
+    folder = storage.join(layout.ingests, f"{ingest:05d}")
     keys = np.asarray(layout.load_sharded_plan(ingest)["key"].astype(str).to_numpy(), dtype=object)
-    tmp = _tmp(os.path.join(folder, "keys"))
-    os.makedirs(tmp)
+    tmp = storage.tmp_name(storage.join(folder, "keys"), False)
+    storage.makedirs(tmp)
     bucket = fine_buckets(keys) * buckets // FINE if len(keys) else np.array([], np.int64)
     for j in np.unique(bucket):
         lo, hi = _bucket_range(int(j), buckets)
-        feather.write_feather(pa.table({"key": pa.array(keys[bucket == j], pa.string())}),
-                              os.path.join(tmp, f"{lo:03x}-{hi:03x}.arrow"), compression="uncompressed")
-    os.replace(tmp, os.path.join(folder, "keys"))
+        with atomic_path(storage.join(tmp, f"{lo:03x}-{hi:03x}.arrow")) as path:
+            feather.write_feather(pa.table({"key": pa.array(keys[bucket == j], pa.string())}), path,
+                                  compression="uncompressed")
+    storage.publish_dir(tmp, storage.join(folder, "keys"))
 
 
 def plan_shards(client, layout: Layout, canon: list[str], pending: list[int], shard_size: int, folder: str, work: str,
@@ -428,7 +428,7 @@ def plan_shards(client, layout: Layout, canon: list[str], pending: list[int], sh
         shards = math.ceil(total / shard_size)
         groups = min(shards, max(2 * workers, math.ceil(total / GROUP_ROWS)))
         offsets = np.r_[0, np.cumsum(pending)[:-1]]
-        dealt = [os.path.join(work, "dealt", f"{j:04d}.arrow") for j in range(len(canon))]
+        dealt = [storage.join(work, "dealt", f"{j:04d}.arrow") for j in range(len(canon))]
         client.gather([client.submit(deal_bucket, path, int(offsets[j]), shards, groups, dealt[j], pure=False,
                                      key=f"deal-{tok}-{j}")
                        for j, path in enumerate(canon) if pending[j]])
@@ -439,8 +439,8 @@ def plan_shards(client, layout: Layout, canon: list[str], pending: list[int], sh
                                               key=f"group-{tok}-{g}") for g in range(groups)]):
             shard_counts.update(c)
     for d in ("keys", "unsharded"):  # (either may be empty)
-        os.makedirs(os.path.join(folder, d), exist_ok=True)
-    write_json(os.path.join(folder, "shards.json"), {str(s): n for s, n in sorted(shard_counts.items())}, indent=0)
+        storage.makedirs(storage.join(folder, d))
+    write_json(storage.join(folder, "shards.json"), {str(s): n for s, n in sorted(shard_counts.items())}, indent=0)
     return shard_counts
 
 
@@ -449,9 +449,8 @@ def retry_rows(path: str, index: int, out: str, replaced: str) -> dict:
     plan_shards reads them; `file` is the manifest file's index) and as (key, shard of the earlier plan) for the
     finalize to leave them to the new shard (`replaced`). Returns their count per status."""
     import pyarrow.feather as feather
-    import pyarrow.parquet as pq
 
-    t = pq.read_table(path, columns=["key", "url", "caption", "source", "source_row", "status", "shard"])
+    t = read_parquet_table(path, columns=["key", "url", "caption", "source", "source_row", "status", "shard"])
     t = t.filter(pc.is_in(t.column("status"), value_set=pa.array(TRANSIENT, pa.string())))
     counts = pd.Series(t.column("status").to_numpy(zero_copy_only=False)).value_counts().to_dict()
     if not t.num_rows:
@@ -462,7 +461,7 @@ def retry_rows(path: str, index: int, out: str, replaced: str) -> dict:
                      "source_row": t.column("source_row").cast(pa.int64()),
                      "host": hosts(url, np.ones(t.num_rows, bool)),
                      "file": pa.array(np.full(t.num_rows, index, np.int64))})
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    storage.ensure_parent(out)
     with atomic_path(out) as tmp:
         feather.write_feather(rows, tmp, compression="uncompressed")
     write_replaced(replaced, pd.DataFrame({"key": t.column("key").to_numpy(zero_copy_only=False),
@@ -476,15 +475,15 @@ def plan_retry(client, layout: Layout, shard_size: int) -> dict | None:
     earlier plan). Returns its figures, or None when no row is transient."""
     files = manifest_files(layout.root)
     ingest = (layout.ingest_ids() or [-1])[-1] + 1
-    final = os.path.join(layout.ingests, f"{ingest:05d}")
-    folder = _tmp(final)
-    work = os.path.join(layout.work, "retry")
+    final = storage.join(layout.ingests, f"{ingest:05d}")
+    folder = storage.staging_dir(final)
+    work = storage.join(layout.work, "retry")
     tok = uuid.uuid4().hex[:8]
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(os.path.join(folder, "replaced"))
-    canon = [os.path.join(work, "canon", f"{i:05d}.arrow") for i in range(len(files))]
+    storage.rmtree(work)
+    storage.makedirs(storage.join(folder, "replaced"))
+    canon = [storage.join(work, "canon", f"{i:05d}.arrow") for i in range(len(files))]
     counts = client.gather([client.submit(retry_rows, path, i, canon[i],
-                                          os.path.join(folder, "replaced", f"{i:05d}.parquet"), pure=False,
+                                          storage.join(folder, "replaced", f"{i:05d}.parquet"), pure=False,
                                           key=f"retry-{tok}-{i}") for i, path in enumerate(files)])
     pending = [sum(c.values()) for c in counts]
     statuses: dict[str, int] = {}
@@ -492,13 +491,13 @@ def plan_retry(client, layout: Layout, shard_size: int) -> dict | None:
         for k, v in c.items():
             statuses[k] = statuses.get(k, 0) + v
     if not sum(pending):
-        shutil.rmtree(folder, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+        storage.rmtree(folder)
+        storage.rmtree(work)
         return None
     shard_counts = plan_shards(client, layout, canon, pending, shard_size, folder, work, tok)
-    write_json(os.path.join(folder, "inputs.json"), {"kind": "retry", "created_at": now(), "files": []})
-    os.replace(folder, final)
-    shutil.rmtree(work, ignore_errors=True)
+    write_json(storage.join(folder, "inputs.json"), {"kind": "retry", "created_at": now(), "files": []})
+    storage.publish_dir(folder, final, last="inputs.json")
+    storage.rmtree(work)
     return {"ingest": ingest, "pending": sum(pending), "shards": len(shard_counts), "statuses": statuses}
 
 
@@ -510,13 +509,13 @@ def ingest_inputs(client, layout: Layout, cfg) -> dict | None:
     opts = ReadOptions.of(cfg)
     sizes = [_size(p) for p in cfg.inputs]
     buckets = min(FINE, _pow2(max(workers, math.ceil(sum(sizes) / BUCKET_BYTES))))
-    work = os.path.join(layout.work, "ingest")
+    work = storage.join(layout.work, "ingest")
     tok = uuid.uuid4().hex[:8]  # task keys unique to this build (a shared cluster may hold an earlier build's)
     files = []
     for i, (path, size) in enumerate(zip(cfg.inputs, sizes)):
         fmt = detect_format(path, cfg.input_format)
         parts = split_file(path, fmt, size, workers)
-        futs = [client.submit(read_part, p, opts, buckets, os.path.join(work, "parts", f"{i:05d}-{p.index:04d}.arrow"),
+        futs = [client.submit(read_part, p, opts, buckets, storage.join(work, "parts", f"{i:05d}-{p.index:04d}.arrow"),
                               pure=False, key=f"read-{tok}-{i}-{p.index}") for p in parts]
         sha = (client.submit(file_sha256, path, pure=False, key=f"sha256-{tok}-{i}")
                if len(parts) > 1 else None)
@@ -530,13 +529,13 @@ def ingest_inputs(client, layout: Layout, cfg) -> dict | None:
         if len(parts) > 1 and (bad is not None or (quotes % 2).any()):
             # a cut inside a quoted field, or bad input: the file read whole gives its rows or its exact error
             whole = Part(path, fmt, 0, 1)
-            out = os.path.join(work, "parts", f"{i:05d}-whole.arrow")
+            out = storage.join(work, "parts", f"{i:05d}-whole.arrow")
             results = [client.submit(read_part, whole, opts, buckets, out, pure=False,
                                      key=f"read-whole-{tok}-{i}").result()]
             parts, outs = [whole], [out]
             bad = results[0]["error"]
         else:
-            outs = [os.path.join(work, "parts", f"{i:05d}-{p.index:04d}.arrow") for p in parts]
+            outs = [storage.join(work, "parts", f"{i:05d}-{p.index:04d}.arrow") for p in parts]
         if bad is not None:
             raise bad
         digest = sha.result() if len(parts) > 1 else results[0]["sha"]
@@ -559,13 +558,13 @@ def ingest_inputs(client, layout: Layout, cfg) -> dict | None:
         file_info.append({"path": path, "sha256": digest, "rows": rows})
     if not file_info:
         return None
-    final = os.path.join(layout.ingests, f"{ingest:05d}")
-    folder = _tmp(final)
-    os.makedirs(folder)
+    final = storage.join(layout.ingests, f"{ingest:05d}")
+    folder = storage.staging_dir(final)
+    storage.makedirs(folder)
     key_dirs = []
     for earlier in layout.ingest_ids():
-        d = os.path.join(layout.ingests, f"{earlier:05d}", "keys")
-        if not os.path.isdir(d):  # an ingest written before key stores: bucketed once
+        d = storage.join(layout.ingests, f"{earlier:05d}", "keys")
+        if not storage.isdir(d):  # an ingest written before key stores: bucketed once
             client.submit(write_key_store, layout.root, earlier, buckets, pure=False,
                           key=f"keys-{tok}-{earlier}").result()
         key_dirs.append(d)
@@ -574,7 +573,7 @@ def ingest_inputs(client, layout: Layout, cfg) -> dict | None:
     # every dedupe task reads every part: the list goes to the workers once (scattered), not with each task
     refs_f, dirs_f = client.scatter([refs, key_dirs], broadcast=True, hash=False)
     dedupe = [client.submit(dedupe_bucket, j, buckets, refs_f, dirs_f, ingest, folder,
-                            os.path.join(work, "canon", f"{j:04d}.arrow"), pure=False, key=f"dedupe-{tok}-{j}")
+                            storage.join(work, "canon", f"{j:04d}.arrow"), pure=False, key=f"dedupe-{tok}-{j}")
               for j in range(buckets)]
     counts = client.gather(dedupe)
     pending = [c["pending"] for c in counts]
@@ -583,12 +582,12 @@ def ingest_inputs(client, layout: Layout, cfg) -> dict | None:
     for c in counts:
         for k, v in c["statuses"].items():
             statuses[k] = statuses.get(k, 0) + v
-    shard_counts = plan_shards(client, layout, [os.path.join(work, "canon", f"{j:04d}.arrow") for j in range(buckets)],
+    shard_counts = plan_shards(client, layout, [storage.join(work, "canon", f"{j:04d}.arrow") for j in range(buckets)],
                                pending, cfg.shard_size, folder, work, tok)
-    write_json(os.path.join(folder, "inputs.json"), {"kind": "urls", "created_at": now(), "files": file_info,
+    write_json(storage.join(folder, "inputs.json"), {"kind": "urls", "created_at": now(), "files": file_info,
                                                      "buckets": buckets})
-    os.replace(folder, final)
-    shutil.rmtree(work, ignore_errors=True)
+    storage.publish_dir(folder, final, last="inputs.json")
+    storage.rmtree(work)
     rows = sum(f["rows"] for f in file_info)
     log.info(f"ingest {ingest}: {rows:,} rows from {len(file_info)} file(s); {total:,} to download in "
              f"{len(shard_counts)} shard(s)")

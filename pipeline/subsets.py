@@ -135,14 +135,12 @@ class SubsetRule:
 def member_keys(root: str, rule: SubsetRule) -> set[str]:
     """Every key of a subset (for tools and tests; readers decide per sample): the successful rows of its shards'
     manifest files that the rule takes."""
-    import pyarrow.parquet as pq
-
-    from .dataset import manifest_file
+    from .dataset import manifest_file, read_parquet_table
     from .status import SUCCESS
 
     out: set[str] = set()
     for shard in rule.shards():
-        t = pq.read_table(manifest_file(root, shard=int(shard.split(".")[0])), columns=["key", "status"]).to_pandas()
+        t = read_parquet_table(manifest_file(root, shard=int(shard.split(".")[0])), columns=["key", "status"]).to_pandas()
         keys = t.loc[t["status"] == SUCCESS, "key"].to_numpy(dtype=object)
         out.update(keys[rule.keeps(shard, keys)].tolist())
     return out

@@ -27,7 +27,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from psdclip.pipeline.errors import InputError
+from psdclip.pipeline import storage
 from psdclip.pipeline.status import SUCCESS
+
+J = storage.join
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +52,12 @@ class Source:
 
 def resolve_source(spec: str) -> Source:
     """A dataset directory, DATASET/subsets/NAME.json, or shard URLs (brace patterns, fsspec, pipe:)."""
-    if os.path.isdir(spec):
-        return _from_dataset(spec, spec)
+    if "{" not in spec and not spec.startswith("pipe:") and storage.isdir(spec):
+        return _from_dataset(storage.resolve(spec), spec)
     if spec.endswith(".json") and not spec.startswith("pipe:"):
-        root = os.path.dirname(os.path.dirname(os.path.abspath(spec)))
-        if not os.path.isfile(spec):
-            subsets = os.path.join(root, "subsets")
-            names = sorted(f[:-5] for f in os.listdir(subsets) if f.endswith(".json")) if os.path.isdir(subsets) else []
+        root = storage.resolve(spec).rsplit("/", 2)[0]
+        if not storage.isfile(spec):
+            names = sorted(f[:-5] for f in storage.listdir(J(root, "subsets")) if f.endswith(".json"))
             raise InputError(f"--data {spec}: no such subset (available: {', '.join(names) or 'none'})")
         return _from_subset(spec, root)
     import webdataset as wds
@@ -72,29 +74,29 @@ def resolve_source(spec: str) -> Source:
 
 def _read_json(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
+        with storage.open_file(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError) as err:
         raise InputError(f"{path}: cannot read ({err})") from None
 
 
 def _from_dataset(root: str, spec: str) -> Source:
     from psdclip.pipeline.subsets import SubsetRule
 
-    info_path = os.path.join(root, "dataset.json")
-    manifest_dir, legacy = os.path.join(root, "manifest"), os.path.join(root, "manifest.parquet")
-    if not os.path.isfile(info_path) or not (os.path.isdir(manifest_dir) or os.path.isfile(legacy)):
+    info_path = J(root, "dataset.json")
+    manifest_dir, legacy = J(root, "manifest"), J(root, "manifest.parquet")
+    if not storage.isfile(info_path) or not (storage.isdir(manifest_dir) or storage.isfile(legacy)):
         raise InputError(f"--data {spec}: not a psdclip dataset (no dataset.json / manifest); "
                          f"build one with `psdclip data build`")
     info = _read_json(info_path)
     fmt = info.get("output_format", "webdataset")
     ext = "parquet" if fmt == "arrow" else "tar"
-    if os.path.isdir(manifest_dir):  # dataset.json names the shards holding samples: no row is read here
+    if storage.isdir(manifest_dir):  # dataset.json names the shards holding samples: no row is read here
         names = [f"{int(s):05d}.{ext}" for s in info.get("shards", [])]
         samples = int((info.get("counts") or {}).get("success", 0))
         if not names or not samples:
             raise InputError(f"--data {spec}: the dataset has no successful samples (see `psdclip data stats {spec}`)")
-        return Source(shards=[os.path.join(root, "shards", n) for n in names], rule=SubsetRule(whole=frozenset(names)),
+        return Source(shards=[J(root, "shards", n) for n in names], rule=SubsetRule(whole=frozenset(names)),
                       format=fmt, root=root, spec=spec, samples=samples)
     import pandas as pd
 
@@ -103,7 +105,7 @@ def _from_dataset(root: str, spec: str) -> Source:
     if ok.empty:
         raise InputError(f"--data {spec}: the dataset has no successful samples ({len(m)} rows; see "
                          f"`psdclip data stats {spec}`)")
-    shards = [os.path.join(root, "shards", f"{int(s):05d}.{ext}") for s in sorted(ok["shard"].dropna().unique())]
+    shards = [J(root, "shards", f"{int(s):05d}.{ext}") for s in sorted(ok["shard"].dropna().unique())]
     return Source(shards=shards, keys=frozenset(ok["key"]), format=fmt, root=root, spec=spec, samples=len(ok))
 
 
@@ -113,17 +115,17 @@ def _from_subset(path: str, root: str) -> Source:
     doc = _read_json(path)
     if "shards" not in doc or not ("keys" in doc or "boundary" in doc):
         raise InputError(f"--data {path}: not a subset file (no shards and keys/boundary)")
-    info = _read_json(os.path.join(root, "dataset.json")) if os.path.isfile(os.path.join(root, "dataset.json")) else {}
+    info = _read_json(J(root, "dataset.json")) if storage.isfile(J(root, "dataset.json")) else {}
     fmt = info.get("output_format", "webdataset")
     if "keys" in doc:  # written before subsets became rules
         if not doc["keys"]:
             raise InputError(f"--data {path}: the subset is empty")
-        return Source(shards=[os.path.join(root, s) for s in doc["shards"]], keys=frozenset(doc["keys"]),
+        return Source(shards=[J(root, s) for s in doc["shards"]], keys=frozenset(doc["keys"]),
                       format=fmt, root=root, spec=path, samples=len(doc["keys"]))
     rule = SubsetRule.of(doc)
     if not int(doc.get("count", 0)) or not rule.shards():
         raise InputError(f"--data {path}: the subset is empty")
-    return Source(shards=[os.path.join(root, "shards", n) for n in rule.shards()], rule=rule, format=fmt, root=root,
+    return Source(shards=[J(root, "shards", n) for n in rule.shards()], rule=rule, format=fmt, root=root,
                   spec=path, samples=int(doc["count"]))
 
 
@@ -197,6 +199,18 @@ class _TarEnd:
         return repr(self.raw)
 
 
+def _open_shard(url: str, gopen):
+    """webdataset's gopen (local files, pipe:, http, gs, ...); fsspec for the schemes it has no handler for (s3://)."""
+    from urllib.parse import urlparse
+
+    from webdataset.gopen import gopen_schemes
+
+    scheme = urlparse(url).scheme
+    if scheme and scheme != "file" and scheme not in gopen_schemes and storage.is_remote(url):
+        return storage.open_file(url, "rb")
+    return gopen(url)
+
+
 def tar_samples(urls, on_error):
     """Samples ({__key__, ext: bytes}) from WebDataset tars; a broken or truncated shard is reported (once) and
     what it held before the damage is kept."""
@@ -212,7 +226,7 @@ def tar_samples(urls, on_error):
     def streams():
         for url in urls:
             try:
-                stream = _TarEnd(gopen(url))
+                stream = _TarEnd(_open_shard(url, gopen))
             except Exception as exn:  # pylint: disable=broad-except
                 on_error(f"shard {url}: {exn}")
                 continue

@@ -19,7 +19,9 @@ def cmd_build(cfg: BuildConfig) -> int:
     if b.get("images_per_s"):
         print(f"\ndownloaded {b['downloaded_rows']:,} rows in {b['download_s']:.1f} s "
               f"({b['images_per_s']:.1f} images/s); total {b['total_s']:.1f} s")
-    print(f"dataset: {os.path.abspath(cfg.out)}")
+    from psdclip.pipeline.storage import resolve
+
+    print(f"dataset: {resolve(cfg.out)}")
     return 0
 
 
@@ -28,7 +30,9 @@ def cmd_stats(cfg: StatsConfig) -> int:
 
     stats = stream_stats(cfg.dataset)  # a batch of rows at a time
     layout = Layout(cfg.dataset)
-    if os.path.isfile(layout.stats_json):
+    from psdclip.pipeline.storage import isfile
+
+    if isfile(layout.stats_json):
         stats["build"] = read_json(layout.stats_json).get("build")
     left, planned = unfinished_shards(layout)
     if left:  # a build was cut off (or is running): the manifest is the last complete one

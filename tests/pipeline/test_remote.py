@@ -1,4 +1,6 @@
 """URL lists on S3 (a real S3-compatible server on 127.0.0.1: moto's server mode), read in parts by the Dask workers."""
+import io
+import json
 import os
 
 import pandas as pd
@@ -20,6 +22,9 @@ def _set_env(env):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+    from s3fs import S3FileSystem
+
+    S3FileSystem.clear_instance_cache()  # file systems made for an earlier test's server (another port)
 
 
 @pytest.fixture()
@@ -40,9 +45,10 @@ def s3(monkeypatch, scheduler):
                                       "AWS_ENDPOINT_URL")}
     with Client(scheduler) as client:
         client.run(_set_env, env)
+    _set_env(env)
     import fsspec
 
-    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("lists")
+    fsspec.filesystem("s3", skip_instance_cache=True).makedirs("lists", exist_ok=True)  # (moto keeps state per process)
     yield scheduler
     with Client(scheduler) as client:
         client.run(_set_env, {k: None for k in env})
@@ -68,3 +74,95 @@ def test_url_lists_on_s3_are_cut_into_parts_and_read_by_the_workers(s3, synth_di
     assert stats["success"] == 300
     again = build(cfg(["s3://lists/urls.csv"], ds, dask_scheduler=s3))  # recognised by the sha256 of the object's bytes
     assert again["build"]["nothing_to_do"]
+
+
+def _objects(fs, prefix):
+    return [p for p in fs.find(prefix)]
+
+
+def test_a_dataset_folder_on_s3_is_built_resumed_retried_and_streamed(s3, synth_dir, server, tmp_path):
+    """--out s3://...: the workers write shards, plans and manifest parts as objects (no shared mount, nothing local),
+    a rerun finds everything done, --retry-failed publishes a retry ingest there, and the trainer streams a subset."""
+    import socket
+    import tarfile
+
+    import fsspec
+    import pyarrow.dataset as pads
+
+    from psdclip.pipeline.dataset import stream_stats
+    from psdclip.pipeline.subsets import member_keys
+    from psdclip.train.data import ShardStream, resolve_source
+    from psdclip.train.models import build_model
+
+    attrs = pd.read_parquet(synth_dir / "attributes.parquet").head(120)
+    urls = (server.base + "/img/" + attrs["path"]).tolist()
+    with socket.socket() as sock:  # a port nobody listens on: connection errors, a transient status
+        sock.bind(("127.0.0.1", 0))
+        dead = [f"http://127.0.0.1:{sock.getsockname()[1]}/img/{i}.jpg" for i in range(10)]
+    lst = tmp_path / "urls.csv"
+    pd.DataFrame({"url": urls + dead + ["ftp://example.com/a.jpg"],
+                  "caption": attrs["caption"].tolist() + ["a dead link"] * 10 + ["not http"]}).to_csv(lst, index=False)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
+    fs.makedirs("datasets", exist_ok=True)
+    out = "s3://datasets/cc/ds"
+    stats = build(cfg([lst], out, dask_scheduler=s3, subsets=["0.5", "1.0"], shard_size=50))
+    assert stats["rows"] == 131 and stats["success"] == 120 and stats["counts"]["connection_error"] == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["urls.csv"]  # nothing written locally
+    names = [p.rsplit("/", 1)[-1] for p in _objects(fs, "datasets/cc/ds")]
+    assert not [n for n in names if ".tmp-" in n] and not fs.exists("datasets/cc/ds/_work")
+    assert not fs.exists("datasets/cc/ds/_state/build.lock")  # released
+    # the manifest is one table to pyarrow.dataset over S3, one row per input row
+    m = pads.dataset("datasets/cc/ds/manifest", filesystem=fs, format="parquet").to_table().to_pandas()
+    assert len(m) == 131 and m["key"].is_unique
+    ok = set(m.loc[m["status"] == "success", "key"])
+    in_tars = set()
+    shards = sorted(p for p in fs.ls("datasets/cc/ds/shards") if p.endswith(".tar"))
+    assert len(shards) == 3  # 130 rows to download, 50 a shard
+    for p in shards:
+        with fs.open(p, "rb") as f, tarfile.open(fileobj=f) as tf:
+            in_tars |= {n.split(".")[0] for n in tf.getnames() if n.endswith(".jpg")}
+    assert in_tars == ok
+    assert stream_stats(out)["shard_bytes"] == sum(fs.size(p) for p in shards)
+    assert build(cfg([lst], out, dask_scheduler=s3))["build"]["nothing_to_do"]
+    # --retry-failed: a retry ingest published on S3; the manifest still has one row per input row
+    retried = build(cfg([], out, dask_scheduler=s3, retry_failed=True, shard_size=50))
+    assert retried["rows"] == 131 and retried["counts"]["connection_error"] == 10
+    info = json.loads(fs.cat("datasets/cc/ds/dataset.json"))
+    assert [i["kind"] for i in info["ingests"]] == ["urls", "retry"]
+    m2 = pads.dataset("datasets/cc/ds/manifest", filesystem=fs, format="parquet").to_table().to_pandas()
+    assert len(m2) == 131 and m2["key"].is_unique and set(m2.loc[m2["status"] == "success", "key"]) == ok
+    assert set(m2.loc[m2["status"] == "connection_error", "ingest"]) == {1}
+    # the trainer reads a subset from S3: what it streams is the subset's members
+    _, transform, _, tok = build_model("tiny")
+    spec = f"{out}/subsets/50pct.json"
+    src = resolve_source(spec)
+    assert src.samples == 60 and all(s.startswith("s3://") for s in src.shards)
+    it = iter(ShardStream(spec, 20, transform, tok, shuffle_buffer=10))
+    assert {k for _ in range(3) for k in next(it)["keys"]} == member_keys(src.root, src.rule)
+    # ... and `index build` reads every stored image from there (its shard reader, and by offset for the service)
+    from PIL import Image
+
+    from psdclip.index.embed import ShardBatches, read_image_bytes, success_rows
+
+    rows, fmt = success_rows(out)
+    batches = ShardBatches(out, fmt, [(int(s), g["key"].tolist()) for s, g in rows.groupby("shard")], transform,
+                           (64, 64), 16)
+    assert sum(int(ok.sum()) for _, _, _, ok in batches) == len(rows) == 120
+    r = rows.iloc[7]
+    with Image.open(io.BytesIO(read_image_bytes(out, fmt, int(r["shard"]), int(r["offset"]), int(r["size"])))) as im:
+        assert im.size == (32, 32)
+
+
+def test_a_build_lock_left_on_s3_by_another_host_is_reported(s3, tmp_path):
+    import fsspec
+
+    from psdclip.pipeline.errors import InputError
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
+    fs.makedirs("locked", exist_ok=True)
+    fs.pipe_file("locked/ds/_state/build.lock", json.dumps({"pid": 1, "host": "elsewhere", "since": "x"}).encode())
+    lst = tmp_path / "urls.csv"
+    lst.write_text("url,caption\nhttp://127.0.0.1:9/a.jpg,a\n")
+    with pytest.raises(InputError, match="elsewhere.*remove s3://locked/ds/_state/build.lock"):
+        build(cfg([lst], "s3://locked/ds", dask_scheduler=s3))
+    assert fs.exists("locked/ds/_state/build.lock")  # not taken
