@@ -215,6 +215,11 @@ def _object_lock(layout: Layout):
 
 def _build(cfg: BuildConfig) -> dict:
     layout = Layout(cfg.out)
+    try:
+        storage.check_writable(layout.root)
+    except Exception as err:  # pylint: disable=broad-except  (no bucket, no credentials, access denied, no network)
+        raise InputError(f"--out {cfg.out}: cannot write there ({type(err).__name__}: "
+                         f"{(str(err).splitlines() or [''])[0][:200]})") from None
     previous = read_json(layout.dataset_json) if storage.isfile(layout.dataset_json) else None
     _check_out(cfg, layout, previous)
     if not cfg.inputs and not cfg.retry_failed and not layout.ingest_ids():

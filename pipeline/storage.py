@@ -47,6 +47,17 @@ def _url(fs, p: str) -> str:
     return p if "://" in p else f"{proto}://{p}"
 
 
+def check_writable(folder: str) -> None:
+    """Raise what writing in `folder` of an object store raises (no bucket, no credentials, access denied), by
+    writing and removing a small hidden object; nothing for a local folder (its errors name the path already)."""
+    if not is_remote(folder):
+        return
+    fs, p = fs_path(folder)
+    probe = posixpath.join(p, f".psdclip-probe-{uuid.uuid4().hex[:8]}")
+    fs.pipe_file(probe, b"")
+    fs.rm_file(probe)
+
+
 def resolve(root: str) -> str:
     return str(root).rstrip("/") if is_remote(root) else os.path.abspath(root)
 

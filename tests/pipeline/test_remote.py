@@ -153,7 +153,7 @@ def test_a_dataset_folder_on_s3_is_built_resumed_retried_and_streamed(s3, synth_
         assert im.size == (32, 32)
 
 
-def test_a_build_lock_left_on_s3_by_another_host_is_reported(s3, tmp_path):
+def test_a_lock_left_by_another_host_and_a_missing_bucket_are_one_line_errors(s3, tmp_path):
     import fsspec
 
     from psdclip.pipeline.errors import InputError
@@ -166,3 +166,5 @@ def test_a_build_lock_left_on_s3_by_another_host_is_reported(s3, tmp_path):
     with pytest.raises(InputError, match="elsewhere.*remove s3://locked/ds/_state/build.lock"):
         build(cfg([lst], "s3://locked/ds", dask_scheduler=s3))
     assert fs.exists("locked/ds/_state/build.lock")  # not taken
+    with pytest.raises(InputError, match="--out s3://no-such-bucket/ds: cannot write there .*bucket does not exist"):
+        build(cfg([lst], "s3://no-such-bucket/ds", dask_scheduler=s3))
