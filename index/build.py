@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from psdclip.pipeline import storage
 from psdclip.pipeline.dataset import atomic_path, read_json, write_json
 from psdclip.pipeline.errors import InputError
 
@@ -185,7 +186,7 @@ def build_index(cfg: IndexBuildConfig) -> dict:
         del index
     t_index = time.time() - t1
     write_metadata(parts, cfg.out)
-    dataset = os.path.abspath(cfg.data) if cfg.data else None
+    dataset = storage.resolve(cfg.data) if cfg.data else None  # a local folder or an fsspec URL (s3://...)
     doc = {"schema_version": 2, "checkpoint": m.checkpoint if m else None, "checkpoint_sha256": digest,
            "model_arch": m.arch if m else None, "step": m.step if m else None, "dataset": dataset,
            "dataset_format": read_json(os.path.join(cfg.data, "dataset.json")).get("output_format", "webdataset")
