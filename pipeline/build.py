@@ -17,6 +17,7 @@ import glob
 import logging
 import os
 import sys
+import tempfile
 import time
 
 from . import storage
@@ -177,8 +178,8 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # someone else's process
+        pass
     return True
 
 
@@ -187,7 +188,6 @@ def _object_lock(layout: Layout):
     """The build lock of a dataset on an object store: an object naming its holder (pid, host), removed at the end.
     An object store cannot drop it when the holder dies: a lock left by a dead process of this host is taken over;
     one from another host is reported with how to remove it."""
-    import json
     import socket
 
     path = storage.join(layout.state, "build.lock")
@@ -209,7 +209,7 @@ def _object_lock(layout: Layout):
         yield
     finally:
         with contextlib.suppress(Exception):
-            if read_json(path) == json.loads(json.dumps(me)):
+            if read_json(path) == me:  # still ours
                 storage.remove(path)
 
 
@@ -261,7 +261,7 @@ def _build_locked(cfg: BuildConfig, layout: Layout, previous: dict | None) -> di
     t = time.time()
     # a local cluster's scratch space: in the dataset folder, or a temporary folder for a dataset on an object store
     scratch = contextlib.nullcontext(os.path.join(layout.work, "dask")) if not storage.is_remote(layout.root) else \
-        __import__("tempfile").TemporaryDirectory(prefix="psdclip-dask-")
+        tempfile.TemporaryDirectory(prefix="psdclip-dask-")
     with scratch as local_dir, dask_client(cfg.dask_scheduler, cfg.processes_count, local_dir) as client:
         timings["cluster_start_s"] = time.time() - t
         # 1. finish what an interrupted run planned

@@ -41,12 +41,6 @@ def fs_path(path: str) -> tuple:
     return fs, fs._strip_protocol(path)  # pylint: disable=protected-access
 
 
-def _url(fs, p: str) -> str:
-    """A path fsspec listed, back as a URL of its protocol."""
-    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    return p if "://" in p else f"{proto}://{p}"
-
-
 def check_writable(folder: str) -> None:
     """Raise what writing in `folder` of an object store raises (no bucket, no credentials, access denied), by
     writing and removing a small hidden object; nothing for a local folder (its errors name the path already)."""
@@ -59,7 +53,11 @@ def check_writable(folder: str) -> None:
 
 
 def resolve(root: str) -> str:
-    return str(root).rstrip("/") if is_remote(root) else os.path.abspath(root)
+    """A dataset root as every stage names it: a URL without a trailing slash, or an absolute local path."""
+    root = str(root)
+    if root.startswith("file://"):
+        root = root[len("file://"):]
+    return root.rstrip("/") if is_remote(root) else os.path.abspath(root)
 
 
 def join(path: str, *parts: str) -> str:
@@ -102,22 +100,24 @@ def listdir(path: str) -> list[str]:
 def sizes(folder: str, pattern: str) -> dict[str, int]:
     """{path: bytes} of the files in `folder` whose names match `pattern` (one listing on an object store)."""
     if not is_remote(folder):
-        import glob
-
-        return {p: os.path.getsize(p) for p in glob.glob(os.path.join(folder, pattern))}
+        return {p: os.path.getsize(p) for p in glob(folder, pattern)}
     fs, p = fs_path(folder)
     try:
         entries = fs.ls(p, detail=True)
     except FileNotFoundError:
         return {}
-    return {_url(fs, e["name"]): int(e.get("size") or 0) for e in entries
-            if e.get("type") != "directory" and fnmatch.fnmatch(posixpath.basename(e["name"]), pattern)}
+    names = {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0) for e in entries
+             if e.get("type") != "directory"}
+    return {join(folder, n): size for n, size in names.items() if fnmatch.fnmatch(n, pattern)}
 
 
 def glob(folder: str, pattern: str) -> list[str]:
     """The paths in `folder` whose names match `pattern` (one level), sorted."""
-    return sorted(sizes(folder, pattern)) if is_remote(folder) else sorted(
-        __import__("glob").glob(os.path.join(folder, pattern)))
+    if is_remote(folder):
+        return sorted(sizes(folder, pattern))
+    import glob as _glob
+
+    return sorted(_glob.glob(os.path.join(folder, pattern)))
 
 
 def makedirs(path: str) -> None:
@@ -208,24 +208,6 @@ def atomic_path(path: str, hidden: bool = False):
     try:
         yield tmp
         put(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-
-
-@contextlib.contextmanager
-def local_copy(path: str):
-    """A local path holding `path`'s bytes for readers that need one (memory maps): the file itself when local, a
-    temporary download otherwise."""
-    if not is_remote(path):
-        yield path
-        return
-    fs, p = fs_path(path)
-    fd, tmp = tempfile.mkstemp(prefix="psdclip-", suffix="-" + posixpath.basename(p))
-    os.close(fd)
-    try:
-        fs.get_file(p, tmp)
-        yield tmp
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
