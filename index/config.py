@@ -18,6 +18,9 @@ def parse_bytes(text: str, option: str = "--max-memory") -> float:
     return float(m.group(1)) * 1024 ** "_kmgt".index((m.group(2) or "_").lower())
 
 
+TEXT_RUNTIMES = ("torchscript", "eager")  # how a service runs the text tower (index/searcher.py)
+
+
 @dataclass
 class IndexBuildConfig:
     """psdclip index build: encode a dataset with a checkpoint and build a FAISS index under budgets."""
@@ -123,7 +126,7 @@ class ServeConfig:
             raise InputError(f"--fetch-timeout must be in (0, 300] seconds, got {self.fetch_timeout}")
         if not 0 <= self.threads <= 1024:
             raise InputError(f"--threads must be in [0, 1024], got {self.threads}")
-        if self.text_runtime not in ("torchscript", "eager"):
+        if self.text_runtime not in TEXT_RUNTIMES:
             raise InputError(f"--text-runtime must be torchscript or eager, got {self.text_runtime!r}")
         if not 0 <= self.port <= 65535:
             raise InputError(f"--port must be in [0, 65535], got {self.port}")

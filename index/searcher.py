@@ -19,6 +19,7 @@ from psdclip.pipeline.errors import InputError
 
 from . import ann
 from . import parts as P
+from .config import TEXT_RUNTIMES
 
 
 class Searcher:
@@ -28,7 +29,7 @@ class Searcher:
 
     def __init__(self, index_dir: str, device: str = "cpu", load_model: bool = True, text_cache: int = 0,
                  model=None, text_runtime: str = "eager"):
-        if text_runtime not in ("eager", "torchscript"):
+        if text_runtime not in TEXT_RUNTIMES:
             raise ValueError(f"text_runtime must be eager or torchscript, not {text_runtime!r}")
         self.text_runtime = text_runtime
         meta_path = os.path.join(index_dir, "index.json")

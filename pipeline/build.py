@@ -27,7 +27,7 @@ from .finalize import finalize_manifest, write_subsets
 from .download import DownloadOptions, download_partition
 from . import logs
 from .errors import InputError, PsdclipError
-from .ingest import file_sha256, ingest_inputs, plan_retry
+from .ingest import file_sha256, ingest_inputs, plan_retry, worker_count
 from .status import SUCCESS
 from .subsets import parse_subsets
 
@@ -333,7 +333,7 @@ def _download_pending(client, layout: Layout, cfg: BuildConfig, opts: DownloadOp
         log.info(f"resuming: {len(todo)} planned shard(s) ({n_rows:,} rows) have no result yet")
     t = time.time()
     if opts.host_rate:  # each worker process keeps its share of the build's per-host cap
-        workers = max(1, len(client.scheduler_info().get("workers", {})))
+        workers = worker_count(client)
         opts = dataclasses.replace(opts, host_rate=opts.host_rate / workers)
     # a task gets the shard's input file, never its rows: the scheduler's traffic does not grow with rows
     futures = {client.submit(download_partition, path, shard, layout.root, opts, pure=False, retries=1,

@@ -29,7 +29,7 @@ from . import logs
 from . import storage
 from .dataset import MANIFEST_COLUMNS, MANIFEST_SCHEMA, Layout, atomic_path, manifest_file, read_feather, \
     read_parquet_table, write_json, write_replaced
-from .ingest import FINE, GROUP_ROWS, _pow2, _read_batch, _write_batches, fine_buckets
+from .ingest import FINE, GROUP_ROWS, _pow2, _read_batch, _write_batches, fine_buckets, worker_count
 from .status import DUPLICATE_IMAGE, PENDING, SUCCESS
 
 J = storage.join
@@ -162,7 +162,7 @@ def _replaced(layout: Layout, ingest: int) -> str:
 def finalize_manifest(client, layout: Layout) -> dict[int, int]:
     """manifest/ for every planned shard (tasks) and every ingest's unsharded rows (copied); returns the success
     count of every shard."""
-    workers = max(1, len(client.scheduler_info().get("workers", {})))
+    workers = worker_count(client)
     planned = []  # (shard, ingest, input file, rows)
     replaced = {}  # retry ingest -> its replaced.parquet (key, shard of the earlier plan)
     for ingest in layout.ingest_ids():

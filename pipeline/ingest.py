@@ -80,6 +80,11 @@ class Part:
     row_groups: tuple = ()
 
 
+def worker_count(client) -> int:
+    """The Dask workers the build's tasks spread over (at least 1)."""
+    return max(1, len(client.scheduler_info().get("workers", {})))
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
@@ -421,7 +426,7 @@ def plan_shards(client, layout: Layout, canon: list[str], pending: list[int], sh
     `pending` rows each: url, caption, key, source, source_row, host, file), as Dask tasks: each file's rows are
     dealt over the shards, sorted by host, then each group of shards' input files is written. Also writes
     shards.json and the keys/ and unsharded/ folders. Returns shard -> rows; the client holds no row."""
-    workers = max(1, len(client.scheduler_info().get("workers", {})))
+    workers = worker_count(client)
     total = sum(pending)
     shard_counts: dict[int, int] = {}
     if total:
@@ -505,7 +510,7 @@ def ingest_inputs(client, layout: Layout, cfg) -> dict | None:
     """Read, clean, dedupe and plan every new input file as Dask tasks, and save the plan as a new ingest. Files
     already ingested (same bytes) are skipped. Returns the ingest's figures, or None when there was nothing new."""
     known = {i["sha256"]: i["path"] for ing in layout.ingest_ids() for i in layout.load_inputs(ing)["files"]}
-    workers = max(1, len(client.scheduler_info().get("workers", {})))
+    workers = worker_count(client)
     opts = ReadOptions.of(cfg)
     sizes = [_size(p) for p in cfg.inputs]
     buckets = min(FINE, _pow2(max(workers, math.ceil(sum(sizes) / BUCKET_BYTES))))
