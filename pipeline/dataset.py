@@ -35,12 +35,6 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def fsync_replace(tmp: str, path: str) -> None:
-    """fsync, then rename into place (or upload, for a dataset on an object store): a reader sees the whole file or
-    none of it."""
-    storage.put(tmp, path)
-
-
 atomic_path = storage.atomic_path  # a temporary local path that replaces `path` whole when the block ends
 
 

@@ -172,24 +172,11 @@ def tmp_name(path: str, hidden: bool) -> str:
 
 
 def put(local: str, path: str) -> None:
-    """Publish a finished local file as `path` whole: fsync and rename beside it, or one upload."""
+    """Publish a finished local file as `path` whole: fsync, then rename (same file system), or one upload."""
     if not is_remote(path):
         with open(local, "rb") as f:
             os.fsync(f.fileno())
-        try:
-            os.replace(local, path)
-        except OSError as err:  # another file system: a copy beside `path`, then the rename
-            import errno
-
-            if err.errno != errno.EXDEV:
-                raise
-            tmp = tmp_name(path, False)
-            try:
-                shutil.copyfile(local, tmp)
-                put(tmp, path)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(tmp)
+        os.replace(local, path)
         return
     fs, p = fs_path(path)
     fs.put_file(local, p)
