@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[cpu,dev]'
 	# clip-retrieval's own ClipClient, for the compatibility test: its package pins numpy<2 and open_clip<3,
 	# so only its files go in (no dependencies), beside the venv; the test imports clip_client.py alone
 	$(BIN)/pip install -q --no-deps --target $(VENV)/clip-retrieval 'clip-retrieval==2.45.0' \

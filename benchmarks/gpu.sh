@@ -3,8 +3,9 @@
 #   1. PSD / CLIP step time for every PSD setting, ViT-B-32 bf16, batch 256 (goal <= 1.02)
 #   2. ViT-B-32 bf16 samples/s: psdclip's trainer vs open_clip_train on the same shards, model and batch (goal >= 1.0)
 #   3. the same trainer with --accum 4 at the same global batch, and peak GPU memory of each
-# Needs the project installed (make install) plus open_clip_torch[training]; the device machine has no internet,
-# so bring wheels (see the device tool's README) when they are missing there.
+# Needs the project installed (pip install -e '.[gpu,dev]'; make install gives faiss-cpu) plus
+# open_clip_torch[training]; the device machine has no internet, so bring wheels (see the device tool's README) when
+# they are missing there.
 #
 #     bash benchmarks/gpu.sh [PYTHON]
 set -euo pipefail

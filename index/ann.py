@@ -13,11 +13,16 @@ import math
 import os
 import time
 
-import faiss
 import numpy as np
 
 from psdclip.pipeline.dataset import atomic_path
-from psdclip.pipeline.errors import InputError
+from psdclip.pipeline.errors import InputError, PsdclipError
+
+try:
+    import faiss
+except ImportError:  # faiss comes from an extra (pyproject.toml): say which
+    raise PsdclipError("faiss is not installed: pip install 'psdclip[cpu]' (or 'psdclip[gpu]' on a CUDA machine, "
+                       "not both: each installs the module faiss)") from None
 
 EXACT_VECTORS_PER_S = 4e9  # dimensions scanned per second by exact CPU search, a conservative figure
 

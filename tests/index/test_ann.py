@@ -107,3 +107,31 @@ def test_dedupe_matches_the_pairwise_rule_and_handles_k_1000():
             chosen.append(j)
     assert list(got_i) == list(ids[chosen][:1000]) and 300 < len(got_i) <= 1000
     assert np.array_equal(got_s, scores[chosen][:1000])
+
+
+def test_faiss_comes_from_one_extra_and_its_absence_is_one_line(tmp_path):
+    """faiss-cpu and faiss-gpu both install the module `faiss`: neither may be a base dependency, and the [gpu]
+    extra must not bring faiss-cpu with it. Without either, a command says what to install."""
+    import os
+    import subprocess
+    import sys
+    import tomllib
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+
+    def faiss_of(reqs):
+        return {r.split(">")[0].split("=")[0].split("[")[0].strip() for r in reqs if r.strip().startswith("faiss")}
+
+    extras = project["optional-dependencies"]
+    assert faiss_of(project["dependencies"]) == set()
+    assert faiss_of(extras["cpu"]) == {"faiss-cpu"} and faiss_of(extras["gpu"]) == {"faiss-gpu-cu12"}
+    assert all(len(faiss_of(reqs)) <= 1 for reqs in extras.values())
+    code = ("import sys; sys.modules['faiss'] = None\n"  # as if neither extra were installed
+            "from psdclip.workflows.cli import main\n"
+            f"sys.exit(main(['index', 'build', '--embeddings', {str(tmp_path)!r}, '--out', {str(tmp_path / 'i')!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "psdclip: error: faiss is not installed: pip install 'psdclip[cpu]' (or 'psdclip[gpu]' on a CUDA machine, "
+        "not both: each installs the module faiss)"]
