@@ -200,13 +200,13 @@ class _TarEnd:
 
 
 def _open_shard(url: str, gopen):
-    """webdataset's gopen (local files, pipe:, http, gs, ...); fsspec for the schemes it has no handler for (s3://)."""
-    from urllib.parse import urlparse
+    """A shard's byte stream: fsspec for object stores it knows (s3://, gs://, az://, ...: what the pipeline writes
+    to; webdataset's gopen has no s3 handler and reaches gs through the gsutil command), webdataset's gopen for local
+    files, pipe: commands and http(s)."""
+    from fsspec.registry import known_implementations
 
-    from webdataset.gopen import gopen_schemes
-
-    scheme = urlparse(url).scheme
-    if scheme and scheme != "file" and scheme not in gopen_schemes and storage.is_remote(url):
+    scheme = url.split("://", 1)[0] if storage.is_remote(url) else ""
+    if scheme and scheme not in ("http", "https") and scheme in known_implementations:
         return storage.open_file(url, "rb")
     return gopen(url)
 

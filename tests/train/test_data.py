@@ -210,3 +210,31 @@ def test_duplicate_images_are_left_out_and_legacy_datasets_still_stream(dataset_
     got = {k for b in _take(ShardStream(str(legacy / "subsets" / "10pct.json"), 10, transform, tok, shuffle_buffer=4), 6)
            for k in b["keys"]}
     assert got == set(keys)
+
+
+def test_shards_on_an_object_store_are_read_through_fsspec():
+    """webdataset's gopen has no s3:// handler (and reaches gs:// through gsutil): object-store shards are opened
+    with fsspec (here its in-memory store; tests/pipeline/test_remote.py streams a subset from S3)."""
+    import io
+    import tarfile
+
+    import fsspec
+
+    from psdclip.train.data import tar_samples
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for key in ("a", "b"):
+            for ext, data in (("jpg", b"img-" + key.encode()), ("txt", b"caption " + key.encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/psdclip-shards/00000.tar", buf.getvalue())
+    errors = []
+    try:
+        got = list(tar_samples(["memory://psdclip-shards/00000.tar"], errors.append))
+    finally:
+        fs.rm("/psdclip-shards", recursive=True)
+    assert errors == [] and [(s["__key__"], s["jpg"], s["txt"]) for s in got] == [
+        ("a", b"img-a", b"caption a"), ("b", b"img-b", b"caption b")]
