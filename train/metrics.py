@@ -121,6 +121,15 @@ def _r2(errors, pred) -> float:
     return 1 - ss_res / ss_tot if ss_tot else 1.0
 
 
+def r2_ceiling(ns, errors) -> float:
+    """The largest R² any curve in N can reach over these points: the share of their variance that the mean error at
+    each N explains (what is left is the spread between seeds at one N, which no law in N removes)."""
+    ns, errors = np.asarray(ns, float), np.asarray(errors, float)
+    _, group = np.unique(ns, return_inverse=True)
+    means = np.bincount(group, errors) / np.bincount(group)
+    return _r2(errors, means[group])
+
+
 def fit_power_law(ns, errors) -> dict:
     """error = a·N^(−b) + c by least squares over the given points (one per run, or one per size); R² of the
     fit over those points."""
@@ -145,13 +154,15 @@ def fit_scaling(ns, errors, guess: float | None = None) -> dict:
     one (1 − the metric's chance value, declared in the recipe), the power law with a random-guess plateau
     (plateau_law; same number of free parameters: b, N0, c), since with compute proportional to N the smallest
     subsets train too little to leave chance and a plain power law cannot bend to a plateau. Both R² are
-    reported (r2 of the declared form, r2_power of the plain power law over the same points)."""
+    reported (r2 of the declared form, r2_power of the plain power law over the same points), with r2_max, the most
+    any curve in N could reach over them (r2_ceiling)."""
     from scipy.optimize import OptimizeWarning, curve_fit
 
     power = fit_power_law(ns, errors)
     ns, errors = np.asarray(ns, float), np.asarray(errors, float)
+    ceiling = r2_ceiling(ns, errors) if len(ns) else float("nan")
     if guess is None or len(np.unique(ns)) < 3:
-        return power
+        return {**power, "r2_max": ceiling}
     e0 = float(guess)
     law = lambda n, b, log_n0, c: plateau_law(n, b, log_n0, c, e0)  # noqa: E731
     p0 = (1.0, float(np.log(np.median(ns))), max(0.0, min(float(errors.min()), e0) * 0.5))
@@ -161,11 +172,11 @@ def fit_scaling(ns, errors, guess: float | None = None) -> dict:
             (b, log_n0, c), _ = curve_fit(law, ns, errors, p0=p0, bounds=([0, 0, 0], [5, 25, max(e0, 1e-9)]),
                                           maxfev=20000)
     except (RuntimeError, ValueError) as err:
-        return {"ok": False, "note": str(err), "r2_power": power.get("r2")}
+        return {"ok": False, "note": str(err), "r2_power": power.get("r2"), "r2_max": ceiling}
     n0 = float(np.exp(log_n0))
     return {"ok": True, "form": "plateau", "e0": e0, "b": float(b), "n0": n0, "c": float(c),
             "a": float((e0 - c) * n0 ** b), "r2": _r2(errors, law(ns, b, log_n0, c)), "r2_power": power.get("r2"),
-            "points": int(len(ns))}
+            "r2_max": ceiling, "points": int(len(ns))}
 
 
 def predict(fit: dict, ns):

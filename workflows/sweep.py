@@ -432,9 +432,11 @@ def summarize(table: pd.DataFrame, metrics: list[str], out: str, primary: str | 
         lines += ["", "Fits of the error (1 − metric) over the individual runs: power law error = a·N^(−b) + c, or, "
                   "for a metric with a declared chance value, the power law with a random-guess plateau e0 = 1 − "
                   "chance: error = c + (e0 − c)/(1 + (N/N0)^b) (≈ a·N^(−b) + c for N ≫ N0). R² (power law) is the "
-                  "plain power law's fit over the same points.", "",
-                  "| method | metric | form | a | b | c | N0 | R² | R² (power law) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "plain power law's fit over the same points; R² ceiling the most any curve in N can reach over "
+                  "them (the share of their variance the per-N means explain: the rest is the spread between "
+                  "seeds).", "",
+                  "| method | metric | form | a | b | c | N0 | R² | R² (power law) | R² ceiling |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for method, grp in t.groupby("method"):
             for m in metrics:
                 if m not in grp:
@@ -446,9 +448,10 @@ def summarize(table: pd.DataFrame, metrics: list[str], out: str, primary: str | 
                 if fit["ok"]:
                     n0 = f"{fit['n0']:.0f}" if "n0" in fit else "–"
                     lines.append(f"| {method} | {m} | {fit['form']} | {fit['a']:.3g} | {fit['b']:.3f} | "
-                                 f"{fit['c']:.3f} | {n0} | {fit['r2']:.3f} | {fit.get('r2_power', fit['r2']):.3f} |")
+                                 f"{fit['c']:.3f} | {n0} | {fit['r2']:.3f} | {fit.get('r2_power', fit['r2']):.3f} | "
+                                 f"{fit['r2_max']:.3f} |")
                 else:
-                    lines.append(f"| {method} | {m} | – | – | – | – | – | {fit['note']} | – |")
+                    lines.append(f"| {method} | {m} | – | – | – | – | – | {fit['note']} | – | – |")
         d = paired_differences(t, primary)
         diffs[level] = d
         if d:

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from psdclip.train.metrics import (bootstrap_diff, ci_half, effective_robustness, fit_scaling, linear_probe,
-                                   min_detectable, plateau_law, predict, recall_at, retrieval_ranks, topk_correct)
+                                   min_detectable, plateau_law, predict, r2_ceiling, recall_at, retrieval_ranks,
+                                   topk_correct)
 
 
 def test_topk_with_ties_counted_against():
@@ -93,6 +94,14 @@ def test_scaling_fit_with_a_random_guess_plateau():
     plain = fit_scaling(ns, 0.5 * ns ** -0.3 + 0.02)  # no chance declared: the plain power law, exact here
     assert plain["form"] == "power" and plain["r2"] > 0.999 and abs(plain["b"] - 0.3) < 0.01
     assert not fit_scaling([1, 2, 1, 2], [0.5, 0.4, 0.5, 0.4], guess=e0)["ok"]  # needs three sizes
+    assert fit["r2"] <= fit["r2_max"] + 1e-12 and plain["r2"] <= plain["r2_max"] + 1e-12  # no curve beats the means
+
+
+def test_r2_ceiling_by_hand():
+    """Two seeds at each of three sizes: errors 1,3 | 2,4 | 5,7. The per-N means 2, 3, 6 leave 6 of the total sum
+    of squares 23.333 (mean 3.667): ceiling 1 − 6/23.333 = 0.7429; identical seeds reach 1."""
+    assert abs(r2_ceiling([1, 1, 2, 2, 3, 3], [1, 3, 2, 4, 5, 7]) - (1 - 6 / (140 / 6))) < 1e-12
+    assert r2_ceiling([10, 10, 20, 20, 40], [0.5, 0.5, 0.4, 0.4, 0.1]) == 1.0
 
 
 def test_seed_statistics_by_hand():
