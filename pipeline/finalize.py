@@ -192,14 +192,20 @@ def finalize_manifest(client, layout: Layout) -> dict[int, int]:
             counts.update(c)
     keep = {os.path.basename(manifest_file(layout.root, shard=s)) for s, *_ in planned}
     present = {os.path.basename(p): n for p, n in storage.sizes(layout.manifest, "*.parquet").items()}
+    listed: dict[str, dict[str, int]] = {}  # folder -> {file: bytes}: one listing per folder, not a request per file
     for ingest in layout.ingest_ids():  # the rows that reach no shard: each ingest's files, copied once
         for name, src in layout.unsharded_manifests(ingest):
+            folder = src.rsplit("/", 1)[0]
+            if folder not in listed:
+                listed[folder] = storage.sizes(folder, "*.parquet")
+            if name in present and present[name] == listed[folder].get(src):  # copied by an earlier build (such
+                keep.add(name)                                                 # files never change once planned)
+                continue
             fs, p = storage.arrow_filesystem(src)
-            if not pq.ParquetFile(p, filesystem=fs).metadata.num_rows:
+            if not pq.ParquetFile(p, filesystem=fs).metadata.num_rows:  # nothing to copy
                 continue
             keep.add(name)
-            if present.get(name) != storage.size(src):
-                storage.copy(src, J(layout.manifest, name))
+            storage.copy(src, J(layout.manifest, name))
     for name in present:
         if name not in keep:
             storage.remove(J(layout.manifest, name))
