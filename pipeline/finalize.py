@@ -40,14 +40,27 @@ IMAGE_SCHEMA = pa.schema([("sha256", pa.string()), ("ingest", pa.int64()), ("fil
                           ("source_row", pa.int64()), ("shard", pa.int64()), ("key", pa.string())])
 
 
-def _shard_rows(layout: Layout, shard: int, ingest: int, path: str, file_order: dict, replaced: list[str]) -> pd.DataFrame:
-    """One shard's manifest rows: its plan (the shard input file) with its download result joined in."""
+def _replaced_files(path: str, names: set | None, shard: int) -> list[str]:
+    """The files of a retry ingest's replaced rows that may hold `shard`'s: replaced/shard-NNNNN.parquet alone (named
+    after the manifest file it came from), plus files named otherwise (numbered, as retries wrote them before, or
+    from a legacy manifest.parquet: any shard's rows); or a replaced.parquet (names None)."""
+    if names is None:
+        return [path]
+    own = f"shard-{shard:05d}.parquet"
+    return ([J(path, own)] if own in names else []) + [
+        J(path, n) for n in sorted(names) if n.endswith(".parquet") and not n.startswith(("shard-", "ingest-", "."))]
+
+
+def _shard_rows(layout: Layout, shard: int, ingest: int, path: str, file_order: dict,
+                replaced: list[tuple[str, set | None]]) -> pd.DataFrame:
+    """One shard's manifest rows: its plan (the shard input file) with its download result joined in, less the keys a
+    later retry ingest planned again (`replaced`: (its replaced/ folder and file names, or a replaced.parquet))."""
     t = read_feather(path).to_pandas()
     t = t.rename(columns={"psdclip_key": "key"})
     t["source"] = t["source"].astype(str)
-    for p in replaced:  # keys a later ingest planned again: the later row is the manifest's
+    for p in (f for r, names in replaced for f in _replaced_files(r, names, shard)):
         gone = read_parquet_table(p, columns=["key"], filters=[("shard", "=", shard)]).column("key").to_pylist()
-        if gone:
+        if gone:  # the later row is the manifest's
             t = t[~t["key"].isin(gone)]
     res_path = layout.result_path(shard)
     if storage.isfile(res_path):
@@ -74,7 +87,8 @@ def rows_pass(root: str, shards: list[tuple[int, int, str]], file_order: dict, r
     """Dask task: the manifest rows of a group of shards ((shard, ingest, input file) each) into WORK/rows-G.parquet,
     and its successful images by sha256 bucket into WORK/images-G.arrow."""
     layout = Layout(root)
-    frames = [_shard_rows(layout, s, i, p, file_order, [r for ing, r in replaced.items() if ing > i])
+    listed = {ing: (r, set(storage.listdir(r)) if storage.isdir(r) else None) for ing, r in replaced.items()}
+    frames = [_shard_rows(layout, s, i, p, file_order, [v for ing, v in listed.items() if ing > i])
               for s, i, p in shards]
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     storage.makedirs(work)
@@ -136,8 +150,8 @@ def _file_order(layout: Layout) -> dict[str, int]:
 
 
 def _replaced(layout: Layout, ingest: int) -> str:
-    """A retry ingest's rows planned again: replaced/ (one Parquet file per manifest file the retry read), or an
-    older retry's replaced.parquet, each (key, shard of the earlier plan) sorted by shard; for a retry ingest
+    """A retry ingest's rows planned again: replaced/ (a Parquet file per manifest file with transient rows, named
+    after it), or an older retry's replaced.parquet, each (key, shard of the earlier plan) sorted by shard; for a retry ingest
     written before either existed, found once by reading the earlier ingests' shard input files one at a time."""
     folder = J(layout.ingests, f"{ingest:05d}", "replaced")
     if storage.isdir(folder):

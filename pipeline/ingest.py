@@ -476,8 +476,9 @@ def retry_rows(path: str, index: int, out: str, replaced: str) -> dict:
 
 def plan_retry(client, layout: Layout, shard_size: int) -> dict | None:
     """A new ingest of the rows whose status is transient, planned as Dask tasks over the manifest's files (the
-    client holds their counts, not their rows), with replaced/ (one file per manifest file: key, shard of the
-    earlier plan). Returns its figures, or None when no row is transient."""
+    client holds their counts, not their rows), with replaced/ (key, shard of the earlier plan; one file per manifest
+    file with transient rows, named as that file: replaced/shard-NNNNN.parquet holds shard NNNNN's rows, so a
+    finalize task reads its shard's file alone). Returns its figures, or None when no row is transient."""
     files = manifest_files(layout.root)
     ingest = (layout.ingest_ids() or [-1])[-1] + 1
     final = storage.join(layout.ingests, f"{ingest:05d}")
@@ -488,7 +489,7 @@ def plan_retry(client, layout: Layout, shard_size: int) -> dict | None:
     storage.makedirs(storage.join(folder, "replaced"))
     canon = [storage.join(work, "canon", f"{i:05d}.arrow") for i in range(len(files))]
     counts = client.gather([client.submit(retry_rows, path, i, canon[i],
-                                          storage.join(folder, "replaced", f"{i:05d}.parquet"), pure=False,
+                                          storage.join(folder, "replaced", path.rsplit("/", 1)[-1]), pure=False,
                                           key=f"retry-{tok}-{i}") for i, path in enumerate(files)])
     pending = [sum(c.values()) for c in counts]
     statuses: dict[str, int] = {}

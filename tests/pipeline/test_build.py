@@ -160,10 +160,17 @@ def test_append_new_lists_and_retry_failed(synth_dir, server, tmp_path, schedule
     assert json.loads((retry / "inputs.json").read_text())["kind"] == "retry"
     assert sum(json.loads((retry / "shards.json").read_text()).values()) == 10
     failed = m1[m1["status"] == "http_5xx"]
+    assert sorted(os.listdir(retry / "replaced")) == sorted(  # named after the manifest file each came from
+        f"shard-{int(s):05d}.parquet" for s in set(failed["shard"]))
     replaced = pd.read_parquet(retry / "replaced").sort_values("key")
     assert replaced["key"].tolist() == sorted(failed["key"])
     assert replaced["shard"].tolist() == failed.sort_values("key")["shard"].astype(int).tolist()
     assert (m3.set_index("key").loc[failed["key"], "ingest"] == 2).all()
+    # replaced/ files numbered as retries named them before (any shard's rows): the same manifest again
+    for i, name in enumerate(sorted(os.listdir(retry / "replaced"))):
+        os.rename(retry / "replaced" / name, retry / "replaced" / f"{i:05d}.parquet")
+    build(cfg([], ds, retry_failed=True, dask_scheduler=scheduler))  # nothing transient is left: a finalize only
+    pd.testing.assert_frame_equal(pd.read_parquet(ds / "manifest"), m3)
     assert all(server.hits[p] == 2 for p in flaky)
     assert all(n == 1 for p, n in server.hits.items() if p.startswith("/img/") and p not in flaky)
     assert set(tar_members(ds)) == set(m3.loc[m3["status"] == "success", "key"])

@@ -129,6 +129,9 @@ def test_a_dataset_folder_on_s3_is_built_resumed_retried_and_streamed(s3, synth_
     assert retried["rows"] == 131 and retried["counts"]["connection_error"] == 10
     info = json.loads(fs.cat("datasets/cc/ds/dataset.json"))
     assert [i["kind"] for i in info["ingests"]] == ["urls", "retry"]
+    dead_shards = {int(s) for s in m.loc[m["status"] == "connection_error", "shard"]}
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("datasets/cc/ds/_state/ingests/00001/replaced")) == sorted(
+        [".keep"] + [f"shard-{s:05d}.parquet" for s in dead_shards])  # a finalize task reads its shard's file alone
     m2 = pads.dataset("datasets/cc/ds/manifest", filesystem=fs, format="parquet").to_table().to_pandas()
     assert len(m2) == 131 and m2["key"].is_unique and set(m2.loc[m2["status"] == "success", "key"]) == ok
     assert set(m2.loc[m2["status"] == "connection_error", "ingest"]) == {1}
