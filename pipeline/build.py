@@ -69,17 +69,46 @@ def dask_client(scheduler: str | None, n_workers: int, local_directory: str):
             cluster.close(timeout=5)
 
 
-def _finished_by_rows(futures: dict, rows: dict, work: str, enabled: bool):
+def _in_flight_counter(client, layout: Layout):
+    """A function giving the rows the download tasks in flight have written so far: their sample writers note it in
+    WORK/rows-done, under the dataset's _work/ (read here), or, for a dataset on an object store, in each worker's
+    temporary folder (read there by one call to every worker, at most every 2 s)."""
+    if not storage.is_remote(layout.root):
+        def local() -> int:
+            total = 0
+            for path in glob.glob(os.path.join(layout.work, "*", "rows-done")):
+                with contextlib.suppress(OSError, ValueError):
+                    with open(path, encoding="utf-8") as f:
+                        total += int(f.read() or 0)
+            return total
+
+        return local
+    from .download import rows_in_flight
+
+    last = [0.0, 0]
+
+    def remote() -> int:
+        if time.monotonic() - last[0] >= 2.0:
+            last[0] = time.monotonic()
+            try:
+                last[1] = sum(client.run(rows_in_flight, layout.root).values())
+            except Exception:  # pylint: disable=broad-except  (a worker gone meanwhile: the next poll asks again)
+                pass
+        return last[1]
+
+    return remote
+
+
+def _finished_by_rows(futures: dict, rows: dict, in_flight, enabled: bool):
     """Yield the futures as they finish while a progress bar counts rows: those of finished shards plus what
-    the shards in flight have written so far (their sample writers note it in _work/*/rows-done), so the bar
-    moves on a job of a few large shards too."""
+    the shards in flight have written so far (in_flight(): see _in_flight_counter), so the bar moves on a job of a
+    few large shards too."""
     from dask.distributed import as_completed
     from dask.distributed import wait as dask_wait
 
     if not enabled:
         yield from as_completed(futures)
         return
-    local = not storage.is_remote(work)  # on an object store the shards in flight are not polled (requests)
     from tqdm import tqdm
 
     bar = tqdm(total=sum(rows.values()), desc="download", unit="row", unit_scale=True, file=sys.stderr,
@@ -95,12 +124,7 @@ def _finished_by_rows(futures: dict, rows: dict, work: str, enabled: bool):
             for fut in done:
                 finished += rows[futures[fut]]
                 yield fut
-            in_flight = 0
-            for path in glob.glob(os.path.join(work, "*", "rows-done")) if local else ():
-                with contextlib.suppress(OSError, ValueError):
-                    with open(path) as f:
-                        in_flight += int(f.read() or 0)
-            bar.n = max(bar.n, min(bar.total, finished + in_flight))
+            bar.n = max(bar.n, min(bar.total, finished + in_flight()))
             bar.refresh()
         bar.n = bar.total
         bar.refresh()
@@ -340,7 +364,7 @@ def _download_pending(client, layout: Layout, cfg: BuildConfig, opts: DownloadOp
                              key=f"download-{shard:05d}-{time.time_ns()}"): shard for shard, (path, _) in todo.items()}
     failed, ok = [], 0
     rows_of = {shard: rows for shard, (_, rows) in todo.items()}
-    for fut in _finished_by_rows(futures, rows_of, layout.work, cfg.progress):
+    for fut in _finished_by_rows(futures, rows_of, _in_flight_counter(client, layout), cfg.progress):
         shard = futures[fut]
         try:
             res = fut.result()

@@ -192,6 +192,29 @@ class DownloadOptions:
         return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
+def work_prefix(dataset_dir: str) -> str:
+    """The name prefix of the local work folders (in the worker's temporary folder) of this worker process' download
+    tasks for a dataset on an object store (workers of one machine share the temporary folder)."""
+    import hashlib
+
+    return f"psdclip-{hashlib.sha1(dataset_dir.encode()).hexdigest()[:10]}-{os.getpid()}-"
+
+
+def rows_in_flight(dataset_dir: str) -> int:
+    """On a worker (client.run): the rows its download tasks in flight for the dataset have written (their sample
+    writers note it in WORK/rows-done)."""
+    import contextlib
+    import glob
+    import tempfile
+
+    total = 0
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{work_prefix(dataset_dir)}*", "rows-done")):
+        with contextlib.suppress(OSError, ValueError):
+            with open(path, encoding="utf-8") as f:
+                total += int(f.read() or 0)
+    return total
+
+
 def download_partition(src: str, shard: int, dataset_dir: str, opts: DownloadOptions) -> pd.DataFrame:
     """src: the shard's input file (Arrow IPC: url, caption, psdclip_key, in download order; see
     dataset._write_shard_inputs), which img2dataset's Downloader reads itself. Downloads into a private work folder,
@@ -206,7 +229,7 @@ def download_partition(src: str, shard: int, dataset_dir: str, opts: DownloadOpt
     if storage.is_remote(dataset_dir):  # img2dataset and the tar writer work on a local folder of this worker
         import tempfile
 
-        work = tempfile.mkdtemp(prefix=f"psdclip-{shard:05d}-")
+        work = tempfile.mkdtemp(prefix=f"{work_prefix(dataset_dir)}{shard:05d}-")
     else:
         work = os.path.join(dataset_dir, "_work", f"{shard:05d}-{uuid.uuid4().hex[:8]}")
         os.makedirs(work)

@@ -171,3 +171,41 @@ def test_a_lock_left_by_another_host_and_a_missing_bucket_are_one_line_errors(s3
     assert fs.exists("locked/ds/_state/build.lock")  # not taken
     with pytest.raises(InputError, match="--out s3://no-such-bucket/ds: cannot write there .*bucket does not exist"):
         build(cfg([lst], "s3://no-such-bucket/ds", dask_scheduler=s3))
+
+
+def _work_folder(root, rows):
+    """On a worker: a work folder of a download task of a build on an object store, as the task makes it (rows None:
+    remove them)."""
+    import glob
+    import shutil
+    import tempfile
+
+    from psdclip.pipeline.download import work_prefix
+
+    if rows is None:
+        for d in glob.glob(os.path.join(tempfile.gettempdir(), work_prefix(root) + "*")):
+            shutil.rmtree(d)
+        return 0
+    d = tempfile.mkdtemp(prefix=work_prefix(root) + "00003-")
+    with open(os.path.join(d, "rows-done"), "w") as f:
+        f.write(str(rows))
+    return rows
+
+
+def test_the_progress_of_shards_in_flight_is_read_on_the_workers(scheduler):
+    """A build on an object store downloads in each worker's temporary folder: the client's progress bar asks the
+    workers for the rows written so far (each worker its own folders: the two here share one /tmp)."""
+    from dask.distributed import Client
+
+    from psdclip.pipeline.build import _in_flight_counter
+    from psdclip.pipeline.dataset import Layout
+
+    layout = Layout("s3://datasets/progress")
+    with Client(scheduler) as client:
+        made = client.run(_work_folder, layout.root, 7)
+        other = client.run(_work_folder, "s3://datasets/other", 5)  # another build's folders are not counted
+        try:
+            assert len(made) == 2 and len(other) == 2 and _in_flight_counter(client, layout)() == 14
+        finally:
+            client.run(_work_folder, layout.root, None)
+            client.run(_work_folder, "s3://datasets/other", None)
