@@ -11,6 +11,8 @@ import os
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
+from .errors import PsdclipError
+
 
 class _Handler(SimpleHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -32,23 +34,34 @@ def make_server(directory: str, host: str = "127.0.0.1", port: int = 0) -> Stati
     return StaticServer((host, port), functools.partial(_Handler, directory=directory))
 
 
+# Linux hands out outgoing connections' local ports from 32768 up (net.ipv4.ip_local_port_range): a stable port
+# below that is not taken by some client's connection at the moment a rerun wants it
+STABLE_PORTS = (20000, 32768)
+
+
 def stable_port(directory: str) -> int:
     """A port derived from the folder's path, so that a rerun serves the same URLs (and a dataset built
     from them is recognised as already ingested, or resumed against the same addresses)."""
     import hashlib
 
-    return 20000 + int(hashlib.md5(os.path.abspath(directory).encode()).hexdigest(), 16) % 20000
+    lo, hi = STABLE_PORTS
+    return lo + int(hashlib.md5(os.path.abspath(directory).encode()).hexdigest(), 16) % (hi - lo)
 
 
 @contextlib.contextmanager
-def serving(directory: str, host: str = "127.0.0.1", port: int | None = None):
+def serving(directory: str, host: str = "127.0.0.1", port: int | None = None, rerun: bool = False):
     """Serve directory in a background thread; yields the base URL. port None: the folder's stable port
-    when it is free, else any free port; 0: any free port."""
+    when it is free, else any free port, unless rerun (URLs on the stable port were handed out before, and a
+    dataset would take other ones as new rows): then a one-line error; 0: any free port."""
     server = None
     if port is None:
         try:
             server = make_server(directory, host, stable_port(directory))
-        except OSError:
+        except OSError as e:
+            if rerun:
+                raise PsdclipError(f"{directory}: cannot serve it again on {host}:{stable_port(directory)}, where "
+                                   f"its URLs pointed before ({e.strerror or e}); a dataset built from them would "
+                                   f"take URLs on another port as new images: free the port and rerun") from None
             port = 0
     if server is None:
         server = make_server(directory, host, port)

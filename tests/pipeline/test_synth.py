@@ -2,6 +2,7 @@ import hashlib
 import os
 
 import pandas as pd
+import pytest
 
 from psdclip.pipeline.config import SynthConfig
 from psdclip.pipeline.synth import SHIFTS, generate
@@ -46,16 +47,43 @@ def test_noise_kinds_and_ground_truth(tmp_path):
     assert len(urls) == 2000 and urls["url"].str.startswith("http://127.0.0.1:").all()
 
 
+def _folder_with_a_free_stable_port(tmp_path):
+    """A folder whose stable port nothing holds now (another process on this machine may hold any one port)."""
+    import socket
+
+    from psdclip.pipeline.serve import STABLE_PORTS, stable_port
+
+    for i in range(50):
+        folder = tmp_path / f"src{i}"
+        port = stable_port(str(folder))
+        assert STABLE_PORTS[0] <= port < STABLE_PORTS[1] <= 32768  # below Linux's range for outgoing connections
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        folder.mkdir()
+        return folder
+    raise AssertionError("50 stable ports in a row are taken")
+
+
 def test_serving_uses_a_stable_port_so_reruns_see_the_same_urls(tmp_path):
     import urllib.request
 
+    from psdclip.pipeline.errors import PsdclipError
     from psdclip.pipeline.serve import serving, stable_port
 
-    (tmp_path / "x.txt").write_text("hello")
-    with serving(str(tmp_path)) as first:
-        assert first.endswith(f":{stable_port(str(tmp_path))}")
+    folder = _folder_with_a_free_stable_port(tmp_path)
+    (folder / "x.txt").write_text("hello")
+    with serving(str(folder)) as first:
+        assert first.endswith(f":{stable_port(str(folder))}")
         assert urllib.request.urlopen(first + "/x.txt").read() == b"hello"
-        with serving(str(tmp_path)) as second:  # the stable port is taken: any free port
+        with serving(str(folder)) as second:  # the stable port is taken: any free port
             assert second != first
-    with serving(str(tmp_path)) as again:
+            assert urllib.request.urlopen(second + "/x.txt").read() == b"hello"
+        # a rerun whose URLs were handed out on the stable port must not quietly serve them on another one
+        with pytest.raises(PsdclipError, match=f"{stable_port(str(folder))}.*free the port and rerun"):
+            with serving(str(folder), rerun=True):
+                pass
+    with serving(str(folder), rerun=True) as again:
         assert again == first
