@@ -38,8 +38,8 @@ class TrainConfig:
     eps: float = _help("AdamW epsilon", default=1e-6)
     grad_clip: float = _help("clip the gradient norm to this (0: off)", default=1.0)
     alpha_start: float = _help("PSD: distillation weight at step 0", default=0.0)
-    alpha_max: float = _help("PSD: distillation weight at the last step (provisional default, see README)",
-                             default=0.5)
+    alpha_max: float = _help("PSD: distillation weight at the last step (default: a best guess that the "
+                             "scaling-cpu study did not refute; README)", default=0.5)
     alpha_schedule: Literal["linear", "cosine", "constant"] = _help("PSD: shape of the alpha schedule",
                                                                     default="linear")
     rho_start: float = _help("PSD: fraction of rows given soft targets at step 0", default=1.0)
