@@ -48,20 +48,37 @@ def stable_port(directory: str) -> int:
     return lo + int(hashlib.md5(os.path.abspath(directory).encode()).hexdigest(), 16) % (hi - lo)
 
 
+def _port_in(url_list: str) -> int | None:
+    """The port of the first URL in a URL list that write_url_list wrote (header, then url,caption rows)."""
+    from urllib.parse import urlsplit
+
+    with open(url_list) as f:
+        f.readline()
+        first = f.readline().split(",", 1)[0]
+    try:
+        return urlsplit(first).port
+    except ValueError:
+        return None
+
+
 @contextlib.contextmanager
-def serving(directory: str, host: str = "127.0.0.1", port: int | None = None, rerun: bool = False):
+def serving(directory: str, host: str = "127.0.0.1", port: int | None = None, again: str | None = None):
     """Serve directory in a background thread; yields the base URL. port None: the folder's stable port
-    when it is free, else any free port, unless rerun (URLs on the stable port were handed out before, and a
-    dataset would take other ones as new rows): then a one-line error; 0: any free port."""
+    when it is free, else any free port; 0: any free port. again: the URL list an earlier run wrote for this
+    folder, if it exists; then the port its URLs point at, or a one-line error when that port is taken (a dataset
+    built from those URLs would take URLs on another port for new images)."""
     server = None
-    if port is None:
+    if again and os.path.isfile(again) and (before := _port_in(again)):
+        try:
+            server = make_server(directory, host, before)
+        except OSError as e:
+            raise PsdclipError(f"{directory}: cannot serve it again on {host}:{before}, where the URLs of {again} "
+                               f"point ({e.strerror or e}); a dataset built from them would take URLs on another "
+                               f"port for new images: free the port and rerun") from None
+    elif port is None:
         try:
             server = make_server(directory, host, stable_port(directory))
-        except OSError as e:
-            if rerun:
-                raise PsdclipError(f"{directory}: cannot serve it again on {host}:{stable_port(directory)}, where "
-                                   f"its URLs pointed before ({e.strerror or e}); a dataset built from them would "
-                                   f"take URLs on another port as new images: free the port and rerun") from None
+        except OSError:
             port = 0
     if server is None:
         server = make_server(directory, host, port)

@@ -66,7 +66,7 @@ def run_demo(cfg: DemoConfig) -> int:
         # the declared easier difficulty of the scaling-cpu study (one larger, centred shape on one background, no
         # distractor), so that a model trained for minutes learns shape and visibly answers the example queries
         generate(SynthConfig(out=src, n=cfg.n, seed=cfg.seed, heldout=cfg.heldout, image_size=96, **DEMO_DIFFICULTY))
-    with serving(src, rerun=os.path.isfile(os.path.join(src, "urls-demo.csv"))) as base_url:
+    with serving(src, again=os.path.join(src, "urls-demo.csv")) as base_url:
         _step(2, f"served on {base_url}; building the dataset through Dask + img2dataset")
         build(BuildConfig(inputs=[write_url_list(src, base_url, name="urls-demo.csv")], out=ds, image_size=64,
                           shard_size=max(200, cfg.n // 6), processes_count=cfg.workers, thread_count=16,

@@ -130,8 +130,7 @@ def prepare_dataset(cfgs: dict) -> str | None:
         if changed:
             raise InputError(f"{src}: the synthetic source was generated with other options ({', '.join(changed)}); "
                              f"delete it (and the dataset built from it) or use another output folder")
-    served_before = os.path.isfile(os.path.join(src, "urls-recipe.csv"))
-    with serving(src, rerun=served_before) as base:
+    with serving(src, again=os.path.join(src, "urls-recipe.csv")) as base:
         build(dataclasses.replace(cfgs["data"], inputs=[write_url_list(src, base, "urls-recipe.csv")]))
     return src
 

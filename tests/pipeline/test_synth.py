@@ -72,18 +72,25 @@ def test_serving_uses_a_stable_port_so_reruns_see_the_same_urls(tmp_path):
 
     from psdclip.pipeline.errors import PsdclipError
     from psdclip.pipeline.serve import serving, stable_port
+    from psdclip.pipeline.synth import write_url_list
 
     folder = _folder_with_a_free_stable_port(tmp_path)
     (folder / "x.txt").write_text("hello")
-    with serving(str(folder)) as first:
+    pd.DataFrame({"path": ["x.txt"], "caption": ["a file"]}).to_parquet(folder / "attributes.parquet")
+    listed = str(folder / "urls-run.csv")
+    with serving(str(folder), again=listed) as first:  # no earlier list: the stable port
         assert first.endswith(f":{stable_port(str(folder))}")
         assert urllib.request.urlopen(first + "/x.txt").read() == b"hello"
         with serving(str(folder)) as second:  # the stable port is taken: any free port
             assert second != first
             assert urllib.request.urlopen(second + "/x.txt").read() == b"hello"
-        # a rerun whose URLs were handed out on the stable port must not quietly serve them on another one
-        with pytest.raises(PsdclipError, match=f"{stable_port(str(folder))}.*free the port and rerun"):
-            with serving(str(folder), rerun=True):
-                pass
-    with serving(str(folder), rerun=True) as again:
-        assert again == first
+            write_url_list(str(folder), second, "urls-run.csv")  # a run that had to take another port
+            # a rerun serves on the port its earlier list points at, whatever the stable port, or says it cannot
+            with pytest.raises(PsdclipError, match=f"{second.rsplit(':', 1)[1]}, where the URLs of .*urls-run.csv"):
+                with serving(str(folder), again=listed):
+                    pass
+    with serving(str(folder), again=listed) as again:
+        assert again == second  # the earlier run's URLs, served again
+        assert pd.read_csv(listed)["url"].tolist() == [again + "/x.txt"]
+    with serving(str(folder)) as plain:
+        assert plain == first
