@@ -35,7 +35,8 @@ from psdclip.pipeline.config import BuildConfig, SynthConfig  # noqa: E402
 from psdclip.pipeline.serve import serving  # noqa: E402
 from psdclip.pipeline.synth import generate, write_url_list  # noqa: E402
 from psdclip.train.config import TrainConfig  # noqa: E402
-from psdclip.train.loop import make_loss, param_groups  # noqa: E402
+from psdclip.train.loop import make_loss  # noqa: E402
+from psdclip.train.schedule import param_groups  # noqa: E402
 from psdclip.train.models import build_model  # noqa: E402
 
 

@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from psdclip.pipeline.dataset import atomic_path
-from psdclip.pipeline.errors import InputError, PsdclipError
+from ..core.io import atomic_path
+from ..core.errors import InputError, PsdclipError
 
 try:
     import faiss

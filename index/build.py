@@ -22,9 +22,10 @@ import time
 
 import numpy as np
 
-from psdclip.pipeline import storage
-from psdclip.pipeline.dataset import atomic_path, read_json, write_json
-from psdclip.pipeline.errors import InputError
+from ..core import storage
+from ..core.io import atomic_path, read_json, write_json
+from ..core.errors import InputError
+from ..pipeline.format import read_info, shard_format
 
 from . import ann
 from . import parts as P
@@ -111,7 +112,8 @@ def build_index(cfg: IndexBuildConfig) -> dict:
     if cfg.embeddings and rank != 0:
         return {"rank": rank, "embedded": {"embedded_now": 0, "shards": 0}}
     if cfg.checkpoint:
-        from psdclip.train.checkpoint import checkpoint_path, load_model, resolve_device
+        from ..train.checkpoint import checkpoint_path
+        from ..train.loading import load_model, resolve_device
 
         m = load_model(cfg.checkpoint, resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", rank))))
         digest = file_sha256(checkpoint_path(cfg.checkpoint))
@@ -123,7 +125,8 @@ def build_index(cfg: IndexBuildConfig) -> dict:
     if cfg.embeddings:
         emb_dir = os.path.abspath(cfg.embeddings)
     else:
-        from .embed import embed_dataset, success_rows
+        from ..pipeline.reader import success_rows
+        from .embed import embed_dataset
 
         rows, _ = success_rows(cfg.data)
         # budgets and --factory are checked before the (long) embedding pass, on the rows the dataset holds
@@ -189,8 +192,7 @@ def build_index(cfg: IndexBuildConfig) -> dict:
     dataset = storage.resolve(cfg.data) if cfg.data else None  # a local folder or an fsspec URL (s3://...)
     doc = {"schema_version": 2, "checkpoint": m.checkpoint if m else None, "checkpoint_sha256": digest,
            "model_arch": m.arch if m else None, "step": m.step if m else None, "dataset": dataset,
-           "dataset_format": read_json(os.path.join(cfg.data, "dataset.json")).get("output_format", "webdataset")
-           if cfg.data else None, "embeddings": emb_dir,
+           "dataset_format": shard_format(read_info(cfg.data)) if cfg.data else None, "embeddings": emb_dir,
            "count": int(n), "dim": int(d), "metric": "inner_product (cosine on normalised vectors)",
            "factory": factory, "why": why,
            "budgets": {"max_memory": cfg.max_memory, "max_build_memory": cfg.max_build_memory,

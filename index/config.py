@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from psdclip.pipeline.errors import InputError
+from ..core.errors import InputError
 
 _SIZE = re.compile(r"^\s*([\d.]+)\s*([kmgt]?)i?b?\s*$", re.I)
 

@@ -16,18 +16,15 @@ import io
 import logging
 import os
 import sys
-from functools import lru_cache
 
 import numpy as np
-import pandas as pd
 import torch
 from PIL import Image
 
-from psdclip.pipeline.dataset import atomic_path, read_json, write_parquet
-from psdclip.pipeline.errors import InputError
-from psdclip.pipeline import storage
-from psdclip.pipeline.status import SUCCESS
-from psdclip.train.checkpoint import LoadedModel
+from ..core.io import atomic_path, write_parquet
+from ..pipeline.format import image_of
+from ..pipeline.reader import shard_samples, success_rows
+from ..train.loading import LoadedModel
 
 from .parts import part_paths
 
@@ -35,37 +32,6 @@ log = logging.getLogger(__name__)
 
 META_COLUMNS = ["key", "url", "caption", "shard", "offset", "size"]
 TEXT_BATCH = 512
-
-
-def read_image_bytes(root: str, fmt: str, shard: int, offset: int, size: int) -> bytes:
-    """One stored image, by its shard and offset (tars) or row (Arrow shards): the service's image endpoint."""
-    if fmt == "arrow":
-        return _arrow_table(storage.join(root, "shards", f"{shard:05d}.parquet")).column("jpg")[offset].as_py()
-    with storage.open_file(storage.join(root, "shards", f"{shard:05d}.tar"), "rb") as f:
-        f.seek(offset)
-        return f.read(size)
-
-
-@lru_cache(maxsize=4)
-def _arrow_table(path):
-    from psdclip.pipeline.dataset import read_parquet_table
-
-    return read_parquet_table(path)
-
-
-def success_rows(dataset: str) -> tuple[pd.DataFrame, str]:
-    from psdclip.pipeline.dataset import load_manifest
-
-    J = storage.join
-    if not storage.isdir(J(dataset, "manifest")) and not storage.isfile(J(dataset, "manifest.parquet")):
-        raise InputError(f"--data {dataset}: not a psdclip dataset (no manifest)")
-    fmt = read_json(J(dataset, "dataset.json")).get("output_format", "webdataset")
-    m = load_manifest(dataset, columns=["key", "url", "caption", "status", "shard", "offset", "size"])
-    ok = m[m["status"] == SUCCESS].sort_values(["shard", "offset"]).reset_index(drop=True)
-    if ok.empty:
-        raise InputError(f"--data {dataset}: no successful samples to index")
-    ok["shard"] = ok["shard"].astype(int)
-    return ok, fmt
 
 
 class ShardBatches(torch.utils.data.IterableDataset):
@@ -83,14 +49,10 @@ class ShardBatches(torch.utils.data.IterableDataset):
             yield from self._shard(shard, keys)
 
     def _samples(self, shard: int):
-        from psdclip.train.data import arrow_samples, tar_samples
-
-        path = storage.join(self.root, "shards", f"{shard:05d}.{'parquet' if self.fmt == 'arrow' else 'tar'}")
-
         def on_error(msg):
             log.warning("shard %05d: %s", shard, msg)
 
-        return (arrow_samples if self.fmt == "arrow" else tar_samples)([path], on_error)
+        return shard_samples(self.root, self.fmt, shard, on_error)
 
     def _shard(self, shard: int, keys: list[str]):
         B = self.batch_size
@@ -107,7 +69,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
             if i is None:
                 continue
             images, ok, seen = batch(i // B)
-            raw = s.get("jpg") or s.get("png") or s.get("webp") or s.get("jpeg")
+            raw = image_of(s)
             try:
                 with Image.open(io.BytesIO(raw)) as im:
                     images[i % B] = self.transform(im.convert("RGB"))

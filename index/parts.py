@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from psdclip.pipeline.errors import InputError
+from ..core.errors import InputError
 
 KINDS = {"image": ("img_emb", "img_emb_"), "text": ("text_emb", "text_emb_")}
 

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from psdclip.pipeline.errors import InputError
+from ..core.errors import InputError
 
 from .config import QueryConfig
 

@@ -14,8 +14,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from psdclip.pipeline.dataset import read_json
-from psdclip.pipeline.errors import InputError
+from ..core.io import read_json
+from ..core.errors import InputError
 
 from . import ann
 from . import parts as P
@@ -86,7 +86,7 @@ class Searcher:
         return self._parts
 
     def _load_model(self):
-        from psdclip.train.checkpoint import load_model
+        from ..train.loading import load_model
 
         self._use(load_model(self.info["checkpoint"], self.device.name))
 
@@ -94,7 +94,7 @@ class Searcher:
         self.loaded = m
         self.model, self.preprocess, self.tokenizer = m.model, m.preprocess, m.tokenizer
         if self.text_runtime == "torchscript":
-            from psdclip.train.models import TracedText
+            from ..train.models import TracedText
 
             # kept with the loaded model: a reload that shares the model shares its traces
             if "traced_text" not in m.__dict__:
@@ -102,7 +102,7 @@ class Searcher:
                 m.traced_text.warm(self.tokenizer, self.device.name)
             self.encode_text = m.traced_text
         else:
-            from psdclip.train.models import encode_text
+            from ..train.models import encode_text
 
             self.encode_text = lambda tokens: encode_text(self.model, tokens)
 
@@ -279,7 +279,7 @@ class Searcher:
     def image_bytes(self, key: str) -> bytes:
         if not self.info.get("dataset"):
             raise KeyError(key)  # built from embeddings alone: the images are elsewhere
-        from .embed import read_image_bytes
+        from ..pipeline.reader import read_image_bytes
 
         row = self.take([self.id_of(key)])
         return read_image_bytes(self.info["dataset"], self.info.get("dataset_format", "webdataset"), int(row["shard"][0]),

@@ -7,6 +7,6 @@ import os as _os
 # albumentations (used by img2dataset) would otherwise look for updates online at import time
 _os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from .errors import PsdclipError, InputError
+from ..core.errors import PsdclipError, InputError
 
 __all__ = ["PsdclipError", "InputError"]

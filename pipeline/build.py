@@ -20,14 +20,20 @@ import sys
 import tempfile
 import time
 
-from . import storage
+from ..core import storage
 from .config import BuildConfig
-from .dataset import SCHEMA_VERSION, Layout, now, read_json, stream_stats, write_json, write_parquet
+from .format import SCHEMA_VERSION
+from .dataset import Layout, stream_stats
+from ..core.io import now, read_json, write_json, write_parquet
 from .finalize import finalize_manifest, write_subsets
 from .download import DownloadOptions, download_partition
-from . import logs
-from .errors import InputError, PsdclipError
-from .ingest import file_sha256, ingest_inputs, plan_retry, worker_count
+from ..core import logs
+from ..core.locks import folder_lock
+from ..core.errors import InputError, PsdclipError
+from .buckets import worker_count
+from .ingest import ingest_inputs
+from .parts import file_sha256
+from .retry import plan_retry
 from .status import SUCCESS
 from .subsets import parse_subsets
 
@@ -172,29 +178,14 @@ def _check_out(cfg: BuildConfig, layout: Layout, previous: dict | None) -> None:
 @contextlib.contextmanager
 def _build_lock(layout: Layout):
     """One build at a time per dataset: an advisory lock the OS drops when the process ends, even by kill -9."""
-    import fcntl
-
     if storage.is_remote(layout.root):
         with _object_lock(layout):
             yield
         return
-    path = os.path.join(layout.state, "build.lock")
-    f = open(path, "a+")
-    try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise InputError(f"{layout.root}: another `psdclip data build` ({holder}) is writing this dataset; "
-                             f"wait for it to finish") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
-        f.flush()
+    with folder_lock(os.path.join(layout.state, "build.lock"),
+                     f"{layout.root}: another `psdclip data build` ({{holder}}) is writing this dataset; wait for it "
+                     f"to finish"):
         yield
-    finally:
-        f.close()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -325,7 +316,6 @@ def _build_locked(cfg: BuildConfig, layout: Layout, previous: dict | None) -> di
         "created_at": (previous or {}).get("created_at", now()),
         "updated_at": now(),
         "output_format": fmt,
-        "shard_pattern": "shards/{shard:05d}." + ("parquet" if fmt == "arrow" else "tar"),
         "counts": {"rows": stats["rows"], "success": stats["success"], **stats["counts"]},
         "shards": sorted(s for s, n in counts.items() if n),
         "subsets": [list(s) for s in subset_specs],

@@ -2,19 +2,16 @@
 validation in ``__post_init__``. The CLI (psdclip.workflows.cli) is generated from these types."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional
 
-from .errors import InputError
+from ..core.errors import InputError
+from ..core.options import option as _help
 
 INPUT_FORMATS = ("txt", "csv", "tsv", "parquet", "jsonl")
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 # img2dataset's own default opt-out directives (X-Robots-Tag), kept as they are.
 DEFAULT_DISALLOWED = ("noai", "noimageai", "noindex", "noimageindex")
-
-
-def _help(text: str, **kw):
-    return field(metadata={"help": text, **kw.pop("meta", {})}, **kw)
 
 
 @dataclass

@@ -1,20 +1,19 @@
-"""The dataset directory: its layout, atomic writes, internal state, manifest assembly and stats.
+"""The build's own state of a dataset directory: ingests, shard plans, finished shards and the dataset's figures.
+The public layout (what readers use) is format.py; its reader, reader.py.
 
     DATASET/
-      dataset.json  manifest/  stats.json  shards/  subsets/            the contract (DESIGN.md)
+      dataset.json  manifest/  stats.json  shards/  subsets/            the contract (format.py)
       _state/ingests/<id>/shards/NNNNN.arrow, shards.json, unsharded/, keys/, inputs.json   what each ingest planned
       _state/results/<shard>.parquet                                    one per finished shard
       _work/                                                            scratch, cleared on every run
 
-Readers (the trainer, streaming) use the contract files only; every one of them is replaced atomically. DATASET may
-be a local folder or an fsspec URL (s3://...): every path goes through storage.py.
+Every file is replaced atomically. DATASET may be a local folder or an fsspec URL (s3://...): every path goes
+through core.storage.
 """
 from __future__ import annotations
 
 import collections
-import datetime as _dt
 import glob
-import json
 import os
 
 import numpy as np
@@ -22,82 +21,24 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
-from .errors import InputError
+from ..core import storage
+from ..core.io import atomic_path, read_feather, read_json, read_parquet as _read_parquet, write_json
+from .format import MANIFEST_COLUMNS, MANIFEST_SCHEMA, DatasetLayout, shard_format
+from .reader import manifest_batches
 from .status import DUPLICATE_IMAGE, PENDING, SUCCESS
-
-SCHEMA_VERSION = 2  # 2: manifest/ (a file per shard) and subsets as shard lists plus a rank rule
-MANIFEST_COLUMNS = ["key", "url", "caption", "status", "error", "shard", "offset", "size", "width", "height",
-                    "original_width", "original_height", "sha256", "source", "source_row", "ingest"]
-
-
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-atomic_path = storage.atomic_path  # a temporary local path that replaces `path` whole when the block ends
-
-
-def write_text(path: str, text: str) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-
-def write_json(path: str, obj, indent: int = 2) -> None:
-    write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=str) + "\n")
-
-
-def write_parquet(path: str, df: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
-
-
-def read_json(path: str):
-    """A JSON file of ours; a damaged one is a one-line error naming it."""
-    try:
-        with storage.open_file(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: damaged (not valid JSON: {err})") from None
-
 
 J = storage.join
 
 
-def _read_parquet(path: str, columns=None) -> pd.DataFrame:
-    return read_parquet_table(path, columns=columns).to_pandas()
+class Layout(DatasetLayout):
+    """A dataset directory as its build sees it: the public layout plus the build's state folders."""
 
-
-def read_feather(path: str, columns=None) -> pa.Table:
-    """An Arrow IPC file of ours (memory-mapped when local)."""
-    import pyarrow.feather as feather
-
-    if not storage.is_remote(path):
-        return feather.read_table(path, columns=columns)
-    with storage.open_file(path) as f:
-        return feather.read_table(pa.BufferReader(f.read()), columns=columns)
-
-
-def read_parquet_table(path: str, **kw) -> pa.Table:
-    """pq.read_table of a file of ours, local or in an object store."""
-    fs, p = storage.arrow_filesystem(path)
-    return pq.read_table(p, filesystem=fs, **kw)
-
-
-class Layout:
     def __init__(self, root: str):
-        self.root = storage.resolve(root)
-        self.shards = J(self.root, "shards")
-        self.subsets = J(self.root, "subsets")
+        super().__init__(root)
         self.state = J(self.root, "_state")
         self.ingests = J(self.state, "ingests")
         self.results = J(self.state, "results")
         self.work = J(self.root, "_work")
-        self.manifest = J(self.root, "manifest")  # a partitioned Parquet dataset
-        self.legacy_manifest = J(self.root, "manifest.parquet")  # datasets written before it
-        self.dataset_json = J(self.root, "dataset.json")
-        self.stats_json = J(self.root, "stats.json")
         self._plans: dict[int, pd.DataFrame] = {}
 
     def create(self) -> None:
@@ -126,9 +67,6 @@ class Layout:
 
     def result_path(self, shard: int) -> str:
         return J(self.results, f"{shard:05d}.parquet")
-
-    def shard_name(self, shard: int, fmt: str) -> str:
-        return f"{shard:05d}.{'parquet' if fmt == 'arrow' else 'tar'}"
 
     # ingests ---------------------------------------------------------------------------------------
     def ingest_ids(self) -> list[int]:
@@ -308,61 +246,6 @@ def unfinished_shards(layout: Layout) -> tuple[int, int]:
     return len(planned - layout.done_shards()), len(planned)
 
 
-MANIFEST_SCHEMA = pa.schema([(c, pa.int64() if c in ("shard", "offset", "size", "width", "height", "original_width",
-                                                     "original_height", "source_row", "ingest") else pa.string())
-                              for c in MANIFEST_COLUMNS])
-
-
-def manifest_file(root: str, shard: int | None = None, ingest: int | None = None) -> str:
-    """manifest/shard-NNNNN.parquet holds the rows whose (latest) plan put them in that shard;
-    manifest/ingest-NNNNN.parquet the rows of that ingest that never reached a shard (filtered, duplicate URLs)."""
-    name = f"shard-{shard:05d}.parquet" if shard is not None else f"ingest-{ingest:05d}.parquet"
-    return J(storage.resolve(root), "manifest", name)
-
-
-def _to_pandas(table: pa.Table) -> pd.DataFrame:
-    return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
-
-
-def load_manifest(root: str, columns=None) -> pd.DataFrame:
-    """The whole manifest (manifest/ or a legacy manifest.parquet) as one frame; a missing or damaged one is a
-    one-line error naming what to run."""
-    layout = Layout(root)
-    path = layout.manifest if storage.isdir(layout.manifest) else layout.legacy_manifest
-    if not storage.exists(path):
-        if layout.ingest_ids():
-            left, planned = unfinished_shards(layout)
-            raise InputError(f"{root}: incomplete build ({planned - left} of {planned} shard(s) downloaded, no "
-                             f"manifest yet): rerun the same `psdclip data build` command")
-        raise InputError(f"{root}: not a psdclip dataset (no manifest)")
-    try:
-        if path == layout.legacy_manifest:
-            return _read_parquet(path, columns=columns)
-        import pyarrow.dataset as pads
-
-        fs, p = storage.arrow_filesystem(path)
-        return _to_pandas(pads.dataset(p, format="parquet", schema=MANIFEST_SCHEMA, filesystem=fs).to_table(
-            columns=columns))
-    except (OSError, ValueError, pa.ArrowException) as err:
-        raise InputError(f"{path}: damaged, not a Parquet table ({str(err).splitlines()[0][:160]}); "
-                         f"rerun the `psdclip data build` command that made it") from None
-
-
-def shard_exclusions(root: str, shard: str) -> frozenset:
-    """Keys a shard holds that are no training sample (duplicate_image: bytes kept, status not success), read from
-    that shard's manifest file only. Empty for a legacy dataset (its readers use the success keys)."""
-    stem = shard.split(".")[0]
-    if not stem.isdigit():
-        return frozenset()
-    path = manifest_file(root, shard=int(stem))
-    if not storage.isfile(path):
-        return frozenset()
-    t = read_parquet_table(path, columns=["key", "status"])
-    import pyarrow.compute as pc
-
-    return frozenset(t.filter(pc.not_equal(t.column("status"), SUCCESS)).column("key").to_pylist())
-
-
 SIZE_COLUMNS = ("width", "height", "original_width", "original_height")
 STATS_COLUMNS = ["url", "status", "shard", "size", *SIZE_COLUMNS]
 
@@ -451,31 +334,6 @@ class StatsAccumulator:
         }
 
 
-def manifest_files(root: str) -> list[str]:
-    """The manifest's Parquet files: manifest/'s, or a legacy manifest.parquet (one-line errors when missing or
-    damaged)."""
-    layout = Layout(root)
-    if storage.isdir(layout.manifest):
-        return sorted(J(layout.manifest, n) for n in storage.listdir(layout.manifest)
-                      if n.endswith(".parquet") and not n.startswith((".", "_")))
-    load_manifest(root, columns=[])  # the one-line errors of a missing or damaged manifest
-    return [layout.legacy_manifest]
-
-
-def manifest_batches(root: str, columns=None, batch_size: int = 262_144):
-    """The manifest as frames of at most batch_size rows, one file at a time (manifest/ or a legacy
-    manifest.parquet): what a reader of a 1B-row manifest holds at once."""
-    for path in manifest_files(root):
-        try:
-            fs, p = storage.arrow_filesystem(path)
-            pf = pq.ParquetFile(p, filesystem=fs)
-            for batch in pf.iter_batches(columns=columns, batch_size=batch_size):
-                yield _to_pandas(pa.Table.from_batches([batch]))
-        except (OSError, pa.ArrowException) as err:
-            raise InputError(f"{path}: damaged, not a Parquet table ({str(err).splitlines()[0][:160]}); "
-                             f"rerun the `psdclip data build` command that made it") from None
-
-
 def stream_stats(root: str, fmt: str | None = None) -> dict:
     """The figures of a dataset (`psdclip data stats`, the end of a build), its manifest read a batch of rows at a
     time. fmt: the shard format (default: dataset.json's)."""
@@ -484,8 +342,7 @@ def stream_stats(root: str, fmt: str | None = None) -> dict:
         acc.add(frame)
     layout = Layout(root)
     if fmt is None:
-        info = read_json(layout.dataset_json) if storage.isfile(layout.dataset_json) else {}
-        fmt = info.get("output_format", "webdataset")
+        fmt = shard_format(read_json(layout.dataset_json) if storage.isfile(layout.dataset_json) else {})
     return acc.result(layout, fmt)
 
 

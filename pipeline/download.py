@@ -25,8 +25,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
-from .dataset import write_text
+from ..core import storage
+from .format import shard_name
+from ..core.io import write_text
 from .status import SUCCESS
 
 RESULT_COLUMNS = ["key", "status", "error", "width", "height", "original_width", "original_height", "sha256",
@@ -108,7 +109,7 @@ class KeyedShardWriter:
                  arrow=False):  # pylint: disable=unused-argument
         self.ext = encode_format
         self.arrow = arrow
-        self.path = os.path.join(output_folder, f"{shard_id:05d}.{'parquet' if arrow else 'tar'}")
+        self.path = os.path.join(output_folder, shard_name(shard_id, "arrow" if arrow else "webdataset"))
         self.meta_path = os.path.join(output_folder, f"{shard_id:05d}.meta.parquet")
         self.tar = None if arrow else tarfile.open(self.path, "w", format=tarfile.USTAR_FORMAT)
         self.rows: list[dict] = []
@@ -254,7 +255,7 @@ def download_partition(src: str, shard: int, dataset_dir: str, opts: DownloadOpt
         downloader.download_shard((shard, given))  # raises if the shard as a whole fails
         meta = pd.read_parquet(os.path.join(work, f"{shard:05d}.meta.parquet"))
         res = _results(meta, keys, shard)
-        name = f"{shard:05d}.{'parquet' if arrow else 'tar'}"
+        name = shard_name(shard, "arrow" if arrow else "webdataset")
         storage.put(os.path.join(work, name), storage.join(dataset_dir, "shards", name))
         return res
     finally:

@@ -25,11 +25,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import logs
-from . import storage
-from .dataset import MANIFEST_COLUMNS, MANIFEST_SCHEMA, Layout, atomic_path, manifest_file, read_feather, \
-    read_parquet_table, write_json, write_replaced
-from .ingest import FINE, GROUP_ROWS, _pow2, _read_batch, _write_batches, fine_buckets, worker_count
+from ..core import logs
+from ..core import storage
+from .format import MANIFEST_COLUMNS, MANIFEST_SCHEMA, manifest_file
+from .dataset import Layout, write_replaced
+from ..core.io import atomic_path, read_feather, read_parquet_table, write_json
+from .buckets import FINE, GROUP_ROWS, fine_buckets, pow2, read_batch, worker_count, write_batches
 from .status import DUPLICATE_IMAGE, PENDING, SUCCESS
 
 J = storage.join
@@ -102,14 +103,14 @@ def rows_pass(root: str, shards: list[tuple[int, int, str]], file_order: dict, r
     images = ok.select(IMAGE_SCHEMA.names).cast(IMAGE_SCHEMA)
     bucket = (fine_buckets(images.column("sha256").to_numpy(zero_copy_only=False)) * buckets // FINE
               if images.num_rows else np.zeros(0, np.int64))
-    _write_batches(J(work, f"images-{g:05d}.arrow"), images, bucket, buckets)
+    write_batches(J(work, f"images-{g:05d}.arrow"), images, bucket, buckets)
     return len(rows)
 
 
 def images_pass(b: int, groups: int, firsts: tuple, work: str) -> None:
     """Dask task: sha256 bucket b of every group; the rows that repeat an earlier row's image bytes, sent back to
     their groups (WORK/dups-B.arrow, a batch per group)."""
-    pieces = [t for t in (_read_batch(J(work, f"images-{g:05d}.arrow"), b) for g in range(groups))
+    pieces = [t for t in (read_batch(J(work, f"images-{g:05d}.arrow"), b) for g in range(groups))
               if t.num_rows]
     t = pa.concat_tables(pieces) if pieces else IMAGE_SCHEMA.empty_table()
     df = t.to_pandas()
@@ -117,13 +118,13 @@ def images_pass(b: int, groups: int, firsts: tuple, work: str) -> None:
     dups = df[df.duplicated("sha256", keep="first")]
     group = (np.searchsorted(np.asarray(firsts), dups["shard"].to_numpy(), side="right") - 1).astype(np.int64)
     out = pa.table({"shard": pa.array(dups["shard"].to_numpy(np.int64)), "key": pa.array(dups["key"], pa.string())})
-    _write_batches(J(work, f"dups-{b:05d}.arrow"), out, group, groups)
+    write_batches(J(work, f"dups-{b:05d}.arrow"), out, group, groups)
 
 
 def write_pass(root: str, g: int, buckets: int, work: str) -> dict[int, int]:
     """Dask task: the group's manifest files, with its duplicate images marked. Returns shard -> success count."""
     rows = read_parquet_table(J(work, f"rows-{g:05d}.parquet")).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
-    dups = [t for t in (_read_batch(J(work, f"dups-{b:05d}.arrow"), g) for b in range(buckets)) if t.num_rows]
+    dups = [t for t in (read_batch(J(work, f"dups-{b:05d}.arrow"), g) for b in range(buckets)) if t.num_rows]
     if dups:
         d = pa.concat_tables(dups).to_pandas()
         hit = pd.MultiIndex.from_frame(rows[["shard", "key"]].astype({"shard": np.int64, "key": str})).isin(
@@ -190,7 +191,7 @@ def finalize_manifest(client, layout: Layout) -> dict[int, int]:
     cuts = [len(planned) * g // groups for g in range(groups + 1)]
     members = [[(s, i, p) for s, i, p, _ in planned[cuts[g]:cuts[g + 1]]] for g in range(groups)]
     firsts = tuple(m[0][0] if m else -1 for m in members)
-    buckets = min(FINE, _pow2(max(workers, math.ceil(total / GROUP_ROWS))))
+    buckets = min(FINE, pow2(max(workers, math.ceil(total / GROUP_ROWS))))
     work = J(layout.work, "finalize")
     tok = uuid.uuid4().hex[:8]
     counts: dict[int, int] = {}

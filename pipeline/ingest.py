@@ -32,24 +32,22 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import logs
-from .clean import clean_partition, hosts
-from . import storage
-from .dataset import MANIFEST_COLUMNS, MANIFEST_SCHEMA, Layout, SHARD_INPUT_COLUMNS, atomic_path, manifest_files, \
-    now, read_feather, read_parquet_table, write_json, write_replaced
-from .errors import InputError
+from ..core import logs
+from .buckets import FINE, GROUP_ROWS, bucket_range, fine_buckets, pow2, read_batch, worker_count, write_batches
+from .clean import clean_partition
+from .parts import Part, file_sha256, header, part_bytes, size_of, split_file
+from ..core import storage
+from .format import MANIFEST_COLUMNS, MANIFEST_SCHEMA
+from .dataset import Layout, SHARD_INPUT_COLUMNS
+from ..core.io import atomic_path, now, read_feather, write_json
+from ..core.errors import InputError
 from .keys import row_keys
 from .read import detect_format, read_parquet_list, read_url_list
-from .status import DUPLICATE_URL, PENDING, TRANSIENT
+from .status import DUPLICATE_URL, PENDING
 
 log = logs.get(__name__, "[psdclip data build] ")
 
-FINE = 4096  # key buckets: the first 3 hex digits of a URL key; a bucket of an ingest is a range of them
-SPLIT_BYTES = 8 << 20  # text lists larger than this are read by several tasks (at least one per worker)
-PART_BYTES = 64 << 20  # ... and by one task per this many bytes
 BUCKET_BYTES = 64 << 20  # one bucket per this many input bytes (a power of two >= the workers, <= FINE)
-GROUP_ROWS = 500_000  # rows per shard-writing task (at least two tasks per worker)
-_TEXT = ("txt", "csv", "tsv", "jsonl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,163 +65,6 @@ class ReadOptions:
                    max_caption_length=cfg.max_caption_length, column_names=cfg.column_names or None)
 
 
-@dataclasses.dataclass(frozen=True)
-class Part:
-    """One read task's share of an input file: bytes [start, stop) of a text file, some row groups of a Parquet
-    file, or (count == 1) the whole file."""
-    path: str
-    fmt: str
-    index: int
-    count: int
-    start: int = 0
-    stop: int = -1
-    row_groups: tuple = ()
-
-
-def worker_count(client) -> int:
-    """The Dask workers the build's tasks spread over (at least 1)."""
-    return max(1, len(client.scheduler_info().get("workers", {})))
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1, n))))
-
-
-def _size(path: str) -> int:
-    import fsspec
-
-    try:
-        fs, p = fsspec.core.url_to_fs(path)
-        return int(fs.size(p) or 0)
-    except Exception:  # pylint: disable=broad-except  (read whole by one task, which says what is wrong)
-        return 0
-
-
-def split_file(path: str, fmt: str, size: int, workers: int) -> list[Part]:
-    """The parts of one input file (the client seeks to each cut and reads to the next line end)."""
-    import fsspec
-    from fsspec.utils import infer_compression
-
-    part_bytes, split_bytes = PART_BYTES, SPLIT_BYTES
-    if size <= split_bytes or infer_compression(path):
-        return [Part(path, fmt, 0, 1)]
-    n = max(workers, math.ceil(size / part_bytes))
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            with fsspec.open(path, "rb") as f:
-                groups = pq.ParquetFile(f).metadata.num_row_groups
-        except (OSError, pa.ArrowException):
-            return [Part(path, fmt, 0, 1)]  # the read task names what is wrong
-        n = min(n, groups)
-        if n <= 1:
-            return [Part(path, fmt, 0, 1)]
-        cuts = [groups * k // n for k in range(n + 1)]
-        return [Part(path, fmt, k, n, row_groups=tuple(range(cuts[k], cuts[k + 1]))) for k in range(n)]
-    if fmt not in _TEXT:
-        return [Part(path, fmt, 0, 1)]
-    cuts = [0]
-    with fsspec.open(path, "rb") as f:
-        for k in range(1, n):
-            pos = max(size * k // n, cuts[-1] + 1)
-            if pos >= size:
-                break
-            f.seek(pos - 1)
-            while True:  # the first line start at or after pos
-                block = f.read(1 << 16)
-                if not block:
-                    pos = size
-                    break
-                i = block.find(b"\n")
-                if i >= 0:
-                    pos = f.tell() - len(block) + i + 1
-                    break
-            if pos >= size:
-                break
-            cuts.append(pos)
-    cuts.append(size)
-    if len(cuts) <= 2:
-        return [Part(path, fmt, 0, 1)]
-    return [Part(path, fmt, k, len(cuts) - 1, start=cuts[k], stop=cuts[k + 1]) for k in range(len(cuts) - 1)]
-
-
-def _part_bytes(part: Part) -> bytes:
-    import fsspec
-
-    try:
-        if part.count == 1:
-            with fsspec.open(part.path, "rb", compression="infer") as f:
-                return f.read()
-        with fsspec.open(part.path, "rb") as f:
-            f.seek(part.start)
-            return f.read(part.stop - part.start)
-    except FileNotFoundError:
-        raise InputError(f"{part.path}: no such file") from None
-    except Exception as err:  # pylint: disable=broad-except  (a corrupt .gz, remote storage without credentials)
-        raise InputError(f"{part.path}: cannot read ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
-
-
-def _header(part: Part) -> list[str]:
-    """The column names of a CSV/TSV file (its first line), for a part that starts after it."""
-    import csv
-
-    import fsspec
-
-    with fsspec.open(part.path, "rb") as f:
-        first = f.readline().decode("utf-8-sig", errors="replace").rstrip("\r\n")
-    return next(csv.reader([first], delimiter="," if part.fmt == "csv" else "\t"), [])
-
-
-def file_sha256(path: str) -> str | None:
-    """sha256 of a URL list's (decompressed) bytes, streamed; None if unreadable. An ingested file is recognised by
-    it."""
-    import fsspec
-
-    h = hashlib.sha256()
-    try:
-        with fsspec.open(path, "rb", compression="infer") as f:
-            for block in iter(lambda: f.read(8 << 20), b""):
-                h.update(block)
-    except Exception:  # pylint: disable=broad-except  (unreadable: the read tasks say why)
-        return None
-    return h.hexdigest()
-
-
-def fine_buckets(keys) -> np.ndarray:
-    """The key bucket (0..FINE-1) of each URL key: its first three hex digits."""
-    codes = np.asarray(keys, dtype="S3").view(np.uint8).reshape(-1, 3).astype(np.int64)
-    codes = np.where(codes >= ord("a"), codes - ord("a") + 10, codes - ord("0"))
-    return (codes[:, 0] << 8) | (codes[:, 1] << 4) | codes[:, 2]
-
-
-def _bucket_range(j: int, buckets: int) -> tuple[int, int]:
-    return j * FINE // buckets, (j + 1) * FINE // buckets
-
-
-def _write_batches(path: str, table: pa.Table, group: np.ndarray, groups: int) -> None:
-    """`table` as an Arrow IPC file with one record batch per group (rows of group g in batch g, in table order),
-    so that a reader takes batch g alone."""
-    order = np.argsort(group, kind="stable")
-    bounds = np.searchsorted(group[order], np.arange(groups + 1))
-    batch = table.take(pa.array(order)).combine_chunks()
-    batch = batch.to_batches()[0] if batch.num_rows else pa.RecordBatch.from_pylist([], schema=table.schema)
-    storage.ensure_parent(path)
-    with atomic_path(path) as tmp:
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            for g in range(groups):
-                writer.write_batch(batch.slice(int(bounds[g]), int(bounds[g + 1] - bounds[g])))
-
-
-def _read_batch(path: str, g: int) -> pa.Table:
-    """Batch g of an IPC file of _write_batches (memory-mapped when local; ranged reads of an object otherwise)."""
-    if storage.is_remote(path):
-        with storage.open_file(path) as f:
-            return pa.Table.from_batches([pa.ipc.open_file(f).get_batch(g)])
-    with pa.memory_map(path) as src:
-        return pa.Table.from_batches([pa.ipc.open_file(src).get_batch(g)])
-
-
 PART_SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("status", pa.string()),
                          ("error", pa.string()), ("row", pa.int64()), ("ukey", pa.string()), ("host", pa.string())])
 
@@ -237,10 +78,10 @@ def read_part(part: Part, opts: ReadOptions, buckets: int, out: str) -> dict:
             df = read_parquet_list(part.path, opts.url_col, opts.caption_col, row_groups=part.row_groups)
             raw = b""
         else:
-            raw = _part_bytes(part)
+            raw = part_bytes(part)
             names = opts.column_names
             if part.fmt in ("csv", "tsv") and part.index > 0 and not names:
-                names = _header(part)
+                names = header(part)
             df = read_url_list(part.path, opts.input_format or part.fmt, opts.url_col, opts.caption_col, raw=raw,
                                column_names=names)
     except InputError as err:
@@ -257,7 +98,7 @@ def read_part(part: Part, opts: ReadOptions, buckets: int, out: str) -> dict:
                       "status": pa.array(status, pa.string()), "error": pa.array(df["error"].to_numpy(dtype=object), pa.string()),
                       "row": pa.array(rows), "ukey": pa.array(ukey, pa.string()),
                       "host": pa.array(df["host"].array, pa.string())}, schema=PART_SCHEMA)
-    _write_batches(out, table, bucket, buckets)
+    write_batches(out, table, bucket, buckets)
     return {"error": None, "rows": len(df), "sha": hashlib.sha256(raw).hexdigest() if part.count == 1 else None,
             "quotes": raw.count(b'"') if part.fmt in ("csv", "tsv") else 0}
 
@@ -300,12 +141,12 @@ def dedupe_bucket(j: int, buckets: int, parts: list[PartRef], key_dirs: list[str
 
     pieces = []
     for i, ref in enumerate(parts):
-        t = _read_batch(ref.out, j)
+        t = read_batch(ref.out, j)
         if t.num_rows:
             pieces.append(t.append_column("file", pa.array(np.full(t.num_rows, ref.file, np.int64)))
                            .append_column("part", pa.array(np.full(t.num_rows, i, np.int64)))
                            .set_column(4, "row", pc.add(t.column("row"), ref.first_row)))
-    lo, hi = _bucket_range(j, buckets)
+    lo, hi = bucket_range(j, buckets)
     empty = pa.table({n: pa.array([], PART_SCHEMA.field(n).type) for n in PART_SCHEMA.names}).append_column(
         "file", pa.array([], pa.int64())).append_column("part", pa.array([], pa.int64()))
     table = pa.concat_tables(pieces) if pieces else empty
@@ -370,7 +211,7 @@ def deal_bucket(path: str, offset: int, shards: int, groups: int, out: str) -> N
     shard = np.empty(len(order), dtype=np.int64)
     shard[order] = (offset + np.arange(len(order), dtype=np.int64)) % shards
     t = t.append_column("shard", pa.array(shard)).append_column("host_hash", pa.array(hh))
-    _write_batches(out, t, shard * groups // shards, groups)
+    write_batches(out, t, shard * groups // shards, groups)
 
 
 def write_group(g: int, dealt: list[str], first_shard: int, folder: str) -> dict:
@@ -378,7 +219,7 @@ def write_group(g: int, dealt: list[str], first_shard: int, folder: str) -> dict
     round (a host's first row in the shard, then its second, ...), then host, then input order."""
     import pyarrow.feather as feather
 
-    pieces = [t for t in (_read_batch(p, g) for p in dealt) if t.num_rows]
+    pieces = [t for t in (read_batch(p, g) for p in dealt) if t.num_rows]
     if not pieces:
         return {}
     t = pa.concat_tables(pieces)
@@ -413,7 +254,7 @@ def write_key_store(root: str, ingest: int, buckets: int) -> None:
     storage.makedirs(tmp)
     bucket = fine_buckets(keys) * buckets // FINE if len(keys) else np.array([], np.int64)
     for j in np.unique(bucket):
-        lo, hi = _bucket_range(int(j), buckets)
+        lo, hi = bucket_range(int(j), buckets)
         with atomic_path(storage.join(tmp, f"{lo:03x}-{hi:03x}.arrow")) as path:
             feather.write_feather(pa.table({"key": pa.array(keys[bucket == j], pa.string())}), path,
                                   compression="uncompressed")
@@ -449,72 +290,14 @@ def plan_shards(client, layout: Layout, canon: list[str], pending: list[int], sh
     return shard_counts
 
 
-def retry_rows(path: str, index: int, out: str, replaced: str) -> dict:
-    """Dask task: the rows of one manifest file whose status is transient, as rows to download again (`out`, as
-    plan_shards reads them; `file` is the manifest file's index) and as (key, shard of the earlier plan) for the
-    finalize to leave them to the new shard (`replaced`). Returns their count per status."""
-    import pyarrow.feather as feather
-
-    t = read_parquet_table(path, columns=["key", "url", "caption", "source", "source_row", "status", "shard"])
-    t = t.filter(pc.is_in(t.column("status"), value_set=pa.array(TRANSIENT, pa.string())))
-    counts = pd.Series(t.column("status").to_numpy(zero_copy_only=False)).value_counts().to_dict()
-    if not t.num_rows:
-        return {}
-    url = t.column("url").cast(pa.string())
-    rows = pa.table({"url": url, "caption": t.column("caption").cast(pa.string()),
-                     "key": t.column("key").cast(pa.string()), "source": t.column("source").cast(pa.string()),
-                     "source_row": t.column("source_row").cast(pa.int64()),
-                     "host": hosts(url, np.ones(t.num_rows, bool)),
-                     "file": pa.array(np.full(t.num_rows, index, np.int64))})
-    storage.ensure_parent(out)
-    with atomic_path(out) as tmp:
-        feather.write_feather(rows, tmp, compression="uncompressed")
-    write_replaced(replaced, pd.DataFrame({"key": t.column("key").to_numpy(zero_copy_only=False),
-                                           "shard": t.column("shard").to_numpy(zero_copy_only=False)}))
-    return {str(k): int(v) for k, v in counts.items()}
-
-
-def plan_retry(client, layout: Layout, shard_size: int) -> dict | None:
-    """A new ingest of the rows whose status is transient, planned as Dask tasks over the manifest's files (the
-    client holds their counts, not their rows), with replaced/ (key, shard of the earlier plan; one file per manifest
-    file with transient rows, named as that file: replaced/shard-NNNNN.parquet holds shard NNNNN's rows, so a
-    finalize task reads its shard's file alone). Returns its figures, or None when no row is transient."""
-    files = manifest_files(layout.root)
-    ingest = (layout.ingest_ids() or [-1])[-1] + 1
-    final = storage.join(layout.ingests, f"{ingest:05d}")
-    folder = storage.staging_dir(final)
-    work = storage.join(layout.work, "retry")
-    tok = uuid.uuid4().hex[:8]
-    storage.rmtree(work)
-    storage.makedirs(storage.join(folder, "replaced"))
-    canon = [storage.join(work, "canon", f"{i:05d}.arrow") for i in range(len(files))]
-    counts = client.gather([client.submit(retry_rows, path, i, canon[i],
-                                          storage.join(folder, "replaced", path.rsplit("/", 1)[-1]), pure=False,
-                                          key=f"retry-{tok}-{i}") for i, path in enumerate(files)])
-    pending = [sum(c.values()) for c in counts]
-    statuses: dict[str, int] = {}
-    for c in counts:
-        for k, v in c.items():
-            statuses[k] = statuses.get(k, 0) + v
-    if not sum(pending):
-        storage.rmtree(folder)
-        storage.rmtree(work)
-        return None
-    shard_counts = plan_shards(client, layout, canon, pending, shard_size, folder, work, tok)
-    write_json(storage.join(folder, "inputs.json"), {"kind": "retry", "created_at": now(), "files": []})
-    storage.publish_dir(folder, final, last="inputs.json")
-    storage.rmtree(work)
-    return {"ingest": ingest, "pending": sum(pending), "shards": len(shard_counts), "statuses": statuses}
-
-
 def ingest_inputs(client, layout: Layout, cfg) -> dict | None:
     """Read, clean, dedupe and plan every new input file as Dask tasks, and save the plan as a new ingest. Files
     already ingested (same bytes) are skipped. Returns the ingest's figures, or None when there was nothing new."""
     known = {i["sha256"]: i["path"] for ing in layout.ingest_ids() for i in layout.load_inputs(ing)["files"]}
     workers = worker_count(client)
     opts = ReadOptions.of(cfg)
-    sizes = [_size(p) for p in cfg.inputs]
-    buckets = min(FINE, _pow2(max(workers, math.ceil(sum(sizes) / BUCKET_BYTES))))
+    sizes = [size_of(p) for p in cfg.inputs]
+    buckets = min(FINE, pow2(max(workers, math.ceil(sum(sizes) / BUCKET_BYTES))))
     work = storage.join(layout.work, "ingest")
     tok = uuid.uuid4().hex[:8]  # task keys unique to this build (a shared cluster may hold an earlier build's)
     files = []

@@ -20,7 +20,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from .config import INPUT_FORMATS
-from .errors import InputError
+from ..core.errors import InputError
 
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 

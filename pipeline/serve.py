@@ -11,7 +11,7 @@ import os
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-from .errors import PsdclipError
+from ..core.errors import PsdclipError
 
 
 class _Handler(SimpleHTTPRequestHandler):

@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
+from ..core.errors import InputError
 
 
 def parse_subsets(specs) -> list[tuple[str, float]]:
@@ -135,7 +135,8 @@ class SubsetRule:
 def member_keys(root: str, rule: SubsetRule) -> set[str]:
     """Every key of a subset (for tools and tests; readers decide per sample): the successful rows of its shards'
     manifest files that the rule takes."""
-    from .dataset import manifest_file, read_parquet_table
+    from .format import manifest_file
+    from ..core.io import read_parquet_table
     from .status import SUCCESS
 
     out: set[str] = set()

@@ -22,7 +22,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
 from .config import SynthConfig
-from .errors import InputError
+from ..core.errors import InputError
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross")
 COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 119, 220), "yellow": (238, 210, 20),

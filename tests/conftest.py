@@ -1,7 +1,7 @@
 import pytest
 from helpers.servers import Server
 
-from psdclip.pipeline import logs
+from psdclip.core import logs
 
 logs.setup()  # library calls in tests log as under the CLI
 

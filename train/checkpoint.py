@@ -1,30 +1,64 @@
-"""Checkpoints: model, optimizer, scaler, step, RNG states and data position, written to a temporary
-name and renamed (a crash never leaves a half-written step_*.pt), the newest K kept, loaded with
-torch.load(weights_only=True). `latest` names the newest complete checkpoint.
-
-Also the one home of checkpoint -> model loading (`load_model` -> `LoadedModel`, used by eval, index build and
-the service) and of device resolution (`resolve_device`, used by training, eval and index build)."""
+"""The checkpoint format, written and read here alone: what a training checkpoint holds (`Checkpoint`, a typed
+payload), how it is written (a temporary name renamed into place, so a crash never leaves a half-written step_*.pt;
+the newest K kept; `latest` names the newest complete one; rank 0 writes on a background thread) and read
+(torch.load(weights_only=True); the newest loadable one on resume). Loading a model for inference from it is
+loading.py."""
 from __future__ import annotations
 
+import dataclasses
 import glob
-import hashlib
 import json
 import logging
 import os
 import random
 import re
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from psdclip.pipeline.dataset import atomic_path, write_text
-from psdclip.pipeline.errors import InputError
+from ..core.errors import InputError
+from ..core.io import atomic_path, write_text
 
 _STEP = re.compile(r"step_(\d+)\.pt$")
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A training checkpoint's contents (the keys of its file). `model_cfg` and `config` are JSON strings (a model
+    from a JSON config file is known from the checkpoint itself; `config` is the resolved TrainConfig)."""
+    model: dict
+    step: int
+    model_arch: str
+    model_cfg: str | None = None
+    loss: str | None = None
+    config: str | None = None
+    optimizer: dict | None = None
+    scaler: dict | None = None
+    rng: dict | None = None
+    data: dict = dataclasses.field(default_factory=dict)  # {"position": per-reader positions, "world_size", "workers"}
+    teacher: dict | None = None  # PSD's EMA / snapshot teacher
+    path: str = ""  # where it was read from (not written)
+
+    @classmethod
+    def read(cls, path: str) -> "Checkpoint":
+        state = load(path)
+        if not isinstance(state, dict) or "model_arch" not in state or "model" not in state:
+            raise InputError(f"{path}: not a psdclip training checkpoint")
+        names = {f.name for f in dataclasses.fields(cls)} - {"path"}
+        return cls(**{k: v for k, v in state.items() if k in names}, path=path)
+
+    def payload(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "path"}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def model_config(self) -> dict | None:
+        return json.loads(self.model_cfg) if self.model_cfg else None
+
+    def train_config(self) -> dict:
+        return json.loads(self.config) if self.config else {}
 
 
 def rng_state() -> dict:
@@ -83,23 +117,14 @@ def load(path: str, map_location="cpu") -> dict:
         raise InputError(f"{path}: not a loadable checkpoint ({type(err).__name__}: {str(err)[:200]})") from None
 
 
-def find_latest(ckpt_dir: str) -> tuple[str, dict] | None:
+def find_latest(ckpt_dir: str) -> Checkpoint | None:
     """The newest checkpoint that loads (a damaged one is reported and passed over)."""
     for path in reversed(list_checkpoints(ckpt_dir)):
         try:
-            return path, load(path)
+            return Checkpoint.read(path)
         except InputError as err:
             log.warning(f"psdclip: warning: {err}; trying an older checkpoint")
     return None
-
-
-# ---- devices and models ------------------------------------------------------------------------------
-
-def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
-    """`auto`: this rank's GPU (cuda:LOCAL_RANK) when CUDA is available, else the CPU; otherwise the device named."""
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
 
 
 def checkpoint_path(run_or_file: str) -> str:
@@ -119,84 +144,140 @@ def checkpoint_path(run_or_file: str) -> str:
     return files[-1]
 
 
-def image_size(transform) -> tuple[int, int]:
-    """The (height, width) an open_clip preprocessing transform produces."""
-    for t in getattr(transform, "transforms", []):
-        size = getattr(t, "size", None)
-        if size is not None:
-            return (size, size) if isinstance(size, int) else tuple(size)
-    return (224, 224)
 
 
-@dataclass
-class LoadedModel:
-    """A trained model ready for inference, with what was loaded and from where."""
-    model: Any
-    preprocess: Any
-    tokenizer: Any
-    device: torch.device
-    checkpoint: str  # the checkpoint file
-    run: str         # its run directory (the file's directory for a loose checkpoint)
-    step: int
-    arch: str
-    loss: str | None
-    digest: str      # identifies (file, mtime, step): the key of the evaluation feature cache
+# ---- writing during training ---------------------------------------------------------------------------
 
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return image_size(self.preprocess)
+class BackgroundWriter:
+    """Rank 0 writes checkpoints and draws plots on one background thread, one job at a time, so that neither its
+    training nor the other ranks wait for the disk (they used to wait at a barrier under the process-group
+    timeout). A job's payload is a host-memory snapshot taken when it is submitted. An error in a job is raised
+    at the next submit or wait."""
 
+    def __init__(self):
+        self.thread = None
+        self.error: BaseException | None = None
 
-def load_pretrained(model: torch.nn.Module, spec: str, arch: str) -> str:
-    """Load weights into `model` from a psdclip run or checkpoint, a plain open_clip checkpoint (a `state_dict`, as
-    `psdclip export` writes), or an open_clip pretrained tag for `arch`. Returns where they came from."""
-    if os.path.exists(spec):
-        path = checkpoint_path(spec)
-        state = load(path)
-        weights = state.get("model") or state.get("state_dict") or state
-    else:
-        import open_clip
+    def submit(self, job) -> None:
+        import threading
 
-        tags = open_clip.list_pretrained_tags_by_model(arch)
-        if spec not in tags:
-            raise InputError(f"--pretrained {spec!r}: neither a file nor a run, nor an open_clip pretrained tag of "
-                             f"{arch} ({', '.join(tags) or 'it has none'})")
+        self.wait()
+        self.thread = threading.Thread(target=self._run, args=(job,), name="psdclip-checkpoint", daemon=True)
+        self.thread.start()
+
+    def _run(self, job) -> None:
         try:
-            path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(arch, spec))
-        except Exception as err:  # pylint: disable=broad-except  (no network, hub down)
-            raise InputError(f"--pretrained {spec!r}: could not download it ({type(err).__name__}); give a local "
-                             f"checkpoint instead") from None
-        state = load(path)
-        weights = state.get("state_dict", state)
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise InputError(f"--pretrained {spec}: holds no model weights")
-    weights = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
+            job()
+        except BaseException as err:  # pylint: disable=broad-except  (re-raised in the training thread)
+            self.error = err
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+
+def snapshot(obj):
+    """A copy in host memory of a (nested) state dict: what the next optimizer step changes is not what is written."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+def write(state, step: int, position: dict, plot: bool = True) -> None:
+    """Every rank's data position gathered (the one collective); rank 0 snapshots model, optimizer and RNG
+    states and hands the write (and, when `plot`, the run's plots) to its background writer. `state`: the loop's
+    TrainState."""
+    from .models import model_config, resolve_model_name
+
+    cfg, world = state.cfg, state.world
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, position)
+        merged = {}
+        for p in gathered:
+            merged.update(p)
+        position = merged
+    if state.rank == 0:
+        state.writer.wait()  # one write in flight at most (and its error, if any, surfaces here)
+        payload = snapshot(Checkpoint(
+            model=state.model.state_dict(), optimizer=state.optimizer.state_dict(), scaler=state.scaler.state_dict(),
+            step=step, rng=rng_state(), data={"position": position, "world_size": world, "workers": cfg.workers},
+            model_arch=resolve_model_name(cfg.model), model_cfg=json.dumps(model_config(cfg.model)), loss=cfg.loss,
+            config=json.dumps(dataclasses.asdict(cfg)),
+            teacher=state.teacher.state_dict() if state.teacher is not None else None).payload())
+
+        def job():
+            save(state.ckpt_dir, step, payload, cfg.keep)
+            if plot:
+                from .plots import plot_run
+
+                plot_run(cfg.out)
+
+        state.writer.submit(job)
+
+
+# ---- resuming ------------------------------------------------------------------------------------------
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Keep the rows up to the step training continues from: after a fall-back to an older checkpoint (the newest
+    was damaged) or a fresh start, the steps after it are trained again and must not be logged twice."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill: dropped
+            continue
+    if len(kept) != len(lines):
+        write_text(path, "".join(kept))
+
+
+def resume(cfg, ckpt_dir, model, optimizer, scaler, world: int) -> Checkpoint | None:
+    """Load the checkpoint a run continues from (--resume auto: the run folder's newest loadable one; a file: that one)
+    into model, optimizer, scaler and the RNGs; its data position is dropped when ranks or workers changed."""
+    from .models import resolve_model_name
+
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        if not os.path.isdir(ckpt_dir):
+            return None
+        clean_partial(ckpt_dir)
+        state = find_latest(ckpt_dir)
+        if state is None:
+            return None
+    else:
+        state = Checkpoint.read(cfg.resume)
+    arch = resolve_model_name(cfg.model)
+    if state.model_arch != arch:
+        raise InputError(f"{state.path}: checkpoint is for model {state.model_arch!r}, not {arch!r}")
     try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())[:200]
-        raise InputError(f"--pretrained {spec}: its weights do not fit --model {arch} ({detail})") from None
-    return path
-
-
-def load_model(target: str, device: torch.device | str = "cpu") -> LoadedModel:
-    """Build the checkpoint's open_clip model (from its registered or embedded config, no pretrained weights),
-    load its weights and put it in eval mode on `device`. `target` is a checkpoint file or a run directory."""
-    from .models import build_model, register_config
-
-    device = torch.device(device)
-    path = checkpoint_path(target)
-    state = load(path)
-    if "model_arch" not in state or "model" not in state:
-        raise InputError(f"{path}: not a psdclip training checkpoint")
-    if state.get("model_cfg"):  # a model from a JSON config file: known from the checkpoint itself
-        register_config(state["model_arch"], json.loads(state["model_cfg"]))
-    model, _, preprocess, tokenizer = build_model(state["model_arch"], device)
-    model.load_state_dict(state["model"])
-    model.eval()
-    digest = hashlib.sha256(f"{os.path.abspath(path)}:{os.path.getmtime(path)}:{state['step']}".encode()).hexdigest()[:16]
-    parent = os.path.dirname(os.path.abspath(path))
-    run = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
-    return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer, device=device, checkpoint=path,
-                       run=run, step=int(state["step"]), arch=state["model_arch"], loss=state.get("loss"),
-                       digest=digest)
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{state.path}: incompatible checkpoint ({str(err).splitlines()[0][:200]})") from None
+    scaler.load_state_dict(state.scaler or {})
+    set_rng_state(state.rng)
+    data = state.data or {}
+    position = data.get("position", {})
+    if data.get("world_size") != world or data.get("workers") != cfg.workers:
+        seen = sum(int(p.get("samples", 0)) for p in position.values())
+        log.warning(f"psdclip: warning: ranks or workers changed since the checkpoint ({data.get('world_size')} x "
+                    f"{data.get('workers')} -> {world} x {cfg.workers}); the data stream restarts its epoch, so the "
+                    f"{seen:,} samples of it already seen are seen again")
+        position = {}
+    log.info(f"psdclip: resuming from {state.path} (step {state.step})")
+    state.data = {**data, "position": position}
+    return state

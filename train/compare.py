@@ -8,8 +8,8 @@ import os
 
 import numpy as np
 
-from psdclip.pipeline.dataset import read_json, write_json, write_text
-from psdclip.pipeline.errors import InputError
+from ..core.io import read_json, write_json, write_text
+from ..core.errors import InputError
 
 from .config import CompareConfig
 from .metrics import bootstrap_diff, effective_robustness

@@ -7,11 +7,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from psdclip.pipeline.errors import InputError
-
-
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
+from ..core.errors import InputError
+from ..core.options import option as _help
 
 
 @dataclass

@@ -15,7 +15,6 @@ skipped, counted and logged; training goes on.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import random
@@ -26,9 +25,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from psdclip.pipeline.errors import InputError
-from psdclip.pipeline import storage
-from psdclip.pipeline.status import SUCCESS
+from ..core import storage
+from ..core.errors import InputError
+from ..core.io import read_json
+from ..pipeline.format import DatasetLayout, image_of, read_info, shard_format, shard_name
+from ..pipeline.reader import arrow_samples, shard_exclusions, tar_samples
+from ..pipeline.status import SUCCESS
+from ..pipeline.subsets import SubsetRule
 
 J = storage.join
 
@@ -72,51 +75,35 @@ def resolve_source(spec: str) -> Source:
     return Source(shards=urls, format=fmt, spec=spec)
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with storage.open_file(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path}: cannot read ({err})") from None
-
-
 def _from_dataset(root: str, spec: str) -> Source:
-    from psdclip.pipeline.subsets import SubsetRule
-
-    info_path = J(root, "dataset.json")
-    manifest_dir, legacy = J(root, "manifest"), J(root, "manifest.parquet")
-    if not storage.isfile(info_path) or not (storage.isdir(manifest_dir) or storage.isfile(legacy)):
-        raise InputError(f"--data {spec}: not a psdclip dataset (no dataset.json / manifest); "
-                         f"build one with `psdclip data build`")
-    info = _read_json(info_path)
-    fmt = info.get("output_format", "webdataset")
-    ext = "parquet" if fmt == "arrow" else "tar"
-    if storage.isdir(manifest_dir):  # dataset.json names the shards holding samples: no row is read here
-        names = [f"{int(s):05d}.{ext}" for s in info.get("shards", [])]
+    info = read_info(root)
+    fmt, layout = shard_format(info), DatasetLayout(root)
+    if storage.isdir(layout.manifest):  # dataset.json names the shards holding samples: no row is read here
+        names = [shard_name(s, fmt) for s in info.get("shards", [])]
         samples = int((info.get("counts") or {}).get("success", 0))
         if not names or not samples:
             raise InputError(f"--data {spec}: the dataset has no successful samples (see `psdclip data stats {spec}`)")
-        return Source(shards=[J(root, "shards", n) for n in names], rule=SubsetRule(whole=frozenset(names)),
+        return Source(shards=[J(layout.shards, n) for n in names], rule=SubsetRule(whole=frozenset(names)),
                       format=fmt, root=root, spec=spec, samples=samples)
     import pandas as pd
 
-    m = pd.read_parquet(legacy, columns=["key", "status", "shard"])
+    m = pd.read_parquet(layout.legacy_manifest, columns=["key", "status", "shard"])
     ok = m[m["status"] == SUCCESS]
     if ok.empty:
         raise InputError(f"--data {spec}: the dataset has no successful samples ({len(m)} rows; see "
                          f"`psdclip data stats {spec}`)")
-    shards = [J(root, "shards", f"{int(s):05d}.{ext}") for s in sorted(ok["shard"].dropna().unique())]
+    shards = [layout.shard_path(s, fmt) for s in sorted(ok["shard"].dropna().unique())]
     return Source(shards=shards, keys=frozenset(ok["key"]), format=fmt, root=root, spec=spec, samples=len(ok))
 
 
 def _from_subset(path: str, root: str) -> Source:
-    from psdclip.pipeline.subsets import SubsetRule
-
-    doc = _read_json(path)
-    if "shards" not in doc or not ("keys" in doc or "boundary" in doc):
+    try:
+        doc = read_json(path)
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err})") from None
+    if not isinstance(doc, dict) or "shards" not in doc or not ("keys" in doc or "boundary" in doc):
         raise InputError(f"--data {path}: not a subset file (no shards and keys/boundary)")
-    info = _read_json(J(root, "dataset.json")) if storage.isfile(J(root, "dataset.json")) else {}
-    fmt = info.get("output_format", "webdataset")
+    fmt = shard_format(read_info(root))
     if "keys" in doc:  # written before subsets became rules
         if not doc["keys"]:
             raise InputError(f"--data {path}: the subset is empty")
@@ -154,122 +141,9 @@ def reader_shards(order: list[str], reader: int, readers: int) -> tuple[list[str
     return [order[shard]], len(range(shard, readers, len(order))), reader // len(order)
 
 
-class _TarEnd:
-    """A shard's byte stream that can tell, once tarfile stops reading it, whether the tar really ended. tarfile
-    ends a stream quietly at EOF on a member boundary and at an unreadable header, so a shard cut short between
-    two members (a partial copy) would lose its tail unnoticed: a whole tar ends in zero blocks (the
-    end-of-archive marker and its padding) and holds nothing but zeros after the point where tarfile stopped."""
-
-    TAIL = 1024  # two 512-byte zero blocks
-
-    def __init__(self, raw):
-        self.raw, self.tail, self.eof = raw, b"", False
-
-    def read(self, n=-1):
-        data = self.raw.read(n)
-        if not data and n != 0:
-            self.eof = True
-        self.tail = (self.tail + data)[-self.TAIL:]
-        return data
-
-    def problem(self) -> str | None:
-        """None if the tar ended whole; else what is wrong (reads what tarfile left: normally its padding)."""
-        while not self.eof:
-            rest = self.read(1 << 20)
-            if rest.strip(b"\0"):
-                return "data after an unreadable tar header (a damaged shard)"
-        if self.tail != bytes(self.TAIL):
-            return "truncated (no end-of-archive blocks: a partial copy?)"
-        return None
-
-    def close(self) -> str | None:
-        """Close the stream; what went wrong, if anything (a `pipe:` command's exit status is checked here)."""
-        close = getattr(self.raw, "close", None)
-        try:
-            if close:
-                close()
-        except Exception as err:  # pylint: disable=broad-except
-            return f"closing it failed ({err})"
-        return None
-
-    def __getattr__(self, name):
-        return getattr(self.raw, name)
-
-    def __repr__(self):
-        return repr(self.raw)
-
-
-def _open_shard(url: str, gopen):
-    """A shard's byte stream: fsspec for object stores it knows (s3://, gs://, az://, ...: what the pipeline writes
-    to; webdataset's gopen has no s3 handler and reaches gs through the gsutil command), webdataset's gopen for local
-    files, pipe: commands and http(s)."""
-    from fsspec.registry import known_implementations
-
-    scheme = url.split("://", 1)[0] if storage.is_remote(url) else ""
-    if scheme and scheme not in ("http", "https") and scheme in known_implementations:
-        return storage.open_file(url, "rb")
-    return gopen(url)
-
-
-def tar_samples(urls, on_error):
-    """Samples ({__key__, ext: bytes}) from WebDataset tars; a broken or truncated shard is reported (once) and
-    what it held before the damage is kept."""
-    from webdataset.gopen import gopen
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    def handler(exn):
-        on_error(f"shard: {exn}")
-        return True
-
-    current = []
-
-    def streams():
-        for url in urls:
-            try:
-                stream = _TarEnd(_open_shard(url, gopen))
-            except Exception as exn:  # pylint: disable=broad-except
-                on_error(f"shard {url}: {exn}")
-                continue
-            if current:  # the previous shard stopped at an error (already reported)
-                current[1].close()  # (and what closing it says adds nothing)
-            current[:] = [url, stream]
-            yield {"url": url, "stream": stream}
-        if current:  # the last shard stopped at an error
-            current[1].close()
-
-    def checked(files):
-        for f in files:
-            if not f and current:  # webdataset's end-of-shard marker: the shard's tar stream was read to its end
-                url, stream = current
-                problem, closing = stream.problem(), stream.close()
-                problem = problem or closing
-                current.clear()
-                if problem:
-                    on_error(f"shard {url}: {problem}")
-            yield f
-
-    yield from group_by_keys(checked(tar_file_expander(streams(), handler=handler)), handler=handler)
-
-
-def arrow_samples(urls, on_error, ext: str = "jpg"):
-    import fsspec
-    import pyarrow.parquet as pq
-
-    for url in urls:
-        try:
-            with fsspec.open(url, "rb") as f:
-                pf = pq.ParquetFile(f)
-                for batch in pf.iter_batches(columns=["key", ext, "caption"], batch_size=256):
-                    for key, img, cap in zip(*(batch.column(i).to_pylist() for i in range(3))):
-                        yield {"__key__": key, ext: img, "txt": (cap or "").encode(), "__url__": url}
-        except Exception as err:  # pylint: disable=broad-except
-            on_error(f"shard {url}: {err}")
-
-
 def keep_members(samples, rule, root: str):
     """Keep the samples `rule` takes (decided per key) that their shard's manifest file does not exclude
     (duplicate_image: the bytes stay in the shard). Holds one shard's exclusions at a time."""
-    from psdclip.pipeline.dataset import shard_exclusions
 
     current, excluded = None, frozenset()
     for s in samples:
@@ -332,7 +206,7 @@ def decode(samples, transform, tokenize, on_error, aug_seed: str | None = None):
 
     for s in samples:
         try:
-            raw = s.get("jpg") or s.get("png") or s.get("webp") or s.get("jpeg")
+            raw = image_of(s)
             if raw is None:
                 raise ValueError("no image in sample")
             with Image.open(io.BytesIO(raw)) as im:

@@ -18,10 +18,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from psdclip.pipeline.dataset import atomic_path, write_json
-from psdclip.pipeline.errors import InputError
+from ..core.io import atomic_path, write_json
+from ..core.errors import InputError
 
-from .checkpoint import LoadedModel, image_size, load_model, resolve_device
+from .loading import LoadedModel, image_size, load_model, resolve_device
 from .config import EvalConfig, result_name
 from .imagenet import collect_folders, group_scores, imagenet_layout as imagenet_variant
 from .metrics import linear_probe, recall_at, retrieval_ranks, topk_correct
@@ -170,7 +170,7 @@ def _retrieval(i2t: np.ndarray, t2i: np.ndarray) -> tuple[dict, dict]:
 # ---- suites --------------------------------------------------------------------------------------------
 
 def suite_synthetic(directory: str, ctx: SuiteContext) -> SuiteResult:
-    from psdclip.pipeline.synth import SHAPES, SHIFTS
+    from ..pipeline.synth import SHAPES, SHIFTS
 
     attrs_path = os.path.join(directory, "heldout", "attributes.parquet")
     if not os.path.isfile(attrs_path):

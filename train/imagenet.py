@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from psdclip.pipeline.errors import InputError
+from ..core.errors import InputError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 WNID = re.compile(r"^n\d{8}$")

@@ -202,3 +202,19 @@ def min_detectable(values: np.ndarray, power: float = 0.8) -> float:
     if n < 2:
         return float("nan")
     return float((t.ppf(0.975, n - 1) + t.ppf(power, n - 1)) * values.std(ddof=1) / np.sqrt(n))
+
+
+def paired_differences(table, metric: str, base: str = "clip") -> list[dict]:
+    """(method − base) per N, paired by seed: mean, 95% Student-t half-width and smallest detectable difference."""
+    out = []
+    for n, grp in table.groupby("N"):
+        if base not in set(grp["method"]) or metric not in grp:
+            continue
+        b = grp[grp["method"] == base].set_index("seed")[metric]
+        for method in [m for m in grp["method"].unique() if m != base]:
+            o = grp[grp["method"] == method].set_index("seed")[metric]
+            seeds = sorted(set(b.index) & set(o.index))
+            d = o.loc[seeds].to_numpy(float) - b.loc[seeds].to_numpy(float)
+            out.append({"N": int(n), "method": method, "diff": float(d.mean()), "half": ci_half(d),
+                        "detectable": min_detectable(d), "seeds": len(seeds)})
+    return out

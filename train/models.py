@@ -16,7 +16,7 @@ import os
 import open_clip
 import torch
 
-from psdclip.pipeline.errors import InputError
+from ..core.errors import InputError
 
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
 open_clip.add_model_config(_CONFIG_DIR)

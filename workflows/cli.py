@@ -12,11 +12,11 @@ import importlib
 import sys
 from dataclasses import dataclass
 
-from psdclip.index.config import IndexBuildConfig, QueryConfig, ServeConfig
-from psdclip.pipeline.config import BuildConfig, ServeDataConfig, StatsConfig, SynthConfig
-from psdclip.pipeline import logs
-from psdclip.pipeline.errors import InputError, PsdclipError
-from psdclip.train.config import CompareConfig, EvalConfig, ExportConfig, TrainConfig
+from ..index.config import IndexBuildConfig, QueryConfig, ServeConfig
+from ..pipeline.config import BuildConfig, ServeDataConfig, StatsConfig, SynthConfig
+from ..core import logs
+from ..core.errors import InputError, PsdclipError
+from ..train.config import CompareConfig, EvalConfig, ExportConfig, TrainConfig
 
 from . import __version__
 from .config import add_dataclass_arguments, build_config, load_yaml

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 
-from psdclip.pipeline.config import BuildConfig, ServeDataConfig, StatsConfig, SynthConfig
-from psdclip.pipeline.errors import InputError
+from ..pipeline.config import BuildConfig, ServeDataConfig, StatsConfig, SynthConfig
+from ..core.errors import InputError
 
 
 def cmd_build(cfg: BuildConfig) -> int:
-    from psdclip.pipeline.build import build
-    from psdclip.pipeline.dataset import format_stats
+    from ..pipeline.build import build
+    from ..pipeline.dataset import format_stats
 
     stats = build(cfg)
     print(format_stats(stats))
@@ -19,18 +19,19 @@ def cmd_build(cfg: BuildConfig) -> int:
     if b.get("images_per_s"):
         print(f"\ndownloaded {b['downloaded_rows']:,} rows in {b['download_s']:.1f} s "
               f"({b['images_per_s']:.1f} images/s); total {b['total_s']:.1f} s")
-    from psdclip.pipeline.storage import resolve
+    from ..core.storage import resolve
 
     print(f"dataset: {resolve(cfg.out)}")
     return 0
 
 
 def cmd_stats(cfg: StatsConfig) -> int:
-    from psdclip.pipeline.dataset import Layout, format_stats, read_json, stream_stats, unfinished_shards
+    from ..pipeline.dataset import Layout, format_stats, stream_stats, unfinished_shards
+    from ..core.io import read_json
 
     stats = stream_stats(cfg.dataset)  # a batch of rows at a time
     layout = Layout(cfg.dataset)
-    from psdclip.pipeline.storage import isfile
+    from ..core.storage import isfile
 
     if isfile(layout.stats_json):
         stats["build"] = read_json(layout.stats_json).get("build")
@@ -42,7 +43,7 @@ def cmd_stats(cfg: StatsConfig) -> int:
 
 
 def cmd_synth(cfg: SynthConfig) -> int:
-    from psdclip.pipeline.synth import generate
+    from ..pipeline.synth import generate
 
     summary = generate(cfg)
     print(f"wrote {summary['images']:,} images (+{summary['heldout']:,} held-out scenes x variants) to "
@@ -52,8 +53,8 @@ def cmd_synth(cfg: SynthConfig) -> int:
 
 
 def cmd_serve_data(cfg: ServeDataConfig) -> int:
-    from psdclip.pipeline.serve import make_server
-    from psdclip.pipeline.synth import write_url_list
+    from ..pipeline.serve import make_server
+    from ..pipeline.synth import write_url_list
 
     if not os.path.isdir(cfg.dir):
         raise InputError(f"{cfg.dir}: no such directory")
@@ -87,7 +88,7 @@ def cmd_serve_data(cfg: ServeDataConfig) -> int:
 
 
 def cmd_train(cfg) -> int:
-    from psdclip.train.loop import train
+    from ..train.loop import train
 
     result = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from psdclip.pipeline.errors import InputError
+from ..core.errors import InputError
 
 
 def _unwrap_optional(tp):

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from psdclip.pipeline.errors import InputError
+from ..core.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +49,14 @@ def _step(i: int, msg: str) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> int:
-    from psdclip.pipeline.build import build
-    from psdclip.pipeline.config import BuildConfig, SynthConfig
-    from psdclip.pipeline.serve import serving
-    from psdclip.pipeline.synth import generate, write_url_list
-    from psdclip.train.compare import CompareConfig, compare
-    from psdclip.train.config import TrainConfig
-    from psdclip.train.evaluate import EvalConfig, evaluate
-    from psdclip.train.loop import train
+    from ..pipeline.build import build
+    from ..pipeline.config import BuildConfig, SynthConfig
+    from ..pipeline.serve import serving
+    from ..pipeline.synth import generate, write_url_list
+    from ..train.compare import CompareConfig, compare
+    from ..train.config import TrainConfig
+    from ..train.evaluate import EvalConfig, evaluate
+    from ..train.loop import train
 
     t0 = time.time()
     out = os.path.abspath(cfg.out)
@@ -90,7 +90,7 @@ def run_demo(cfg: DemoConfig) -> int:
     score = {k: (m["zeroshot_shape_base.top1"] + m["retrieval.t2i_R@1"]) for k, m in results.items()}
     best = max(score, key=score.get)
     _step(6, f"indexing the dataset with the better model ({best.upper()})")
-    from psdclip.index.build import IndexBuildConfig, build_index
+    from ..index.build import IndexBuildConfig, build_index
 
     index_dir = os.path.join(out, "index")
     info = build_index(IndexBuildConfig(checkpoint=runs[best], data=ds, out=index_dir, workers=0))
@@ -114,7 +114,7 @@ def _start_service(index_dir: str, port: int):
 
     import uvicorn
 
-    from psdclip.index.service import ServeConfig, create_app
+    from ..index.service import ServeConfig, create_app
 
     if port == 0:
         with socket.socket() as s:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from psdclip.pipeline.errors import InputError
+from ..core.errors import InputError
 
 RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 
@@ -78,9 +78,9 @@ class SweepConfig:
 
 
 def validate(path: str, recipe: dict, out: str) -> dict:
-    from psdclip.index.config import IndexBuildConfig, ServeConfig
-    from psdclip.pipeline.config import BuildConfig, SynthConfig
-    from psdclip.train.config import TrainConfig
+    from ..index.config import IndexBuildConfig, ServeConfig
+    from ..pipeline.config import BuildConfig, SynthConfig
+    from ..train.config import TrainConfig
 
     ds = os.path.join(out, "dataset")
     cfgs = {}
@@ -110,9 +110,9 @@ def prepare_dataset(cfgs: dict) -> str | None:
     127.0.0.1 for the download. Returns the synthetic source folder, if any."""
     import dataclasses
 
-    from psdclip.pipeline.build import build
-    from psdclip.pipeline.serve import serving
-    from psdclip.pipeline.synth import generate, write_url_list
+    from ..pipeline.build import build
+    from ..pipeline.serve import serving
+    from ..pipeline.synth import generate, write_url_list
 
     if "synthetic" not in cfgs:
         build(cfgs["data"])
@@ -122,7 +122,7 @@ def prepare_dataset(cfgs: dict) -> str | None:
     if not os.path.isfile(meta):
         generate(cfgs["synthetic"])
     else:  # a rerun reuses the source, but only the one this recipe describes
-        from psdclip.pipeline.dataset import read_json
+        from ..core.io import read_json
 
         before = read_json(meta).get("config", {})
         wanted = dataclasses.asdict(cfgs["synthetic"])
@@ -144,20 +144,20 @@ def run_recipe(cfg: RunConfig) -> int:
         return 0
     src = prepare_dataset(cfgs)
     if "train" in cfgs:
-        from psdclip.train.loop import train
+        from ..train.loop import train
 
         train(cfgs["train"])
-        from psdclip.train.evaluate import EvalConfig, evaluate, format_result
+        from ..train.evaluate import EvalConfig, evaluate, format_result
 
         for suite in cfgs["suites"]:
             spec = f"synthetic:{src}" if suite == "synthetic" else suite
             print(format_result(evaluate(EvalConfig(target=cfgs["train"].out, suite=spec))))
     if "index" in cfgs:
-        from psdclip.index.build import cmd_index_build
+        from ..index.build import cmd_index_build
 
         cmd_index_build(cfgs["index"])
     if cfg.serve and "index" in cfgs:
-        from psdclip.index.service import ServeConfig, cmd_serve
+        from ..index.service import ServeConfig, cmd_serve
 
         cmd_serve(cfgs.get("serve") or ServeConfig(indices=[cfgs["index"].out]))
     print(f"recipe done; everything is in {out}")

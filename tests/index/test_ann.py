@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from psdclip.index import ann
-from psdclip.pipeline.errors import InputError
+from psdclip.core.errors import InputError
 
 
 def clustered(n, d, centers=64, seed=0):

@@ -11,11 +11,12 @@ import pytest
 
 from helpers.datasets import cfg
 
-from psdclip.pipeline import ingest as ingest_mod
+from psdclip.pipeline import parts as parts_mod
 from psdclip.pipeline.clean import clean_partition
 from psdclip.pipeline.dataset import Layout
-from psdclip.pipeline.errors import InputError
-from psdclip.pipeline.ingest import ingest_inputs, split_file
+from psdclip.core.errors import InputError
+from psdclip.pipeline.ingest import ingest_inputs
+from psdclip.pipeline.parts import split_file
 from psdclip.pipeline.keys import row_keys
 from psdclip.pipeline.read import read_url_list
 
@@ -56,8 +57,8 @@ def test_partitioned_ingest_gives_the_reference_keys_and_statuses(tmp_path, sche
     a.to_csv(tmp_path / "a.csv", index=False)
     b.to_parquet(tmp_path / "b.parquet")
     c.to_json(tmp_path / "c.jsonl", orient="records", lines=True)
-    monkeypatch.setattr(ingest_mod, "SPLIT_BYTES", 1000)  # the client cuts the text lists into parts
-    monkeypatch.setattr(ingest_mod, "PART_BYTES", 8000)
+    monkeypatch.setattr(parts_mod, "SPLIT_BYTES", 1000)  # the client cuts the text lists into parts
+    monkeypatch.setattr(parts_mod, "PART_BYTES", 8000)
     layout = Layout(str(tmp_path / "ds"))
     layout.create()
     with Client(scheduler) as client:
@@ -115,8 +116,8 @@ def test_text_lists_cut_into_parts_read_as_the_whole(tmp_path, scheduler, monkey
     for name, write in files.items():
         write(tmp_path / name)
         paths.append(tmp_path / name)
-    monkeypatch.setattr(ingest_mod, "SPLIT_BYTES", 1000)
-    monkeypatch.setattr(ingest_mod, "PART_BYTES", 3000)
+    monkeypatch.setattr(parts_mod, "SPLIT_BYTES", 1000)
+    monkeypatch.setattr(parts_mod, "PART_BYTES", 3000)
     for p in paths:
         size = os.path.getsize(p)
         assert len(split_file(str(p), p.suffix[1:], size, 2)) > 2, p  # really cut
@@ -139,8 +140,8 @@ def test_bad_line_in_a_cut_file_names_the_files_line(tmp_path, scheduler, monkey
     lines = [json.dumps({"url": f"http://a.test/{i}", "caption": "c"}) for i in range(300)]
     lines[250] = '{"url": "http://a.test/x", "caption": '  # line 251, in a later part
     (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
-    monkeypatch.setattr(ingest_mod, "SPLIT_BYTES", 1000)
-    monkeypatch.setattr(ingest_mod, "PART_BYTES", 3000)
+    monkeypatch.setattr(parts_mod, "SPLIT_BYTES", 1000)
+    monkeypatch.setattr(parts_mod, "PART_BYTES", 3000)
     layout = Layout(str(tmp_path / "ds"))
     layout.create()
     with Client(scheduler) as client, pytest.raises(InputError, match=r"bad.jsonl:251: malformed JSON line"):

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from psdclip.pipeline.errors import InputError
-from psdclip.pipeline.ingest import file_sha256
+from psdclip.core.errors import InputError
+from psdclip.pipeline.parts import file_sha256
 from psdclip.pipeline.read import detect_format, read_url_list
 
 

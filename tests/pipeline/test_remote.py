@@ -8,7 +8,7 @@ import pytest
 
 from helpers.datasets import cfg
 
-from psdclip.pipeline import ingest as ingest_mod
+from psdclip.pipeline import parts as parts_mod
 from psdclip.pipeline.build import build
 from psdclip.pipeline.keys import url_keys
 
@@ -63,8 +63,8 @@ def test_url_lists_on_s3_are_cut_into_parts_and_read_by_the_workers(s3, synth_di
     df = pd.DataFrame({"url": urls + urls[:20], "caption": attrs["caption"].tolist() + attrs["caption"][:20].tolist()})
     with fsspec.open("s3://lists/urls.csv", "w") as f:
         df.to_csv(f, index=False)
-    monkeypatch.setattr(ingest_mod, "SPLIT_BYTES", 4000)  # the client cuts it: ranged reads of the S3 object
-    monkeypatch.setattr(ingest_mod, "PART_BYTES", 8000)
+    monkeypatch.setattr(parts_mod, "SPLIT_BYTES", 4000)  # the client cuts it: ranged reads of the S3 object
+    monkeypatch.setattr(parts_mod, "PART_BYTES", 8000)
     ds = tmp_path / "ds"
     stats = build(cfg(["s3://lists/urls.csv"], ds, dask_scheduler=s3))
     m = pd.read_parquet(ds / "manifest")
@@ -145,7 +145,8 @@ def test_a_dataset_folder_on_s3_is_built_resumed_retried_and_streamed(s3, synth_
     # ... and `index build` reads every stored image from there (its shard reader, and by offset for the service)
     from PIL import Image
 
-    from psdclip.index.embed import ShardBatches, read_image_bytes, success_rows
+    from psdclip.index.embed import ShardBatches
+    from psdclip.pipeline.reader import read_image_bytes, success_rows
 
     rows, fmt = success_rows(out)
     batches = ShardBatches(out, fmt, [(int(s), g["key"].tolist()) for s, g in rows.groupby("shard")], transform,
@@ -159,7 +160,7 @@ def test_a_dataset_folder_on_s3_is_built_resumed_retried_and_streamed(s3, synth_
 def test_a_lock_left_by_another_host_and_a_missing_bucket_are_one_line_errors(s3, tmp_path):
     import fsspec
 
-    from psdclip.pipeline.errors import InputError
+    from psdclip.core.errors import InputError
 
     fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
     fs.makedirs("locked", exist_ok=True)

@@ -6,8 +6,9 @@ import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from psdclip.pipeline.dataset import MANIFEST_COLUMNS, MANIFEST_SCHEMA, Layout, StatsAccumulator, manifest_batches, \
-    manifest_file, stream_stats
+from psdclip.pipeline.dataset import Layout, StatsAccumulator, stream_stats
+from psdclip.pipeline.format import MANIFEST_COLUMNS, MANIFEST_SCHEMA, manifest_file
+from psdclip.pipeline.reader import manifest_batches
 
 
 def write_manifest(layout, m):

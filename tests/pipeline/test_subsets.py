@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from psdclip.pipeline.errors import InputError
+from psdclip.core.errors import InputError
 from psdclip.pipeline.subsets import SubsetRule, build_subsets, parse_subsets, subset_rank
 
 

@@ -70,7 +70,7 @@ def _folder_with_a_free_stable_port(tmp_path):
 def test_serving_uses_a_stable_port_so_reruns_see_the_same_urls(tmp_path):
     import urllib.request
 
-    from psdclip.pipeline.errors import PsdclipError
+    from psdclip.core.errors import PsdclipError
     from psdclip.pipeline.serve import serving, stable_port
     from psdclip.pipeline.synth import write_url_list
 

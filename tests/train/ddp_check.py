@@ -65,7 +65,7 @@ def main(out):
             loss = total / world
         results[name] = {"loss": loss, **{k: p.grad.clone() for k, p in pair.named_parameters()}}
     # a non-finite loss on rank 0 only: every rank decides to skip (or stop) the step
-    from psdclip.train.loop import all_finite
+    from psdclip.train.distributed import all_finite
 
     mine = torch.tensor(float("nan") if rank == 0 else 1.0)
     results["finite"] = {"nan on rank 0": torch.tensor(all_finite(mine, world)),

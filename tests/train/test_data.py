@@ -4,8 +4,8 @@ import random
 import shutil
 
 from psdclip.pipeline.subsets import member_keys
-from psdclip.train.data import (ShardStream, epoch_shards, keep_keys, reader_shards, resolve_source, shuffle, split,
-                                tar_samples)
+from psdclip.pipeline.reader import tar_samples
+from psdclip.train.data import (ShardStream, epoch_shards, keep_keys, reader_shards, resolve_source, shuffle, split)
 from psdclip.train.models import build_model
 
 
@@ -220,7 +220,7 @@ def test_shards_on_an_object_store_are_read_through_fsspec():
 
     import fsspec
 
-    from psdclip.train.data import tar_samples
+    from psdclip.pipeline.reader import tar_samples
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:

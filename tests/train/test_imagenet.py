@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from open_clip import IMAGENET_CLASSNAMES
 
-from psdclip.pipeline.errors import InputError
+from psdclip.core.errors import InputError
 from psdclip.train.imagenet import group_scores, imagenet_layout, imagenet_wnids
 
 from helpers.datasets import image as _image, make_objectnet

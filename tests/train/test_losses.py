@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from psdclip.train.losses import CLIPLoss, PSDLoss, PSDSchedule, constant_schedule, ramp
-from psdclip.train.loop import lr_at
+from psdclip.train.schedule import lr_at
 from psdclip.train.config import TrainConfig
 
 
@@ -157,7 +157,7 @@ def test_soft_targets_stay_fp32_under_bf16_autocast():
 
 
 def test_teacher_update_averages_parameters_and_batch_norm_statistics():
-    from psdclip.train.loop import _ema_update, _make_teacher
+    from psdclip.train.teacher import ema_update as _ema_update, make_teacher as _make_teacher
 
     student = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     teacher = _make_teacher(student)
@@ -181,7 +181,7 @@ def test_teacher_update_averages_parameters_and_batch_norm_statistics():
 
 def test_snapshot_and_ema_teachers_of_a_clip_model_stay_finite():
     """The text tower's causal mask is a buffer of -inf: a snapshot (decay 0) once made the teacher all NaN."""
-    from psdclip.train.loop import _ema_update, _make_teacher
+    from psdclip.train.teacher import ema_update as _ema_update, make_teacher as _make_teacher
     from psdclip.train.models import build_model
 
     torch.manual_seed(0)

@@ -282,7 +282,7 @@ def test_checkpoint_writes_run_in_the_background_on_a_snapshot():
     training thread at the next wait."""
     import threading
 
-    from psdclip.train.loop import _BackgroundWriter, _snapshot
+    from psdclip.train.checkpoint import BackgroundWriter as _BackgroundWriter, snapshot as _snapshot
 
     weights = {"w": torch.ones(3), "opt": {"state": {0: {"exp_avg": torch.zeros(2)}}, "groups": [{"lr": 0.1}]}}
     snap = _snapshot(weights)

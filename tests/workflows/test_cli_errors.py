@@ -102,7 +102,7 @@ def test_one_logging_setup_and_quiet_verbose_flags(capsys):
     import logging
     import os
 
-    from psdclip.pipeline import logs
+    from psdclip.core import logs
     from psdclip.workflows.cli import make_parser
 
     assert make_parser().parse_args(["-q", "demo"])._log_level == "WARNING"

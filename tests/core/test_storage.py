@@ -2,7 +2,7 @@
 against moto), beside the local ones."""
 import pytest
 
-from psdclip.pipeline import storage
+from psdclip.core import storage
 
 
 @pytest.fixture(params=["local", "memory"])

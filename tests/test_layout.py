@@ -1,0 +1,93 @@
+"""The house's seams, checked on the source: the base imports no stage, a stage imports only from the base and the
+stages to its left (by their public names), and the dataset's shard path, dataset.json parsing and image-field choice
+each live in one module."""
+import ast
+import importlib
+import pkgutil
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["core", "pipeline", "train", "index", "workflows"]
+# what a later stage may use of the pipeline: the dataset format, its reader, subsets, statuses (and configs for the CLI)
+PIPELINE_PUBLIC = {"format", "reader", "subsets", "status", "synth"}  # synth: the synthetic source's vocabulary
+
+
+def _imports(path: Path):
+    """(stage, module) of every psdclip import of a file, resolved from relative or absolute form."""
+    stage = path.parent.name
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0 and (node.module or "").startswith("psdclip."):
+                parts = node.module.split(".")[1:]
+            elif node.level == 1:
+                parts = [stage] + ([node.module.split(".")[0]] if node.module else [])
+            elif node.level == 2:
+                parts = (node.module or "").split(".")
+            else:
+                continue
+            if not node.module and node.level == 1:  # from . import x, y
+                for alias in node.names:
+                    yield stage, alias.name, node.lineno
+            else:
+                yield parts[0], (parts[1] if len(parts) > 1 else (node.names[0].name if node.level == 2 else "")), \
+                    node.lineno
+
+
+def _files(stage):
+    return sorted((ROOT / stage).glob("*.py"))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_imports_only_the_base_and_stages_to_its_left(stage):
+    allowed = set(STAGES[:STAGES.index(stage) + 1])
+    bad = []
+    for f in _files(stage):
+        for other, module, line in _imports(f):
+            if other not in allowed:
+                bad.append(f"{f.relative_to(ROOT)}:{line} imports psdclip.{other}.{module}")
+            elif stage in ("train", "index") and other == "pipeline" and module not in PIPELINE_PUBLIC:
+                bad.append(f"{f.relative_to(ROOT)}:{line} imports the pipeline's internal {module}")
+            elif stage == "index" and other == "train" and module not in ("checkpoint", "loading", "models"):
+                bad.append(f"{f.relative_to(ROOT)}:{line} imports train.{module} (index may use checkpoint and model "
+                           f"loading only)")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_absolute_imports_between_stages():
+    """Imports between the stages are relative (`from ..core import storage`): an editor, grep and static tools follow
+    them to a file (there is no psdclip/ folder on disk)."""
+    bad = [f"{f.relative_to(ROOT)}:{n + 1}" for s in STAGES for f in _files(s)
+           for n, line in enumerate(f.read_text().splitlines()) if re.match(r"\s*(from|import) psdclip\.", line)]
+    assert not bad, bad
+
+
+def test_the_dataset_format_is_spelled_once():
+    """The shard path, dataset.json parsing and the image-field choice exist in pipeline/format.py alone."""
+    patterns = {"shard path": r""":05d\}\.(tar|\{'parquet')""",
+                "dataset.json read": r"""["']dataset\.json["']""",
+                "image-field fallback": r"""get\(["']jpg["']\)\s*or"""}
+    found = {name: [] for name in patterns}
+    for s in STAGES:
+        for f in _files(s):
+            text = f.read_text()
+            for name, pat in patterns.items():
+                if re.search(pat, text):
+                    found[name].append(f"{s}/{f.name}")
+    assert found["shard path"] == ["pipeline/format.py"], found
+    assert found["image-field fallback"] == [], found
+    assert set(found["dataset.json read"]) <= {"pipeline/format.py"}, found
+
+
+def test_every_module_imports_and_states_its_job():
+    import psdclip
+
+    for stage in STAGES:
+        pkg = importlib.import_module(f"psdclip.{stage}")
+        for info in pkgutil.iter_modules(pkg.__path__):
+            mod = importlib.import_module(f"psdclip.{stage}.{info.name}")
+            doc = (mod.__doc__ or "").strip()
+            assert doc, f"psdclip.{stage}.{info.name} has no docstring"
+    assert psdclip  # the namespace package itself

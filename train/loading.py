@@ -1,0 +1,102 @@
+"""Devices and models for inference and fine-tuning: which device a rank uses (`resolve_device`), a trained model
+loaded from its checkpoint (`load_model` -> `LoadedModel`, used by eval, index build and the service), and starting
+weights from a run, an open_clip checkpoint or an open_clip pretrained tag (`load_pretrained`)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..core.errors import InputError
+from .checkpoint import Checkpoint, checkpoint_path, load
+
+
+def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
+    """`auto`: this rank's GPU (cuda:LOCAL_RANK) when CUDA is available, else the CPU; otherwise the device named."""
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def image_size(transform) -> tuple[int, int]:
+    """The (height, width) an open_clip preprocessing transform produces."""
+    for t in getattr(transform, "transforms", []):
+        size = getattr(t, "size", None)
+        if size is not None:
+            return (size, size) if isinstance(size, int) else tuple(size)
+    return (224, 224)
+
+
+@dataclass
+class LoadedModel:
+    """A trained model ready for inference, with what was loaded and from where."""
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+    device: torch.device
+    checkpoint: str  # the checkpoint file
+    run: str         # its run directory (the file's directory for a loose checkpoint)
+    step: int
+    arch: str
+    loss: str | None
+    digest: str      # identifies (file, mtime, step): the key of the evaluation feature cache
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return image_size(self.preprocess)
+
+
+def load_pretrained(model: torch.nn.Module, spec: str, arch: str) -> str:
+    """Load weights into `model` from a psdclip run or checkpoint, a plain open_clip checkpoint (a `state_dict`, as
+    `psdclip export` writes), or an open_clip pretrained tag for `arch`. Returns where they came from."""
+    if os.path.exists(spec):
+        path = checkpoint_path(spec)
+        state = load(path)
+        weights = state.get("model") or state.get("state_dict") or state
+    else:
+        import open_clip
+
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if spec not in tags:
+            raise InputError(f"--pretrained {spec!r}: neither a file nor a run, nor an open_clip pretrained tag of "
+                             f"{arch} ({', '.join(tags) or 'it has none'})")
+        try:
+            path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(arch, spec))
+        except Exception as err:  # pylint: disable=broad-except  (no network, hub down)
+            raise InputError(f"--pretrained {spec!r}: could not download it ({type(err).__name__}); give a local "
+                             f"checkpoint instead") from None
+        state = load(path)
+        weights = state.get("state_dict", state)
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise InputError(f"--pretrained {spec}: holds no model weights")
+    weights = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:200]
+        raise InputError(f"--pretrained {spec}: its weights do not fit --model {arch} ({detail})") from None
+    return path
+
+
+def load_model(target: str, device: torch.device | str = "cpu") -> LoadedModel:
+    """Build the checkpoint's open_clip model (from its registered or embedded config, no pretrained weights),
+    load its weights and put it in eval mode on `device`. `target` is a checkpoint file or a run directory."""
+    from .models import build_model, register_config
+
+    device = torch.device(device)
+    path = checkpoint_path(target)
+    state = Checkpoint.read(path)
+    if state.model_cfg:  # a model from a JSON config file: known from the checkpoint itself
+        register_config(state.model_arch, state.model_config())
+    model, _, preprocess, tokenizer = build_model(state.model_arch, device)
+    model.load_state_dict(state.model)
+    model.eval()
+    digest = hashlib.sha256(f"{os.path.abspath(path)}:{os.path.getmtime(path)}:{state.step}".encode()).hexdigest()[:16]
+    parent = os.path.dirname(os.path.abspath(path))
+    run = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
+    return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer, device=device, checkpoint=path,
+                       run=run, step=state.step, arch=state.model_arch, loss=state.loss,
+                       digest=digest)

@@ -1,0 +1,143 @@
+"""A sweep's report: results.csv, results.md (means with 95% intervals, scaling fits, each method minus CLIP paired
+by seed) and its plots (scaling_*.png, diff_*.png). The statistics are train/metrics.py's."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+
+from ..core.io import write_text
+from ..train.metrics import ci_half, fit_scaling, paired_differences, predict
+
+
+def write_results(sweep, rows: list[dict], selection: dict | None, pending=()) -> str:
+    table = pd.DataFrame(rows)
+    table.to_csv(os.path.join(sweep.out, "results.csv"), index=False)
+    report = summarize(table, sweep.metrics, sweep.out, primary=sweep.primary, chance=sweep.chance)
+    if selection:
+        report = selection["report"] + "\n\n" + report
+    if pending:
+        report = (f"**Partial results**: noise level(s) {', '.join(pending)} not run yet; rerun the same command to "
+                  f"go on.\n\n" + report)
+    write_text(os.path.join(sweep.out, "results.md"), report + "\n")
+    return report
+
+
+def summarize(table: pd.DataFrame, metrics: list[str], out: str, primary: str | None = None,
+              chance: dict | None = None) -> str:
+    """Per noise level: mean ± 95% CI (Student t) over seeds per (N, method), the scaling fits over the
+    individual runs (fit_scaling: with a random-guess plateau for a metric whose chance value is declared), and
+    each method minus CLIP on the primary metric; plots beside."""
+    chance = chance or {}
+    primary = primary or metrics[0]
+    levels = [lv for lv in table["noise"].unique()] if "noise" in table else [""]
+    sections, diffs = [], {}
+    for level in levels:
+        t = table[table["noise"] == level] if "noise" in table else table
+        head = [f"### Noise level: {level}", ""] if level else []
+        lines = head + ["| N | method | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+        fits = {}
+        for (n, method), grp in t.groupby(["N", "method"]):
+            cells = []
+            for m in metrics:
+                v = grp[m].dropna().to_numpy() if m in grp else np.array([])
+                cells.append(f"{v.mean():.3f} ± {ci_half(v):.3f}" if len(v) else "")
+            lines.append(f"| {n} | {method} | " + " | ".join(cells) + " |")
+        lines += ["", "Fits of the error (1 − metric) over the individual runs: power law error = a·N^(−b) + c, or, "
+                  "for a metric with a declared chance value, the power law with a random-guess plateau e0 = 1 − "
+                  "chance: error = c + (e0 − c)/(1 + (N/N0)^b) (≈ a·N^(−b) + c for N ≫ N0). R² (power law) is the "
+                  "plain power law's fit over the same points; R² ceiling the most any curve in N can reach over "
+                  "them (the share of their variance the per-N means explain: the rest is the spread between "
+                  "seeds).", "",
+                  "| method | metric | form | a | b | c | N0 | R² | R² (power law) | R² ceiling |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for method, grp in t.groupby("method"):
+            for m in metrics:
+                if m not in grp:
+                    continue
+                g = grp[["N", m]].dropna()
+                guess = 1 - float(chance[m]) if m in chance else None
+                fit = fit_scaling(g["N"].to_numpy(), 1 - g[m].to_numpy(), guess)
+                fits[(method, m)] = fit
+                if fit["ok"]:
+                    n0 = f"{fit['n0']:.0f}" if "n0" in fit else "–"
+                    lines.append(f"| {method} | {m} | {fit['form']} | {fit['a']:.3g} | {fit['b']:.3f} | "
+                                 f"{fit['c']:.3f} | {n0} | {fit['r2']:.3f} | {fit.get('r2_power', fit['r2']):.3f} | "
+                                 f"{fit['r2_max']:.3f} |")
+                else:
+                    lines.append(f"| {method} | {m} | – | – | – | – | – | {fit['note']} | – | – |")
+        d = paired_differences(t, primary)
+        diffs[level] = d
+        if d:
+            lines += ["", f"Each method minus clip on {primary}, paired by seed (mean ± 95% Student-t interval; "
+                      "detectable: the smallest true difference this many seeds detect at 80% power):", "",
+                      "| N | method | Δ | detectable | seeds |", "|---|---|---|---|---|"]
+            lines += [f"| {r['N']} | {r['method']} | {r['diff']:+.4f} ± {r['half']:.4f} | {r['detectable']:.4f} | "
+                      f"{r['seeds']} |" for r in d]
+        _plot_fits(t, metrics, fits, out, level)
+        sections.append("\n".join(lines))
+    if any(diffs.values()):
+        _plot_diffs(diffs, primary, out)
+    return "\n\n".join(sections)
+
+
+def _slug(text: str) -> str:
+    return text.replace(".", "_").replace("@", "").replace(":", "_")
+
+
+def _plot_fits(table, metrics, fits, out, level=""):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for m in metrics:
+        if m not in table:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        for method, grp in table.groupby("method"):
+            pts = ax.scatter(grp["N"], 1 - grp[m], s=14, alpha=0.6, label=f"{method} runs")
+            fit = fits.get((method, m), {"ok": False})
+            if fit["ok"]:
+                xs = np.logspace(np.log10(grp["N"].min()), np.log10(grp["N"].max()), 50)
+                label = (f"{method}: plateau, N0 {fit['n0']:.0f}, b {fit['b']:.2f}, c {fit['c']:.2f}"
+                         if fit["form"] == "plateau" else f"{method}: {fit['a']:.2f}·N^-{fit['b']:.2f}+{fit['c']:.2f}")
+                ax.plot(xs, predict(fit, xs), color=pts.get_facecolor()[0][:3], label=f"{label} (R² {fit['r2']:.2f})")
+        ax.set_xscale("log")
+        ax.set_xlabel("training pairs N")
+        ax.set_ylabel(f"error (1 − {m})")
+        ax.set_title(f"noise: {level}" if level else m, fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"scaling_{level + '_' if level else ''}{_slug(m)}.png"))
+        plt.close(fig)
+
+
+def _plot_diffs(diffs: dict, metric: str, out: str):
+    """method − CLIP against N with 95% intervals, one panel per noise level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = [lv for lv in diffs if diffs[lv]]
+    fig, axes = plt.subplots(1, len(levels), figsize=(5 * len(levels), 4), dpi=100, squeeze=False, sharey=True)
+    for ax, level in zip(axes[0], levels):
+        d = pd.DataFrame(diffs[level])
+        methods = list(d["method"].unique())
+        for i, (method, grp) in enumerate(d.groupby("method", sort=False)):
+            shift = 1 + 0.06 * (i - (len(methods) - 1) / 2)  # side by side on the log axis
+            ax.errorbar(grp["N"] * shift, grp["diff"], yerr=grp["half"].fillna(0), fmt="o-", capsize=3,
+                        label=method)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("training pairs N")
+        ax.set_title(f"noise: {level}" if level else "", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"Δ {metric} vs CLIP (95% CI)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"diff_{_slug(metric)}.png"))
+    plt.close(fig)

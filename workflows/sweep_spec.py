@@ -1,0 +1,83 @@
+"""The [sweep] section of a sweep recipe as a typed config (litgpt's style): one field per key, a docstring-like
+help per field, checked in __post_init__ and loaded like every other recipe section (recipe.section ->
+config.build_config, which refuses unknown keys and wrong types in one line)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from ..core.errors import InputError
+from ..core.options import option as _help
+
+
+def steps_for(rule: dict, n_samples: int, batch_size: int) -> int:
+    """The steps of one run under the declared compute rule."""
+    if rule.get("rule") == "samples_seen":
+        return max(1, int(rule["samples"]) // batch_size)
+    if rule.get("rule") == "epochs":
+        return max(1, math.ceil(float(rule["epochs"]) * n_samples / batch_size))
+    raise InputError(f"[sweep] compute: rule must be samples_seen or epochs, got {rule.get('rule')!r}")
+
+
+@dataclass
+class SweepSpec:
+    """A scaling-law sweep: dataset subsets x methods x seeds (x caption-noise levels) under a compute rule."""
+
+    subsets: list[str] = _help("fractions or counts, written as nested subsets of the dataset", default_factory=list)
+    methods: dict = _help("method name -> train options (e.g. {clip: {loss: clip}})", default_factory=dict)
+    seeds: list[int] = _help("seeds of every cell", default_factory=lambda: [0])
+    seeds_largest: Optional[list[int]] = _help("seeds at the largest subset (default: seeds)", default=None)
+    compute: dict = _help("{rule: epochs, epochs: E} or {rule: samples_seen, samples: S}",
+                          default_factory=lambda: {"rule": "samples_seen", "samples": 10_000})
+    noise: dict = _help("level name -> synthetic options: one source and dataset per caption-noise level",
+                        default_factory=dict)
+    split: bool = _help("evaluate the synthetic suite on its val and test splits", default=False)
+    primary: str = _help("the metric declared before running (fits, differences, selection); default: the first of "
+                         "metrics", default="")
+    chance: dict = _help("metric -> random-guess value in [0, 1): fit its error with that plateau", default_factory=dict)
+    screen: dict = _help("{subset, noise, seeds, methods}: screen PSD settings first on the validation split",
+                         default_factory=dict)
+    regime: Optional[dict] = _help("{method, seed, noise, require: {METRIC: MIN}}: stop if the baseline does not "
+                                   "learn", default=None)
+    runner: Literal["sequential", "inprocess", "torchrun", "dask"] = _help("how each run is started",
+                                                                           default="sequential")
+    nproc: int = _help("processes per run with runner: torchrun", default=2)
+    scheduler: str = _help("the Dask scheduler address with runner: dask", default="")
+    suites: list[str] = _help("evaluation suites of every run", default_factory=lambda: ["synthetic"])
+    metrics: list[str] = _help("the metrics reported and fitted",
+                               default_factory=lambda: ["zeroshot_shape_base.top1", "retrieval.t2i_R@1"])
+    prune: bool = _help("delete a finished run's checkpoints, feature cache, plots and per-example arrays",
+                        default=False)
+
+    def __post_init__(self):
+        if not self.methods or not self.subsets:
+            raise InputError("a sweep recipe needs sweep.methods and sweep.subsets")
+        for key, value in (("methods", self.methods), ("screen methods", self.screen.get("methods") or {})):
+            for name, overrides in value.items():
+                if overrides is not None and not isinstance(overrides, dict):
+                    raise InputError(f"sweep {key[:-1]} {name!r} must be a mapping of train options")
+        if not all(isinstance(v, dict) for v in self.noise.values()):
+            raise InputError("sweep.noise must map a level name to a mapping of synthetic options")
+        steps_for(self.compute, 1, 1)  # checks the rule
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+                   for v in self.chance.values()):
+            raise InputError("sweep.chance must map a metric to its random-guess value in [0, 1), e.g. "
+                             "{zeroshot_shape_base.top1: 0.1667}")
+        if self.seeds_largest is None:
+            self.seeds_largest = list(self.seeds)
+        self.primary = self.primary or self.metrics[0]
+        if self.primary not in self.metrics:
+            self.metrics.insert(0, self.primary)
+        levels = list(self.noise) or [""]
+        if self.screen:
+            if not isinstance(self.screen.get("methods"), dict):
+                raise InputError("sweep.screen needs methods (a mapping of name to settings)")
+            if str(self.screen.get("subset")) not in self.subsets:
+                raise InputError("sweep.screen.subset must be one of sweep.subsets")
+            if self.screen.get("noise", levels[0]) not in levels:
+                raise InputError("sweep.screen.noise must be one of sweep.noise's levels")
+        if self.regime is not None and self.regime.get("noise", levels[0]) not in levels:
+            raise InputError("sweep.regime must be a mapping whose noise (if any) is one of sweep.noise's levels")
+        if self.runner == "dask" and not self.scheduler:
+            raise InputError("sweep.runner dask needs sweep.scheduler (tcp://HOST:PORT)")
