@@ -13,6 +13,7 @@ import urllib.request
 from fastapi import HTTPException
 from PIL import Image
 
+from ..core.urls import url_problem
 from .config import ServeConfig
 
 LARGE_IMAGE_PIXELS = 4_000_000  # images above this are decoded in one of LARGE_DECODES slots
@@ -76,8 +77,10 @@ class QueryImages:
             raise HTTPException(400, "image must be base64") from None
 
     def allowed(self, url: str) -> bool:
-        parts = urllib.parse.urlsplit(url)
-        return parts.scheme in ("http", "https") and parts.hostname in set(self.cfg.allowed_url_hosts)
+        """The downloader's URL check (core.urls: http(s), a parseable host, no credentials), then the allow-list."""
+        if url_problem(url) is not None:
+            return False
+        return urllib.parse.urlsplit(url).hostname in set(self.cfg.allowed_url_hosts)
 
     def fetch_url(self, url: str):
         """Off the event loop, at most FETCH_SLOTS at once (more get 503 at once, so slow hosts cannot hold every

@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..core.urls import redact, url_problem
 from .keys import add_url_keys
 from .status import PENDING
 
@@ -97,6 +98,7 @@ def _iri_to_uri(url: str) -> str:
 
 
 _OK_URL = r"^(?i:https?)://[^/?#\s]+[^\s]*$"
+_ODD_AUTHORITY = r"^(?i:https?)://[^/?#]*[@\[\]:\\]"
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 
 
@@ -123,6 +125,23 @@ def check_urls(df: pd.DataFrame) -> pd.DataFrame:
         urls = pa.array(values, type=pa.string())
     df["url"] = pd.arrays.ArrowStringArray(urls)
     ok = pc.match_substring_regex(urls, _OK_URL).to_numpy(zero_copy_only=False)
+    # an authority with credentials, a port, brackets or a backslash is parsed in full (core.urls.url_problem): a URL
+    # that cannot be parsed, holds user:password@ (refused, and stored redacted) or names port 99999 is invalid here,
+    # never a crash or a "connection error" later
+    odd = ok & pc.match_substring_regex(urls, _ODD_AUTHORITY).to_numpy(zero_copy_only=False)
+    if odd.any():
+        idx = np.flatnonzero(odd)
+        problems = [url_problem(u) for u in urls.take(pa.array(idx)).to_pylist()]
+        bad = idx[[p is not None for p in problems]]
+        if len(bad):
+            errors = np.full(len(df), "", dtype=object)
+            errors[bad] = [p for p in problems if p is not None]
+            ok[bad] = False
+            _mark(df, np.isin(np.arange(len(df)), bad), "invalid_url", errors)
+            values = np.asarray(urls.to_pylist(), dtype=object)
+            values[bad] = [redact(u) for u in values[bad]]
+            urls = pa.array(values, type=pa.string())
+            df["url"] = pd.arrays.ArrowStringArray(urls)
     if not ok.all():
         bad = np.flatnonzero(~ok)
         errors = np.full(len(df), "", dtype=object)

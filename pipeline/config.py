@@ -32,7 +32,10 @@ class BuildConfig:
     resize_mode: str = _help("img2dataset resize_mode: no|border|keep_ratio|keep_ratio_largest|center_crop", default="border")
     encode_format: Literal["jpg", "png", "webp"] = _help("image encoding inside the shards", default="jpg")
     encode_quality: int = _help("encoding quality (jpg/webp 0-100, png compression 0-9)", default=95)
-    timeout: float = _help("per-request timeout in seconds", default=10.0)
+    timeout: float = _help("per-request socket timeout in seconds (img2dataset's --timeout: each connect and read)",
+                           default=10.0)
+    request_timeout: float = _help("wall-clock limit of one URL's whole response in seconds: a host that trickles "
+                                   "bytes ends the row 'timeout' then", default=60.0)
     retries: int = _help("download retries per URL", default=0)
     host_rate: float = _help("most requests per second to any one host, over the whole build (0: no cap)", default=0.0)
     rate_limit_retries: int = _help("retries of a URL answered 429 or 503, each after the host's Retry-After or an "
@@ -78,6 +81,8 @@ class BuildConfig:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.timeout <= 0:
             raise InputError(f"--timeout must be > 0, got {self.timeout}")
+        if not self.request_timeout > 0:
+            raise InputError(f"--request-timeout must be > 0 seconds, got {self.request_timeout}")
         for name in ("retries", "rate_limit_retries", "host_rate", "backoff", "max_backoff"):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")

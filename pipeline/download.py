@@ -178,6 +178,7 @@ class DownloadOptions:
     backoff: float = 1.0
     max_backoff: float = 60.0
     shard_timeout: float = 3600.0
+    request_timeout: float = 60.0
 
     def policy(self):
         """The shard's politeness and time limit, starting now (see polite.py)."""
@@ -186,7 +187,7 @@ class DownloadOptions:
         return ShardPolicy.starting_now(self.timeout, self.shard_timeout,
                                         host_interval=1.0 / self.host_rate if self.host_rate else 0.0,
                                         throttle_retries=self.rate_limit_retries, backoff=self.backoff,
-                                        max_backoff=self.max_backoff)
+                                        max_backoff=self.max_backoff, request_timeout=self.request_timeout)
 
     @classmethod
     def of(cls, cfg) -> "DownloadOptions":

@@ -13,7 +13,6 @@ its share of the whole build's cap (`--host-rate` / workers), so the sum over wo
 """
 from __future__ import annotations
 
-import email.utils
 import http.client
 import io
 import random
@@ -22,6 +21,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+
+from ..core.urls import redact, retry_after_seconds, url_problem
 
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"  # img2dataset's
 THROTTLED = (429, 503)  # the codes a host uses to say "slow down / come back later"
@@ -32,8 +33,10 @@ class ShardPolicy(float):
     """The per-request timeout (its float value) plus what one shard's download must respect."""
 
     def __new__(cls, timeout: float, *, deadline: float, shard_timeout: float, host_interval: float = 0.0,
-                throttle_retries: int = 3, backoff: float = 1.0, max_backoff: float = 60.0):
+                throttle_retries: int = 3, backoff: float = 1.0, max_backoff: float = 60.0,
+                request_timeout: float = 60.0):
         self = super().__new__(cls, timeout)
+        self.request_timeout = request_timeout  # one response, whole (a host trickling a byte a second ends here)
         self.deadline = deadline  # time.monotonic() value after which no request starts or continues
         self.shard_timeout = shard_timeout
         self.host_interval = host_interval  # seconds between request starts to one host in this process; 0: none
@@ -89,20 +92,20 @@ class HostLimiter:
 LIMITER = HostLimiter()  # one per process
 
 
-def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """Retry-After as seconds from now: either delta-seconds or an HTTP-date (RFC 9110); None if absent or bad."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Every redirect hop passes the same check as the first URL (core.urls.url_problem: http(s) only, a host, no
+    credentials); a refused hop ends the row `redirect_refused` (urllib itself would follow http -> ftp://)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        newurl = urllib.parse.urljoin(req.full_url, newurl)
+        problem = url_problem(newurl)
+        if problem:
+            raise urllib.error.HTTPError(req.full_url, code, f"redirect refused: {redact(newurl)}: {problem}",
+                                         headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_CheckedRedirects())
 
 
 def _get(url: str, policy: ShardPolicy, user_agent_token, disallowed):
@@ -113,14 +116,18 @@ def _get(url: str, policy: ShardPolicy, user_agent_token, disallowed):
     agent = USER_AGENT + (f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
                           if user_agent_token else "")
     request = urllib.request.Request(url, data=None, headers={"User-Agent": agent})
+    ends = min(policy.deadline, time.monotonic() + policy.request_timeout)  # the whole response's deadline
     try:
-        with urllib.request.urlopen(request, timeout=float(policy)) as r:
+        with _OPENER.open(request, timeout=float(policy)) as r:
             if disallowed and is_disallowed(r.headers, user_agent_token, disallowed):
                 return None, "Use of image disallowed by X-Robots-Tag directive", None, None
             buf = io.BytesIO()
             while True:
                 if policy.expired():
                     return None, policy.expired_message, None, None
+                if time.monotonic() >= ends:
+                    return None, (f"timeout: the response took longer than --request-timeout "
+                                  f"{policy.request_timeout:g} s"), None, None
                 chunk = r.read1(CHUNK)
                 if not chunk:
                     break
@@ -139,6 +146,9 @@ def _get(url: str, policy: ShardPolicy, user_agent_token, disallowed):
 def fetch(row, policy: ShardPolicy, retries: int, user_agent_token=None, disallowed=None, limiter=LIMITER):
     """img2dataset's download_image_with_retry under a ShardPolicy: returns (key, stream or None, error or None)."""
     key, url = row
+    problem = url_problem(url)  # (the clean stage refused these already; a row is never a task's crash)
+    if problem:
+        return key, None, f"invalid URL: {problem}"
     host = (urllib.parse.urlsplit(url).hostname or "").lower()
     failures = throttled = 0
     while True:

@@ -128,6 +128,13 @@ class Handler(BaseHTTPRequestHandler):
             "/bad/redirect.jpg": lambda: self._send(302, b"", "text/plain", [("Location", "/ok/target.jpg")]),
             "/bad/redirect-file.jpg": lambda: self._send(302, b"", "text/plain",
                                                          [("Location", "file:///etc/passwd")]),
+            # to an ftp:// listener on this server's own port (urllib would follow it and log in anonymously)
+            "/bad/redirect-ftp.jpg": lambda: self._send(302, b"", "text/plain",
+                                                        [("Location", f"ftp://127.0.0.1:{srv.server_address[1]}/x")]),
+            "/bad/redirect-creds.jpg": lambda: self._send(
+                302, b"", "text/plain", [("Location", f"http://u:pw@127.0.0.1:{srv.server_address[1]}/ok/x.jpg")]),
+            "/bad/retry-after-superscript.jpg": lambda: self._send(429, b"slow down", "text/plain",
+                                                                   [("Retry-After", "\u00b2")]),
         }
         if path == "/bad/redirect-ip.jpg":  # to the same server under another host name
             return self._send(302, b"", "text/plain",

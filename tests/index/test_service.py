@@ -385,6 +385,10 @@ def test_image_url_fetches_are_checked_bounded_and_quiet_and_a_bad_reload_is_409
             r = ask(local + "/bad/redirect-ip.jpg")  # localhost -> 127.0.0.1: not on the list
             assert r.status_code == 403 and "redirects to a host that is not allowed" in r.json()["detail"]
             assert web.hits["/ok/target.jpg"] == 0
+            # URLs the downloader's check refuses are a 403, never a 500 (urlsplit raised on the first)
+            for bad in ("http://[::1/x.jpg", f"http://127.0.0.1:9001\\@localhost:{web.server_address[1]}/ok/a.jpg",
+                        f"http://u:pw@localhost:{web.server_address[1]}/ok/a.jpg", "http://localhost:99999/x.jpg"):
+                assert ask(bad).status_code == 403, bad
             r = ask(f"http://localhost:{free_port()}/x.jpg")
             assert r.status_code == 502 and r.json()["detail"] == "could not fetch image_url"
             with concurrent.futures.ThreadPoolExecutor(12) as ex:

@@ -11,7 +11,7 @@ from PIL import Image
 from helpers.datasets import cfg, tar_members
 
 from psdclip.pipeline.build import build
-from psdclip.pipeline.dataset import Layout
+from psdclip.pipeline.dataset import Layout, format_stats
 from psdclip.pipeline.subsets import SubsetRule, member_keys
 
 
@@ -100,18 +100,30 @@ def test_faulty_urls_each_end_with_one_status(server, tmp_path, scheduler):
         ("http://127.0.0.1:9/refused.jpg", "nobody listens", "connection_error"),
         (f"{b}/dup/first.jpg", "same bytes", "success"),
         (f"{b}/dup/second.jpg", "same bytes", "duplicate_image"),
+        # one bad row or header never fails its shard (each of these once failed it, on every rerun)
+        (f"{b}/bad/redirect-ftp.jpg", "redirect into ftp://", "redirect_refused"),
+        (f"{b}/bad/redirect-creds.jpg", "redirect to a URL with credentials", "redirect_refused"),
+        ("http://[::1/x.jpg", "an invalid IPv6 literal", "invalid_url"),
+        (f"http://user:secret@127.0.0.1:{server.server_address[1]}/ok/c.jpg", "credentials", "invalid_url"),
+        ("http://127.0.0.1:99999/x.jpg", "a port out of range", "invalid_url"),
+        (f"{b}/bad/retry-after-superscript.jpg", "Retry-After: \u00b2", "rate_limited"),
+        (f"{b}/bad/trickle.jpg", "a byte a second", "timeout"),
     ]
     src = tmp_path / "faulty.jsonl"
     src.write_text("\n".join(json.dumps({"url": u, "caption": c}) for u, c, _ in rows) + "\n", encoding="utf-8")
     ds = tmp_path / "ds"
-    stats = build(cfg([src], ds, timeout=1.0, max_caption_length=200, shard_size=100, dask_scheduler=scheduler))
+    stats = build(cfg([src], ds, timeout=1.5, request_timeout=3.0, rate_limit_retries=0, max_caption_length=200,
+                      shard_size=100, dask_scheduler=scheduler))
     m = pd.read_parquet(ds / "manifest").sort_values("source_row")
     assert m["source_row"].tolist() == list(range(len(rows)))
     assert m["status"].tolist() == [s for _, _, s in rows]
     assert (m.loc[m["status"] != "success", "error"] != "").all()
+    assert "--request-timeout" in m.iloc[-1]["error"]  # the trickling host ended at its response's limit
     assert m.iloc[15]["caption"] == "café au lait" and m.iloc[14]["caption"] == "café ☕ naïve Ωmega"
     assert "/ok/ünïcödé 1.jpg" in server.hits
     assert not any("passwd" in p for p in server.hits)
+    assert "/ok/x.jpg" not in server.hits and "/ok/c.jpg" not in server.hits  # neither credentialled URL fetched
+    assert not m["url"].str.contains("secret").any() and "secret" not in format_stats(stats)  # never stored or shown
     # a duplicate image keeps its bytes in the shard; the manifest and subsets exclude it
     assert set(tar_members(ds)) == set(m.loc[m["status"].isin(["success", "duplicate_image"]), "key"])
     assert stats["failing_shards"] and stats["failing_shards"][0]["failure_rate"] > 0.5

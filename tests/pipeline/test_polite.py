@@ -21,6 +21,9 @@ def test_retry_after_forms():
     assert 28 <= retry_after_seconds(date) <= 31
     assert retry_after_seconds(email.utils.formatdate(time.time() - 30, usegmt=True)) == 0.0
     assert retry_after_seconds("soon") is None and retry_after_seconds(None) is None
+    # host-controlled values that once crashed a shard: '²'.isdigit() is True but float('²') raises
+    assert retry_after_seconds("\u00b2") is None and retry_after_seconds("\u0663") is None
+    assert retry_after_seconds("Fri, 31 Dec 99999 23:59:59 GMT") is None
 
 
 def test_host_limiter_spaces_starts_and_honours_pauses():
@@ -68,6 +71,21 @@ def test_fetch_stops_a_trickling_host_at_the_shard_deadline(server):
                            limiter=HostLimiter())
     assert stream is None and 1.9 <= time.monotonic() - t < 4
     assert classify("download", err) == "timeout" and "--shard-timeout" in err
+
+
+def test_fetch_bounds_one_response_and_checks_every_redirect_hop(server):
+    t = time.monotonic()
+    _, stream, err = fetch((0, f"{server.base}/bad/trickle.jpg"), _policy(timeout=5.0, shard_timeout=60.0,
+                                                                          request_timeout=2.0), retries=0,
+                           limiter=HostLimiter())
+    assert stream is None and classify("download", err) == "timeout" and "--request-timeout" in err
+    assert time.monotonic() - t < 20  # the whole response trickles for 30 s
+    for path in ("/bad/redirect-ftp.jpg", "/bad/redirect-creds.jpg", "/bad/redirect-file.jpg"):
+        _, stream, err = fetch((0, server.base + path), _policy(), retries=0, limiter=HostLimiter())
+        assert stream is None and classify("download", err) == "redirect_refused", (path, err)
+        assert "pw" not in err
+    _, stream, err = fetch((0, "http://[::1/x.jpg"), _policy(), retries=0, limiter=HostLimiter())
+    assert stream is None and "Invalid IPv6" in err
 
 
 def test_build_is_polite_ends_in_time_and_retry_failed_completes(server, tmp_path, scheduler):
