@@ -247,6 +247,7 @@ def truncate_metrics(path: str, step: int) -> None:
 def resume(cfg, ckpt_dir, model, optimizer, scaler, world: int) -> Checkpoint | None:
     """Load the checkpoint a run continues from (--resume auto: the run folder's newest loadable one; a file: that one)
     into model, optimizer, scaler and the RNGs; its data position is dropped when ranks or workers changed."""
+    from .config import changed_on_resume
     from .models import resolve_model_name
 
     if cfg.resume == "never":
@@ -263,6 +264,11 @@ def resume(cfg, ckpt_dir, model, optimizer, scaler, world: int) -> Checkpoint | 
     arch = resolve_model_name(cfg.model)
     if state.model_arch != arch:
         raise InputError(f"{state.path}: checkpoint is for model {state.model_arch!r}, not {arch!r}")
+    changed = changed_on_resume(state.train_config(), cfg)
+    if changed:
+        raise InputError(f"--out {cfg.out}: its run was trained with other settings ({'; '.join(changed)}); resume "
+                         f"with the same ones (only how it runs, logs and stops may change, and --steps), or use a "
+                         f"new --out")
     try:
         model.load_state_dict(state.model)
         optimizer.load_state_dict(state.optimizer)

@@ -11,6 +11,33 @@ from ..core.errors import InputError
 from ..core.options import option as _help
 
 
+# What a resumed run may change: how it runs, logs and stops, never what it trains (the model, loss and its
+# parameters, schedule, batch, data, starting weights, locks: a resume with any of those changed is refused)
+RESUMABLE = frozenset({"out", "steps", "stop_after", "workers", "threads", "progress", "log_every", "report_to",
+                       "eval_every", "eval_suite", "checkpoint_every", "keep", "resume", "device", "dist_timeout",
+                       "compile", "channels_last", "grad_checkpointing", "nan_policy"})
+
+
+def changed_on_resume(before: dict, cfg) -> list[str]:
+    """`--flag old -> new` for every option outside RESUMABLE whose value differs from the run's earlier config
+    (options the earlier run did not have yet are not compared)."""
+    import dataclasses
+
+    now = dataclasses.asdict(cfg)
+    out = []
+    for name, value in now.items():
+        if name in RESUMABLE or name not in before:
+            continue
+        old = before[name]
+        if name == "data" and isinstance(old, str) and isinstance(value, str) and "://" not in value:
+            import os
+
+            old, value = os.path.abspath(old), os.path.abspath(value)
+        if old != value:
+            out.append(f"--{name.replace('_', '-')} {before[name]} -> {now[name]}")
+    return out
+
+
 @dataclass
 class TrainConfig:
     """psdclip train: CLIP or PSD on streamed shards (alone or under torchrun)."""

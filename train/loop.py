@@ -21,6 +21,8 @@ import torch.distributed as dist
 import yaml
 
 from ..core.errors import InputError, PsdclipError
+from ..core.io import now, write_text
+from ..core.locks import folder_lock
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import ShardStream, make_loader
@@ -62,8 +64,13 @@ def train(cfg: TrainConfig) -> dict:
     before = torch.get_num_threads()
     if device.type == "cpu" and cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # one training per run folder: a second `psdclip train --out RUN` is refused while one runs (rank 0 holds it)
+    lock = folder_lock(os.path.join(cfg.out, "train.lock"), f"--out {cfg.out}: another `psdclip train` ({{holder}}) "
+                       f"is training into this run folder; wait for it, or use another --out") if rank == 0 else \
+        contextlib.nullcontext()
     try:
-        return _train(cfg, rank, world, device)
+        with lock:
+            return _train(cfg, rank, world, device)
     finally:
         torch.set_num_threads(before)  # a caller in the same process (a sweep, a test) keeps its own setting
 
@@ -100,9 +107,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             log.warning(f"psdclip: warning: --warmup {cfg.warmup:g} is {cfg.warmup_steps} steps, more than --steps "
                         f"{cfg.steps}: the learning rate never reaches --lr {cfg.lr:g}")
         os.makedirs(os.path.join(cfg.out, "plots"), exist_ok=True)
-        with open(os.path.join(cfg.out, "config.yaml"), "w") as f:
-            yaml.safe_dump({**dataclasses.asdict(cfg), "model_arch": resolve_model_name(cfg.model), "world_size": world},
-                           f, sort_keys=False)
+        resolved = {**dataclasses.asdict(cfg), "model_arch": resolve_model_name(cfg.model), "world_size": world}
+        write_text(os.path.join(cfg.out, "config.yaml"), yaml.safe_dump(resolved, sort_keys=False))
+        with open(os.path.join(cfg.out, "config_history.jsonl"), "a") as f:  # every start of the run, oldest first
+            f.write(json.dumps({"started_at": now(), "step": start_step, "config": resolved}) + "\n")
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if cfg.compile:
         net = torch.compile(net)

@@ -301,3 +301,38 @@ def test_checkpoint_writes_run_in_the_background_on_a_snapshot():
     with pytest.raises(ZeroDivisionError):
         writer.wait()
     writer.wait()  # reported once
+
+
+def test_one_training_per_run_folder_and_a_resume_keeps_its_settings(dataset_dir, tmp_path):
+    """Two `psdclip train` into one --out: the second is refused while the first runs (their checkpoints and
+    metrics.jsonl would interleave). A resume with a flag that changes what is trained is refused with one line
+    naming each; flags of how it runs (--steps, --workers, logging) may change; every start is kept in
+    config_history.jsonl."""
+    run = tmp_path / "run"
+    first = subprocess.Popen([os.path.join(BIN, "psdclip"), "train", "--data", str(dataset_dir), "--out", str(run),
+                              "--steps", "100000", *FAST], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (run / "metrics.jsonl").exists() and not (run / "config.yaml").exists():
+            assert first.poll() is None and time.time() < deadline, first.stderr.read().decode()[-2000:]
+            time.sleep(0.2)
+        r = cli("train", "--data", dataset_dir, "--out", run, "--steps", 2, *FAST, check=False)
+        assert r.returncode == 2 and "another `psdclip train` (pid" in r.stderr, r.stderr[-2000:]
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    resumed = tmp_path / "resumed"
+    cli("train", "--data", dataset_dir, "--out", resumed, "--steps", 2, "--loss", "clip", "--lr", "1e-3", *FAST)
+    r = cli("train", "--data", dataset_dir, "--out", resumed, "--steps", 4, "--loss", "psd", "--lr", "0.01",
+            *FAST[:2], "--batch-size", "16", *FAST[4:], check=False)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("psdclip: error")]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    for change in ("--loss clip -> psd", "--lr 0.001 -> 0.01", "--batch-size 32 -> 16"):
+        assert change in lines[0], lines[0]
+    assert [m["step"] for m in metrics(resumed)] == [2] or max(m["step"] for m in metrics(resumed)) == 2
+    # how it runs may change: more steps, another log interval
+    cli("train", "--data", dataset_dir, "--out", resumed, "--steps", 4, "--loss", "clip", "--lr", "1e-3",
+        "--log-every", 1, *FAST)
+    assert max(m["step"] for m in metrics(resumed)) == 4
+    history = [json.loads(line) for line in open(resumed / "config_history.jsonl")]
+    assert [h["step"] for h in history] == [0, 2] and [h["config"]["log_every"] for h in history] == [10, 1]
