@@ -126,7 +126,7 @@ def build_index(cfg: IndexBuildConfig) -> dict:
         emb_dir = os.path.abspath(cfg.embeddings)
     else:
         from ..pipeline.reader import success_rows
-        from .embed import embed_dataset
+        from .embed import MADE_FROM, embed_dataset, parts_identity
 
         rows, _ = success_rows(cfg.data)
         # budgets and --factory are checked before the (long) embedding pass, on the rows the dataset holds
@@ -136,12 +136,14 @@ def build_index(cfg: IndexBuildConfig) -> dict:
             ann.choose_factory(len(rows), dim, max_memory, cfg.max_query_ms, build_memory)
         os.makedirs(cfg.out, exist_ok=True)
         emb_dir = os.path.join(os.path.abspath(cfg.out), "embeddings")
+        identity = parts_identity(cfg.data, digest)
         stats = embed_dataset(m, cfg.data, cfg.out, batch_size=cfg.batch_size, workers=cfg.workers, fp16=cfg.fp16,
-                              progress=cfg.progress, rank=rank, world=world)
+                              progress=cfg.progress, rank=rank, world=world, identity=identity)
         if rank != 0:
             return {"rank": rank, "embedded": stats}
         if world > 1:
             _wait_for_parts(emb_dir, sorted(int(s) for s in rows["shard"].unique()))
+        write_json(os.path.join(emb_dir, MADE_FROM), identity)  # every part is in: they are this identity's
         del rows
     t_embed = time.time() - t0
     parts, d = P.list_parts(emb_dir, "--embeddings" if cfg.embeddings else "embeddings")
@@ -190,7 +192,13 @@ def build_index(cfg: IndexBuildConfig) -> dict:
     t_index = time.time() - t1
     write_metadata(parts, cfg.out)
     dataset = storage.resolve(cfg.data) if cfg.data else None  # a local folder or an fsspec URL (s3://...)
-    doc = {"schema_version": 2, "checkpoint": m.checkpoint if m else None, "checkpoint_sha256": digest,
+    out_abs = os.path.abspath(cfg.out)
+    # paths both absolute and relative to the index folder: serve from any directory, and move the index folder
+    # (with or without what it names); the checkpoint's sha256 says it is the same file
+    ckpt_abs = os.path.abspath(m.checkpoint) if m else None
+    doc = {"schema_version": 2, "checkpoint": ckpt_abs, "checkpoint_sha256": digest,
+           "checkpoint_relative": os.path.relpath(ckpt_abs, out_abs) if ckpt_abs else None,
+           "embeddings_relative": os.path.relpath(emb_dir, out_abs),
            "model_arch": m.arch if m else None, "step": m.step if m else None, "dataset": dataset,
            "dataset_format": shard_format(read_info(cfg.data)) if cfg.data else None, "embeddings": emb_dir,
            "count": int(n), "dim": int(d), "metric": "inner_product (cosine on normalised vectors)",

@@ -22,7 +22,9 @@ import torch
 from PIL import Image
 
 from ..core.io import atomic_path, write_parquet
-from ..pipeline.format import image_of
+from ..core import storage
+from ..core.io import read_json
+from ..pipeline.format import dataset_id, image_of, read_info
 from ..pipeline.reader import shard_samples, success_rows
 from ..train.loading import LoadedModel
 
@@ -101,16 +103,51 @@ def _save(path: str, array: np.ndarray) -> None:
         np.save(f, array)
 
 
+MADE_FROM = "made_from.json"  # in OUT/embeddings: the dataset and checkpoint its parts were embedded from
+
+
+def parts_identity(dataset: str, checkpoint_sha256: str | None) -> dict:
+    """What embedding parts are made from: the dataset (its id, written at build time; older datasets: its folder
+    and creation time) and the checkpoint's sha256."""
+    info = read_info(dataset)
+    return {"dataset": storage.resolve(dataset), "dataset_id": dataset_id(info),
+            "checkpoint_sha256": checkpoint_sha256}
+
+
+def stale_parts(emb_dir: str, identity: dict) -> list[str]:
+    """What differs between the parts in emb_dir and `identity` (every key, for parts that record nothing)."""
+    path = os.path.join(emb_dir, MADE_FROM)
+    if not os.path.isfile(path):
+        return list(identity) if os.path.isdir(os.path.join(emb_dir, "metadata")) else []
+    before = read_json(path)
+    return [k for k, v in identity.items() if before.get(k) != v]
+
+
 @torch.no_grad()
 def embed_dataset(loaded: LoadedModel, dataset: str, out: str, *, batch_size: int = 256, workers: int = 2,
-                  fp16: bool = False, progress: bool = True, rank: int = 0, world: int = 1) -> dict:
-    """Embed this rank's unfinished shards into OUT/embeddings (see the module docstring)."""
+                  fp16: bool = False, progress: bool = True, rank: int = 0, world: int = 1,
+                  identity: dict | None = None) -> dict:
+    """Embed this rank's unfinished shards into OUT/embeddings (see the module docstring). Parts made from another
+    dataset or checkpoint than `identity` names are embedded again, never reused by shard number."""
     model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
     rows, fmt = success_rows(dataset)
     emb_dir = os.path.join(out, "embeddings")
     dtype = np.float16 if fp16 else np.float32
     groups = {int(s): part for s, part in rows.groupby("shard", sort=True)}
     mine = sorted(groups)[rank::world]
+    stale = stale_parts(emb_dir, identity) if identity else []
+    if stale:  # this rank's shards are embedded again (rank 0 records the new identity once every part is in)
+        log.warning("%s: the embedding parts there were made from another %s; embedding again", emb_dir,
+                    " and ".join(sorted({"dataset" if k.startswith("dataset") else "checkpoint" for k in stale})))
+        for s in sorted(os.listdir(os.path.join(emb_dir, "metadata"))) if os.path.isdir(
+                os.path.join(emb_dir, "metadata")) else []:
+            name = s[len("metadata_"):-len(".parquet")] if s.startswith("metadata_") else None
+            ours = name is not None and name.isdigit() and int(name) in set(mine)
+            foreign = name is not None and (not name.isdigit() or int(name) not in groups)  # no shard of this dataset
+            if ours or (rank == 0 and foreign):
+                for path in part_paths(emb_dir, name).values():
+                    if os.path.exists(path):
+                        os.remove(path)
     todo = [s for s in mine if not part_done(emb_dir, s)]
     stats = {"rows": len(rows), "shards": len(mine), "embedded_now": 0, "undecodable": 0}
     if not todo:

@@ -41,7 +41,7 @@ class Searcher:
         self.text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.text_cache_size = text_cache
         self.cache_hits = self.cache_misses = 0
-        self.info = read_json(meta_path)
+        self.info = located(index_dir, read_json(meta_path))
         files = self.info.get("files") or {"index.faiss": ["index.faiss"], "captions.faiss": ["captions.faiss"]}
         self.indices = {}
         for name, modality in (("index.faiss", "image"), ("captions.faiss", "text")):
@@ -324,3 +324,20 @@ def _can_reconstruct(index) -> bool:
         return True
     except RuntimeError:
         return False
+
+
+def located(index_dir: str, info: dict) -> dict:
+    """index.json with its checkpoint and embeddings paths as they are now: the absolute path it records when that
+    exists, else the same path relative to the index folder (an index moved with what it names), else as recorded
+    (indices built before: relative to the directory the build ran in, tried from the index folder too)."""
+    out = dict(info)
+    for key in ("checkpoint", "embeddings"):
+        recorded, relative = info.get(key), info.get(f"{key}_relative")
+        if not recorded or os.path.exists(recorded):
+            continue
+        for candidate in (relative, recorded if not os.path.isabs(recorded) else None):
+            if candidate and os.path.exists(os.path.join(index_dir, candidate)):
+                out[key] = os.path.normpath(os.path.join(index_dir, candidate))
+                break
+    return out
+

@@ -19,10 +19,11 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 
 from ..core import storage
 from .config import BuildConfig
-from .format import SCHEMA_VERSION
+from .format import SCHEMA_VERSION, dataset_id
 from .dataset import Layout, stream_stats
 from ..core.io import now, read_json, write_json, write_parquet
 from .finalize import finalize_manifest, write_subsets
@@ -295,9 +296,10 @@ def _build_locked(cfg: BuildConfig, layout: Layout, previous: dict | None) -> di
             t = time.time()
             counts = finalize_manifest(client, layout)
         fmt = cfg.format
+        the_id = dataset_id(previous) if previous else uuid.uuid4().hex[:16]
         subset_specs = parse_subsets(cfg.subsets) if cfg.subsets else [
             tuple(s) for s in (previous or {}).get("subsets", [])]
-        write_subsets(layout, counts, subset_specs, cfg.subset_seed, fmt)  # after manifest/: readers use it
+        write_subsets(layout, counts, subset_specs, cfg.subset_seed, fmt, the_id)  # after manifest/: readers use it
         timings["finalize_s"] = timings.get("finalize_s", 0.0) + time.time() - t
         t = time.time()
     timings["cluster_close_s"] = time.time() - t
@@ -313,6 +315,7 @@ def _build_locked(cfg: BuildConfig, layout: Layout, previous: dict | None) -> di
     config = dataclasses.asdict(cfg)
     write_json(layout.dataset_json, {
         "schema_version": SCHEMA_VERSION,
+        "id": the_id,
         "created_at": (previous or {}).get("created_at", now()),
         "updated_at": now(),
         "output_format": fmt,

@@ -229,7 +229,7 @@ def finalize_manifest(client, layout: Layout) -> dict[int, int]:
     return counts
 
 
-def write_subsets(layout: Layout, counts: dict[int, int], specs, seed: int, fmt: str) -> None:
+def write_subsets(layout: Layout, counts: dict[int, int], specs, seed: int, fmt: str, dataset: str = "") -> None:
     """subsets/NAME.json from the shards' success counts; a boundary shard's keys are read from its manifest file."""
     from .subsets import build_subsets
 
@@ -243,6 +243,7 @@ def write_subsets(layout: Layout, counts: dict[int, int], specs, seed: int, fmt:
 
     docs = build_subsets({name: counts[s] for name, s in names.items()}, keys_of, specs, seed)
     for name, doc in docs.items():
+        doc["dataset_id"] = dataset  # a subset copied into another dataset is refused there
         doc["shards"] = [f"shards/{s}" for s in doc["shards"]]
         if doc["boundary"]:
             doc["boundary"]["shard"] = f"shards/{doc['boundary']['shard']}"

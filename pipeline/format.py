@@ -101,3 +101,15 @@ def read_info(root: str, what: str = "--data") -> dict:
 def shard_format(info: dict) -> str:
     """The shard format a dataset.json names (webdataset for datasets that predate the field)."""
     return info.get("output_format", "webdataset")
+
+
+def dataset_id(info: dict) -> str:
+    """A dataset's id (dataset.json's `id`, made at its first build and kept by every later one; a copied folder keeps
+    it, a rebuilt one gets a new one): what subsets and embedding parts name to say which dataset they belong to.
+    Datasets written before ids get one derived from their creation time."""
+    if info.get("id"):
+        return str(info["id"])
+    import hashlib
+
+    return hashlib.sha1(f"{info.get('created_at', '')}".encode()).hexdigest()[:16]
+

@@ -99,6 +99,8 @@ class TrainConfig:
     shuffle_buffer: int = _help("samples in the shuffle buffer of each reader", default=1000)
     resampled: bool = _help("draw shards with replacement (for runs far longer than one pass)", default=False)
     follow: bool = _help("pick up shards that the pipeline publishes while training runs", default=False)
+    skip_missing_shards: bool = _help("train on the shards that are there when some the dataset or subset names are "
+                                      "missing (default: an error)", default=False)
     precision: Literal["auto", "fp32", "bf16"] = _help("autocast: auto = bf16 on CUDA, fp32 on CPU", default="auto")
     compile: bool = _help("torch.compile the model", default=False)
     channels_last: bool = _help("keep images and convolution weights in channels-last (NHWC) memory: ~1.4x the "

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..core import storage
 from ..core.errors import InputError
 from ..core.io import read_json
-from ..pipeline.format import DatasetLayout, image_of, read_info, shard_format, shard_name
+from ..pipeline.format import DatasetLayout, dataset_id, image_of, read_info, shard_format, shard_name
 from ..pipeline.reader import arrow_samples, shard_exclusions, tar_samples
 from ..pipeline.status import SUCCESS
 from ..pipeline.subsets import SubsetRule
@@ -53,16 +53,17 @@ class Source:
     samples: int | None = None  # known number of usable samples
 
 
-def resolve_source(spec: str) -> Source:
-    """A dataset directory, DATASET/subsets/NAME.json, or shard URLs (brace patterns, fsspec, pipe:)."""
+def resolve_source(spec: str, skip_missing: bool = False) -> Source:
+    """A dataset directory, DATASET/subsets/NAME.json, or shard URLs (brace patterns, fsspec, pipe:). A shard the
+    dataset or subset names that is not there is an error (skip_missing: left out, with a warning)."""
     if "{" not in spec and not spec.startswith("pipe:") and storage.isdir(spec):
-        return _from_dataset(storage.resolve(spec), spec)
+        return _present(_from_dataset(storage.resolve(spec), spec), skip_missing)
     if spec.endswith(".json") and not spec.startswith("pipe:"):
         root = storage.resolve(spec).rsplit("/", 2)[0]
         if not storage.isfile(spec):
             names = sorted(f[:-5] for f in storage.listdir(J(root, "subsets")) if f.endswith(".json"))
             raise InputError(f"--data {spec}: no such subset (available: {', '.join(names) or 'none'})")
-        return _from_subset(spec, root)
+        return _present(_from_subset(spec, root), skip_missing)
     import webdataset as wds
 
     urls = wds.shardlists.expand_urls(spec)
@@ -73,6 +74,22 @@ def resolve_source(spec: str) -> Source:
         raise InputError(f"--data {spec}: not a psdclip dataset, subset file or existing shard")
     fmt = "arrow" if all(u.endswith(".parquet") for u in urls) else "webdataset"
     return Source(shards=urls, format=fmt, spec=spec)
+
+
+def _present(source: Source, skip_missing: bool) -> Source:
+    missing = [p for p in source.shards if not storage.exists(p)]
+    if not missing:
+        return source
+    names = ", ".join(os.path.basename(p) for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
+    if not skip_missing or len(missing) == len(source.shards):
+        raise InputError(f"--data {source.spec}: {len(missing)} of its {len(source.shards)} shards are missing "
+                         f"({names}); restore them"
+                         + (", or pass --skip-missing-shards to train on the others" if not skip_missing else ""))
+    log.warning("--data %s: %d of its %d shards are missing (%s); training on the others (--skip-missing-shards)",
+                source.spec, len(missing), len(source.shards), names)
+    source.shards = [p for p in source.shards if p not in set(missing)]
+    source.samples = None  # (how many the missing shards held is not known here)
+    return source
 
 
 def _from_dataset(root: str, spec: str) -> Source:
@@ -103,7 +120,12 @@ def _from_subset(path: str, root: str) -> Source:
         raise InputError(f"{path}: cannot read ({err})") from None
     if not isinstance(doc, dict) or "shards" not in doc or not ("keys" in doc or "boundary" in doc):
         raise InputError(f"--data {path}: not a subset file (no shards and keys/boundary)")
-    fmt = shard_format(read_info(root))
+    info = read_info(root)
+    fmt = shard_format(info)
+    if doc.get("dataset_id") and doc["dataset_id"] != dataset_id(info):
+        raise InputError(f"--data {path}: the subset was made for another dataset (its dataset id "
+                         f"{doc['dataset_id']}, not {dataset_id(info)} of {root}); write subsets of this dataset "
+                         f"with `psdclip data build ... --subsets`")
     if "keys" in doc:  # written before subsets became rules
         if not doc["keys"]:
             raise InputError(f"--data {path}: the subset is empty")
@@ -225,13 +247,14 @@ class ShardStream(IterableDataset):
 
     def __init__(self, spec: str, batch_size: int, transform, tokenizer, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle_buffer: int = 1000, resampled: bool = False, follow: bool = False,
-                 resume: dict | None = None):
+                 resume: dict | None = None, skip_missing: bool = False):
         super().__init__()
         self.spec, self.batch_size, self.transform, self.tokenizer = spec, batch_size, transform, tokenizer
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer, self.resampled, self.follow = shuffle_buffer, resampled, follow
         self.resume = resume or {}
-        self.source = resolve_source(spec)
+        self.skip_missing = skip_missing
+        self.source = resolve_source(spec, skip_missing)
 
     def __iter__(self):
         info = get_worker_info()
@@ -250,7 +273,7 @@ class ShardStream(IterableDataset):
         images, texts, keys = [], [], []
         batches = 0
         while True:
-            source = resolve_source(self.spec) if (self.follow and epoch > 0) else self.source
+            source = resolve_source(self.spec, self.skip_missing) if (self.follow and epoch > 0) else self.source
             order = epoch_shards(source.shards, epoch, self.seed, self.resampled)
             mine, share, part = reader_shards(order, reader, readers)
             raw = (arrow_samples(mine, on_error) if source.format == "arrow" else tar_samples(mine, on_error))

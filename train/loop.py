@@ -116,7 +116,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
         net = torch.compile(net)
     stream = ShardStream(cfg.data, micro, preprocess_train, tokenizer, seed=cfg.seed, rank=rank, world_size=world,
                          shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, follow=cfg.follow,
-                         resume=data_position)
+                         resume=data_position, skip_missing=cfg.skip_missing_shards)
     if stream.source.samples is not None and micro * world > stream.source.samples:
         raise InputError(f"--batch-size {cfg.batch_size}: larger than the {stream.source.samples:,} samples of "
                          f"--data {cfg.data} (a contrastive batch would hold the same pair twice)")

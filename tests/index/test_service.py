@@ -474,3 +474,54 @@ def test_worker_processes_share_the_port_and_a_reload_reaches_every_one(index_di
         proc.terminate()
         proc.wait(timeout=30)
     assert proc.returncode is not None
+
+
+def test_parts_of_another_dataset_are_embedded_again_and_an_index_folder_moves(index_dir, dataset_dir, tmp_path,
+                                                                               monkeypatch):
+    """An index build into a folder whose embedding parts came from another dataset re-embeds them (parts were matched
+    by shard number: index.json named the new dataset while vectors and /images came from the old one). index.json's
+    checkpoint works from any directory and after the index folder moves with its checkpoint."""
+    from psdclip.index.searcher import Searcher
+
+    # B: the same images with shards 0 and 1 swapped (what another build of the same list in another order gives)
+    b = tmp_path / "b"
+    shutil.copytree(dataset_dir, b)
+    for kind, name in (("shards", "{:05d}.tar"), ("manifest", "shard-{:05d}.parquet")):
+        first, second = b / kind / name.format(0), b / kind / name.format(1)
+        os.replace(first, tmp_path / "swap")
+        os.replace(second, first)
+        os.replace(tmp_path / "swap", second)
+    for s in (0, 1):
+        m = pd.read_parquet(b / "manifest" / f"shard-{s:05d}.parquet")
+        m["shard"] = s
+        m.to_parquet(b / "manifest" / f"shard-{s:05d}.parquet", index=False)
+    info_b = json.loads((b / "dataset.json").read_text())
+    (b / "dataset.json").write_text(json.dumps({**info_b, "id": "b-build"}))
+    out = tmp_path / "idx"
+    shutil.copytree(index_dir, out)
+    ckpt = json.load(open(index_dir / "index.json"))["checkpoint"]
+    cli("index", "build", "--checkpoint", ckpt, "--data", b, "--out", out, "--no-progress", "--workers", 0)
+    assert json.load(open(out / "index.json"))["dataset"] == str(b)
+    assert json.load(open(out / "embeddings" / "made_from.json"))["dataset_id"] == "b-build"
+    a_emb, b_emb = index_dir / "embeddings", out / "embeddings"
+    np.testing.assert_array_equal(np.load(b_emb / "img_emb" / "img_emb_00000.npy"),
+                                  np.load(a_emb / "img_emb" / "img_emb_00001.npy"))
+    keys = pd.read_parquet(b_emb / "metadata" / "metadata_00000.parquet")["key"].tolist()
+    assert keys == pd.read_parquet(a_emb / "metadata" / "metadata_00001.parquet")["key"].tolist()
+    s = Searcher(str(out), load_model=False)
+    row = pd.read_parquet(b / "manifest" / "shard-00000.parquet").set_index("key").loc[keys[0]]
+    with open(b / "shards" / "00000.tar", "rb") as f:
+        f.seek(int(row["offset"]))
+        assert s.image_bytes(keys[0]) == f.read(int(row["size"]))
+    # a checkpoint given relative to where the build ran; then index and checkpoint move together
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    shutil.copy(ckpt, pack / "model.pt")
+    monkeypatch.chdir(pack)
+    cli("index", "build", "--checkpoint", "model.pt", "--data", dataset_dir, "--out", "idx", "--no-progress",
+        "--workers", 0)
+    monkeypatch.chdir(tmp_path)
+    os.replace(pack, tmp_path / "moved")
+    res = json.loads(cli("index", "query", tmp_path / "moved" / "idx", "--text", "a red circle", "-k", 3,
+                         "--json").stdout)
+    assert len(res) == 3

@@ -238,3 +238,27 @@ def test_shards_on_an_object_store_are_read_through_fsspec():
         fs.rm("/psdclip-shards", recursive=True)
     assert errors == [] and [(s["__key__"], s["jpg"], s["txt"]) for s in got] == [
         ("a", b"img-a", b"caption a"), ("b", b"img-b", b"caption b")]
+
+
+def test_a_subset_names_its_dataset_and_missing_shards_are_an_error(dataset_dir, tmp_path):
+    """A subset file copied into another dataset is refused there (it names the dataset id written at build time);
+    a shard that the dataset or a subset names but that is gone is an error, unless asked to skip it."""
+    import pytest
+
+    from psdclip.core.errors import InputError
+
+    info = json.loads((dataset_dir / "dataset.json").read_text())
+    doc = json.loads((dataset_dir / "subsets" / "10pct.json").read_text())
+    assert info["id"] and doc["dataset_id"] == info["id"]
+    other = tmp_path / "other"
+    shutil.copytree(dataset_dir, other)
+    (other / "dataset.json").write_text(json.dumps({**info, "id": "another-build"}))
+    with pytest.raises(InputError, match="the subset was made for another dataset"):
+        resolve_source(str(other / "subsets" / "10pct.json"))
+    (other / "dataset.json").write_text(json.dumps(info))  # the same dataset, copied: its subsets work
+    assert resolve_source(str(other / "subsets" / "10pct.json")).samples == 30
+    (other / "shards" / "00002.tar").unlink()
+    with pytest.raises(InputError, match=r"1 of its 3 shards are missing \(00002.tar\).*--skip-missing-shards"):
+        resolve_source(str(other))
+    kept = resolve_source(str(other), skip_missing=True)
+    assert [os.path.basename(p) for p in sorted(kept.shards)] == ["00000.tar", "00001.tar"]
