@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 
 import pandas as pd
 import pyarrow as pa
@@ -28,8 +29,22 @@ def write_text(path: str, text: str) -> None:
             f.write(text)
 
 
+def _strict(obj):
+    """obj with NaN and infinities as null: JSON has no such numbers, and strict parsers refuse Python's NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if hasattr(obj, "dtype") and getattr(obj, "ndim", 1) == 0:  # numpy scalars
+        return _strict(obj.item())
+    return obj
+
+
 def write_json(path: str, obj, indent: int = 2) -> None:
-    write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=str) + "\n")
+    """Strict JSON (NaN and infinities written as null), replaced whole."""
+    write_text(path, json.dumps(_strict(obj), indent=indent, ensure_ascii=False, default=str, allow_nan=False) + "\n")
 
 
 def write_parquet(path: str, df: pd.DataFrame) -> None:

@@ -101,6 +101,8 @@ class ServeConfig:
     allowed_url_hosts: list[str] = field(default_factory=list, metadata={
         "help": "hosts that image_url queries may fetch from (default: none, image_url refused)"})
     fetch_timeout: float = field(default=10.0, metadata={"help": "seconds an image_url fetch may take in all"})
+    body_timeout: float = field(default=30.0, metadata={"help": "seconds a request body may take to arrive (a "
+                                                                "client that stops sending gets 408)"})
     api_key: str = field(default="", metadata={"help": "key required by the admin endpoints (X-API-Key); "
                                                         "default: from PSDCLIP_API_KEY, else admin is off"})
     device: str = field(default="cpu", metadata={"help": "device of the query encoder"})
@@ -122,6 +124,8 @@ class ServeConfig:
             raise InputError(f"--workers must be in [1, 64], got {self.workers}")
         if not 1 <= self.max_k <= 100_000:
             raise InputError(f"--max-k must be in [1, 100000], got {self.max_k}")
+        if not 0 < self.body_timeout <= 600:
+            raise InputError(f"--body-timeout must be in (0, 600] seconds, got {self.body_timeout}")
         if not 0 < self.fetch_timeout <= 300:
             raise InputError(f"--fetch-timeout must be in (0, 300] seconds, got {self.fetch_timeout}")
         if not 0 <= self.threads <= 1024:

@@ -2,6 +2,7 @@
 (/search, /knn-service) straight from the ASGI call, and the request models it validates them with."""
 # no "from __future__ import annotations": pydantic and FastAPI read the models' annotations at run time
 
+import asyncio
 import json
 import logging
 import time
@@ -20,6 +21,10 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyTimeout(Exception):
+    pass
+
+
 class Guard:
     """Pure ASGI middleware (no per-request task or body buffering, unlike @app.middleware): bounds the body,
     declared or streamed; lets clip-retrieval's ClipClient in (it posts JSON without a Content-Type, which its
@@ -34,8 +39,9 @@ class Guard:
 
     JSON_WITHOUT_TYPE = {"/knn-service", "/metadata", "/search"}
 
-    def __init__(self, app, max_body: int, requests, latency, queries=None):
+    def __init__(self, app, max_body: int, requests, latency, queries=None, body_timeout: float = 30.0):
         self.app, self.max_body, self.requests, self.latency = app, max_body, requests, latency
+        self.body_timeout = body_timeout  # a body that stops arriving (Content-Length above what is sent) ends here
         self.queries = queries or {}
 
     async def __call__(self, scope, receive, send):
@@ -52,7 +58,14 @@ class Guard:
             scope["headers"] = [*scope["headers"], (b"content-type", b"application/json")]
 
         async def bounded_receive():
-            message = await receive()
+            if state.get("body_done"):  # (after the body: e.g. waiting for the client to disconnect)
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                raise BodyTimeout() from None
+            if message["type"] != "http.request" or not message.get("more_body"):
+                state["body_done"] = True
             state["received"] += len(message.get("body", b""))
             if state["received"] > self.max_body:
                 raise BodyTooLarge()
@@ -74,6 +87,9 @@ class Guard:
         except BodyTooLarge:
             if not state["started"]:
                 await self._reply(send, 413, f"request body over {self.max_body} bytes", state)
+        except BodyTimeout:
+            if not state["started"]:
+                await self._reply(send, 408, f"request body not received within {self.body_timeout:g} s", state)
         except Exception:  # pylint: disable=broad-except  (a crash is a 500 with no traceback to the client)
             log.exception("500 on %s %s", scope.get("method"), scope.get("path"))  # ... but one in the log
             if not state["started"]:
@@ -137,7 +153,7 @@ class SearchRequest(BaseModel):
     image: Optional[str] = Field(None, description="base64-encoded image")
     image_url: Optional[str] = None
     embedding: Optional[list[float]] = Field(None, max_length=8192)
-    k: int = Field(10, ge=1, le=1000)
+    k: int = Field(10, ge=1, le=1000, strict=True)
     modality: str = Field("image", pattern="^(image|text)$")
     index: Optional[str] = None
     dedupe: bool = False
@@ -151,8 +167,8 @@ class KnnRequest(BaseModel):
     image_url: Optional[str] = None
     embedding_input: Optional[list[float]] = Field(None, max_length=8192)
     modality: str = Field("image", pattern="^(image|text)$")
-    num_images: int = Field(..., ge=1, le=1000)
-    num_result_ids: Optional[int] = Field(None, ge=1, le=10000)
+    num_images: int = Field(..., ge=1, le=1000, strict=True)
+    num_result_ids: Optional[int] = Field(None, ge=1, le=10000, strict=True)
     indice_name: Optional[str] = None
     deduplicate: bool = False
 
@@ -165,7 +181,7 @@ class MetadataRequest(BaseModel):
 def bounded_models(cfg: ServeConfig) -> tuple[type, type, type]:
     """(SearchRequest, KnnRequest, MetadataRequest) with this service's limits."""
     text = (Optional[str], Field(None, max_length=cfg.max_text_chars))
-    return (create_model("SearchRequest", __base__=SearchRequest, text=text, k=(int, Field(10, ge=1, le=cfg.max_k))),
-            create_model("KnnRequest", __base__=KnnRequest, text=text, num_images=(int, Field(..., ge=1, le=cfg.max_k)),
-                         num_result_ids=(Optional[int], Field(None, ge=1, le=cfg.max_k * 10))),
+    return (create_model("SearchRequest", __base__=SearchRequest, text=text, k=(int, Field(10, ge=1, le=cfg.max_k, strict=True))),
+            create_model("KnnRequest", __base__=KnnRequest, text=text, num_images=(int, Field(..., ge=1, le=cfg.max_k, strict=True)),
+                         num_result_ids=(Optional[int], Field(None, ge=1, le=cfg.max_k * 10, strict=True))),
             create_model("MetadataRequest", __base__=MetadataRequest, ids=(list[int], Field(..., max_length=cfg.max_k))))

@@ -247,7 +247,8 @@ def create_app(cfg: ServeConfig):
 
     query_route("/search", Search)
     query_route("/knn-service", Knn)
-    app.add_middleware(Guard, max_body=cfg.max_body_bytes, requests=svc.requests, latency=svc.latency, queries=queries)
+    app.add_middleware(Guard, max_body=cfg.max_body_bytes, requests=svc.requests, latency=svc.latency, queries=queries,
+                       body_timeout=cfg.body_timeout)
 
     @app.get("/indices-list")
     def indices_list():
@@ -310,9 +311,25 @@ def worker_app():
     return app
 
 
+def _check_port(host: str, port: int) -> None:
+    """A one-line error before anything is loaded or announced when the address cannot be listened on (uvicorn
+    would print its own error after our "serving ... on" line and exit 3)."""
+    import socket
+
+    if not port:
+        return
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            sock.bind((host, port))
+    except OSError as err:
+        raise InputError(f"--port {port}: cannot listen on {host}:{port} ({err.strerror or err})") from None
+
+
 def cmd_serve(cfg: ServeConfig) -> int:
     import uvicorn
 
+    _check_port(cfg.host, cfg.port)
     if cfg.workers == 1:
         app = create_app(cfg)
         _quiet_gc()

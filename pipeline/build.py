@@ -158,9 +158,10 @@ def build(cfg: BuildConfig) -> dict:
 FIXED_OPTIONS = ("image_size", "resize_mode", "encode_format", "encode_quality")
 
 
-def _check_out(cfg: BuildConfig, layout: Layout, previous: dict | None) -> None:
+def _check_out(cfg: BuildConfig, layout: Layout, previous: dict | None) -> BuildConfig:
     """Refuse an --out that is a file, or a non-empty folder that is not a psdclip dataset (its files would be
-    overwritten), and an append whose image options differ from the dataset's."""
+    overwritten), and an append whose image options differ from the dataset's. An image option left at its default
+    takes the dataset's own value (--retry-failed or a new list on a 64 px dataset needs no --image-size 64)."""
     if storage.isfile(cfg.out):
         raise InputError(f"--out {cfg.out}: is a file, not a dataset directory")
     if previous is None and not storage.isdir(layout.state) and storage.listdir(cfg.out):
@@ -170,10 +171,17 @@ def _check_out(cfg: BuildConfig, layout: Layout, previous: dict | None) -> None:
         raise InputError(f"{cfg.out}: the dataset holds {previous.get('output_format')} shards; "
                          f"cannot append with --format {cfg.format}")
     before = (previous or {}).get("config") or {}
+    defaults = {f.name: f.default for f in dataclasses.fields(BuildConfig)}
+    own = {n: before[n] for n in FIXED_OPTIONS if n in before and getattr(cfg, n) == defaults[n] != before[n]}
+    if own:
+        flags = ", ".join(f"--{n.replace('_', '-')} {v}" for n, v in own.items())
+        log.info(f"{cfg.out}: appending with the dataset's own {flags}")
+        cfg = dataclasses.replace(cfg, **own)
     for name in FIXED_OPTIONS:
         if name in before and before[name] != getattr(cfg, name):
             raise InputError(f"{cfg.out}: the dataset was built with --{name.replace('_', '-')} {before[name]}; "
                              f"cannot append with {getattr(cfg, name)} (use a new --out)")
+    return cfg
 
 
 @contextlib.contextmanager
@@ -237,7 +245,7 @@ def _build(cfg: BuildConfig) -> dict:
         raise InputError(f"--out {cfg.out}: cannot write there ({type(err).__name__}: "
                          f"{(str(err).splitlines() or [''])[0][:200]})") from None
     previous = read_json(layout.dataset_json) if storage.isfile(layout.dataset_json) else None
-    _check_out(cfg, layout, previous)
+    cfg = _check_out(cfg, layout, previous)
     if not cfg.inputs and not cfg.retry_failed and not layout.ingest_ids():
         raise InputError("no URL list given (psdclip data build URL_LIST... --out DATASET)")
     layout.create()

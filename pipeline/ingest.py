@@ -310,7 +310,7 @@ def ingest_inputs(client, layout: Layout, cfg) -> dict | None:
                if len(parts) > 1 else None)
         files.append([path, fmt, parts, futs, sha])
     ingest = (layout.ingest_ids() or [-1])[-1] + 1
-    taken, refs, file_info = set(), [], []
+    taken, refs, file_info, empty = set(), [], [], []
     for i, (path, fmt, parts, futs, sha) in enumerate(files):
         results = [f.result() for f in futs]
         bad = next((r["error"] for r in results if r["error"] is not None), None)
@@ -336,7 +336,7 @@ def ingest_inputs(client, layout: Layout, cfg) -> dict | None:
             continue
         taken.add(digest)
         if rows == 0:
-            log.warning(f"warning: {path}: no rows (an empty or header-only list)")
+            empty.append(path)
         elif fmt == "txt":
             log.warning(f"warning: {path}: a .txt list has no captions, so its {rows:,} rows get the empty_caption "
                         f"status (give a csv/tsv/parquet/jsonl list with a caption column)")
@@ -347,6 +347,11 @@ def ingest_inputs(client, layout: Layout, cfg) -> dict | None:
         file_info.append({"path": path, "sha256": digest, "rows": rows})
     if not file_info:
         return None
+    if not layout.ingest_ids() and not any(f["rows"] for f in file_info):
+        raise InputError(f"{', '.join(f['path'] for f in file_info)}: no rows (empty or header-only lists): "
+                         f"nothing to build")
+    for path in empty:
+        log.warning(f"warning: {path}: no rows (an empty or header-only list)")
     final = storage.join(layout.ingests, f"{ingest:05d}")
     folder = storage.staging_dir(final)
     storage.makedirs(folder)

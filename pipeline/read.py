@@ -61,6 +61,10 @@ def _decode(path: str, raw: bytes) -> str:
 
 def _check_columns(path: str, present, url_col: str, caption_col: str | None, fmt: str) -> None:
     present = list(present)
+    for col in (url_col, caption_col):  # (pandas renames a repeated name NAME.1)
+        if col and (present.count(col) > 1 or f"{col}.1" in present):
+            raise InputError(f"{path}: the header names column {col!r} more than once; which one holds the "
+                             f"{'URLs' if col == url_col else 'captions'} is ambiguous")
     if url_col not in present:
         raise InputError(f"{path}: no column {url_col!r} (columns: {', '.join(map(str, present)) or 'none'}); "
                          f"set --url-col")
@@ -147,23 +151,30 @@ def read_url_list(path: str, input_format: str | None = None, url_col: str = "ur
     # jsonl
     try:
         df = pd.read_json(io.StringIO(text), lines=True, dtype=False)
-    except ValueError:
-        for i, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise InputError(f"{path}:{i}: malformed JSON line ({err.msg})") from None
-                if not isinstance(obj, dict):
-                    raise InputError(f"{path}:{i}: each JSON line must be an object, got {type(obj).__name__}")
+    except Exception:  # pylint: disable=broad-except  (pandas raises several kinds; the line scan names the line)
+        _check_json_lines(path, text)
         raise InputError(f"{path}: malformed JSON lines") from None
     if df.empty:
         return _finish(path, [], [])
+    if url_col not in df.columns or not all(isinstance(c, str) for c in df.columns):
+        _check_json_lines(path, text)  # an array line makes integer columns: name the line, not a missing column
     _check_columns(path, df.columns, url_col, caption_col, fmt)
     urls = df[url_col].map(lambda v: v if isinstance(v, str) else ("" if v is None or v != v else str(v)))
     caps = (df[caption_col].map(lambda v: v if isinstance(v, str) else ("" if v is None or v != v else str(v)))
             if caption_col else [""] * len(df))
     return _finish(path, urls.to_numpy(), caps if isinstance(caps, list) else caps.to_numpy())
+
+
+def _check_json_lines(path: str, text: str) -> None:
+    """A one-line error naming the first line of a JSON-lines list that is not a JSON object."""
+    for i, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}:{i}: malformed JSON line ({err.msg})") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{path}:{i}: each JSON line must be an object, got {type(obj).__name__}")
 
 
 def read_parquet_list(path: str, url_col: str = "url", caption_col: str | None = "caption", raw: bytes | None = None,

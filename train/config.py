@@ -138,13 +138,18 @@ class TrainConfig:
         for name in ("steps", "batch_size", "accum", "log_every", "checkpoint_every", "keep", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.workers < 0 or self.warmup < 0 or self.stop_after < 0 or self.threads < 0:
+        if self.workers < 0 or not self.warmup >= 0 or self.stop_after < 0 or self.threads < 0:
             raise InputError("--workers, --threads, --warmup and --stop-after must be >= 0")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise InputError(f"--lr must be > 0 and 0 <= --min-lr <= --lr (got {self.lr}, {self.min_lr})")
         for name in ("alpha_start", "alpha_max", "rho_start", "rho_end", "ema_decay"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if not self.weight_decay >= 0 or not self.grad_clip >= 0 or not self.eps > 0:
+            raise InputError(f"--weight-decay and --grad-clip must be >= 0 and --eps > 0 (got {self.weight_decay}, "
+                             f"{self.grad_clip}, {self.eps})")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise InputError(f"--beta1 and --beta2 must be in [0, 1) (got {self.beta1}, {self.beta2})")
         if self.dist_timeout <= 0:
             raise InputError(f"--dist-timeout must be > 0 minutes, got {self.dist_timeout}")
         if self.snapshot_every < 0:
@@ -153,7 +158,7 @@ class TrainConfig:
             raise InputError("--ema-teacher and --snapshot-every are two different teachers: choose one")
         if self.lock_image_unlocked_groups < 0 or self.lock_text_unlocked_layers < 0:
             raise InputError("--lock-image-unlocked-groups and --lock-text-unlocked-layers must be >= 0")
-        if self.teacher_temperature <= 0:
+        if not self.teacher_temperature > 0:
             raise InputError(f"--teacher-temperature must be > 0, got {self.teacher_temperature}")
         unknown = {k.strip() for k in self.report_to.split(",") if k.strip()} - {"tensorboard", "wandb"}
         if unknown:
@@ -213,6 +218,7 @@ class ExportConfig:
 
     run: str = field(default="", metadata={"help": "run directory or checkpoint file", "positional": True})
     out: str = field(default="", metadata={"help": "output .pt file"})
+    force: bool = field(default=False, metadata={"help": "replace an existing export (FILE.pt and FILE.json)"})
 
     def __post_init__(self):
         if not self.run or not self.out:

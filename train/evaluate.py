@@ -272,6 +272,8 @@ def suite_imagenet(path: str, ctx: SuiteContext) -> SuiteResult:
 
 def _classification(path, files, labels, feats, ok, logits) -> SuiteResult:
     """Zero-shot top-1/5 from logits over the good images, and the linear probe, for a folder suite."""
+    if not np.asarray(ok).any():
+        raise InputError(f"{path}: none of its {len(files):,} image files could be decoded as an image")
     out = SuiteResult()
     out.add("zeroshot", *_zero_shot(logits, labels[ok]))
     out.metrics["skipped_images"] = int((~ok).sum())

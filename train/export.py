@@ -6,7 +6,7 @@ import os
 import open_clip
 import torch
 
-from ..core.io import write_json
+from ..core.io import atomic_path, write_json
 from ..core.errors import InputError
 
 from .checkpoint import Checkpoint, checkpoint_path
@@ -17,18 +17,34 @@ def export(cfg: ExportConfig) -> int:
     path = checkpoint_path(cfg.run)
     state = Checkpoint.read(path)
     arch = state.model_arch
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    torch.save({"state_dict": state.model, "step": state.step, "model_arch": arch}, cfg.out)
-    # the plain open_clip model config (what add_model_config reads), registered under the file's stem
-    config_path = os.path.splitext(cfg.out)[0] + ".json"
+    config_path = os.path.splitext(cfg.out)[0] + ".json"  # the plain open_clip model config, under the file's stem
+    _check_out(cfg.out, config_path, cfg.force)
     from . import models  # noqa: F401  registers psdclip's own model configs with open_clip
 
     model_cfg = state.model_config() or open_clip.get_model_config(arch)
     if model_cfg is None:
         raise InputError(f"{path}: model {arch!r} is not registered with open_clip; cannot write its config")
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    with atomic_path(cfg.out) as tmp:  # replaced whole: an existing export is never left half-written
+        torch.save({"state_dict": state.model, "step": state.step, "model_arch": arch}, tmp)
     write_json(config_path, model_cfg)
     name = os.path.splitext(os.path.basename(config_path))[0]
     print(f"wrote {cfg.out} (open_clip checkpoint of {arch}, step {state.step}) and {config_path}")
     print(f"load it with: import open_clip; open_clip.add_model_config({config_path!r}); "
           f"model, _, preprocess = open_clip.create_model_and_transforms({name!r}, pretrained={cfg.out!r})")
     return 0
+
+
+def _check_out(out: str, config_path: str, force: bool) -> None:
+    """--out must name a file whose folder can be made; an existing export is replaced only with --force."""
+    if os.path.isdir(out):
+        raise InputError(f"--out {out}: is a directory; name the .pt file to write (e.g. {os.path.join(out, 'model.pt')})")
+    parent = os.path.dirname(os.path.abspath(out))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise InputError(f"--out {out}: {parent} is a file, not a folder")
+    existing = [p for p in (out, config_path) if os.path.exists(p)]
+    if existing and not force:
+        raise InputError(f"--out {out}: {' and '.join(existing)} already exist(s); pass --force to replace the export")
+

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, get_args, get_origin
@@ -98,6 +99,10 @@ def load_yaml(path: str) -> dict:
             data = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise InputError(f"{path}: no such config file") from None
+    except (UnicodeDecodeError, ValueError) as err:  # a binary file (yaml refuses its bytes before parsing)
+        raise InputError(f"{path}: not a YAML text file ({type(err).__name__})") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: a directory, not a config file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -118,6 +123,10 @@ def build_config(cls, yaml_values: dict, cli_values: dict, source: str = "config
             raise InputError(f"{source}: unknown option {raw_key!r} for {cls.__name__} "
                              f"(known: {', '.join(sorted(names))})")
         values[key] = _coerce(value, hints[key], f"{source}: {raw_key}")
+    for key, value in cli_values.items():  # every float option is finite (YAML values: in _coerce)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise InputError(f"--{key.replace('_', '-')}: expected a finite number, got {v}")
     values.update(cli_values)
     return cls(**values)
 
@@ -144,7 +153,13 @@ def _coerce(value, tp, where):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and isinstance(value, float)
                                                                               and not value.is_integer()):
             raise InputError(f"{where}: expected {tp.__name__}, got {value!r}")
+        if tp is float and not math.isfinite(value):
+            raise InputError(f"{where}: expected a finite number, got {value!r}")
         return tp(value)
+    if tp is dict or get_origin(tp) is dict:
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: expected a mapping, got {value!r}")
+        return value
     if tp is str:
         if isinstance(value, (list, dict)):
             raise InputError(f"{where}: expected a single value, got {value!r}")

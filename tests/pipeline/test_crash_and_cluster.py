@@ -136,6 +136,11 @@ def test_cli_build_stats_and_one_line_errors(synth_urls, tmp_path):
     assert pd.read_parquet(ds / "manifest")["status"].eq("success").sum() == 300  # nothing lost
     assert (theirs / "shards" / "00000.tar").read_bytes() == b"the user's own file"
     assert json.loads((ds / "dataset.json").read_text())["config"]["image_size"] == 24
+    # --retry-failed (or a list appended) without --image-size takes the dataset's own (it said "cannot append
+    # with 256")
+    r = run_cli("data", "build", "--out", ds, "--retry-failed", "--no-progress")
+    assert r.returncode == 0 and "the dataset's own --image-size 24" in r.stderr, r.stderr[-2000:]
+    assert json.loads((ds / "dataset.json").read_text())["config"]["image_size"] == 24
 
 
 def test_two_builds_into_one_dataset_the_second_says_who_holds_it(synth_urls, tmp_path):

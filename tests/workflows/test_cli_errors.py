@@ -25,6 +25,16 @@ def bad(tmp_path_factory):
     (d / "sweep-chance.yaml").write_text("synthetic: {n: 100}\nsweep: {subsets: ['1.0'], methods: {clip: {}}, "
                                          "chance: {zeroshot_shape_base.top1: 1.5}}\n")
     (d / "model-list.yaml").write_text("synthetic: {n: 100}\ntrain: {model: [1, 2]}\n")
+    (d / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    (d / "array.jsonl").write_text('{"url": "http://a.test/x.jpg", "caption": "c"}\n["http://a.test/y.jpg", "d"]\n')
+    (d / "twice.csv").write_text("url,caption,url\nhttp://a.test/x.jpg,c,http://b.test/y.jpg\n")
+    (d / "empty.csv").write_text("")
+    (d / "export.pt").write_text("an export of mine")
+    (d / "nonimages" / "cats").mkdir(parents=True)
+    (d / "nonimages" / "dogs").mkdir()
+    for cls in ("cats", "dogs"):
+        (d / "nonimages" / cls / "a.jpg").write_text("not an image at all")
+    (d / "nan-lr.yaml").write_text("lr: .nan\n")
     return d
 
 
@@ -56,6 +66,27 @@ CASES = {
     "train: config that is not YAML": (["train", "--config", "{bad}/not-yaml.csv"], "not-yaml.csv"),
     "run --check: model is a list": (["run", "{bad}/model-list.yaml", "--check"], "model"),
     "data serve on a port in use": (["data", "serve", "{bad}", "--port", "{port}"], "--port {port}: cannot listen"),
+    "serve on a port in use": (["serve", "{index}", "--port", "{port}"], "--port {port}: cannot listen"),
+    # every float option is finite and in range, checked where options are parsed (issue 30: 13)
+    **{f"train: {flag} nan": (["train", "--data", "{ds}", "--out", "{tmp}/n", flag, "nan"],
+                              f"{flag}: expected a finite number")
+       for flag in ("--lr", "--warmup", "--weight-decay", "--teacher-temperature", "--grad-clip")},
+    "train: --lr inf": (["train", "--data", "{ds}", "--out", "{tmp}/n", "--lr", "inf"], "expected a finite number"),
+    "train: a NaN in a config file": (["train", "--data", "{ds}", "--out", "{tmp}/n", "--config", "{bad}/nan-lr.yaml"],
+                                      "lr: expected a finite number"),
+    "train: negative weight decay": (["train", "--data", "{ds}", "--out", "{tmp}/n", "--weight-decay", "-1"],
+                                     "--weight-decay"),
+    "train: config that is a binary file": (["train", "--config", "{bad}/binary.yaml"], "binary.yaml"),
+    "build: a JSON line that is an array": (["data", "build", "{bad}/array.jsonl", "--out", "{tmp}/d1"],
+                                            "array.jsonl:2: each JSON line must be an object"),
+    "build: a header naming url twice": (["data", "build", "{bad}/twice.csv", "--out", "{tmp}/d2"],
+                                         "column 'url' more than once"),
+    "build: only an empty list": (["data", "build", "{bad}/empty.csv", "--out", "{tmp}/d3"], "no rows"),
+    "export over an existing file": (["export", "{run}", "--out", "{bad}/export.pt"], "pass --force"),
+    "export under a file": (["export", "{run}", "--out", "{bad}/afile/model.pt"], "is a file, not a folder"),
+    "export to a directory": (["export", "{run}", "--out", "{bad}"], "is a directory"),
+    "eval: folders of non-images": (["eval", "{run}", "--suite", "imagefolder:{bad}/nonimages"],
+                                    "could be decoded as an image"),
 }
 
 
@@ -86,6 +117,7 @@ def test_bad_input_is_one_line_and_exit_2(case, bad, dataset_dir, runs, index_sm
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("psdclip: error: "), (r.returncode, r.stderr)
     assert expect in lines[0], lines[0]
     assert (bad / "afile").read_text() == "mine" and (bad / "broken" / "dataset.json").read_text() == "{"
+    assert (bad / "export.pt").read_text() == "an export of mine"
 
 
 def test_stats_into_a_closed_pipe(dataset_dir):
