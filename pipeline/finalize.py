@@ -121,8 +121,10 @@ def images_pass(b: int, groups: int, firsts: tuple, work: str) -> None:
     write_batches(J(work, f"dups-{b:05d}.arrow"), out, group, groups)
 
 
-def write_pass(root: str, g: int, buckets: int, work: str) -> dict[int, int]:
-    """Dask task: the group's manifest files, with its duplicate images marked. Returns shard -> success count."""
+def write_pass(root: str, g: int, buckets: int, work: str, shards: tuple = ()) -> dict[int, int]:
+    """Dask task: the group's manifest files, with its duplicate images marked. Returns shard -> success count. A
+    shard of the group left with no row (a retry planned every one of them again) gets an empty file: its earlier
+    file would otherwise still list them, beside the retry's rows."""
     rows = read_parquet_table(J(work, f"rows-{g:05d}.parquet")).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
     dups = [t for t in (read_batch(J(work, f"dups-{b:05d}.arrow"), g) for b in range(buckets)) if t.num_rows]
     if dups:
@@ -139,6 +141,10 @@ def write_pass(root: str, g: int, buckets: int, work: str) -> dict[int, int]:
         with atomic_path(manifest_file(root, shard=int(shard)), hidden=True) as tmp:
             pq.write_table(table, tmp)
         counts[int(shard)] = int((part["status"] == SUCCESS).sum())
+    for shard in set(shards) - set(counts):
+        with atomic_path(manifest_file(root, shard=int(shard)), hidden=True) as tmp:
+            pq.write_table(MANIFEST_SCHEMA.empty_table(), tmp)
+        counts[int(shard)] = 0
     return counts
 
 
@@ -202,7 +208,8 @@ def finalize_manifest(client, layout: Layout) -> dict[int, int]:
                                      pure=False, key=f"manifest-rows-{tok}-{g}") for g in range(groups)])
         client.gather([client.submit(images_pass, b, groups, firsts, work, pure=False,
                                      key=f"manifest-images-{tok}-{b}") for b in range(buckets)])
-        for c in client.gather([client.submit(write_pass, layout.root, g, buckets, work, pure=False,
+        for c in client.gather([client.submit(write_pass, layout.root, g, buckets, work,
+                                              tuple(s for s, _, _ in members[g]), pure=False,
                                               key=f"manifest-write-{tok}-{g}") for g in range(groups)]):
             counts.update(c)
     keep = {os.path.basename(manifest_file(layout.root, shard=s)) for s, *_ in planned}

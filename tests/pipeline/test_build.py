@@ -129,6 +129,26 @@ def test_faulty_urls_each_end_with_one_status(server, tmp_path, scheduler):
     assert stats["failing_shards"] and stats["failing_shards"][0]["failure_rate"] > 0.5
 
 
+def test_retry_of_shards_whose_every_row_failed_leaves_one_row_per_input(server, tmp_path, scheduler):
+    """Every row of the first build's shards fails transiently; the retry downloads them: each key is in the manifest
+    once (its earlier shard's file rewritten, empty), and a second retry finds nothing to do."""
+    paths = [f"/ok/all-fail-{i}.jpg" for i in range(6)]
+    server.flaky.update({p: 1 for p in paths})
+    src = tmp_path / "all.csv"
+    pd.DataFrame({"url": [server.base + p for p in paths], "caption": [f"c {i}" for i in range(6)]}).to_csv(
+        src, index=False)
+    ds = tmp_path / "ds"
+    build(cfg([src], ds, shard_size=3, rate_limit_retries=0, dask_scheduler=scheduler))
+    assert pd.read_parquet(ds / "manifest")["status"].tolist() == ["http_5xx"] * 6
+    stats = build(cfg([], ds, retry_failed=True, dask_scheduler=scheduler))
+    m = pd.read_parquet(ds / "manifest")
+    assert len(m) == 6 and m["key"].is_unique and (m["status"] == "success").all(), m[["key", "status", "shard"]]
+    assert stats["counts"] == {"success": 6} and stats["success_rate"] == 1.0
+    build(cfg([], ds, retry_failed=True, dask_scheduler=scheduler))  # nothing transient: no shard planned again
+    assert len(pd.read_parquet(ds / "manifest")) == 6 and all(server.hits[p] == 2 for p in paths)
+    assert len(json.loads((ds / "dataset.json").read_text())["ingests"]) == 2
+
+
 def test_append_new_lists_and_retry_failed(synth_dir, server, tmp_path, scheduler):
     attrs = pd.read_parquet(synth_dir / "attributes.parquet")
     urls = server.base + "/img/" + attrs["path"]
