@@ -195,6 +195,12 @@ def atomic_path(path: str, hidden: bool = False):
     try:
         yield tmp
         put(tmp, path)
+    except (OSError, RuntimeError) as err:  # the one writer every stage uses: a full disk is one line
+        from .errors import disk_full, is_disk_full
+
+        if is_disk_full(err):
+            raise disk_full(path if not is_remote(path) else tmp) from None
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)

@@ -27,10 +27,10 @@ from .format import SCHEMA_VERSION, dataset_id
 from .dataset import Layout, stream_stats
 from ..core.io import now, read_json, write_json, write_parquet
 from .finalize import finalize_manifest, write_subsets
-from .download import DownloadOptions, download_partition
+from .download import DiskFull, DownloadOptions, download_partition
 from ..core import logs
 from ..core.locks import folder_lock
-from ..core.errors import InputError, PsdclipError
+from ..core.errors import DiskFullError, InputError, PsdclipError
 from .buckets import worker_count
 from .ingest import ingest_inputs
 from .parts import file_sha256
@@ -372,6 +372,9 @@ def _download_pending(client, layout: Layout, cfg: BuildConfig, opts: DownloadOp
         except Exception as err:  # pylint: disable=broad-except
             failed.append(f"{shard:05d} ({type(err).__name__}: {err})")
             continue
+        if isinstance(res, DiskFull):  # every later shard would fail alike: stop them, say it in one line
+            client.cancel(list(futures))
+            raise DiskFullError(res.message)
         write_parquet(layout.result_path(shard), res)
         ok += int((res["status"] == SUCCESS).sum())
     timings["download_s"] = timings.get("download_s", 0.0) + time.time() - t

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core import storage
+from ..core.errors import disk_full, is_disk_full
 from .format import shard_name
 from ..core.io import write_text
 from .status import SUCCESS
@@ -100,6 +101,18 @@ def _guarded_resizer_class():
     return GuardedResizer
 
 
+@dataclasses.dataclass(frozen=True)
+class DiskFull:
+    """What a download task returns when the disk is full (not raised: a raised error would be logged by every Dask
+    worker and retried, and every later shard would fail alike); the build stops with its message."""
+    message: str
+
+
+class _ShardDiskFull(BaseException):
+    """Raised by the shard writer on a full disk: a BaseException, so that img2dataset's per-sample `except
+    Exception` (which prints a traceback per sample and goes on) lets it through and the shard stops at once."""
+
+
 class KeyedShardWriter:
     """An img2dataset sample writer (its sample_writer_class interface) that writes the shard directly
     under our stable keys and records, for every row, where its image lies: the byte offset in the tar,
@@ -118,6 +131,14 @@ class KeyedShardWriter:
         self._reported = 0.0
 
     def write(self, img_str, key, caption, meta):  # pylint: disable=unused-argument
+        try:
+            self._write(img_str, caption, meta)
+        except OSError as err:
+            if is_disk_full(err):  # img2dataset catches Exceptions per sample (a traceback each): stop the shard
+                raise _ShardDiskFull(self.path) from None
+            raise
+
+    def _write(self, img_str, caption, meta):
         meta = dict(meta)
         psd_key = meta.pop("psdclip_key")
         meta["key"] = psd_key
@@ -253,11 +274,18 @@ def download_partition(src: str, shard: int, dataset_dir: str, opts: DownloadOpt
             verify_hash_type=None, encode_format=opts.encode_format, retries=opts.retries,
             user_agent_token=opts.user_agent_token,
             disallowed_header_directives=opts.disallowed_header_directives or None)
-        downloader.download_shard((shard, given))  # raises if the shard as a whole fails
-        meta = pd.read_parquet(os.path.join(work, f"{shard:05d}.meta.parquet"))
-        res = _results(meta, keys, shard)
-        name = shard_name(shard, "arrow" if arrow else "webdataset")
-        storage.put(os.path.join(work, name), storage.join(dataset_dir, "shards", name))
+        try:
+            downloader.download_shard((shard, given))  # raises if the shard as a whole fails
+            meta = pd.read_parquet(os.path.join(work, f"{shard:05d}.meta.parquet"))
+            res = _results(meta, keys, shard)
+            name = shard_name(shard, "arrow" if arrow else "webdataset")
+            storage.put(os.path.join(work, name), storage.join(dataset_dir, "shards", name))
+        except _ShardDiskFull:
+            return DiskFull(str(disk_full(dataset_dir)))
+        except (OSError, RuntimeError) as err:
+            if is_disk_full(err):
+                return DiskFull(str(disk_full(dataset_dir)))
+            raise
         return res
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 
@@ -121,6 +122,13 @@ def main(argv=None) -> int:
     except PsdclipError as err:  # bad input exits 2 (as argparse's usage errors do), a failure of the work 1
         print(f"psdclip: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, InputError) else 1
+    except (OSError, RuntimeError) as err:
+        from ..core.errors import disk_full, is_disk_full
+
+        if not is_disk_full(err):
+            raise
+        print(f"psdclip: error: {disk_full(getattr(err, 'filename', None) or os.getcwd())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("psdclip: interrupted", file=sys.stderr)
         return 130
