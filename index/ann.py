@@ -320,24 +320,30 @@ def drop_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
 
 
 def tune(index, factory: str, exact: np.ndarray, queries: np.ndarray, k: int, target: float,
-         self_ids: np.ndarray | None = None) -> dict:
-    """Raise nprobe / efSearch until recall@k >= target against the exact top-k ids (or the search space ends);
-    with a refine stage, try a few re-ranking depths (k_factor) at each nprobe before raising it, since re-ranking a
-    few hundred candidates costs far less than scanning more lists. The k_factor is stored in the index.
-    self_ids: for queries that are vectors of the collection, their own ids (else -1): a query finds itself
-    almost for free, so recall is measured on the k neighbours after it (exact then holds the top k + 1)."""
+         self_ids: np.ndarray | None = None, max_ms: float = math.inf) -> dict:
+    """Raise nprobe / efSearch until recall@k >= target against the exact top-k ids, within the latency budget
+    (max_ms per query), or until the search space ends; with a refine stage, try a few re-ranking depths (k_factor)
+    at each nprobe before raising it, since re-ranking a few hundred candidates costs far less than scanning more
+    lists. The k_factor is stored in the index. self_ids: for queries that are vectors of the collection, their own
+    ids (else -1): a query finds itself almost for free, so recall is measured on the k neighbours after it (exact
+    then holds the top k + 1).
+
+    When the target is not reached within the budget, the setting with the best recall within it is returned with
+    `missed`: what the budgets gave, and what the search gives past the latency budget (the sweep goes on past it,
+    up to 20x the budget, so that the one line can say which budget to raise and what recall that buys)."""
     name = search_param(factory)
     if name is None:
         return {"param": None, "value": None, "recall": 1.0}
     if self_ids is not None:
         exact = drop_self(exact, self_ids, k)
     ivf_lists = faiss.extract_index_ivf(sub_indices(index)[0]).nlist if name == "nprobe" else None
-    values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if ivf_lists is None or v <= ivf_lists]
-    if name == "efSearch":
-        values = [max(v, k) for v in (16, 32, 64, 128, 256, 512, 1024)]
+    if name == "nprobe":  # doubling up to every list: the search space's end, not a fixed grid's
+        values = [1 << i for i in range(0, 31) if (1 << i) < ivf_lists] + [ivf_lists]
+    else:
+        values = [max(v, k) for v in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)]
     refine = is_refine(index)
     factors = REFINE_K_FACTORS if refine else (None,)
-    best = None
+    within = beyond = None
     for v in values:
         set_param(index, name, v)
         for kf in factors:
@@ -349,8 +355,36 @@ def tune(index, factory: str, exact: np.ndarray, queries: np.ndarray, k: int, ta
             if self_ids is not None:
                 approx = drop_self(approx, self_ids, k)
             rec = recall_at_k(approx, exact, k)
-            best = {"param": name, "value": v, "recall": rec, "ms_per_query": ms,
+            here = {"param": name, "value": v, "recall": rec, "ms_per_query": ms,
                     **({"k_factor": kf} if kf is not None else {})}
-            if rec >= target:
-                return best
-    return best
+            if ms <= max_ms:
+                if rec >= target:
+                    return here
+                if within is None or rec > within["recall"]:
+                    within = here
+            elif beyond is None or rec > beyond["recall"] or beyond["recall"] < target <= rec:
+                beyond = here
+                if rec >= target:
+                    break
+        if (beyond is not None and (beyond["recall"] >= target or beyond["ms_per_query"] > 20 * max_ms)):
+            break
+    chosen = within or beyond  # (nothing within the latency budget: the best setting past it)
+    set_param(index, name, chosen["value"])  # the index is left as tuned
+    if "k_factor" in chosen:
+        set_k_factor(index, chosen["k_factor"])
+    return {**chosen, "missed": {"target": target, "max_ms": max_ms, "within_budget": within,
+                                 "past_latency_budget": beyond}}
+
+
+def budget_message(name: str, tuning: dict, factory: str, max_memory_flag: str) -> str:
+    """The one line for a tuning that missed --target-recall: which budget to raise, and what recall that gives."""
+    m = tuning["missed"]
+    got = m["within_budget"]
+    head = (f"{name}: recall@k {got['recall']:.3f} < --target-recall {m['target']:g} within --max-query-ms "
+            f"{m['max_ms']:g} ({got['param']} {got['value']}, {got['ms_per_query']:.1f} ms)" if got else
+            f"{name}: no {factory} setting answers within --max-query-ms {m['max_ms']:g}")
+    past = m["past_latency_budget"]
+    more = (f"; raising --max-query-ms to {math.ceil(past['ms_per_query'])} gives recall {past['recall']:.3f} "
+            f"({past['param']} {past['value']})" if past else "")
+    return (f"{head}{more}; or raise {max_memory_flag} for an index with finer codes than {factory} "
+            f"(psdclip index build --factory FACTORY to choose one)")

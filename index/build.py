@@ -24,7 +24,7 @@ import numpy as np
 
 from ..core import storage
 from ..core.io import atomic_path, read_json, write_json
-from ..core.errors import InputError
+from ..core.errors import InputError, PsdclipError
 from ..pipeline.format import read_info, shard_format
 
 from . import ann
@@ -186,7 +186,8 @@ def build_index(cfg: IndexBuildConfig) -> dict:
             if exclude else None
         _, exact = ann.exact_knn_streamed(parts, kind, queries, k + exclude, rows=ann.chunk_rows(build_memory, d))
         index = ann.ShardFiles(cfg.out, built["files"])
-        tunings[name] = ann.tune(index, factory, exact, queries, k, cfg.target_recall, self_ids=own)
+        tunings[name] = ann.tune(index, factory, exact, queries, k, cfg.target_recall, self_ids=own,
+                                 max_ms=cfg.max_query_ms)
         files[name] = built
         del index
     t_index = time.time() - t1
@@ -216,7 +217,15 @@ def build_index(cfg: IndexBuildConfig) -> dict:
                            for k_, v in tunings.items()},
            "embeddings_dtype": str(P.vectors(parts[0], "image").dtype), "embed_s": round(t_embed, 2),
            "index_build_s": round(t_index, 2), "undecodable_images": stats.get("undecodable", 0)}
+    missed = {name: ann.budget_message(name, t, factory, "--max-memory") for name, t in tunings.items()
+              if "missed" in t}
+    if missed:  # recorded, said in one line each, and (with --strict) a failure once index.json is written
+        doc["budget_missed"] = {name: {"message": msg, **tunings[name]["missed"]} for name, msg in missed.items()}
+        for msg in missed.values():
+            log.warning("warning: %s", msg)
     write_json(meta_path, doc)
+    if missed and cfg.strict:
+        raise PsdclipError(f"--strict: {next(iter(missed.values()))}")
     return doc
 
 

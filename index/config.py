@@ -39,6 +39,8 @@ class IndexBuildConfig:
     max_query_ms: float = field(default=10.0, metadata={"help": "latency budget of one query in ms"})
     factory: str = field(default="", metadata={"help": "force a faiss factory string (default: chosen under the budgets)"})
     target_recall: float = field(default=0.95, metadata={"help": "recall@k vs exact search that tuning aims for"})
+    strict: bool = field(default=False, metadata={"help": "exit 1 when the budgets cannot give --target-recall (the "
+                                                          "index is still written, and index.json says what was missed)"})
     k: int = field(default=10, metadata={"help": "k of the recall measurement"})
     fp16: bool = field(default=False, metadata={"help": "store embeddings as float16"})
     batch_size: int = field(default=256, metadata={"help": "images per forward pass"})

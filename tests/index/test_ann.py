@@ -135,3 +135,24 @@ def test_faiss_comes_from_one_extra_and_its_absence_is_one_line(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         "psdclip: error: faiss is not installed: pip install 'psdclip[cpu]' (or 'psdclip[gpu]' on a CUDA machine, "
         "not both: each installs the module faiss)"]
+
+
+def test_tuning_stops_at_a_budget_and_says_which_to_raise():
+    """Lossy PQ codes cannot reach a recall of 0.99: the tuner takes the best setting within the latency budget,
+    measures past it, and says in one line which budget to raise and what that buys; a latency budget nothing meets
+    is reported too. The index is left set as tuned."""
+    xb, xq = clustered(8_000, 32), clustered(200, 32, seed=1)
+    _, exact = ann.exact_knn(xb, xq, 10)
+    index = ann.build(xb, "IVF64,PQ4", train_size=4_000)
+    tuned = ann.tune(index, "IVF64,PQ4", exact, xq, 10, 0.99, max_ms=float("inf"))
+    assert tuned["recall"] < 0.99 and tuned["missed"]["within_budget"]["recall"] == tuned["recall"]
+    assert tuned["value"] <= 64  # the search space's end is every list, not a fixed grid
+    _, approx = index.search(xq, 10)
+    assert ann.recall_at_k(approx, exact, 10) == tuned["recall"]
+    msg = ann.budget_message("index.faiss", tuned, "IVF64,PQ4", "--max-memory")
+    assert "< --target-recall 0.99" in msg and "raise --max-memory" in msg
+    flat = ann.build(xb, "IVF64,Flat", train_size=4_000)
+    never = ann.tune(flat, "IVF64,Flat", exact, xq, 10, 0.99, max_ms=1e-9)  # no setting is that fast
+    assert never["missed"]["within_budget"] is None and never["value"] == 1  # (measured up to 20x the budget)
+    msg = ann.budget_message("index.faiss", never, "IVF64,Flat", "--max-memory")
+    assert "no IVF64,Flat setting answers within --max-query-ms" in msg and "raising --max-query-ms to" in msg

@@ -539,3 +539,17 @@ def test_parts_of_another_dataset_are_embedded_again_and_an_index_folder_moves(i
     res = json.loads(cli("index", "query", tmp_path / "moved" / "idx", "--text", "a red circle", "-k", 3,
                          "--json").stdout)
     assert len(res) == 3
+
+
+def test_a_budget_that_cannot_give_the_target_recall_is_said_recorded_and_strict_fails(index_dir, dataset_dir,
+                                                                                      tmp_path):
+    info = json.load(open(index_dir / "index.json"))
+    args = ["index", "build", "--checkpoint", info["checkpoint"], "--data", dataset_dir, "--factory", "IVF4,SQ4",
+            "--target-recall", "1.0", "--no-progress", "--workers", 0]
+    r = cli(*args, "--out", tmp_path / "a")
+    assert "warning: index.faiss: recall@k" in r.stderr and "< --target-recall 1" in r.stderr, r.stderr[-2000:]
+    missed = json.load(open(tmp_path / "a" / "index.json"))["budget_missed"]["index.faiss"]
+    assert missed["target"] == 1.0 and missed["within_budget"]["recall"] < 1.0
+    r = cli(*args, "--out", tmp_path / "b", "--strict", check=False)
+    assert r.returncode == 1 and "psdclip: error: --strict: index.faiss: recall@k" in r.stderr, r.stderr[-2000:]
+    assert (tmp_path / "b" / "index.json").is_file()  # written all the same
