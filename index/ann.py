@@ -116,14 +116,42 @@ def search_param(factory: str) -> str | None:
     return None
 
 
-def to_gpu(index):
-    """Move an index to every GPU when faiss-gpu and CUDA are there; else return it unchanged."""
-    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        try:
-            return faiss.index_cpu_to_all_gpus(index)
-        except RuntimeError:
-            return index
-    return index
+GPU_MAX_K = 2048  # faiss-gpu's largest k (and nprobe) per search
+
+
+def gpu_number(device: str) -> int:
+    """The GPU of a device name: cuda:N -> N, cuda -> 0."""
+    head, _, index = str(device).partition(":")
+    return int(index) if head == "cuda" and index.isdigit() else 0
+
+
+def to_gpu(index, device: str = "cuda:0"):
+    """A copy of `index` on the searcher's own GPU (cuda:N; not one copy per GPU per worker) when faiss-gpu and
+    CUDA are there; else the index unchanged, with the reason logged once: faiss-gpu has no HNSW and no fast-scan
+    (PQ...x4fs) index, those stay on the CPU, memory-mapped."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        log.info("faiss-gpu or a GPU is not there: the index is searched on the CPU")
+        return index
+    gpu = gpu_number(device)
+    if gpu >= faiss.get_num_gpus():
+        log.warning("%s: faiss sees %d GPU(s); the index stays on the CPU", device, faiss.get_num_gpus())
+        return index
+    try:
+        resources = faiss.StandardGpuResources()
+        moved = faiss.index_cpu_to_gpu(resources, gpu, index)
+        moved.psdclip_resources = resources  # kept alive with the index
+        return moved
+    except (RuntimeError, AttributeError) as err:
+        log.warning("the index cannot move to GPU %d (%s); it is searched on the CPU, memory-mapped", gpu,
+                    str(err).strip().splitlines()[-1][:160] if str(err).strip() else type(err).__name__)
+        return index
+
+
+def on_gpu(index) -> bool:
+    return type(index).__name__.startswith("Gpu") or "Gpu" in type(index).__name__
 
 
 MAX_TRAIN_POINTS = 1_000_000  # bounds the training sample's memory (1M x 256 float32 = 1 GB)

@@ -11,6 +11,24 @@ RUN_DIR = "PSDCLIP_SERVE_RUNDIR"  # set by `psdclip serve --workers N` for its w
 FAILED = "failed.json"  # in the run folder: why a worker could not start
 
 
+def worker_slot(folder: str) -> int:
+    """This worker's number (0, 1, ... in start order), from a counter in the run folder under a file lock: what a
+    worker's GPU is chosen by."""
+    import fcntl
+
+    with open(os.path.join(folder, "lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = os.path.join(folder, "slots")
+        try:
+            with open(path, encoding="utf-8") as f:
+                slot = int(f.read() or 0)
+        except (FileNotFoundError, ValueError):
+            slot = 0
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(str(slot + 1))
+    return slot
+
+
 class Workers:
     """How the processes of `psdclip serve --workers N` agree on reloads, through a run folder they share:
     generations.json (index name -> reload generation; a worker that reloads bumps it under a file lock) and

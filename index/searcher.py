@@ -48,14 +48,15 @@ class Searcher:
             if name not in files:
                 continue
             # memory-mapped: the index costs page cache (shared, evictable), not the process' own memory
-            index = ann.open_index(index_dir, files[name], mmap=self.device.type != "cuda")
+            # memory-mapped (also before a GPU copy: a failed copy then leaves the mapped index, not a private one)
+            index = ann.open_index(index_dir, files[name], mmap=True)
             p = self.info["search_params"][name]
             if p["param"]:
                 ann.set_param(index, p["param"], int(p["value"]))
             if p.get("k_factor"):
                 ann.set_k_factor(index, float(p["k_factor"]))
             if self.device.type == "cuda":
-                index = ann.to_gpu(index)  # faiss-gpu, when installed; unchanged otherwise
+                index = ann.to_gpu(index, self.device.name)  # faiss-gpu, when installed; unchanged otherwise
             self.indices[modality] = index
         self.meta, self.key_order = _read_metadata(index_dir)
         self.count = self.meta.num_rows
@@ -184,6 +185,8 @@ class Searcher:
         dedupe = dedupe or [False] * len(ks)
         index = self.indices[modality]
         fetch = min(index.ntotal, max(k * 3 if d else k for k, d in zip(ks, dedupe)))
+        if ann.on_gpu(index):  # faiss-gpu answers k <= 2048: de-duplication then looks at fewer candidates
+            fetch = min(fetch, ann.GPU_MAX_K)
         all_scores, all_ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
         hits = []
         for scores, ids, k, d in zip(all_scores, all_ids, ks, dedupe):
@@ -336,8 +339,22 @@ def located(index_dir: str, info: dict) -> dict:
         if not recorded or os.path.exists(recorded):
             continue
         for candidate in (relative, recorded if not os.path.isabs(recorded) else None):
-            if candidate and os.path.exists(os.path.join(index_dir, candidate)):
-                out[key] = os.path.normpath(os.path.join(index_dir, candidate))
+            path = os.path.join(index_dir, candidate) if candidate else None
+            if path and os.path.exists(path) and (key != "checkpoint" or _same_file(path, info)):
+                out[key] = os.path.normpath(path)
                 break
     return out
+
+
+def _same_file(path: str, info: dict) -> bool:
+    """Whether a checkpoint found relative to the index is the one it was built with (its sha256, when recorded)."""
+    if not info.get("checkpoint_sha256"):
+        return True
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest() == info["checkpoint_sha256"]
 

@@ -37,12 +37,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
     multiprocess
 
 from ..core.errors import InputError, PsdclipError
-from ..core.io import write_json
+from ..core.io import read_json, write_json
 from .batcher import Batcher, set_threads
 from .config import ServeConfig
 from .fastpath import Guard, bounded_models
 from .images import QueryImages
-from .reload import FAILED, RUN_DIR, Workers
+from .reload import FAILED, RUN_DIR, Workers, worker_slot
+from .searcher import located
 
 log = logging.getLogger(__name__)
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -298,6 +299,7 @@ def worker_app():
     stops the parent, which shuts the service down and reports it in one line: uvicorn would otherwise start
     the worker again and again."""
     cfg = ServeConfig(**json.loads(os.environ["PSDCLIP_SERVE_CONFIG"]))
+    cfg = dataclasses.replace(cfg, device=worker_device(cfg.device, worker_slot(os.environ[RUN_DIR]), _gpu_count()))
     try:
         app = create_app(cfg)
     except Exception as err:  # pylint: disable=broad-except
@@ -326,6 +328,23 @@ def _check_port(host: str, port: int) -> None:
         raise InputError(f"--port {port}: cannot listen on {host}:{port} ({err.strerror or err})") from None
 
 
+def worker_device(spec: str, slot: int, gpus: int) -> str:
+    """The device of worker `slot`: `cuda` without an index spreads the workers over the GPUs (cuda:slot % gpus);
+    a device named in full, or the CPU, is every worker's."""
+    if spec == "cuda" and gpus > 0:
+        return f"cuda:{slot % gpus}"
+    return spec
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # pylint: disable=broad-except
+        return 0
+
+
 def cmd_serve(cfg: ServeConfig) -> int:
     import uvicorn
 
@@ -340,10 +359,11 @@ def cmd_serve(cfg: ServeConfig) -> int:
     import socket
     import tempfile
 
-    from .searcher import Searcher
-
     for path in cfg.named().values():  # a bad index or a missing checkpoint is one line here, not N workers failing
-        ckpt = Searcher(path, cfg.device, load_model=False).info.get("checkpoint")
+        meta = os.path.join(path, "index.json")  # (index.json alone: the workers load the indices, and the GPUs)
+        if not os.path.isfile(meta):
+            raise InputError(f"{path}: not a psdclip index (no index.json)")
+        ckpt = located(path, read_json(meta)).get("checkpoint")
         if ckpt and not os.path.exists(ckpt):
             raise InputError(f"{path}: the model checkpoint its index.json names, {ckpt}, is missing (text and "
                              f"image queries need it: restore it, or rebuild the index)")

@@ -244,7 +244,31 @@ def truncate_metrics(path: str, step: int) -> None:
         write_text(path, "".join(kept))
 
 
-def resume(cfg, ckpt_dir, model, optimizer, scaler, world: int) -> Checkpoint | None:
+def choose_latest(ckpt_dir: str, rank: int, world: int) -> str | None:
+    """The checkpoint every rank resumes from: rank 0 clears half-written files and picks the newest that loads,
+    and broadcasts its path (ranks racing on os.remove, or a rank of a node-local --out starting at step 0 while
+    the others resume, was the alternative). Every rank must see that file: a --out some node lacks is one line,
+    raised on every rank together."""
+    path = None
+    if rank == 0 and os.path.isdir(ckpt_dir):
+        clean_partial(ckpt_dir)
+        found = find_latest(ckpt_dir)
+        path = found.path if found else None
+    if world > 1 and dist.is_initialized():
+        box = [path]
+        dist.broadcast_object_list(box, src=0)
+        path = box[0]
+        seen = [None] * world
+        dist.all_gather_object(seen, path is None or os.path.isfile(path))
+        if not all(seen):
+            missing = [r for r, ok in enumerate(seen) if not ok]
+            raise InputError(f"--out {os.path.dirname(ckpt_dir)}: rank(s) {', '.join(map(str, missing))} cannot see "
+                             f"{path}, the checkpoint rank 0 resumes from: --out must be a folder every node shares "
+                             f"(or synced to each)")
+    return path
+
+
+def resume(cfg, ckpt_dir, model, optimizer, scaler, world: int, rank: int = 0) -> Checkpoint | None:
     """Load the checkpoint a run continues from (--resume auto: the run folder's newest loadable one; a file: that one)
     into model, optimizer, scaler and the RNGs; its data position is dropped when ranks or workers changed."""
     from .config import changed_on_resume
@@ -253,12 +277,10 @@ def resume(cfg, ckpt_dir, model, optimizer, scaler, world: int) -> Checkpoint | 
     if cfg.resume == "never":
         return None
     if cfg.resume == "auto":
-        if not os.path.isdir(ckpt_dir):
+        path = choose_latest(ckpt_dir, rank, world)
+        if path is None:
             return None
-        clean_partial(ckpt_dir)
-        state = find_latest(ckpt_dir)
-        if state is None:
-            return None
+        state = Checkpoint.read(path)
     else:
         state = Checkpoint.read(cfg.resume)
     arch = resolve_model_name(cfg.model)

@@ -307,7 +307,7 @@ class ShardStream(IterableDataset):
 def make_loader(stream: ShardStream, workers: int) -> DataLoader:
     # a fixed generator: the workers' seeds (augmentations) are the same in a resumed run
     return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None, pin_memory=torch.cuda.is_available(),
+                      prefetch_factor=2 if workers > 0 else None, pin_memory=torch.cuda.is_available(),
                       worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(stream.seed))
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from .config import TrainConfig
-from .loading import resolve_device
+from .loading import fast_cuda_math, resolve_device
 
 
 def setup_distributed(cfg: TrainConfig):
@@ -19,6 +19,7 @@ def setup_distributed(cfg: TrainConfig):
     device = resolve_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        fast_cuda_math(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=cfg.dist_timeout))
@@ -68,6 +69,17 @@ class Interrupt:
 
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def step_flags(total: torch.Tensor, stop: bool, world: int) -> tuple[bool, bool]:
+    """(the loss is finite on every rank, a stop signal came to some rank): one all-reduce (MIN over [finite,
+    -stop]) and one device -> host copy a step, where there were two of each."""
+    flags = torch.stack([torch.isfinite(total.detach()).all().to(torch.float32),
+                         torch.tensor(-1.0 if stop else 0.0, device=total.device)])
+    if world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    finite, stop_flag = flags.tolist()
+    return finite > 0, stop_flag < 0
 
 
 def all_finite(total: torch.Tensor, world: int) -> bool:

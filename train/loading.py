@@ -18,7 +18,18 @@ def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
     """`auto`: this rank's GPU (cuda:LOCAL_RANK) when CUDA is available, else the CPU; otherwise the device named."""
     if spec == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+    device = torch.device(spec)
+    if device.type == "cuda" and device.index is None:  # `--device cuda`: this rank's GPU, as auto picks it
+        # (torch.cuda.set_device refuses a device without an index; every rank would otherwise share GPU 0)
+        return torch.device("cuda", local_rank)
+    return device
+
+
+def fast_cuda_math(device) -> None:
+    """TF32 matmuls and cuDNN autotuning on CUDA, as open_clip sets them (eval and the service ran full fp32)."""
+    if torch.device(device).type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.benchmark = True
 
 
 def image_size(transform) -> tuple[int, int]:
@@ -87,6 +98,7 @@ def load_model(target: str, device: torch.device | str = "cpu") -> LoadedModel:
     from .models import build_model, register_config
 
     device = torch.device(device)
+    fast_cuda_math(device)
     path = checkpoint_path(target)
     state = Checkpoint.read(path)
     if state.model_cfg:  # a model from a JSON config file: known from the checkpoint itself

@@ -26,7 +26,7 @@ from ..core.locks import folder_lock
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import ShardStream, make_loader
-from .distributed import Interrupt, all_finite, setup_distributed
+from .distributed import Interrupt, setup_distributed, step_flags
 from .loading import load_pretrained
 from .losses import CLIPLoss, PSDLoss, PSDSchedule
 from .models import build_model, resolve_model_name
@@ -92,7 +92,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     scaler = torch.amp.GradScaler(enabled=False)  # bf16 needs no loss scaling; kept for checkpoint compatibility
     start_step, data_position, teacher_state = 0, {}, None
-    resumed = ckpt.resume(cfg, ckpt_dir, model, optimizer, scaler, world)
+    resumed = ckpt.resume(cfg, ckpt_dir, model, optimizer, scaler, world, rank)
     if resumed:
         start_step, data_position, teacher_state = resumed.step, resumed.data["position"], resumed.teacher
     elif cfg.pretrained:  # a resumed run continues from its own weights
@@ -143,7 +143,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             except _WorkerEnded as err:
                 if not interrupt.wait(2.0):  # no stop signal came with it: a worker died on its own
                     raise PsdclipError(f"{err}; the same command resumes from the last checkpoint") from None
-                if step > start_step:  # the steps done so far are whole: keep them
+                # the steps done so far are whole: keep them. Alone only: ranks whose workers are still alive are
+                # in other collectives (their next step's), so a checkpoint's gather here would hang them; several
+                # ranks stop at the last periodic checkpoint
+                if step > start_step and world == 1:
                     ckpt.write(state, step, at_step_start)
                     state.writer.wait()
                 log.warning(f"psdclip: {interrupt.name} at step {step}: checkpoint saved; the same command resumes "
@@ -158,7 +161,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             state.window.samples += batch["image"].shape[0] * world
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             losses = forward_backward(net, model, loss_fn, micro_batches, step, ema=ema, world=world)
-        finite = all_finite(sum(v for k, v in losses.items() if k.endswith("_loss")), world)
+        finite, stop_asked = step_flags(sum(v for k, v in losses.items() if k.endswith("_loss")), bool(interrupt.name),
+                                        world)
         logs = {k: v.detach() if torch.is_tensor(v) else v for k, v in losses.items()}  # read on log steps only
         if not finite:
             if cfg.nan_policy == "stop":
@@ -182,7 +186,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             log_row(state, done, logs, lr, bar, total_steps=end)
         if evaluator is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
             evaluator.run(state, done)
-        stopping = interrupt.agreed(world, device)
+        stopping = stop_asked or (bool(interrupt.name) and world == 1)
+        if stopping and not interrupt.name:
+            interrupt.name = "a signal on another rank"
         if done % cfg.checkpoint_every == 0 or done == end or stopping:
             # plots with the checkpoint at the end, on a stop, and at most every PLOT_EVERY_S in between (drawing
             # five PNGs takes ~1 s: at every checkpoint of a short run it would cost more than the training)

@@ -64,7 +64,18 @@ def constant_schedule(alpha: float, rho: float = 1.0, total_steps: int = 10) -> 
                        rho_start=rho, rho_end=rho, rho_schedule="constant")
 
 
-class CLIPLoss(ClipLoss):
+class _FP32Logits:
+    """Logits in fp32 whatever the autocast: under bf16 a logit near 100 (the logit scale's cap) rounds in steps of
+    0.5, and the soft targets (PSD's teacher) would inherit that; the features are cast up before the product (and
+    before the cross-rank gather: fp32 vectors, 2x the bytes of bf16, one batch of d-dim rows per rank)."""
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        with torch.autocast(device_type=image_features.device.type, enabled=False):
+            return super().get_logits(image_features.float(), text_features.float(), logit_scale.float(),
+                                      *(() if logit_bias is None else (logit_bias.float(),)))
+
+
+class CLIPLoss(_FP32Logits, ClipLoss):
     """The symmetric InfoNCE loss of CLIP, returning {'contrastive_loss': …}."""
 
     def __init__(self, rank: int = 0, world_size: int = 1):
@@ -81,7 +92,7 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return -(target.float() * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
 
 
-class PSDLoss(ClipLoss):
+class PSDLoss(_FP32Logits, ClipLoss):
     """Progressive self-distillation. Returns {'contrastive_loss', 'alpha', 'rho', 'distill_rows'}: the
     loss and, for logging, the schedule values and the fraction of rows given soft targets."""
 
@@ -91,16 +102,20 @@ class PSDLoss(ClipLoss):
         self.schedule = schedule
         self.teacher_temperature = teacher_temperature
         self.seed = seed
+        self._mask = (None, None)  # (key, mask): a step's micro-batches (--accum) share one draw and one copy
 
     def row_mask(self, step: int, global_rows: int, local_rows: int, rho: float, device) -> torch.Tensor:
         """Which local rows get soft targets: drawn over the global batch from (seed, step), so that one
         process and N processes pick the same rows."""
         if rho >= 1.0:
             return torch.ones(local_rows, dtype=torch.bool, device=device)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        chosen = torch.rand(global_rows, generator=g) < rho
-        start = self.rank * local_rows if self.world_size > 1 else 0
-        return chosen[start:start + local_rows].to(device)
+        key = (step, global_rows, local_rows, rho, str(device))
+        if self._mask[0] != key:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            chosen = torch.rand(global_rows, generator=g) < rho
+            start = self.rank * local_rows if self.world_size > 1 else 0
+            self._mask = (key, chosen[start:start + local_rows].to(device, non_blocking=True))
+        return self._mask[1]
 
     def forward(self, image_features, text_features, logit_scale, step: int = 0, teacher_logits=None, **_):
         logits_i, logits_t = self.get_logits(image_features, text_features, logit_scale)

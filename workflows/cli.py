@@ -125,6 +125,8 @@ def main(argv=None) -> int:
     except (OSError, RuntimeError) as err:
         from ..core.errors import disk_full, is_disk_full
 
+        if isinstance(err, BrokenPipeError):
+            return _closed_pipe()
         if not is_disk_full(err):
             raise
         print(f"psdclip: error: {disk_full(getattr(err, 'filename', None) or os.getcwd())}", file=sys.stderr)
@@ -132,12 +134,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("psdclip: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `psdclip ... | head`: the reader is gone; exit quietly as a shell tool does
-        import os
 
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit would fail on the closed pipe again
-        return 141
+
+def _closed_pipe() -> int:
+    """`psdclip ... | head`: the reader is gone; exit quietly as a shell tool does."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit would fail on the closed pipe again
+    return 141
 
 
 def entry() -> None:

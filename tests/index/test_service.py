@@ -432,7 +432,7 @@ def test_workers_that_cannot_load_the_model_end_the_service_with_one_line(index_
     shutil.copytree(index_dir, idx)
     info = json.loads((idx / "index.json").read_text())
     bad = tmp_path / "damaged.pt"
-    (idx / "index.json").write_text(json.dumps({**info, "checkpoint": str(bad)}))
+    (idx / "index.json").write_text(json.dumps({**info, "checkpoint": str(bad), "checkpoint_relative": None}))
     for why in ("is missing", "not a loadable checkpoint"):
         if why != "is missing":
             bad.write_bytes(b"damaged on disk")

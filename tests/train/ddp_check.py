@@ -70,6 +70,37 @@ def main(out):
     mine = torch.tensor(float("nan") if rank == 0 else 1.0)
     results["finite"] = {"nan on rank 0": torch.tensor(all_finite(mine, world)),
                          "finite everywhere": torch.tensor(all_finite(torch.tensor(2.0), world))}
+    # a stop signal on rank 1 only and a finite loss: one all-reduce tells every rank both
+    from psdclip.train.distributed import step_flags
+
+    results["flags"] = {"stop on rank 1": torch.tensor(step_flags(torch.tensor(1.0), rank == 1, world)),
+                        "nan on rank 0": torch.tensor(step_flags(mine, False, world))}
+    # the checkpoint a run resumes from: chosen on rank 0, broadcast; a node-local --out some rank lacks: one line
+    from psdclip.core.errors import InputError
+    from psdclip.train.checkpoint import choose_latest, save
+
+    shared = os.path.join(os.path.dirname(out), "shared", "checkpoints")
+    if rank == 0:
+        for step in (1, 2):
+            save(shared, step, {"model": {}, "step": step, "model_arch": "x"}, keep=5)
+        open(os.path.join(shared, "step_000003.pt.tmp-deadbeef"), "w").close()  # a partial write, rank 0 removes
+    if world > 1:
+        dist.barrier()
+    results["chosen"] = choose_latest(shared, rank, world)
+    # a node-local --out: each rank in its own folder (as on its own node), the same relative --out; only rank 0's
+    # node has a checkpoint
+    home = os.getcwd()
+    os.makedirs(os.path.join(os.path.dirname(out), f"node{rank}"), exist_ok=True)
+    os.chdir(os.path.join(os.path.dirname(out), f"node{rank}"))
+    if rank == 0:
+        save(os.path.join("run", "checkpoints"), 5, {"model": {}, "step": 5, "model_arch": "x"}, keep=5)
+    if world > 1:
+        dist.barrier()
+    try:
+        results["node_local"] = choose_latest(os.path.join("run", "checkpoints"), rank, world)
+    except InputError as err:
+        results["node_local"] = f"error: {err}"
+    os.chdir(home)
     torch.save(results, out if rank == 0 else f"{out}.rank{rank}")
     if world > 1:
         dist.destroy_process_group()

@@ -21,7 +21,15 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
         for k in a[loss]:
             assert torch.allclose(a[loss][k], b[loss][k], atol=1e-6, rtol=1e-5), (loss, k, a[loss][k], b[loss][k])
     assert not torch.allclose(a["clip"]["loss"], a["psd"]["loss"])
-    other = torch.load(f"{two}.rank1", weights_only=True)["finite"]  # rank 1's own loss was finite
+    rank1 = torch.load(f"{two}.rank1", weights_only=True)
+    other = rank1["finite"]  # rank 1's own loss was finite
     assert not bool(other["nan on rank 0"]) and bool(other["finite everywhere"])
+    for r in (b, rank1):  # one collective a step: every rank sees rank 0's NaN and rank 1's stop signal
+        assert r["flags"]["stop on rank 1"].tolist() == [True, True]
+        assert r["flags"]["nan on rank 0"].tolist() == [False, False]
+        assert r["chosen"].endswith("step_000002.pt")  # rank 0's choice, broadcast
+        assert r["node_local"].startswith("error: ") and "rank(s) 1 cannot see" in r["node_local"]
+    assert a["chosen"].endswith("step_000002.pt") and a["node_local"].endswith("step_000005.pt")  # one process
+    assert not any(".tmp-" in n for n in os.listdir(tmp_path / "shared" / "checkpoints"))
     for k in a["psd-one"]:  # feature-cache accumulation = the whole batch at once, in 1 and in 2 processes
         assert torch.allclose(a["psd-accum"][k], a["psd-one"][k], atol=1e-6, rtol=1e-5), k

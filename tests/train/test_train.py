@@ -98,7 +98,8 @@ def test_stop_and_resume_matches_an_uninterrupted_run(dataset_dir, tmp_path):
 def test_resume_past_a_damaged_checkpoint_logs_each_step_once(dataset_dir, tmp_path):
     run = tmp_path / "run"
     common = ["--data", dataset_dir, "--out", run, "--log-every", 1, "--checkpoint-every", 4, *FAST]
-    cli("train", "--steps", 8, *common)
+    # (the same --warmup both times: a resume refuses a changed schedule)
+    cli("train", "--steps", 8, *common[:-len(FAST)], *FAST[:-3], "--warmup", 20, "--no-progress")
     (run / "checkpoints" / "step_000008.pt").write_bytes(b"damaged on disk")
     r = cli("train", "--steps", 10, *common[:-len(FAST)], *FAST[:-3], "--warmup", 20, "--no-progress",
             "--workers", 0)

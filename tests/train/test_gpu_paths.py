@@ -1,0 +1,75 @@
+"""The CUDA paths' logic that runs on a CPU: device resolution per local rank, fp32 logits under autocast, the PSD
+row mask drawn once a step, the service's GPU per worker. (GPU-only checks are marked `gpu`.)"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from psdclip.train.loading import resolve_device
+from psdclip.train.losses import CLIPLoss, PSDLoss, constant_schedule
+
+
+def test_cuda_without_an_index_is_this_ranks_gpu():
+    """`--device cuda` became torch.device("cuda"), which torch.cuda.set_device refuses, and put every rank of an
+    index build on GPU 0."""
+    assert resolve_device("cuda", 0) == torch.device("cuda", 0)
+    assert resolve_device("cuda", 3) == torch.device("cuda", 3)
+    assert resolve_device("cuda:1", 3) == torch.device("cuda", 1)  # named in full: as named
+    assert resolve_device("cpu", 3) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("loss_cls", [CLIPLoss, PSDLoss])
+def test_logits_are_fp32_under_bf16_autocast(loss_cls):
+    """At a logit scale of 100, bf16 logits round in steps of 0.5: the loss computes them in fp32."""
+    torch.manual_seed(0)
+    fi, ft = F.normalize(torch.randn(8, 16), dim=-1), F.normalize(torch.randn(8, 16), dim=-1)
+    loss = loss_cls() if loss_cls is CLIPLoss else loss_cls(constant_schedule(0.5))
+    scale = torch.tensor(100.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        li, lt = loss.get_logits(fi.bfloat16(), ft.bfloat16(), scale)
+    assert li.dtype == torch.float32 and lt.dtype == torch.float32
+    exact = scale * fi.bfloat16().float() @ ft.bfloat16().float().T  # the bf16 features, multiplied in fp32
+    assert torch.allclose(li, exact, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = (scale * fi.bfloat16() @ ft.bfloat16().T)  # what it was: a bf16 product
+    assert rounded.dtype == torch.bfloat16 and not torch.allclose(rounded.float(), exact, atol=1e-4)
+
+
+def test_the_psd_row_mask_is_drawn_once_a_step():
+    loss = PSDLoss(constant_schedule(0.5, rho=0.5), seed=3)
+    first = loss.row_mask(7, 64, 64, 0.5, torch.device("cpu"))
+    assert loss.row_mask(7, 64, 64, 0.5, torch.device("cpu")) is first  # the next micro-batch of the step
+    again = PSDLoss(constant_schedule(0.5, rho=0.5), seed=3).row_mask(7, 64, 64, 0.5, torch.device("cpu"))
+    assert torch.equal(again, first) and 0 < int(first.sum()) < 64
+    assert not torch.equal(loss.row_mask(8, 64, 64, 0.5, torch.device("cpu")), first)
+
+
+def test_each_service_worker_takes_its_own_gpu(tmp_path):
+    from psdclip.index.reload import worker_slot
+    from psdclip.index.service import worker_device
+
+    assert [worker_slot(str(tmp_path)) for _ in range(3)] == [0, 1, 2]
+    assert [worker_device("cuda", s, 2) for s in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert worker_device("cuda:1", 0, 2) == "cuda:1" and worker_device("cpu", 1, 2) == "cpu"
+    assert worker_device("cuda", 1, 0) == "cuda"
+
+
+def test_the_gpu_search_asks_faiss_for_at_most_2048():
+    from psdclip.index import ann
+
+    assert ann.GPU_MAX_K == 2048 and ann.gpu_number("cuda:3") == 3 and ann.gpu_number("cuda") == 0
+    assert not ann.on_gpu(ann.build(torch.randn(64, 8).numpy(), "Flat"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_searcher_on_cuda_caps_k_and_uses_its_own_gpu():
+    import numpy as np
+
+    from psdclip.index import ann
+
+    xb = np.random.default_rng(0).normal(size=(5000, 16)).astype("float32")
+    index = ann.to_gpu(ann.build(xb, "Flat"), "cuda:0")
+    if not ann.on_gpu(index):
+        pytest.skip("faiss-gpu is not installed")
+    _, ids = index.search(xb[:2], ann.GPU_MAX_K)
+    assert ids.shape == (2, ann.GPU_MAX_K)
