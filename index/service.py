@@ -19,12 +19,8 @@ gets a 4xx; `image_url` is refused unless the operator lists allowed hosts; keys
 
 import asyncio
 import contextlib
-import dataclasses
-import gc
-import json
 import logging
 import os
-import signal
 import threading
 import time
 from typing import Optional
@@ -36,14 +32,12 @@ from fastapi.responses import FileResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, \
     multiprocess
 
-from ..core.errors import InputError, PsdclipError
-from ..core.io import read_json, write_json
+from ..core.errors import InputError
 from .batcher import Batcher, set_threads
 from .config import ServeConfig
 from .fastpath import Guard, bounded_models
 from .images import QueryImages
-from .reload import FAILED, RUN_DIR, Workers, worker_slot
-from .searcher import located
+from .reload import RUN_DIR, Workers
 
 log = logging.getLogger(__name__)
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -285,106 +279,3 @@ def create_app(cfg: ServeConfig):
         return PlainTextResponse("", status_code=204)
 
     return app
-
-
-def _quiet_gc() -> None:
-    gc.collect()
-    gc.freeze()  # the loaded model, index metadata and app stay out of later collections: shorter GC pauses
-    gc.set_threshold(50_000, 20, 100)  # requests make short-lived objects: collect young ones less often
-
-
-def worker_app():
-    """The app of one `psdclip serve --workers N` process (uvicorn's factory; the config comes from the parent).
-    A worker that cannot start (a checkpoint that does not load, no memory) records why in the run folder and
-    stops the parent, which shuts the service down and reports it in one line: uvicorn would otherwise start
-    the worker again and again."""
-    cfg = ServeConfig(**json.loads(os.environ["PSDCLIP_SERVE_CONFIG"]))
-    cfg = dataclasses.replace(cfg, device=worker_device(cfg.device, worker_slot(os.environ[RUN_DIR]), _gpu_count()))
-    try:
-        app = create_app(cfg)
-    except Exception as err:  # pylint: disable=broad-except
-        message = str(err) if isinstance(err, PsdclipError) else f"{type(err).__name__}: {err}"
-        with contextlib.suppress(OSError):
-            write_json(os.path.join(os.environ[RUN_DIR], FAILED),
-                       {"message": message, "input": isinstance(err, InputError)})
-        os.kill(os.getppid(), signal.SIGTERM)  # uvicorn's supervisor: it stops the other workers and returns
-        raise SystemExit(3) from None
-    _quiet_gc()
-    return app
-
-
-def _check_port(host: str, port: int) -> None:
-    """A one-line error before anything is loaded or announced when the address cannot be listened on (uvicorn
-    would print its own error after our "serving ... on" line and exit 3)."""
-    import socket
-
-    if not port:
-        return
-    try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            sock.bind((host, port))
-    except OSError as err:
-        raise InputError(f"--port {port}: cannot listen on {host}:{port} ({err.strerror or err})") from None
-
-
-def worker_device(spec: str, slot: int, gpus: int) -> str:
-    """The device of worker `slot`: `cuda` without an index spreads the workers over the GPUs (cuda:slot % gpus);
-    a device named in full, or the CPU, is every worker's."""
-    if spec == "cuda" and gpus > 0:
-        return f"cuda:{slot % gpus}"
-    return spec
-
-
-def _gpu_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:  # pylint: disable=broad-except
-        return 0
-
-
-def cmd_serve(cfg: ServeConfig) -> int:
-    import uvicorn
-
-    _check_port(cfg.host, cfg.port)
-    if cfg.workers == 1:
-        app = create_app(cfg)
-        _quiet_gc()
-        print(f"serving {', '.join(cfg.named())} on http://{cfg.host}:{cfg.port}", flush=True)
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
-        return 0
-    import shutil
-    import socket
-    import tempfile
-
-    for path in cfg.named().values():  # a bad index or a missing checkpoint is one line here, not N workers failing
-        meta = os.path.join(path, "index.json")  # (index.json alone: the workers load the indices, and the GPUs)
-        if not os.path.isfile(meta):
-            raise InputError(f"{path}: not a psdclip index (no index.json)")
-        ckpt = located(path, read_json(meta)).get("checkpoint")
-        if ckpt and not os.path.exists(ckpt):
-            raise InputError(f"{path}: the model checkpoint its index.json names, {ckpt}, is missing (text and "
-                             f"image queries need it: restore it, or rebuild the index)")
-    if cfg.port == 0:
-        with socket.socket() as sock:
-            sock.bind((cfg.host, 0))
-            cfg = dataclasses.replace(cfg, port=sock.getsockname()[1])
-    run = tempfile.mkdtemp(prefix="psdclip-serve-")
-    os.makedirs(os.path.join(run, "metrics"))
-    os.environ.update({"PSDCLIP_SERVE_CONFIG": json.dumps(dataclasses.asdict(cfg)), RUN_DIR: run,
-                       "PROMETHEUS_MULTIPROC_DIR": os.path.join(run, "metrics")})
-    print(f"serving {', '.join(cfg.named())} on http://{cfg.host}:{cfg.port} ({cfg.workers} worker processes)",
-          flush=True)
-    try:
-        uvicorn.run("psdclip.index.service:worker_app", factory=True, workers=cfg.workers, host=cfg.host,
-                    port=cfg.port, log_level="warning", access_log=False)
-        failed = os.path.join(run, FAILED)
-        if os.path.isfile(failed):
-            with open(failed, encoding="utf-8") as f:
-                why = json.load(f)
-            raise (InputError if why["input"] else PsdclipError)(f"a worker could not start: {why['message']}")
-    finally:
-        shutil.rmtree(run, ignore_errors=True)
-    return 0

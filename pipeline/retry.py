@@ -13,7 +13,7 @@ from ..core import storage
 from ..core.io import atomic_path, now, read_parquet_table, write_json
 from .clean import hosts
 from .dataset import Layout, write_replaced
-from .ingest import plan_shards
+from .plan import plan_shards
 from .reader import manifest_files
 from .status import TRANSIENT
 

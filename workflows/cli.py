@@ -58,7 +58,7 @@ COMMANDS = (
             "encode a dataset and build a FAISS index under memory and latency budgets"),
     Command(("index", "query"), QueryConfig, "psdclip.index.query:cmd_query",
             "nearest neighbours of a text, an image or an embedding"),
-    Command(("serve",), ServeConfig, "psdclip.index.service:cmd_serve",
+    Command(("serve",), ServeConfig, "psdclip.index.launch:cmd_serve",
             "the retrieval service (FastAPI + uvicorn) and its web page"),
     Command(("demo",), DemoConfig, "psdclip.workflows.demo:run_demo",
             "the embedded end-to-end demo on synthetic data"),

@@ -157,7 +157,8 @@ def run_recipe(cfg: RunConfig) -> int:
 
         cmd_index_build(cfgs["index"])
     if cfg.serve and "index" in cfgs:
-        from ..index.service import ServeConfig, cmd_serve
+        from ..index.config import ServeConfig
+        from ..index.launch import cmd_serve
 
         cmd_serve(cfgs.get("serve") or ServeConfig(indices=[cfgs["index"].out]))
     print(f"recipe done; everything is in {out}")

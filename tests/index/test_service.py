@@ -98,7 +98,7 @@ def test_the_query_thread_uses_the_configured_thread_count():
     """OpenMP's thread count is per thread: the service sets faiss' (and its BLAS') in the thread that searches."""
     import faiss
 
-    from psdclip.index.service import Batcher
+    from psdclip.index.batcher import Batcher
 
     for n in (1, 3):
         assert Batcher(threads=n).executor.submit(faiss.omp_get_max_threads).result() == n

@@ -45,7 +45,7 @@ def test_the_psd_row_mask_is_drawn_once_a_step():
 
 def test_each_service_worker_takes_its_own_gpu(tmp_path):
     from psdclip.index.reload import worker_slot
-    from psdclip.index.service import worker_device
+    from psdclip.index.launch import worker_device
 
     assert [worker_slot(str(tmp_path)) for _ in range(3)] == [0, 1, 2]
     assert [worker_device("cuda", s, 2) for s in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
