@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 # 1. step time (in-memory tensors)
 timeout 150 "$PY" benchmarks/train.py --only step --device cuda --step-model ViT-B-32 --batch-size 256 --rounds 4 --out "$OUT"
 # 2 + 3. throughput on real shards (12k synthetic images built by the pipeline), with and without --accum 4
-timeout 420 "$PY" benchmarks/train.py --device cuda --model ViT-B-32 --images 12000 --steps 40 --batch-size 256 \
+timeout 420 "$PY" benchmarks/train.py --only throughput --device cuda --model ViT-B-32 --images 12000 --steps 40 --batch-size 256 \
     --workers 12 --out "$OUT"
 timeout 240 "$PY" benchmarks/train.py --only accum --device cuda --model ViT-B-32 --images 12000 --steps 40 \
     --batch-size 256 --workers 12 --out "$OUT"

@@ -36,6 +36,7 @@ from psdclip.pipeline.serve import serving  # noqa: E402
 from psdclip.pipeline.synth import generate, write_url_list  # noqa: E402
 from psdclip.train.config import TrainConfig  # noqa: E402
 from psdclip.train.loop import make_loss  # noqa: E402
+from psdclip.train.loading import resolve_device  # noqa: E402
 from psdclip.train.schedule import param_groups  # noqa: E402
 from psdclip.train.models import build_model  # noqa: E402
 
@@ -81,12 +82,12 @@ def psd_vs_clip(args) -> tuple[str, float]:
         times = []
         for _ in range(n):
             t = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.cuda):
                 forward_backward(model, model, loss_fn, [(images, texts)], step=10,
                                  ema=ema if (cfg.ema_teacher or cfg.snapshot_every) else None)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if args.device == "cuda":
+            if args.cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         return times
@@ -100,7 +101,7 @@ def psd_vs_clip(args) -> tuple[str, float]:
     ratio = max(med[k] for k in settings if k != "clip" and k not in own_teacher) / med["clip"]
     rows = "".join(f"| {k} | {v:.4f} | {v / med['clip']:.3f} |\n" for k, v in med.items())
     body = (f"{args.step_model}, batch {args.batch_size}, {args.device} "
-            f"{'bf16' if args.device == 'cuda' else 'fp32'}, the trainer's step (train.loop.forward_backward + "
+            f"{'bf16' if args.cuda else 'fp32'}, the trainer's step (train.loop.forward_backward + "
             f"AdamW) on in-memory tensors, {len(res['clip'])} steps each, alternated in blocks of 3.\n\n"
             f"| loss | median step (s) | / CLIP |\n|---|---|---|\n{rows}\n"
             f"**slowest same-pass PSD setting / CLIP step time = {ratio:.3f}** (goal <= 1.02; the EMA or snapshot "
@@ -127,14 +128,14 @@ def ours(ds, args, name: str | None = None, accum: int = 1, threads: int = 0) ->
 
     run = os.path.join(args.out, "train-ours")
     shutil.rmtree(run, ignore_errors=True)
-    if args.device == "cuda":
+    if args.cuda:
         torch.cuda.reset_peak_memory_stats()
     train(TrainConfig(data=ds, out=run, model=name or args.model, loss="psd", steps=args.steps,
                       batch_size=args.batch_size, workers=args.workers, log_every=1, checkpoint_every=10_000, warmup=5,
                       progress=False, shuffle_buffer=500, device=args.device, accum=accum,
                       threads=threads))
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
-    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.cuda else float("nan")
     return (statistics.median(r["samples_per_s"] for r in rows[3:]),
             statistics.median(r["data_wait_frac"] for r in rows[3:]), peak)
 
@@ -155,7 +156,7 @@ def compute_only(args, name: str | None = None) -> float:
     texts = tok(["a photo of two small red circles on a white background"] * args.batch_size).to(device)
     opt = torch.optim.AdamW(param_groups(model, 0.2), lr=1e-4)
     loss = make_loss(TrainConfig(data="x", out="y", loss="psd", steps=args.steps), 0, 1)
-    bf16 = args.device == "cuda"
+    bf16 = args.cuda
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         times = step_times(model, loss, images, texts, opt, args.steps)[3:]
     return args.batch_size / statistics.median(times)
@@ -173,7 +174,7 @@ def open_clip_train(ds, args) -> float | None:
     cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "_openclip_train.py"), "--train-data", spec,
            "--train-num-samples", str(args.steps * args.batch_size), "--dataset-type", "webdataset",
            "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-           "--precision", "amp_bfloat16" if args.device == "cuda" else "fp32",
+           "--precision", "amp_bfloat16" if args.cuda else "fp32",
            "--epochs", "1", "--model", {"tiny": "psdclip-tiny", "rn-small": "psdclip-rn-small"}.get(args.model, args.model), "--lr", "5e-4", "--warmup", "5", "--log-every-n-steps", "1",
            "--logs", logs, "--name", "bench", "--save-frequency", "0", "--report-to", "", "--seed", "0"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -192,11 +193,16 @@ def main():
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", default="bench-out")
-    ap.add_argument("--only", choices=["step", "loader", "presets", "accum"])
+    ap.add_argument("--only", choices=["step", "loader", "presets", "accum", "throughput"],
+                    help="throughput: the trainer vs open_clip alone (without it, the step comparison reruns too "
+                         "and its section is rewritten with --step-model)")
     ap.add_argument("--model", default="tiny", help="model of the throughput comparison")
     ap.add_argument("--step-model", default="tiny", help="model of the PSD vs CLIP step-time comparison")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
     args = ap.parse_args()
+    args.device = str(resolve_device(args.device))  # `cuda` is cuda:0 here: every check below reads .cuda
+    args.cuda = args.device.startswith("cuda")
+    kind = "cuda" if args.cuda else args.device  # the section names of BENCHMARKS.md
     os.makedirs(args.out, exist_ok=True)
     if args.only == "accum":
         ds = make_dataset(args)
@@ -204,10 +210,10 @@ def main():
         body = (f"{args.model} model, PSD loss, global batch {args.batch_size}, {args.device}, {args.steps} steps (median "
                 f"after 3 warm-up steps), {args.workers} loader worker(s).\n\n| --accum | samples/s |\n|---|---|\n"
                 f"| 1 | {one:.1f} |\n| 4 (feature cache: one extra forward without gradients) | {four:.1f} |\n\n"
-                + (f"Peak GPU memory: {peak1:.2f} GiB (accum 1), {peak4:.2f} GiB (accum 4).\n\n" if args.device == "cuda"
+                + (f"Peak GPU memory: {peak1:.2f} GiB (accum 1), {peak4:.2f} GiB (accum 4).\n\n" if args.cuda
                    else "") +
                 f"**accum 4 / accum 1 = {four / one:.3f}** (expected ~0.75)\n")
-        record(f"train-accum-{args.device}", "Training: feature-cache accumulation, samples/s", body)
+        record(f"train-accum-{kind}", "Training: feature-cache accumulation, samples/s", body)
         return
     if args.only == "presets":
         ds = make_dataset(args)
@@ -215,17 +221,17 @@ def main():
         for name in ("tiny", "rn-small"):
             rows.append(f"| {name} | {compute_only(args, name):.0f} | {ours(ds, args, name)[0]:.0f} | "
                         f"{ours(ds, args, name, threads=left)[0]:.0f} |")
-        body = (f"batch {args.batch_size}, PSD loss, {args.device}{' bf16' if args.device == 'cuda' else ' fp32'}, "
+        body = (f"batch {args.batch_size}, PSD loss, {args.device}{' bf16' if args.cuda else ' fp32'}, "
                 f"channels-last, {args.steps} steps (median after 3 warm-up steps); trainer: {args.workers} loader "
                 f"worker(s) on {args.images} synthetic images built by the pipeline at 64 px.\n\n"
                 f"| preset | compute loop samples/s | trainer on real shards samples/s | the same, --threads {left} |\n"
                 "|---|---|---|---|\n" +
                 "\n".join(rows) + "\n")
-        record(f"train-presets-{args.device}", f"Training: samples/s of the model presets ({args.device})", body)
+        record(f"train-presets-{kind}", f"Training: samples/s of the model presets ({args.device})", body)
         return
-    if args.only != "loader":
+    if args.only not in ("loader", "throughput"):
         body, _ = psd_vs_clip(args)
-        record("train-step" + ("" if args.device == "cpu" else f"-{args.device}"), "Training: PSD step time vs CLIP "
+        record("train-step" + ("" if kind == "cpu" else f"-{kind}"), "Training: PSD step time vs CLIP "
                f"({args.device})", body)
     if args.only == "step":
         return
@@ -244,9 +250,9 @@ def main():
             f"waiting for data {wait:.3f})  \n" +
             (f"**psdclip / open_clip_train = {ours_sps / oc:.3f}** (goal >= 1.0)\n" if oc else
              "open_clip_train not installed: `pip install 'open_clip_torch[training]'`\n"))
-    if args.device == "cuda":
+    if args.cuda:
         body += f"\nPeak GPU memory of the psdclip trainer: {peak:.2f} GiB.\n"
-    record("train-throughput" + ("" if args.device == "cpu" else f"-{args.device}"),
+    record("train-throughput" + ("" if kind == "cpu" else f"-{kind}"),
            f"Training: trainer throughput vs compute and vs open_clip_train ({args.device})", body)
 
 
