@@ -23,6 +23,7 @@ def record(name: str, title: str, body: str) -> None:
         "# Benchmarks\n\nEvery figure here is written by a script in `benchmarks/`, with the command that ran it.\n"
     env = "".join(f"{k}={v} " for k, v in _STARTED_WITH.items())  # it changes figures
     cmd = env + "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    body = body.replace(ROOT.rstrip(os.sep) + os.sep, "")  # paths relative to the repo: a reader has no /work/...
     section = (f"<!-- {name}:start -->\n## {title}\n\nCommand: `{cmd}`  \n"
                f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {machine()}\n\n"
                f"{body.strip()}\n<!-- {name}:end -->")
