@@ -2,6 +2,7 @@
 field, validated on creation). Light: no torch or open_clip, so the CLI builds its options at once."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -21,8 +22,6 @@ RESUMABLE = frozenset({"out", "steps", "stop_after", "workers", "threads", "prog
 def changed_on_resume(before: dict, cfg) -> list[str]:
     """`--flag old -> new` for every option outside RESUMABLE whose value differs from the run's earlier config
     (options the earlier run did not have yet are not compared)."""
-    import dataclasses
-
     now = dataclasses.asdict(cfg)
     out = []
     for name, value in now.items():
@@ -30,8 +29,6 @@ def changed_on_resume(before: dict, cfg) -> list[str]:
             continue
         old = before[name]
         if name == "data" and isinstance(old, str) and isinstance(value, str) and "://" not in value:
-            import os
-
             old, value = os.path.abspath(old), os.path.abspath(value)
         if old != value:
             out.append(f"--{name.replace('_', '-')} {before[name]} -> {now[name]}")
