@@ -151,7 +151,7 @@ def to_gpu(index, device: str = "cuda:0"):
 
 
 def on_gpu(index) -> bool:
-    return type(index).__name__.startswith("Gpu") or "Gpu" in type(index).__name__
+    return "Gpu" in type(index).__name__
 
 
 MAX_TRAIN_POINTS = 1_000_000  # bounds the training sample's memory (1M x 256 float32 = 1 GB)

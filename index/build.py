@@ -15,7 +15,6 @@ several shards searched together).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -23,7 +22,7 @@ import time
 import numpy as np
 
 from ..core import storage
-from ..core.io import atomic_path, read_json, write_json
+from ..core.io import atomic_path, read_json, sha256_file, write_json
 from ..core.errors import InputError, PsdclipError
 from ..pipeline.format import read_info, shard_format
 
@@ -34,14 +33,6 @@ from .config import IndexBuildConfig, parse_bytes
 log = logging.getLogger(__name__)
 
 STANDARD_COLUMNS = ("key", "url", "caption", "shard", "offset", "size")
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _model_dim(m) -> int:
@@ -116,7 +107,7 @@ def build_index(cfg: IndexBuildConfig) -> dict:
         from ..train.loading import load_model, resolve_device
 
         m = load_model(cfg.checkpoint, resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", rank))))
-        digest = file_sha256(checkpoint_path(cfg.checkpoint))
+        digest = sha256_file(checkpoint_path(cfg.checkpoint))
         dim = _model_dim(m)
     if os.path.isfile(meta_path) and (read_json(meta_path).get("checkpoint_sha256") != digest):
         raise InputError(f"{cfg.out}: built with another checkpoint; use a new --out or delete it")

@@ -139,12 +139,13 @@ def embed_dataset(loaded: LoadedModel, dataset: str, out: str, *, batch_size: in
     if stale:  # this rank's shards are embedded again (rank 0 records the new identity once every part is in)
         log.warning("%s: the embedding parts there were made from another %s; embedding again", emb_dir,
                     " and ".join(sorted({"dataset" if k.startswith("dataset") else "checkpoint" for k in stale})))
-        for s in sorted(os.listdir(os.path.join(emb_dir, "metadata"))) if os.path.isdir(
-                os.path.join(emb_dir, "metadata")) else []:
-            name = s[len("metadata_"):-len(".parquet")] if s.startswith("metadata_") else None
-            ours = name is not None and name.isdigit() and int(name) in set(mine)
-            foreign = name is not None and (not name.isdigit() or int(name) not in groups)  # no shard of this dataset
-            if ours or (rank == 0 and foreign):
+        names = {f.split("_", 2)[-1].split(".")[0] for sub in ("img_emb", "text_emb", "metadata")
+                 if os.path.isdir(os.path.join(emb_dir, sub)) for f in os.listdir(os.path.join(emb_dir, sub))}
+        mine_set = set(mine)
+        for name in names:
+            shard = int(name) if name.isdigit() else None
+            # this rank's shards, and (rank 0) parts of shards this dataset does not have
+            if shard in mine_set or (rank == 0 and shard not in groups):
                 for path in part_paths(emb_dir, name).values():
                     if os.path.exists(path):
                         os.remove(path)

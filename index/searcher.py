@@ -348,13 +348,7 @@ def located(index_dir: str, info: dict) -> dict:
 
 def _same_file(path: str, info: dict) -> bool:
     """Whether a checkpoint found relative to the index is the one it was built with (its sha256, when recorded)."""
-    if not info.get("checkpoint_sha256"):
-        return True
-    import hashlib
+    from ..core.io import sha256_file
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest() == info["checkpoint_sha256"]
+    return not info.get("checkpoint_sha256") or sha256_file(path) == info["checkpoint_sha256"]
 

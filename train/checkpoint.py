@@ -244,12 +244,12 @@ def truncate_metrics(path: str, step: int) -> None:
         write_text(path, "".join(kept))
 
 
-def choose_latest(ckpt_dir: str, rank: int, world: int) -> str | None:
+def choose_latest(ckpt_dir: str, rank: int, world: int) -> tuple[str | None, Checkpoint | None]:
     """The checkpoint every rank resumes from: rank 0 clears half-written files and picks the newest that loads,
     and broadcasts its path (ranks racing on os.remove, or a rank of a node-local --out starting at step 0 while
     the others resume, was the alternative). Every rank must see that file: a --out some node lacks is one line,
-    raised on every rank together."""
-    path = None
+    raised on every rank together. Returns (its path, and on rank 0 the checkpoint as loaded to choose it)."""
+    path = found = None
     if rank == 0 and os.path.isdir(ckpt_dir):
         clean_partial(ckpt_dir)
         found = find_latest(ckpt_dir)
@@ -265,7 +265,7 @@ def choose_latest(ckpt_dir: str, rank: int, world: int) -> str | None:
             raise InputError(f"--out {os.path.dirname(ckpt_dir)}: rank(s) {', '.join(map(str, missing))} cannot see "
                              f"{path}, the checkpoint rank 0 resumes from: --out must be a folder every node shares "
                              f"(or synced to each)")
-    return path
+    return path, found
 
 
 def resume(cfg, ckpt_dir, model, optimizer, scaler, world: int, rank: int = 0) -> Checkpoint | None:
@@ -277,10 +277,10 @@ def resume(cfg, ckpt_dir, model, optimizer, scaler, world: int, rank: int = 0) -
     if cfg.resume == "never":
         return None
     if cfg.resume == "auto":
-        path = choose_latest(ckpt_dir, rank, world)
+        path, state = choose_latest(ckpt_dir, rank, world)
         if path is None:
             return None
-        state = Checkpoint.read(path)
+        state = state or Checkpoint.read(path)  # (rank 0 loaded it already to choose it)
     else:
         state = Checkpoint.read(cfg.resume)
     arch = resolve_model_name(cfg.model)

@@ -77,7 +77,15 @@ def resolve_source(spec: str, skip_missing: bool = False) -> Source:
 
 
 def _present(source: Source, skip_missing: bool) -> Source:
-    missing = [p for p in source.shards if not storage.exists(p)]
+    listed: dict[str, set] = {}  # one listing per folder (a dataset's shards share one), not a request per shard
+
+    def there(path: str) -> bool:
+        folder, _, name = path.rpartition("/")
+        if folder not in listed:
+            listed[folder] = set(storage.listdir(folder)) if storage.isdir(folder) else set()
+        return name in listed[folder]
+
+    missing = [p for p in source.shards if not there(p)]
     if not missing:
         return source
     names = ", ".join(os.path.basename(p) for p in missing[:3]) + (", ..." if len(missing) > 3 else "")

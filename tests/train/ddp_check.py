@@ -86,7 +86,7 @@ def main(out):
         open(os.path.join(shared, "step_000003.pt.tmp-deadbeef"), "w").close()  # a partial write, rank 0 removes
     if world > 1:
         dist.barrier()
-    results["chosen"] = choose_latest(shared, rank, world)
+    results["chosen"] = choose_latest(shared, rank, world)[0]
     # a node-local --out: each rank in its own folder (as on its own node), the same relative --out; only rank 0's
     # node has a checkpoint
     home = os.getcwd()
@@ -97,7 +97,7 @@ def main(out):
     if world > 1:
         dist.barrier()
     try:
-        results["node_local"] = choose_latest(os.path.join("run", "checkpoints"), rank, world)
+        results["node_local"] = choose_latest(os.path.join("run", "checkpoints"), rank, world)[0]
     except InputError as err:
         results["node_local"] = f"error: {err}"
     os.chdir(home)
