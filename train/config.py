@@ -6,6 +6,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
+import typing
 from typing import Literal
 
 from ..core.errors import InputError
@@ -16,7 +17,7 @@ from ..core.options import option as _help
 # parameters, schedule, batch, data, starting weights, locks: a resume with any of those changed is refused)
 RESUMABLE = frozenset({"out", "steps", "stop_after", "workers", "threads", "progress", "log_every", "report_to",
                        "eval_every", "eval_suite", "checkpoint_every", "keep", "resume", "device", "dist_timeout",
-                       "compile", "channels_last", "grad_checkpointing", "nan_policy"})
+                       "dist_backend", "compile", "channels_last", "grad_checkpointing", "nan_policy"})
 
 
 def changed_on_resume(before: dict, cfg) -> list[str]:
@@ -121,6 +122,9 @@ class TrainConfig:
     device: str = _help("auto, cpu or cuda[:N]", default="auto")
     dist_timeout: float = _help("minutes a rank waits for the others in a collective before the job fails (torchrun)",
                                 default=30.0)
+    dist_backend: Literal["auto", "nccl", "gloo"] = _help(
+        "process-group backend under torchrun (open_clip's --dist-backend): auto = NCCL on CUDA, gloo on CPU; gloo "
+        "on CUDA lets several ranks share one GPU (NCCL refuses that)", default="auto")
     progress: bool = _help("show a progress bar", default=True)
 
     @property
@@ -128,6 +132,12 @@ class TrainConfig:
         return int(self.warmup) if self.warmup >= 1 else round(self.warmup * self.steps)
 
     def __post_init__(self):
+        hints = typing.get_type_hints(TrainConfig)  # the CLI checks choices; a config built in Python is checked here
+        for f in dataclasses.fields(self):
+            choices = typing.get_args(hints[f.name])
+            if typing.get_origin(hints[f.name]) is Literal and getattr(self, f.name) not in choices:
+                raise InputError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got "
+                                 f"{getattr(self, f.name)!r}")
         if not self.data:
             raise InputError("--data: a dataset directory, subset file or shard URLs is required")
         if not self.out:

@@ -9,6 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..core.errors import InputError
 from .config import TrainConfig
 from .loading import fast_cuda_math, resolve_device
 
@@ -21,7 +22,10 @@ def setup_distributed(cfg: TrainConfig):
         torch.cuda.set_device(device)
         fast_cuda_math(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+        backend = cfg.dist_backend if cfg.dist_backend != "auto" else "nccl" if device.type == "cuda" else "gloo"
+        if backend == "nccl" and device.type != "cuda":
+            raise InputError(f"--dist-backend nccl needs CUDA devices; this rank runs on {device}")
+        dist.init_process_group(backend,
                                 timeout=datetime.timedelta(minutes=cfg.dist_timeout))
     return rank, world, device
 

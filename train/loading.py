@@ -17,11 +17,16 @@ from .checkpoint import Checkpoint, checkpoint_path, load
 def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
     """`auto`: this rank's GPU (cuda:LOCAL_RANK) when CUDA is available, else the CPU; otherwise the device named."""
     if spec == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and device.index is None:  # `--device cuda`: this rank's GPU, as auto picks it
-        # (torch.cuda.set_device refuses a device without an index; every rank would otherwise share GPU 0)
-        return torch.device("cuda", local_rank)
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(spec)
+        if device.type == "cuda" and device.index is None:  # `--device cuda`: this rank's GPU, as auto picks it
+            # (torch.cuda.set_device refuses a device without an index; every rank would otherwise share GPU 0)
+            device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and torch.cuda.is_available() and device.index >= torch.cuda.device_count():
+        raise InputError(f"--device {spec}: this rank wants {device} but {torch.cuda.device_count()} CUDA device(s) "
+                         "are visible; to share one GPU between ranks, name it (--device cuda:0) and use "
+                         "--dist-backend gloo")
     return device
 
 

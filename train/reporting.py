@@ -9,6 +9,8 @@ import os
 import sys
 import time
 
+import torch
+
 from ..core.errors import InputError
 from .config import TrainConfig
 from .models import resolve_model_name
@@ -44,6 +46,9 @@ def log_row(state, step: int, logs: dict, lr: float, bar, total_steps: int = 0) 
               "data_wait_frac": window.wait / elapsed,
               "skipped_samples": int(sum(state.skipped_samples.values())) * state.world,
               "skipped_steps": window.skipped_steps, "time": time.time()}
+    device = next(state.model.parameters()).device
+    if device.type == "cuda":  # this rank's peak memory so far, as open_clip users read it off nvidia-smi
+        record["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     with open(state.metrics_path, "a") as f:
         f.write(json.dumps(record) + "\n")
     if state.reporter is not None:

@@ -161,9 +161,16 @@ def entry() -> None:
         else:
             print(e.code, file=sys.stderr)
             rc = 1
-    for t in threading.enumerate():
-        if t is not threading.main_thread() and not t.daemon:
-            t.join()
+    # what the interpreter's exit does first: the threading atexit hooks (concurrent.futures' wakes and ends its
+    # idle pool workers, which torch.compile leaves behind), then a join of every non-daemon thread; joining the
+    # threads alone waited for ever on those workers
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()  # pylint: disable=protected-access
+    else:
+        for t in threading.enumerate():
+            if t is not threading.main_thread() and not t.daemon:
+                t.join()
     atexit._run_exitfuncs()  # pylint: disable=protected-access
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -73,3 +73,43 @@ def test_a_searcher_on_cuda_caps_k_and_uses_its_own_gpu():
         pytest.skip("faiss-gpu is not installed")
     _, ids = index.search(xb[:2], ann.GPU_MAX_K)
     assert ids.shape == (2, ann.GPU_MAX_K)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_faiss_gpu_beside_torchs_cuda_in_one_process():
+    """Issue 32 (12): faiss-gpu-cu12 brings CUDA 12's runtime and cuBLAS beside torch's own CUDA (13 for torch's
+    cu130 builds). Their libraries have different sonames (libcudart.so.12 / .13), so both load in one process;
+    this checks that, in both import orders' worst case (torch has initialised CUDA first), faiss's GPU search
+    agrees with its CPU search and torch's CUDA still computes afterwards."""
+    import numpy as np
+
+    a = torch.randn(256, 256, device="cuda")
+    before = (a @ a).sum().item()
+    faiss = pytest.importorskip("faiss")
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        pytest.skip("faiss has no GPU support here (faiss-cpu is installed)")
+    xb = np.random.default_rng(0).normal(size=(20000, 32)).astype("float32")
+    cpu = faiss.IndexFlatIP(32)
+    cpu.add(xb)
+    gpu = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, cpu)
+    d_cpu, i_cpu = cpu.search(xb[:64], 10)
+    d_gpu, i_gpu = gpu.search(xb[:64], 10)
+    assert (i_cpu[:, 0] == i_gpu[:, 0]).all() and np.allclose(d_cpu, d_gpu, rtol=1e-3, atol=1e-3)
+    assert (a @ a).sum().item() == pytest.approx(before, rel=1e-4)
+
+
+def test_nccl_on_a_cpu_rank_is_one_line_and_gloo_shares_a_device(monkeypatch, tmp_path):
+    """--dist-backend (open_clip's flag): nccl needs CUDA ranks (said in one line, before any process group is
+    made); gloo is what lets two ranks share one GPU, as benchmarks/gpu_check.py (c) runs them."""
+    from psdclip.core.errors import InputError
+    from psdclip.train.config import TrainConfig
+    from psdclip.train.distributed import setup_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), device="cpu", dist_backend="nccl")
+    with pytest.raises(InputError, match="--dist-backend nccl needs CUDA devices"):
+        setup_distributed(cfg)
+    with pytest.raises(InputError, match="one of"):
+        TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), dist_backend="mpi")

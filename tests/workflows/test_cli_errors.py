@@ -152,3 +152,22 @@ def test_one_logging_setup_and_quiet_verbose_flags(capsys):
     assert "an info line" not in err and "a warning line\n" in err and "info again\n" in err
     ours = [h for h in logging.getLogger("psdclip").handlers if isinstance(h, logs._Stderr)]
     assert len(ours) == 1  # setup again replaces its handler
+
+
+def test_the_prompt_exit_ends_a_thread_pool_left_running():
+    """`psdclip train --compile` never exited: torch.compile leaves concurrent.futures pool workers (non-daemon
+    threads that end only when the pool's exit hook wakes them), and the console script's prompt exit joined every
+    non-daemon thread without running that hook first (benchmarks/gpu_check.py's rehearsal found it)."""
+    import subprocess
+    import sys
+
+    code = ("from concurrent.futures import ThreadPoolExecutor\n"
+            "import psdclip.workflows.cli as cli\n"
+            "pool = ThreadPoolExecutor(2)\n"
+            "def main():\n"
+            "    pool.submit(print, 'ran in the pool').result()\n"
+            "    return 3\n"
+            "cli.main = main\n"
+            "cli.entry()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3 and "ran in the pool" in r.stdout, r.stderr[-2000:]
