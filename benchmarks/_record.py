@@ -14,11 +14,16 @@ _STARTED_WITH = {k: os.environ[k] for k in ("OMP_NUM_THREADS",) if k in os.envir
 
 
 def machine() -> str:
-    return f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}"
+    text = f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}"
+    torch = sys.modules.get("torch")  # a GPU is named where the benchmark used torch and one is there
+    if torch is not None and torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return text
 
 
 def record(name: str, title: str, body: str) -> None:
-    path = os.path.join(ROOT, "BENCHMARKS.md")
+    # PSDCLIP_BENCHMARKS: another file to record into (benchmarks/gpu_check.py writes into $OUT's copy)
+    path = os.environ.get("PSDCLIP_BENCHMARKS") or os.path.join(ROOT, "BENCHMARKS.md")
     text = open(path, encoding="utf-8").read() if os.path.exists(path) else \
         "# Benchmarks\n\nEvery figure here is written by a script in `benchmarks/`, with the command that ran it.\n"
     env = "".join(f"{k}={v} " for k, v in _STARTED_WITH.items())  # it changes figures

@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
-# The GPU check (issue 13), for one CUDA GPU (sized for an H200: under 8 minutes). Records into BENCHMARKS.md:
-#   1. PSD / CLIP step time for every PSD setting, ViT-B-32 bf16, batch 256 (goal <= 1.02)
-#   2. ViT-B-32 bf16 samples/s: psdclip's trainer vs open_clip_train on the same shards, model and batch (goal >= 1.0)
-#   3. the same trainer with --accum 4 at the same global batch, and peak GPU memory of each
-# Needs the project installed (pip install -e '.[gpu,dev]'; make install gives faiss-cpu) plus
-# open_clip_torch[training]; the device machine has no internet, so bring wheels (see the device tool's README) when
-# they are missing there.
+# The GPU check (issue 32), one command on a fresh device machine with nothing but the copied tree:
 #
-#     bash benchmarks/gpu.sh [PYTHON]
+#     bash benchmarks/gpu.sh          # here, first: bash benchmarks/gpu_wheels.sh (fills .whl/, which travels)
+#
+# It installs .whl/ into /tmp/site (the device reaches no registry) when psdclip is not importable, then runs
+# benchmarks/gpu_check.py: steps (a)-(f), ~9 minutes on one H200, everything it measures written into $OUT
+# (gpu.log, summary.json, samples.csv, BENCHMARKS.md with the new sections). Device call, from this machine:
+#     run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=600)
+# `python benchmarks/gpu_check.py --rehearse` runs the same steps on a CPU at toy sizes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${1:-.venv/bin/python}
+PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device: this check runs on a GPU'; print(torch.cuda.get_device_name())"
-OUT=${BENCH_OUT:-bench-out/gpu}
+: "${OUT:=bench-out/gpu}"
+export OUT
 mkdir -p "$OUT"
-# 1. step time (in-memory tensors)
-timeout 150 "$PY" benchmarks/train.py --only step --device cuda --step-model ViT-B-32 --batch-size 256 --rounds 4 --out "$OUT"
-# 2 + 3. throughput on real shards (12k synthetic images built by the pipeline), with and without --accum 4
-timeout 420 "$PY" benchmarks/train.py --only throughput --device cuda --model ViT-B-32 --images 12000 --steps 40 --batch-size 256 \
-    --workers 12 --out "$OUT"
-timeout 240 "$PY" benchmarks/train.py --only accum --device cuda --model ViT-B-32 --images 12000 --steps 40 \
-    --batch-size 256 --workers 12 --out "$OUT"
+if ! "$PY" -c "import psdclip.workflows.cli, open_clip_train" 2>/dev/null; then
+    [ -d .whl ] || { echo "gpu.sh: psdclip is not installed and there is no .whl/ (run benchmarks/gpu_wheels.sh here and carry .whl)" >&2; exit 2; }
+    "$PY" benchmarks/gpu_check.py --check-wheels
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        2>&1 | tail -3
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
+    "$PY" -c "import psdclip.workflows.cli, open_clip_train, img2dataset.downloader, dask.distributed, fastapi" \
+        || { echo "gpu.sh: the installed wheels do not import (see above)" >&2; exit 2; }
+fi
+"$PY" -m pip list 2>/dev/null | grep -iE "^(torch|torchvision|open.clip.torch|numpy|pandas|webdataset|faiss) " \
+    > "$OUT/versions.txt" || true
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+exec "$PY" benchmarks/gpu_check.py --out "$OUT" "$@"

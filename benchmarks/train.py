@@ -3,14 +3,17 @@
 1. PSD step time / CLIP step time for each PSD setting: same model, batch 128, in-memory tensors. Goal <= 1.02
    (the EMA teacher, which runs a second model's forward pass, is reported beside it).
 2. Our trainer reading real shards / a pure compute loop on in-memory tensors, samples/s. Goal >= 0.90.
-3. Our trainer / open_clip's own loop (open_clip_train) on the same model config, shards and batch,
-   samples/s. Goal >= 1.0. (Needs `pip install 'open_clip_torch[training]'`; skipped if absent.)
+3. Our trainer / open_clip's own loop (open_clip_train) on the same model config, shards and batch, like for like:
+   the same loss (--loss, default clip), gradient clip, loader workers, transform and number of steps; on CUDA
+   both bf16 with TF32 and cudnn.benchmark. samples/s, goal >= 1.0. (Needs `pip install
+   'open_clip_torch[training]'`; skipped if absent.)
 4. Presets: samples/s of each model preset (tiny, rn-small) in the pure compute loop and in our trainer on
    real shards (`--only presets`).
 5. `--accum 4` / `--accum 1` at the same global batch, samples/s (`--only accum`).
 
     python benchmarks/train.py [--images 3000] [--steps 20] [--batch-size 128] [--model tiny] [--device cpu]
-                               [--only step|loader|presets|accum] [--out bench-out]
+                               [--loss clip|psd] [--image-size 64] [--grad-clip 1.0]
+                               [--only step|loader|presets|accum|throughput] [--out bench-out]
 """
 from __future__ import annotations
 
@@ -111,14 +114,16 @@ def psd_vs_clip(args) -> tuple[str, float]:
 
 
 def make_dataset(args) -> str:
-    ds = os.path.join(args.out, f"train-ds-{args.images}")
+    ds = os.path.join(args.out, f"train-ds-{args.images}-{args.image_size}px")
     if os.path.isfile(os.path.join(ds, "dataset.json")):
         return ds
     src = os.path.join(args.out, f"train-synth-{args.images}")
     if not os.path.isfile(os.path.join(src, "synth.json")):
-        generate(SynthConfig(out=src, n=args.images, seed=0, heldout=0, image_size=96), progress=False)
+        generate(SynthConfig(out=src, n=args.images, seed=0, heldout=0, image_size=max(96, args.image_size)),
+                 progress=False)
     with serving(src) as base:
-        build(BuildConfig(inputs=[write_url_list(src, base, "urls-train-bench.csv")], out=ds, image_size=64,
+        build(BuildConfig(inputs=[write_url_list(src, base, "urls-train-bench.csv")], out=ds,
+                          image_size=args.image_size,
                           shard_size=500, progress=False))
     return ds
 
@@ -130,7 +135,8 @@ def ours(ds, args, name: str | None = None, accum: int = 1, threads: int = 0) ->
     shutil.rmtree(run, ignore_errors=True)
     if args.cuda:
         torch.cuda.reset_peak_memory_stats()
-    train(TrainConfig(data=ds, out=run, model=name or args.model, loss="psd", steps=args.steps,
+    train(TrainConfig(data=ds, out=run, model=name or args.model, loss=args.loss, steps=args.steps,
+                      grad_clip=args.grad_clip,
                       batch_size=args.batch_size, workers=args.workers, log_every=1, checkpoint_every=10_000, warmup=5,
                       progress=False, shuffle_buffer=500, device=args.device, accum=accum,
                       threads=threads))
@@ -155,7 +161,7 @@ def compute_only(args, name: str | None = None) -> float:
     images = torch.randn(args.batch_size, 3, px, px, device=device).contiguous(memory_format=torch.channels_last)
     texts = tok(["a photo of two small red circles on a white background"] * args.batch_size).to(device)
     opt = torch.optim.AdamW(param_groups(model, 0.2), lr=1e-4)
-    loss = make_loss(TrainConfig(data="x", out="y", loss="psd", steps=args.steps), 0, 1)
+    loss = make_loss(TrainConfig(data="x", out="y", loss=args.loss, steps=args.steps), 0, 1)
     bf16 = args.cuda
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         times = step_times(model, loss, images, texts, opt, args.steps)[3:]
@@ -174,7 +180,7 @@ def open_clip_train(ds, args) -> float | None:
     cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "_openclip_train.py"), "--train-data", spec,
            "--train-num-samples", str(args.steps * args.batch_size), "--dataset-type", "webdataset",
            "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-           "--precision", "amp_bfloat16" if args.cuda else "fp32",
+           "--precision", "amp_bfloat16" if args.cuda else "fp32", "--grad-clip-norm", str(args.grad_clip),
            "--epochs", "1", "--model", {"tiny": "psdclip-tiny", "rn-small": "psdclip-rn-small"}.get(args.model, args.model), "--lr", "5e-4", "--warmup", "5", "--log-every-n-steps", "1",
            "--logs", logs, "--name", "bench", "--save-frequency", "0", "--report-to", "", "--seed", "0"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -199,6 +205,12 @@ def main():
     ap.add_argument("--model", default="tiny", help="model of the throughput comparison")
     ap.add_argument("--step-model", default="tiny", help="model of the PSD vs CLIP step-time comparison")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
+    ap.add_argument("--loss", default="clip", choices=["clip", "psd"],
+                    help="loss of the throughput, preset and accum runs (clip: what open_clip_train runs)")
+    ap.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, the same for both trainers")
+    ap.add_argument("--image-size", type=int, default=64,
+                    help="pixels the pipeline stores; at the model's own size (224 for ViT-B-32) the loaders only "
+                         "crop, instead of upsampling every image")
     args = ap.parse_args()
     args.device = str(resolve_device(args.device))  # `cuda` is cuda:0 here: every check below reads .cuda
     args.cuda = args.device.startswith("cuda")
@@ -207,7 +219,7 @@ def main():
     if args.only == "accum":
         ds = make_dataset(args)
         (one, _, peak1), (four, _, peak4) = ours(ds, args), ours(ds, args, accum=4)
-        body = (f"{args.model} model, PSD loss, global batch {args.batch_size}, {args.device}, {args.steps} steps (median "
+        body = (f"{args.model} model, {args.loss} loss, global batch {args.batch_size}, {args.device}, {args.steps} steps (median "
                 f"after 3 warm-up steps), {args.workers} loader worker(s).\n\n| --accum | samples/s |\n|---|---|\n"
                 f"| 1 | {one:.1f} |\n| 4 (feature cache: one extra forward without gradients) | {four:.1f} |\n\n"
                 + (f"Peak GPU memory: {peak1:.2f} GiB (accum 1), {peak4:.2f} GiB (accum 4).\n\n" if args.cuda
@@ -221,9 +233,9 @@ def main():
         for name in ("tiny", "rn-small"):
             rows.append(f"| {name} | {compute_only(args, name):.0f} | {ours(ds, args, name)[0]:.0f} | "
                         f"{ours(ds, args, name, threads=left)[0]:.0f} |")
-        body = (f"batch {args.batch_size}, PSD loss, {args.device}{' bf16' if args.cuda else ' fp32'}, "
+        body = (f"batch {args.batch_size}, {args.loss} loss, {args.device}{' bf16' if args.cuda else ' fp32'}, "
                 f"channels-last, {args.steps} steps (median after 3 warm-up steps); trainer: {args.workers} loader "
-                f"worker(s) on {args.images} synthetic images built by the pipeline at 64 px.\n\n"
+                f"worker(s) on {args.images} synthetic images built by the pipeline at {args.image_size} px.\n\n"
                 f"| preset | compute loop samples/s | trainer on real shards samples/s | the same, --threads {left} |\n"
                 "|---|---|---|---|\n" +
                 "\n".join(rows) + "\n")
@@ -235,6 +247,10 @@ def main():
                f"({args.device})", body)
     if args.only == "step":
         return
+    if args.workers > 1 and args.steps % args.workers:
+        # open_clip_train runs floor(batches / workers) * workers steps of a webdataset epoch: give both the same
+        args.steps += args.workers - args.steps % args.workers
+        print(f"--steps rounded up to {args.steps}, a multiple of --workers, so that open_clip_train runs as many")
     ds = make_dataset(args)
     ours_sps, wait, peak = ours(ds, args)
     compute_sps = compute_only(args)
@@ -242,9 +258,13 @@ def main():
     lines = [f"| psdclip trainer, real shards ({args.workers} loader worker) | {ours_sps:.1f} |",
              f"| pure compute loop, in-memory tensors | {compute_sps:.1f} |"]
     if oc is not None:
-        lines.append(f"| open_clip_train, same shards and model config | {oc:.1f} |")
-    body = (f"{args.model} model, PSD loss, batch {args.batch_size}, {args.device}, {args.steps} steps (median of the per-step "
-            f"rates after 3 warm-up steps); dataset: {args.images} synthetic images built by the pipeline at 64 px.\n\n"
+        lines.append(f"| open_clip_train, same shards and model config (webdataset's end-of-shard "
+                     f"marker off, see _openclip_train.py) | {oc:.1f} |")
+    body = (f"{args.model} model, {args.loss} loss, batch {args.batch_size}, {args.device}"
+            f"{' bf16, TF32 and cudnn.benchmark in both trainers' if args.cuda else ' fp32'}, gradient-norm clip "
+            f"{args.grad_clip} in both, {args.workers} loader worker(s) each, the same open_clip train transform, "
+            f"{args.steps} steps each (median of the per-step rates after 3 warm-up steps); dataset: {args.images} "
+            f"synthetic images built by the pipeline at {args.image_size} px.\n\n"
             f"| loop | samples/s |\n|---|---|\n" + "\n".join(lines) +
             f"\n\n**trainer / compute = {ours_sps / compute_sps:.3f}** (goal >= 0.90; median fraction of time "
             f"waiting for data {wait:.3f})  \n" +
