@@ -45,7 +45,9 @@ class TrainConfig:
     out: str = _help("run directory (config.yaml, checkpoints/, metrics.jsonl, plots/)", default="")
     model: str = _help("tiny, rn-small, RN50, ViT-B-32, any open_clip model name, or a JSON model config path",
                        default="tiny")
-    loss: Literal["clip", "psd"] = _help("clip: symmetric InfoNCE; psd: progressive self-distillation", default="psd")
+    loss: Literal["clip", "psd", "siglip"] = _help(
+        "clip: symmetric InfoNCE; psd: progressive self-distillation; siglip: the sigmoid loss (open_clip's "
+        "SigLipLoss, --siglip there), with a learnt logit bias", default="psd")
     steps: int = _help("optimizer steps", default=1000)
     batch_size: int = _help("global batch size (split evenly over the ranks)", default=128)
     accum: int = _help("gradient accumulation: micro-batches per step; the loss sees the whole batch (features are "

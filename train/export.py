@@ -24,6 +24,8 @@ def export(cfg: ExportConfig) -> int:
     model_cfg = state.model_config() or open_clip.get_model_config(arch)
     if model_cfg is None:
         raise InputError(f"{path}: model {arch!r} is not registered with open_clip; cannot write its config")
+    if "logit_bias" in state.model:  # SigLIP: open_clip builds the bias parameter from its config (as its siglip configs)
+        model_cfg = {**model_cfg, "init_logit_bias": float(state.model["logit_bias"].reshape(-1)[0])}
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     with atomic_path(cfg.out) as tmp:  # replaced whole: an existing export is never left half-written
         torch.save({"state_dict": state.model, "step": state.step, "model_arch": arch}, tmp)

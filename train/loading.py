@@ -89,6 +89,13 @@ def load_pretrained(model: torch.nn.Module, spec: str, arch: str) -> str:
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise InputError(f"--pretrained {spec}: holds no model weights")
     weights = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
+    # the logit bias belongs to the loss (SigLIP), not to the towers: a CLIP model fine-tuned with SigLIP starts
+    # from open_clip's init of it, and a SigLIP model fine-tuned with CLIP drops it
+    has_bias = getattr(model, "logit_bias", None) is not None
+    if has_bias and "logit_bias" not in weights:
+        weights["logit_bias"] = model.logit_bias.detach().clone()
+    elif not has_bias:
+        weights.pop("logit_bias", None)
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
@@ -108,7 +115,8 @@ def load_model(target: str, device: torch.device | str = "cpu") -> LoadedModel:
     state = Checkpoint.read(path)
     if state.model_cfg:  # a model from a JSON config file: known from the checkpoint itself
         register_config(state.model_arch, state.model_config())
-    model, _, preprocess, tokenizer = build_model(state.model_arch, device)
+    # a SigLIP model has a learnt logit bias: known from its weights
+    model, _, preprocess, tokenizer = build_model(state.model_arch, device, siglip="logit_bias" in state.model)
     model.load_state_dict(state.model)
     model.eval()
     digest = hashlib.sha256(f"{os.path.abspath(path)}:{os.path.getmtime(path)}:{state.step}".encode()).hexdigest()[:16]

@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .data import ShardStream, make_loader
 from .distributed import Interrupt, setup_distributed, step_flags
 from .loading import load_pretrained
-from .losses import CLIPLoss, PSDLoss, PSDSchedule
+from .losses import CLIPLoss, PSDLoss, PSDSchedule, SigLIPLoss
 from .models import build_model, resolve_model_name
 from .reporting import Evaluator, Reporter, Window, log_row, progress_bar
 from .schedule import lr_at, param_groups
@@ -54,6 +54,8 @@ def _fine_tuning_options(model, cfg: TrainConfig) -> None:
 def make_loss(cfg: TrainConfig, rank: int, world: int):
     if cfg.loss == "clip":
         return CLIPLoss(rank=rank, world_size=world)
+    if cfg.loss == "siglip":
+        return SigLIPLoss(rank=rank, world_size=world)
     schedule = PSDSchedule(total_steps=cfg.steps, **{f: getattr(cfg, f) for f in (
         "alpha_start", "alpha_max", "alpha_schedule", "rho_start", "rho_end", "rho_schedule")})
     return PSDLoss(schedule, cfg.teacher_temperature, seed=cfg.seed, rank=rank, world_size=world)
@@ -82,7 +84,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     micro = cfg.batch_size // world // cfg.accum
     ckpt_dir = os.path.join(cfg.out, "checkpoints")
     torch.manual_seed(cfg.seed)
-    model, preprocess_train, preprocess_val, tokenizer = build_model(cfg.model, device)
+    model, preprocess_train, preprocess_val, tokenizer = build_model(cfg.model, device, siglip=cfg.loss == "siglip")
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     loss_fn = make_loss(cfg, rank, world)
@@ -282,7 +284,7 @@ def forward_backward(net, model, loss_fn, micro_batches, step, ema=None, world=1
         images, texts = micro_batches[0]
         out = net(images, texts)
         losses = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], step=step,
-                         teacher_logits=teacher)
+                         teacher_logits=teacher, logit_bias=out.get("logit_bias"))
         sum(v for k, v in losses.items() if k.endswith("_loss")).backward()
         return {k: v.detach() for k, v in losses.items()}
     buffers = {k: v.clone() for k, v in model.named_buffers()}
@@ -297,8 +299,11 @@ def forward_backward(net, model, loss_fn, micro_batches, step, ema=None, world=1
         with sync:
             out = net(images, texts)
             whole = {key: torch.cat(parts[:m] + [out[key]] + parts[m + 1:]) for key, parts in feats.items()}
-            scale = out["logit_scale"] if m == last else out["logit_scale"].detach()
+            # the logit scale (and SigLIP's bias) take their gradient once, in the pass DDP reduces
+            scale, bias = out["logit_scale"], out.get("logit_bias")
+            if m != last:
+                scale, bias = scale.detach(), None if bias is None else bias.detach()
             losses = loss_fn(whole["image_features"], whole["text_features"], scale, step=step,
-                             teacher_logits=teacher)
+                             teacher_logits=teacher, logit_bias=bias)
             sum(v for k, v in losses.items() if k.endswith("_loss")).backward()
     return {k: v.detach() for k, v in losses.items()}

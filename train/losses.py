@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss
+from open_clip.loss import ClipLoss, SigLipLoss
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -84,6 +84,22 @@ class CLIPLoss(_FP32Logits, ClipLoss):
     def forward(self, image_features, text_features, logit_scale, step: int = 0, **_):  # noqa: D401
         loss = super().forward(image_features, text_features, logit_scale)
         return {"contrastive_loss": loss}
+
+
+class SigLIPLoss(_FP32Logits, SigLipLoss):
+    """open_clip's sigmoid loss (SigLIP, Zhai et al. 2023): every image-text pair of the batch is a binary
+    match / no-match, -log sigmoid(label * (s * i.t + b)) summed over the pairs and divided by the batch size,
+    with a learnt bias b (the model's `logit_bias`; `build_model(..., siglip=True)` initialises s = 10 and
+    b = -10 as open_clip does). Across ranks, open_clip's bidirectional exchange: each rank's images meet every
+    rank's texts, passed round the ranks with gradients. Returns {'contrastive_loss': ...}."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        super().__init__(cache_labels=True, rank=rank, world_size=world_size)
+
+    def forward(self, image_features, text_features, logit_scale, step: int = 0, logit_bias=None, **_):  # noqa: D401
+        if logit_bias is None:
+            raise ValueError("the SigLIP loss needs the model's logit_bias (a model built with siglip=True)")
+        return {"contrastive_loss": super().forward(image_features, text_features, logit_scale, logit_bias)}
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 
 import open_clip
@@ -63,13 +64,16 @@ def model_config(name: str) -> dict:
     return open_clip.get_model_config(resolve_model_name(name))
 
 
-def build_model(name: str, device: str | torch.device = "cpu"):
-    """(model, train transform, eval transform, tokenizer) for a model name, randomly initialised."""
+def build_model(name: str, device: str | torch.device = "cpu", siglip: bool = False):
+    """(model, train transform, eval transform, tokenizer) for a model name, randomly initialised. `siglip`: with
+    the learnt logit bias of the sigmoid loss, logit scale and bias initialised as open_clip_train does for
+    `--siglip` (log 10 and -10)."""
     arch = resolve_model_name(name)
+    extra = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if siglip else {}
     logging.disable(logging.WARNING)  # open_clip warns that no pretrained weights were loaded: that is the point
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            arch, pretrained=None, device=device, output_dict=True)
+            arch, pretrained=None, device=device, output_dict=True, **extra)
     finally:
         logging.disable(logging.NOTSET)
     return model, preprocess_train, preprocess_val, _tokenizer(arch, json.dumps(model_config(arch)["text_cfg"],

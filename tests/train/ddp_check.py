@@ -1,4 +1,4 @@
-"""Run under torchrun (or alone): loss and gradients of CLIP and PSD over a fixed global batch."""
+"""Run under torchrun (or alone): loss and gradients of CLIP, PSD and SigLIP over a fixed global batch."""
 import os
 import sys
 
@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from psdclip.train.losses import CLIPLoss, PSDLoss, constant_schedule
+from psdclip.train.losses import CLIPLoss, PSDLoss, SigLIPLoss, constant_schedule
 
 
 def main(out):
@@ -20,12 +20,15 @@ def main(out):
     x, y = x_all[rank * n:(rank + 1) * n], y_all[rank * n:(rank + 1) * n]
     model = torch.nn.ModuleDict({"i": enc_i, "t": enc_t})
     results = {}
+    bias = torch.nn.Parameter(torch.tensor([-2.0]))  # SigLIP's learnt logit bias
     for name, loss_fn in (("clip", CLIPLoss(rank, world)),
                           ("psd", PSDLoss(constant_schedule(0.6, 0.5), 1.5, seed=1,
-                                          rank=rank, world_size=world))):
+                                          rank=rank, world_size=world)),
+                          ("siglip", SigLIPLoss(rank, world))):
         model.zero_grad()
+        bias.grad = None
         fi, ft = F.normalize(model["i"](x), dim=-1), F.normalize(model["t"](y), dim=-1)
-        loss = loss_fn(fi, ft, torch.tensor(5.0), step=4)["contrastive_loss"]
+        loss = loss_fn(fi, ft, torch.tensor(5.0), step=4, logit_bias=bias)["contrastive_loss"]
         loss.backward()
         if world > 1:  # what DDP does: average the gradients over the ranks
             for p in model.parameters():
@@ -34,27 +37,35 @@ def main(out):
             total = loss.detach().clone()
             dist.all_reduce(total)
             loss = total / world
-        results[name] = {"loss": loss.detach(), **{k: p.grad.clone() for k, p in model.named_parameters()}}
+        if name == "siglip":
+            if world > 1:
+                dist.all_reduce(bias.grad)
+                bias.grad /= world
+        results[name] = {"loss": loss.detach(), **{k: p.grad.clone() for k, p in model.named_parameters()},
+                         **({"bias": bias.grad.clone()} if name == "siglip" else {})}
     # the trainer's step (train.loop.forward_backward) on a model with a learnt logit scale: the whole local batch
     # in one pass, and as 2 micro-batches with feature-cache accumulation
     from psdclip.train.loop import forward_backward
 
     class Pair(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, bias: bool):
             super().__init__()
             torch.manual_seed(1)
             self.i, self.t = torch.nn.Linear(12, 6), torch.nn.Linear(10, 6)
             self.logit_scale = torch.nn.Parameter(torch.tensor(1.5))
+            # SigLIP's learnt bias only where the loss uses it (DDP does not average the gradients of a step in
+            # which a parameter took none)
+            self.logit_bias = torch.nn.Parameter(torch.tensor([-3.0])) if bias else None
 
         def forward(self, a, b):
             return {"image_features": F.normalize(self.i(a), dim=-1), "text_features": F.normalize(self.t(b), dim=-1),
-                    "logit_scale": self.logit_scale.exp()}
+                    "logit_scale": self.logit_scale.exp(), "logit_bias": self.logit_bias}
 
-    for name, parts in (("psd-one", 1), ("psd-accum", 2)):
-        pair = Pair()
+    for name, parts in (("psd-one", 1), ("psd-accum", 2), ("siglip-one", 1), ("siglip-accum", 2)):
+        pair = Pair(bias=name.startswith("siglip"))
         net = torch.nn.parallel.DistributedDataParallel(pair) if world > 1 else pair
-        loss_fn = PSDLoss(constant_schedule(0.6, 0.5), 1.5, seed=1, rank=rank,
-                          world_size=world)
+        loss_fn = PSDLoss(constant_schedule(0.6, 0.5), 1.5, seed=1, rank=rank, world_size=world) \
+            if name.startswith("psd") else SigLIPLoss(rank, world)
         m = n // parts
         losses = forward_backward(net, pair, loss_fn, [(x[k * m:(k + 1) * m], y[k * m:(k + 1) * m]) for k in range(parts)],
                                   step=4, world=world)
@@ -63,7 +74,8 @@ def main(out):
             total = loss.clone()
             dist.all_reduce(total)
             loss = total / world
-        results[name] = {"loss": loss, **{k: p.grad.clone() for k, p in pair.named_parameters()}}
+        results[name] = {"loss": loss, **{k: p.grad.clone() for k, p in pair.named_parameters()
+                                          if p.grad is not None}}
     # a non-finite loss on rank 0 only: every rank decides to skip (or stop) the step
     from psdclip.train.distributed import all_finite
 

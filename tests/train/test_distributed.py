@@ -8,7 +8,8 @@ HERE = os.path.dirname(__file__)
 
 
 def test_two_process_torchrun_matches_one_process(tmp_path):
-    """CLIP and PSD losses and gradients, and the trainer's step with and without --accum, 1 vs 2 gloo ranks."""
+    """CLIP, PSD and SigLIP (open_clip's exchange of text features round the ranks) losses and gradients, and the
+    trainer's step with and without --accum, 1 vs 2 gloo ranks."""
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, os.path.join(HERE, "ddp_check.py"), str(one)], check=True, env=env, timeout=300)
@@ -17,7 +18,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
                        env=env, timeout=300, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
-    for loss in ("clip", "psd"):
+    for loss in ("clip", "psd", "siglip", "psd-one", "psd-accum", "siglip-one", "siglip-accum"):
         for k in a[loss]:
             assert torch.allclose(a[loss][k], b[loss][k], atol=1e-6, rtol=1e-5), (loss, k, a[loss][k], b[loss][k])
     assert not torch.allclose(a["clip"]["loss"], a["psd"]["loss"])
@@ -31,5 +32,8 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
         assert r["node_local"].startswith("error: ") and "rank(s) 1 cannot see" in r["node_local"]
     assert a["chosen"].endswith("step_000002.pt") and a["node_local"].endswith("step_000005.pt")  # one process
     assert not any(".tmp-" in n for n in os.listdir(tmp_path / "shared" / "checkpoints"))
-    for k in a["psd-one"]:  # feature-cache accumulation = the whole batch at once, in 1 and in 2 processes
-        assert torch.allclose(a["psd-accum"][k], a["psd-one"][k], atol=1e-6, rtol=1e-5), k
+    assert set(a["siglip-one"]) >= {"loss", "logit_bias", "logit_scale"}  # the bias learns
+    for name in ("psd", "siglip"):  # feature-cache accumulation = the whole batch at once, in 1 and in 2 processes
+        for k in a[f"{name}-one"]:
+            for r in (a, b):
+                assert torch.allclose(r[f"{name}-accum"][k], r[f"{name}-one"][k], atol=1e-6, rtol=1e-5), (name, k)

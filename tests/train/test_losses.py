@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -262,3 +263,35 @@ def test_accumulation_updates_batch_norm_statistics_once_per_micro_batch():
     forward_backward(model, model, CLIPLoss(), micro, step=0)
     for k, v in model.named_buffers():
         assert torch.equal(v, expected[k]), k
+
+
+def test_siglip_loss_and_gradient_by_hand():
+    """--loss siglip is open_clip's SigLipLoss: -1/n sum_ij log sigmoid(y_ij (s i.t + b)), y = +1 on the diagonal and
+    -1 off it; d loss / d logit_ij = -y_ij sigmoid(-y_ij z_ij) / n; the bias learns; logits in fp32 under bf16."""
+    from psdclip.train.losses import SigLIPLoss
+
+    torch.manual_seed(0)
+    n = 6
+    fi = F.normalize(torch.randn(n, 8), dim=-1).requires_grad_()
+    ft = F.normalize(torch.randn(n, 8), dim=-1).requires_grad_()
+    scale, bias = torch.tensor(10.0, requires_grad=True), torch.tensor([-10.0], requires_grad=True)
+    out = SigLIPLoss()(fi, ft, scale, logit_bias=bias)
+    out["contrastive_loss"].backward()
+    got = [t.grad.clone() for t in (fi, ft, scale, bias)]
+    for t in (fi, ft, scale, bias):
+        t.grad = None
+    y = 2 * torch.eye(n) - 1
+    z = (scale * fi @ ft.T + bias)
+    z.retain_grad()
+    by_hand = -torch.log(torch.sigmoid(y * z)).sum() / n
+    by_hand.backward()
+    assert torch.allclose(out["contrastive_loss"], by_hand, rtol=1e-5)
+    assert torch.allclose(z.grad, -y * torch.sigmoid(-y * z.detach()) / n, atol=1e-7)
+    for a, b in zip(got, (fi.grad, ft.grad, scale.grad, bias.grad)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert got[3].abs().item() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = SigLIPLoss()(fi.bfloat16(), ft.bfloat16(), scale, logit_bias=bias)["contrastive_loss"]
+    assert low.dtype == torch.float32
+    with pytest.raises(ValueError, match="logit_bias"):
+        SigLIPLoss()(fi, ft, scale)

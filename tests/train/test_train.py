@@ -269,6 +269,23 @@ def test_fine_tuning_from_an_export_or_a_run_with_locked_towers(runs, dataset_di
     cli("train", *common, "--out", tmp_path / "plain", "--pretrained", runs[0])
     losses = [[json.loads(ln)["loss"] for ln in open(tmp_path / run / "metrics.jsonl")] for run in ("gc", "plain")]
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-5)
+    # --loss siglip from a CLIP run: the towers' weights, and open_clip's init of the bias (-10) that then learns;
+    # the run loads back (eval, index) and exports to a checkpoint that open_clip itself loads
+    cli("train", *common, "--out", tmp_path / "siglip", "--pretrained", runs[0], "--loss", "siglip")
+    got = final(tmp_path / "siglip")
+    assert got["logit_bias"].numel() == 1 and -10.5 < float(got["logit_bias"]) < -9.5
+    assert float(got["logit_bias"]) != -10.0
+    rows = [json.loads(ln) for ln in open(tmp_path / "siglip" / "metrics.jsonl")]
+    assert all(r["loss"] == r["loss"] for r in rows) and len(rows) == 3
+    from psdclip.train.loading import load_model
+
+    assert load_model(str(tmp_path / "siglip")).model.logit_bias is not None
+    cli("export", tmp_path / "siglip", "--out", tmp_path / "siglip.pt")
+    import open_clip
+
+    open_clip.add_model_config(str(tmp_path / "siglip.json"))
+    model, _, _ = open_clip.create_model_and_transforms("siglip", pretrained=str(tmp_path / "siglip.pt"))
+    assert torch.equal(model.logit_bias.detach(), got["logit_bias"])
     bad = cli("train", *common, "--out", tmp_path / "bad", "--model", "rn-small", "--pretrained", tmp_path / "base.pt",
               check=False)
     assert bad.returncode == 2 and "do not fit --model psdclip-rn-small" in bad.stderr
