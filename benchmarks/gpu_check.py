@@ -170,7 +170,7 @@ def step_prep(ctx: Ctx, limit: float) -> dict:
 
 
 def step_a(ctx: Ctx, limit: float) -> dict:
-    """--device cuda and auto: PSD + EMA + rho 0.5 + accum 2, stopped half-way and resumed."""
+    """--device cuda and auto: PSD + EMA + rho 0.5 + accum 2, stopped half-way and resumed; then --precision amp."""
     steps = 8 if ctx.rehearse else 16
     flags = ["--model", ctx.model_a, "--loss", "psd", "--ema-teacher", "--ema-decay", "0.99", "--rho-start", "0.5",
              "--rho-end", "0.5", "--alpha-start", "0.2", "--accum", "2", "--batch-size", ctx.batch_a, "--steps", steps,
@@ -180,12 +180,20 @@ def step_a(ctx: Ctx, limit: float) -> dict:
         run = os.path.join(ctx.work, f"a-{spec}")
         shutil.rmtree(run, ignore_errors=True)
         left = limit - (time.time() - t0)
-        ctx.train(run, *flags, "--device", spec, "--stop-after", steps // 2, timeout=left / (2 if spec != "auto" else 1.2))
+        ctx.train(run, *flags, "--device", spec, "--stop-after", steps // 2, timeout=left / (2.5 if spec != "auto" else 1.5))
         assert metrics(run)[-1]["step"] == steps // 2, f"{run}: --stop-after did not stop at {steps // 2}"
         text = ctx.train(run, *flags, "--device", spec, timeout=limit - (time.time() - t0))
         assert starts(run) == 2, f"{run}: expected two starts in config_history.jsonl"
         assert f"(step {steps // 2})" in text, f"{run}: the second start did not resume from step {steps // 2}"
         out[spec] = check_run(run, steps)
+    if not ctx.rehearse:  # fp16 with loss scaling (--precision amp): CUDA only
+        run = os.path.join(ctx.work, "a-amp")
+        shutil.rmtree(run, ignore_errors=True)
+        ctx.train(run, *flags, "--device", "cuda", "--precision", "amp", timeout=limit - (time.time() - t0))
+        rows = metrics(run)
+        assert all("loss_scale" in r for r in rows), f"{run}: no loss_scale in metrics.jsonl"
+        out["amp"] = {**check_run(run, steps), "loss_scale": rows[-1]["loss_scale"],
+                      "skipped_steps": sum(r["skipped_steps"] for r in rows)}
     return out
 
 

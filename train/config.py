@@ -101,7 +101,10 @@ class TrainConfig:
     follow: bool = _help("pick up shards that the pipeline publishes while training runs", default=False)
     skip_missing_shards: bool = _help("train on the shards that are there when some the dataset or subset names are "
                                       "missing (default: an error)", default=False)
-    precision: Literal["auto", "fp32", "bf16"] = _help("autocast: auto = bf16 on CUDA, fp32 on CPU", default="auto")
+    precision: Literal["auto", "fp32", "bf16", "amp_bf16", "amp_bfloat16", "amp", "fp16"] = _help(
+        "autocast: auto = bf16 on CUDA, fp32 on CPU; bf16 (open_clip's amp_bf16); amp or fp16 = fp16 autocast "
+        "with a GradScaler (CUDA only: for GPUs without bf16; a step whose gradients overflow is skipped and "
+        "counted in skipped_steps)", default="auto")
     compile: bool = _help("torch.compile the model", default=False)
     channels_last: bool = _help("keep images and convolution weights in channels-last (NHWC) memory: ~1.4x the "
                                 "samples/s of a convolutional tower on CPU (oneDNN), also faster on GPUs",

@@ -91,8 +91,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     _fine_tuning_options(model, cfg)  # before the optimizer: it takes the parameters that still train
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   eps=cfg.eps)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    scaler = torch.amp.GradScaler(enabled=False)  # bf16 needs no loss scaling; kept for checkpoint compatibility
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    # fp16 (open_clip's `amp`) scales the loss so that small gradients do not underflow; bf16 and fp32 need none
+    # (the disabled scaler is kept for the checkpoint's format)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_step, data_position, teacher_state = 0, {}, None
     resumed = ckpt.resume(cfg, ckpt_dir, model, optimizer, scaler, world, rank)
     if resumed:
@@ -161,8 +163,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             micro_batches.append((batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format),
                                   batch["text"].to(device, non_blocking=True)))
             state.window.samples += batch["image"].shape[0] * world
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            losses = forward_backward(net, model, loss_fn, micro_batches, step, ema=ema, world=world)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            losses = forward_backward(net, model, loss_fn, micro_batches, step, ema=ema, world=world, scaler=scaler)
         finite, stop_asked = step_flags(sum(v for k, v in losses.items() if k.endswith("_loss")), bool(interrupt.name),
                                         world)
         logs = {k: v.detach() if torch.is_tensor(v) else v for k, v in losses.items()}  # read on log steps only
@@ -173,15 +175,17 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             state.window.skipped_steps += 1
             log.warning(f"psdclip: warning: non-finite loss at step {step}; step skipped")
             continue
-        if cfg.grad_clip > 0:
-            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).detach()
-        optimizer.step()
+        taken = optimizer_step(model, optimizer, scaler, cfg.grad_clip, logs)
         optimizer.zero_grad(set_to_none=True)
+        if scaler.is_enabled():
+            logs["loss_scale"] = scaler.get_scale()
+        if not taken:  # fp16 gradients overflowed: the scaler skipped the step and lowered its scale
+            state.window.skipped_steps += 1
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        if ema is not None and cfg.ema_teacher:
+        if taken and ema is not None and cfg.ema_teacher:
             ema_update(ema, model, cfg.ema_decay)
-        elif ema is not None and (step + 1) % cfg.snapshot_every == 0:
+        elif taken and ema is not None and (step + 1) % cfg.snapshot_every == 0:
             ema_update(ema, model, 0.0)  # PS-KD: the teacher becomes the model as it is now
         done = step + 1
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
@@ -269,7 +273,37 @@ def _nan_diagnostics(cfg, step, logs, lr, model, batch):
     raise PsdclipError(f"non-finite loss at step {step}; diagnostics in {path} (use --nan-policy skip to go on)")
 
 
-def forward_backward(net, model, loss_fn, micro_batches, step, ema=None, world=1) -> dict:
+def autocast_dtype(precision: str, device) -> torch.dtype | None:
+    """The autocast dtype of `--precision` on `device` (None: fp32). fp16 needs CUDA: its loss scaling is for GPUs
+    without bf16 (pre-Ampere), and a CPU run uses fp32 or bf16."""
+    if precision in ("amp", "fp16"):
+        if torch.device(device).type != "cuda":
+            raise InputError(f"--precision {precision}: fp16 with loss scaling runs on CUDA only; on {device} use "
+                             "fp32 or bf16")
+        return torch.float16
+    if precision in ("bf16", "amp_bf16", "amp_bfloat16") or (precision == "auto" and torch.device(device).type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip: float, logs: dict) -> bool:
+    """Clip the gradient norm and take the optimizer step. With loss scaling (fp16) the gradients are unscaled
+    first, and the scaler skips a step whose gradients overflowed, then lowers its scale (as GradScaler does in
+    open_clip): returns whether the step was taken."""
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).detach()
+    if not scaler.is_enabled():
+        optimizer.step()
+        return True
+    before = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() >= before
+
+
+def forward_backward(net, model, loss_fn, micro_batches, step, ema=None, world=1, scaler=None) -> dict:
     """Loss and gradients of one step over its micro-batches (call under the step's autocast); returns the
     losses, detached. One micro-batch: forward and backward. Several (`--accum K`): open_clip's feature-cache
     accumulation, so the contrastive loss (and PSD's teacher) sees the whole batch of K x micro rows, as one
@@ -278,14 +312,18 @@ def forward_backward(net, model, loss_fn, micro_batches, step, ema=None, world=1
     of the whole batch is taken with its fresh features in place of its cached ones. The gradients summed
     over the K backward passes are those of the big batch; the logit scale, which every pass uses, takes
     its gradient from the last pass only (the one DDP reduces). Memory: the K micro-batches' inputs and features, and one
-    micro-batch's activations."""
+    micro-batch's activations. `scaler` (fp16): each backward pass runs on the scaled loss."""
+    def backward(losses):
+        loss = sum(v for k, v in losses.items() if k.endswith("_loss"))
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
     teacher = teacher_logits(ema, loss_fn, micro_batches) if ema is not None else None
     if len(micro_batches) == 1:
         images, texts = micro_batches[0]
         out = net(images, texts)
         losses = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], step=step,
                          teacher_logits=teacher, logit_bias=out.get("logit_bias"))
-        sum(v for k, v in losses.items() if k.endswith("_loss")).backward()
+        backward(losses)
         return {k: v.detach() for k, v in losses.items()}
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     with torch.no_grad():
@@ -305,5 +343,5 @@ def forward_backward(net, model, loss_fn, micro_batches, step, ema=None, world=1
                 scale, bias = scale.detach(), None if bias is None else bias.detach()
             losses = loss_fn(whole["image_features"], whole["text_features"], scale, step=step,
                              teacher_logits=teacher, logit_bias=bias)
-            sum(v for k, v in losses.items() if k.endswith("_loss")).backward()
+            backward(losses)
     return {k: v.detach() for k, v in losses.items()}

@@ -99,6 +99,36 @@ def test_faiss_gpu_beside_torchs_cuda_in_one_process():
     assert (a @ a).sum().item() == pytest.approx(before, rel=1e-4)
 
 
+def test_fp16_loss_scaling_skips_an_overflowed_step_and_otherwise_equals_an_unscaled_one():
+    """--precision amp (fp16 + GradScaler): the gradients are unscaled before clipping and the step, so a taken step
+    is the unscaled one; a step whose gradients overflowed is skipped (weights untouched) and the scale lowered."""
+    from psdclip.train.loop import optimizer_step
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    ref, model = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    model.load_state_dict(ref.state_dict())
+    opt_ref, opt = torch.optim.AdamW(ref.parameters(), lr=0.1), torch.optim.AdamW(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    ref(x).pow(2).sum().backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+    opt_ref.step()
+    scaler.scale(model(x).pow(2).sum()).backward()
+    logs = {}
+    assert optimizer_step(model, opt, scaler, 0.5, logs) and float(logs["grad_norm"]) < 1e6
+    for a, b in zip(ref.parameters(), model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    opt.zero_grad()
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(model(x).pow(2).sum()).backward()
+    model.weight.grad[0, 0] = float("inf")
+    assert not optimizer_step(model, opt, scaler, 0.5, {})
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert scaler.get_scale() == 2.0 ** 9
+    plain = torch.amp.GradScaler("cpu", enabled=False)  # bf16 / fp32: no scaling, every step taken
+    assert optimizer_step(model, opt, plain, 0.0, {})
+
+
 def test_nccl_on_a_cpu_rank_is_one_line_and_gloo_shares_a_device(monkeypatch, tmp_path):
     """--dist-backend (open_clip's flag): nccl needs CUDA ranks (said in one line, before any process group is
     made); gloo is what lets two ranks share one GPU, as benchmarks/gpu_check.py (c) runs them."""

@@ -171,6 +171,8 @@ def test_bad_inputs_end_with_one_line(dataset_dir, tmp_path, server):
         (["--data", tmp_path / "nothing", "--out", tmp_path / "r3"], "has no successful samples"),
         (["--data", dataset_dir, "--out", good, "--model", tmp_path / "other.json", "--steps", 4],
          "checkpoint is for model 'psdclip-rn-small', not 'other'"),
+        (["--data", dataset_dir, "--out", tmp_path / "r6", "--precision", "amp"],
+         "--precision amp: fp16 with loss scaling runs on CUDA only"),
         # a teacher temperature that overflows the teacher's softmax makes the loss NaN
         (["--data", dataset_dir, "--out", tmp_path / "r4", "--teacher-temperature", "1e-45", "--alpha-start", "0.5",
           "--steps", 3], "non-finite loss at step 0"),
