@@ -55,7 +55,14 @@ class BuildConfig:
     disallowed_header_directives: list[str] = _help(
         "X-Robots-Tag directives that opt an image out (img2dataset's defaults); empty to disable",
         default_factory=lambda: list(DEFAULT_DISALLOWED))
-    user_agent_token: Optional[str] = _help("token added to the User-Agent, matched against X-Robots-Tag", default=None)
+    user_agent_token: Optional[str] = _help(
+        "token added to the User-Agent (img2dataset's flag), matched against X-Robots-Tag and robots.txt rules",
+        default=None)
+    user_agent: Optional[str] = _help("the whole User-Agent header instead of psdclip's own (psdclip/VERSION "
+                                      "(+https://pypi.org/project/psdclip/), with the token when given)", default=None)
+    ignore_robots_txt: bool = _help("do not fetch or honour the hosts' robots.txt (by default each worker reads a "
+                                    "host's robots.txt once per build; disallowed rows end robots_disallowed)",
+                                    default=False)
     dask_scheduler: Optional[str] = _help("address of a running Dask scheduler (tcp://HOST:PORT); default: a LocalCluster",
                                           default=None)
     subsets: list[str] = _help("nested subsets to write, as fractions (<=1) or absolute counts, e.g. 0.01,0.1,1.0",

@@ -41,6 +41,12 @@ def classify(stage: str, message: str | None) -> str:
     """Map img2dataset's free-text error to one status kind (stage: 'download' or 'resize')."""
     msg = (message or "").lower()
     if stage == "download":
+        from .robots import DISALLOWED, UNREACHABLE
+
+        if msg.startswith(DISALLOWED.lower()):
+            return "robots_disallowed"
+        if msg.startswith(UNREACHABLE.lower()):
+            return "robots_unreachable"
         m = _HTTP_CODE.search(message or "")
         if m:
             code = int(m.group(1))
@@ -193,6 +199,9 @@ class DownloadOptions:
     thread_count: int
     max_image_area: float
     user_agent_token: str | None = None
+    user_agent: str | None = None
+    ignore_robots_txt: bool = False
+    build_id: str = ""  # robots.txt answers are kept per build (a long-lived Dask worker serves several)
     disallowed_header_directives: list | None = None
     host_rate: float = 0.0  # this worker's share of the build's per-host cap (requests/s; 0: none)
     rate_limit_retries: int = 3
@@ -208,11 +217,17 @@ class DownloadOptions:
         return ShardPolicy.starting_now(self.timeout, self.shard_timeout,
                                         host_interval=1.0 / self.host_rate if self.host_rate else 0.0,
                                         throttle_retries=self.rate_limit_retries, backoff=self.backoff,
-                                        max_backoff=self.max_backoff, request_timeout=self.request_timeout)
+                                        max_backoff=self.max_backoff, request_timeout=self.request_timeout,
+                                        robots=not self.ignore_robots_txt,
+                                        user_agent=self.user_agent, user_agent_token=self.user_agent_token,
+                                        build_id=self.build_id)
 
     @classmethod
     def of(cls, cfg) -> "DownloadOptions":
-        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+        import uuid
+
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if f.name != "build_id"},
+                   build_id=uuid.uuid4().hex)
 
 
 def work_prefix(dataset_dir: str) -> str:

@@ -24,7 +24,7 @@ import urllib.request
 
 from ..core.urls import redact, retry_after_seconds, url_problem
 
-USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"  # img2dataset's
+INFO_URL = "https://pypi.org/project/psdclip/"
 THROTTLED = (429, 503)  # the codes a host uses to say "slow down / come back later"
 CHUNK = 1 << 16
 
@@ -34,8 +34,13 @@ class ShardPolicy(float):
 
     def __new__(cls, timeout: float, *, deadline: float, shard_timeout: float, host_interval: float = 0.0,
                 throttle_retries: int = 3, backoff: float = 1.0, max_backoff: float = 60.0,
-                request_timeout: float = 60.0):
+                request_timeout: float = 60.0, robots: bool = True, user_agent: str | None = None,
+                user_agent_token: str | None = None, build_id: str = ""):
         self = super().__new__(cls, timeout)
+        self.robots = robots  # honour robots.txt (robots.py), its answers kept per build
+        self.build_id = build_id
+        self.user_agent = user_agent or default_user_agent(user_agent_token)
+        self.agents = tuple(a for a in (robots_agent(), user_agent_token) if a)  # the names robots.txt rules match
         self.request_timeout = request_timeout  # one response, whole (a host trickling a byte a second ends here)
         self.deadline = deadline  # time.monotonic() value after which no request starts or continues
         self.shard_timeout = shard_timeout
@@ -56,6 +61,27 @@ class ShardPolicy(float):
     def expired_message(self) -> str:
         return (f"timeout: the shard's time limit (--shard-timeout {self.shard_timeout:g} s) ran out before this row "
                 f"finished")
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as _version
+
+    try:
+        return _version("psdclip")
+    except PackageNotFoundError:
+        return "0"
+
+
+def default_user_agent(token: str | None = None) -> str:
+    """An identifiable User-Agent, as site owners ask of crawlers: the product and where to read about it (and
+    the operator's token, img2dataset's `--user-agent-token`, in the form img2dataset sends it)."""
+    return f"psdclip/{version()} (compatible; {token}; +{INFO_URL})" if token else f"psdclip/{version()} (+{INFO_URL})"
+
+
+def robots_agent() -> str:
+    from .robots import AGENT
+
+    return AGENT
 
 
 class HostLimiter:
@@ -113,9 +139,7 @@ def _get(url: str, policy: ShardPolicy, user_agent_token, disallowed):
     seconds or None). The body is read one receive at a time, so the shard's deadline stops a trickling host."""
     from img2dataset.downloader import is_disallowed
 
-    agent = USER_AGENT + (f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
-                          if user_agent_token else "")
-    request = urllib.request.Request(url, data=None, headers={"User-Agent": agent})
+    request = urllib.request.Request(url, data=None, headers={"User-Agent": policy.user_agent})
     ends = min(policy.deadline, time.monotonic() + policy.request_timeout)  # the whole response's deadline
     try:
         with _OPENER.open(request, timeout=float(policy)) as r:
@@ -150,6 +174,13 @@ def fetch(row, policy: ShardPolicy, retries: int, user_agent_token=None, disallo
     if problem:
         return key, None, f"invalid URL: {problem}"
     host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    if policy.robots:
+        from .robots import ROBOTS, TIMEOUT
+
+        refused = ROBOTS.check(url, list(policy.agents), policy.user_agent, _OPENER, scope=policy.build_id,
+                               timeout=max(1.0, min(TIMEOUT, policy.deadline - time.monotonic())))
+        if refused:
+            return key, None, refused
     failures = throttled = 0
     while True:
         wait = limiter.reserve(host, policy.host_interval, policy.deadline)

@@ -7,4 +7,5 @@ PENDING = "pending"
 SUCCESS = "success"
 DUPLICATE_URL = "duplicate_url"
 DUPLICATE_IMAGE = "duplicate_image"  # downloaded, its bytes kept in the shard, but the same image as another row
-TRANSIENT = ("timeout", "http_5xx", "rate_limited", "connection_error")  # what `--retry-failed` tries again
+# what `--retry-failed` tries again (robots_unreachable: a site whose robots.txt could not be read, RFC 9309)
+TRANSIENT = ("timeout", "http_5xx", "rate_limited", "connection_error", "robots_unreachable")

@@ -51,6 +51,9 @@ class Server(ThreadingHTTPServer):
         self.retry_after = "1"
         self.limited = True  # /limited/ paths answer 429 (Retry-After: retry_after) while this holds
         self.stuck = True  # /stuck/ paths trickle a byte a second while this holds
+        # /robots.txt per host name (the Host header's, without the port): (HTTP code, body); else a 404
+        self.robots: dict[str, tuple[int, str]] = {}
+        self.agents: collections.Counter = collections.Counter()  # User-Agent headers seen
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -94,6 +97,7 @@ class Handler(BaseHTTPRequestHandler):
         srv: Server = self.server  # type: ignore[assignment]
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
         with srv.lock:
+            srv.agents[self.headers.get("User-Agent", "")] += 1
             srv.hits[path] += 1
             srv.times[path].append(time.monotonic())
             flaky_left = srv.flaky.get(path, 0)
@@ -101,6 +105,10 @@ class Handler(BaseHTTPRequestHandler):
                 srv.flaky[path] = flaky_left - 1
         if flaky_left:
             return self._send(503, b"try later", "text/plain")
+        if path == "/robots.txt":
+            host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
+            code, body = srv.robots.get(host, (404, "not found"))
+            return self._send(code, body.encode(), "text/plain")
         for prefix, refuse in (("/throttle/", srv.hits[path] <= srv.throttle_first), ("/limited/", srv.limited)):
             if path.startswith(prefix) and refuse:
                 return self._send(429, b"slow down", "text/plain", [("Retry-After", srv.retry_after)])

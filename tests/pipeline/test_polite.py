@@ -133,3 +133,45 @@ def test_build_is_polite_ends_in_time_and_retry_failed_completes(server, tmp_pat
     m = pd.read_parquet(ds / "manifest")
     assert len(m) == len(rows) and (m["status"] == "success").sum() == len(rows)
     assert set(tar_members(ds)) == set(m["key"])
+
+
+def test_robots_txt_is_read_once_per_host_and_honoured_and_the_agent_names_psdclip(server, tmp_path, scheduler):
+    """robots.txt (RFC 9309): rules for "psdclip" and for the operator's --user-agent-token are honoured (rows end
+    robots_disallowed), a host whose robots.txt answers 5xx is treated as disallowed (robots_unreachable,
+    transient: --retry-failed asks again), a 404 allows all; each worker reads a host's robots.txt once per
+    build; every request carries an identifiable User-Agent; --ignore-robots-txt opts out."""
+    port = server.server_address[1]
+    server.robots["127.0.0.1"] = (200, "User-agent: psdclip\nDisallow: /ok/private\n\n"
+                                       "User-agent: mytoken\nDisallow: /ok/token\n\nUser-agent: *\nDisallow: /ok/pub9\n")
+    server.robots["localhost"] = (503, "down")
+    rows = [(f"{server.base}/ok/pub{i}.jpg", f"public {i}") for i in range(4)] + \
+        [(f"{server.base}/ok/private{i}.jpg", f"private {i}") for i in range(3)] + \
+        [(f"{server.base}/ok/token{i}.jpg", f"token {i}") for i in range(2)] + \
+        [(f"http://localhost:{port}/ok/down{i}.jpg", f"down {i}") for i in range(2)]
+    src = tmp_path / "urls.jsonl"
+    src.write_text("\n".join(json.dumps({"url": u, "caption": c}) for u, c in rows) + "\n")
+    ds = tmp_path / "ds"
+    build(cfg([src], ds, shard_size=4, user_agent_token="mytoken", dask_scheduler=scheduler))
+    status = dict(zip(*[pd.read_parquet(ds / "manifest")[c] for c in ("caption", "status")]))
+    assert [status[f"public {i}"] for i in range(4)] == ["success"] * 4
+    assert [status[f"private {i}"] for i in range(3)] == ["robots_disallowed"] * 3
+    assert [status[f"token {i}"] for i in range(2)] == ["robots_disallowed"] * 2
+    assert [status[f"down {i}"] for i in range(2)] == ["robots_unreachable"] * 2
+    assert not any(p.startswith(("/ok/private", "/ok/token", "/ok/down")) for p in server.hits)
+    assert 1 <= server.hits["/robots.txt"] <= 2 * 2  # once per host per worker process (2 workers, 2 host names)
+    image_agents = {a for a in server.agents if a}
+    assert image_agents and all(a.startswith("psdclip/") and "mytoken" in a for a in image_agents)
+    assert classify("download", "robots.txt disallows this URL for psdclip") == "robots_disallowed"
+
+    server.robots["localhost"] = (404, "")  # the host is back, without rules: a retry (a new build) reads it again
+    build(cfg([], ds, retry_failed=True, dask_scheduler=scheduler))
+    status = dict(zip(*[pd.read_parquet(ds / "manifest")[c] for c in ("caption", "status")]))
+    assert [status[f"down {i}"] for i in range(2)] == ["success"] * 2
+    assert [status[f"private {i}"] for i in range(3)] == ["robots_disallowed"] * 3  # not transient
+
+    fetched = server.hits["/robots.txt"]
+    build(cfg([src], tmp_path / "ignored", shard_size=4, ignore_robots_txt=True, user_agent="my-crawler/1.0",
+              dask_scheduler=scheduler))
+    m = pd.read_parquet(tmp_path / "ignored" / "manifest")
+    assert (m["status"] == "success").all() and server.hits["/robots.txt"] == fetched
+    assert server.agents["my-crawler/1.0"] == len(rows)
