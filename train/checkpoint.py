@@ -220,6 +220,8 @@ def write(state, step: int, position: dict, plot: bool = True) -> None:
                 from .plots import plot_run
 
                 plot_run(cfg.out)
+            if state.remote is not None:  # --remote-sync: after the file and its plots, in this background job
+                state.remote.push(cfg.out, cfg.keep)
 
         state.writer.submit(job)
 

@@ -17,7 +17,7 @@ from ..core.options import option as _help
 # parameters, schedule, batch, data, starting weights, locks: a resume with any of those changed is refused)
 RESUMABLE = frozenset({"out", "steps", "stop_after", "workers", "threads", "progress", "log_every", "report_to",
                        "eval_every", "eval_suite", "checkpoint_every", "keep", "resume", "device", "dist_timeout",
-                       "dist_backend", "compile", "channels_last", "grad_checkpointing", "nan_policy"})
+                       "dist_backend", "remote_sync", "compile", "channels_last", "grad_checkpointing", "nan_policy"})
 
 
 def changed_on_resume(before: dict, cfg) -> list[str]:
@@ -74,6 +74,11 @@ class TrainConfig:
     ema_decay: float = _help("PSD: decay of the EMA teacher", default=0.999)
     snapshot_every: int = _help("PSD: PS-KD's previous-epoch teacher: a frozen copy of the model, refreshed every N "
                                 "steps (one more forward pass; 0: off)", default=0)
+    distill_model: str = _help("PSD: a frozen teacher of another architecture (open_clip's --distill-model): any "
+                               "--model name; its logits are PSD's soft targets (needs --loss psd and "
+                               "--distill-pretrained; one more forward pass, no gradients)", default="")
+    distill_pretrained: str = _help("PSD: the teacher's weights (open_clip's --distill-pretrained): a psdclip run or "
+                                    "checkpoint, an export or open_clip checkpoint, or a pretrained tag", default="")
     pretrained: str = _help("fine-tune: start from these weights: a psdclip run or checkpoint, a file written by "
                             "`psdclip export` (any open_clip checkpoint of --model), or an open_clip pretrained tag "
                             "(downloaded where its hub is reachable); a resumed run continues from its own checkpoint",
@@ -127,6 +132,9 @@ class TrainConfig:
     device: str = _help("auto, cpu or cuda[:N]", default="auto")
     dist_timeout: float = _help("minutes a rank waits for the others in a collective before the job fails (torchrun)",
                                 default=30.0)
+    remote_sync: str = _help("copy checkpoints, metrics and plots to this fsspec URL as they are written "
+                             "(open_clip's --remote-sync; s3://, gs://, ...); a run whose --out has no checkpoint "
+                             "resumes from the remote copy", default="")
     dist_backend: Literal["auto", "nccl", "gloo"] = _help(
         "process-group backend under torchrun (open_clip's --dist-backend): auto = NCCL on CUDA, gloo on CPU; gloo "
         "on CUDA lets several ranks share one GPU (NCCL refuses that)", default="auto")
@@ -168,6 +176,14 @@ class TrainConfig:
             raise InputError(f"--snapshot-every must be >= 0, got {self.snapshot_every}")
         if self.snapshot_every and self.ema_teacher:
             raise InputError("--ema-teacher and --snapshot-every are two different teachers: choose one")
+        if bool(self.distill_model) != bool(self.distill_pretrained):
+            raise InputError("--distill-model and --distill-pretrained go together: the teacher's architecture and "
+                             "its weights")
+        if self.distill_model and self.loss != "psd":
+            raise InputError(f"--distill-model: the teacher's targets enter the PSD loss; use --loss psd (got "
+                             f"--loss {self.loss})")
+        if self.distill_model and (self.ema_teacher or self.snapshot_every):
+            raise InputError("--distill-model is a teacher of its own: drop --ema-teacher / --snapshot-every")
         if self.lock_image_unlocked_groups < 0 or self.lock_text_unlocked_layers < 0:
             raise InputError("--lock-image-unlocked-groups and --lock-text-unlocked-layers must be >= 0")
         if not self.teacher_temperature > 0:

@@ -65,7 +65,7 @@ class LoadedModel:
         return image_size(self.preprocess)
 
 
-def load_pretrained(model: torch.nn.Module, spec: str, arch: str) -> str:
+def load_pretrained(model: torch.nn.Module, spec: str, arch: str, flag: str = "--pretrained") -> str:
     """Load weights into `model` from a psdclip run or checkpoint, a plain open_clip checkpoint (a `state_dict`, as
     `psdclip export` writes), or an open_clip pretrained tag for `arch`. Returns where they came from."""
     if os.path.exists(spec):
@@ -77,17 +77,17 @@ def load_pretrained(model: torch.nn.Module, spec: str, arch: str) -> str:
 
         tags = open_clip.list_pretrained_tags_by_model(arch)
         if spec not in tags:
-            raise InputError(f"--pretrained {spec!r}: neither a file nor a run, nor an open_clip pretrained tag of "
+            raise InputError(f"{flag} {spec!r}: neither a file nor a run, nor an open_clip pretrained tag of "
                              f"{arch} ({', '.join(tags) or 'it has none'})")
         try:
             path = open_clip.download_pretrained(open_clip.get_pretrained_cfg(arch, spec))
         except Exception as err:  # pylint: disable=broad-except  (no network, hub down)
-            raise InputError(f"--pretrained {spec!r}: could not download it ({type(err).__name__}); give a local "
+            raise InputError(f"{flag} {spec!r}: could not download it ({type(err).__name__}); give a local "
                              f"checkpoint instead") from None
         state = load(path)
         weights = state.get("state_dict", state)
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise InputError(f"--pretrained {spec}: holds no model weights")
+        raise InputError(f"{flag} {spec}: holds no model weights")
     weights = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
     # the logit bias belongs to the loss (SigLIP), not to the towers: a CLIP model fine-tuned with SigLIP starts
     # from open_clip's init of it, and a SigLIP model fine-tuned with CLIP drops it
@@ -100,7 +100,8 @@ def load_pretrained(model: torch.nn.Module, spec: str, arch: str) -> str:
         model.load_state_dict(weights)
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:200]
-        raise InputError(f"--pretrained {spec}: its weights do not fit --model {arch} ({detail})") from None
+        model_flag = "--model" if flag == "--pretrained" else "--distill-model"
+        raise InputError(f"{flag} {spec}: its weights do not fit {model_flag} {arch} ({detail})") from None
     return path
 
 

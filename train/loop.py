@@ -32,7 +32,7 @@ from .losses import CLIPLoss, PSDLoss, PSDSchedule, SigLIPLoss
 from .models import build_model, resolve_model_name
 from .reporting import Evaluator, Reporter, Window, log_row, progress_bar
 from .schedule import lr_at, param_groups
-from .teacher import ema_update, make_teacher, teacher_logits
+from .teacher import ema_update, external_teacher, make_teacher, teacher_logits
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     # (the disabled scaler is kept for the checkpoint's format)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_step, data_position, teacher_state = 0, {}, None
+    remote = _remote_sync(cfg, ckpt_dir, rank, world)
     resumed = ckpt.resume(cfg, ckpt_dir, model, optimizer, scaler, world, rank)
     if resumed:
         start_step, data_position, teacher_state = resumed.step, resumed.data["position"], resumed.teacher
@@ -104,6 +105,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
         if rank == 0:
             log.info(f"psdclip: starting from the weights of {source}")
     ema = make_teacher(model, teacher_state) if cfg.loss == "psd" and (cfg.ema_teacher or cfg.snapshot_every) \
+        else None
+    # the external teacher (--distill-model) is frozen and rebuilt from its file on a resume: it is not saved
+    teacher = ema if ema is not None else external_teacher(cfg, preprocess_train, device) if cfg.distill_model \
         else None
     if rank == 0:
         ckpt.truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), start_step)
@@ -127,6 +131,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     batches = iter(make_loader(stream, cfg.workers))
     bar = progress_bar(cfg, rank, start_step)
     state = TrainState(cfg=cfg, model=model, optimizer=optimizer, scaler=scaler, teacher=ema, rank=rank, world=world,
+                       remote=remote if rank == 0 else None,
                        window=Window(first_step=start_step), position=dict(data_position),
                        reporter=Reporter(cfg) if rank == 0 else None)
     evaluator = Evaluator(cfg, model, preprocess_val, tokenizer, device) if cfg.eval_every and rank == 0 else None
@@ -164,7 +169,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
                                   batch["text"].to(device, non_blocking=True)))
             state.window.samples += batch["image"].shape[0] * world
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            losses = forward_backward(net, model, loss_fn, micro_batches, step, ema=ema, world=world, scaler=scaler)
+            losses = forward_backward(net, model, loss_fn, micro_batches, step, ema=teacher, world=world,
+                                      scaler=scaler)
         finite, stop_asked = step_flags(sum(v for k, v in losses.items() if k.endswith("_loss")), bool(interrupt.name),
                                         world)
         logs = {k: v.detach() if torch.is_tensor(v) else v for k, v in losses.items()}  # read on log steps only
@@ -236,6 +242,7 @@ class TrainState:
     position: dict = dataclasses.field(default_factory=dict)
     skipped_samples: dict = dataclasses.field(default_factory=dict)
     reporter: Reporter | None = None
+    remote: object | None = None  # remote.RemoteSync of --remote-sync, on rank 0
     writer: ckpt.BackgroundWriter = dataclasses.field(default_factory=lambda: ckpt.BackgroundWriter())
 
     @property
@@ -271,6 +278,22 @@ def _nan_diagnostics(cfg, step, logs, lr, model, batch):
                    "nonfinite_params": [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]},
                   f, indent=2)
     raise PsdclipError(f"non-finite loss at step {step}; diagnostics in {path} (use --nan-policy skip to go on)")
+
+
+def _remote_sync(cfg: TrainConfig, ckpt_dir: str, rank: int, world: int):
+    """--remote-sync: on a node whose --out has no checkpoint, the first local rank downloads the remote run's
+    latest one before every rank resumes (remote.py). Returns the RemoteSync (None without the flag)."""
+    if not cfg.remote_sync:
+        return None
+    from .remote import RemoteSync
+
+    sync = RemoteSync(cfg.remote_sync)
+    local_first = int(os.environ.get("LOCAL_RANK", rank)) == 0
+    if local_first and cfg.resume == "auto" and not ckpt.list_checkpoints(ckpt_dir):
+        sync.pull(cfg.out)
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return sync
 
 
 def autocast_dtype(precision: str, device) -> torch.dtype | None:

@@ -295,3 +295,59 @@ def test_siglip_loss_and_gradient_by_hand():
     assert low.dtype == torch.float32
     with pytest.raises(ValueError, match="logit_bias"):
         SigLIPLoss()(fi, ft, scale)
+
+
+def test_an_external_teacher_in_psd_is_half_of_open_clips_distillation_loss():
+    """--distill-model: the teacher's logits enter PSD's targets. At alpha 0.5, rho 1, T 1 the loss is exactly half
+    of open_clip's DistillClipLoss (contrastive + distillation): CE(y, s) + CE(t, s) = 2 CE((y + t) / 2, s)."""
+    from open_clip.loss import DistillClipLoss
+
+    torch.manual_seed(0)
+    fi, ft = (F.normalize(torch.randn(8, 16), dim=-1).requires_grad_() for _ in range(2))
+    ti, tt = (F.normalize(torch.randn(8, 16), dim=-1) for _ in range(2))
+    scale, t_scale = torch.tensor(7.0), torch.tensor(12.0)
+    loss = PSDLoss(constant_schedule(0.5, 1.0), 1.0)
+    teacher = loss.get_logits(ti, tt, t_scale)
+    ours = loss(fi, ft, scale, step=0, teacher_logits=teacher)["contrastive_loss"]
+    theirs = DistillClipLoss()(fi, ft, scale, ti, tt, t_scale, output_dict=True)
+    assert torch.allclose(2 * ours, theirs["contrastive_loss"] + theirs["distill_loss"], rtol=1e-5)
+    g_ours = torch.autograd.grad(2 * ours, [fi, ft])
+    g_theirs = torch.autograd.grad(theirs["contrastive_loss"] + theirs["distill_loss"], [fi, ft])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_ours, g_theirs))
+
+
+def test_an_external_teacher_sees_the_students_batch_in_its_own_inputs():
+    """The student's images resized to the teacher's size and re-normalised to its mean and std; its tokens padded
+    or cut to the teacher's context length with the end-of-text token kept; frozen, in eval mode, no gradients."""
+    from psdclip.train.models import build_model
+    from psdclip.train.teacher import wrap_teacher
+
+    student, s_pre, _, tok = build_model("rn-small")
+    teacher, _, t_pre, t_tok = build_model("tiny")
+    wrapped = wrap_teacher(teacher, t_pre, "psdclip-tiny", s_pre)
+    raw = torch.rand(2, 3, 48, 48)
+    s_mean, s_std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    x = (raw - s_mean.view(1, 3, 1, 1)) / s_std.view(1, 3, 1, 1)
+    back = x * wrapped.scale + wrapped.shift  # same mean/std here: the identity
+    assert torch.allclose(back, x, atol=1e-6)
+    from psdclip.train.teacher import ExternalTeacher
+
+    other = ExternalTeacher(teacher, (64, 64), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 32, tuple(s_mean.tolist()),
+                            tuple(s_std.tolist()))
+    assert torch.allclose(x * other.scale + other.shift, (raw - 0.5) / 0.25, atol=1e-5)
+    long = tok(["a photo of " + "very " * 30 + "red circles"])  # the student's context (16), EOT last
+    real = wrapped.context_length
+    for ctx in (8, 200):
+        wrapped.context_length = ctx
+        adapted = wrapped.adapt_text(long)
+        assert adapted.shape == (1, ctx)
+        if ctx < long.shape[1]:  # cut: the end-of-text token moved to the last place open_clip pools at
+            assert adapted.argmax(dim=-1).item() == ctx - 1 and torch.equal(adapted[:, :-1], long[:, :ctx - 1])
+        else:  # padded with zeros after the student's tokens
+            assert torch.equal(adapted[:, :long.shape[1]], long) and not adapted[:, long.shape[1]:].any()
+    wrapped.context_length = real
+    wrapped.train()
+    assert not wrapped.training and not wrapped.model.training
+    out = wrapped(x, long)
+    assert out["image_features"].shape[0] == 2 and not out["image_features"].requires_grad
+    assert all(not p.requires_grad for p in wrapped.parameters())

@@ -12,6 +12,8 @@ import torch
 
 from helpers.cli import BIN, cli
 
+from psdclip.train.models import build_model
+
 FAST = ["--model", "rn-small", "--batch-size", "32", "--workers", "1", "--shuffle-buffer", "64", "--warmup", "3",
         "--no-progress"]
 
@@ -271,6 +273,19 @@ def test_fine_tuning_from_an_export_or_a_run_with_locked_towers(runs, dataset_di
     cli("train", *common, "--out", tmp_path / "plain", "--pretrained", runs[0])
     losses = [[json.loads(ln)["loss"] for ln in open(tmp_path / run / "metrics.jsonl")] for run in ("gc", "plain")]
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-5)
+    # an external teacher of another architecture (tiny, 64 px, 32 tokens) for an rn-small student (48 px, 16):
+    # frozen, not saved in checkpoints; a resume with another teacher is refused
+    teacher_model = build_model("tiny")[0]
+    torch.save({"state_dict": teacher_model.state_dict()}, tmp_path / "teacher.pt")
+    cli("train", *common, "--out", tmp_path / "distill", "--distill-model", "tiny", "--distill-pretrained",
+        tmp_path / "teacher.pt", "--alpha-start", 0.5)
+    state = torch.load(tmp_path / "distill" / "checkpoints" / "step_000003.pt", weights_only=True)
+    assert state.get("teacher") is None and not any(k.startswith("model.") for k in state["model"])
+    rows = [json.loads(ln) for ln in open(tmp_path / "distill" / "metrics.jsonl")]
+    assert len(rows) == 3 and all(r["loss"] == r["loss"] and r["alpha"] > 0.4 for r in rows)
+    changed = cli("train", *common, "--out", tmp_path / "distill", "--steps", 4, "--distill-model", "tiny",
+                  "--distill-pretrained", runs[0], "--alpha-start", 0.5, check=False)
+    assert changed.returncode == 2 and "--distill-pretrained" in changed.stderr
     # --loss siglip from a CLIP run: the towers' weights, and open_clip's init of the bias (-10) that then learns;
     # the run loads back (eval, index) and exports to a checkpoint that open_clip itself loads
     cli("train", *common, "--out", tmp_path / "siglip", "--pretrained", runs[0], "--loss", "siglip")
