@@ -45,8 +45,8 @@ def classify(stage: str, message: str | None) -> str:
 
         if msg.startswith(DISALLOWED.lower()):
             return "robots_disallowed"
-        if msg.startswith(UNREACHABLE.lower()):
-            return "robots_unreachable"
+        if msg.startswith(UNREACHABLE.lower()) and "(http " in msg:  # the host answered, with an error
+            return "robots_unreachable"  # (a host that cannot be reached at all: timeout / connection_error below)
         m = _HTTP_CODE.search(message or "")
         if m:
             code = int(m.group(1))

@@ -8,7 +8,8 @@ as RFC 9309 (2.3.1) has them:
 - 2xx: the file's rules (at most MAX_BYTES of it are read);
 - 4xx (404 most often): no rules, everything allowed;
 - 5xx, a timeout or a connection error: "unreachable", the whole site disallowed for this build; the rows end
-  `robots_unreachable`, transient, so `--retry-failed` asks again later.
+  `robots_unreachable` after a 5xx, or `timeout` / `connection_error` when the host cannot be reached at all (its
+  images could not be either), all transient, so `--retry-failed` asks again later.
 A disallowed row ends `robots_disallowed`. `--ignore-robots-txt` turns all of this off.
 """
 from __future__ import annotations

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from helpers.datasets import cfg
+from helpers.s3 import moto_s3
 
 from psdclip.pipeline import parts as parts_mod
 from psdclip.pipeline.build import build
@@ -33,26 +34,16 @@ def s3(monkeypatch, scheduler):
     cluster's workers get them from their environment)."""
     from dask.distributed import Client
 
-    from moto.server import ThreadedMotoServer
+    with moto_s3(monkeypatch) as env:
+        with Client(scheduler) as client:
+            client.run(_set_env, env)
+        _set_env(env)
+        import fsspec
 
-    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-        monkeypatch.setenv(k, v)
-    env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-                                      "AWS_ENDPOINT_URL")}
-    with Client(scheduler) as client:
-        client.run(_set_env, env)
-    _set_env(env)
-    import fsspec
-
-    fsspec.filesystem("s3", skip_instance_cache=True).makedirs("lists", exist_ok=True)  # (moto keeps state per process)
-    yield scheduler
-    with Client(scheduler) as client:
-        client.run(_set_env, {k: None for k in env})
-    srv.stop()
+        fsspec.filesystem("s3", skip_instance_cache=True).makedirs("lists", exist_ok=True)  # (moto: state per process)
+        yield scheduler
+        with Client(scheduler) as client:
+            client.run(_set_env, {k: None for k in env})
 
 
 def test_url_lists_on_s3_are_cut_into_parts_and_read_by_the_workers(s3, synth_dir, server, tmp_path, monkeypatch):

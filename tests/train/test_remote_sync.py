@@ -7,6 +7,7 @@ import os
 import pytest
 
 from helpers.cli import cli
+from helpers.s3 import moto_s3
 
 FAST = ["--model", "rn-small", "--batch-size", "16", "--workers", "0", "--shuffle-buffer", "32", "--warmup", "1",
         "--no-progress", "--log-every", "1", "--checkpoint-every", "2"]
@@ -14,21 +15,12 @@ FAST = ["--model", "rn-small", "--batch-size", "16", "--workers", "0", "--shuffl
 
 @pytest.fixture()
 def bucket(monkeypatch):
-    from moto.server import ThreadedMotoServer
     from s3fs import S3FileSystem
 
-    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-        monkeypatch.setenv(k, v)
-    S3FileSystem.clear_instance_cache()
-    fs = S3FileSystem(skip_instance_cache=True)
-    fs.mkdir("runs")
-    yield fs
-    S3FileSystem.clear_instance_cache()
-    srv.stop()
+    with moto_s3(monkeypatch):
+        fs = S3FileSystem(skip_instance_cache=True)
+        fs.mkdir("runs")
+        yield fs
 
 
 def test_a_run_syncs_to_s3_and_a_new_machine_resumes_from_it(bucket, dataset_dir, tmp_path):
