@@ -74,6 +74,11 @@ class TrainConfig:
     ema_decay: float = _help("PSD: decay of the EMA teacher", default=0.999)
     snapshot_every: int = _help("PSD: PS-KD's previous-epoch teacher: a frozen copy of the model, refreshed every N "
                                 "steps (one more forward pass; 0: off)", default=0)
+    data_weights: list[float] = _help(
+        "a weighted mixture of the --data sources joined by '::' (open_clip's --train-data A::B with "
+        "--train-data-upsampling-factors): each sample's source drawn by these weights; without weights, datasets "
+        "joined by '::' are mixed in proportion to their sizes; metrics.jsonl counts samples per source",
+        default_factory=list)
     distill_model: str = _help("PSD: a frozen teacher of another architecture (open_clip's --distill-model): any "
                                "--model name; its logits are PSD's soft targets (needs --loss psd and "
                                "--distill-pretrained; one more forward pass, no gradients)", default="")

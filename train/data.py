@@ -249,67 +249,133 @@ def decode(samples, transform, tokenize, on_error, aug_seed: str | None = None):
             on_error(f"sample {s.get('__key__')}: {err}")
 
 
+def mixture_parts(spec: str, weights: list[float] | None = None) -> list[str] | None:
+    """The sources of a weighted mixture (`--data A::B --data-weights 0.7,0.3`, open_clip's `::` syntax), or None
+    for one source. Shard URL patterns joined by `::` without weights stay one source (webdataset's union of
+    URL lists, as before); with a dataset or subset among them, the parts are mixed in proportion to their sizes."""
+    parts = [p for p in spec.split("::")] if "::" in spec and not spec.startswith("pipe:") else [spec]
+    if weights:
+        if len(weights) != len(parts):
+            raise InputError(f"--data-weights: {len(weights)} weight(s) for the {len(parts)} source(s) of --data "
+                             f"{spec} (sources are joined by '::')")
+        if not all(w > 0 and w == w and w != float("inf") for w in weights):
+            raise InputError(f"--data-weights: every weight must be a finite number > 0, got {weights}")
+        return parts
+    if len(parts) == 1:
+        return None
+    if all("{" in p or "://" in p or p.endswith(".tar") or p.endswith(".parquet") for p in parts):
+        return None
+    return parts
+
+
 class ShardStream(IterableDataset):
     """An endless stream of batches for one rank; workers split the shards (or, with fewer shards than
-    readers, each shard's samples among the readers of that shard: see reader_shards)."""
+    readers, each shard's samples among the readers of that shard: see reader_shards).
+
+    A mixture (`weights`, or several datasets joined by `::`): each reader keeps one sample stream per source and
+    draws the source of every sample from a seeded generator by weight (a source's share of a batch is random,
+    its expected share the weight's). The position of each source (epoch, samples) and the number of draws are
+    the reader's position, so a resumed run continues every source where it was and draws what it would have."""
 
     def __init__(self, spec: str, batch_size: int, transform, tokenizer, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle_buffer: int = 1000, resampled: bool = False, follow: bool = False,
-                 resume: dict | None = None, skip_missing: bool = False):
+                 resume: dict | None = None, skip_missing: bool = False, weights: list[float] | None = None):
         super().__init__()
         self.spec, self.batch_size, self.transform, self.tokenizer = spec, batch_size, transform, tokenizer
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle_buffer, self.resampled, self.follow = shuffle_buffer, resampled, follow
         self.resume = resume or {}
         self.skip_missing = skip_missing
-        self.source = resolve_source(spec, skip_missing)
+        self.parts = mixture_parts(spec, weights)
+        if self.parts is None:
+            self.sources = [resolve_source(spec, skip_missing)]
+            self.weights = [1.0]
+            self.source = self.sources[0]
+        else:
+            self.sources = [resolve_source(p, skip_missing) for p in self.parts]
+            sizes = [s.samples for s in self.sources]
+            if not weights and None in sizes:
+                raise InputError(f"--data {spec}: the size of {self.parts[sizes.index(None)]} is not known; give "
+                                 f"--data-weights for the mixture")
+            self.weights = [float(w) for w in (weights or sizes)]
+            self.source = Source(shards=[u for s in self.sources for u in s.shards], spec=spec,
+                                 samples=None if None in sizes else sum(sizes))
+
+    def _samples(self, k: int, reader: int, readers: int, start: dict, on_error):
+        """Source k's decoded samples for this reader, from `start` (epoch, samples of that epoch already
+        trained on), endless: yields (image, text, key, epoch, samples used of that epoch)."""
+        epoch = int(start.get("epoch", 0))
+        # samples of that epoch already trained on (older checkpoints recorded whole batches)
+        skip = int(start.get("samples", int(start.get("batches", 0)) * self.batch_size))
+        spec = self.parts[k] if self.parts else self.spec
+        while True:
+            source = resolve_source(spec, self.skip_missing) if (self.follow and epoch > 0) else self.sources[k]
+            order = epoch_shards(source.shards, epoch, self.seed + k, self.resampled)
+            mine, share, part = reader_shards(order, reader, readers)
+            raw = (arrow_samples(mine, on_error) if source.format == "arrow" else tar_samples(mine, on_error))
+            raw = select(raw, source)
+            if share > 1:  # fewer shards than readers: the readers of a shard split its samples
+                raw = (s for i, s in enumerate(raw) if i % share == part)
+            raw = shuffle(raw, self.shuffle_buffer, random.Random(f"{self.seed + k}-{epoch}-{reader}"))
+            if skip:  # resume: drop what was already trained on, before any decoding
+                for _ in range(skip):
+                    if next(raw, None) is None:
+                        break
+            used, skip, fresh = skip, 0, 0
+            for image, text, key in decode(raw, self.transform, self.tokenizer, on_error, f"{self.seed + k}-{epoch}"):
+                used += 1
+                fresh += 1
+                yield image, text, key, epoch, used
+            if fresh == 0:
+                raise InputError(f"--data {spec}: reader {reader} found no readable sample in a whole pass")
+            epoch += 1  # a batch not yet full is filled from the next pass (a small subset, many readers)
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         reader, readers = self.rank * workers + worker, self.world_size * workers
         start = self.resume.get(str(reader)) or self.resume.get(reader) or {}
-        epoch = int(start.get("epoch", 0))
-        # samples of that epoch already trained on (older checkpoints recorded whole batches)
-        skip = int(start.get("samples", int(start.get("batches", 0)) * self.batch_size))
         skipped = [0]
 
         def on_error(msg):
             skipped[0] += 1
             log.warning("skipped %s", msg)
 
-        images, texts, keys = [], [], []
+        n = len(self.sources)
+        starts = start.get("mix") or [start] if n > 1 else [start]
+        starts = (starts + [{}] * n)[:n]
+        streams = [self._samples(k, reader, readers, starts[k], on_error) for k in range(n)]
+        at = [dict(s) for s in starts]  # each source's position: {"epoch", "samples"}
+        drawn = int(start.get("drawn", 0)) if n > 1 else 0
+        mix = random.Random(f"{self.seed}-mix-{reader}")
+        for _ in range(drawn):  # a resumed reader draws what it would have drawn
+            mix.random()
+        total = sum(self.weights)
+        cumulative = [sum(self.weights[:k + 1]) / total for k in range(n)]
+        images, texts, keys, counts = [], [], [], [0] * n
         batches = 0
         while True:
-            source = resolve_source(self.spec, self.skip_missing) if (self.follow and epoch > 0) else self.source
-            order = epoch_shards(source.shards, epoch, self.seed, self.resampled)
-            mine, share, part = reader_shards(order, reader, readers)
-            raw = (arrow_samples(mine, on_error) if source.format == "arrow" else tar_samples(mine, on_error))
-            raw = select(raw, source)
-            if share > 1:  # fewer shards than readers: the readers of a shard split its samples
-                raw = (s for i, s in enumerate(raw) if i % share == part)
-            raw = shuffle(raw, self.shuffle_buffer, random.Random(f"{self.seed}-{epoch}-{reader}"))
-            if skip:  # resume: drop what was already trained on, before any decoding
-                for _ in range(skip):
-                    if next(raw, None) is None:
-                        break
-            used, skip, fresh = skip, 0, 0
-            for image, text, key in decode(raw, self.transform, self.tokenizer, on_error, f"{self.seed}-{epoch}"):
-                images.append(image)
-                texts.append(text)
-                keys.append(key)
-                used += 1
-                fresh += 1
-                if len(images) == self.batch_size:
-                    batches += 1
-                    yield {"image": torch.stack(images), "text": torch.stack(texts), "keys": keys,
-                           "reader": reader, "epoch": epoch, "samples": used, "batches": batches,
-                           "skipped": skipped[0]}
-                    images, texts, keys = [], [], []
-            if fresh == 0 and not images:
-                raise InputError(f"--data {self.spec}: reader {reader} found no readable sample in a whole pass")
-            epoch += 1  # a batch not yet full is filled from the next pass (a small subset, many readers)
-            batches = 0
+            if n > 1:
+                u = mix.random()
+                k = next((i for i, c in enumerate(cumulative) if u < c), n - 1)
+                drawn += 1
+            else:
+                k = 0
+            image, text, key, epoch, used = next(streams[k])
+            if n == 1 and (not at[0] or epoch != at[0].get("epoch")):
+                batches = 0  # batches count within an epoch (a single source's position, as before)
+            at[k] = {"epoch": epoch, "samples": used}
+            images.append(image)
+            texts.append(text)
+            keys.append(key)
+            counts[k] += 1
+            if len(images) == self.batch_size:
+                batches += 1
+                position = {**at[0], "batches": batches} if n == 1 else {"mix": [dict(a) for a in at], "drawn": drawn}
+                yield {"image": torch.stack(images), "text": torch.stack(texts), "keys": keys, "reader": reader,
+                       "epoch": at[0].get("epoch", 0), "samples": at[0].get("samples", 0), "batches": batches,
+                       "position": position, "sources": counts, "skipped": skipped[0]}
+                images, texts, keys, counts = [], [], [], [0] * n
 
 
 def make_loader(stream: ShardStream, workers: int) -> DataLoader:

@@ -124,7 +124,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
         net = torch.compile(net)
     stream = ShardStream(cfg.data, micro, preprocess_train, tokenizer, seed=cfg.seed, rank=rank, world_size=world,
                          shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, follow=cfg.follow,
-                         resume=data_position, skip_missing=cfg.skip_missing_shards)
+                         resume=data_position, skip_missing=cfg.skip_missing_shards,
+                         weights=cfg.data_weights or None)
     if stream.source.samples is not None and micro * world > stream.source.samples:
         raise InputError(f"--batch-size {cfg.batch_size}: larger than the {stream.source.samples:,} samples of "
                          f"--data {cfg.data} (a contrastive batch would hold the same pair twice)")
@@ -162,8 +163,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
                          f"from it")
                 raise KeyboardInterrupt from None
             state.window.wait += time.time() - t_wait
-            state.position[str(batch["reader"])] = {"epoch": batch["epoch"], "samples": batch["samples"],
-                                                    "batches": batch["batches"]}
+            state.position[str(batch["reader"])] = batch["position"]
+            if stream.parts:  # a mixture: samples per source in this log interval
+                state.window.sources = [a + b for a, b in zip(state.window.sources or [0] * len(batch["sources"]),
+                                                              batch["sources"])]
             state.skipped_samples[batch["reader"]] = batch["skipped"]
             micro_batches.append((batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format),
                                   batch["text"].to(device, non_blocking=True)))
@@ -194,6 +197,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
         elif taken and ema is not None and (step + 1) % cfg.snapshot_every == 0:
             ema_update(ema, model, 0.0)  # PS-KD: the teacher becomes the model as it is now
         done = step + 1
+        if stream.parts and (done % cfg.log_every == 0 or done == cfg.steps):
+            # every rank's counts, on log steps only (one small all-reduce), for metrics.jsonl's source_samples
+            counts = torch.tensor(state.window.sources or [0] * len(stream.parts), dtype=torch.long, device=device)
+            if world > 1:
+                torch.distributed.all_reduce(counts)
+            state.window.source_samples = dict(zip(stream.parts, counts.tolist()))
+            state.window.sources = []
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
             log_row(state, done, logs, lr, bar, total_steps=end)
         if evaluator is not None and (done % cfg.eval_every == 0 or done == cfg.steps):

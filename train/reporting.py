@@ -35,6 +35,8 @@ class Window:
     wait: float = 0.0
     samples: int = 0
     skipped_steps: int = 0
+    sources: list = dataclasses.field(default_factory=list)  # a mixture's samples per source (this rank)
+    source_samples: dict | None = None  # ... over every rank, for the log row
 
 
 def log_row(state, step: int, logs: dict, lr: float, bar, total_steps: int = 0) -> None:
@@ -46,6 +48,9 @@ def log_row(state, step: int, logs: dict, lr: float, bar, total_steps: int = 0) 
               "data_wait_frac": window.wait / elapsed,
               "skipped_samples": int(sum(state.skipped_samples.values())) * state.world,
               "skipped_steps": window.skipped_steps, "time": time.time()}
+    if window.source_samples is not None:  # a mixture (--data A::B --data-weights): samples per source, all ranks
+        record["source_samples"] = window.source_samples
+        window.source_samples = None
     device = next(state.model.parameters()).device
     if device.type == "cuda":  # this rank's peak memory so far, as open_clip users read it off nvidia-smi
         record["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

@@ -262,3 +262,35 @@ def test_a_subset_names_its_dataset_and_missing_shards_are_an_error(dataset_dir,
         resolve_source(str(other))
     kept = resolve_source(str(other), skip_missing=True)
     assert [os.path.basename(p) for p in sorted(kept.shards)] == ["00000.tar", "00001.tar"]
+
+
+def test_a_weighted_mixture_draws_by_weight_and_resumes_every_source_exactly(dataset_dir):
+    """--data A::B --data-weights 0.8,0.2 (open_clip's '::'): each sample's source drawn by weight (the shares over
+    many samples near the weights), per-source counts in every batch, and a resume from any batch's position
+    continues every source, and the draws, exactly."""
+    import pytest
+
+    from psdclip.core.errors import InputError
+
+    _, transform, _, tok = build_model("tiny")
+    a, b = str(dataset_dir / "subsets" / "10pct.json"), str(dataset_dir / "subsets" / "100pct.json")
+    spec = f"{a}::{b}"
+
+    def stream(**kw):
+        return ShardStream(spec, 16, transform, tok, seed=3, shuffle_buffer=16, weights=[0.8, 0.2], **kw)
+
+    full = _take(stream(), 12)
+    counts = [sum(batch["sources"][k] for batch in full) for k in range(2)]
+    assert sum(counts) == 12 * 16 and 0.7 < counts[0] / sum(counts) < 0.9  # binomial: sd ~0.03
+    assert all(sum(batch["sources"]) == 16 for batch in full) and len({tuple(x["sources"]) for x in full}) > 1
+    pos = {str(full[4]["reader"]): full[4]["position"]}
+    assert set(pos[str(full[4]["reader"])]) == {"mix", "drawn"} and pos[str(full[4]["reader"])]["drawn"] == 5 * 16
+    resumed = _take(stream(resume=pos), 4)
+    assert [x["keys"] for x in resumed] == [x["keys"] for x in full[5:9]]
+    assert [x["sources"] for x in resumed] == [x["sources"] for x in full[5:9]]
+    with pytest.raises(InputError, match="3 weight"):
+        ShardStream(spec, 16, transform, tok, weights=[1.0, 2.0, 3.0])
+    with pytest.raises(InputError, match="finite number > 0"):
+        ShardStream(spec, 16, transform, tok, weights=[1.0, 0.0])
+    sized = ShardStream(spec, 16, transform, tok)  # datasets joined without weights: in proportion to their sizes
+    assert sized.weights == [float(resolve_source(a).samples), float(resolve_source(b).samples)]

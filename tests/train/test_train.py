@@ -371,3 +371,20 @@ def test_one_training_per_run_folder_and_a_resume_keeps_its_settings(dataset_dir
     assert max(m["step"] for m in metrics(resumed)) == 4
     history = [json.loads(line) for line in open(resumed / "config_history.jsonl")]
     assert [h["step"] for h in history] == [0, 2] and [h["config"]["log_every"] for h in history] == [10, 1]
+
+
+def test_a_mixture_trains_counts_its_sources_and_resumes(dataset_dir, tmp_path):
+    """`--data A::B --data-weights 0.7,0.3`: metrics.jsonl counts each log interval's samples per source (all
+    ranks), and a stopped run resumes each source where it was (the same metrics as an uninterrupted run)."""
+    a, b = dataset_dir / "subsets" / "10pct.json", dataset_dir / "subsets" / "100pct.json"
+    common = ["--data", f"{a}::{b}", "--data-weights", "0.7,0.3", "--steps", 4, "--batch-size", 16, "--workers", 0,
+              "--no-progress", "--log-every", 1, "--checkpoint-every", 2, "--warmup", 1, "--model", "rn-small"]
+    cli("train", *common, "--out", tmp_path / "whole")
+    cli("train", *common, "--out", tmp_path / "parts", "--stop-after", 2)
+    cli("train", *common, "--out", tmp_path / "parts")
+    whole, parts = metrics(tmp_path / "whole"), metrics(tmp_path / "parts")
+    assert [r["source_samples"] for r in whole] == [r["source_samples"] for r in parts]
+    assert all(sum(r["source_samples"].values()) == 16 and set(r["source_samples"]) == {str(a), str(b)} for r in whole)
+    assert [r["loss"] for r in whole] == pytest.approx([r["loss"] for r in parts], abs=1e-5)
+    bad = cli("train", *common[:2], "--data-weights", "1,2,3", "--out", tmp_path / "bad", check=False)
+    assert bad.returncode == 2 and "--data-weights: 3 weight(s) for the 2 source(s)" in bad.stderr
