@@ -38,7 +38,7 @@ def changed_on_resume(before: dict, cfg) -> list[str]:
 
 @dataclass
 class TrainConfig:
-    """psdclip train: CLIP or PSD on streamed shards (alone or under torchrun)."""
+    """psdclip train: CLIP, PSD or SigLIP on streamed shards (alone or under torchrun)."""
 
     data: str = _help("a dataset directory, DATASET/subsets/NAME.json, or shard URLs (brace patterns, fsspec, pipe:)",
                       default="")

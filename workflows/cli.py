@@ -47,7 +47,7 @@ COMMANDS = (
     Command(("data", "serve"), ServeDataConfig, "psdclip.workflows.commands:cmd_serve_data",
             "serve a synthetic source over HTTP (loopback)"),
     Command(("train",), TrainConfig, "psdclip.workflows.commands:cmd_train",
-            "train CLIP or PSD on streamed shards (alone or under torchrun)"),
+            "train CLIP, PSD or SigLIP on streamed shards (alone or under torchrun)"),
     Command(("export",), ExportConfig, "psdclip.train.export:export",
             "write a run's model as an open_clip checkpoint"),
     Command(("eval",), EvalConfig, "psdclip.train.evaluate:cmd_eval",
