@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from ..core import storage
 from ..core.errors import disk_full, is_disk_full
-from .format import shard_name
+from .format import shard_name, stats_name
 from ..core.io import write_text
 from .status import SUCCESS
 
@@ -295,6 +295,9 @@ def download_partition(src: str, shard: int, dataset_dir: str, opts: DownloadOpt
             res = _results(meta, keys, shard)
             name = shard_name(shard, "arrow" if arrow else "webdataset")
             storage.put(os.path.join(work, name), storage.join(dataset_dir, "shards", name))
+            stats = os.path.join(work, stats_name(shard))  # img2dataset's own, as its output folders hold it
+            if os.path.isfile(stats):
+                storage.put(stats, storage.join(dataset_dir, "shards", stats_name(shard)))
         except _ShardDiskFull:
             return DiskFull(str(disk_full(dataset_dir)))
         except (OSError, RuntimeError) as err:

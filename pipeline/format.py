@@ -37,6 +37,13 @@ def shard_name(shard: int, fmt: str) -> str:
     return f"{int(shard):05d}.{'parquet' if fmt == 'arrow' else 'tar'}"
 
 
+def stats_name(shard: int) -> str:
+    """img2dataset's per-shard statistics file, NNNNN_stats.json (its keys: count, successes, failed_to_download,
+    failed_to_resize, duration, start_time, end_time, status_dict), kept beside the shard so that tools written
+    for img2dataset output read ours."""
+    return f"{int(shard):05d}_stats.json"
+
+
 def shard_number(name: str) -> int | None:
     """The shard number of a shard's file name or path (None for a name that is not one of ours)."""
     stem = str(name).rsplit("/", 1)[-1].split(".")[0]

@@ -19,7 +19,7 @@ def cfg(inputs, out, **kw):
 def tar_members(ds):
     """key -> {suffix: bytes} over every shard, failing on a key present twice."""
     out = {}
-    for name in sorted(os.listdir(ds / "shards")):
+    for name in sorted(n for n in os.listdir(ds / "shards") if n.endswith(".tar")):  # (beside: NNNNN_stats.json)
         with tarfile.open(ds / "shards" / name) as tf:
             for m in tf:
                 key, _, suffix = m.name.partition(".")

@@ -37,6 +37,12 @@ def test_build_webdataset_end_to_end(synth_urls, server, tmp_path, monkeypatch):
             data = f.read(row.size)
         assert data == entry["jpg"] and Image.open(io.BytesIO(data)).size == (32, 32)
         assert f"{row.shard:05d}.tar" == entry["shard"]
+    # beside each shard, img2dataset's own NNNNN_stats.json (its keys), as tools written for its output read it
+    for shard in range(4):
+        st = json.load(open(ds / "shards" / f"{shard:05d}_stats.json"))
+        assert {"count", "successes", "failed_to_download", "failed_to_resize", "duration", "start_time",
+                "end_time", "status_dict"} <= set(st)
+        assert st["successes"] == (m["shard"] == shard).sum() == st["count"]
     # each image was fetched exactly once; a rerun with the same list downloads nothing
     img_hits = {p: n for p, n in server.hits.items() if p.startswith("/img/")}
     assert len(img_hits) == 300 and set(img_hits.values()) == {1}
@@ -65,8 +71,9 @@ def test_build_arrow(synth_urls, tmp_path, scheduler):
     ds = tmp_path / "ds"
     build(cfg([synth_urls], ds, format="arrow", shard_size=150, dask_scheduler=scheduler))
     m = pd.read_parquet(ds / "manifest")
-    assert sorted(os.listdir(ds / "shards")) == ["00000.parquet", "00001.parquet"]
-    tables = {n: pd.read_parquet(ds / "shards" / n) for n in os.listdir(ds / "shards")}
+    assert sorted(os.listdir(ds / "shards")) == ["00000.parquet", "00000_stats.json", "00001.parquet",
+                                                 "00001_stats.json"]  # img2dataset's layout
+    tables = {n: pd.read_parquet(ds / "shards" / n) for n in os.listdir(ds / "shards") if n.endswith(".parquet")}
     assert sum(len(t) for t in tables.values()) == (m["status"] == "success").sum() == 300
     row = m.iloc[7]
     shard = tables[f"{row.shard:05d}.parquet"]
