@@ -12,10 +12,16 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     trainer's step with and without --accum, 1 vs 2 gloo ranks."""
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, os.path.join(HERE, "ddp_check.py"), str(one)], check=True, env=env, timeout=300)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    # the one-process run and the 2-process one at once (each in a folder of its own: the checks write beside out)
+    (tmp_path / "1").mkdir()
+    one = tmp_path / "1" / "one.pt"
+    alone = subprocess.Popen([sys.executable, os.path.join(HERE, "ddp_check.py"), str(one)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     r = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", os.path.join(HERE, "ddp_check.py"), str(two)],
                        env=env, timeout=300, capture_output=True, text=True)
+    _, err = alone.communicate(timeout=300)
+    assert alone.returncode == 0, err[-3000:]
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
     for loss in ("clip", "psd", "siglip", "psd-one", "psd-accum", "siglip-one", "siglip-accum"):

@@ -6,7 +6,6 @@ import subprocess
 
 import pytest
 
-from helpers.cli import psdclip
 
 
 @contextlib.contextmanager
@@ -31,19 +30,36 @@ def _one_line(r):
 
 
 def test_a_full_disk_is_one_line_in_every_stage(synth_urls, dataset_dir, runs, tmp_path):
-    with small_disk(tmp_path / "disk", "600k") as disk:
-        # data build: the shards do not fit (the state files do)
-        r = psdclip("data", "build", synth_urls, "--out", disk / "ds", "--image-size", "64", "--shard-size", "100",
-                    "--no-progress", "--processes-count", "1", check=False, timeout=600)
-        assert str(disk) in _one_line(r)
-        # train: a checkpoint of the small model does not fit
-        r = psdclip("train", "--data", dataset_dir, "--out", disk / "run", "--steps", "2", "--batch-size", "32",
-                    "--workers", "0", "--no-progress", check=False, timeout=600)
-        assert str(disk / "run") in _one_line(r)
-        # index build: embeddings and index do not fit, the run it reads is untouched
-        before = sorted(os.listdir(runs[0] / "checkpoints"))
-        (disk / "filler").write_bytes(b"\0" * 1)
-        r = psdclip("index", "build", "--checkpoint", runs[0], "--data", dataset_dir, "--out", disk / "idx",
-                    "--no-progress", "--workers", "0", check=False, timeout=600)
-        _one_line(r)
+    """The three stages run at once, each on a small disk of its own (three processes: the suite's wall time)."""
+    import sys
+
+    bin_dir = os.path.dirname(sys.executable)
+
+    def start(*args):
+        return subprocess.Popen([os.path.join(bin_dir, "psdclip"), *map(str, args)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def finish(p):
+        out, err = p.communicate(timeout=600)
+        return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+    before = sorted(os.listdir(runs[0] / "checkpoints"))
+    with small_disk(tmp_path / "d1", "600k") as d1, small_disk(tmp_path / "d2", "600k") as d2, \
+            small_disk(tmp_path / "d3", "600k") as d3:
+        (d3 / "filler").write_bytes(b"\0" * 1)
+        procs = [
+            # data build: the shards do not fit (the state files do)
+            start("data", "build", synth_urls, "--out", d1 / "ds", "--image-size", "64", "--shard-size", "100",
+                  "--no-progress", "--processes-count", "1"),
+            # train: a checkpoint of the small model does not fit
+            start("train", "--data", dataset_dir, "--out", d2 / "run", "--steps", "2", "--batch-size", "32",
+                  "--workers", "0", "--no-progress"),
+            # index build: embeddings and index do not fit, the run it reads is untouched
+            start("index", "build", "--checkpoint", runs[0], "--data", dataset_dir, "--out", d3 / "idx",
+                  "--no-progress", "--workers", "0"),
+        ]
+        build, train, index = (finish(p) for p in procs)
+        assert str(d1) in _one_line(build)
+        assert str(d2 / "run") in _one_line(train)
+        _one_line(index)
         assert sorted(os.listdir(runs[0] / "checkpoints")) == before
