@@ -63,7 +63,7 @@ def psd_vs_clip(args) -> tuple[str, float]:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model, student_preprocess, _, tok = build_model(args.step_model, device)
+    model, _, _, tok = build_model(args.step_model, device)
     px = _image_size(model)
     images = torch.randn(args.batch_size, 3, px, px, device=device)
     texts = tok(["a photo of two small red circles on a white background"] * args.batch_size).to(device)
@@ -79,12 +79,10 @@ def psd_vs_clip(args) -> tuple[str, float]:
     own_teacher = ("psd EMA teacher", "psd snapshot teacher", external)  # a second forward pass, by design
     import copy
 
-    from psdclip.train.models import resolve_model_name
     from psdclip.train.teacher import wrap_teacher
 
     ema = copy.deepcopy(model).requires_grad_(False)
-    t_model, _, t_preprocess, _ = build_model(args.distill_model, device)
-    outside = wrap_teacher(t_model, t_preprocess, resolve_model_name(args.distill_model), student_preprocess).to(device)
+    outside = wrap_teacher(build_model(args.distill_model, device)[0], model).to(device)
 
     def run(name, n):
         cfg = TrainConfig(data="x", out="y", steps=100, alpha_start=0.5, **settings[name])

@@ -29,6 +29,7 @@ from ..core import storage
 from ..core.errors import disk_full, is_disk_full
 from .format import shard_name, stats_name
 from ..core.io import write_text
+from .robots import DISALLOWED, UNREACHABLE
 from .status import SUCCESS
 
 RESULT_COLUMNS = ["key", "status", "error", "width", "height", "original_width", "original_height", "sha256",
@@ -41,8 +42,6 @@ def classify(stage: str, message: str | None) -> str:
     """Map img2dataset's free-text error to one status kind (stage: 'download' or 'resize')."""
     msg = (message or "").lower()
     if stage == "download":
-        from .robots import DISALLOWED, UNREACHABLE
-
         if msg.startswith(DISALLOWED.lower()):
             return "robots_disallowed"
         if msg.startswith(UNREACHABLE.lower()) and "(http " in msg:  # the host answered, with an error

@@ -13,6 +13,7 @@ its share of the whole build's cap (`--host-rate` / workers), so the sum over wo
 """
 from __future__ import annotations
 
+import functools
 import http.client
 import io
 import random
@@ -23,6 +24,7 @@ import urllib.parse
 import urllib.request
 
 from ..core.urls import redact, retry_after_seconds, url_problem
+from .robots import AGENT, ROBOTS, TIMEOUT
 
 INFO_URL = "https://pypi.org/project/psdclip/"
 THROTTLED = (429, 503)  # the codes a host uses to say "slow down / come back later"
@@ -40,7 +42,7 @@ class ShardPolicy(float):
         self.robots = robots  # honour robots.txt (robots.py), its answers kept per build
         self.build_id = build_id
         self.user_agent = user_agent or default_user_agent(user_agent_token)
-        self.agents = tuple(a for a in (robots_agent(), user_agent_token) if a)  # the names robots.txt rules match
+        self.agents = tuple(a for a in (AGENT, user_agent_token) if a)  # the names robots.txt rules match
         self.request_timeout = request_timeout  # one response, whole (a host trickling a byte a second ends here)
         self.deadline = deadline  # time.monotonic() value after which no request starts or continues
         self.shard_timeout = shard_timeout
@@ -63,6 +65,7 @@ class ShardPolicy(float):
                 f"finished")
 
 
+@functools.lru_cache(maxsize=1)
 def version() -> str:
     from importlib.metadata import PackageNotFoundError, version as _version
 
@@ -76,12 +79,6 @@ def default_user_agent(token: str | None = None) -> str:
     """An identifiable User-Agent, as site owners ask of crawlers: the product and where to read about it (and
     the operator's token, img2dataset's `--user-agent-token`, in the form img2dataset sends it)."""
     return f"psdclip/{version()} (compatible; {token}; +{INFO_URL})" if token else f"psdclip/{version()} (+{INFO_URL})"
-
-
-def robots_agent() -> str:
-    from .robots import AGENT
-
-    return AGENT
 
 
 class HostLimiter:
@@ -175,8 +172,6 @@ def fetch(row, policy: ShardPolicy, retries: int, user_agent_token=None, disallo
         return key, None, f"invalid URL: {problem}"
     host = (urllib.parse.urlsplit(url).hostname or "").lower()
     if policy.robots:
-        from .robots import ROBOTS, TIMEOUT
-
         refused = ROBOTS.check(url, list(policy.agents), policy.user_agent, _OPENER, scope=policy.build_id,
                                timeout=max(1.0, min(TIMEOUT, policy.deadline - time.monotonic())))
         if refused:

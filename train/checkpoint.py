@@ -221,7 +221,7 @@ def write(state, step: int, position: dict, plot: bool = True) -> None:
 
                 plot_run(cfg.out)
             if state.remote is not None:  # --remote-sync: after the file and its plots, in this background job
-                state.remote.push(cfg.out, cfg.keep)
+                state.remote.push(cfg.out, cfg.keep, plots=plot)
 
         state.writer.submit(job)
 

@@ -3,6 +3,7 @@ field, validated on creation). Light: no torch or open_clip, so the CLI builds i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -34,6 +35,14 @@ def changed_on_resume(before: dict, cfg) -> list[str]:
         if old != value:
             out.append(f"--{name.replace('_', '-')} {before[name]} -> {now[name]}")
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _choices(cls) -> dict:
+    """{field: its Literal choices} of a dataclass (its type hints resolved once)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(cls)
+            if typing.get_origin(hints[f.name]) is Literal}
 
 
 @dataclass
@@ -150,12 +159,10 @@ class TrainConfig:
         return int(self.warmup) if self.warmup >= 1 else round(self.warmup * self.steps)
 
     def __post_init__(self):
-        hints = typing.get_type_hints(TrainConfig)  # the CLI checks choices; a config built in Python is checked here
-        for f in dataclasses.fields(self):
-            choices = typing.get_args(hints[f.name])
-            if typing.get_origin(hints[f.name]) is Literal and getattr(self, f.name) not in choices:
-                raise InputError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got "
-                                 f"{getattr(self, f.name)!r}")
+        for name, choices in _choices(TrainConfig).items():  # the CLI checks these; a config made in Python here
+            if getattr(self, name) not in choices:
+                raise InputError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got "
+                                 f"{getattr(self, name)!r}")
         if not self.data:
             raise InputError("--data: a dataset directory, subset file or shard URLs is required")
         if not self.out:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import random
 import zlib
@@ -253,12 +254,12 @@ def mixture_parts(spec: str, weights: list[float] | None = None) -> list[str] | 
     """The sources of a weighted mixture (`--data A::B --data-weights 0.7,0.3`, open_clip's `::` syntax), or None
     for one source. Shard URL patterns joined by `::` without weights stay one source (webdataset's union of
     URL lists, as before); with a dataset or subset among them, the parts are mixed in proportion to their sizes."""
-    parts = [p for p in spec.split("::")] if "::" in spec and not spec.startswith("pipe:") else [spec]
+    parts = spec.split("::") if not spec.startswith("pipe:") else [spec]
     if weights:
         if len(weights) != len(parts):
             raise InputError(f"--data-weights: {len(weights)} weight(s) for the {len(parts)} source(s) of --data "
                              f"{spec} (sources are joined by '::')")
-        if not all(w > 0 and w == w and w != float("inf") for w in weights):
+        if not all(math.isfinite(w) and w > 0 for w in weights):
             raise InputError(f"--data-weights: every weight must be a finite number > 0, got {weights}")
         return parts
     if len(parts) == 1:
@@ -342,8 +343,7 @@ class ShardStream(IterableDataset):
             log.warning("skipped %s", msg)
 
         n = len(self.sources)
-        starts = start.get("mix") or [start] if n > 1 else [start]
-        starts = (starts + [{}] * n)[:n]
+        starts = (start.get("mix") or [{}] * n) if n > 1 else [start]  # each source's (epoch, samples)
         streams = [self._samples(k, reader, readers, starts[k], on_error) for k in range(n)]
         at = [dict(s) for s in starts]  # each source's position: {"epoch", "samples"}
         drawn = int(start.get("drawn", 0)) if n > 1 else 0

@@ -107,7 +107,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     ema = make_teacher(model, teacher_state) if cfg.loss == "psd" and (cfg.ema_teacher or cfg.snapshot_every) \
         else None
     # the external teacher (--distill-model) is frozen and rebuilt from its file on a resume: it is not saved
-    teacher = ema if ema is not None else external_teacher(cfg, preprocess_train, device) if cfg.distill_model \
+    teacher = ema if ema is not None else external_teacher(cfg, model, device) if cfg.distill_model \
         else None
     if rank == 0:
         ckpt.truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), start_step)
@@ -132,7 +132,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     batches = iter(make_loader(stream, cfg.workers))
     bar = progress_bar(cfg, rank, start_step)
     state = TrainState(cfg=cfg, model=model, optimizer=optimizer, scaler=scaler, teacher=ema, rank=rank, world=world,
-                       remote=remote if rank == 0 else None,
+                       remote=remote,
                        window=Window(first_step=start_step), position=dict(data_position),
                        reporter=Reporter(cfg) if rank == 0 else None)
     evaluator = Evaluator(cfg, model, preprocess_val, tokenizer, device) if cfg.eval_every and rank == 0 else None
@@ -186,8 +186,6 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             continue
         taken = optimizer_step(model, optimizer, scaler, cfg.grad_clip, logs)
         optimizer.zero_grad(set_to_none=True)
-        if scaler.is_enabled():
-            logs["loss_scale"] = scaler.get_scale()
         if not taken:  # fp16 gradients overflowed: the scaler skipped the step and lowered its scale
             state.window.skipped_steps += 1
         with torch.no_grad():
@@ -297,13 +295,14 @@ def _remote_sync(cfg: TrainConfig, ckpt_dir: str, rank: int, world: int):
         return None
     from .remote import RemoteSync
 
-    sync = RemoteSync(cfg.remote_sync)
     local_first = int(os.environ.get("LOCAL_RANK", rank)) == 0
+    # only rank 0 (which uploads) and each node's first rank (which may download) open the store
+    sync = RemoteSync(cfg.remote_sync) if rank == 0 or local_first else None
     if local_first and cfg.resume == "auto" and not ckpt.list_checkpoints(ckpt_dir):
         sync.pull(cfg.out)
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return sync
+    return sync if rank == 0 else None
 
 
 def autocast_dtype(precision: str, device) -> torch.dtype | None:
@@ -322,7 +321,7 @@ def autocast_dtype(precision: str, device) -> torch.dtype | None:
 def optimizer_step(model, optimizer, scaler, grad_clip: float, logs: dict) -> bool:
     """Clip the gradient norm and take the optimizer step. With loss scaling (fp16) the gradients are unscaled
     first, and the scaler skips a step whose gradients overflowed, then lowers its scale (as GradScaler does in
-    open_clip): returns whether the step was taken."""
+    open_clip): returns whether the step was taken (the scale after it goes into logs["loss_scale"])."""
     if scaler.is_enabled():
         scaler.unscale_(optimizer)
     if grad_clip > 0:
@@ -333,7 +332,8 @@ def optimizer_step(model, optimizer, scaler, grad_clip: float, logs: dict) -> bo
     before = scaler.get_scale()
     scaler.step(optimizer)
     scaler.update()
-    return scaler.get_scale() >= before
+    logs["loss_scale"] = scaler.get_scale()
+    return logs["loss_scale"] >= before
 
 
 def forward_backward(net, model, loss_fn, micro_batches, step, ema=None, world=1, scaler=None) -> dict:

@@ -50,15 +50,16 @@ class RemoteSync:
         self.fs.put_file(local, tmp)
         self.fs.mv(tmp, target)
 
-    def push(self, out: str, keep: int) -> None:
-        """Upload what is missing or changed of the run folder `out`; `latest` last. Warns instead of raising."""
+    def push(self, out: str, keep: int, plots: bool = True) -> None:
+        """Upload what is missing or changed of the run folder `out` (the plots when they were drawn again); `latest`
+        last. Warns instead of raising."""
         try:
-            self._push(out, keep)
+            self._push(out, keep, plots)
         except Exception as err:  # pylint: disable=broad-except  (a network or store error must not end training)
             log.warning(f"psdclip: warning: --remote-sync {self.url}: upload failed ({type(err).__name__}: "
                         f"{' '.join(str(err).split())[:200]}); the next checkpoint's sync uploads what is missing")
 
-    def _push(self, out: str, keep: int) -> None:
+    def _push(self, out: str, keep: int, with_plots: bool) -> None:
         from .checkpoint import list_checkpoints
 
         ckpt_dir = os.path.join(out, "checkpoints")
@@ -74,7 +75,7 @@ class RemoteSync:
             if os.path.isfile(os.path.join(out, name)):
                 self._put(os.path.join(out, name), name)
         plots = os.path.join(out, "plots")
-        if os.path.isdir(plots):
+        if with_plots and os.path.isdir(plots):
             for name in sorted(os.listdir(plots)):
                 if name.endswith(".png"):
                     self._put(os.path.join(plots, name), f"plots/{name}")

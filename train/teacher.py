@@ -87,8 +87,8 @@ class ExternalTeacher(torch.nn.Module):
         return self.model(images.contiguous(memory_format=torch.channels_last), self.adapt_text(texts))
 
 
-def external_teacher(cfg, student_preprocess, device) -> ExternalTeacher:
-    """The frozen `--distill-model` with the `--distill-pretrained` weights, on `device`."""
+def external_teacher(cfg, student, device) -> ExternalTeacher:
+    """The frozen `--distill-model` with the `--distill-pretrained` weights, on `device`, for `student`."""
     import open_clip
 
     from ..core.errors import InputError
@@ -96,27 +96,20 @@ def external_teacher(cfg, student_preprocess, device) -> ExternalTeacher:
     from .models import build_model, resolve_model_name
 
     arch = resolve_model_name(cfg.distill_model)
-    model, _, preprocess, tokenizer = build_model(arch, device)
+    model, _, _, tokenizer = build_model(arch, device)
     if not isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer):
         raise InputError(f"--distill-model {cfg.distill_model}: its tokenizer ({type(tokenizer).__name__}) is not "
                          "open_clip's default BPE tokenizer, which the student's tokens are in")
     load_pretrained(model, cfg.distill_pretrained, arch, flag="--distill-pretrained")
-    return wrap_teacher(model, preprocess, arch, student_preprocess).to(device)
+    return wrap_teacher(model, student).to(device)
 
 
-def wrap_teacher(model, preprocess, arch: str, student_preprocess) -> ExternalTeacher:
-    """`model` (with its eval transform `preprocess`) as a teacher of a student whose batches `student_preprocess`
-    made."""
-    from .loading import image_size
-    from .models import model_config
+def wrap_teacher(model, student) -> ExternalTeacher:
+    """open_clip `model` as a teacher of open_clip `student`: image size, mean and std from each model's own
+    preprocessing config (open_clip.get_model_preprocess_cfg), the teacher's context length."""
+    import open_clip
 
-    def norm(transform):
-        for t in getattr(transform, "transforms", []):
-            if hasattr(t, "mean") and hasattr(t, "std"):
-                return tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
-        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-
-    (mean, std), (s_mean, s_std) = norm(preprocess), norm(student_preprocess)
-    context = model_config(arch)["text_cfg"].get("context_length", 77)
-    return ExternalTeacher(model.to(memory_format=torch.channels_last), image_size(preprocess), mean, std, context,
-                           s_mean, s_std)
+    mine, theirs = open_clip.get_model_preprocess_cfg(model), open_clip.get_model_preprocess_cfg(student)
+    size = mine["size"] if isinstance(mine["size"], (tuple, list)) else (mine["size"], mine["size"])
+    return ExternalTeacher(model.to(memory_format=torch.channels_last), size, mine["mean"], mine["std"],
+                           model.context_length, theirs["mean"], theirs["std"])

@@ -322,9 +322,10 @@ def test_an_external_teacher_sees_the_students_batch_in_its_own_inputs():
     from psdclip.train.models import build_model
     from psdclip.train.teacher import wrap_teacher
 
-    student, s_pre, _, tok = build_model("rn-small")
-    teacher, _, t_pre, t_tok = build_model("tiny")
-    wrapped = wrap_teacher(teacher, t_pre, "psdclip-tiny", s_pre)
+    student, _, _, tok = build_model("rn-small")
+    teacher = build_model("tiny")[0]
+    wrapped = wrap_teacher(teacher, student)
+    assert wrapped.image_size == (64, 64) and wrapped.context_length == 32
     raw = torch.rand(2, 3, 48, 48)
     s_mean, s_std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
     x = (raw - s_mean.view(1, 3, 1, 1)) / s_std.view(1, 3, 1, 1)
