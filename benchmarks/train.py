@@ -59,7 +59,7 @@ def step_times(model, loss_fn, images, texts, opt, n):
 
 def psd_vs_clip(args) -> tuple[str, float]:
     """Step time of every PSD setting of the study against CLIP, same model and batch, in-memory tensors."""
-    from psdclip.train.loop import forward_backward
+    from psdclip.train.loop import forward_backward, model_teacher
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -91,9 +91,9 @@ def psd_vs_clip(args) -> tuple[str, float]:
         for _ in range(n):
             t = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.cuda):
+                frozen = ema if (cfg.ema_teacher or cfg.snapshot_every) else outside if name == external else None
                 forward_backward(model, model, loss_fn, [(images, texts)], step=10,
-                                 ema=ema if (cfg.ema_teacher or cfg.snapshot_every) else
-                                 outside if name == external else None)
+                                 teacher=None if frozen is None else model_teacher(frozen, loss_fn))
             opt.step()
             opt.zero_grad(set_to_none=True)
             if args.cuda:

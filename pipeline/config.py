@@ -177,3 +177,63 @@ class StatsConfig:
     def __post_init__(self):
         if not self.dataset:
             raise InputError("DATASET: a dataset directory is required")
+
+
+@dataclass
+class OracleConfig:
+    """psdclip data oracle: the ground-truth groups of a dataset's samples (for `psdclip train --oracle-targets`)."""
+
+    dataset: str = _help("dataset directory built from a synthetic or emoji source", default="",
+                         meta={"positional": True})
+    source: str = _help("the source folder it was built from (its attributes.parquet holds the truth)", default="")
+    out: str = _help("output Parquet file (key, image_group, text_group)", default="")
+    by: list[str] = _help("synthetic source: the scene attributes that make a group (what a caption must name to "
+                          "fit an image)", default_factory=lambda: ["shape", "colour"])
+
+    def __post_init__(self):
+        if not self.dataset or not self.source or not self.out:
+            raise InputError("usage: psdclip data oracle DATASET --source SOURCE_DIR --out FILE.parquet")
+
+
+EMOJI_VENDORS = ("apple", "google", "twitter", "facebook")
+
+
+@dataclass
+class EmojiConfig:
+    """psdclip data emoji: a real-image source: Unicode emoji as several vendors draw them (the npm registry's
+    emoji-datasource-<vendor> packages, 64 px), captioned from emojibase-data's CLDR English labels and tags with
+    web-like noise; fetched with `npm pack` at pinned versions and checksums (nothing is committed: the artwork has
+    licences of its own)."""
+
+    out: str = _help("output directory for images, captions, attributes, evaluation lists and URL lists", default="")
+    train_vendors: list[str] = _help("vendors whose drawings are trained on", default_factory=lambda: ["apple", "google"])
+    test_vendor: str = _help("a vendor never trained on: the style-shifted evaluation set", default="twitter")
+    heldout_frac: float = _help("fraction of emoji held out of training in one training vendor's drawing (the "
+                                "in-distribution evaluation set; the other training vendors' drawings of them are "
+                                "trained on)", default=0.25)
+    mismatch_frac: float = _help("fraction of captions taken from another emoji (wrong captions)", default=0.2)
+    generic_frac: float = _help("fraction of generic captions ('emoji', 'icon png', ...) that name nothing",
+                                default=0.1)
+    partial_frac: float = _help("fraction of the other captions that give only part of the label or its tags",
+                                default=0.3)
+    seed: int = _help("random seed of the split and the captions", default=0)
+    cache: str = _help("where the fetched packages are kept (default: OUT/packages)", default="")
+    npm: str = _help("the npm client", default="npm")
+    base_url: str = _help("base URL written into urls.csv", default="http://127.0.0.1:8765")
+
+    def __post_init__(self):
+        if not self.out:
+            raise InputError("--out: an output directory is required")
+        vendors = [*self.train_vendors, self.test_vendor]
+        unknown = [v for v in vendors if v not in EMOJI_VENDORS]
+        if unknown or not self.train_vendors:
+            raise InputError(f"--train-vendors / --test-vendor: expected vendors among {', '.join(EMOJI_VENDORS)}, got "
+                             f"{', '.join(unknown) or 'no training vendor'}")
+        if self.test_vendor in self.train_vendors:
+            raise InputError(f"--test-vendor {self.test_vendor} is also a training vendor: it must be one never "
+                             f"trained on")
+        for name in ("heldout_frac", "mismatch_frac", "generic_frac", "partial_frac"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise InputError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.mismatch_frac + self.generic_frac >= 1.0:
+            raise InputError("--mismatch-frac + --generic-frac must be < 1")

@@ -83,6 +83,18 @@ class TrainConfig:
     ema_decay: float = _help("PSD: decay of the EMA teacher", default=0.999)
     snapshot_every: int = _help("PSD: PS-KD's previous-epoch teacher: a frozen copy of the model, refreshed every N "
                                 "steps (one more forward pass; 0: off)", default=0)
+    bank_teacher: bool = _help("PSD: PS-KD's previous-epoch teacher at no added forward pass: an embedding bank of "
+                               "each sample's image and text embedding from the last step that saw it (RUN/bank/, "
+                               "memory-mapped fp16, 4 x embed-dim bytes a sample, saved with each checkpoint); a "
+                               "sample not seen yet keeps one-hot. Needs a psdclip dataset or subset as --data",
+                               default=False)
+    oracle_targets: str = _help("PSD, a control (not a method): soft targets from the ground truth: a Parquet or CSV "
+                                "file of key, image_group, text_group (a sample's image and its caption's meaning); "
+                                "a row's target mass alpha is spread over the in-batch items whose group matches "
+                                "(the ceiling of any teacher where the truth is known; `psdclip data oracle` writes "
+                                "the file for the synthetic and emoji sources)", default="")
+    label_smoothing: float = _help("CLIP, a control: each row's target (1 - eps) onehot + eps / B over the batch "
+                                   "(the standard soft-target baseline; 0: off)", default=0.0)
     data_weights: list[float] = _help(
         "a weighted mixture of the --data sources joined by '::' (open_clip's --train-data A::B with "
         "--train-data-upsampling-factors): each sample's source drawn by these weights; without weights, datasets "
@@ -194,8 +206,19 @@ class TrainConfig:
         if self.distill_model and self.loss != "psd":
             raise InputError(f"--distill-model: the teacher's targets enter the PSD loss; use --loss psd (got "
                              f"--loss {self.loss})")
-        if self.distill_model and (self.ema_teacher or self.snapshot_every):
-            raise InputError("--distill-model is a teacher of its own: drop --ema-teacher / --snapshot-every")
+        teachers = [n for n, on in (("--ema-teacher", self.ema_teacher), ("--snapshot-every", self.snapshot_every),
+                                    ("--distill-model", self.distill_model), ("--bank-teacher", self.bank_teacher),
+                                    ("--oracle-targets", self.oracle_targets)) if on]
+        if len(teachers) > 1:
+            raise InputError(f"{' and '.join(teachers)} are different teachers of PSD: choose one")
+        if (self.bank_teacher or self.oracle_targets) and self.loss != "psd":
+            raise InputError(f"{teachers[0]}: a teacher of PSD's soft targets; use --loss psd (got --loss {self.loss})")
+        if self.bank_teacher and (self.follow or "::" in self.data):
+            raise InputError("--bank-teacher indexes a fixed set of samples: not with --follow or a mixture of --data")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise InputError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss != "clip":
+            raise InputError(f"--label-smoothing is the CLIP control; use --loss clip (got --loss {self.loss})")
         if self.lock_image_unlocked_groups < 0 or self.lock_text_unlocked_layers < 0:
             raise InputError("--lock-image-unlocked-groups and --lock-text-unlocked-layers must be >= 0")
         if not self.teacher_temperature > 0:

@@ -230,9 +230,42 @@ def seeded(transform, image, seed: str):
         gen.set_state(state)
 
 
-def decode(samples, transform, tokenize, on_error, aug_seed: str | None = None):
-    """(image tensor, tokens, key) per sample; with aug_seed, each sample's augmentation is seeded from
-    (aug_seed, key) (see seeded)."""
+def numbered(samples):
+    """Each sample's ordinal in its shard (`__ordinal__`: 0, 1, ... in the shard's own order, counted before any
+    sample is left out), from which sample_ids makes a stable id."""
+    current, n = None, 0
+    for s in samples:
+        url = s.get("__url__")
+        if url != current:
+            current, n = url, 0
+        s["__ordinal__"] = n
+        n += 1
+        yield s
+
+
+def sample_ids(source: Source) -> dict | None:
+    """{shard path: the id of its first sample}: a sample's stable id is that plus its ordinal in the shard, dense
+    over the source's shards (sorted by number) with room for every row the shard's manifest file holds (a bound
+    on the samples in the shard, read from the Parquet footer: no row is read). What the embedding bank indexes
+    by. None for a source that is not a dataset or subset (shard URLs: no manifest to bound them)."""
+    from ..pipeline.format import manifest_file, shard_number
+
+    if source.root is None or source.keys is not None:
+        return None
+    import pyarrow.parquet as pq
+
+    base, total = {}, 0
+    for path in sorted(source.shards, key=lambda p: shard_number(p) or 0):
+        base[os.path.basename(path)] = total
+        fs, p = storage.arrow_filesystem(manifest_file(source.root, shard=shard_number(path)))
+        total += pq.ParquetFile(p, filesystem=fs).metadata.num_rows
+    base[""] = total  # the number of ids
+    return base
+
+
+def decode(samples, transform, tokenize, on_error, aug_seed: str | None = None, ids: dict | None = None):
+    """(image tensor, tokens, key, id) per sample; with aug_seed, each sample's augmentation is seeded from
+    (aug_seed, key) (see seeded); the id is the sample's stable id under `ids` (sample_ids), else -1."""
     from PIL import Image
 
     for s in samples:
@@ -245,7 +278,8 @@ def decode(samples, transform, tokenize, on_error, aug_seed: str | None = None):
                 image = transform(rgb) if aug_seed is None else seeded(transform, rgb, f"{aug_seed}-{s['__key__']}")
             text = s.get("txt", b"")
             text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-            yield image, tokenize([text])[0], s["__key__"]
+            sid = -1 if ids is None else ids[os.path.basename(str(s.get("__url__", "")))] + s["__ordinal__"]
+            yield image, tokenize([text])[0], s["__key__"], sid
         except Exception as err:  # pylint: disable=broad-except
             on_error(f"sample {s.get('__key__')}: {err}")
 
@@ -280,7 +314,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, spec: str, batch_size: int, transform, tokenizer, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle_buffer: int = 1000, resampled: bool = False, follow: bool = False,
-                 resume: dict | None = None, skip_missing: bool = False, weights: list[float] | None = None):
+                 resume: dict | None = None, skip_missing: bool = False, weights: list[float] | None = None,
+                 with_ids: bool = False):
         super().__init__()
         self.spec, self.batch_size, self.transform, self.tokenizer = spec, batch_size, transform, tokenizer
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -301,6 +336,8 @@ class ShardStream(IterableDataset):
             self.weights = [float(w) for w in (weights or sizes)]
             self.source = Source(shards=[u for s in self.sources for u in s.shards], spec=spec,
                                  samples=None if None in sizes else sum(sizes))
+        # stable sample ids (what the embedding bank indexes by), when asked: one footer read per shard
+        self.ids = sample_ids(self.sources[0]) if with_ids and self.parts is None else None
 
     def _samples(self, k: int, reader: int, readers: int, start: dict, on_error):
         """Source k's decoded samples for this reader, from `start` (epoch, samples of that epoch already
@@ -314,7 +351,7 @@ class ShardStream(IterableDataset):
             order = epoch_shards(source.shards, epoch, self.seed + k, self.resampled)
             mine, share, part = reader_shards(order, reader, readers)
             raw = (arrow_samples(mine, on_error) if source.format == "arrow" else tar_samples(mine, on_error))
-            raw = select(raw, source)
+            raw = select(numbered(raw), source)
             if share > 1:  # fewer shards than readers: the readers of a shard split its samples
                 raw = (s for i, s in enumerate(raw) if i % share == part)
             raw = shuffle(raw, self.shuffle_buffer, random.Random(f"{self.seed + k}-{epoch}-{reader}"))
@@ -323,10 +360,12 @@ class ShardStream(IterableDataset):
                     if next(raw, None) is None:
                         break
             used, skip, fresh = skip, 0, 0
-            for image, text, key in decode(raw, self.transform, self.tokenizer, on_error, f"{self.seed + k}-{epoch}"):
+            ids = self.ids if not self.follow else None
+            for image, text, key, sid in decode(raw, self.transform, self.tokenizer, on_error, f"{self.seed + k}-{epoch}",
+                                                ids):
                 used += 1
                 fresh += 1
-                yield image, text, key, epoch, used
+                yield image, text, key, sid, epoch, used
             if fresh == 0:
                 raise InputError(f"--data {spec}: reader {reader} found no readable sample in a whole pass")
             epoch += 1  # a batch not yet full is filled from the next pass (a small subset, many readers)
@@ -352,7 +391,7 @@ class ShardStream(IterableDataset):
             mix.random()
         total = sum(self.weights)
         cumulative = [sum(self.weights[:k + 1]) / total for k in range(n)]
-        images, texts, keys, counts = [], [], [], [0] * n
+        images, texts, keys, ids, counts = [], [], [], [], [0] * n
         batches = 0
         while True:
             if n > 1:
@@ -361,21 +400,23 @@ class ShardStream(IterableDataset):
                 drawn += 1
             else:
                 k = 0
-            image, text, key, epoch, used = next(streams[k])
+            image, text, key, sid, epoch, used = next(streams[k])
             if n == 1 and (not at[0] or epoch != at[0].get("epoch")):
                 batches = 0  # batches count within an epoch (a single source's position, as before)
             at[k] = {"epoch": epoch, "samples": used}
             images.append(image)
             texts.append(text)
             keys.append(key)
+            ids.append(sid)
             counts[k] += 1
             if len(images) == self.batch_size:
                 batches += 1
                 position = {**at[0], "batches": batches} if n == 1 else {"mix": [dict(a) for a in at], "drawn": drawn}
-                yield {"image": torch.stack(images), "text": torch.stack(texts), "keys": keys, "reader": reader,
+                yield {"image": torch.stack(images), "text": torch.stack(texts), "keys": keys,
+                       "ids": torch.tensor(ids, dtype=torch.long), "reader": reader,
                        "epoch": at[0].get("epoch", 0), "samples": at[0].get("samples", 0), "batches": batches,
                        "position": position, "sources": counts, "skipped": skipped[0]}
-                images, texts, keys, counts = [], [], [], [0] * n
+                images, texts, keys, ids, counts = [], [], [], [], [0] * n
 
 
 def make_loader(stream: ShardStream, workers: int) -> DataLoader:

@@ -93,3 +93,13 @@ def all_finite(total: torch.Tensor, world: int) -> bool:
     if world > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
+
+
+def gather_rows(t: torch.Tensor, world: int) -> torch.Tensor:
+    """Every rank's rows of `t` (same shape on each), concatenated in rank order as the loss gathers features; no
+    gradient. `t` itself with one process."""
+    if world == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)

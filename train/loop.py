@@ -26,7 +26,7 @@ from ..core.locks import folder_lock
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import ShardStream, make_loader
-from .distributed import Interrupt, setup_distributed, step_flags
+from .distributed import Interrupt, gather_rows, setup_distributed, step_flags
 from .loading import load_pretrained
 from .losses import CLIPLoss, PSDLoss, PSDSchedule, SigLIPLoss
 from .models import build_model, resolve_model_name
@@ -53,7 +53,7 @@ def _fine_tuning_options(model, cfg: TrainConfig) -> None:
 
 def make_loss(cfg: TrainConfig, rank: int, world: int):
     if cfg.loss == "clip":
-        return CLIPLoss(rank=rank, world_size=world)
+        return CLIPLoss(rank=rank, world_size=world, label_smoothing=cfg.label_smoothing)
     if cfg.loss == "siglip":
         return SigLIPLoss(rank=rank, world_size=world)
     schedule = PSDSchedule(total_steps=cfg.steps, **{f: getattr(cfg, f) for f in (
@@ -125,14 +125,20 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     stream = ShardStream(cfg.data, micro, preprocess_train, tokenizer, seed=cfg.seed, rank=rank, world_size=world,
                          shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, follow=cfg.follow,
                          resume=data_position, skip_missing=cfg.skip_missing_shards,
-                         weights=cfg.data_weights or None)
+                         weights=cfg.data_weights or None, with_ids=cfg.bank_teacher)
     if stream.source.samples is not None and micro * world > stream.source.samples:
         raise InputError(f"--batch-size {cfg.batch_size}: larger than the {stream.source.samples:,} samples of "
                          f"--data {cfg.data} (a contrastive batch would hold the same pair twice)")
+    bank = _bank(cfg, stream, rank, start_step)
+    oracle = None
+    if cfg.oracle_targets:
+        from .oracle import OracleTargets
+
+        oracle = OracleTargets(cfg.oracle_targets)
     batches = iter(make_loader(stream, cfg.workers))
     bar = progress_bar(cfg, rank, start_step)
     state = TrainState(cfg=cfg, model=model, optimizer=optimizer, scaler=scaler, teacher=ema, rank=rank, world=world,
-                       remote=remote,
+                       remote=remote, bank=bank,
                        window=Window(first_step=start_step), position=dict(data_position),
                        reporter=Reporter(cfg) if rank == 0 else None)
     evaluator = Evaluator(cfg, model, preprocess_val, tokenizer, device) if cfg.eval_every and rank == 0 else None
@@ -145,7 +151,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         at_step_start = dict(state.position)
-        micro_batches = []
+        micro_batches, step_keys, step_ids = [], [], []
         for _ in range(cfg.accum):
             t_wait = time.time()
             try:
@@ -170,10 +176,14 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             state.skipped_samples[batch["reader"]] = batch["skipped"]
             micro_batches.append((batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format),
                                   batch["text"].to(device, non_blocking=True)))
+            step_keys += batch["keys"]
+            step_ids.append(batch["ids"])
             state.window.samples += batch["image"].shape[0] * world
+        teach, keep = step_teacher(model, loss_fn, teacher, bank, oracle, step_keys, torch.cat(step_ids), world,
+                                   device, cfg.data)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            losses = forward_backward(net, model, loss_fn, micro_batches, step, ema=teacher, world=world,
-                                      scaler=scaler)
+            losses = forward_backward(net, model, loss_fn, micro_batches, step, teacher=teach, world=world,
+                                      scaler=scaler, on_features=keep)
         finite, stop_asked = step_flags(sum(v for k, v in losses.items() if k.endswith("_loss")), bool(interrupt.name),
                                         world)
         logs = {k: v.detach() if torch.is_tensor(v) else v for k, v in losses.items()}  # read on log steps only
@@ -251,6 +261,7 @@ class TrainState:
     skipped_samples: dict = dataclasses.field(default_factory=dict)
     reporter: Reporter | None = None
     remote: object | None = None  # remote.RemoteSync of --remote-sync, on rank 0
+    bank: object | None = None  # bank.EmbeddingBank of --bank-teacher (on every rank)
     writer: ckpt.BackgroundWriter = dataclasses.field(default_factory=lambda: ckpt.BackgroundWriter())
 
     @property
@@ -336,7 +347,61 @@ def optimizer_step(model, optimizer, scaler, grad_clip: float, logs: dict) -> bo
     return logs["loss_scale"] >= before
 
 
-def forward_backward(net, model, loss_fn, micro_batches, step, ema=None, world=1, scaler=None) -> dict:
+def _bank(cfg: TrainConfig, stream, rank: int, start_step: int):
+    """--bank-teacher: this rank's embedding bank (bank.py), sized by the stream's stable sample ids, continued
+    from the copy saved with the checkpoint the run resumes from."""
+    if not cfg.bank_teacher:
+        return None
+    from ..pipeline.format import dataset_id, read_info
+    from .bank import EmbeddingBank
+    from .models import model_config
+
+    if stream.ids is None:
+        raise InputError(f"--bank-teacher: --data {cfg.data} gives no stable sample ids (a psdclip dataset or subset "
+                         f"does; shard URLs do not)")
+    root = stream.source.root
+    made_for = {"data": os.path.abspath(cfg.data), "dataset_id": dataset_id(read_info(root)),
+                "model": resolve_model_name(cfg.model)}
+    bank = EmbeddingBank(os.path.join(cfg.out, "bank"), rank, stream.ids[""], model_config(cfg.model)["embed_dim"],
+                         made_for)
+    bank.start(start_step)
+    return bank
+
+
+def model_teacher(frozen, loss_fn):
+    """A frozen model (EMA, snapshot, --distill-model) as forward_backward's teacher: its logits over the batch."""
+    return lambda micro_batches: {"teacher_logits": teacher_logits(frozen, loss_fn, micro_batches)}
+
+
+def step_teacher(model, loss_fn, frozen, bank, oracle, keys, ids, world, device, data):
+    """(teacher, on_features) of a step for forward_backward: teacher(micro_batches) gives the loss's teacher
+    arguments (a frozen model's logits, the bank's logits, or the oracle's targets; {} for the same-pass teacher);
+    on_features(image, text) writes the step's features into the bank. Both None when there is nothing to do."""
+    if frozen is not None:
+        return model_teacher(frozen, loss_fn), None
+    if oracle is not None:
+        local = oracle.codes(keys, device)
+        every = gather_rows(local, world)
+        from .oracle import oracle_targets
+
+        return (lambda mbs: {"teacher_targets": oracle_targets(local, every)}), None
+    if bank is None:
+        return None, None
+    from .bank import check_ids
+
+    check_ids(ids, data)
+    ids = ids.to(device)
+    every = gather_rows(ids, world)
+
+    def keep(image_features, text_features):
+        bank.write(every.cpu(), gather_rows(image_features.detach().float(), world),
+                   gather_rows(text_features.detach().float(), world))
+
+    return (lambda mbs: {"teacher_logits": bank.teacher_logits(ids, every, model.logit_scale.exp())}), keep
+
+
+def forward_backward(net, model, loss_fn, micro_batches, step, teacher=None, world=1, scaler=None,
+                     on_features=None) -> dict:
     """Loss and gradients of one step over its micro-batches (call under the step's autocast); returns the
     losses, detached. One micro-batch: forward and backward. Several (`--accum K`): open_clip's feature-cache
     accumulation, so the contrastive loss (and PSD's teacher) sees the whole batch of K x micro rows, as one
@@ -345,18 +410,22 @@ def forward_backward(net, model, loss_fn, micro_batches, step, ema=None, world=1
     of the whole batch is taken with its fresh features in place of its cached ones. The gradients summed
     over the K backward passes are those of the big batch; the logit scale, which every pass uses, takes
     its gradient from the last pass only (the one DDP reduces). Memory: the K micro-batches' inputs and features, and one
-    micro-batch's activations. `scaler` (fp16): each backward pass runs on the scaled loss."""
+    micro-batch's activations. `scaler` (fp16): each backward pass runs on the scaled loss. `teacher(micro_batches)`:
+    the loss's teacher arguments, taken before any forward pass; `on_features(image, text)`: the step's features
+    (the whole local batch, detached), after them."""
     def backward(losses):
         loss = sum(v for k, v in losses.items() if k.endswith("_loss"))
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
-    teacher = teacher_logits(ema, loss_fn, micro_batches) if ema is not None else None
+    given = teacher(micro_batches) if teacher is not None else {}
     if len(micro_batches) == 1:
         images, texts = micro_batches[0]
         out = net(images, texts)
         losses = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], step=step,
-                         teacher_logits=teacher, logit_bias=out.get("logit_bias"))
+                         logit_bias=out.get("logit_bias"), **given)
         backward(losses)
+        if on_features is not None:
+            on_features(out["image_features"], out["text_features"])
         return {k: v.detach() for k, v in losses.items()}
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     with torch.no_grad():
@@ -364,6 +433,8 @@ def forward_backward(net, model, loss_fn, micro_batches, step, ema=None, world=1
         for k, v in model.named_buffers():
             v.copy_(buffers[k])
     feats = {key: [c[key] for c in cached] for key in ("image_features", "text_features")}
+    if on_features is not None:
+        on_features(torch.cat(feats["image_features"]), torch.cat(feats["text_features"]))
     last = len(micro_batches) - 1
     for m, (images, texts) in enumerate(micro_batches):
         sync = contextlib.nullcontext() if (world == 1 or m == last) else net.no_sync()
@@ -374,7 +445,7 @@ def forward_backward(net, model, loss_fn, micro_batches, step, ema=None, world=1
             scale, bias = out["logit_scale"], out.get("logit_bias")
             if m != last:
                 scale, bias = scale.detach(), None if bias is None else bias.detach()
-            losses = loss_fn(whole["image_features"], whole["text_features"], scale, step=step,
-                             teacher_logits=teacher, logit_bias=bias)
+            losses = loss_fn(whole["image_features"], whole["text_features"], scale, step=step, logit_bias=bias,
+                             **given)
             backward(losses)
     return {k: v.detach() for k, v in losses.items()}

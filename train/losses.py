@@ -15,6 +15,11 @@ Which teacher (the readings of the method that psdclip implements; train/loop.py
   ρ < 1 is what makes it differ.
 - EMA (`ema_teacher`): ALBEF's momentum distillation, a slowly moving average of the model (decay 0.99-0.999).
 - snapshot (`snapshot_every`): PS-KD's progressive refinement, the model as it was one epoch (N steps) ago.
+- embedding bank (`bank_teacher`): PS-KD's previous-epoch teacher at no added forward pass: each sample's image and
+  text embedding from the last step that saw it (train/bank.py); the teacher logits of a batch are its samples'
+  bank rows (a sample not seen yet keeps one-hot).
+- oracle (`oracle_targets`, a control, not a method): the target mass spread over the in-batch items whose
+  ground truth matches (train/oracle.py), the ceiling of any teacher where the truth is known.
 Targets and the cross-entropy are computed in fp32 under any autocast.
 """
 from __future__ import annotations
@@ -76,13 +81,22 @@ class _FP32Logits:
 
 
 class CLIPLoss(_FP32Logits, ClipLoss):
-    """The symmetric InfoNCE loss of CLIP, returning {'contrastive_loss': …}."""
+    """The symmetric InfoNCE loss of CLIP, returning {'contrastive_loss': …}. With `label_smoothing` ε (a
+    control of the PSD study: the standard soft-target baseline) each row's target is (1 − ε)·onehot + ε/B over
+    the B columns of the global batch (torch's cross_entropy label_smoothing)."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1):
+    def __init__(self, rank: int = 0, world_size: int = 1, label_smoothing: float = 0.0):
         super().__init__(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size)
+        self.label_smoothing = float(label_smoothing)
 
     def forward(self, image_features, text_features, logit_scale, step: int = 0, **_):  # noqa: D401
-        loss = super().forward(image_features, text_features, logit_scale)
+        if not self.label_smoothing:
+            return {"contrastive_loss": super().forward(image_features, text_features, logit_scale)}
+        logits_i, logits_t = self.get_logits(image_features, text_features, logit_scale)
+        labels = self.get_ground_truth(image_features.device, logits_i.shape[0])
+        eps = self.label_smoothing
+        loss = (F.cross_entropy(logits_i, labels, label_smoothing=eps)
+                + F.cross_entropy(logits_t, labels, label_smoothing=eps)) / 2
         return {"contrastive_loss": loss}
 
 
@@ -133,24 +147,41 @@ class PSDLoss(_FP32Logits, ClipLoss):
             self._mask = (key, chosen[start:start + local_rows].to(device, non_blocking=True))
         return self._mask[1]
 
-    def forward(self, image_features, text_features, logit_scale, step: int = 0, teacher_logits=None, **_):
+    def forward(self, image_features, text_features, logit_scale, step: int = 0, teacher_logits=None,
+                teacher_targets=None, **_):
+        """teacher_logits: (image→text, text→image) logits of another teacher (EMA, snapshot, external, the
+        embedding bank), each (local rows × global columns), replacing this pass's own; a row of the bank's that
+        is −inf throughout (a sample not seen yet) keeps its one-hot target. teacher_targets: ready target
+        distributions instead (the oracle: rows that sum to 0 keep one-hot), used without a temperature."""
         logits_i, logits_t = self.get_logits(image_features, text_features, logit_scale)
         labels = self.get_ground_truth(image_features.device, logits_i.shape[0])
         alpha = self.schedule.alpha_at(step)
         rho = self.schedule.rho_at(step)
         local = logits_i.shape[0]
         mask = self.row_mask(step, local * self.world_size, local, rho, logits_i.device)
-        # an EMA teacher, when given, replaces the model's own detached logits as the teacher
-        t_i, t_t = teacher_logits if teacher_logits is not None else (logits_i, logits_t)
-        target_i = self._with_teacher(logits_i, t_i, labels, alpha, mask)
-        target_t = self._with_teacher(logits_t, t_t, labels, alpha, mask)
+        if teacher_targets is not None:
+            p_i, p_t = (t.detach().float() for t in teacher_targets)
+        else:
+            t_i, t_t = teacher_logits if teacher_logits is not None else (logits_i, logits_t)
+            p_i, p_t = (self.teacher_probs(t) for t in (t_i, t_t))
+        target_i, rows_i = self._with_teacher(logits_i, p_i, labels, alpha, mask)
+        target_t, rows_t = self._with_teacher(logits_t, p_t, labels, alpha, mask)
         loss = (soft_cross_entropy(logits_i, target_i) + soft_cross_entropy(logits_t, target_t)) / 2
         return {"contrastive_loss": loss, "alpha": torch.tensor(alpha), "rho": torch.tensor(rho),
-                "distill_rows": mask.float().mean().detach()}
+                "distill_rows": ((rows_i.float().mean() + rows_t.float().mean()) / 2).detach()}
 
-    def _with_teacher(self, logits, teacher_logits, labels, alpha, mask):
+    def teacher_probs(self, teacher_logits):
+        """softmax(teacher / T) per row; a row without any finite logit (no teacher for it) is all zeros."""
+        t = teacher_logits.detach().float()
+        finite = torch.isfinite(t).any(dim=-1, keepdim=True)
+        return torch.where(finite, F.softmax(torch.where(finite, t, 0.0) / self.teacher_temperature, dim=-1), 0.0)
+
+    @staticmethod
+    def _with_teacher(logits, teacher, labels, alpha, mask):
+        """(targets, rows given soft targets): (1 − α)·onehot + α·teacher on the chosen rows that have a teacher
+        (a row of teacher that sums to 0 has none)."""
         onehot = F.one_hot(labels, logits.shape[1]).float()
         if alpha == 0.0:
-            return onehot
-        teacher = F.softmax(teacher_logits.detach().float() / self.teacher_temperature, dim=-1)
-        return torch.where(mask[:, None], (1.0 - alpha) * onehot + alpha * teacher, onehot)
+            return onehot, torch.zeros_like(mask)
+        rows = mask & ~(teacher.sum(dim=-1) < 0.5)  # (a NaN teacher is kept: the loss then says it is not finite)
+        return torch.where(rows[:, None], (1.0 - alpha) * onehot + alpha * teacher, onehot), rows

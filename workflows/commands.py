@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..pipeline.config import BuildConfig, ServeDataConfig, StatsConfig, SynthConfig
+from ..pipeline.config import BuildConfig, EmojiConfig, OracleConfig, ServeDataConfig, StatsConfig, SynthConfig
 from ..core.errors import InputError
 
 
@@ -49,6 +49,26 @@ def cmd_synth(cfg: SynthConfig) -> int:
     print(f"wrote {summary['images']:,} images (+{summary['heldout']:,} held-out scenes x variants) to "
           f"{summary['out']}; captions: {summary['caption_kinds']}")
     print(f"URL list: {os.path.join(summary['out'], 'urls.csv')} (for {cfg.base_url})")
+    return 0
+
+
+def cmd_emoji(cfg: EmojiConfig) -> int:
+    from ..pipeline.emoji import generate
+
+    r = generate(cfg)
+    print(f"wrote {r['train_pairs']:,} training pairs of {r['emoji']:,} emoji ({r['heldout']:,} held out for "
+          f"evaluation) to {r['out']}; captions: {r['caption_kinds']}")
+    print(f"URL list: {os.path.join(r['out'], 'urls.csv')} (for {cfg.base_url}); evaluation lists: "
+          f"{os.path.join(r['out'], 'heldout', 'id.csv')} and ood.csv (retrieval suites)")
+    return 0
+
+
+def cmd_oracle(cfg: OracleConfig) -> int:
+    from ..pipeline.truth import write_oracle
+
+    r = write_oracle(cfg.dataset, cfg.source, cfg.out, cfg.by)
+    print(f"wrote {r['out']}: {r['samples']:,} samples in {r['groups']:,} image groups; the caption fits its image "
+          f"in {r['caption_fits_image']:.1%} of them")
     return 0
 
 

@@ -33,7 +33,7 @@ def load_recipe(path: str) -> dict:
     from .config import load_yaml
 
     recipe = load_yaml(find_recipe(path))
-    known = {"name", "description", "synthetic", "data", "train", "eval", "index", "serve", "out", "sweep"}
+    known = {"name", "description", "synthetic", "emoji", "data", "train", "eval", "index", "serve", "out", "sweep"}
     unknown = set(recipe) - known
     if unknown:
         raise InputError(f"{path}: unknown section(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -79,16 +79,21 @@ class SweepConfig:
 
 def validate(path: str, recipe: dict, out: str) -> dict:
     from ..index.config import IndexBuildConfig, ServeConfig
-    from ..pipeline.config import BuildConfig, SynthConfig
+    from ..pipeline.config import BuildConfig, EmojiConfig, SynthConfig
     from ..train.config import TrainConfig
 
     ds = os.path.join(out, "dataset")
     cfgs = {}
     if recipe.get("synthetic") is not None:
         cfgs["synthetic"] = section(recipe, "synthetic", SynthConfig, path, out=os.path.join(out, "synth"))
+    if recipe.get("emoji") is not None:
+        if "synthetic" in cfgs:
+            raise InputError(f"{path}: a recipe has one source: [synthetic] or [emoji]")
+        cfgs["emoji"] = section(recipe, "emoji", EmojiConfig, path, out=os.path.join(out, "emoji"))
     data = dict(recipe.get("data") or {})
-    if not data.get("inputs") and "synthetic" not in cfgs:
-        raise InputError(f"{path}: [data] needs inputs (URL lists) unless the recipe has a [synthetic] section")
+    if not data.get("inputs") and "synthetic" not in cfgs and "emoji" not in cfgs:
+        raise InputError(f"{path}: [data] needs inputs (URL lists) unless the recipe has a [synthetic] or [emoji] "
+                         f"section")
     cfgs["data"] = section({"data": data}, "data", BuildConfig, path, out=ds, inputs=data.get("inputs") or [])
     if recipe.get("train") is not None:
         cfgs["train"] = section(recipe, "train", TrainConfig, path, data=ds, out=os.path.join(out, "run"))
@@ -99,36 +104,43 @@ def validate(path: str, recipe: dict, out: str) -> dict:
         cfgs["serve"] = section(recipe, "serve", ServeConfig, path, indices=[os.path.join(out, "index")])
     suites = (recipe.get("eval") or {}).get("suites", [])
     for s in suites:
-        if s != "synthetic" and s.split(":", 1)[0] not in ("imagefolder", "imagenet", "retrieval"):
+        kind = s.split(":", 1)[0].split("=", 1)[-1]
+        if kind != "synthetic" and kind not in ("imagefolder", "imagenet", "retrieval"):
             raise InputError(f"{path} [eval]: unknown suite {s!r}")
     cfgs["suites"] = suites
     return cfgs
 
 
 def prepare_dataset(cfgs: dict) -> str | None:
-    """Build the recipe's dataset; with a [synthetic] section, first generate the source and serve it on
-    127.0.0.1 for the download. Returns the synthetic source folder, if any."""
+    """Build the recipe's dataset; with a [synthetic] or [emoji] section, first generate (or fetch) the source and
+    serve it on 127.0.0.1 for the download. Returns the source folder, if any."""
     import dataclasses
 
     from ..pipeline.build import build
     from ..pipeline.serve import serving
     from ..pipeline.synth import generate, write_url_list
 
-    if "synthetic" not in cfgs:
+    kind = "synthetic" if "synthetic" in cfgs else "emoji" if "emoji" in cfgs else None
+    if kind is None:
         build(cfgs["data"])
         return None
-    src = cfgs["synthetic"].out
-    meta = os.path.join(src, "synth.json")
+    src = cfgs[kind].out
+    meta = os.path.join(src, "synth.json" if kind == "synthetic" else "emoji.json")
     if not os.path.isfile(meta):
-        generate(cfgs["synthetic"])
+        if kind == "synthetic":
+            generate(cfgs[kind])
+        else:
+            from ..pipeline.emoji import generate as fetch_emoji
+
+            fetch_emoji(cfgs[kind])
     else:  # a rerun reuses the source, but only the one this recipe describes
         from ..core.io import read_json
 
         before = read_json(meta).get("config", {})
-        wanted = dataclasses.asdict(cfgs["synthetic"])
-        changed = sorted(k for k in wanted if k in before and before[k] != wanted[k])
+        wanted = dataclasses.asdict(cfgs[kind])
+        changed = sorted(k for k in wanted if k in before and before[k] != wanted[k] and k not in ("cache", "npm"))
         if changed:
-            raise InputError(f"{src}: the synthetic source was generated with other options ({', '.join(changed)}); "
+            raise InputError(f"{src}: the {kind} source was made with other options ({', '.join(changed)}); "
                              f"delete it (and the dataset built from it) or use another output folder")
     with serving(src, again=os.path.join(src, "urls-recipe.csv")) as base:
         build(dataclasses.replace(cfgs["data"], inputs=[write_url_list(src, base, "urls-recipe.csv")]))
@@ -149,8 +161,10 @@ def run_recipe(cfg: RunConfig) -> int:
         train(cfgs["train"])
         from ..train.evaluate import EvalConfig, evaluate, format_result
 
+        from .sweep import _suite_spec
+
         for suite in cfgs["suites"]:
-            spec = f"synthetic:{src}" if suite == "synthetic" else suite
+            spec = _suite_spec(suite, src)
             print(format_result(evaluate(EvalConfig(target=cfgs["train"].out, suite=spec))))
     if "index" in cfgs:
         from ..index.build import cmd_index_build

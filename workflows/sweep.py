@@ -25,7 +25,8 @@ declared compute rule, with an optional screening stage that picks the PSD setti
 `prune: true` deletes a finished run's checkpoints, feature cache, plots and per-example evaluation arrays (what a
 study commits is small: configs, metrics.jsonl and each evaluation's metrics; sources and datasets are
 regenerated from the seed by a rerun). A method's
-`snapshot_every: epoch` means one pass over its subset (a `warmup` below 1 is already a fraction of
+`snapshot_every: epoch` means one pass over its subset, and `oracle_targets: truth` the ground truth of the sweep's
+source (`psdclip data oracle`, grouped by `oracle_by`) (a `warmup` below 1 is already a fraction of
 each run's steps). `regime: {method: clip, seed: 0, noise: LEVEL, require: {METRIC: MIN}}` first trains that run at the largest subset
 (of that noise level, else the first) and
 stops the sweep if it misses a minimum on the validation split (a baseline that does not learn cannot tell
@@ -67,8 +68,16 @@ log = logging.getLogger(__name__)
 
 
 def _suite_spec(suite: str, src: str) -> str:
-    """A sweep's suite entry as `psdclip eval --suite` takes it (plain `synthetic` means the sweep's source)."""
-    return f"synthetic:{src}" if suite == "synthetic" else suite
+    """A sweep's suite entry as `psdclip eval --suite` takes it: plain `synthetic` means the sweep's source, and
+    `{source}` in an entry its folder (`ood=retrieval:{source}/heldout/ood.csv`); a `NAME=` in front names the
+    suite's metrics (ood.retrieval.t2i_R@1), so that two suites of one kind keep theirs apart."""
+    suite = suite.split("=", 1)[1] if _suite_name(suite) else suite
+    return f"synthetic:{src}" if suite == "synthetic" else suite.replace("{source}", src or "")
+
+
+def _suite_name(suite: str) -> str:
+    head = suite.split(":", 1)[0]
+    return head.split("=", 1)[0] if "=" in head else ""
 
 
 # ---- planning and running ----------------------------------------------------------------------------
@@ -78,6 +87,8 @@ def _validatable(settings: dict) -> dict:
     out = dict(settings)
     if out.get("snapshot_every") == "epoch":
         out["snapshot_every"] = 1
+    if out.get("oracle_targets") == "truth":
+        out["oracle_targets"] = "truth.parquet"
     return out
 
 
@@ -146,6 +157,17 @@ class Sweep:
         with open(path) as f:
             return path, int(json.load(f)["count"])
 
+    def oracle_file(self, level: str) -> str:
+        """`oracle_targets: truth`: the ground-truth groups of the level's dataset (pipeline/truth.py), written once
+        beside its runs."""
+        from ..pipeline.truth import write_oracle
+
+        root = os.path.join(self.out, level) if level else self.out
+        path = os.path.join(root, "oracle.parquet")
+        if not os.path.isfile(path):
+            write_oracle(self.cfgs[level]["data"].out, self.sources[level], path, list(self.spec.oracle_by))
+        return path
+
     def evals(self) -> list[tuple[str, str]]:
         """(suite spec template, split) of every evaluation a run gets."""
         out = []
@@ -165,6 +187,8 @@ class Sweep:
         steps = steps_for(self.rule, n, batch)
         if settings.get("snapshot_every") == "epoch":
             settings["snapshot_every"] = max(1, math.ceil(n / batch))
+        if settings.get("oracle_targets") == "truth":
+            settings["oracle_targets"] = self.oracle_file(level)
         files = {(s, sp): os.path.join(run, "eval", f"{result_name(_suite_spec(s, src), sp)}.json")
                  for s, sp in self.evals()}
         tag = f"{level + ' ' if level else ''}{subset} (N={n}) {method} seed {seed}"
@@ -184,7 +208,7 @@ class Sweep:
         for (suite, split), f in files.items():
             with open(f) as fh:
                 metrics = json.load(fh)["metrics"]
-            prefix = "val:" if split == "val" else ""
+            prefix = ("val:" if split == "val" else "") + (f"{_suite_name(suite)}." if _suite_name(suite) else "")
             row.update({prefix + k: v for k, v in metrics.items()})
         return row
 

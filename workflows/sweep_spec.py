@@ -47,6 +47,8 @@ class SweepSpec:
     suites: list[str] = _help("evaluation suites of every run", default_factory=lambda: ["synthetic"])
     metrics: list[str] = _help("the metrics reported and fitted",
                                default_factory=lambda: ["zeroshot_shape_base.top1", "retrieval.t2i_R@1"])
+    oracle_by: list[str] = _help("the synthetic scene attributes that make a ground-truth group for methods with "
+                                 "oracle_targets: truth", default_factory=lambda: ["shape", "colour"])
     prune: bool = _help("delete a finished run's checkpoints, feature cache, plots and per-example arrays",
                         default=False)
 

@@ -61,14 +61,40 @@ def main(out):
             return {"image_features": F.normalize(self.i(a), dim=-1), "text_features": F.normalize(self.t(b), dim=-1),
                     "logit_scale": self.logit_scale.exp(), "logit_bias": self.logit_bias}
 
-    for name, parts in (("psd-one", 1), ("psd-accum", 2), ("siglip-one", 1), ("siglip-accum", 2)):
+    # PSD's embedding bank (the same rows in every process: 12 of the 16 samples seen) and the oracle's groups
+    import pandas as pd
+
+    from psdclip.train.bank import EmbeddingBank
+    from psdclip.train.loop import step_teacher
+    from psdclip.train.oracle import OracleTargets
+
+    folder = os.path.dirname(out)
+    ids_all = torch.arange(16) * 3 + 1
+    keys_all = [f"k{j}" for j in range(16)]
+    oracle_file = os.path.join(folder, f"oracle{rank}.csv")
+    pd.DataFrame({"key": keys_all, "image_group": [j % 5 for j in range(16)],
+                  "text_group": [(j % 5 if j % 4 else (j + 1) % 5) for j in range(16)]}).to_csv(oracle_file, index=False)
+    oracle = OracleTargets(oracle_file)
+    g = torch.Generator().manual_seed(7)
+    seen_rows = [F.normalize(torch.randn(12, 6, generator=g), dim=-1) for _ in range(2)]
+    for name, parts in (("psd-one", 1), ("psd-accum", 2), ("siglip-one", 1), ("siglip-accum", 2), ("bank-one", 1),
+                        ("bank-accum", 2), ("oracle-one", 1), ("oracle-accum", 2)):
         pair = Pair(bias=name.startswith("siglip"))
         net = torch.nn.parallel.DistributedDataParallel(pair) if world > 1 else pair
-        loss_fn = PSDLoss(constant_schedule(0.6, 0.5), 1.5, seed=1, rank=rank, world_size=world) \
-            if name.startswith("psd") else SigLIPLoss(rank, world)
+        loss_fn = SigLIPLoss(rank, world) if name.startswith("siglip") else \
+            PSDLoss(constant_schedule(0.6, 0.5), 1.5, seed=1, rank=rank, world_size=world)
         m = n // parts
+        teacher = keep = bank = None
+        local_ids, local_keys = ids_all[rank * n:(rank + 1) * n], keys_all[rank * n:(rank + 1) * n]
+        if name.startswith("bank"):
+            bank = EmbeddingBank(os.path.join(folder, f"bank-{name}-{rank}"), rank, ids=60, dim=6, made_for={})
+            bank.start(0)
+            bank.write(ids_all[:12], *seen_rows)
+        if name.startswith(("bank", "oracle")):
+            teacher, keep = step_teacher(pair, loss_fn, None, bank, oracle if name.startswith("oracle") else None,
+                                         local_keys, local_ids, world, torch.device("cpu"), "x")
         losses = forward_backward(net, pair, loss_fn, [(x[k * m:(k + 1) * m], y[k * m:(k + 1) * m]) for k in range(parts)],
-                                  step=4, world=world)
+                                  step=4, world=world, teacher=teacher, on_features=keep)
         loss = losses["contrastive_loss"]
         if world > 1:  # DDP averaged the gradients; the loss is averaged here
             total = loss.clone()
@@ -76,6 +102,9 @@ def main(out):
             loss = total / world
         results[name] = {"loss": loss, **{k: p.grad.clone() for k, p in pair.named_parameters()
                                           if p.grad is not None}}
+        if bank is not None:  # every process's bank holds the whole global batch's new rows
+            rows = bank.lookup(ids_all)
+            results[name].update({"bank_image": rows[0], "bank_text": rows[1]})
     # a non-finite loss on rank 0 only: every rank decides to skip (or stop) the step
     from psdclip.train.distributed import all_finite
 

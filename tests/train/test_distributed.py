@@ -24,7 +24,8 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     assert alone.returncode == 0, err[-3000:]
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
-    for loss in ("clip", "psd", "siglip", "psd-one", "psd-accum", "siglip-one", "siglip-accum"):
+    for loss in ("clip", "psd", "siglip", "psd-one", "psd-accum", "siglip-one", "siglip-accum", "bank-one", "bank-accum",
+                 "oracle-one", "oracle-accum"):
         for k in a[loss]:
             assert torch.allclose(a[loss][k], b[loss][k], atol=1e-6, rtol=1e-5), (loss, k, a[loss][k], b[loss][k])
     assert not torch.allclose(a["clip"]["loss"], a["psd"]["loss"])
@@ -39,7 +40,9 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     assert a["chosen"].endswith("step_000002.pt") and a["node_local"].endswith("step_000005.pt")  # one process
     assert not any(".tmp-" in n for n in os.listdir(tmp_path / "shared" / "checkpoints"))
     assert set(a["siglip-one"]) >= {"loss", "logit_bias", "logit_scale"}  # the bias learns
-    for name in ("psd", "siglip"):  # feature-cache accumulation = the whole batch at once, in 1 and in 2 processes
+    assert not torch.allclose(a["bank-one"]["loss"], a["psd-one"]["loss"])  # the bank's teacher is its own
+    assert not torch.allclose(a["oracle-one"]["loss"], a["psd-one"]["loss"])
+    for name in ("psd", "siglip", "bank", "oracle"):  # feature-cache accumulation = the whole batch at once, in 1 and in 2 processes
         for k in a[f"{name}-one"]:
             for r in (a, b):
                 assert torch.allclose(r[f"{name}-accum"][k], r[f"{name}-one"][k], atol=1e-6, rtol=1e-5), (name, k)

@@ -151,7 +151,8 @@ def test_soft_targets_stay_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = loss(i.bfloat16(), t.bfloat16(), s, step=1)["contrastive_loss"]
         logits, _ = loss.get_logits(i.bfloat16(), t.bfloat16(), s)
-        target = loss._with_teacher(logits, logits, torch.arange(64), 0.5, torch.ones(64, dtype=torch.bool))
+        target, _ = loss._with_teacher(logits, loss.teacher_probs(logits), torch.arange(64), 0.5,
+                                       torch.ones(64, dtype=torch.bool))
     assert low.dtype == torch.float32 and target.dtype == torch.float32
     assert torch.allclose(target.sum(1), torch.ones(64), atol=1e-6)
     assert abs(float(low) - float(ref)) < 0.05
@@ -210,7 +211,7 @@ def test_feature_cache_accumulation_equals_one_big_batch():
     rescaled CLIP (T != 1, rho < 1) and an EMA teacher that sees the whole batch."""
     import copy
 
-    from psdclip.train.loop import forward_backward
+    from psdclip.train.loop import forward_backward, model_teacher
     from psdclip.train.models import build_model
 
     torch.manual_seed(0)
@@ -227,11 +228,13 @@ def test_feature_cache_accumulation_equals_one_big_batch():
     reference = {}
     for name, (loss_fn, teacher) in cases.items():
         model.zero_grad()
-        big = forward_backward(model, model, loss_fn, [(images, texts)], step=3, ema=teacher)
+        big = forward_backward(model, model, loss_fn, [(images, texts)], step=3,
+                               teacher=None if teacher is None else model_teacher(teacher, loss_fn))
         g_big = reference[name] = _grads(model)
         model.zero_grad()
         micro = [(images[i:i + 2], texts[i:i + 2]) for i in range(0, 8, 2)]
-        acc = forward_backward(model, model, loss_fn, micro, step=3, ema=teacher)
+        acc = forward_backward(model, model, loss_fn, micro, step=3,
+                               teacher=None if teacher is None else model_teacher(teacher, loss_fn))
         g_acc = _grads(model)
         assert abs(float(big["contrastive_loss"]) - float(acc["contrastive_loss"])) < 1e-5, name
         assert g_big.keys() == g_acc.keys(), name
@@ -247,7 +250,7 @@ def test_feature_cache_accumulation_equals_one_big_batch():
 
 
 def test_accumulation_updates_batch_norm_statistics_once_per_micro_batch():
-    from psdclip.train.loop import forward_backward
+    from psdclip.train.loop import forward_backward, model_teacher
     from psdclip.train.models import build_model
 
     torch.manual_seed(0)
