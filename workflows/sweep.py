@@ -294,13 +294,13 @@ def run_sweep(cfg: SweepConfig) -> int:
 
 
 def _prune(run: str, evals: list[str]) -> None:
-    """A finished run keeps its configs, metrics.jsonl and the metrics of its evaluations: checkpoints, the
-    feature cache, the per-example arrays of each evaluation (for `psdclip compare`'s bootstrap; the sweep pairs
+    """A finished run keeps its configs, metrics.jsonl and the metrics of its evaluations: checkpoints, PSD's
+    embedding bank, the feature cache, the per-example arrays of each evaluation (for `psdclip compare`'s bootstrap; the sweep pairs
     runs by seed) and the plots (`psdclip.train.plots.plot_run` redraws them from metrics.jsonl) go, so that a
     study of a hundred runs commits in a few MB."""
     import shutil
 
-    for sub in ("checkpoints", os.path.join("eval", "cache"), "plots"):
+    for sub in ("checkpoints", "bank", os.path.join("eval", "cache"), "plots"):
         shutil.rmtree(os.path.join(run, sub), ignore_errors=True)
     for path in evals:
         result = read_json(path)
