@@ -290,9 +290,10 @@ def download_partition(src: str, shard: int, dataset_dir: str, opts: DownloadOpt
             disallowed_header_directives=opts.disallowed_header_directives or None)
         try:
             downloader.download_shard((shard, given))  # raises if the shard as a whole fails
-            meta = pd.read_parquet(os.path.join(work, f"{shard:05d}.meta.parquet"))
-            res = _results(meta, keys, shard)
             name = shard_name(shard, "arrow" if arrow else "webdataset")
+            meta = in_input_order(os.path.join(work, name), os.path.join(work, f"{shard:05d}.meta.parquet"), keys,
+                                  arrow)
+            res = _results(meta, keys, shard)
             storage.put(os.path.join(work, name), storage.join(dataset_dir, "shards", name))
             stats = os.path.join(work, stats_name(shard))  # img2dataset's own, as its output folders hold it
             if os.path.isfile(stats):
@@ -306,6 +307,40 @@ def download_partition(src: str, shard: int, dataset_dir: str, opts: DownloadOpt
         return res
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def in_input_order(path: str, meta_path: str, keys: list, arrow: bool) -> pd.DataFrame:
+    """Rewrite a downloaded shard with its samples in input order (img2dataset writes them as its threads finish, so
+    two builds of one list would hold them in two orders, and train on them in two orders) and return its writer's
+    rows with the new offsets. One sequential pass over the shard, on the worker's local disk; nothing is done when
+    the order is already the input's."""
+    meta = pd.read_parquet(meta_path)
+    position = {k: i for i, k in enumerate(keys)}
+    placed = meta[meta["offset"].notna()]
+    order = sorted(placed["key"], key=lambda k: position.get(k, len(position)))
+    if list(placed.sort_values("offset")["key"]) == order:
+        return meta
+    offsets = {}
+    if arrow:
+        table = pq.read_table(path)
+        at = {k: i for i, k in enumerate(table.column("key").to_pylist())}
+        table = table.take(pa.array([at[k] for k in order], pa.int64()))
+        pq.write_table(table, path + ".ordered", row_group_size=256)
+        offsets = {k: i for i, k in enumerate(order)}
+    else:
+        with tarfile.open(path, "r") as src:
+            members: dict[str, list] = {}
+            for m in src.getmembers():
+                members.setdefault(m.name.split(".", 1)[0], []).append(m)
+            with tarfile.open(path + ".ordered", "w", format=tarfile.USTAR_FORMAT) as dst:
+                for k in order:
+                    for m in members.get(k, []):
+                        if k not in offsets:  # the image comes first: its data follows its one-block header
+                            offsets[k] = dst.offset + tarfile.BLOCKSIZE
+                        dst.addfile(m, src.extractfile(m))
+    os.replace(path + ".ordered", path)
+    meta["offset"] = [offsets.get(k) if pd.notna(o) else None for k, o in zip(meta["key"], meta["offset"])]
+    return meta
 
 
 def _results(meta: pd.DataFrame, keys: list, shard: int) -> pd.DataFrame:
