@@ -1,7 +1,11 @@
 """Time `psdclip demo` (what `make demo` runs) end to end on this machine and record it in BENCHMARKS.md
-with the demo's own summary (CLIP vs PSD on the demo data). Goal: at most 10 minutes on 2 cores.
+with the demo's own summary (CLIP vs PSD on the demo data). Goal: at most 10 minutes on 2 cores. Then write
+README's "Real output" block from the same folder (data stats, a query, an evaluation and the comparison), so
+that what README shows is what the command gives from an empty folder.
 
-    python benchmarks/demo.py [--out bench-out/demo]
+    python benchmarks/demo.py [--out bench-out/demo] [--no-timing]
+
+--no-timing: README's block only, no timing recorded (while a study shares the cores).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from _record import record  # noqa: E402
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="bench-out/demo")
+    ap.add_argument("--no-timing", action="store_true", help="write README's block only (no BENCHMARKS.md timing)")
     args = ap.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     exe = os.path.join(os.path.dirname(sys.executable), "psdclip")
@@ -40,7 +45,48 @@ def main():
             f"comparison (one seed each, so differences are within noise; the study in README is the real "
             f"comparison):\n\n```\n{summary}\n```\n\nIts example queries, answered by the demo's service:\n\n"
             f"```\n{queries}\n```\n")
-    record("demo", "Demo: `make demo` end to end", body)
+    if not args.no_timing:
+        record("demo", "Demo: `make demo` end to end", body)
+    readme_block(exe, args.out)
+
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+START, END = "<!-- demo-output: written by benchmarks/demo.py -->", "<!-- /demo-output -->"
+
+
+def readme_block(exe: str, out: str) -> None:
+    """README's block between START and END: the commands on the demo's folder, their output as it is (paths
+    shortened to demo-out), excerpts marked as such."""
+    def run(*args):
+        r = subprocess.run([exe, *args], capture_output=True, text=True, check=True)
+        return r.stdout.replace(os.path.abspath(out), "demo-out").replace(out, "demo-out").rstrip()
+
+    stats = run("data", "stats", f"{out}/dataset")
+    query = run("index", "query", f"{out}/index", "--text", "a large blue square", "-k", "5")
+    keep = ("zeroshot_shape_base", "zeroshot_shape_sketch", "zeroshot_shape_noise", "linear_probe_shape.accuracy",
+            "zeroshot_colour_base", "retrieval.t2i_R@1 ", "retrieval.t2i_R@10", "retrieval.gallery")
+    ev = run("eval", f"{out}/runs/psd", "--suite", f"synthetic:{out}/synth").splitlines()
+    ev = "\n".join([ev[0], ""] + [ln for ln in ev if ln.startswith(keep)])
+    cmp_ = run("compare", f"{out}/runs/clip", f"{out}/runs/psd").splitlines()
+    rows = [ln for ln in cmp_ if ln.startswith("| suite") or ln.startswith("|---")][:2] + \
+        [ln for ln in cmp_ if ln.startswith("| synthetic |") and any(
+            f"| {m} |" in ln for m in ("zeroshot_shape_base.top1", "zeroshot_shape_noise.top1",
+                                       "linear_probe_shape.accuracy", "retrieval.t2i_R@1"))]
+    block = "\n".join([
+        START, "```text", "$ psdclip data stats demo-out/dataset", stats, "",
+        '$ psdclip index query demo-out/index --text "a large blue square" -k 5', query, "",
+        "$ psdclip eval demo-out/runs/psd --suite synthetic:demo-out/synth      # (excerpt)", ev, "",
+        "$ psdclip compare demo-out/runs/clip demo-out/runs/psd                  # (excerpt; also compare.md, "
+        "compare.png)", *rows, "```", END])
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    if START not in text or END not in text:
+        raise SystemExit(f"{README}: no {START} ... {END} block to write")
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    with open(README, "w", encoding="utf-8") as f:
+        f.write(head + block + tail)
+    print(f"README.md: demo output block rewritten from {out}")
 
 
 if __name__ == "__main__":
