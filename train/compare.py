@@ -121,6 +121,8 @@ def to_markdown(result: dict) -> str:
 
 
 def _plot(result: dict, path: str) -> None:
+    """Two panels: each run's score per metric, and each run minus the first with the 95% bootstrap interval that
+    compare.md prints (a point without an interval where the runs' per-example values were not kept)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,15 +132,31 @@ def _plot(result: dict, path: str) -> None:
     if not rows:
         return
     runs = result["runs"]
-    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4), dpi=100)
+    names = [os.path.basename(os.path.normpath(r)) for r in runs]
+    x = np.arange(len(rows))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, len(rows) * 0.9), 6.5), dpi=100, sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
     width = 0.8 / len(runs)
     for k, run in enumerate(runs):
         vals = [r["values"][run] or 0 for r in rows]
-        ax.bar(np.arange(len(rows)) + k * width, vals, width, label=os.path.basename(os.path.normpath(run)))
-    ax.set_xticks(np.arange(len(rows)) + width * (len(runs) - 1) / 2)
-    ax.set_xticklabels([r["metric"].replace("zeroshot_", "zs_") for r in rows], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("score")
-    ax.legend()
+        top.bar(x + k * width, vals, width, label=names[k])
+    top.set_ylabel("score")
+    top.legend(fontsize=8)
+    step = 0.8 / max(1, len(runs) - 1)
+    for k, run in enumerate(runs[1:]):
+        d = [r["diff"].get(run) or {} for r in rows]
+        mid = np.array([v.get("diff", np.nan) for v in d], dtype=float)
+        lo = np.array([v.get("ci_low", v.get("diff", np.nan)) for v in d], dtype=float)
+        hi = np.array([v.get("ci_high", v.get("diff", np.nan)) for v in d], dtype=float)
+        pos = x + width * (len(runs) - 1) / 2 + (k - (len(runs) - 2) / 2) * step * 0.5
+        bottom.errorbar(pos, mid, yerr=[mid - lo, hi - mid], fmt="o", capsize=3, color=f"C{k + 1}",
+                        label=f"{names[k + 1]} − {names[0]}")
+    bottom.axhline(0, color="grey", lw=0.8)
+    bottom.set_ylabel("difference [95% CI]")
+    bottom.legend(fontsize=8)
+    bottom.set_xticks(x + width * (len(runs) - 1) / 2)
+    bottom.set_xticklabels([r["metric"].replace("zeroshot_", "zs_") for r in rows], rotation=60, ha="right",
+                           fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
