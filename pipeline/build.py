@@ -246,6 +246,20 @@ def _build(cfg: BuildConfig) -> dict:
                          f"{(str(err).splitlines() or [''])[0][:200]})") from None
     previous = read_json(layout.dataset_json) if storage.isfile(layout.dataset_json) else None
     cfg = _check_out(cfg, layout, previous)
+    folders = [p for p in cfg.inputs if "://" not in p and os.path.isdir(p)]
+    if folders and not cfg.local_root:
+        raise InputError(f"{folders[0]}: a folder; give --local-root FOLDER (or a folder above it) to read its "
+                         f"images")
+    if folders and storage.is_remote(layout.root):
+        raise InputError(f"{folders[0]}: local images go into a local dataset folder, not {cfg.out}")
+    if folders:  # each folder walked into a list of its images (folders.py), then read like any list
+        from .folders import folder_list
+
+        os.makedirs(layout.state, exist_ok=True)
+        cfg = dataclasses.replace(cfg, inputs=[folder_list(p, cfg.local_root, layout.state) if p in folders else p
+                                               for p in cfg.inputs])
+    if cfg.local_root and not os.path.isdir(cfg.local_root):
+        raise InputError(f"--local-root {cfg.local_root}: no such folder")
     if not cfg.inputs and not cfg.retry_failed and not layout.ingest_ids():
         raise InputError("no URL list given (psdclip data build URL_LIST... --out DATASET)")
     layout.create()

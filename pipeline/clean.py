@@ -114,9 +114,13 @@ def _url_error(url: str) -> str:
     return f"scheme {scheme}: only http and https are fetched"
 
 
-def check_urls(df: pd.DataFrame) -> pd.DataFrame:
+def check_urls(df: pd.DataFrame, local_root: str = "") -> pd.DataFrame:
     """Only http(s) URLs with a host are ever fetched; file://, data:, ftp:// and the rest are invalid_url.
-    Non-ASCII URLs are percent-encoded; the host (lower case) is added for the host-spreading stage."""
+    Non-ASCII URLs are percent-encoded; the host (lower case) is added for the host-spreading stage. With a
+    local root, a path or file:// URL becomes the file:// URL of the file it resolves to inside the root (host
+    empty), or invalid_url with the reason (core.local.resolve)."""
+    if local_root:
+        return _local_urls(df, local_root)
     urls = pc.utf8_trim_whitespace(pa.array(df["url"].array))
     non_ascii = ~pc.string_is_ascii(urls).to_numpy(zero_copy_only=False)
     if non_ascii.any():
@@ -151,6 +155,31 @@ def check_urls(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def _local_urls(df: pd.DataFrame, root: str) -> pd.DataFrame:
+    """check_urls with --local-root: local rows resolved here, the web rows checked as always."""
+    from ..core.local import is_local, resolve
+
+    values = np.asarray(pd.Series(df["url"]).fillna("").astype(str).str.strip().to_numpy(), dtype=object)
+    local = np.array([is_local(u) for u in values], dtype=bool)
+    web = df[~local].copy()
+    if len(web):
+        web = check_urls(web)
+    out = df[local].copy()
+    if len(out):
+        resolved = [resolve(u, root) for u in values[local]]
+        out["url"] = pd.arrays.ArrowStringArray(pa.array([r or redact(u) for (r, _), u in zip(resolved, values[local])],
+                                                         pa.string()))
+        errors = np.array([why or "" for _, why in resolved], dtype=object)
+        refused = np.array([why is not None for _, why in resolved], dtype=bool)
+        if refused.any():
+            _mark(out, refused, "invalid_url", errors)
+        out["host"] = pd.arrays.ArrowStringArray(pa.array([""] * len(out), pa.string()))
+    web["_pos"], out["_pos"] = np.flatnonzero(~local), np.flatnonzero(local)
+    res = pd.concat([web, out]).sort_values("_pos", kind="stable").drop(columns="_pos")
+    res.index = df.index
+    return res
+
+
 def hosts(urls: pa.Array, ok) -> pa.Array:
     """The authority after "http(s)://" up to the first "/", lower case, for the rows where ok (a cheap
     split; spreading the load needs no exact parse)."""
@@ -160,10 +189,10 @@ def hosts(urls: pa.Array, ok) -> pa.Array:
     return pc.if_else(pa.array(np.asarray(ok, dtype=bool)), pc.utf8_lower(host), "")
 
 
-def clean_partition(df: pd.DataFrame, max_caption_length: int) -> pd.DataFrame:
+def clean_partition(df: pd.DataFrame, max_caption_length: int, local_root: str = "") -> pd.DataFrame:
     """The whole per-partition chain, in order."""
     df = start(df)
-    df = check_urls(df)
+    df = check_urls(df, local_root)
     df = fix_captions(df)
     df = filter_captions(df, max_caption_length)
     return add_url_keys(df)

@@ -65,6 +65,10 @@ class BuildConfig:
                                     default=False)
     dask_scheduler: Optional[str] = _help("address of a running Dask scheduler (tcp://HOST:PORT); default: a LocalCluster",
                                           default=None)
+    local_root: str = _help("read local images: list rows whose url is a path or a file:// URL are resolved inside "
+                            "this folder (a path, '..' or symlink leading out of it ends the row invalid_url; nothing "
+                            "outside it is read); an input that is a folder is walked for images with sidecar "
+                            "captions. Without it a local path stays invalid_url", default="")
     subsets: list[str] = _help("nested subsets to write, as fractions (<=1) or absolute counts, e.g. 0.01,0.1,1.0",
                                default_factory=list)
     subset_seed: int = _help("seed of the subset order", default=0)

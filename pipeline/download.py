@@ -38,10 +38,19 @@ RESULT_COLUMNS = ["key", "status", "error", "width", "height", "original_width",
 _HTTP_CODE = re.compile(r"HTTP Error (\d{3})")
 
 
+# a local file's failure (core.local.read's first words) -> its status
+LOCAL_KINDS = (("file not found", "file_not_found"), ("permission denied", "file_unreadable"),
+               ("file cannot be", "file_unreadable"), ("not a regular file", "not_a_file"),
+               ("outside --local-root", "invalid_url"), ("file too large", "image_too_large"))
+
+
 def classify(stage: str, message: str | None) -> str:
     """Map img2dataset's free-text error to one status kind (stage: 'download' or 'resize')."""
     msg = (message or "").lower()
     if stage == "download":
+        for start, kind in LOCAL_KINDS:  # core.local's messages (--local-root)
+            if msg.startswith(start):
+                return kind
         if msg.startswith(DISALLOWED.lower()):
             return "robots_disallowed"
         if msg.startswith(UNREACHABLE.lower()) and "(http " in msg:  # the host answered, with an error
@@ -208,6 +217,7 @@ class DownloadOptions:
     max_backoff: float = 60.0
     shard_timeout: float = 3600.0
     request_timeout: float = 60.0
+    local_root: str = ""
 
     def policy(self):
         """The shard's politeness and time limit, starting now (see polite.py)."""
@@ -219,7 +229,7 @@ class DownloadOptions:
                                         max_backoff=self.max_backoff, request_timeout=self.request_timeout,
                                         robots=not self.ignore_robots_txt,
                                         user_agent=self.user_agent, user_agent_token=self.user_agent_token,
-                                        build_id=self.build_id)
+                                        build_id=self.build_id, local_root=self.local_root)
 
     @classmethod
     def of(cls, cfg) -> "DownloadOptions":

@@ -59,11 +59,13 @@ class ReadOptions:
     caption_col: str
     max_caption_length: int
     column_names: list | None
+    local_root: str = ""
 
     @classmethod
     def of(cls, cfg) -> "ReadOptions":
         return cls(input_format=cfg.input_format, url_col=cfg.url_col, caption_col=cfg.caption_col,
-                   max_caption_length=cfg.max_caption_length, column_names=cfg.column_names or None)
+                   max_caption_length=cfg.max_caption_length, column_names=cfg.column_names or None,
+                   local_root=cfg.local_root)
 
 
 PART_SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("status", pa.string()),
@@ -87,7 +89,7 @@ def read_part(part: Part, opts: ReadOptions, buckets: int, out: str) -> dict:
                                column_names=names)
     except InputError as err:
         return {"error": err, "quotes": 0}
-    df = clean_partition(df, opts.max_caption_length)
+    df = clean_partition(df, opts.max_caption_length, opts.local_root)
     status = df["status"].to_numpy(dtype=object)
     pending = status == PENDING
     rows = np.arange(len(df), dtype=np.int64)

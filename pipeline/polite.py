@@ -37,8 +37,9 @@ class ShardPolicy(float):
     def __new__(cls, timeout: float, *, deadline: float, shard_timeout: float, host_interval: float = 0.0,
                 throttle_retries: int = 3, backoff: float = 1.0, max_backoff: float = 60.0,
                 request_timeout: float = 60.0, robots: bool = True, user_agent: str | None = None,
-                user_agent_token: str | None = None, build_id: str = ""):
+                user_agent_token: str | None = None, build_id: str = "", local_root: str = ""):
         self = super().__new__(cls, timeout)
+        self.local_root = local_root  # --local-root: file:// rows are read from under it (core.local)
         self.robots = robots  # honour robots.txt (robots.py), its answers kept per build
         self.build_id = build_id
         self.user_agent = user_agent or default_user_agent(user_agent_token)
@@ -167,6 +168,11 @@ def _get(url: str, policy: ShardPolicy, user_agent_token, disallowed):
 def fetch(row, policy: ShardPolicy, retries: int, user_agent_token=None, disallowed=None, limiter=LIMITER):
     """img2dataset's download_image_with_retry under a ShardPolicy: returns (key, stream or None, error or None)."""
     key, url = row
+    if policy.local_root and url.startswith("file:"):
+        from ..core.local import read
+
+        stream, err = read(url, policy.local_root)
+        return key, stream, err
     problem = url_problem(url)  # (the clean stage refused these already; a row is never a task's crash)
     if problem:
         return key, None, f"invalid URL: {problem}"
