@@ -6,15 +6,18 @@ import asyncio
 import json
 import logging
 import time
-from typing import Optional
+from typing import Optional, Union
 
 import orjson
 from fastapi import HTTPException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from .config import ServeConfig
 
 log = logging.getLogger(__name__)
+
+
+NOT_APPLIED = "x-psdclip-not-applied"  # the request's fields psdclip accepted and does not do (KnnRequest)
 
 
 class BodyTooLarge(Exception):
@@ -118,14 +121,17 @@ class Guard:
                 errors = [{**e, "loc": ["body", *e["loc"]]} for e in err.errors(include_url=False)]
                 raise HTTPException(422, errors) from None
             status, content = 200, await answer(req)
+            skipped = req.not_applied() if hasattr(req, "not_applied") else []
         except HTTPException as err:
-            status, content = err.status_code, {"detail": err.detail}
+            status, content, skipped = err.status_code, {"detail": err.detail}, []
         try:
             body = orjson.dumps(content, default=str)
         except TypeError:  # what orjson refuses and json writes: a validation error echoing an integer beyond
             body = json.dumps(content, default=str).encode()  # 64 bits, or a string with a lone surrogate
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if skipped:
+            head.append((NOT_APPLIED.encode(), ", ".join(skipped).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": head})
         await send({"type": "http.response.body", "body": body})
         return True
 
@@ -159,9 +165,18 @@ class SearchRequest(BaseModel):
     dedupe: bool = False
 
 
+# ClipClient's defaults for what psdclip does not do: accepted (its users send them unasked), never applied, and
+# named in the answer's X-Psdclip-Not-Applied header; any other value is refused with a 422 naming the field
+CLIP_CLIENT_DEFAULTS = {"aesthetic_score": (9, "9", "", None), "aesthetic_weight": (0.5, "0.5", "", None)}
+
+
 class KnnRequest(BaseModel):
-    """clip-retrieval's back-end request."""
-    model_config = ConfigDict(extra="allow")
+    """clip-retrieval's back-end request: its fields only (an unknown one is a 422 naming it). What psdclip does not
+    do is either refused, naming the field (use_mclip: true, an aesthetic re-ranking other than ClipClient's default
+    request), or, for ClipClient's defaults (use_safety_model and use_violence_detector true, aesthetic_score 9 at
+    weight 0.5), answered and listed as not applied in the X-Psdclip-Not-Applied header: psdclip has no safety,
+    violence or aesthetic model, and ClipClient keeps working with its defaults."""
+    model_config = ConfigDict(extra="forbid")
     text: Optional[str] = Field(None, max_length=1000)
     image: Optional[str] = None
     image_url: Optional[str] = None
@@ -171,6 +186,33 @@ class KnnRequest(BaseModel):
     num_result_ids: Optional[int] = Field(None, ge=1, le=10000, strict=True)
     indice_name: Optional[str] = None
     deduplicate: bool = False
+    use_mclip: bool = False
+    use_safety_model: bool = False
+    use_violence_detector: bool = False
+    aesthetic_score: Optional[Union[float, str]] = None
+    aesthetic_weight: Optional[Union[float, str]] = None
+
+    @field_validator("use_mclip")
+    @classmethod
+    def _no_mclip(cls, v):
+        if v:
+            raise ValueError("use_mclip: psdclip has no multilingual text tower (M-CLIP); send false or omit it")
+        return v
+
+    @field_validator("aesthetic_score", "aesthetic_weight")
+    @classmethod
+    def _no_reranking(cls, v, info):
+        if v not in CLIP_CLIENT_DEFAULTS[info.field_name]:
+            raise ValueError(f"{info.field_name} {v!r}: psdclip has no aesthetic model to re-rank by; omit it (ClipClient's "
+                             f"default request is accepted and listed as not applied)")
+        return v
+
+    def not_applied(self) -> list:
+        """What this request asked for that psdclip accepts and does not do (ClipClient's defaults)."""
+        out = [name for name in ("use_safety_model", "use_violence_detector") if getattr(self, name)]
+        if self.aesthetic_score not in ("", None) and self.aesthetic_weight not in ("", None, 0, "0"):
+            out.append("aesthetic_score")
+        return out
 
 
 class MetadataRequest(BaseModel):

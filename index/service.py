@@ -35,7 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from ..core.errors import InputError
 from .batcher import Batcher, set_threads
 from .config import ServeConfig
-from .fastpath import Guard, bounded_models
+from .fastpath import NOT_APPLIED, Guard, bounded_models
 from .images import QueryImages
 from .reload import RUN_DIR, Workers
 
@@ -236,7 +236,11 @@ def create_app(cfg: ServeConfig):
         queries[path] = (model, {"/search": answer_search, "/knn-service": answer_knn}[path])
 
         async def declared(req: model):
-            return _json(await queries[path][1](req))
+            response = _json(await queries[path][1](req))
+            skipped = req.not_applied() if hasattr(req, "not_applied") else []
+            if skipped:
+                response.headers[NOT_APPLIED] = ", ".join(skipped)
+            return response
 
         app.post(path, name=path.strip("/").replace("-", "_"))(declared)
 

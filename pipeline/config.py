@@ -47,7 +47,8 @@ class BuildConfig:
     shard_timeout: float = _help("wall-clock limit of one shard's download in seconds: rows unfinished by then end "
                                  "'timeout' (transient: --retry-failed takes them)", default=3600.0)
     thread_count: int = _help("download threads per partition (img2dataset thread_count)", default=64)
-    processes_count: int = _help("Dask worker processes of the LocalCluster (ignored with --dask-scheduler)", default=2)
+    processes_count: int = _help("Dask worker processes of the LocalCluster (not with --dask-scheduler: that cluster "
+                                 "has its own workers)", default=2)
     shard_size: int = _help("rows per partition, i.e. per output shard (img2dataset number_sample_per_shard)", default=10000)
     max_caption_length: int = _help("captions longer than this many characters are dropped (caption_too_long)", default=1024)
     max_image_area: int = _help("images declaring more pixels than this are refused before decoding (decompression bombs)",
@@ -99,6 +100,9 @@ class BuildConfig:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not self.shard_timeout > 0:
             raise InputError(f"--shard-timeout must be > 0 seconds, got {self.shard_timeout}")
+        if self.dask_scheduler and self.processes_count != 2:  # (2: the default, which nobody asked for)
+            raise InputError(f"--processes-count {self.processes_count}: the LocalCluster's workers; with "
+                             f"--dask-scheduler the cluster's own workers run the build: drop one of the two")
         self.subset_sizes()  # validates
 
     def subset_sizes(self) -> list[tuple[str, float]]:

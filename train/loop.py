@@ -49,6 +49,9 @@ def _fine_tuning_options(model, cfg: TrainConfig) -> None:
         model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers)  # its LayerNorms freeze too
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
+        if type(model.visual).__name__ == "ModifiedResNet":  # open_clip's ModifiedResNet has none: say so
+            log.warning("psdclip: warning: --grad-checkpointing: the image tower (open_clip's ModifiedResNet) has no "
+                        "gradient checkpointing; only the text tower recomputes its activations")
 
 
 def make_loss(cfg: TrainConfig, rank: int, world: int):

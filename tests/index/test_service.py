@@ -224,6 +224,22 @@ def test_clip_retrievals_own_client_against_the_service(service, tmp_path):
     # the client sends a URL as image_url; the service refuses it (no allowed hosts configured)
     refused = client.query(image="http://127.0.0.1:1/x.jpg")
     assert isinstance(refused, dict) and "not allowed" in refused["detail"]
+    # what psdclip does not do is never silently ignored: ClipClient's defaults (safety, violence, aesthetic 9 at
+    # 0.5) are answered and named as not applied; other values, use_mclip and unknown fields are a 422 naming them
+    plain = {"text": "a red circle", "num_images": 2, "indice_name": "other"}
+    r = requests.post(service + "/knn-service", data=json.dumps({**plain, "use_safety_model": True,
+                                                                "use_violence_detector": True,
+                                                                "aesthetic_score": 9, "aesthetic_weight": 0.5}))
+    assert r.status_code == 200 and len(r.json()) == 2
+    assert r.headers["x-psdclip-not-applied"] == "use_safety_model, use_violence_detector, aesthetic_score"
+    r = requests.post(service + "/knn-service", json={**plain, "use_safety_model": False})
+    assert r.status_code == 200 and "x-psdclip-not-applied" not in r.headers
+    for extra, field in (({"use_mclip": True}, "use_mclip"), ({"aesthetic_score": 5, "aesthetic_weight": 0.5},
+                                                              "aesthetic_score"),
+                         ({"aesthetic_weight": 0.9}, "aesthetic_weight"), ({"num_imagez": 3}, "num_imagez")):
+        r = requests.post(service + "/knn-service", json={**plain, **extra})
+        assert r.status_code == 422, (extra, r.text)
+        assert field in json.dumps(r.json()["detail"]), (extra, r.text)
 
 
 def test_concurrent_requests_batched_together_answer_as_alone(service):
