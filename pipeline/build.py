@@ -167,6 +167,10 @@ def _check_out(cfg: BuildConfig, layout: Layout, previous: dict | None) -> Build
     if previous is None and not storage.isdir(layout.state) and storage.listdir(cfg.out):
         raise InputError(f"--out {cfg.out}: a non-empty folder that is not a psdclip dataset; choose a new or empty "
                          f"folder")
+    if previous and (previous.get("config") or {}).get("imported_from"):
+        raise InputError(f"--out {cfg.out}: a dataset imported from img2dataset output "
+                         f"({previous['config']['imported_from']}); build new lists into a new dataset and train on "
+                         f"both (--data A::B)")
     if previous and previous.get("output_format") != cfg.format:
         raise InputError(f"{cfg.out}: the dataset holds {previous.get('output_format')} shards; "
                          f"cannot append with --format {cfg.format}")

@@ -245,3 +245,24 @@ class EmojiConfig:
                 raise InputError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
         if self.mismatch_frac + self.generic_frac >= 1.0:
             raise InputError("--mismatch-frac + --generic-frac must be < 1")
+
+
+@dataclass
+class ImportConfig:
+    """psdclip data import: an img2dataset output folder becomes a psdclip dataset (no download)."""
+
+    folder: str = _help("img2dataset's output folder (webdataset or parquet output)", default="",
+                        meta={"positional": True, "metavar": "I2D_FOLDER"})
+    out: str = _help("the new dataset directory", default="")
+    copy: bool = _help("copy the tar shards (default: hard-link them when on the same file system)", default=False)
+    subsets: list[str] = _help("nested subsets to write, as fractions (<=1) or absolute counts, e.g. 0.01,0.1,1.0",
+                               default_factory=list)
+    subset_seed: int = _help("seed of the subset order", default=0)
+
+    def __post_init__(self):
+        if not self.folder or not self.out:
+            raise InputError("usage: psdclip data import I2D_FOLDER --out DATASET")
+        if self.subsets:
+            from .subsets import parse_subsets
+
+            parse_subsets(self.subsets)

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 
 from ..index.config import IndexBuildConfig, QueryConfig, ServeConfig
-from ..pipeline.config import BuildConfig, EmojiConfig, OracleConfig, ServeDataConfig, StatsConfig, SynthConfig
+from ..pipeline.config import BuildConfig, EmojiConfig, ImportConfig, OracleConfig, ServeDataConfig, StatsConfig, SynthConfig
 from ..core import logs
 from ..core.errors import InputError, PsdclipError
 from ..train.config import CompareConfig, EvalConfig, ExportConfig, TrainConfig
@@ -44,6 +44,8 @@ COMMANDS = (
             "counts per status, success rate, sizes, failing shards"),
     Command(("data", "synth"), SynthConfig, "psdclip.workflows.commands:cmd_synth",
             "generate the synthetic image-caption source"),
+    Command(("data", "import"), ImportConfig, "psdclip.workflows.commands:cmd_import",
+            "make an img2dataset output folder a psdclip dataset (no download)"),
     Command(("data", "emoji"), EmojiConfig, "psdclip.workflows.commands:cmd_emoji",
             "fetch the emoji real-image source (npm packages of several vendors, CLDR labels)"),
     Command(("data", "oracle"), OracleConfig, "psdclip.workflows.commands:cmd_oracle",

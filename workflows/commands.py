@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..pipeline.config import BuildConfig, EmojiConfig, OracleConfig, ServeDataConfig, StatsConfig, SynthConfig
+from ..pipeline.config import BuildConfig, EmojiConfig, ImportConfig, OracleConfig, ServeDataConfig, StatsConfig, SynthConfig
 from ..core.errors import InputError
 
 
@@ -60,6 +60,17 @@ def cmd_emoji(cfg: EmojiConfig) -> int:
           f"evaluation) to {r['out']}; captions: {r['caption_kinds']}")
     print(f"URL list: {os.path.join(r['out'], 'urls.csv')} (for {cfg.base_url}); evaluation lists: "
           f"{os.path.join(r['out'], 'heldout', 'id.csv')} and ood.csv (retrieval suites)")
+    return 0
+
+
+def cmd_import(cfg: ImportConfig) -> int:
+    from ..pipeline.importer import import_folder
+
+    r = import_folder(cfg)
+    how = f"{r['linked']} of {r['shards']} shard(s) hard-linked" if r["format"] == "webdataset" else \
+        f"{r['shards']} shard(s) rewritten as psdclip Arrow shards"
+    print(f"imported {r['rows']:,} rows ({r['success']:,} success) from {cfg.folder}: {how}; statuses {r['counts']}")
+    print(f"dataset: {r['out']}")
     return 0
 
 

@@ -1,0 +1,170 @@
+"""psdclip data import: an existing img2dataset output folder becomes a psdclip dataset without downloading again.
+
+img2dataset writes, per shard, NNNNN.tar (webdataset output: <key>.jpg/.txt/.json of the successes) or NNNNN.parquet
+holding the images (parquet output), beside NNNNN.parquet (webdataset output: one metadata row per input row, with
+status and error_message) and NNNNN_stats.json. The import writes DATASET/ as a build would: manifest/ (one row per
+input row, img2dataset's statuses mapped to ours by the same rules as a build's: failed_to_download -> http_4xx,
+timeout, connection_error, ...; failed_to_resize -> not_image, image_too_large, ...), with each success's byte offset
+in its tar; duplicate images (the same sha256) marked duplicate_image after the first in shard order; subsets,
+stats.json, dataset.json. img2dataset's folder is never modified. Webdataset shards are hard-linked into
+DATASET/shards/ when both folders are on one file system (no byte copied; the link shares the file, so do not edit
+either), else copied (`--copy` always copies). Parquet shards are rewritten into psdclip's Arrow shard schema (key,
+jpg, caption, url, sizes, sha256), successes only. Keys are img2dataset's own. Holds one shard's rows at a time,
+plus the sha256 of the successes seen (the duplicate-image check).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tarfile
+import uuid
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..core.errors import InputError
+from ..core.io import now, write_json
+from .config import ImportConfig
+from .dataset import Layout, stream_stats
+from .download import classify
+from .finalize import write_subsets
+from .format import MANIFEST_COLUMNS, MANIFEST_SCHEMA, SCHEMA_VERSION, manifest_file, shard_name, stats_name
+from .status import DUPLICATE_IMAGE, SUCCESS
+from .subsets import parse_subsets
+
+_SHARD = re.compile(r"^(\d+)\.(tar|parquet)$")
+ARROW_SCHEMA = pa.schema([("key", pa.string()), ("jpg", pa.binary()), ("caption", pa.string()), ("url", pa.string()),
+                          ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
+                          ("original_height", pa.int32()), ("sha256", pa.string())])
+
+
+def _shards(folder: str) -> tuple[str, list[int]]:
+    """(output format, shard numbers) of an img2dataset folder."""
+    names = os.listdir(folder)
+    tars = sorted(int(m.group(1)) for m in map(_SHARD.match, names) if m and m.group(2) == "tar")
+    pars = sorted(int(m.group(1)) for m in map(_SHARD.match, names) if m and m.group(2) == "parquet")
+    if tars:
+        return "webdataset", tars
+    if pars:
+        return "arrow", pars
+    raise InputError(f"{folder}: not an img2dataset output folder (no NNNNN.tar or NNNNN.parquet shards)")
+
+
+def _status(row) -> tuple[str, str]:
+    st, msg = row.get("status"), row.get("error_message")
+    msg = msg if isinstance(msg, str) else ""
+    if st == "success":
+        return SUCCESS, ""
+    if st == "failed_to_download":
+        return classify("download", msg), msg
+    if st == "failed_to_resize":
+        return classify("resize", msg), msg
+    return "download_error", msg or f"img2dataset status {st!r}"
+
+
+def _digits(folder: str, shard: int, ext: str) -> str:
+    for width in range(5, 10):
+        path = os.path.join(folder, f"{shard:0{width}d}.{ext}")
+        if os.path.isfile(path):
+            return path
+    return os.path.join(folder, f"{shard:05d}.{ext}")
+
+
+def import_folder(cfg: ImportConfig) -> dict:
+    src = os.path.abspath(cfg.folder)
+    if not os.path.isdir(src):
+        raise InputError(f"{cfg.folder}: no such folder")
+    fmt, shards = _shards(src)
+    layout = Layout(cfg.out)
+    if os.path.exists(layout.root) and os.listdir(layout.root):
+        raise InputError(f"--out {cfg.out}: not empty; import into a new folder")
+    layout.create()
+    os.makedirs(layout.manifest, exist_ok=True)
+    seen, counts, linked = set(), {}, 0
+    for n in shards:
+        meta_path = _digits(src, n, "parquet")
+        try:
+            meta = pq.read_table(meta_path).to_pandas() if os.path.isfile(meta_path) else None
+        except (OSError, pa.ArrowException) as err:
+            raise InputError(f"{meta_path}: not a readable Parquet file ({str(err).splitlines()[0][:160]})") from None
+        if meta is None:
+            raise InputError(f"{src}: shard {n} has no {os.path.basename(meta_path)} (img2dataset's per-shard rows)")
+        dest = os.path.join(layout.shards, shard_name(n, fmt))
+        where: dict[str, tuple[int, int]] = {}
+        if fmt == "webdataset":
+            tar = _digits(src, n, "tar")
+            try:
+                with tarfile.open(tar) as t:
+                    for m in t:
+                        key, _, ext = m.name.partition(".")
+                        if ext in ("jpg", "png", "webp", "jpeg") and key not in where:
+                            where[key] = (m.offset_data, m.size)
+            except (OSError, tarfile.TarError) as err:
+                raise InputError(f"{tar}: not a readable tar ({err})") from None
+            if cfg.copy:
+                shutil.copyfile(tar, dest)
+            else:
+                try:
+                    os.link(tar, dest)
+                    linked += 1
+                except OSError:
+                    shutil.copyfile(tar, dest)
+        rows = []
+        images = []
+        for i, r in enumerate(meta.to_dict("records")):
+            status, error = _status(r)
+            key = str(r.get("key"))
+            offset = size = None
+            if status == SUCCESS:
+                if fmt == "webdataset":
+                    if key not in where:
+                        status, error = "download_error", "img2dataset listed a success its tar does not hold"
+                    else:
+                        offset, size = where[key]
+                else:
+                    img = r.get("jpg")
+                    if img is None:
+                        status, error = "download_error", "img2dataset listed a success with no image bytes"
+                    else:
+                        offset, size = len(images), len(img)
+                        images.append({"key": key, "jpg": img, "caption": r.get("txt") or r.get("caption") or "",
+                                       **{c: r.get(c) for c in ARROW_SCHEMA.names if c not in ("key", "jpg", "caption")}})
+            sha = r.get("sha256") or ""
+            if status == SUCCESS and sha:
+                if sha in seen:
+                    status, error = DUPLICATE_IMAGE, "same image bytes (sha256) as an earlier sample"
+                seen.add(sha)
+            rows.append({"key": key, "url": r.get("url"), "caption": r.get("caption", r.get("txt")), "status": status,
+                         "error": error, "shard": n, "offset": offset, "size": size,
+                         **{c: r.get(c) for c in ("width", "height", "original_width", "original_height")},
+                         "sha256": sha, "source": meta_path, "source_row": i, "ingest": 0})
+        if fmt == "arrow":
+            pq.write_table(pa.Table.from_pylist(images, schema=ARROW_SCHEMA), dest, row_group_size=256)
+        frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+        for c in ("width", "height", "original_width", "original_height", "offset", "size", "source_row", "shard",
+                  "ingest"):
+            frame[c] = pd.array(pd.to_numeric(frame[c], errors="coerce"), dtype="Int64")
+        table = pa.Table.from_pandas(frame, schema=MANIFEST_SCHEMA, preserve_index=False)
+        pq.write_table(table, manifest_file(layout.root, shard=n))
+        stats = _digits(src, n, "json").replace(".json", "_stats.json")
+        if os.path.isfile(stats):
+            shutil.copyfile(stats, os.path.join(layout.shards, stats_name(n)))
+        counts[n] = int((frame["status"] == SUCCESS).sum())
+    the_id = uuid.uuid4().hex[:16]
+    specs = parse_subsets(cfg.subsets) if cfg.subsets else []
+    write_subsets(layout, counts, specs, cfg.subset_seed, fmt, the_id)
+    stats = stream_stats(layout.root, fmt)
+    stats["build"] = {"finished_at": now(), "imported_from": src, "downloaded_rows": 0}
+    write_json(layout.stats_json, stats)
+    write_json(layout.dataset_json, {
+        "schema_version": SCHEMA_VERSION, "id": the_id, "created_at": now(), "updated_at": now(),
+        "output_format": fmt, "counts": {"rows": stats["rows"], "success": stats["success"], **stats["counts"]},
+        "shards": sorted(s for s, c in counts.items() if c), "subsets": [list(s) for s in specs],
+        "subset_seed": cfg.subset_seed,
+        "config": {"imported_from": src, "img2dataset_format": "parquet" if fmt == "arrow" else "webdataset",
+                   "shards": "copied" if fmt == "arrow" or cfg.copy or linked < len(shards) else "hard-linked"},
+        "ingests": []})
+    return {"rows": stats["rows"], "success": stats["success"], "shards": len(shards), "format": fmt,
+            "linked": linked, "out": layout.root, "counts": stats["counts"]}
