@@ -243,6 +243,10 @@ class EvalConfig:
         "help": "synthetic suite: all held-out scenes, or the validation (scene id %% 4 == 0) or test (the rest) "
                 "split; choose settings on val, report test"})
     json: bool = field(default=False, metadata={"help": "print the result as JSON"})
+    format: Literal["psdclip", "clip_benchmark"] = field(default="psdclip", metadata={
+        "help": "also write CLIP_benchmark's result JSON (dataset, model, pretrained, task, metrics: acc1, acc5, "
+                "mean_per_class_recall, image/text_retrieval_recall@k; language), one file per dataset and task in "
+                "RUN/eval/clip_benchmark/, which its result tooling reads"})
     batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
     workers: int = field(default=2, metadata={"help": "image loading worker processes"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
@@ -254,6 +258,8 @@ class EvalConfig:
         if kind not in ("synthetic", "imagefolder", "imagenet", "retrieval") or ":" not in self.suite:
             raise InputError(f"--suite {self.suite!r}: expected synthetic:DIR, imagefolder:PATH, imagenet:PATH or "
                              f"retrieval:FILE")
+        if self.format not in ("psdclip", "clip_benchmark"):
+            raise InputError(f"--format {self.format!r}: expected psdclip or clip_benchmark")
         if self.split != "all" and kind != "synthetic":
             raise InputError(f"--split {self.split}: only the synthetic suite has val/test splits")
 

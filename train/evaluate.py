@@ -146,9 +146,14 @@ def split_of(keys) -> np.ndarray:
 
 
 def _zero_shot(logits, labels) -> tuple[dict, dict]:
-    """(top-1/top-5, per-example top-1) from logits (examples x classes) and the true labels of those examples."""
+    """(top-1, top-5 and mean per-class recall, per-example top-1) from logits (examples x classes) and the true
+    labels of those examples. Mean per-class recall (CLIP_benchmark's): the top-1 recall of each class that has
+    examples, averaged over those classes (equal to top-1 on a balanced set)."""
     top1, top5 = topk_correct(logits, labels, 1), topk_correct(logits, labels, min(5, logits.shape[1]))
-    return {"top1": float(top1.mean()), "top5": float(top5.mean())}, {"top1": top1}
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    recall = float(np.mean([top1[labels == c].mean() for c in present])) if len(present) else 0.0
+    return {"top1": float(top1.mean()), "top5": float(top5.mean()), "mean_per_class_recall": recall}, {"top1": top1}
 
 
 def _probe(feats, ok, labels, keys) -> tuple[dict, dict] | None:
@@ -348,7 +353,47 @@ def evaluate(cfg: EvalConfig) -> dict:
     path = os.path.join(out_dir, f"{result_name(cfg.suite, cfg.split)}.json")
     write_json(path, result, indent=1)
     result["path"] = path
+    if cfg.format == "clip_benchmark":
+        result["clip_benchmark"] = write_clip_benchmark(result, os.path.join(out_dir, "clip_benchmark"))
     return result
+
+
+def clip_benchmark_records(result: dict) -> list[dict]:
+    """The result as CLIP_benchmark's result records (its `eval --output` JSON: dataset, model, pretrained, task,
+    metrics, language), one per dataset and task: each zero-shot group a zeroshot_classification record (acc1, acc5,
+    mean_per_class_recall), the retrieval group a zeroshot_retrieval record (image_retrieval_recall@k: text ->
+    image; text_retrieval_recall@k: image -> text)."""
+    base = result_name(result["suite"], result["split"])
+    groups: dict = {}
+    for name, value in result["metrics"].items():
+        group, _, metric = name.partition(".")
+        groups.setdefault(group, {})[metric] = value
+    out = []
+    for group, values in groups.items():
+        if group.startswith("zeroshot") and "top1" in values:
+            metrics = {"acc1": values["top1"], "acc5": values.get("top5"),
+                       "mean_per_class_recall": values.get("mean_per_class_recall")}
+            task, dataset = "zeroshot_classification", base if group == "zeroshot" else f"{base}_{group}"
+        elif group == "retrieval" and any(k.startswith("t2i_R@") for k in values):
+            metrics = {**{f"image_retrieval_recall@{k[6:]}": v for k, v in values.items() if k.startswith("t2i_R@")},
+                       **{f"text_retrieval_recall@{k[6:]}": v for k, v in values.items() if k.startswith("i2t_R@")}}
+            task, dataset = "zeroshot_retrieval", base
+        else:
+            continue
+        out.append({"dataset": dataset, "model": result["arch"], "pretrained": result["checkpoint"], "task": task,
+                    "metrics": metrics, "language": "en"})
+    return out
+
+
+def write_clip_benchmark(result: dict, folder: str) -> list[str]:
+    """One CLIP_benchmark JSON file per record (as its `--output` template writes them); returns their paths."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for rec in clip_benchmark_records(result):
+        path = os.path.join(folder, f"{rec['dataset']}_{rec['task']}.json")
+        write_json(path, rec, indent=1)
+        paths.append(path)
+    return paths
 
 
 def format_result(result: dict) -> str:
@@ -357,6 +402,8 @@ def format_result(result: dict) -> str:
     for k, v in result["metrics"].items():
         lines.append(f"{k:<{width}}{v:>10.4f}" if isinstance(v, float) else f"{k:<{width}}{v:>10}")
     lines.append(f"\nwritten to {result['path']} in {result['time_s']} s")
+    if result.get("clip_benchmark"):
+        lines.append(f"CLIP_benchmark records: {', '.join(result['clip_benchmark'])}")
     return "\n".join(lines)
 
 

@@ -124,3 +124,35 @@ def test_imagenet_suite_on_a_subset_and_on_objectnet(runs, tmp_path):
     assert len(saved["examples"]["zeroshot.top1"]) == 4  # alarm_clock + banana images; air_freshener is not in 1k
     r = cli("eval", runs[0], "--suite", f"imagenet:{tmp_path}", check=False)  # folders that are not classes
     assert r.returncode == 2 and r.stderr.count("psdclip: error") == 1 and "not a WordNet id" in r.stderr
+
+
+def test_mean_per_class_recall_by_hand():
+    from psdclip.train.evaluate import _zero_shot
+
+    # class 0: 3 examples, 2 right; class 1: 1 example, right; class 2: no example (not counted)
+    logits = np.array([[5, 0, 0], [5, 0, 0], [0, 5, 0], [0, 5, 0]], dtype=float)
+    values, _ = _zero_shot(logits, np.array([0, 0, 0, 1]))
+    assert values["top1"] == 0.75 and abs(values["mean_per_class_recall"] - (2 / 3 + 1) / 2) < 1e-12
+
+
+def test_clip_benchmark_records(runs, synth_dir, tmp_path):
+    """`--format clip_benchmark` writes CLIP_benchmark's result JSON (its documented keys), one file per dataset and
+    task, with the same values as psdclip's own result."""
+    r = cli("eval", runs[0], "--suite", f"synthetic:{synth_dir}", "--format", "clip_benchmark", "--workers", 0)
+    assert "CLIP_benchmark records:" in r.stdout
+    ours = json.load(open(runs[0] / "eval" / "synthetic.json"))["metrics"]
+    folder = runs[0] / "eval" / "clip_benchmark"
+    records = {p.name: json.load(open(p)) for p in folder.glob("*.json")}
+    assert "synthetic_zeroshot_shape_base_zeroshot_classification.json" in records
+    assert "synthetic_zeroshot_retrieval.json" in records
+    for rec in records.values():
+        assert set(rec) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+        assert rec["language"] == "en" and rec["model"] == "psdclip-tiny"
+        assert rec["task"] in ("zeroshot_classification", "zeroshot_retrieval")
+        assert all(isinstance(v, float) and 0 <= v <= 1 for v in rec["metrics"].values())
+    cls = records["synthetic_zeroshot_shape_base_zeroshot_classification.json"]["metrics"]
+    assert cls == {"acc1": ours["zeroshot_shape_base.top1"], "acc5": ours["zeroshot_shape_base.top5"],
+                   "mean_per_class_recall": ours["zeroshot_shape_base.mean_per_class_recall"]}
+    ret = records["synthetic_zeroshot_retrieval.json"]["metrics"]
+    assert ret["image_retrieval_recall@5"] == ours["retrieval.t2i_R@5"]
+    assert ret["text_retrieval_recall@1"] == ours["retrieval.i2t_R@1"]
