@@ -238,7 +238,8 @@ class EvalConfig:
 
     target: str = field(default="", metadata={"help": "run directory or checkpoint file", "positional": True,
                                               "metavar": "RUN_OR_CHECKPOINT"})
-    suite: str = field(default="", metadata={"help": "synthetic:DIR, imagefolder:PATH, imagenet:PATH or retrieval:FILE"})
+    suite: str = field(default="", metadata={"help": "synthetic:DIR, imagefolder:PATH, imagenet:PATH, retrieval:FILE or "
+                                                     "wds:DIR (CLIP_benchmark's local wds_* layout)"})
     split: Literal["all", "val", "test"] = field(default="all", metadata={
         "help": "synthetic suite: all held-out scenes, or the validation (scene id %% 4 == 0) or test (the rest) "
                 "split; choose settings on val, report test"})
@@ -255,9 +256,9 @@ class EvalConfig:
         if not self.target:
             raise InputError("RUN_OR_CHECKPOINT is required")
         kind = self.suite.split(":", 1)[0]
-        if kind not in ("synthetic", "imagefolder", "imagenet", "retrieval") or ":" not in self.suite:
-            raise InputError(f"--suite {self.suite!r}: expected synthetic:DIR, imagefolder:PATH, imagenet:PATH or "
-                             f"retrieval:FILE")
+        if kind not in ("synthetic", "imagefolder", "imagenet", "retrieval", "wds") or ":" not in self.suite:
+            raise InputError(f"--suite {self.suite!r}: expected synthetic:DIR, imagefolder:PATH, imagenet:PATH, "
+                             f"retrieval:FILE or wds:DIR (CLIP_benchmark's local webdataset layout)")
         if self.format not in ("psdclip", "clip_benchmark"):
             raise InputError(f"--format {self.format!r}: expected psdclip or clip_benchmark")
         if self.split != "all" and kind != "synthetic":

@@ -7,6 +7,7 @@ computed once per (suite, checkpoint), cached under RUN/eval/cache/, and shared 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sys
@@ -318,10 +319,60 @@ def suite_retrieval(path: str, ctx: SuiteContext) -> SuiteResult:
     return out
 
 
+def suite_wds(path: str, ctx: SuiteContext) -> SuiteResult:
+    """CLIP_benchmark's local webdataset layout (its `wds_*` datasets, read from disk, never downloaded): PATH/test/
+    *.tar (or PATH/*.tar) with each sample's image (webp, jpg or png) and its class index (`cls`) and/or captions
+    (`txt`, one per line), PATH/classnames.txt and PATH/zeroshot_classification_templates.txt (`{c}` for the class
+    name). Zero-shot classification when samples carry `cls` (top-1, top-5, mean per-class recall), retrieval when
+    they carry captions."""
+    from ..pipeline.reader import tar_samples
+
+    folder = os.path.join(path, "test") if os.path.isdir(os.path.join(path, "test")) else path
+    tars = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".tar")) \
+        if os.path.isdir(folder) else []
+    if not tars:
+        raise InputError(f"wds:{path}: no .tar shards in {folder} (CLIP_benchmark's layout: test/*.tar)")
+    skipped = []
+    images, labels, captions = [], [], []
+    for s in tar_samples(tars, skipped.append):
+        raw = next((s[k] for k in ("webp", "jpg", "jpeg", "png") if s.get(k)), None)
+        if raw is None:
+            continue
+        images.append(io.BytesIO(raw))
+        labels.append(int(s["cls"].decode().strip()) if s.get("cls") else -1)
+        text = s.get("txt")
+        captions.append([ln for ln in text.decode("utf-8", "replace").splitlines() if ln.strip()] if text else [])
+    if not images:
+        raise InputError(f"wds:{path}: no images in its shards")
+    feats, ok = ctx.images("images", images)
+    out = SuiteResult()
+    labels = np.asarray(labels)
+    if (labels >= 0).any():
+        names_path = os.path.join(path, "classnames.txt")
+        if not os.path.isfile(names_path):
+            raise InputError(f"wds:{path}: no classnames.txt beside its shards")
+        classnames = [ln.strip() for ln in open(names_path, encoding="utf-8") if ln.strip()]
+        tpl_path = os.path.join(path, "zeroshot_classification_templates.txt")
+        templates = [ln.strip().replace("{c}", "{}") for ln in open(tpl_path, encoding="utf-8") if ln.strip()] \
+            if os.path.isfile(tpl_path) else ["a photo of a {}."]
+        if labels.max() >= len(classnames):
+            raise InputError(f"wds:{path}: a sample's cls {int(labels.max())} is past the {len(classnames)} class names")
+        keep = ok & (labels >= 0)
+        out.add("zeroshot", *_zero_shot(feats[keep] @ ctx.classifier(classnames, templates), labels[keep]))
+    if any(captions):
+        idx = [i for i, c in enumerate(captions) if c and ok[i]]
+        texts = [t for i in idx for t in captions[i]]
+        owner = np.repeat(np.arange(len(idx)), [len(captions[i]) for i in idx])
+        values, per_example = _retrieval(*retrieval_ranks(feats[idx] @ ctx.texts(texts).T, owner))
+        out.add("retrieval", {**values, "images": len(idx), "captions": len(texts)}, per_example)
+    out.metrics["skipped_images"] = int((~ok).sum())
+    return out
+
+
 # ---- command -------------------------------------------------------------------------------------------
 
 SUITES = {"synthetic": suite_synthetic, "imagefolder": suite_folder, "retrieval": suite_retrieval,
-          "imagenet": suite_imagenet}
+          "imagenet": suite_imagenet, "wds": suite_wds}
 
 
 def evaluate_in_training(loaded: LoadedModel, suite: str, workers: int = 0) -> dict:

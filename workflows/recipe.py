@@ -105,7 +105,7 @@ def validate(path: str, recipe: dict, out: str) -> dict:
     suites = (recipe.get("eval") or {}).get("suites", [])
     for s in suites:
         kind = s.split(":", 1)[0].split("=", 1)[-1]
-        if kind != "synthetic" and kind not in ("imagefolder", "imagenet", "retrieval"):
+        if kind != "synthetic" and kind not in ("imagefolder", "imagenet", "retrieval", "wds"):
             raise InputError(f"{path} [eval]: unknown suite {s!r}")
     cfgs["suites"] = suites
     return cfgs

@@ -156,3 +156,40 @@ def test_clip_benchmark_records(runs, synth_dir, tmp_path):
     ret = records["synthetic_zeroshot_retrieval.json"]["metrics"]
     assert ret["image_retrieval_recall@5"] == ours["retrieval.t2i_R@5"]
     assert ret["text_retrieval_recall@1"] == ours["retrieval.i2t_R@1"]
+
+
+def test_clip_benchmark_wds_layout(runs, tmp_path):
+    """CLIP_benchmark's local webdataset layout (test/*.tar with webp + cls + txt, classnames.txt,
+    zeroshot_classification_templates.txt) is read from disk and evaluated like an image folder of those classes."""
+    import io
+    import tarfile
+
+    root = tmp_path / "wds_toy"
+    (root / "test").mkdir(parents=True)
+    (root / "classnames.txt").write_text("red circle\nblue square\ngreen star\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na drawing of a {c}.\n")
+    colours = [(220, 30, 30), (30, 30, 220), (30, 200, 30)]
+    folder = tmp_path / "as-folder"
+    with tarfile.open(root / "test" / "0.tar", "w") as tar:
+        for i in range(12):
+            buf = io.BytesIO()
+            im = Image.new("RGB", (64, 64), colours[i % 3])
+            im.save(buf, "WEBP")
+            name = ["red circle", "blue square", "green star"][i % 3]
+            (folder / name).mkdir(parents=True, exist_ok=True)
+            im.save(folder / name / f"{i:04d}.png")
+            for ext, data in (("webp", buf.getvalue()), ("cls", str(i % 3).encode()),
+                              ("txt", f"a {name} number {i}\nsomething {name}".encode())):
+                info = tarfile.TarInfo(f"s{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    r = cli("eval", runs[0], "--suite", f"wds:{root}", "--json", "--workers", 0, "--format", "clip_benchmark")
+    m = json.loads(r.stdout)["metrics"]
+    assert {"zeroshot.top1", "zeroshot.mean_per_class_recall", "retrieval.t2i_R@1"} <= set(m)
+    assert m["retrieval.images"] == 12 and m["retrieval.captions"] == 24
+    # the same images as a folder of classes give the same zero-shot top-1 (webp vs png of flat colours: identical)
+    same = json.loads(cli("eval", runs[0], "--suite", f"imagefolder:{folder}", "--json", "--workers", 0).stdout)
+    assert abs(same["metrics"]["zeroshot.top1"] - m["zeroshot.top1"]) < 1e-9
+    assert (runs[0] / "eval" / "clip_benchmark" / "wds-wds_toy_zeroshot_classification.json").exists()
+    bad = cli("eval", runs[0], "--suite", f"wds:{tmp_path / 'as-folder'}", check=False)
+    assert bad.returncode == 2 and "no .tar shards" in bad.stderr
