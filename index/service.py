@@ -86,7 +86,8 @@ class RetrievalService:
     def health(self) -> dict:
         with self.lock:
             out = {"status": "ok", "indices": {n: {"count": s.info["count"], "factory": s.info["factory"]}
-                                               for n, s in self.searchers.items()}}
+                                               for n, s in self.searchers.items()},
+                   "image_url_search": bool(self.cfg.allowed_url_hosts)}  # (the web page shows its URL field)
         if self.workers:
             out["worker"] = {"pid": os.getpid(), "generations": dict(self.workers.seen)}
         return out

@@ -159,7 +159,7 @@ def b64(img: Image.Image, fmt="JPEG") -> str:
 
 def test_search_endpoints(service, index_dir):
     h = requests.get(service + "/healthz").json()
-    assert h["status"] == "ok" and set(h["indices"]) == {"main", "other"}
+    assert h["status"] == "ok" and set(h["indices"]) == {"main", "other"} and h["image_url_search"] is False
     r = requests.post(service + "/search", json={"text": "a blue square", "k": 4}).json()
     assert len(r["results"]) == 4 and r["index"] == "main"
     key = r["results"][0]["key"]
@@ -370,15 +370,52 @@ def test_web_page_in_headless_chromium(service):
                  "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    wait = WebDriverWait(driver, 30)
+
+    def hits():  # read in one script call (the results may be re-rendered between two element lookups)
+        return driver.execute_script("return [...document.querySelectorAll('.hit .cap')].map(e => e.textContent)")
+
     try:
         driver.get(service + "/")
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+        # two indices served: the selector shows them; no allowed hosts: no image-URL field
+        index = driver.find_element(By.ID, "index")
+        assert [o.text for o in index.find_elements(By.TAG_NAME, "option")] == ["main", "other"]
+        assert index.is_displayed() and not driver.find_element(By.ID, "image-url").is_displayed()
         driver.find_element(By.ID, "query").send_keys("two green triangles")
         driver.find_element(By.ID, "search-text").click()
-        WebDriverWait(driver, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".hit img")) == 12)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".hit img")) == 12)
         imgs = driver.find_elements(By.CSS_SELECTOR, ".hit img")
-        WebDriverWait(driver, 30).until(lambda d: all(i.get_attribute("naturalWidth") not in ("0", None) for i in imgs))
+        wait.until(lambda d: all(i.get_attribute("naturalWidth") not in ("0", None) for i in imgs))
         assert "results in" in driver.find_element(By.ID, "status").text
-        assert driver.find_elements(By.CSS_SELECTOR, ".hit .cap")[0].text
+        first = hits()
+        assert first[0]
+        # each result shows its caption and source URL, as /search answers them
+        direct = requests.post(service + "/search", json={"text": "two green triangles", "k": 12,
+                                                          "index": "main"}).json()["results"]
+        assert first == [r["caption"] for r in direct]
+        link = driver.find_elements(By.CSS_SELECTOR, ".hit .src a")[0]
+        assert link.get_attribute("href") == direct[0]["url"]
+        # the query lives in the page's URL: shareable as it is
+        assert "q=two+green+triangles" in driver.current_url and "k=12" in driver.current_url
+        shared = driver.current_url
+        # a click on a result searches by that image: the URL names its key; the image finds itself first
+        imgs[3].click()
+        wait.until(lambda d: "key=" + direct[3]["key"] in d.current_url)
+        wait.until(lambda d: hits() and hits() != first)
+        by_image = driver.find_elements(By.CSS_SELECTOR, ".hit img")[0].get_attribute("src")
+        assert direct[3]["key"] in by_image or hits()[0] == direct[3]["caption"]
+        # the back button returns to the text search and runs it again
+        driver.back()
+        wait.until(lambda d: d.current_url == shared)
+        wait.until(lambda d: hits() == first)
+        assert driver.find_element(By.ID, "query").get_attribute("value") == "two green triangles"
+        # a shared URL opens on its search, index and k included
+        driver.get(service + "/?q=a+red+circle&k=5&index=other")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".hit")) == 5)
+        assert driver.find_element(By.ID, "index").get_attribute("value") == "other"
+        want = requests.post(service + "/search", json={"text": "a red circle", "k": 5, "index": "other"}).json()
+        assert hits() == [r["caption"] for r in want["results"]]
         driver.save_screenshot(os.path.join(os.environ.get("PSDCLIP_SCREENSHOTS", "/tmp"), "psdclip-page.png"))
     finally:
         driver.quit()
@@ -412,6 +449,7 @@ def test_image_url_fetches_are_checked_bounded_and_quiet_and_a_bad_reload_is_409
                 return requests.post(base + "/search", json={"image_url": url, "k": 2}, timeout=60)
 
             assert ask(local + "/ok/a.jpg").status_code == 200
+            assert requests.get(base + "/healthz").json()["image_url_search"] is True  # the page shows its URL field
             r = ask(local + "/bad/redirect-ip.jpg")  # localhost -> 127.0.0.1: not on the list
             assert r.status_code == 403 and "redirects to a host that is not allowed" in r.json()["detail"]
             assert web.hits["/ok/target.jpg"] == 0
