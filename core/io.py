@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 
 import pandas as pd
 import pyarrow as pa
@@ -91,3 +92,12 @@ def sha256_file(path: str) -> str:
             h.update(chunk)
     return h.hexdigest()
 
+
+
+def made_from_differs(path: str, wanted: dict) -> list[str]:
+    """The keys of `wanted` whose value differs in the JSON record at `path` of what something reused (a bank, scores)
+    was made from; [] when there is no record yet. The caller refuses, in one line, what differs."""
+    if not os.path.isfile(path):
+        return []
+    before = read_json(path)
+    return sorted(k for k in wanted if before.get(k) != wanted[k])

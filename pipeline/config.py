@@ -266,3 +266,53 @@ class ImportConfig:
             from .subsets import parse_subsets
 
             parse_subsets(self.subsets)
+
+
+@dataclass
+class ScoreConfig:
+    """psdclip data score: each successful sample's image-caption similarity under a checkpoint, per shard."""
+
+    dataset: str = _help("dataset directory", default="", meta={"positional": True})
+    checkpoint: str = _help("a psdclip run or checkpoint, or an export (open_clip checkpoint) of a known model",
+                            default="")
+    name: str = _help("the scores' name: DATASET/scores/NAME/ (default: from the checkpoint)", default="")
+    embeddings: str = _help("take the vectors from these embedding parts (an index's OUT/embeddings, built with the "
+                            "same checkpoint on this dataset) instead of encoding again", default="")
+    batch_size: int = _help("images per forward pass", default=256)
+    workers: int = _help("image loading worker processes (each reads whole shards)", default=2)
+    device: str = _help("auto, cpu or cuda[:N]", default="auto")
+    progress: bool = _help("show a progress bar", default=True)
+
+    def __post_init__(self):
+        if not self.dataset or not self.checkpoint:
+            raise InputError("usage: psdclip data score DATASET --checkpoint RUN_OR_CHECKPOINT")
+        if self.batch_size < 1 or self.workers < 0:
+            raise InputError("--batch-size must be >= 1 and --workers >= 0")
+
+
+@dataclass
+class SubsetConfig:
+    """psdclip data subset: a subset of a dataset by a score threshold (no key list, no copy)."""
+
+    dataset: str = _help("dataset directory", default="", meta={"positional": True})
+    name: str = _help("the subset's name: DATASET/subsets/NAME.json", default="")
+    score: str = _help("the scores to threshold (DATASET/scores/NAME, from `psdclip data score`)", default="")
+    column: str = _help("the score column", default="clip_score")
+    min_score: Optional[float] = _help("keep the samples scoring at least this", default=None)
+    top_fraction: Optional[float] = _help("keep this fraction of the samples with the highest scores (the threshold "
+                                          "from a histogram of the score files, within 1e-4 of the exact quantile)",
+                                          default=None)
+    within: str = _help("apply the threshold inside this subset (e.g. 10pct of --subsets) rather than the whole "
+                        "dataset", default="")
+    force: bool = _help("replace an existing subset of that name", default=False)
+
+    def __post_init__(self):
+        if not self.dataset or not self.name or not self.score:
+            raise InputError("usage: psdclip data subset DATASET --name NAME --score SCORES (--min-score S | "
+                             "--top-fraction F)")
+        if (self.min_score is None) == (self.top_fraction is None):
+            raise InputError("give one of --min-score and --top-fraction")
+        if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
+            raise InputError(f"--top-fraction must be in (0, 1], got {self.top_fraction}")
+        if not all(c.isalnum() or c in "-_." for c in self.name):
+            raise InputError(f"--name {self.name!r}: letters, digits, '-', '_' and '.' only")

@@ -106,19 +106,33 @@ class SubsetRule:
     boundary: str | None = None
     max_rank: int = 0
     seed: int = 0
+    # a score subset (scores.py): the dataset, the scores' name and column, and the threshold
+    score: tuple | None = None
 
     @classmethod
-    def of(cls, doc: dict) -> "SubsetRule":
+    def of(cls, doc: dict, root: str | None = None) -> "SubsetRule":
         b = doc.get("boundary") or {}
+        sc = doc.get("score")
+        if sc and root is None:
+            raise InputError(f"subset {doc.get('name')}: a score subset is read with its dataset folder")
         return cls(whole=frozenset(os.path.basename(s) for s in doc["shards"]),
                    boundary=os.path.basename(b["shard"]) if b else None, max_rank=int(b.get("max_rank", 0)),
-                   seed=int(doc.get("seed", 0)))
+                   seed=int(doc.get("seed", 0)),
+                   score=(root, sc["name"], sc.get("column", "clip_score"), float(sc["min"])) if sc else None)
+
+    def _scored(self, shard: str) -> frozenset:
+        from .scores import kept_keys
+
+        root, name, column, minimum = self.score
+        return kept_keys(root, name, column, minimum, int(shard.split(".")[0]))
 
     def shards(self) -> list[str]:
         """Every shard the subset reads from (names)."""
         return sorted(self.whole | ({self.boundary} if self.boundary else set()))
 
     def keep(self, shard: str, key: str) -> bool:
+        if self.score is not None and key not in self._scored(shard):
+            return False
         if shard in self.whole:
             return True
         return shard == self.boundary and int(subset_rank([key], self.seed)[0]) <= self.max_rank
@@ -126,10 +140,15 @@ class SubsetRule:
     def keeps(self, shard: str, keys) -> np.ndarray:
         """A mask over `keys` of shard `shard` (its file name): which of them are in the subset."""
         if shard in self.whole:
-            return np.ones(len(keys), dtype=bool)
-        if shard != self.boundary:
+            mask = np.ones(len(keys), dtype=bool)
+        elif shard != self.boundary:
             return np.zeros(len(keys), dtype=bool)
-        return subset_rank(keys, self.seed) <= np.uint64(self.max_rank)
+        else:
+            mask = subset_rank(keys, self.seed) <= np.uint64(self.max_rank)
+        if self.score is not None:
+            kept = self._scored(shard)
+            mask &= np.fromiter((k in kept for k in keys), dtype=bool, count=len(keys))
+        return mask
 
 
 def member_keys(root: str, rule: SubsetRule) -> set[str]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..core.errors import InputError
-from ..core.io import read_json, write_json
+from ..core.io import made_from_differs, write_json
 
 
 class EmbeddingBank:
@@ -34,13 +34,11 @@ class EmbeddingBank:
         os.makedirs(folder, exist_ok=True)
         meta = {"ids": self.ids, "dim": self.dim, "dtype": "float16", "layout": "[id, image|text, dim]", **made_for}
         meta_path = os.path.join(folder, "bank.json")
-        if os.path.isfile(meta_path):
-            before = read_json(meta_path)
-            changed = sorted(k for k in meta if before.get(k) != meta[k])
-            if changed:
-                raise InputError(f"{folder}: the embedding bank was made for another run ({', '.join(changed)} "
-                                 f"differ); delete the folder, or train into another --out")
-        elif self.rank == 0:
+        changed = made_from_differs(meta_path, meta)
+        if changed:
+            raise InputError(f"{folder}: the embedding bank was made for another run ({', '.join(changed)} differ); "
+                             f"delete the folder, or train into another --out")
+        if not os.path.isfile(meta_path) and self.rank == 0:
             write_json(meta_path, meta, indent=1)
         self.path = os.path.join(folder, f"rank{rank}.f16")
         self.array = None

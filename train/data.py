@@ -140,7 +140,7 @@ def _from_subset(path: str, root: str) -> Source:
             raise InputError(f"--data {path}: the subset is empty")
         return Source(shards=[J(root, s) for s in doc["shards"]], keys=frozenset(doc["keys"]),
                       format=fmt, root=root, spec=path, samples=len(doc["keys"]))
-    rule = SubsetRule.of(doc)
+    rule = SubsetRule.of(doc, root)
     if not int(doc.get("count", 0)) or not rule.shards():
         raise InputError(f"--data {path}: the subset is empty")
     return Source(shards=[J(root, "shards", n) for n in rule.shards()], rule=rule, format=fmt, root=root,

@@ -14,7 +14,8 @@ import sys
 from dataclasses import dataclass
 
 from ..index.config import IndexBuildConfig, QueryConfig, ServeConfig
-from ..pipeline.config import BuildConfig, EmojiConfig, ImportConfig, OracleConfig, ServeDataConfig, StatsConfig, SynthConfig
+from ..pipeline.config import (BuildConfig, EmojiConfig, ImportConfig, OracleConfig, ScoreConfig, ServeDataConfig,
+                               StatsConfig, SubsetConfig, SynthConfig)
 from ..core import logs
 from ..core.errors import InputError, PsdclipError
 from ..train.config import CompareConfig, EvalConfig, ExportConfig, TrainConfig
@@ -44,6 +45,10 @@ COMMANDS = (
             "counts per status, success rate, sizes, failing shards"),
     Command(("data", "synth"), SynthConfig, "psdclip.workflows.commands:cmd_synth",
             "generate the synthetic image-caption source"),
+    Command(("data", "score"), ScoreConfig, "psdclip.index.score:cmd_score",
+            "each sample's image-caption similarity under a checkpoint, per shard (DATASET/scores/)"),
+    Command(("data", "subset"), SubsetConfig, "psdclip.workflows.commands:cmd_subset",
+            "a subset by a score threshold (--min-score, --top-fraction), nested in another"),
     Command(("data", "import"), ImportConfig, "psdclip.workflows.commands:cmd_import",
             "make an img2dataset output folder a psdclip dataset (no download)"),
     Command(("data", "emoji"), EmojiConfig, "psdclip.workflows.commands:cmd_emoji",

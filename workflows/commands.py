@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..pipeline.config import BuildConfig, EmojiConfig, ImportConfig, OracleConfig, ServeDataConfig, StatsConfig, SynthConfig
+from ..pipeline.config import BuildConfig, EmojiConfig, ImportConfig, OracleConfig, SubsetConfig, ServeDataConfig, StatsConfig, SynthConfig
 from ..core.errors import InputError
 
 
@@ -38,8 +38,30 @@ def cmd_stats(cfg: StatsConfig) -> int:
     left, planned = unfinished_shards(layout)
     if left:  # a build was cut off (or is running): the manifest is the last complete one
         stats["incomplete"] = {"unfinished_shards": left, "planned_shards": planned}
-    print(json.dumps(stats, indent=2) if cfg.json else format_stats(stats))
+    stats["subsets"] = _subsets_summary(layout.subsets)
+    text = format_stats(stats)
+    if stats["subsets"]:
+        text += "\n\nsubsets:\n" + "\n".join(
+            f"  {n:<24} {d['count']:>12,}" + (f"   {d['score']['column']} >= {d['score']['min']:.4f} (range "
+                                               f"{d['score']['range'][0]:.4f} .. {d['score']['range'][1]:.4f}) of "
+                                               f"scores {d['score']['name']}" if d.get("score") else "")
+            for n, d in stats["subsets"].items())
+    print(json.dumps(stats, indent=2) if cfg.json else text)
     return 0
+
+
+def _subsets_summary(folder: str) -> dict:
+    """name -> count (and a score subset's threshold and range) of each subsets/NAME.json."""
+    from ..core.io import read_json
+    from ..core.storage import isdir, join, listdir
+
+    out = {}
+    for name in sorted(listdir(folder)) if isdir(folder) else []:
+        if name.endswith(".json"):
+            doc = read_json(join(folder, name))
+            out[name[:-5]] = {"count": int(doc.get("count", len(doc.get("keys", [])))),
+                              **({"score": doc["score"]} if doc.get("score") else {})}
+    return out
 
 
 def cmd_synth(cfg: SynthConfig) -> int:
@@ -71,6 +93,24 @@ def cmd_import(cfg: ImportConfig) -> int:
         f"{r['shards']} shard(s) rewritten as psdclip Arrow shards"
     print(f"imported {r['rows']:,} rows ({r['success']:,} success) from {cfg.folder}: {how}; statuses {r['counts']}")
     print(f"dataset: {r['out']}")
+    return 0
+
+
+def cmd_subset(cfg: SubsetConfig) -> int:
+    from ..core.io import write_json
+    from ..pipeline.format import DatasetLayout
+    from ..pipeline.scores import score_subset
+
+    path = os.path.join(DatasetLayout(cfg.dataset).root, "subsets", f"{cfg.name}.json")
+    if os.path.isfile(path) and not cfg.force:
+        raise InputError(f"--name {cfg.name}: {path} exists; give another name or --force to replace it")
+    doc = score_subset(cfg.dataset, cfg.name, cfg.score, cfg.column, cfg.min_score, cfg.top_fraction,
+                       cfg.within or None)
+    write_json(path, doc, indent=1)
+    sc = doc["score"]
+    print(f"subset {cfg.name}: {doc['count']:,} of {doc['of_total']:,} samples with {sc['column']} >= {sc['min']:.4f} "
+          f"(range {sc['range'][0]:.4f} .. {sc['range'][1]:.4f}) in {len(doc['shards']) + bool(doc['boundary'])} "
+          f"shard(s); train on it with --data {path}")
     return 0
 
 

@@ -1,0 +1,96 @@
+"""psdclip data score: each successful sample's image–caption cosine similarity under a checkpoint (DataComp's CLIP
+score), shard by shard, as data beside the manifest:
+
+    DATASET/scores/NAME/score.json             what the scores were made from (dataset id, checkpoint and its
+                                               sha256, the column) and the score files' layout
+    DATASET/scores/NAME/shard-NNNNN.parquet    key, clip_score: one row per successful sample of shard NNNNN
+    DATASET/scores/NAME/embeddings/            the parts the scores come from (clip-retrieval's layout)
+
+The samples are embedded as `index build` embeds them (embed.py: whole shards per DataLoader worker, every rank
+under torchrun taking every WORLD_SIZE-th shard, resumable per shard), or their vectors are taken from an index
+built with the same checkpoint on the same dataset (`--embeddings INDEX/embeddings`, checked by its made_from.json:
+nothing is encoded again). A shard's score file is written once its part is in (renamed into place), so a run cut
+off continues at the next shard. Scores made from another checkpoint or dataset are refused, never mixed. The score
+files are plain Parquet, readable with pyarrow or DuckDB without psdclip; `psdclip data subset` thresholds them.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..core.errors import InputError
+from ..core.io import atomic_path, made_from_differs, sha256_file, write_json
+from ..pipeline.format import read_info
+from ..pipeline.scores import COLUMN, score_folder
+from . import parts as P
+
+def default_name(checkpoint: str) -> str:
+    base = os.path.basename(os.path.normpath(checkpoint))
+    if base.endswith(".pt"):
+        parent = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))))
+        base = f"{parent}-{base[:-3]}" if parent else base[:-3]
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in base) or "scores"
+
+
+def cmd_score(cfg) -> int:
+    from ..train.checkpoint import checkpoint_path
+    from ..train.loading import load_model, resolve_device
+    from .embed import MADE_FROM, dist_env, embed_dataset, parts_identity, stale_parts
+
+    read_info(cfg.dataset, "DATASET")
+    name = cfg.name or default_name(cfg.checkpoint)
+    folder = score_folder(cfg.dataset, name)
+    ckpt = checkpoint_path(cfg.checkpoint)
+    digest = sha256_file(ckpt)
+    identity = parts_identity(cfg.dataset, digest)
+    made = {**identity, "checkpoint": os.path.abspath(ckpt), "column": COLUMN,
+            "layout": "shard-NNNNN.parquet: key, clip_score (cosine of the image and caption embeddings)"}
+    meta_path = os.path.join(folder, "score.json")
+    changed = made_from_differs(meta_path, identity)
+    if changed:
+        raise InputError(f"{folder}: scores made from another {' and '.join(changed)}; give another --name or "
+                         f"delete the folder")
+    os.makedirs(folder, exist_ok=True)
+    write_json(meta_path, made, indent=1)
+    rank, world = dist_env()
+    if cfg.embeddings:
+        emb_dir = os.path.abspath(cfg.embeddings)
+        stale = stale_parts(emb_dir, identity)
+        if stale:
+            raise InputError(f"--embeddings {cfg.embeddings}: made from another {', '.join(stale)} than DATASET "
+                             f"and --checkpoint; score without --embeddings to encode the samples")
+        if rank != 0:
+            return 0
+    else:
+        loaded = load_model(cfg.checkpoint, resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", rank))))
+        emb_dir = os.path.join(folder, "embeddings")
+        embed_dataset(loaded, cfg.dataset, folder, batch_size=cfg.batch_size, workers=cfg.workers,
+                      progress=cfg.progress, rank=rank, world=world, identity=identity)
+        if rank != 0:
+            return 0
+        if world > 1:
+            from .build import _wait_for_parts
+            from ..pipeline.reader import success_rows
+
+            _wait_for_parts(emb_dir, sorted(int(s) for s in success_rows(cfg.dataset)[0]["shard"].unique()))
+        write_json(os.path.join(emb_dir, MADE_FROM), identity)
+    parts, _ = P.list_parts(emb_dir, "--embeddings")
+    if not P.has_text(parts):
+        raise InputError(f"{emb_dir}: the parts hold no caption embeddings (text_emb/): no image-caption score")
+    written = 0
+    for part in parts:
+        out = os.path.join(folder, f"shard-{int(part.name):05d}.parquet")
+        if os.path.isfile(out):
+            continue
+        img, txt = P.vectors(part, "image"), P.vectors(part, "text")
+        scores = np.einsum("ij,ij->i", np.asarray(img, np.float32), np.asarray(txt, np.float32))
+        keys = pq.read_table(part.metadata, columns=["key"]).column("key")
+        with atomic_path(out) as tmp:
+            pq.write_table(pa.table({"key": keys, COLUMN: pa.array(scores, pa.float32())}), tmp)
+        written += 1
+    total = sum(p.count for p in parts)
+    print(f"scores {name}: {total:,} samples in {len(parts)} shard file(s) ({written} written now) in {folder}")
+    return 0
