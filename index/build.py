@@ -64,6 +64,13 @@ def write_metadata(parts: list[P.Part], out: str) -> None:
 
     schema = pa.schema([("id", pa.int64()), ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),
                         ("shard", pa.int64()), ("offset", pa.int64()), ("size", pa.int64())])
+    # the dataset's additional input columns (--save-additional-columns), as text, from the parts' metadata
+    extra = []
+    for part in parts:
+        if part.metadata:
+            extra += [c for c in pq.read_schema(part.metadata).names
+                      if c not in schema.names and c not in extra and c not in ("image_path", "__index_level_0__")]
+    schema = pa.schema(list(schema) + [(c, pa.string()) for c in extra])
     path = os.path.join(out, "metadata.arrow")
     first = 0
     with atomic_path(path) as tmp, pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
@@ -71,7 +78,7 @@ def write_metadata(parts: list[P.Part], out: str) -> None:
             ids = pa.array(np.arange(first, first + part.count), pa.int64())
             have = pq.read_table(part.metadata) if part.metadata else pa.table({})
             cols = {"id": ids}
-            for name in STANDARD_COLUMNS:
+            for name in (*STANDARD_COLUMNS, *extra):
                 field = schema.field(name)
                 if name == "key" and name not in have.column_names and "image_path" in have.column_names:
                     col = have.column("image_path")  # clip-retrieval's own metadata names the image by its path

@@ -187,7 +187,8 @@ def embed_dataset(loaded: LoadedModel, dataset: str, out: str, *, batch_size: in
             _save(paths["image"], img[ok].astype(dtype))
             _save(paths["text"], txt.astype(dtype))
             os.makedirs(os.path.dirname(paths["metadata"]), exist_ok=True)
-            write_parquet(paths["metadata"], keep[META_COLUMNS].reset_index(drop=True))  # last: the part is done
+            extra = [c for c in keep.columns if c not in META_COLUMNS and c != "status"]  # --save-additional-columns
+            write_parquet(paths["metadata"], keep[META_COLUMNS + extra].reset_index(drop=True))  # last: part done
             stats["embedded_now"] += len(keep)
     if bar:
         bar.close()

@@ -45,5 +45,6 @@ def cmd_query(cfg: QueryConfig) -> int:
         print(json.dumps(results, indent=1))
     else:
         for r in results:
-            print(f"{r['rank']:>3}  {r['score']:.4f}  {r['key']}  {r['caption'][:70]}")
+            extra = "".join(f"  {c}={r[c]}" for c in s.extra if r.get(c) is not None)  # --save-additional-columns
+            print(f"{r['rank']:>3}  {r['score']:.4f}  {r['key']}  {r['caption'][:70]}{extra}")
     return 0

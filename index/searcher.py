@@ -60,6 +60,9 @@ class Searcher:
             self.indices[modality] = index
         self.meta, self.key_order = _read_metadata(index_dir)
         self.count = self.meta.num_rows
+        # the dataset's additional input columns (--save-additional-columns), answered with every hit
+        self.extra = [c for c in self.meta.column_names
+                      if c not in ("id", "key", "url", "caption", "shard", "offset", "size")]
         # the table's record batches and where each starts: rows are taken batch by batch (Arrow's take on the
         # whole chunked table concatenates every chunk first: ~1 s per call at 10M rows)
         self.batches = self.meta.to_batches()
@@ -202,7 +205,8 @@ class Searcher:
         for ids, scores in hits:
             out.append([{"rank": r, "id": cols["id"][start + r], "key": cols["key"][start + r],
                          "url": cols["url"][start + r], "caption": cols["caption"][start + r], "score": float(sc),
-                         "shard": cols["shard"][start + r], "offset": cols["offset"][start + r]}
+                         "shard": cols["shard"][start + r], "offset": cols["offset"][start + r],
+                         **{c: cols[c][start + r] for c in self.extra}}
                         for r, sc in enumerate(scores)])
             start += len(ids)
         return out

@@ -224,7 +224,10 @@ def create_app(cfg: ServeConfig):
     async def answer_knn(req) -> list:
         results = await svc.search(req.indice_name, req.text, req.image, req.image_url, req.embedding_input,
                                    req.num_images, req.modality, req.deduplicate)
-        return [{"url": r["url"], "caption": r["caption"], "id": r["id"], "similarity": r["score"], "key": r["key"]}
+        # clip-retrieval's answer fields, then the dataset's additional columns (as its metadata columns come)
+        return [{"url": r["url"], "caption": r["caption"], "id": r["id"], "similarity": r["score"], "key": r["key"],
+                 **{c: r[c] for c in r if c not in ("rank", "url", "caption", "id", "score", "key", "shard",
+                                                     "offset")}}
                 for r in results]
 
     app = FastAPI(title="psdclip retrieval", version="1", lifespan=lifespan)

@@ -155,7 +155,7 @@ def build(cfg: BuildConfig) -> dict:
 
 
 # options an existing dataset was built with that an append must keep (mixed shards otherwise)
-FIXED_OPTIONS = ("image_size", "resize_mode", "encode_format", "encode_quality")
+FIXED_OPTIONS = ("image_size", "resize_mode", "encode_format", "encode_quality", "save_additional_columns")
 
 
 def _check_out(cfg: BuildConfig, layout: Layout, previous: dict | None) -> BuildConfig:
@@ -175,7 +175,8 @@ def _check_out(cfg: BuildConfig, layout: Layout, previous: dict | None) -> Build
         raise InputError(f"{cfg.out}: the dataset holds {previous.get('output_format')} shards; "
                          f"cannot append with --format {cfg.format}")
     before = (previous or {}).get("config") or {}
-    defaults = {f.name: f.default for f in dataclasses.fields(BuildConfig)}
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(BuildConfig)}
     own = {n: before[n] for n in FIXED_OPTIONS if n in before and getattr(cfg, n) == defaults[n] != before[n]}
     if own:
         flags = ", ".join(f"--{n.replace('_', '-')} {v}" for n, v in own.items())

@@ -66,6 +66,10 @@ class BuildConfig:
                                     default=False)
     dask_scheduler: Optional[str] = _help("address of a running Dask scheduler (tcp://HOST:PORT); default: a LocalCluster",
                                           default=None)
+    save_additional_columns: list[str] = _help(
+        "input columns to keep with each sample (img2dataset's --save_additional_columns): in its .json, the manifest, "
+        "the index metadata and the service's answers, as text (null where an input file has no such column)",
+        default_factory=list)
     local_root: str = _help("read local images: list rows whose url is a path or a file:// URL are resolved inside "
                             "this folder (a path, '..' or symlink leading out of it ends the row invalid_url; nothing "
                             "outside it is read); an input that is a folder is walked for images with sidecar "
@@ -100,6 +104,15 @@ class BuildConfig:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not self.shard_timeout > 0:
             raise InputError(f"--shard-timeout must be > 0 seconds, got {self.shard_timeout}")
+        from .format import MANIFEST_COLUMNS
+
+        taken = set(MANIFEST_COLUMNS) | {"host", "file", "row", "ukey", "part", "psdclip_key", "order", "id", "score",
+                                         "rank", "similarity", "json", "txt", "jpg", "exif", "status_dict",
+                                         self.url_col, self.caption_col}
+        clash = [c for c in self.save_additional_columns if c in taken]
+        if clash:
+            raise InputError(f"--save-additional-columns {','.join(clash)}: the name of a column psdclip writes "
+                             f"itself (key, url, caption, status, width, ...); rename it in the input")
         if self.dask_scheduler and self.processes_count != 2:  # (2: the default, which nobody asked for)
             raise InputError(f"--processes-count {self.processes_count}: the LocalCluster's workers; with "
                              f"--dask-scheduler the cluster's own workers run the build: drop one of the two")

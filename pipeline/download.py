@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from ..core import storage
 from ..core.errors import disk_full, is_disk_full
 from .format import shard_name, stats_name
+from .read import EXTRA
 from ..core.io import write_text
 from .robots import DISALLOWED, UNREACHABLE
 from .status import SUCCESS
@@ -153,7 +154,7 @@ class KeyedShardWriter:
             raise
 
     def _write(self, img_str, caption, meta):
-        meta = dict(meta)
+        meta = {(k[len(EXTRA):] if k.startswith(EXTRA) else k): v for k, v in meta.items()}  # extra columns by name
         psd_key = meta.pop("psdclip_key")
         meta["key"] = psd_key
         row = {"key": psd_key, "status": meta.get("status"), "error_message": meta.get("error_message"),
@@ -284,7 +285,10 @@ def download_partition(src: str, shard: int, dataset_dir: str, opts: DownloadOpt
         given = os.path.join(work, "input.arrow")  # img2dataset deletes the file it was given: a link, not ours
         storage.fetch(src, given)
         with pa.memory_map(given) as f:
-            keys = pa.ipc.open_file(f).read_all().column("psdclip_key").to_pylist()
+            planned = pa.ipc.open_file(f).read_all()
+        keys = planned.column("psdclip_key").to_pylist()
+        extras = [c for c in planned.column_names if c.startswith(EXTRA)]  # --save-additional-columns: into .json
+        del planned
         resizer = _guarded_resizer_class()(
             image_size=opts.image_size, resize_mode=opts.resize_mode, resize_only_if_bigger=False,
             upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=opts.encode_quality,
@@ -293,7 +297,7 @@ def download_partition(src: str, shard: int, dataset_dir: str, opts: DownloadOpt
         downloader = Downloader(
             sample_writer_class=functools.partial(KeyedShardWriter, arrow=arrow), resizer=resizer,
             thread_count=opts.thread_count, save_caption=True, extract_exif=False, output_folder=work,
-            column_list=["url", "caption", "psdclip_key"], timeout=opts.policy(),
+            column_list=["url", "caption", "psdclip_key", *extras], timeout=opts.policy(),
             number_sample_per_shard=max(len(keys), 1), oom_shard_count=5, compute_hash="sha256",
             verify_hash_type=None, encode_format=opts.encode_format, retries=opts.retries,
             user_agent_token=opts.user_agent_token,

@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 
 from ..core import logs
 from ..core import storage
-from .format import MANIFEST_COLUMNS, MANIFEST_SCHEMA, manifest_file
+from .format import MANIFEST_COLUMNS, MANIFEST_SCHEMA, manifest_file, manifest_schema
+from .read import EXTRA
 from .dataset import Layout, write_replaced
 from ..core.io import atomic_path, read_feather, read_parquet_table, write_json
 from .buckets import FINE, GROUP_ROWS, fine_buckets, pow2, read_batch, worker_count, write_batches
@@ -93,8 +94,11 @@ def rows_pass(root: str, shards: list[tuple[int, int, str]], file_order: dict, r
               for s, i, p in shards]
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     storage.makedirs(work)
-    cols = MANIFEST_COLUMNS + ["file"]
-    schema = MANIFEST_SCHEMA.append(pa.field("file", pa.int64()))
+    # --save-additional-columns: the inputs' extra columns, by their own names in the manifest
+    extras = [c[len(EXTRA):] for c in rows.columns if c.startswith(EXTRA)]
+    rows = rows.rename(columns={EXTRA + c: c for c in extras})
+    cols = MANIFEST_COLUMNS + extras + ["file"]
+    schema = manifest_schema(extras).append(pa.field("file", pa.int64()))
     rows_table = pa.Table.from_pandas(rows[cols], schema=schema, preserve_index=False) if len(rows) else schema.empty_table()
     with atomic_path(J(work, f"rows-{g:05d}.parquet")) as tmp:
         pq.write_table(rows_table, tmp)
@@ -136,8 +140,10 @@ def write_pass(root: str, g: int, buckets: int, work: str, shards: tuple = ()) -
     # input order inside a file (ingest, file, row), as readers of one shard's file would list it
     rows = rows.sort_values(["ingest", "file", "source_row"], kind="stable")
     counts = {}
+    extras = [c for c in rows.columns if c not in MANIFEST_COLUMNS and c != "file"]  # (--save-additional-columns)
     for shard, part in rows.groupby("shard", sort=True):
-        table = pa.Table.from_pandas(part[MANIFEST_COLUMNS], schema=MANIFEST_SCHEMA, preserve_index=False)
+        table = pa.Table.from_pandas(part[MANIFEST_COLUMNS + extras], schema=manifest_schema(extras),
+                                     preserve_index=False)
         with atomic_path(manifest_file(root, shard=int(shard)), hidden=True) as tmp:
             pq.write_table(table, tmp)
         counts[int(shard)] = int((part["status"] == SUCCESS).sum())

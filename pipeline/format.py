@@ -26,6 +26,19 @@ MANIFEST_COLUMNS = ["key", "url", "caption", "status", "error", "shard", "offset
 _INT_COLUMNS = ("shard", "offset", "size", "width", "height", "original_width", "original_height", "source_row",
                 "ingest")
 MANIFEST_SCHEMA = pa.schema([(c, pa.int64() if c in _INT_COLUMNS else pa.string()) for c in MANIFEST_COLUMNS])
+
+
+def manifest_schema(extra=()) -> pa.Schema:
+    """The manifest's schema, with a dataset's additional input columns (--save-additional-columns: text, null
+    where an input had none) after the standard ones."""
+    return pa.schema(list(MANIFEST_SCHEMA) + [(c, pa.string()) for c in extra if c not in MANIFEST_SCHEMA.names])
+
+
+def extra_columns(info: dict) -> list[str]:
+    """The additional input columns a dataset keeps (dataset.json's config.save_additional_columns)."""
+    return list((info.get("config") or {}).get("save_additional_columns") or [])
+
+
 IMAGE_FIELDS = ("jpg", "png", "webp", "jpeg")  # a sample's image, by the extension it was stored under
 FORMATS = ("webdataset", "arrow")
 

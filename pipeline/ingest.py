@@ -38,7 +38,8 @@ from .buckets import FINE, bucket_range, fine_buckets, pow2, read_batch, worker_
 from .clean import clean_partition
 from .parts import Part, file_sha256, header, part_bytes, size_of, split_file
 from ..core import storage
-from .format import MANIFEST_COLUMNS, MANIFEST_SCHEMA
+from .format import manifest_schema
+from .read import EXTRA
 from .dataset import Layout
 from ..core.io import atomic_path, now, read_feather, write_json
 from ..core.errors import InputError
@@ -60,16 +61,22 @@ class ReadOptions:
     max_caption_length: int
     column_names: list | None
     local_root: str = ""
+    extra: tuple = ()  # --save-additional-columns
 
     @classmethod
     def of(cls, cfg) -> "ReadOptions":
         return cls(input_format=cfg.input_format, url_col=cfg.url_col, caption_col=cfg.caption_col,
                    max_caption_length=cfg.max_caption_length, column_names=cfg.column_names or None,
-                   local_root=cfg.local_root)
+                   local_root=cfg.local_root, extra=tuple(cfg.save_additional_columns))
 
 
 PART_SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("status", pa.string()),
                          ("error", pa.string()), ("row", pa.int64()), ("ukey", pa.string()), ("host", pa.string())])
+
+
+def part_schema(extra=()) -> pa.Schema:
+    """A read task's rows: PART_SCHEMA, then the additional columns (EXTRA + name, text)."""
+    return pa.schema(list(PART_SCHEMA) + [(EXTRA + c, pa.string()) for c in extra])
 
 
 def read_part(part: Part, opts: ReadOptions, buckets: int, out: str) -> dict:
@@ -78,7 +85,8 @@ def read_part(part: Part, opts: ReadOptions, buckets: int, out: str) -> dict:
     field), or the InputError as a value (so that the worker does not log it as a failed computation)."""
     try:
         if part.fmt == "parquet" and part.count > 1:
-            df = read_parquet_list(part.path, opts.url_col, opts.caption_col, row_groups=part.row_groups)
+            df = read_parquet_list(part.path, opts.url_col, opts.caption_col, row_groups=part.row_groups,
+                                   extra=opts.extra)
             raw = b""
         else:
             raw = part_bytes(part)
@@ -86,7 +94,7 @@ def read_part(part: Part, opts: ReadOptions, buckets: int, out: str) -> dict:
             if part.fmt in ("csv", "tsv") and part.index > 0 and not names:
                 names = header(part)
             df = read_url_list(part.path, opts.input_format or part.fmt, opts.url_col, opts.caption_col, raw=raw,
-                               column_names=names)
+                               column_names=names, extra=opts.extra)
     except InputError as err:
         return {"error": err, "quotes": 0}
     df = clean_partition(df, opts.max_caption_length, opts.local_root)
@@ -100,7 +108,9 @@ def read_part(part: Part, opts: ReadOptions, buckets: int, out: str) -> dict:
     table = pa.table({"url": pa.array(df["url"].array, pa.string()), "caption": pa.array(df["caption"].array, pa.string()),
                       "status": pa.array(status, pa.string()), "error": pa.array(df["error"].to_numpy(dtype=object), pa.string()),
                       "row": pa.array(rows), "ukey": pa.array(ukey, pa.string()),
-                      "host": pa.array(df["host"].array, pa.string())}, schema=PART_SCHEMA)
+                      "host": pa.array(df["host"].array, pa.string()),
+                      **{EXTRA + c: pa.array(df[EXTRA + c].array, pa.string()) for c in opts.extra}},
+                     schema=part_schema(opts.extra))
     write_batches(out, table, bucket, buckets)
     return {"error": None, "rows": len(df), "sha": hashlib.sha256(raw).hexdigest() if part.count == 1 else None,
             "quotes": raw.count(b'"') if part.fmt in ("csv", "tsv") else 0}
@@ -155,6 +165,7 @@ def dedupe_bucket(j: int, buckets: int, parts: list[PartRef], key_dirs: list[str
     table = pa.concat_tables(pieces) if pieces else empty
     order = np.lexsort((table.column("row").to_numpy(), table.column("file").to_numpy()))  # input order
     table = table.take(pa.array(order))
+    extras = [c for c in table.column_names if c.startswith(EXTRA)]
     status = table.column("status").to_numpy(zero_copy_only=False).astype(object)
     error = table.column("error").to_numpy(zero_copy_only=False).astype(object)
     ukey = table.column("ukey")
@@ -184,13 +195,16 @@ def dedupe_bucket(j: int, buckets: int, parts: list[PartRef], key_dirs: list[str
                 "height": na, "original_width": na, "original_height": na,
                 "sha256": pa.array([""] * len(rest), pa.string()), "source": pa.array(src[rest], pa.string()),
                 "source_row": pa.array(rows[rest]), "ingest": pa.array(np.full(len(rest), ingest, np.int64))}
+        cols.update({c[len(EXTRA):]: table.column(c).take(rest) for c in extras})
+        schema = manifest_schema([c[len(EXTRA):] for c in extras])
         with atomic_path(storage.join(folder, "unsharded", f"{j:04d}.parquet"), hidden=True) as tmp:
-            pq.write_table(pa.table([cols[c] for c in MANIFEST_COLUMNS], schema=MANIFEST_SCHEMA), tmp)
+            pq.write_table(pa.table([cols[c] for c in schema.names], schema=schema), tmp)
     take = np.flatnonzero(first)
     new = pa.table({"url": table.column("url").take(take), "caption": table.column("caption").take(take),
                     "key": pa.array(keys[take], pa.string()), "source": pa.array(src[take], pa.string()),
                     "source_row": pa.array(rows[take]), "host": table.column("host").take(take),
-                    "file": table.column("file").take(take)})
+                    "file": table.column("file").take(take),
+                    **{c: table.column(c).take(take) for c in extras}})
     if len(take):
         with atomic_path(storage.join(folder, "keys", f"{lo:03x}-{hi:03x}.arrow")) as tmp:
             feather.write_feather(new.select(["key"]), tmp, compression="uncompressed")

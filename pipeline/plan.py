@@ -15,6 +15,7 @@ from ..core import storage
 from ..core.io import atomic_path, read_feather, write_json
 from .buckets import GROUP_ROWS, read_batch, worker_count, write_batches
 from .dataset import SHARD_INPUT_COLUMNS, Layout
+from .read import EXTRA
 
 
 def _host_hash(hosts) -> np.ndarray:
@@ -54,7 +55,8 @@ def write_group(g: int, dealt: list[str], first_shard: int, folder: str) -> dict
     for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(shard)]):
         s = int(shard[a]) + first_shard
         piece = t.slice(int(a), int(b - a)).rename_columns(
-            ["psdclip_key" if n == "key" else n for n in t.column_names]).select(SHARD_INPUT_COLUMNS)
+            ["psdclip_key" if n == "key" else n for n in t.column_names])
+        piece = piece.select(SHARD_INPUT_COLUMNS + [c for c in piece.column_names if c.startswith(EXTRA)])
         with atomic_path(storage.join(folder, "shards", f"{s:05d}.arrow")) as tmp:
             feather.write_feather(piece, tmp, compression="uncompressed")
         counts[s] = int(b - a)

@@ -1,7 +1,8 @@
 """Read URL lists (txt/csv/tsv/parquet/jsonl, optionally .gz) from local or fsspec paths.
 
 Each reader returns a DataFrame with columns url, caption (str), source (the path), source_row (row number
-in that file, 0-based). A missing column or an undecodable file raises InputError naming the file (and
+in that file, 0-based), and, for each column named in `extra` (img2dataset's --save_additional_columns), a text
+column EXTRA + name (null where the file has no such column: a column missing from some inputs is null there). A missing column or an undecodable file raises InputError naming the file (and
 the line, where there is one).
 """
 from __future__ import annotations
@@ -23,6 +24,27 @@ from .config import INPUT_FORMATS
 from ..core.errors import InputError
 
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+EXTRA = "extra:"  # the prefix of an input's additional columns while they travel through the build's stages
+
+
+def _text(v):
+    """A JSON or Parquet value as the text an extra column holds (None stays null)."""
+    if v is None or (isinstance(v, float) and v != v):
+        return None
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, ensure_ascii=False, default=str)
+    return str(v)
+
+
+def _add_extras(df: pd.DataFrame, extra, column) -> pd.DataFrame:
+    """df with EXTRA+name for every name of `extra`; column(name) gives its values, or None when it is absent."""
+    for name in extra:
+        values = column(name)
+        df[EXTRA + name] = pd.array([None] * len(df) if values is None else [_text(v) for v in values],
+                                    dtype="string[pyarrow]")
+    return df
 
 
 def detect_format(path: str, declared: str | None = None) -> str:
@@ -73,7 +95,8 @@ def _check_columns(path: str, present, url_col: str, caption_col: str | None, fm
                          f"set --caption-col")
 
 
-def _read_csv_arrow(path: str, raw: bytes, sep: str, url_col: str, caption_col: str | None, column_names=None):
+def _read_csv_arrow(path: str, raw: bytes, sep: str, url_col: str, caption_col: str | None, column_names=None,
+                    extra=()):
     """The fast path: pyarrow's multi-threaded CSV reader, every column read as text. Returns None when
     the file needs the careful path (malformed rows, bad UTF-8), which reports the line."""
     if raw.startswith(b"\xef\xbb\xbf"):
@@ -92,7 +115,8 @@ def _read_csv_arrow(path: str, raw: bytes, sep: str, url_col: str, caption_col: 
             read_options=pcsv.ReadOptions(column_names=names) if column_names else None,
             convert_options=pcsv.ConvertOptions(column_types={n: pa.string() for n in names},
                                                 strings_can_be_null=False, quoted_strings_can_be_null=False,
-                                                include_columns=[url_col] + ([caption_col] if caption_col else [])))
+                                                include_columns=[url_col] + ([caption_col] if caption_col else [])
+                                                + [c for c in extra if c in names and c not in (url_col, caption_col)]))
     except (pa.ArrowInvalid, pa.ArrowKeyError):
         return None
     df = pd.DataFrame({"url": pd.arrays.ArrowStringArray(table.column(url_col).combine_chunks())})
@@ -100,7 +124,7 @@ def _read_csv_arrow(path: str, raw: bytes, sep: str, url_col: str, caption_col: 
                      else pd.array([""] * len(df), dtype="string[pyarrow]"))
     df["source"] = path
     df["source_row"] = np.arange(len(df), dtype=np.int64)
-    return df
+    return _add_extras(df, extra, lambda c: table.column(c).to_pylist() if c in table.column_names else None)
 
 
 def _finish(path: str, urls, captions) -> pd.DataFrame:
@@ -116,16 +140,25 @@ _CSV_LINE = re.compile(r"line (\d+)")
 
 
 def read_url_list(path: str, input_format: str | None = None, url_col: str = "url",
-                  caption_col: str | None = "caption", raw: bytes | None = None, column_names=None) -> pd.DataFrame:
-    """column_names: for csv/tsv files without a header row (CC3M, CC12M), the names of their columns."""
+                  caption_col: str | None = "caption", raw: bytes | None = None, column_names=None,
+                  extra=()) -> pd.DataFrame:
+    """column_names: for csv/tsv files without a header row (CC3M, CC12M), the names of their columns; extra: the
+    additional columns to keep (see the module docstring)."""
+    df = _read_url_list(path, input_format, url_col, caption_col, raw, column_names, tuple(extra))
+    if extra and not any(c.startswith(EXTRA) for c in df.columns):  # (the formats without extra columns: txt)
+        df = _add_extras(df, extra, lambda c: None)
+    return df
+
+
+def _read_url_list(path, input_format, url_col, caption_col, raw, column_names, extra) -> pd.DataFrame:
     fmt = detect_format(path, input_format)
     if fmt == "txt":
         caption_col = None
     raw = _read_bytes(path) if raw is None else raw
     if fmt == "parquet":
-        return read_parquet_list(path, url_col, caption_col, raw=raw)
+        return read_parquet_list(path, url_col, caption_col, raw=raw, extra=extra)
     if fmt in ("csv", "tsv"):
-        fast = _read_csv_arrow(path, raw, "," if fmt == "csv" else "\t", url_col, caption_col, column_names)
+        fast = _read_csv_arrow(path, raw, "," if fmt == "csv" else "\t", url_col, caption_col, column_names, extra)
         if fast is not None:
             return fast
     text = _decode(path, raw)
@@ -147,7 +180,8 @@ def read_url_list(path: str, input_format: str | None = None, url_col: str = "ur
         except pd.errors.EmptyDataError:
             return _finish(path, [], [])
         _check_columns(path, df.columns, url_col, caption_col, fmt)
-        return _finish(path, df[url_col].to_numpy(), df[caption_col].to_numpy() if caption_col else [""] * len(df))
+        out = _finish(path, df[url_col].to_numpy(), df[caption_col].to_numpy() if caption_col else [""] * len(df))
+        return _add_extras(out, extra, lambda c: df[c].tolist() if c in df.columns else None)
     # jsonl
     try:
         df = pd.read_json(io.StringIO(text), lines=True, dtype=False)
@@ -162,7 +196,8 @@ def read_url_list(path: str, input_format: str | None = None, url_col: str = "ur
     urls = df[url_col].map(lambda v: v if isinstance(v, str) else ("" if v is None or v != v else str(v)))
     caps = (df[caption_col].map(lambda v: v if isinstance(v, str) else ("" if v is None or v != v else str(v)))
             if caption_col else [""] * len(df))
-    return _finish(path, urls.to_numpy(), caps if isinstance(caps, list) else caps.to_numpy())
+    out = _finish(path, urls.to_numpy(), caps if isinstance(caps, list) else caps.to_numpy())
+    return _add_extras(out, extra, lambda c: df[c].tolist() if c in df.columns else None)
 
 
 def _check_json_lines(path: str, text: str) -> None:
@@ -178,7 +213,7 @@ def _check_json_lines(path: str, text: str) -> None:
 
 
 def read_parquet_list(path: str, url_col: str = "url", caption_col: str | None = "caption", raw: bytes | None = None,
-                      row_groups=None) -> pd.DataFrame:
+                      row_groups=None, extra=()) -> pd.DataFrame:
     """A Parquet URL list from its bytes, or (raw=None) opened through fsspec; row_groups: only those (a part of a
     large file read by one task)."""
     cols = [url_col] + ([caption_col] if caption_col else [])
@@ -186,6 +221,7 @@ def read_parquet_list(path: str, url_col: str = "url", caption_col: str | None =
         with (contextlib.nullcontext(io.BytesIO(raw)) if raw is not None else fsspec.open(path, "rb")) as f:
             pf = pq.ParquetFile(f)
             _check_columns(path, pf.schema_arrow.names, url_col, caption_col, "parquet")
+            cols += [c for c in extra if c in pf.schema_arrow.names and c not in cols]
             table = pf.read(columns=cols) if row_groups is None else pf.read_row_groups(list(row_groups), columns=cols)
     except InputError:
         raise
@@ -193,4 +229,5 @@ def read_parquet_list(path: str, url_col: str = "url", caption_col: str | None =
         raise InputError(f"{path}: not a readable Parquet file ({err})") from None
     url = table.column(url_col).cast(pa.string()).to_pandas()
     cap = table.column(caption_col).cast(pa.string()).to_pandas() if caption_col else [""] * table.num_rows
-    return _finish(path, url.to_numpy(), cap if isinstance(cap, list) else cap.to_numpy())
+    out = _finish(path, url.to_numpy(), cap if isinstance(cap, list) else cap.to_numpy())
+    return _add_extras(out, extra, lambda c: table.column(c).to_pylist() if c in table.column_names else None)

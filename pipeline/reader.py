@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 from ..core import storage
 from ..core.errors import InputError
 from ..core.io import read_parquet, read_parquet_table
-from .format import MANIFEST_SCHEMA, DatasetLayout, manifest_file, read_info, shard_format, shard_number
+from .format import (MANIFEST_SCHEMA, DatasetLayout, extra_columns, manifest_file, manifest_schema, read_info,
+                     shard_format, shard_number)
 from .status import SUCCESS
 
 J = storage.join
@@ -158,8 +159,9 @@ def load_manifest(root: str, columns=None) -> pd.DataFrame:
         import pyarrow.dataset as pads
 
         fs, p = storage.arrow_filesystem(path)
-        return _to_pandas(pads.dataset(p, format="parquet", schema=MANIFEST_SCHEMA, filesystem=fs).to_table(
-            columns=columns))
+        # a dataset's additional input columns (text) when asked for by name
+        schema = manifest_schema([c for c in columns or () if c not in MANIFEST_SCHEMA.names])
+        return _to_pandas(pads.dataset(p, format="parquet", schema=schema, filesystem=fs).to_table(columns=columns))
     except (OSError, ValueError, pa.ArrowException) as err:
         raise InputError(f"{path}: damaged, not a Parquet table ({str(err).splitlines()[0][:160]}); "
                          f"rerun the `psdclip data build` command that made it") from None
@@ -207,9 +209,11 @@ def manifest_batches(root: str, columns=None, batch_size: int = 262_144):
 
 def success_rows(dataset: str, columns=("key", "url", "caption", "status", "shard", "offset", "size")
                  ) -> tuple[pd.DataFrame, str]:
-    """(the successful rows of a dataset in (shard, offset) order, its shard format): what `index build` embeds."""
-    fmt = shard_format(read_info(dataset))
-    m = load_manifest(dataset, columns=list(columns))
+    """(the successful rows of a dataset in (shard, offset) order, its shard format): what `index build` embeds
+    (with the dataset's additional input columns, --save-additional-columns, after `columns`)."""
+    info = read_info(dataset)
+    fmt = shard_format(info)
+    m = load_manifest(dataset, columns=list(columns) + [c for c in extra_columns(info) if c not in columns])
     ok = m[m["status"] == SUCCESS].sort_values(["shard", "offset"]).reset_index(drop=True)
     if ok.empty:
         raise InputError(f"--data {dataset}: no successful samples")

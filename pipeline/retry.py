@@ -13,7 +13,9 @@ from ..core import storage
 from ..core.io import atomic_path, now, read_parquet_table, write_json
 from .clean import hosts
 from .dataset import Layout, write_replaced
+from .format import MANIFEST_COLUMNS
 from .plan import plan_shards
+from .read import EXTRA
 from .reader import manifest_files
 from .status import TRANSIENT
 
@@ -24,7 +26,11 @@ def retry_rows(path: str, index: int, out: str, replaced: str) -> dict:
     finalize to leave them to the new shard (`replaced`). Returns their count per status."""
     import pyarrow.feather as feather
 
-    t = read_parquet_table(path, columns=["key", "url", "caption", "source", "source_row", "status", "shard"])
+    base = ["key", "url", "caption", "source", "source_row", "status", "shard"]
+    import pyarrow.parquet as pq
+
+    extra = [c for c in pq.read_schema(path).names if c not in MANIFEST_COLUMNS]  # --save-additional-columns
+    t = read_parquet_table(path, columns=base + extra)
     t = t.filter(pc.is_in(t.column("status"), value_set=pa.array(TRANSIENT, pa.string())))
     counts = pd.Series(t.column("status").to_numpy(zero_copy_only=False)).value_counts().to_dict()
     if not t.num_rows:
@@ -34,7 +40,8 @@ def retry_rows(path: str, index: int, out: str, replaced: str) -> dict:
                      "key": t.column("key").cast(pa.string()), "source": t.column("source").cast(pa.string()),
                      "source_row": t.column("source_row").cast(pa.int64()),
                      "host": hosts(url, np.ones(t.num_rows, bool)),
-                     "file": pa.array(np.full(t.num_rows, index, np.int64))})
+                     "file": pa.array(np.full(t.num_rows, index, np.int64)),
+                     **{EXTRA + c: t.column(c).cast(pa.string()) for c in extra}})
     storage.ensure_parent(out)
     with atomic_path(out) as tmp:
         feather.write_feather(rows, tmp, compression="uncompressed")

@@ -18,6 +18,7 @@ import requests
 from PIL import Image
 
 from helpers.cli import BIN, cli
+from helpers.service import free_port, start_service
 
 
 @pytest.fixture(scope="module")
@@ -118,28 +119,6 @@ def test_text_embedding_cache_is_lru_and_changes_no_result(index_dir):
     cached.embed_text(["two blue squares"])
     assert (cached.cache_hits, cached.cache_misses) == (1, 5)
     assert plain.cache_hits == 0 and not plain.text_cache  # 0: off
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_service(*args, env=None):
-    """`psdclip serve ARGS` on a free loopback port, once /healthz answers: (process, base URL)."""
-    port = free_port()
-    proc = subprocess.Popen([os.path.join(BIN, "psdclip"), "serve", *map(str, args), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if requests.get(base + "/healthz", timeout=1).ok:
-                return proc, base
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(proc.stderr.read().decode()[-2000:])
 
 
 @pytest.fixture(scope="module")
