@@ -317,14 +317,23 @@ class SubsetConfig:
                                           default=None)
     within: str = _help("apply the threshold inside this subset (e.g. 10pct of --subsets) rather than the whole "
                         "dataset", default="")
+    exclude_near: str = _help("leave out copies of this evaluation set's images (an image folder, a retrieval CSV/JSONL "
+                              "or a synthetic source): exact (sha256) or near (perceptual hash within --max-hamming "
+                              "bits, mirror images included); counted by reason", default="")
+    max_hamming: int = _help("near-copy threshold in bits of the 64-bit perceptual hash (resized and re-encoded "
+                             "copies measured here at 0-2 bits, unrelated images at ~32)", default=8)
     force: bool = _help("replace an existing subset of that name", default=False)
 
     def __post_init__(self):
-        if not self.dataset or not self.name or not self.score:
-            raise InputError("usage: psdclip data subset DATASET --name NAME --score SCORES (--min-score S | "
-                             "--top-fraction F)")
-        if (self.min_score is None) == (self.top_fraction is None):
-            raise InputError("give one of --min-score and --top-fraction")
+        if not self.dataset or not self.name or not (self.score or self.exclude_near):
+            raise InputError("usage: psdclip data subset DATASET --name NAME [--score SCORES (--min-score S | "
+                             "--top-fraction F)] [--exclude-near EVAL]")
+        if self.score and (self.min_score is None) == (self.top_fraction is None):
+            raise InputError("--score: give one of --min-score and --top-fraction")
+        if not self.score and (self.min_score is not None or self.top_fraction is not None):
+            raise InputError("--min-score and --top-fraction threshold a --score")
+        if not 0 <= self.max_hamming <= 64:
+            raise InputError(f"--max-hamming must be in [0, 64], got {self.max_hamming}")
         if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
             raise InputError(f"--top-fraction must be in (0, 1], got {self.top_fraction}")
         if not all(c.isalnum() or c in "-_." for c in self.name):

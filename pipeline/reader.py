@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -219,6 +220,12 @@ def success_rows(dataset: str, columns=("key", "url", "caption", "status", "shar
         raise InputError(f"--data {dataset}: no successful samples")
     ok["shard"] = ok["shard"].astype(int)
     return ok, fmt
+
+
+def success_keys(root: str, shard: int) -> np.ndarray:
+    """The keys of one shard's successful samples (its manifest file alone)."""
+    t = read_parquet_table(manifest_file(root, shard=shard), columns=["key", "status"]).to_pandas()
+    return np.asarray(t.loc[t["status"] == SUCCESS, "key"], dtype=object)
 
 
 def shard_samples(root: str, fmt: str, shard: int, on_error):

@@ -65,21 +65,26 @@ def threshold_for(hist: np.ndarray, fraction: float) -> float:
     return float(edges[BINS - 1 - min(j, BINS - 1)])
 
 
-def score_subset(dataset: str, name: str, scores: str, column: str, min_score: float | None,
-                 top_fraction: float | None, within: str | None) -> dict:
-    """The subset document of a score threshold (see the module docstring)."""
+def score_subset(dataset: str, name: str, scores: str | None, column: str, min_score: float | None,
+                 top_fraction: float | None, within: str | None, exclude_near: str | None = None,
+                 max_hamming: int = 8) -> dict:
+    """The subset document of a score threshold and/or a decontamination (see the module docstring and
+    decontam.py): the base rule (the dataset, or --within's subset), the threshold on top, the copies of
+    evaluation images left out."""
+    from .reader import success_keys
     from .subsets import SubsetRule
 
     info = read_info(dataset)
-    check_made_for(dataset, scores)
+    if scores:
+        check_made_for(dataset, scores)
     root = DatasetLayout(dataset).root
     if within:
         path = os.path.join(root, "subsets", f"{within}.json")
         if not os.path.isfile(path):
             raise InputError(f"--within {within}: no such subset in {dataset}/subsets")
         base_doc = read_json(path)
-        if base_doc.get("score"):
-            raise InputError(f"--within {within}: a score subset; nest score subsets by their thresholds instead")
+        if base_doc.get("score") or base_doc.get("exclude"):
+            raise InputError(f"--within {within}: a filtered subset; filter inside a size subset (or the dataset)")
         base = SubsetRule.of(base_doc)
     else:
         from .format import shard_format, shard_name
@@ -87,34 +92,60 @@ def score_subset(dataset: str, name: str, scores: str, column: str, min_score: f
         base = SubsetRule(whole=frozenset(shard_name(s, shard_format(info)) for s in info.get("shards", [])))
     shards = [(s, int(s.split(".")[0])) for s in base.shards()]
 
-    def members(shard_file, n):
+    def members(shard_file, n):  # (keys, scores) the base rule takes; scores None without --score
+        if not scores:
+            keys = success_keys(dataset, n)
+            return keys[base.keeps(shard_file, keys)], None
         keys, values = read_scores(dataset, scores, n, column)
-        return values[base.keeps(shard_file, keys)]
+        mask = base.keeps(shard_file, keys)
+        return keys[mask], values[mask]
 
-    if top_fraction is not None:
+    minimum = None
+    if scores and top_fraction is not None:
         hist = np.zeros(BINS, np.int64)
         for shard_file, n in shards:
-            hist += np.histogram(np.clip(members(shard_file, n), -1, 1), bins=BINS, range=(-1.0, 1.0))[0]
+            hist += np.histogram(np.clip(members(shard_file, n)[1], -1, 1), bins=BINS, range=(-1.0, 1.0))[0]
         minimum = threshold_for(hist, top_fraction)
-    else:
+    elif scores:
         minimum = float(min_score)
     counts, lo, hi, of_total = {}, np.inf, -np.inf, 0
-    for shard_file, n in shards:
-        values = members(shard_file, n)
-        of_total += len(values)
-        kept = values[values >= minimum]
-        if len(kept):
-            counts[shard_file] = len(kept)
-            lo, hi = min(lo, float(kept.min())), max(hi, float(kept.max()))
+    cleaner = exclude = None
+    if exclude_near:
+        from .decontam import Decontaminator
+
+        cleaner = Decontaminator(exclude_near, max_hamming)
+        exclude = {"eval": os.path.abspath(exclude_near), "max_hamming": max_hamming, "exact": 0, "near": 0,
+                   "keys": []}
+    for shard_file, n in shards:  # one shard's keys at a time
+        keys, values = members(shard_file, n)
+        of_total += len(keys)
+        if values is not None:
+            keys, values = keys[values >= minimum], values[values >= minimum]
+            if len(values):
+                lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
+        kept = len(keys)
+        if cleaner is not None and kept:
+            exact, near = cleaner.shard(dataset, n, set(keys.tolist()))
+            exclude["exact"] += len(exact)
+            exclude["near"] += len(near)
+            exclude["keys"] += sorted(exact | near)
+            kept -= len(exact | near)
+        if kept:
+            counts[shard_file] = kept
     count = sum(counts.values())
     if not count:
-        raise InputError(f"--name {name}: no sample scores at least {minimum:.4f}; the subset would be empty")
-    return {"name": name, "count": count, "of_total": of_total, "dataset_id": dataset_id(info),
-            "seed": base.seed, "shards": [f"shards/{s}" for s in sorted(counts) if s in base.whole],
-            "boundary": ({"shard": f"shards/{base.boundary}", "max_rank": str(base.max_rank),
-                          "count": counts.get(base.boundary, 0)} if base.boundary in counts else None),
-            "within": within or "", "truncated": False,
-            "score": {"name": scores, "column": column, "min": minimum, "range": [lo, hi],
-                      "asked": {"min_score": min_score, "top_fraction": top_fraction}},
-            "rule": "a sample its base rule takes (the shards and boundary below) whose score in "
-                    "scores/NAME/shard-NNNNN.parquet is at least score.min"}
+        raise InputError(f"--name {name}: no sample is left; the subset would be empty")
+    doc = {"name": name, "count": count, "of_total": of_total, "dataset_id": dataset_id(info),
+           "seed": base.seed, "shards": [f"shards/{s}" for s in sorted(counts) if s in base.whole],
+           "boundary": ({"shard": f"shards/{base.boundary}", "max_rank": str(base.max_rank),
+                         "count": counts.get(base.boundary, 0)} if base.boundary in counts else None),
+           "within": within or "", "truncated": False,
+           "rule": "a sample its base rule takes (the shards and boundary below)"
+                   + (" whose score in scores/NAME/shard-NNNNN.parquet is at least score.min" if scores else "")
+                   + (", not one of exclude.keys (copies of evaluation images)" if exclude else "")}
+    if scores:
+        doc["score"] = {"name": scores, "column": column, "min": minimum, "range": [lo, hi],
+                        "asked": {"min_score": min_score, "top_fraction": top_fraction}}
+    if exclude:
+        doc["exclude"] = exclude
+    return doc

@@ -108,6 +108,7 @@ class SubsetRule:
     seed: int = 0
     # a score subset (scores.py): the dataset, the scores' name and column, and the threshold
     score: tuple | None = None
+    exclude: frozenset = frozenset()  # keys left out (decontamination: copies of evaluation images)
 
     @classmethod
     def of(cls, doc: dict, root: str | None = None) -> "SubsetRule":
@@ -118,7 +119,8 @@ class SubsetRule:
         return cls(whole=frozenset(os.path.basename(s) for s in doc["shards"]),
                    boundary=os.path.basename(b["shard"]) if b else None, max_rank=int(b.get("max_rank", 0)),
                    seed=int(doc.get("seed", 0)),
-                   score=(root, sc["name"], sc.get("column", "clip_score"), float(sc["min"])) if sc else None)
+                   score=(root, sc["name"], sc.get("column", "clip_score"), float(sc["min"])) if sc else None,
+                   exclude=frozenset((doc.get("exclude") or {}).get("keys", [])))
 
     def _scored(self, shard: str) -> frozenset:
         from .scores import kept_keys
@@ -131,6 +133,8 @@ class SubsetRule:
         return sorted(self.whole | ({self.boundary} if self.boundary else set()))
 
     def keep(self, shard: str, key: str) -> bool:
+        if key in self.exclude:
+            return False
         if self.score is not None and key not in self._scored(shard):
             return False
         if shard in self.whole:
@@ -148,6 +152,8 @@ class SubsetRule:
         if self.score is not None:
             kept = self._scored(shard)
             mask &= np.fromiter((k in kept for k in keys), dtype=bool, count=len(keys))
+        if self.exclude:
+            mask &= np.fromiter((k not in self.exclude for k in keys), dtype=bool, count=len(keys))
         return mask
 
 

@@ -45,6 +45,8 @@ def cmd_stats(cfg: StatsConfig) -> int:
             f"  {n:<24} {d['count']:>12,}" + (f"   {d['score']['column']} >= {d['score']['min']:.4f} (range "
                                                f"{d['score']['range'][0]:.4f} .. {d['score']['range'][1]:.4f}) of "
                                                f"scores {d['score']['name']}" if d.get("score") else "")
+            + (f"   left out: {d['excluded']['exact']} exact, {d['excluded']['near']} near copies of "
+               f"{d['excluded']['eval']}" if d.get("excluded") else "")
             for n, d in stats["subsets"].items())
     print(json.dumps(stats, indent=2) if cfg.json else text)
     return 0
@@ -60,7 +62,9 @@ def _subsets_summary(folder: str) -> dict:
         if name.endswith(".json"):
             doc = read_json(join(folder, name))
             out[name[:-5]] = {"count": int(doc.get("count", len(doc.get("keys", [])))),
-                              **({"score": doc["score"]} if doc.get("score") else {})}
+                              **({"score": doc["score"]} if doc.get("score") else {}),
+                              **({"excluded": {k: doc["exclude"][k] for k in ("exact", "near", "eval")}}
+                                 if doc.get("exclude") else {})}
     return out
 
 
@@ -104,13 +108,15 @@ def cmd_subset(cfg: SubsetConfig) -> int:
     path = os.path.join(DatasetLayout(cfg.dataset).root, "subsets", f"{cfg.name}.json")
     if os.path.isfile(path) and not cfg.force:
         raise InputError(f"--name {cfg.name}: {path} exists; give another name or --force to replace it")
-    doc = score_subset(cfg.dataset, cfg.name, cfg.score, cfg.column, cfg.min_score, cfg.top_fraction,
-                       cfg.within or None)
+    doc = score_subset(cfg.dataset, cfg.name, cfg.score or None, cfg.column, cfg.min_score, cfg.top_fraction,
+                       cfg.within or None, cfg.exclude_near or None, cfg.max_hamming)
     write_json(path, doc, indent=1)
-    sc = doc["score"]
-    print(f"subset {cfg.name}: {doc['count']:,} of {doc['of_total']:,} samples with {sc['column']} >= {sc['min']:.4f} "
-          f"(range {sc['range'][0]:.4f} .. {sc['range'][1]:.4f}) in {len(doc['shards']) + bool(doc['boundary'])} "
-          f"shard(s); train on it with --data {path}")
+    sc, ex = doc.get("score"), doc.get("exclude")
+    how = (f" with {sc['column']} >= {sc['min']:.4f} (range {sc['range'][0]:.4f} .. {sc['range'][1]:.4f})" if sc
+           else "") + (f", {ex['exact']:,} exact and {ex['near']:,} near copies of {cfg.exclude_near} left out" if ex
+                       else "")
+    print(f"subset {cfg.name}: {doc['count']:,} of {doc['of_total']:,} samples{how} in "
+          f"{len(doc['shards']) + bool(doc['boundary'])} shard(s); train on it with --data {path}")
     return 0
 
 
