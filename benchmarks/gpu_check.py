@@ -216,14 +216,15 @@ def step_b(ctx: Ctx, limit: float) -> dict:
 
 
 def step_c(ctx: Ctx, limit: float) -> dict:
-    """Two ranks sharing one GPU over gloo, then the same run resumed with one rank."""
+    """Two ranks sharing one GPU over gloo with PSD's embedding-bank teacher (ids and features gathered on CUDA,
+    the bank on each rank's disk), then the same run resumed with one rank (from rank 0's bank copy)."""
     steps = 6 if ctx.rehearse else 12
     run = os.path.join(ctx.work, "c-two-ranks")
     shutil.rmtree(run, ignore_errors=True)
     device = "cpu" if ctx.rehearse else "cuda:0"
     flags = ["--model", ctx.model_a, "--loss", "psd", "--batch-size", ctx.batch_a, "--steps", steps,
              "--checkpoint-every", steps // 2, "--log-every", 1, "--workers", 1, "--device", device,
-             "--dist-backend", "gloo"]
+             "--dist-backend", "gloo", "--bank-teacher", "--alpha-start", "0.5"]
     torchrun = [ctx.py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
     t0 = time.time()
     ctx.train(run, *flags, "--stop-after", steps // 2, timeout=limit * 0.6, prefix=torchrun)

@@ -69,6 +69,9 @@ def train(cfg: TrainConfig) -> dict:
     before = torch.get_num_threads()
     if device.type == "cpu" and cfg.threads:
         torch.set_num_threads(cfg.threads)
+    elif cfg.threads and rank == 0:  # accepted for a shared recipe, and said to do nothing here
+        log.warning(f"psdclip: warning: --threads {cfg.threads} sets the compute threads of a CPU run; on {device} "
+                    f"it does nothing")
     # one training per run folder: a second `psdclip train --out RUN` is refused while one runs (rank 0 holds it)
     lock = folder_lock(os.path.join(cfg.out, "train.lock"), f"--out {cfg.out}: another `psdclip train` ({{holder}}) "
                        f"is training into this run folder; wait for it, or use another --out") if rank == 0 else \
