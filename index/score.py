@@ -23,8 +23,7 @@ import pyarrow.parquet as pq
 
 from ..core.errors import InputError
 from ..core.io import atomic_path, made_from_differs, sha256_file, write_json
-from ..pipeline.format import read_info
-from ..pipeline.scores import COLUMN, score_folder
+from ..pipeline.format import SCORE_COLUMN as COLUMN, read_info, score_folder
 from . import parts as P
 
 def default_name(checkpoint: str) -> str:

@@ -251,6 +251,9 @@ def _build(cfg: BuildConfig) -> dict:
                          f"{(str(err).splitlines() or [''])[0][:200]})") from None
     previous = read_json(layout.dataset_json) if storage.isfile(layout.dataset_json) else None
     cfg = _check_out(cfg, layout, previous)
+    if cfg.dask_scheduler and cfg.processes_count != 2:  # (2: the default) a recipe's LocalCluster size, said unused
+        log.warning(f"--processes-count {cfg.processes_count} sizes a LocalCluster; with --dask-scheduler the "
+                    f"cluster's own workers run the build, so it is not used")
     folders = [p for p in cfg.inputs if "://" not in p and os.path.isdir(p)]
     if folders and not cfg.local_root:
         raise InputError(f"{folders[0]}: a folder; give --local-root FOLDER (or a folder above it) to read its "

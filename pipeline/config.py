@@ -113,9 +113,6 @@ class BuildConfig:
         if clash:
             raise InputError(f"--save-additional-columns {','.join(clash)}: the name of a column psdclip writes "
                              f"itself (key, url, caption, status, width, ...); rename it in the input")
-        if self.dask_scheduler and self.processes_count != 2:  # (2: the default, which nobody asked for)
-            raise InputError(f"--processes-count {self.processes_count}: the LocalCluster's workers; with "
-                             f"--dask-scheduler the cluster's own workers run the build: drop one of the two")
         self.subset_sizes()  # validates
 
     def subset_sizes(self) -> list[tuple[str, float]]:

@@ -39,6 +39,15 @@ def extra_columns(info: dict) -> list[str]:
     return list((info.get("config") or {}).get("save_additional_columns") or [])
 
 
+SCORE_COLUMN = "clip_score"  # DATASET/scores/NAME/shard-NNNNN.parquet: key, clip_score (`psdclip data score`)
+
+
+def score_folder(dataset: str, name: str) -> str:
+    """DATASET/scores/NAME/: score.json and a Parquet file of per-sample scores per shard (pipeline/scores.py reads
+    them, index/score.py writes them)."""
+    return J(storage.resolve(dataset), "scores", name)
+
+
 IMAGE_FIELDS = ("jpg", "png", "webp", "jpeg")  # a sample's image, by the extension it was stored under
 FORMATS = ("webdataset", "arrow")
 

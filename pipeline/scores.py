@@ -18,14 +18,9 @@ import pyarrow.parquet as pq
 
 from ..core.errors import InputError
 from ..core.io import read_json
-from .format import DatasetLayout, dataset_id, read_info
+from .format import SCORE_COLUMN as COLUMN, DatasetLayout, dataset_id, read_info, score_folder
 
-COLUMN = "clip_score"
 BINS = 20_000
-
-
-def score_folder(dataset: str, name: str) -> str:
-    return os.path.join(DatasetLayout(dataset).root, "scores", name)
 
 
 def check_made_for(dataset: str, name: str) -> dict:
