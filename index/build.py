@@ -42,19 +42,6 @@ def _model_dim(m) -> int:
         return int(m.model.encode_text(m.tokenizer(["x"]).to(m.device)).shape[-1])
 
 
-def _wait_for_parts(emb_dir: str, shards: list[int], poll: float = 2.0) -> None:
-    """Rank 0 waits for the other ranks' parts (torchrun stops every rank when one fails, so this cannot hang on a
-    dead rank)."""
-    from .embed import part_done
-
-    missing = [s for s in shards if not part_done(emb_dir, s)]
-    if missing:
-        log.info("waiting for %d shards embedded by other ranks", len(missing))
-    while missing:
-        time.sleep(poll)
-        missing = [s for s in missing if not part_done(emb_dir, s)]
-
-
 def write_metadata(parts: list[P.Part], out: str) -> None:
     """metadata.arrow: one row per index row id, streamed part by part; key_order.arrow: the ids sorted by key.
     Parts without a metadata file get their row id as key and empty url/caption."""
@@ -124,7 +111,7 @@ def build_index(cfg: IndexBuildConfig) -> dict:
         emb_dir = os.path.abspath(cfg.embeddings)
     else:
         from ..pipeline.reader import success_rows
-        from .embed import MADE_FROM, embed_dataset, parts_identity
+        from .embed import embed_dataset, parts_identity
 
         rows, _ = success_rows(cfg.data)
         # budgets and --factory are checked before the (long) embedding pass, on the rows the dataset holds
@@ -139,10 +126,7 @@ def build_index(cfg: IndexBuildConfig) -> dict:
                               progress=cfg.progress, rank=rank, world=world, identity=identity)
         if rank != 0:
             return {"rank": rank, "embedded": stats}
-        if world > 1:
-            _wait_for_parts(emb_dir, sorted(int(s) for s in rows["shard"].unique()))
-        write_json(os.path.join(emb_dir, MADE_FROM), identity)  # every part is in: they are this identity's
-        del rows
+        del rows  # (rank 0: every part is in and records this identity: embed_dataset waited for them)
     t_embed = time.time() - t0
     parts, d = P.list_parts(emb_dir, "--embeddings" if cfg.embeddings else "embeddings")
     n = P.total(parts)

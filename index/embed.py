@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from PIL import Image
 
 from ..core.io import atomic_path, write_parquet
 from ..core import storage
-from ..core.io import read_json
+from ..core.io import read_json, write_json
 from ..pipeline.format import dataset_id, image_of, read_info
 from ..pipeline.reader import shard_samples, success_rows
 from ..train.loading import LoadedModel
@@ -128,7 +129,34 @@ def embed_dataset(loaded: LoadedModel, dataset: str, out: str, *, batch_size: in
                   fp16: bool = False, progress: bool = True, rank: int = 0, world: int = 1,
                   identity: dict | None = None) -> dict:
     """Embed this rank's unfinished shards into OUT/embeddings (see the module docstring). Parts made from another
-    dataset or checkpoint than `identity` names are embedded again, never reused by shard number."""
+    dataset or checkpoint than `identity` names are embedded again, never reused by shard number. Rank 0 then
+    waits for every rank's parts and records `identity` in OUT/embeddings/made_from.json: on return there, every
+    part is in and is that identity's."""
+    stats = _embed_mine(loaded, dataset, out, batch_size=batch_size, workers=workers, fp16=fp16, progress=progress,
+                        rank=rank, world=world, identity=identity)
+    shards = stats.pop("all_shards")
+    if rank == 0:
+        emb_dir = os.path.join(out, "embeddings")
+        if world > 1:
+            wait_for_parts(emb_dir, shards)
+        if identity:
+            write_json(os.path.join(emb_dir, MADE_FROM), identity)
+    return stats
+
+
+def wait_for_parts(emb_dir: str, shards: list[int], poll: float = 2.0) -> None:
+    """Rank 0 waits for the other ranks' parts (torchrun stops every rank when one fails, so this cannot hang on a
+    dead rank)."""
+    missing = [s for s in shards if not part_done(emb_dir, s)]
+    if missing:
+        log.info("waiting for %d shards embedded by other ranks", len(missing))
+    while missing:
+        time.sleep(poll)
+        missing = [s for s in missing if not part_done(emb_dir, s)]
+
+
+def _embed_mine(loaded: LoadedModel, dataset: str, out: str, *, batch_size, workers, fp16, progress, rank, world,
+                identity) -> dict:
     model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
     rows, fmt = success_rows(dataset)
     emb_dir = os.path.join(out, "embeddings")
@@ -150,7 +178,7 @@ def embed_dataset(loaded: LoadedModel, dataset: str, out: str, *, batch_size: in
                     if os.path.exists(path):
                         os.remove(path)
     todo = [s for s in mine if not part_done(emb_dir, s)]
-    stats = {"rows": len(rows), "shards": len(mine), "embedded_now": 0, "undecodable": 0}
+    stats = {"rows": len(rows), "shards": len(mine), "embedded_now": 0, "undecodable": 0, "all_shards": sorted(groups)}
     if not todo:
         return stats
     bar = None

@@ -37,7 +37,7 @@ def default_name(checkpoint: str) -> str:
 def cmd_score(cfg) -> int:
     from ..train.checkpoint import checkpoint_path
     from ..train.loading import load_model, resolve_device
-    from .embed import MADE_FROM, dist_env, embed_dataset, parts_identity, stale_parts
+    from .embed import dist_env, embed_dataset, parts_identity, stale_parts
 
     read_info(cfg.dataset, "DATASET")
     name = cfg.name or default_name(cfg.checkpoint)
@@ -69,13 +69,7 @@ def cmd_score(cfg) -> int:
         embed_dataset(loaded, cfg.dataset, folder, batch_size=cfg.batch_size, workers=cfg.workers,
                       progress=cfg.progress, rank=rank, world=world, identity=identity)
         if rank != 0:
-            return 0
-        if world > 1:
-            from .build import _wait_for_parts
-            from ..pipeline.reader import success_rows
-
-            _wait_for_parts(emb_dir, sorted(int(s) for s in success_rows(cfg.dataset)[0]["shard"].unique()))
-        write_json(os.path.join(emb_dir, MADE_FROM), identity)
+            return 0  # (rank 0 has every part once embed_dataset returns)
     parts, _ = P.list_parts(emb_dir, "--embeddings")
     if not P.has_text(parts):
         raise InputError(f"{emb_dir}: the parts hold no caption embeddings (text_emb/): no image-caption score")

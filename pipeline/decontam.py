@@ -87,20 +87,23 @@ def _popcount(x: np.ndarray) -> np.ndarray:
 class Decontaminator:
     """The evaluation set's hashes, and the copies of its images among one shard's samples at a time."""
 
-    def __init__(self, spec: str, max_hamming: int):
+    def __init__(self, dataset: str, spec: str, max_hamming: int):
+        from .format import read_info, shard_format
+
+        self.dataset, self.fmt = dataset, shard_format(read_info(dataset))
         self.spec, self.max_hamming = spec, max_hamming
         self.shas, self.hashes = eval_hashes(spec)
 
-    def shard(self, dataset: str, n: int, taken: set) -> tuple[set, set]:
+    def shard(self, n: int, taken: set) -> tuple[set, set]:
         """(exact copies, near copies) among the keys `taken` of shard n."""
-        from .format import image_of, manifest_file, read_info, shard_format
+        from .format import image_of, manifest_file
         from .reader import shard_samples
         from ..core.io import read_parquet_table
 
-        m = read_parquet_table(manifest_file(dataset, shard=n), columns=["key", "sha256"]).to_pandas()
+        m = read_parquet_table(manifest_file(self.dataset, shard=n), columns=["key", "sha256"]).to_pandas()
         exact = set(m.loc[m["sha256"].isin(self.shas), "key"]) & taken
         near = set()
-        for s in shard_samples(dataset, shard_format(read_info(dataset)), n, lambda msg: None):
+        for s in shard_samples(self.dataset, self.fmt, n, lambda msg: None):
             key = s.get("__key__")
             if key not in taken or key in exact:
                 continue

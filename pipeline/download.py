@@ -357,21 +357,23 @@ def in_input_order(path: str, meta_path: str, keys: list, arrow: bool) -> pd.Dat
     return meta
 
 
+def i2d_status(status, message) -> tuple[str, str]:
+    """(our status, error) of an img2dataset row's status and error_message (a build's downloads and `data import`
+    alike)."""
+    msg = message if isinstance(message, str) else ""
+    if status == "success":  # img2dataset's own status name
+        return SUCCESS, msg
+    if status == "failed_to_download":
+        return classify("download", msg), msg
+    if status == "failed_to_resize":
+        return classify("resize", msg), msg
+    return "download_error", msg or "img2dataset returned no record for this row"
+
+
 def _results(meta: pd.DataFrame, keys: list, shard: int) -> pd.DataFrame:
     m = meta.drop_duplicates("key").set_index("key").reindex(keys)
-    status, error = [], []
-    for st, msg in zip(m["status"].to_numpy(), m["error_message"].to_numpy()):
-        msg = msg if isinstance(msg, str) else ""
-        if st == "success":  # img2dataset's own status name
-            status.append(SUCCESS)
-        elif st == "failed_to_download":
-            status.append(classify("download", msg))
-        elif st == "failed_to_resize":
-            status.append(classify("resize", msg))
-        else:
-            status.append("download_error")
-            msg = msg or "img2dataset returned no record for this row"
-        error.append(msg)
+    pairs = [i2d_status(st, msg) for st, msg in zip(m["status"].to_numpy(), m["error_message"].to_numpy())]
+    status, error = [p[0] for p in pairs], [p[1] for p in pairs]
     res = pd.DataFrame({"key": np.asarray(keys, dtype=object), "status": status, "error": error})
     for col in ("width", "height", "original_width", "original_height", "offset", "size"):
         res[col] = pd.array(m[col].to_numpy(), dtype="Int64")

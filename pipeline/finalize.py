@@ -30,6 +30,7 @@ from ..core import storage
 from .format import MANIFEST_COLUMNS, MANIFEST_SCHEMA, manifest_file, manifest_schema
 from .read import EXTRA
 from .dataset import Layout, write_replaced
+from .reader import success_keys
 from ..core.io import atomic_path, read_feather, read_parquet_table, write_json
 from .buckets import FINE, GROUP_ROWS, fine_buckets, pow2, read_batch, worker_count, write_batches
 from .status import DUPLICATE_IMAGE, PENDING, SUCCESS
@@ -251,8 +252,7 @@ def write_subsets(layout: Layout, counts: dict[int, int], specs, seed: int, fmt:
     names = {layout.shard_name(s, fmt): s for s, n in counts.items() if n}
 
     def keys_of(name: str) -> list[str]:
-        t = read_parquet_table(manifest_file(layout.root, shard=names[name]), columns=["key", "status"])
-        return t.filter(pc.equal(t.column("status"), SUCCESS)).column("key").to_pylist()
+        return success_keys(layout.root, names[name]).tolist()
 
     docs = build_subsets({name: counts[s] for name, s in names.items()}, keys_of, specs, seed)
     for name, doc in docs.items():

@@ -28,7 +28,7 @@ from ..core.errors import InputError
 from ..core.io import now, write_json
 from .config import ImportConfig
 from .dataset import Layout, stream_stats
-from .download import classify
+from .download import i2d_status
 from .finalize import write_subsets
 from .format import MANIFEST_COLUMNS, MANIFEST_SCHEMA, SCHEMA_VERSION, manifest_file, shard_name, stats_name
 from .status import DUPLICATE_IMAGE, SUCCESS
@@ -50,18 +50,6 @@ def _shards(folder: str) -> tuple[str, list[int]]:
     if pars:
         return "arrow", pars
     raise InputError(f"{folder}: not an img2dataset output folder (no NNNNN.tar or NNNNN.parquet shards)")
-
-
-def _status(row) -> tuple[str, str]:
-    st, msg = row.get("status"), row.get("error_message")
-    msg = msg if isinstance(msg, str) else ""
-    if st == "success":
-        return SUCCESS, ""
-    if st == "failed_to_download":
-        return classify("download", msg), msg
-    if st == "failed_to_resize":
-        return classify("resize", msg), msg
-    return "download_error", msg or f"img2dataset status {st!r}"
 
 
 def _digits(folder: str, shard: int, ext: str) -> str:
@@ -114,7 +102,7 @@ def import_folder(cfg: ImportConfig) -> dict:
         rows = []
         images = []
         for i, r in enumerate(meta.to_dict("records")):
-            status, error = _status(r)
+            status, error = i2d_status(r.get("status"), r.get("error_message"))
             key = str(r.get("key"))
             offset = size = None
             if status == SUCCESS:
@@ -148,7 +136,7 @@ def import_folder(cfg: ImportConfig) -> dict:
             frame[c] = pd.array(pd.to_numeric(frame[c], errors="coerce"), dtype="Int64")
         table = pa.Table.from_pandas(frame, schema=MANIFEST_SCHEMA, preserve_index=False)
         pq.write_table(table, manifest_file(layout.root, shard=n))
-        stats = _digits(src, n, "json").replace(".json", "_stats.json")
+        stats = meta_path[:-len(".parquet")] + "_stats.json"  # img2dataset's, named like its shard
         if os.path.isfile(stats):
             shutil.copyfile(stats, os.path.join(layout.shards, stats_name(n)))
         counts[n] = int((frame["status"] == SUCCESS).sum())

@@ -108,7 +108,7 @@ def score_subset(dataset: str, name: str, scores: str | None, column: str, min_s
     if exclude_near:
         from .decontam import Decontaminator
 
-        cleaner = Decontaminator(exclude_near, max_hamming)
+        cleaner = Decontaminator(dataset, exclude_near, max_hamming)
         exclude = {"eval": os.path.abspath(exclude_near), "max_hamming": max_hamming, "exact": 0, "near": 0,
                    "keys": []}
     for shard_file, n in shards:  # one shard's keys at a time
@@ -120,7 +120,7 @@ def score_subset(dataset: str, name: str, scores: str | None, column: str, min_s
                 lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
         kept = len(keys)
         if cleaner is not None and kept:
-            exact, near = cleaner.shard(dataset, n, set(keys.tolist()))
+            exact, near = cleaner.shard(n, set(keys.tolist()))
             exclude["exact"] += len(exact)
             exclude["near"] += len(near)
             exclude["keys"] += sorted(exact | near)

@@ -160,13 +160,10 @@ class SubsetRule:
 def member_keys(root: str, rule: SubsetRule) -> set[str]:
     """Every key of a subset (for tools and tests; readers decide per sample): the successful rows of its shards'
     manifest files that the rule takes."""
-    from .format import manifest_file
-    from ..core.io import read_parquet_table
-    from .status import SUCCESS
+    from .reader import success_keys
 
     out: set[str] = set()
     for shard in rule.shards():
-        t = read_parquet_table(manifest_file(root, shard=int(shard.split(".")[0])), columns=["key", "status"]).to_pandas()
-        keys = t.loc[t["status"] == SUCCESS, "key"].to_numpy(dtype=object)
+        keys = success_keys(root, int(shard.split(".")[0]))
         out.update(keys[rule.keeps(shard, keys)].tolist())
     return out

@@ -179,12 +179,17 @@ def render(scene: dict, size: int, rng: np.random.Generator, variant: str = "bas
     return img
 
 
+def mismatch_scene(cfg: SynthConfig, i: int) -> dict:
+    """The other scene a mismatched caption of pair i describes (drawn from its own seed: the oracle's truth reads it
+    back, pipeline/truth.py)."""
+    return sample_scene(np.random.default_rng([cfg.seed, 7, i]), *_difficulty(cfg))
+
+
 def caption_for(i: int, scene: dict, cfg: SynthConfig, rng: np.random.Generator) -> tuple[str, str]:
     """(caption, kind) with kind in clean | partial | mismatch | shared | lowinfo."""
     u = rng.random()
     if u < cfg.mismatch_frac:
-        other = sample_scene(np.random.default_rng([cfg.seed, 7, i]), *_difficulty(cfg))
-        return describe(other, rng), "mismatch"
+        return describe(mismatch_scene(cfg, i), rng), "mismatch"
     u -= cfg.mismatch_frac
     if u < cfg.shared_frac:
         tpl = str(rng.choice(SHARED_TEMPLATES))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pandas as pd
 
 from ..core.errors import InputError
@@ -31,7 +30,7 @@ def source_groups(source: str, by: list[str]) -> pd.DataFrame:
     if {"image_group", "text_group"} <= set(attrs.columns):
         return attrs[["path", "image_group", "text_group"]].astype({"image_group": str, "text_group": str})
     from .config import SynthConfig
-    from .synth import _difficulty, sample_scene
+    from .synth import mismatch_scene
 
     unknown = [b for b in by if b not in attrs.columns]
     if unknown:
@@ -46,7 +45,7 @@ def source_groups(source: str, by: list[str]) -> pd.DataFrame:
     text = list(image)
     for j, (i, kind) in enumerate(zip(attrs["id"], attrs["caption_kind"])):
         if kind == "mismatch":  # the other scene, drawn as caption_for drew it
-            text[j] = group(sample_scene(np.random.default_rng([cfg.seed, 7, int(i)]), *_difficulty(cfg)))
+            text[j] = group(mismatch_scene(cfg, int(i)))
         elif kind == "lowinfo":
             text[j] = ""
     return pd.DataFrame({"path": attrs["path"], "image_group": image, "text_group": text})

@@ -96,11 +96,12 @@ class EmbeddingBank:
         rows = torch.stack([image_features.detach().float(), text_features.detach().float()], dim=1)
         self.array[idx] = rows.cpu().numpy().astype(np.float16)
 
-    def teacher_logits(self, ids_local: torch.Tensor, ids_global: torch.Tensor, logit_scale: torch.Tensor):
-        """The teacher's (image→text, text→image) logits of a step, local rows × global columns, at the model's
-        logit scale; −inf where the row's or the column's sample has no bank row yet."""
-        li, lt, seen_l = self.lookup(ids_local)
+    def teacher_logits(self, ids_global: torch.Tensor, logit_scale: torch.Tensor, local: slice = slice(None)):
+        """The teacher's (image→text, text→image) logits of a step, this rank's rows (`local`: their place in the
+        global batch) × the global batch's columns, at the model's logit scale; −inf where the row's or the column's
+        sample has no bank row yet. One read of the bank per step."""
         gi, gt, seen_g = self.lookup(ids_global)
+        li, lt, seen_l = gi[local], gt[local], seen_g[local]
         scale = logit_scale.detach().float()
         valid = seen_l[:, None] & seen_g[None, :]
         minus = torch.tensor(float("-inf"), device=li.device)

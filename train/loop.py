@@ -398,12 +398,14 @@ def step_teacher(model, loss_fn, frozen, bank, oracle, keys, ids, world, device,
     check_ids(ids, data)
     ids = ids.to(device)
     every = gather_rows(ids, world)
+    start = (dist.get_rank() if world > 1 else 0) * len(ids)  # this rank's rows in the gathered batch
+    local = slice(start, start + len(ids))
 
     def keep(image_features, text_features):
         bank.write(every.cpu(), gather_rows(image_features.detach().float(), world),
                    gather_rows(text_features.detach().float(), world))
 
-    return (lambda mbs: {"teacher_logits": bank.teacher_logits(ids, every, model.logit_scale.exp())}), keep
+    return (lambda mbs: {"teacher_logits": bank.teacher_logits(every, model.logit_scale.exp(), local)}), keep
 
 
 def forward_backward(net, model, loss_fn, micro_batches, step, teacher=None, world=1, scaler=None,

@@ -80,7 +80,7 @@ def test_planted_copies_are_left_out_by_reason(synth_dir, tmp_path):
 
 def test_phash_and_evaluation_sets(synth_dir, tmp_path):
     a, b = _smooth(1), _smooth(2)
-    assert phash(a) == phash(a.resize((50, 50))) or bin(phash(a) ^ phash(a.resize((50, 50)))).count("1") <= 4
+    assert bin(phash(a) ^ phash(a.resize((50, 50)))).count("1") <= 4
     assert bin(phash(a) ^ phash(b)).count("1") > 12
     held = eval_images(str(synth_dir))  # a synthetic source: its held-out renderings
     assert held and all("heldout" in p for p in held) and len(held) == 40 * 6

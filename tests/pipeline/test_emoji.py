@@ -86,8 +86,8 @@ def test_source_split_captions_and_truth(packages, tmp_path):
     # a held-out emoji is trained on in the other training vendor's drawing, never in the held-out one
     train_pairs = set(zip(attrs["vendor"], attrs["hexcode"]))
     for v, code in zip(ids["vendor"], ids["hexcode"]):
-        assert (v, code) not in train_pairs and ({"apple", "google"} - {v}, code) and \
-            (next(iter({"apple", "google"} - {v})), code) in train_pairs
+        other = next(iter({"apple", "google"} - {v}))
+        assert (v, code) not in train_pairs and (other, code) in train_pairs
     assert len(attrs) == 2 * 30 - len(ids)
     # every image is RGB on white where the drawing is transparent
     with Image.open(out / "images" / "twitter" / f"{TONED}-1F3FB.png") as im:
