@@ -14,7 +14,14 @@ from ..train.metrics import ci_half, fit_scaling, paired_differences, predict
 def write_results(sweep, rows: list[dict], selection: dict | None, pending=()) -> str:
     table = pd.DataFrame(rows)
     table.to_csv(os.path.join(sweep.out, "results.csv"), index=False)
-    report = summarize(table, sweep.metrics, sweep.out, primary=sweep.primary, chance=sweep.chance)
+    filtered = "filter" in table and table["filter"].fillna("").astype(bool).any()
+    shown = table
+    if filtered:  # the filter axis: a filtered run is its own curve, METHOD [FILTER]
+        shown = table.copy()
+        shown["method"] = [m if not f else f"{m} [{f}]" for m, f in zip(table["method"], table["filter"].fillna(""))]
+    report = summarize(shown, sweep.metrics, sweep.out, primary=sweep.primary, chance=sweep.chance)
+    if filtered:
+        report += "\n\n" + filter_section(table, sweep.primary or sweep.metrics[0], sweep.out)
     if selection:
         report = selection["report"] + "\n\n" + report
     if pending:
@@ -82,6 +89,27 @@ def summarize(table: pd.DataFrame, metrics: list[str], out: str, primary: str | 
     return "\n\n".join(sections)
 
 
+def filter_section(table: pd.DataFrame, primary: str, out: str) -> str:
+    """Each filter minus no filter at the same pool (the size subset it was taken from), per method, paired by
+    seed, with diff_filter_*.png beside: the filter axis of DataComp's comparisons."""
+    lines = [f"Each filter minus no filter on {primary}, at the same pool (the size subset it filters), paired by "
+             "seed (mean ± 95% Student-t interval; detectable at 80% power):", "",
+             "| pool N | method | filter | N kept | Δ | detectable | seeds |", "|---|---|---|---|---|---|---|"]
+    panels = {}
+    t = table[table["pool"].fillna("").astype(bool)] if "pool" in table else table.iloc[:0]
+    for (level, method), grp in t.groupby([t["noise"].fillna(""), "method"]):
+        frame = grp.assign(N=grp["pool_N"], method=grp["filter"].fillna("").replace("", "none"))
+        d = paired_differences(frame, primary, base="none")
+        kept = grp.groupby(["pool_N", "filter"])["N"].first().to_dict()
+        lines += [f"| {r['N']} | {method} | {r['method']} | {kept.get((r['N'], r['method']), '')} | "
+                  f"{r['diff']:+.4f} ± {r['half']:.4f} | {r['detectable']:.4f} | {r['seeds']} |" for r in d]
+        if d:
+            panels[f"{level} {method}".strip()] = d
+    if panels:
+        _plot_diffs(panels, primary, out, name="diff_filter", base="no filter", xlabel="pool size N (before the filter)")
+    return "\n".join(lines)
+
+
 def _slug(text: str) -> str:
     return text.replace(".", "_").replace("@", "").replace(":", "_")
 
@@ -115,8 +143,9 @@ def _plot_fits(table, metrics, fits, out, level=""):
         plt.close(fig)
 
 
-def _plot_diffs(diffs: dict, metric: str, out: str):
-    """method − CLIP against N with 95% intervals, one panel per noise level."""
+def _plot_diffs(diffs: dict, metric: str, out: str, name: str = "diff", base: str = "CLIP",
+                xlabel: str = "training pairs N"):
+    """method − CLIP against N with 95% intervals, one panel per noise level (or per key of diffs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,11 +162,11 @@ def _plot_diffs(diffs: dict, metric: str, out: str):
                         label=method)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xscale("log")
-        ax.set_xlabel("training pairs N")
-        ax.set_title(f"noise: {level}" if level else "", fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_title((f"noise: {level}" if name == "diff" else level) if level else "", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"Δ {metric} vs CLIP (95% CI)")
+    axes[0][0].set_ylabel(f"Δ {metric} vs {base} (95% CI)")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, f"diff_{_slug(metric)}.png"))
+    fig.savefig(os.path.join(out, f"{name}_{_slug(metric)}.png"))
     plt.close(fig)

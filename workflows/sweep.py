@@ -62,7 +62,8 @@ from ..train.metrics import ci_half, min_detectable
 
 from .recipe import SweepConfig
 from .report import write_results
-from .sweep_spec import SweepSpec, steps_for
+from .filters import make_filtered
+from .sweep_spec import SweepSpec, _is_size, steps_for
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,9 @@ class Sweep:
             raise InputError(f"{cfg.recipe} [sweep]: {err}" if not str(err).startswith(cfg.recipe) else str(err)) \
                 from None
         self.out = os.path.abspath(cfg.out or recipe.get("out") or os.path.join("sweeps", recipe.get("name", "sweep")))
-        recipe.setdefault("data", {})["subsets"] = list(spec.subsets)
+        sizes = [str(x) for x in spec.subsets if _is_size(str(x))]
+        self.named = [str(x) for x in spec.subsets if not _is_size(str(x))]  # subsets made beforehand, by name
+        recipe.setdefault("data", {})["subsets"] = sizes
         if spec.noise and recipe.get("synthetic") is None:
             raise InputError(f"{cfg.recipe}: sweep.noise needs a [synthetic] section")
         self.noise, self.levels = spec.noise, list(spec.noise) or [""]
@@ -133,15 +136,17 @@ class Sweep:
             settings = _validatable({**self.base_train, **(overrides or {})})
             build_config(TrainConfig, settings, {"data": "x", "out": "y"},
                          source=f"{cfg.recipe} [sweep.methods.{name}]")  # validate each method now
-        self.subsets = [name for name, _ in parse_subsets(spec.subsets)]  # "0.1" -> "10pct"
+        self.subsets = [name for name, _ in parse_subsets(sizes)]  # "0.1" -> "10pct": the pool sizes
         if self.screen:
             (self.screen_subset, _), = parse_subsets([self.screen["subset"]])
         self.sources: dict[str, str | None] = {}
 
     def describe(self) -> str:
-        n = len(self.spec.subsets) * len(self.spec.methods) * len(self.levels)
+        subsets = len(self.spec.subsets) + len(self.subsets) * len(self.spec.filters)
+        n = subsets * len(self.spec.methods) * len(self.levels)
         screen = f", screening {len(self.screen['methods'])} settings first" if self.screen else ""
-        return (f"valid sweep: {len(self.spec.subsets)} subsets x {len(self.spec.methods)} methods x "
+        filters = f" ({len(self.spec.filters)} filter(s) in each size)" if self.spec.filters else ""
+        return (f"valid sweep: {subsets} subsets{filters} x {len(self.spec.methods)} methods x "
                 f"{len(self.seeds)} seeds x {len(self.levels)} noise level(s) ({n} cells){screen}")
 
     def prepare(self):
@@ -154,6 +159,9 @@ class Sweep:
 
     def subset_path(self, level: str, name: str) -> tuple[str, int]:
         path = os.path.join(self.cfgs[level]["data"].out, "subsets", f"{name}.json")
+        if not os.path.isfile(path):
+            raise InputError(f"sweep.subsets {name}: no such subset in {self.cfgs[level]['data'].out}/subsets (make it "
+                             f"with `psdclip data subset`, or give a fraction or count)")
         with open(path) as f:
             return path, int(json.load(f)["count"])
 
@@ -176,8 +184,9 @@ class Sweep:
             out += [(suite, s) for s in splits]
         return out
 
-    def run(self, level: str, subset: str, method: str, seed: int) -> dict:
-        """Train and evaluate one run unless it is finished; returns its row of the results table."""
+    def run(self, level: str, subset: str, method: str, seed: int, keep: bool = False) -> dict:
+        """Train and evaluate one run unless it is finished; returns its row of the results table. `keep`: not
+        pruned yet (the scorer of sweep.filters, whose checkpoint scores the dataset first)."""
         src = self.sources[level]
         subset_file, n = self.subset_path(level, subset)
         root = os.path.join(self.out, level) if level else self.out
@@ -202,7 +211,7 @@ class Sweep:
             for (suite, split), f in files.items():
                 if not os.path.isfile(f):
                     self._eval(run, _suite_spec(suite, src), split)
-        if self.spec.prune:  # also a run finished before prune was set
+        if self.spec.prune and not keep:  # also a run finished before prune was set
             _prune(run, list(files.values()))
         row = {"noise": level, "subset": subset, "N": n, "method": method, "seed": seed, "steps": steps}
         for (suite, split), f in files.items():
@@ -282,11 +291,22 @@ def run_sweep(cfg: SweepConfig) -> int:
         methods[selection["best"]] = sweep.methods[selection["best"]]
     rows = []
     largest = sweep.subsets[-1]
+    axis = bool(sweep.spec.filters or sweep.named)  # rows say their filter and pool
     for i, level in enumerate(sweep.levels):
+        filtered = make_filtered(sweep, level)
         for subset in sweep.subsets:
+            cells = [(subset, "")] + [(name, f) for name, pool, f in filtered if pool == subset]
+            pool_n = sweep.subset_path(level, subset)[1]
+            for name, fname in cells:
+                for method in methods:
+                    for seed in (sweep.seeds_largest if subset == largest else sweep.seeds):
+                        row = sweep.run(level, name, method, seed)
+                        rows.append({**row, "filter": fname, "pool": subset, "pool_N": pool_n} if axis else row)
+        for name in sweep.named:
             for method in methods:
-                for seed in (sweep.seeds_largest if subset == largest else sweep.seeds):
-                    rows.append(sweep.run(level, subset, method, seed))
+                for seed in sweep.seeds:
+                    row = sweep.run(level, name, method, seed)
+                    rows.append({**row, "filter": name, "pool": "", "pool_N": row["N"]})
         if i < len(sweep.levels) - 1:  # a study spanning sessions reports each finished noise level
             write_results(sweep, rows, selection, pending=sweep.levels[i + 1:])
     print(write_results(sweep, rows, selection))

@@ -20,11 +20,22 @@ def steps_for(rule: dict, n_samples: int, batch_size: int) -> int:
     raise InputError(f"[sweep] compute: rule must be samples_seen or epochs, got {rule.get('rule')!r}")
 
 
+def _is_size(entry: str) -> bool:
+    """A subsets entry that is a fraction or count (else the name of a subset made beforehand)."""
+    try:
+        float(entry)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass
 class SweepSpec:
     """A scaling-law sweep: dataset subsets x methods x seeds (x caption-noise levels) under a compute rule."""
 
-    subsets: list[str] = _help("fractions or counts, written as nested subsets of the dataset", default_factory=list)
+    subsets: list[str] = _help("fractions or counts, written as nested subsets of the dataset, or names of subsets made "
+                               "beforehand (DATASET/subsets/NAME.json, e.g. by `psdclip data subset`)",
+                               default_factory=list)
     methods: dict = _help("method name -> train options (e.g. {clip: {loss: clip}})", default_factory=dict)
     seeds: list[int] = _help("seeds of every cell", default_factory=lambda: [0])
     seeds_largest: Optional[list[int]] = _help("seeds at the largest subset (default: seeds)", default=None)
@@ -49,12 +60,18 @@ class SweepSpec:
                                default_factory=lambda: ["zeroshot_shape_base.top1", "retrieval.t2i_R@1"])
     oracle_by: list[str] = _help("the synthetic scene attributes that make a ground-truth group for methods with "
                                  "oracle_targets: truth", default_factory=lambda: ["shape", "colour"])
+    filters: dict = _help("filter name -> {top_fraction: F | min_score: S, exclude_near: EVAL}: a subset of every "
+                          "pool size by the scorer's CLIP scores (workflows/filters.py)", default_factory=dict)
+    scorer: dict = _help("{method, subset, seed} (a run of this sweep) or {checkpoint: PATH}: the model that scores "
+                         "the samples for sweep.filters", default_factory=dict)
     prune: bool = _help("delete a finished run's checkpoints, feature cache, plots and per-example arrays",
                         default=False)
 
     def __post_init__(self):
         if not self.methods or not self.subsets:
             raise InputError("a sweep recipe needs sweep.methods and sweep.subsets")
+        if not any(_is_size(str(s)) for s in self.subsets):
+            raise InputError("sweep.subsets needs at least one fraction or count (the pool sizes) beside subset names")
         for key, value in (("methods", self.methods), ("screen methods", self.screen.get("methods") or {})):
             for name, overrides in value.items():
                 if overrides is not None and not isinstance(overrides, dict):
@@ -81,5 +98,8 @@ class SweepSpec:
                 raise InputError("sweep.screen.noise must be one of sweep.noise's levels")
         if self.regime is not None and self.regime.get("noise", levels[0]) not in levels:
             raise InputError("sweep.regime must be a mapping whose noise (if any) is one of sweep.noise's levels")
+        from .filters import check_filters
+
+        check_filters(self.filters, self.scorer, [s for s in map(str, self.subsets) if _is_size(s)])
         if self.runner == "dask" and not self.scheduler:
             raise InputError("sweep.runner dask needs sweep.scheduler (tcp://HOST:PORT)")
