@@ -58,6 +58,8 @@ class RunConfig:
     out: str = field(default="", metadata={"help": "output folder (default: the recipe's out)"})
     serve: bool = field(default=False, metadata={"help": "start the service at the end"})
     check: bool = field(default=False, metadata={"help": "only parse and validate the recipe"})
+    report: bool = field(default=False, metadata={"help": "write results.md, results.csv and the plots from the runs "
+                                                          "finished so far, training nothing (a study spanning sessions)"})
 
     def __post_init__(self):
         if not self.recipe:
@@ -71,6 +73,8 @@ class SweepConfig:
     recipe: str = field(default="", metadata={"help": "sweep recipe YAML (a path or a bundled name)", "positional": True})
     out: str = field(default="", metadata={"help": "output folder (default: the recipe's out)"})
     check: bool = field(default=False, metadata={"help": "only parse and validate the recipe"})
+    report: bool = field(default=False, metadata={"help": "write results.md, results.csv and the plots from the runs "
+                                                          "finished so far, training nothing (a study spanning sessions)"})
 
     def __post_init__(self):
         if not self.recipe:

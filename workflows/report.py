@@ -11,7 +11,7 @@ from ..core.io import write_text
 from ..train.metrics import ci_half, fit_scaling, paired_differences, predict
 
 
-def write_results(sweep, rows: list[dict], selection: dict | None, pending=()) -> str:
+def write_results(sweep, rows: list[dict], selection: dict | None, pending=(), unfinished=()) -> str:
     table = pd.DataFrame(rows)
     table.to_csv(os.path.join(sweep.out, "results.csv"), index=False)
     filtered = "filter" in table and table["filter"].fillna("").astype(bool).any()
@@ -23,10 +23,14 @@ def write_results(sweep, rows: list[dict], selection: dict | None, pending=()) -
     if filtered:
         report += "\n\n" + filter_section(table, sweep.primary or sweep.metrics[0], sweep.out)
     if selection:
-        report = selection["report"] + "\n\n" + report
+        report = selection.get("report", f"Chosen for the scaling stage: {selection['best']} (screen.json)") + "\n\n" + report
     if pending:
         report = (f"**Partial results**: noise level(s) {', '.join(pending)} not run yet; rerun the same command to "
                   f"go on.\n\n" + report)
+    if unfinished:
+        report = (f"**Partial results** (`psdclip sweep --report`): {len(rows)} run(s) finished, {len(unfinished)} not "
+                  f"yet ({', '.join(unfinished[:6])}{', ...' if len(unfinished) > 6 else ''}); rerun the sweep without "
+                  f"--report to go on.\n\n" + report)
     write_text(os.path.join(sweep.out, "results.md"), report + "\n")
     return report
 

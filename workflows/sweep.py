@@ -184,9 +184,11 @@ class Sweep:
             out += [(suite, s) for s in splits]
         return out
 
-    def run(self, level: str, subset: str, method: str, seed: int, keep: bool = False) -> dict:
+    def run(self, level: str, subset: str, method: str, seed: int, keep: bool = False,
+            gather: bool = False) -> dict | None:
         """Train and evaluate one run unless it is finished; returns its row of the results table. `keep`: not
-        pruned yet (the scorer of sweep.filters, whose checkpoint scores the dataset first)."""
+        pruned yet (the scorer of sweep.filters, whose checkpoint scores the dataset first). `gather`: a run that
+        has not finished is left as it is and None returned (`--report`)."""
         src = self.sources[level]
         subset_file, n = self.subset_path(level, subset)
         root = os.path.join(self.out, level) if level else self.out
@@ -203,6 +205,8 @@ class Sweep:
         tag = f"{level + ' ' if level else ''}{subset} (N={n}) {method} seed {seed}"
         wanted = {**settings, "data": subset_file, "out": run, "steps": steps, "seed": seed, "progress": False}
         self._same_settings(run, wanted)
+        if gather and not all(os.path.isfile(f) for f in files.values()):
+            return None
         if all(os.path.isfile(f) for f in files.values()):
             log.info(f"[sweep] {tag}: done, skipped")
         else:
@@ -284,32 +288,46 @@ def run_sweep(cfg: SweepConfig) -> int:
     sweep.prepare()
     os.makedirs(sweep.out, exist_ok=True)
     methods = dict(sweep.spec.methods)
-    check_regime(sweep)
+    report = cfg.report  # gather the finished runs only: nothing is trained, scored or filtered
+    if not report:
+        check_regime(sweep)
     selection = None
     if sweep.screen:
-        selection = screen(sweep)
-        methods[selection["best"]] = sweep.methods[selection["best"]]
-    rows = []
+        done = os.path.join(sweep.out, "screen.json")
+        selection = screen(sweep) if not report else read_json(done) if os.path.isfile(done) else None
+        if selection:
+            methods[selection["best"]] = sweep.methods[selection["best"]]
+    rows, unfinished = [], []
     largest = sweep.subsets[-1]
     axis = bool(sweep.spec.filters or sweep.named)  # rows say their filter and pool
+
+    def run(level, name, method, seed, extra):
+        row = sweep.run(level, name, method, seed, gather=report)
+        if row is None:
+            unfinished.append(f"{level + ' ' if level else ''}{name}-{method}-s{seed}")
+        else:
+            rows.append({**row, **extra(row)} if axis else row)
+
     for i, level in enumerate(sweep.levels):
-        filtered = make_filtered(sweep, level)
+        filtered = make_filtered(sweep, level) if not report else [
+            (f"{pool}-{f}", pool, f) for pool in sweep.subsets for f in sweep.spec.filters
+            if os.path.isfile(os.path.join(sweep.cfgs[level]["data"].out, "subsets", f"{pool}-{f}.json"))]
         for subset in sweep.subsets:
             cells = [(subset, "")] + [(name, f) for name, pool, f in filtered if pool == subset]
             pool_n = sweep.subset_path(level, subset)[1]
             for name, fname in cells:
                 for method in methods:
                     for seed in (sweep.seeds_largest if subset == largest else sweep.seeds):
-                        row = sweep.run(level, name, method, seed)
-                        rows.append({**row, "filter": fname, "pool": subset, "pool_N": pool_n} if axis else row)
+                        run(level, name, method, seed, lambda r: {"filter": fname, "pool": subset, "pool_N": pool_n})
         for name in sweep.named:
             for method in methods:
                 for seed in sweep.seeds:
-                    row = sweep.run(level, name, method, seed)
-                    rows.append({**row, "filter": name, "pool": "", "pool_N": row["N"]})
-        if i < len(sweep.levels) - 1:  # a study spanning sessions reports each finished noise level
+                    run(level, name, method, seed, lambda r: {"filter": name, "pool": "", "pool_N": r["N"]})
+        if i < len(sweep.levels) - 1 and not report:  # a study spanning sessions reports each finished noise level
             write_results(sweep, rows, selection, pending=sweep.levels[i + 1:])
-    print(write_results(sweep, rows, selection))
+    if not rows:
+        raise InputError(f"[sweep] --report: no run of {cfg.recipe} has finished yet in {sweep.out}")
+    print(write_results(sweep, rows, selection, unfinished=unfinished))
     return 0
 
 

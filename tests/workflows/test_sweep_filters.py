@@ -55,6 +55,13 @@ def test_sweep_filter_axis_scores_filters_trains_and_reports(tmp_path, scheduler
     assert "| 200 | clip | top50 |" in report and (out / "diff_filter_retrieval_mean_R1.png").exists()
     again = cli("sweep", tmp_path / "s.yaml")
     assert "[sweep] scoring" not in again.stderr and again.stderr.count("done, skipped") == 9
+    # --report gathers what has finished and trains nothing (a study spanning sessions)
+    (out / "runs" / "50pct-top30-clip-s0" / "eval" / "synthetic.json").unlink()
+    partial = cli("sweep", tmp_path / "s.yaml", "--report")
+    assert " steps" not in partial.stderr and "[sweep] scoring" not in partial.stderr
+    assert not (out / "runs" / "50pct-top30-clip-s0" / "eval" / "synthetic.json").exists()
+    assert len(pd.read_csv(out / "results.csv")) == 8
+    assert "1 not yet (50pct-top30-clip-s0)" in (out / "results.md").read_text()
 
 
 def test_sweep_filter_refuses_a_changed_rule_and_bad_filters(tmp_path, scheduler):
