@@ -4,6 +4,8 @@ score), shard by shard, as data beside the manifest:
     DATASET/scores/NAME/score.json             what the scores were made from (dataset id, checkpoint and its
                                                sha256, the column) and the score files' layout
     DATASET/scores/NAME/shard-NNNNN.parquet    key, clip_score: one row per successful sample of shard NNNNN
+                                               (with --near-duplicates also nn_similarity, nn_key: the highest
+                                               cosine of its image embedding to another sample's, and that key)
     DATASET/scores/NAME/embeddings/            the parts the scores come from (clip-retrieval's layout)
 
 The samples are embedded as `index build` embeds them (embed.py: whole shards per DataLoader worker, every rank
@@ -12,6 +14,11 @@ built with the same checkpoint on the same dataset (`--embeddings INDEX/embeddin
 nothing is encoded again). A shard's score file is written once its part is in (renamed into place), so a run cut
 off continues at the next shard. Scores made from another checkpoint or dataset are refused, never mixed. The score
 files are plain Parquet, readable with pyarrow or DuckDB without psdclip; `psdclip data subset` thresholds them.
+
+`--near-duplicates` adds each sample's nearest other image in the dataset (DataComp's near-duplicate measure in
+embedding space): exact inner products over the normalised image vectors, blocked so that two parts (and a block
+of 1,024 queries against one part) are in memory at a time: O(N^2 d) work and O(shard) memory; a shard's file is
+rewritten with the two columns once its search is done, so a cut-off run continues at the next shard.
 """
 from __future__ import annotations
 
@@ -32,6 +39,51 @@ def default_name(checkpoint: str) -> str:
         parent = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))))
         base = f"{parent}-{base[:-3]}" if parent else base[:-3]
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in base) or "scores"
+
+
+NN_COLUMNS = ("nn_similarity", "nn_key")
+BLOCK = 1024
+
+
+def near_duplicates(parts: list, folder: str) -> int:
+    """Add nn_similarity and nn_key to every score file that lacks them (see the module docstring); returns how many
+    shards were searched now."""
+    keys = {}  # part name -> its keys, read when that part is the gallery
+    searched = 0
+    for pi in parts:
+        out = os.path.join(folder, f"shard-{int(pi.name):05d}.parquet")
+        table = pq.read_table(out)
+        if NN_COLUMNS[0] in table.column_names:
+            continue
+        q = np.asarray(P.vectors(pi, "image"), np.float32)
+        best = np.full(len(q), -np.inf, np.float32)
+        who = np.full(len(q), "", dtype=object)
+        for pj in parts:
+            g = np.asarray(P.vectors(pj, "image"), np.float32)
+            if pj.name not in keys:
+                keys = {pj.name: np.asarray(pq.read_table(pj.metadata, columns=["key"]).column("key").to_pylist(),
+                                            dtype=object)}
+            for a in range(0, len(q), BLOCK):
+                sims = q[a:a + BLOCK] @ g.T
+                if pj.name == pi.name:  # not itself
+                    rows = np.arange(len(sims))
+                    sims[rows, a + rows] = -np.inf
+                j = sims.argmax(axis=1)
+                top = sims[np.arange(len(sims)), j]
+                better = top > best[a:a + BLOCK]
+                best[a:a + BLOCK][better] = top[better]
+                who[a:a + BLOCK][better] = keys[pj.name][j[better]]
+        own = table.column("key").to_pylist()
+        mine = pq.read_table(pi.metadata, columns=["key"]).column("key").to_pylist()
+        if own != mine:
+            raise InputError(f"{out}: its keys are not the embedding part's ({pi.name}); delete the scores to redo them")
+        best[~np.isfinite(best)] = np.nan  # a dataset of one sample: no other image
+        table = table.append_column(NN_COLUMNS[0], pa.array(best, pa.float32())).append_column(
+            NN_COLUMNS[1], pa.array(who.tolist(), pa.string()))
+        with atomic_path(out) as tmp:
+            pq.write_table(table, tmp)
+        searched += 1
+    return searched
 
 
 def cmd_score(cfg) -> int:
@@ -85,5 +137,7 @@ def cmd_score(cfg) -> int:
             pq.write_table(pa.table({"key": keys, COLUMN: pa.array(scores, pa.float32())}), tmp)
         written += 1
     total = sum(p.count for p in parts)
-    print(f"scores {name}: {total:,} samples in {len(parts)} shard file(s) ({written} written now) in {folder}")
+    searched = near_duplicates(parts, folder) if cfg.near_duplicates else 0
+    print(f"scores {name}: {total:,} samples in {len(parts)} shard file(s) ({written} written now"
+          f"{f', {searched} searched for near duplicates' if cfg.near_duplicates else ''}) in {folder}")
     return 0

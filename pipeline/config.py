@@ -288,6 +288,8 @@ class ScoreConfig:
     name: str = _help("the scores' name: DATASET/scores/NAME/ (default: from the checkpoint)", default="")
     embeddings: str = _help("take the vectors from these embedding parts (an index's OUT/embeddings, built with the "
                             "same checkpoint on this dataset) instead of encoding again", default="")
+    near_duplicates: bool = _help("also each sample's nearest other image in the dataset: nn_similarity (cosine of "
+                                  "the image embeddings, exact) and nn_key", default=False)
     batch_size: int = _help("images per forward pass", default=256)
     workers: int = _help("image loading worker processes (each reads whole shards)", default=2)
     device: str = _help("auto, cpu or cuda[:N]", default="auto")

@@ -102,3 +102,26 @@ def test_scores_per_shard_and_score_subsets(ds, runs, tmp_path):
     assert r.returncode == 2 and "would be empty" in r.stderr
     r = cli("data", "subset", ds, "--name", "x", "--score", "nothing", "--min-score", "0", check=False)
     assert r.returncode == 2 and "no such scores" in r.stderr
+
+
+def test_near_duplicate_column_is_the_exact_nearest_other_image(ds, runs):
+    cli("data", "score", ds, "--checkpoint", runs[0], "--name", "nn", "--near-duplicates", "--workers", 0,
+        "--no-progress")
+    folder = ds / "scores" / "nn"
+    parts = folder / "embeddings"
+    names = sorted(p.name[len("img_emb_"):-4] for p in (parts / "img_emb").glob("img_emb_*.npy"))
+    img = np.concatenate([np.load(parts / "img_emb" / f"img_emb_{n}.npy").astype(np.float32) for n in names])
+    keys = np.concatenate([pd.read_parquet(parts / "metadata" / f"metadata_{n}.parquet")["key"].to_numpy()
+                           for n in names])
+    sims = img @ img.T
+    np.fill_diagonal(sims, -np.inf)  # brute force over the whole dataset at once
+    scores = pd.concat([pd.read_parquet(folder / f"shard-{int(n):05d}.parquet") for n in names])
+    assert list(scores["key"]) == list(keys) and len(names) > 1  # (several parts: the search crosses shards)
+    assert np.allclose(scores["nn_similarity"], sims.max(1), atol=1e-5)
+    pos = {k: i for i, k in enumerate(keys)}
+    picked = sims[np.arange(len(keys)), [pos[k] for k in scores["nn_key"]]]
+    assert np.allclose(picked, sims.max(1), atol=1e-5) and (scores["nn_key"] != scores["key"]).all()
+    assert {"key", "clip_score", "nn_similarity", "nn_key"} == set(scores.columns)
+    again = cli("data", "score", ds, "--checkpoint", runs[0], "--name", "nn", "--near-duplicates", "--workers", 0,
+                "--no-progress")
+    assert "0 searched for near duplicates" in again.stdout
