@@ -101,17 +101,21 @@ def scored_by(sweep, level: str) -> str:
     return name
 
 
-def make_filtered(sweep, level: str) -> list[tuple[str, str, str]]:
-    """Write every (pool, filter) subset of the level's dataset; returns [(subset name, pool, filter)]."""
+def make_filtered(sweep, level: str, gather: bool = False) -> list[tuple[str, str, str]]:
+    """Write every (pool, filter) subset of the level's dataset; returns [(subset name, pool, filter)]. `gather`
+    (`sweep --report`): score and write nothing, return the subsets already written."""
     from ..pipeline.format import SCORE_COLUMN, DatasetLayout
     from ..pipeline.scores import score_subset
 
     filters = sweep.spec.filters
     if not filters:
         return []
-    scores = scored_by(sweep, level) if sweep.spec.scorer else None
     dataset = sweep.cfgs[level]["data"].out
     root = DatasetLayout(dataset).root
+    if gather:
+        return [(f"{pool}-{f}", pool, f) for pool in sweep.subsets for f in filters
+                if os.path.isfile(os.path.join(root, "subsets", f"{pool}-{f}.json"))]
+    scores = scored_by(sweep, level) if sweep.spec.scorer else None
     out = []
     for pool in sweep.subsets:
         for fname, rule in filters.items():

@@ -205,9 +205,10 @@ class Sweep:
         tag = f"{level + ' ' if level else ''}{subset} (N={n}) {method} seed {seed}"
         wanted = {**settings, "data": subset_file, "out": run, "steps": steps, "seed": seed, "progress": False}
         self._same_settings(run, wanted)
-        if gather and not all(os.path.isfile(f) for f in files.values()):
+        finished = all(os.path.isfile(f) for f in files.values())
+        if gather and not finished:
             return None
-        if all(os.path.isfile(f) for f in files.values()):
+        if finished:
             log.info(f"[sweep] {tag}: done, skipped")
         else:
             log.info(f"[sweep] {tag}: {steps} steps")
@@ -309,9 +310,7 @@ def run_sweep(cfg: SweepConfig) -> int:
             rows.append({**row, **extra(row)} if axis else row)
 
     for i, level in enumerate(sweep.levels):
-        filtered = make_filtered(sweep, level) if not report else [
-            (f"{pool}-{f}", pool, f) for pool in sweep.subsets for f in sweep.spec.filters
-            if os.path.isfile(os.path.join(sweep.cfgs[level]["data"].out, "subsets", f"{pool}-{f}.json"))]
+        filtered = make_filtered(sweep, level, gather=report)
         for subset in sweep.subsets:
             cells = [(subset, "")] + [(name, f) for name, pool, f in filtered if pool == subset]
             pool_n = sweep.subset_path(level, subset)[1]
