@@ -166,16 +166,20 @@ def test_clip_benchmark_wds_layout(runs, tmp_path):
 
     root = tmp_path / "wds_toy"
     (root / "test").mkdir(parents=True)
-    (root / "classnames.txt").write_text("red circle\nblue square\ngreen star\n")
+    # the class names in the folder suite's (sorted) order and its templates: the same classifier, to the bit
+    names = ["blue square", "green star", "red circle"]
+    (root / "classnames.txt").write_text("".join(f"{n}\n" for n in names))
     (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na drawing of a {c}.\n")
-    colours = [(220, 30, 30), (30, 30, 220), (30, 200, 30)]
+    colours = [(30, 30, 220), (30, 200, 30), (220, 30, 30)]
     folder = tmp_path / "as-folder"
+    folder.mkdir()
+    (folder / "templates.txt").write_text("a photo of a {}.\na drawing of a {}.\n")
     with tarfile.open(root / "test" / "0.tar", "w") as tar:
         for i in range(12):
             buf = io.BytesIO()
             im = Image.new("RGB", (64, 64), colours[i % 3])
             im.save(buf, "WEBP", lossless=True)  # the same pixels as the png: the same features
-            name = ["red circle", "blue square", "green star"][i % 3]
+            name = names[i % 3]
             (folder / name).mkdir(parents=True, exist_ok=True)
             im.save(folder / name / f"{i:04d}.png")
             for ext, data in (("webp", buf.getvalue()), ("cls", str(i % 3).encode()),
@@ -187,7 +191,8 @@ def test_clip_benchmark_wds_layout(runs, tmp_path):
     m = json.loads(r.stdout)["metrics"]
     assert {"zeroshot.top1", "zeroshot.mean_per_class_recall", "retrieval.t2i_R@1"} <= set(m)
     assert m["retrieval.images"] == 12 and m["retrieval.captions"] == 24
-    # the same images as a folder of classes give the same zero-shot top-1 (lossless webp and png: the same pixels)
+    # the same images as a folder of classes, with the same class names and templates, give the same zero-shot top-1
+    # (lossless webp and png: the same pixels)
     same = json.loads(cli("eval", runs[0], "--suite", f"imagefolder:{folder}", "--json", "--workers", 0).stdout)
     assert abs(same["metrics"]["zeroshot.top1"] - m["zeroshot.top1"]) < 1e-9
     assert (runs[0] / "eval" / "clip_benchmark" / "wds-wds_toy_zeroshot_classification.json").exists()
