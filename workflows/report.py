@@ -22,6 +22,9 @@ def write_results(sweep, rows: list[dict], selection: dict | None, pending=(), u
     report = summarize(shown, sweep.metrics, sweep.out, primary=sweep.primary, chance=sweep.chance)
     if filtered:
         report += "\n\n" + filter_section(table, sweep.primary or sweep.metrics[0], sweep.out)
+    robust = getattr(sweep, "robustness", None) or {}
+    if robust:
+        report += "\n\n" + robustness_section(table, robust["id"], robust["ood"], sweep.out)
     if selection:
         report = selection.get("report", f"Chosen for the scaling stage: {selection['best']} (screen.json)") + "\n\n" + report
     if pending:
@@ -55,29 +58,32 @@ def summarize(table: pd.DataFrame, metrics: list[str], out: str, primary: str | 
                 v = grp[m].dropna().to_numpy() if m in grp else np.array([])
                 cells.append(f"{v.mean():.3f} ± {ci_half(v):.3f}" if len(v) else "")
             lines.append(f"| {n} | {method} | " + " | ".join(cells) + " |")
-        lines += ["", "Fits of the error (1 − metric) over the individual runs: power law error = a·N^(−b) + c, or, "
-                  "for a metric with a declared chance value, the power law with a random-guess plateau e0 = 1 − "
-                  "chance: error = c + (e0 − c)/(1 + (N/N0)^b) (≈ a·N^(−b) + c for N ≫ N0). R² (power law) is the "
-                  "plain power law's fit over the same points; R² ceiling the most any curve in N can reach over "
-                  "them (the share of their variance the per-N means explain: the rest is the spread between "
-                  "seeds).", "",
-                  "| method | metric | form | a | b | c | N0 | R² | R² (power law) | R² ceiling |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for method, grp in t.groupby("method"):
-            for m in metrics:
-                if m not in grp:
-                    continue
-                g = grp[["N", m]].dropna()
-                guess = 1 - float(chance[m]) if m in chance else None
-                fit = fit_scaling(g["N"].to_numpy(), 1 - g[m].to_numpy(), guess)
-                fits[(method, m)] = fit
-                if fit["ok"]:
-                    n0 = f"{fit['n0']:.0f}" if "n0" in fit else "–"
-                    lines.append(f"| {method} | {m} | {fit['form']} | {fit['a']:.3g} | {fit['b']:.3f} | "
-                                 f"{fit['c']:.3f} | {n0} | {fit['r2']:.3f} | {fit.get('r2_power', fit['r2']):.3f} | "
-                                 f"{fit['r2_max']:.3f} |")
-                else:
-                    lines.append(f"| {method} | {m} | – | – | – | – | – | {fit['note']} | – | – |")
+        if t["N"].nunique() < 3:
+            lines += ["", f"No scaling fits: {t['N'].nunique()} data size(s) (a fit needs at least three)."]
+        else:
+            lines += ["", "Fits of the error (1 − metric) over the individual runs: power law error = a·N^(−b) + c, or, "
+                      "for a metric with a declared chance value, the power law with a random-guess plateau e0 = 1 − "
+                      "chance: error = c + (e0 − c)/(1 + (N/N0)^b) (≈ a·N^(−b) + c for N ≫ N0). R² (power law) is the "
+                      "plain power law's fit over the same points; R² ceiling the most any curve in N can reach over "
+                      "them (the share of their variance the per-N means explain: the rest is the spread between "
+                      "seeds).", "",
+                      "| method | metric | form | a | b | c | N0 | R² | R² (power law) | R² ceiling |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
+            for method, grp in t.groupby("method"):
+                for m in metrics:
+                    if m not in grp:
+                        continue
+                    g = grp[["N", m]].dropna()
+                    guess = 1 - float(chance[m]) if m in chance else None
+                    fit = fit_scaling(g["N"].to_numpy(), 1 - g[m].to_numpy(), guess)
+                    fits[(method, m)] = fit
+                    if fit["ok"]:
+                        n0 = f"{fit['n0']:.0f}" if "n0" in fit else "–"
+                        lines.append(f"| {method} | {m} | {fit['form']} | {fit['a']:.3g} | {fit['b']:.3f} | "
+                                     f"{fit['c']:.3f} | {n0} | {fit['r2']:.3f} | {fit.get('r2_power', fit['r2']):.3f} | "
+                                     f"{fit['r2_max']:.3f} |")
+                    else:
+                        lines.append(f"| {method} | {m} | – | – | – | – | – | {fit['note']} | – | – |")
         d = paired_differences(t, primary)
         diffs[level] = d
         if d:
@@ -112,6 +118,64 @@ def filter_section(table: pd.DataFrame, primary: str, out: str) -> str:
     if panels:
         _plot_diffs(panels, primary, out, name="diff_filter", base="no filter", xlabel="pool size N (before the filter)")
     return "\n".join(lines)
+
+
+def _logit(p):
+    p = np.clip(np.asarray(p, float), 1e-4, 1 - 1e-4)
+    return np.log(p / (1 - p))
+
+
+def robustness_section(table: pd.DataFrame, id_metric: str, ood_metric: str, out: str, base: str = "clip") -> str:
+    """Effective robustness (Taori et al. 2020, as CLIP's paper reports it): the baseline's trend of the
+    out-of-distribution metric against the in-distribution one, a line in logit space fitted over every baseline
+    run (all sizes and seeds); a run's effective robustness is its ood value minus the trend's value at its id value
+    (above the line: more robust than the baseline at the same in-distribution accuracy). Per method and N the mean
+    with its 95% interval, and method − baseline paired by seed; robustness_*.png draws the runs and the line."""
+    head = f"Effective robustness: {ood_metric} against {id_metric}"
+    if id_metric not in table or ood_metric not in table:
+        return f"{head}: no runs carry both metrics yet."
+    t = table.dropna(subset=[id_metric, ood_metric]).copy()
+    b = t[t["method"] == base]
+    if len(b) < 3 or b[id_metric].nunique() < 2:
+        return f"{head}: the {base} trend needs at least three {base} runs ({len(b)} finished)."
+    slope, icept = np.polyfit(_logit(b[id_metric]), _logit(b[ood_metric]), 1)
+    trend = lambda x: 1 / (1 + np.exp(-(slope * _logit(x) + icept)))  # noqa: E731
+    t["effective_robustness"] = t[ood_metric].to_numpy(float) - trend(t[id_metric])
+    lines = [f"{head}. The {base} trend over its {len(b)} runs: logit(ood) = {slope:.3f} · logit(id) {icept:+.3f}; a "
+             "run's effective robustness is its ood value minus the trend at its id value (mean ± 95% interval):", "",
+             "| N | method | id | ood | effective robustness |", "|---|---|---|---|---|"]
+    for (n, method), grp in t.groupby(["N", "method"]):
+        er = grp["effective_robustness"].to_numpy()
+        lines.append(f"| {n} | {method} | {grp[id_metric].mean():.3f} | {grp[ood_metric].mean():.3f} | "
+                     f"{er.mean():+.4f} ± {ci_half(er):.4f} |")
+    d = paired_differences(t, "effective_robustness", base=base)
+    if d:
+        lines += ["", f"Each method's effective robustness minus {base}'s, paired by seed:", "",
+                  "| N | method | Δ | detectable | seeds |", "|---|---|---|---|---|"]
+        lines += [f"| {r['N']} | {r['method']} | {r['diff']:+.4f} ± {r['half']:.4f} | {r['detectable']:.4f} | "
+                  f"{r['seeds']} |" for r in d]
+    _plot_robustness(t, id_metric, ood_metric, trend, out)
+    return "\n".join(lines)
+
+
+def _plot_robustness(t, id_metric, ood_metric, trend, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
+    for method, grp in t.groupby("method"):
+        ax.scatter(grp[id_metric], grp[ood_metric], s=16, alpha=0.7, label=method)
+    xs = np.linspace(t[id_metric].min(), t[id_metric].max(), 50)
+    ax.plot(xs, trend(xs), "k--", lw=1, label="clip trend (logit fit)")
+    ax.set_xlabel(f"{id_metric} (in distribution)")
+    ax.set_ylabel(f"{ood_metric} (out of distribution)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"robustness_{_slug(ood_metric)}.png"))
+    plt.close(fig)
 
 
 def _slug(text: str) -> str:

@@ -131,6 +131,7 @@ class Sweep:
         self.base_train = dict(recipe.get("train") or {})
         self.split, self.suites, self.metrics = spec.split, spec.suites, spec.metrics
         self.primary, self.chance, self.screen = spec.primary, spec.chance, spec.screen
+        self.robustness = spec.robustness
         self.methods = {**spec.methods, **(self.screen.get("methods") or {})}
         for name, overrides in self.methods.items():
             settings = _validatable({**self.base_train, **(overrides or {})})

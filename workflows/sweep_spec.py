@@ -64,6 +64,9 @@ class SweepSpec:
                           "pool size by the scorer's CLIP scores (workflows/filters.py)", default_factory=dict)
     scorer: dict = _help("{method, subset, seed} (a run of this sweep) or {checkpoint: PATH}: the model that scores "
                          "the samples for sweep.filters", default_factory=dict)
+    robustness: dict = _help("{id: METRIC, ood: METRIC}: report each run's effective robustness against CLIP's trend "
+                             "of the ood metric on the id one (a logit-space line over the clip runs)",
+                             default_factory=dict)
     prune: bool = _help("delete a finished run's checkpoints, feature cache, plots and per-example arrays",
                         default=False)
 
@@ -98,6 +101,9 @@ class SweepSpec:
                 raise InputError("sweep.screen.noise must be one of sweep.noise's levels")
         if self.regime is not None and self.regime.get("noise", levels[0]) not in levels:
             raise InputError("sweep.regime must be a mapping whose noise (if any) is one of sweep.noise's levels")
+        if self.robustness and (set(self.robustness) != {"id", "ood"}
+                                or not all(m in self.metrics for m in self.robustness.values())):
+            raise InputError("sweep.robustness must be {id: METRIC, ood: METRIC}, both among sweep.metrics")
         from .filters import check_filters
 
         check_filters(self.filters, self.scorer, [s for s in map(str, self.subsets) if _is_size(s)])
