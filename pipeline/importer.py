@@ -9,8 +9,10 @@ in its tar; duplicate images (the same sha256) marked duplicate_image after the 
 stats.json, dataset.json. img2dataset's folder is never modified. Webdataset shards are hard-linked into
 DATASET/shards/ when both folders are on one file system (no byte copied; the link shares the file, so do not edit
 either), else copied (`--copy` always copies). Parquet shards are rewritten into psdclip's Arrow shard schema (key,
-jpg, caption, url, sizes, sha256), successes only. Keys are img2dataset's own. Holds one shard's rows at a time,
-plus the sha256 of the successes seen (the duplicate-image check).
+jpg, caption, url, sizes, sha256), successes only. Keys are img2dataset's own. Holds one shard's rows at a time: the
+duplicate-image check sends each shard's successes (sha256, shard, row) to SHA_BUCKETS buckets by the hash's first
+two hex digits (one Arrow IPC file per shard in DATASET/_work/, a record batch per bucket, as the build's finalize
+does), then takes one bucket of every shard at a time, and rewrites the manifest of the shards that hold duplicates.
 """
 from __future__ import annotations
 
@@ -20,20 +22,24 @@ import shutil
 import tarfile
 import uuid
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..core import storage
 from ..core.errors import InputError
 from ..core.io import now, write_json
 from .config import ImportConfig
 from .dataset import Layout, stream_stats
+from .buckets import read_batch, write_batches
 from .download import i2d_status
 from .finalize import write_subsets
 from .format import MANIFEST_COLUMNS, MANIFEST_SCHEMA, SCHEMA_VERSION, manifest_file, shard_name, stats_name
 from .status import DUPLICATE_IMAGE, SUCCESS
 from .subsets import parse_subsets
 
+SHA_BUCKETS = 256  # the first two hex digits of a sha256: a bucket of 1M successes is ~4k rows
 _SHARD = re.compile(r"^(\d+)\.(tar|parquet)$")
 ARROW_SCHEMA = pa.schema([("key", pa.string()), ("jpg", pa.binary()), ("caption", pa.string()), ("url", pa.string()),
                           ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
@@ -60,6 +66,42 @@ def _digits(folder: str, shard: int, ext: str) -> str:
     return os.path.join(folder, f"{shard:05d}.{ext}")
 
 
+def _hash_file(layout: Layout, n: int) -> str:
+    return os.path.join(layout.work, f"sha-{n}.arrow")
+
+
+def _send_hashes(layout: Layout, n: int, frame: pd.DataFrame) -> None:
+    """Shard n's successes with a hash, (sha256, shard, row), as one record batch per sha bucket."""
+    ok = frame[(frame["status"] == SUCCESS) & (frame["sha256"].fillna("").astype(str).str.len() >= 2)]
+    sha = ok["sha256"].astype(str).to_numpy()
+    table = pa.table({"sha256": pa.array(sha, pa.string()), "shard": pa.array([n] * len(ok), pa.int64()),
+                      "row": pa.array(ok.index.to_numpy(), pa.int64())})
+    group = np.array([int(h[:2], 16) for h in sha], dtype=np.int64) if len(sha) else np.zeros(0, np.int64)
+    write_batches(_hash_file(layout, n), table, group, SHA_BUCKETS)
+
+
+def _duplicate_images(layout: Layout, shards: list[int]) -> dict[int, int]:
+    """Mark duplicate_image every success whose sha256 an earlier success (in shard, row order) has: one bucket of
+    every shard's hashes in memory at a time; the duplicates found are kept per shard as row numbers (8 bytes
+    each) and the manifests of those shards rewritten. Returns the duplicates per shard."""
+    dups: dict[int, list[np.ndarray]] = {}
+    for b in range(SHA_BUCKETS):
+        part = pa.concat_tables([read_batch(_hash_file(layout, n), b) for n in shards]).to_pandas()
+        if part.empty:
+            continue
+        part = part.sort_values(["shard", "row"], kind="stable")
+        for shard, rows in part[part.duplicated("sha256", keep="first")].groupby("shard")["row"]:
+            dups.setdefault(int(shard), []).append(rows.to_numpy(np.int64))
+    for n, parts in dups.items():
+        rows = np.sort(np.concatenate(parts))
+        path = manifest_file(layout.root, shard=n)
+        frame = pq.read_table(path).to_pandas()
+        frame.loc[rows, "status"] = DUPLICATE_IMAGE
+        frame.loc[rows, "error"] = "same image bytes (sha256) as an earlier sample"
+        pq.write_table(pa.Table.from_pandas(frame, schema=MANIFEST_SCHEMA, preserve_index=False), path)
+    return {n: sum(len(p) for p in parts) for n, parts in dups.items()}
+
+
 def import_folder(cfg: ImportConfig) -> dict:
     src = os.path.abspath(cfg.folder)
     if not os.path.isdir(src):
@@ -70,7 +112,7 @@ def import_folder(cfg: ImportConfig) -> dict:
         raise InputError(f"--out {cfg.out}: not empty; import into a new folder")
     layout.create()
     os.makedirs(layout.manifest, exist_ok=True)
-    seen, counts, linked = set(), {}, 0
+    counts, linked = {}, 0
     for n in shards:
         meta_path = _digits(src, n, "parquet")
         try:
@@ -120,10 +162,6 @@ def import_folder(cfg: ImportConfig) -> dict:
                         images.append({"key": key, "jpg": img, "caption": r.get("txt") or r.get("caption") or "",
                                        **{c: r.get(c) for c in ARROW_SCHEMA.names if c not in ("key", "jpg", "caption")}})
             sha = r.get("sha256") or ""
-            if status == SUCCESS and sha:
-                if sha in seen:
-                    status, error = DUPLICATE_IMAGE, "same image bytes (sha256) as an earlier sample"
-                seen.add(sha)
             rows.append({"key": key, "url": r.get("url"), "caption": r.get("caption", r.get("txt")), "status": status,
                          "error": error, "shard": n, "offset": offset, "size": size,
                          **{c: r.get(c) for c in ("width", "height", "original_width", "original_height")},
@@ -140,6 +178,10 @@ def import_folder(cfg: ImportConfig) -> dict:
         if os.path.isfile(stats):
             shutil.copyfile(stats, os.path.join(layout.shards, stats_name(n)))
         counts[n] = int((frame["status"] == SUCCESS).sum())
+        _send_hashes(layout, n, frame)
+    for n, dups in _duplicate_images(layout, shards).items():
+        counts[n] -= dups
+    storage.rmtree(layout.work)
     the_id = uuid.uuid4().hex[:16]
     specs = parse_subsets(cfg.subsets) if cfg.subsets else []
     write_subsets(layout, counts, specs, cfg.subset_seed, fmt, the_id)

@@ -51,6 +51,10 @@ def test_img2dataset_output_becomes_a_dataset(lists, tmp_path, fmt):
     counts = m["status"].value_counts().to_dict()
     assert counts == {"success": 60, "http_4xx": 5, "duplicate_image": 1}, counts
     assert set(m[m["status"] == "http_4xx"]["caption"]) == {"missing"}
+    # the repeat (the last input row, three shards after the first) is the duplicate, not the first; by hash bucket
+    dup = m[m["status"] == "duplicate_image"].iloc[0]
+    assert dup["caption"] == "the first image again" and int(dup["shard"]) == int(m["shard"].max()) > 0
+    assert not (ds / "_work").exists()
     info = json.load(open(ds / "dataset.json"))
     assert info["counts"]["success"] == 60 and info["config"]["imported_from"] == str(src)
     assert info["config"]["shards"] == ("hard-linked" if fmt == "wds" else "copied")
