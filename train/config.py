@@ -21,6 +21,27 @@ RESUMABLE = frozenset({"out", "steps", "stop_after", "workers", "threads", "prog
                        "dist_backend", "remote_sync", "compile", "channels_last", "grad_checkpointing", "nan_policy"})
 
 
+# options whose default changed, with the default before (a run folder trained with the old one keeps it): the PSD
+# defaults chosen by the psd-v2 studies (issue 26; README, "CLIP vs PSD")
+CHANGED_DEFAULTS = {"teacher_temperature": 1.0}
+
+
+def keep_earlier_defaults(cfg, earlier: dict) -> list[str]:
+    """A run resumed with an option left at a default that has changed since the run began keeps the run's value
+    (from its config.yaml; the old default when the run predates the option): `--flag value` of each one kept.
+    Options named on the command line or in a --config file (cfg._given, set by build_config) are the user's."""
+    given = getattr(cfg, "_given", frozenset())
+    kept = []
+    for name, old in CHANGED_DEFAULTS.items():
+        if name in given:
+            continue
+        value = earlier.get(name, old)
+        if value != getattr(cfg, name):
+            setattr(cfg, name, value)
+            kept.append(f"--{name.replace('_', '-')} {value}")
+    return kept
+
+
 def changed_on_resume(before: dict, cfg) -> list[str]:
     """`--flag old -> new` for every option outside RESUMABLE whose value differs from the run's earlier config
     (options the earlier run did not have yet are not compared)."""
@@ -71,14 +92,17 @@ class TrainConfig:
     eps: float = _help("AdamW epsilon", default=1e-6)
     grad_clip: float = _help("clip the gradient norm to this (0: off)", default=1.0)
     alpha_start: float = _help("PSD: distillation weight at step 0", default=0.0)
-    alpha_max: float = _help("PSD: distillation weight at the last step (default: a best guess that the "
-                             "scaling-cpu study did not refute; README)", default=0.5)
+    alpha_max: float = _help("PSD: distillation weight at the last step (the value every PSD reading of the psd-v2 "
+                             "studies used; README)", default=0.5)
     alpha_schedule: Literal["linear", "cosine", "constant"] = _help("PSD: shape of the alpha schedule",
                                                                     default="linear")
     rho_start: float = _help("PSD: fraction of rows given soft targets at step 0", default=1.0)
     rho_end: float = _help("PSD: fraction of rows given soft targets at the last step", default=1.0)
     rho_schedule: Literal["linear", "cosine", "constant"] = _help("PSD: shape of the rho schedule", default="constant")
-    teacher_temperature: float = _help("PSD: temperature applied to the teacher's logits", default=1.0)
+    teacher_temperature: float = _help(
+        "PSD: temperature applied to the teacher's logits. Default 2, from the psd-v2 studies (README, 'CLIP vs "
+        "PSD'): at 1 the same-pass teacher only rescales CLIP's gradient; no PSD reading beat CLIP there, and T = 2 "
+        "was the best of those that differ from it (a run begun with another default keeps its own)", default=2.0)
     ema_teacher: bool = _help("PSD: use an EMA copy of the model as teacher (one more forward pass)", default=False)
     ema_decay: float = _help("PSD: decay of the EMA teacher", default=0.999)
     snapshot_every: int = _help("PSD: PS-KD's previous-epoch teacher: a frozen copy of the model, refreshed every N "

@@ -24,7 +24,7 @@ from ..core.errors import InputError, PsdclipError
 from ..core.io import now, write_text
 from ..core.locks import folder_lock
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import TrainConfig, keep_earlier_defaults
 from .data import ShardStream, make_loader
 from .distributed import Interrupt, gather_rows, setup_distributed, step_flags
 from .loading import load_pretrained
@@ -89,6 +89,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
                          f"micro-batches")
     micro = cfg.batch_size // world // cfg.accum
     ckpt_dir = os.path.join(cfg.out, "checkpoints")
+    earlier = os.path.join(cfg.out, "config.yaml")
+    if cfg.resume != "never" and os.path.isfile(earlier):  # before the loss is made: it reads them
+        with open(earlier, encoding="utf-8") as f:
+            kept = keep_earlier_defaults(cfg, yaml.safe_load(f) or {})
+        if kept and rank == 0:
+            log.info(f"psdclip: {cfg.out} was begun with {', '.join(kept)}, a default that has changed since: kept "
+                     f"(name the option to train with another value)")
     torch.manual_seed(cfg.seed)
     model, preprocess_train, preprocess_val, tokenizer = build_model(cfg.model, device, siglip=cfg.loss == "siglip")
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format

@@ -128,7 +128,9 @@ def build_config(cls, yaml_values: dict, cli_values: dict, source: str = "config
             if isinstance(v, float) and not math.isfinite(v):
                 raise InputError(f"--{key.replace('_', '-')}: expected a finite number, got {v}")
     values.update(cli_values)
-    return cls(**values)
+    obj = cls(**values)
+    obj._given = frozenset(values)  # the options the user named (train's resume keeps a run's own for the rest)
+    return obj
 
 
 def _coerce(value, tp, where):

@@ -235,8 +235,12 @@ class Sweep:
             return
         with open(path, encoding="utf-8") as f:
             before = yaml.safe_load(f) or {}
+        resolved = {}  # what the run was trained with: a setting the recipe now names at the value it had is the same
+        if os.path.isfile(os.path.join(run, "config.yaml")):
+            with open(os.path.join(run, "config.yaml"), encoding="utf-8") as f:
+                resolved = yaml.safe_load(f) or {}
         changed = sorted(k for k in set(before) | set(wanted) if k not in ("data", "out", "threads")  # speed only
-                         and before.get(k) != wanted.get(k))
+                         and before.get(k, resolved.get(k)) != wanted.get(k))
         if changed:
             raise InputError(f"[sweep] {run} was trained with other settings ({', '.join(changed)}); delete it to "
                              f"train it again, or give the sweep another --out")

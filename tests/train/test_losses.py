@@ -90,6 +90,29 @@ def test_same_pass_teacher_at_temperature_one_only_rescales_each_rows_gradient()
     assert not torch.allclose(gi_warm, (1 - alpha) * gi_clip, atol=1e-4)
 
 
+def test_the_default_psd_is_not_a_rescaled_clip():
+    """`psdclip train --loss psd` with no other flag: its gradient is not CLIP's times a factor, for the batch as a
+    whole nor row by row (the old default, the same-pass teacher at T = 1 and rho = 1, was exactly that)."""
+    from psdclip.train.loop import make_loss
+
+    cfg = TrainConfig(data="x", out="y", steps=100)
+    assert cfg.loss == "psd"
+    loss = make_loss(cfg, 0, 1)
+    i, t, s = feats()
+    (g_clip,) = torch.autograd.grad(CLIPLoss()(i, t, s)["contrastive_loss"], i)
+    out = loss(i, t, s, step=80)
+    assert float(out["alpha"]) > 0 and float(out["distill_rows"]) > 0  # it distils at this step
+    (g_psd,) = torch.autograd.grad(out["contrastive_loss"], i)
+    # the best factor per row, and what it leaves: CLIP rescaled leaves nothing (the old default: below 1e-6)
+    c = (g_psd * g_clip).sum(1, keepdim=True) / (g_clip * g_clip).sum(1, keepdim=True)
+    residual = (g_psd - c * g_clip).norm(dim=1) / g_psd.norm(dim=1)
+    assert float(residual.max()) > 0.01, residual
+    old = make_loss(TrainConfig(data="x", out="y", steps=100, teacher_temperature=1.0), 0, 1)
+    (g_old,) = torch.autograd.grad(old(i, t, s, step=80)["contrastive_loss"], i)
+    c = (g_old * g_clip).sum(1, keepdim=True) / (g_clip * g_clip).sum(1, keepdim=True)
+    assert float(((g_old - c * g_clip).norm(dim=1) / g_old.norm(dim=1)).max()) < 1e-5  # the check can tell
+
+
 def _by_hand(logits, teach_i, teach_t, alpha, mask):
     """The PSD loss written out: rows in `mask` get (1 - alpha)·onehot + alpha·teacher, others one-hot."""
     eye = torch.eye(len(logits))

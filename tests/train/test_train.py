@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from helpers.cli import BIN, cli
 
@@ -388,3 +389,28 @@ def test_a_mixture_trains_counts_its_sources_and_resumes(dataset_dir, tmp_path):
     assert [r["loss"] for r in whole] == pytest.approx([r["loss"] for r in parts], abs=1e-5)
     bad = cli("train", *common[:2], "--data-weights", "1,2,3", "--out", tmp_path / "bad", check=False)
     assert bad.returncode == 2 and "--data-weights: 3 weight(s) for the 2 source(s)" in bad.stderr
+
+
+def test_a_run_begun_under_an_old_default_resumes_with_its_own(dataset_dir, tmp_path):
+    """--teacher-temperature's default changed (1 -> 2, issue 26). A run begun with the old value resumes without
+    the flag and keeps it (said in one line), also when its config.yaml predates the option; naming another value
+    on the resume is refused as any change of what is trained."""
+    run = tmp_path / "old"
+    cli("train", "--data", dataset_dir, "--out", run, "--steps", 2, "--loss", "psd", "--teacher-temperature", 1.0,
+        *FAST)
+    r = cli("train", "--data", dataset_dir, "--out", run, "--steps", 3, "--loss", "psd", *FAST)
+    assert "was begun with --teacher-temperature 1.0, a default that has changed since: kept" in r.stderr
+    assert yaml.safe_load(open(run / "config.yaml"))["teacher_temperature"] == 1.0
+    assert max(m["step"] for m in metrics(run)) == 3
+    old = yaml.safe_load(open(run / "config.yaml"))
+    del old["teacher_temperature"]  # a run older than the option: it trained at the old default
+    (run / "config.yaml").write_text(yaml.safe_dump(old))
+    cli("train", "--data", dataset_dir, "--out", run, "--steps", 4, "--loss", "psd", *FAST)
+    assert yaml.safe_load(open(run / "config.yaml"))["teacher_temperature"] == 1.0
+    r = cli("train", "--data", dataset_dir, "--out", run, "--steps", 5, "--loss", "psd", "--teacher-temperature", 2,
+            *FAST, check=False)
+    assert r.returncode == 2 and "--teacher-temperature 1.0 -> 2.0" in r.stderr, r.stderr[-2000:]
+    # a new run takes the new default
+    new = tmp_path / "new"
+    cli("train", "--data", dataset_dir, "--out", new, "--steps", 1, "--loss", "psd", *FAST)
+    assert yaml.safe_load(open(new / "config.yaml"))["teacher_temperature"] == 2.0
