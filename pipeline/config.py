@@ -314,6 +314,9 @@ class SubsetConfig:
     top_fraction: Optional[float] = _help("keep this fraction of the samples with the highest scores (the threshold "
                                           "from a histogram of the score files, within 1e-4 of the exact quantile)",
                                           default=None)
+    max_score: Optional[float] = _help("keep the samples scoring at most this (a dedupe: --column nn_similarity "
+                                       "--max-score 0.95 keeps the samples whose nearest other image is further)",
+                                       default=None)
     within: str = _help("apply the threshold inside this subset (e.g. 10pct of --subsets) rather than the whole "
                         "dataset", default="")
     exclude_near: str = _help("leave out copies of this evaluation set's images (an image folder, a retrieval CSV/JSONL "
@@ -326,11 +329,12 @@ class SubsetConfig:
     def __post_init__(self):
         if not self.dataset or not self.name or not (self.score or self.exclude_near):
             raise InputError("usage: psdclip data subset DATASET --name NAME [--score SCORES (--min-score S | "
-                             "--top-fraction F)] [--exclude-near EVAL]")
-        if self.score and (self.min_score is None) == (self.top_fraction is None):
-            raise InputError("--score: give one of --min-score and --top-fraction")
-        if not self.score and (self.min_score is not None or self.top_fraction is not None):
-            raise InputError("--min-score and --top-fraction threshold a --score")
+                             "--top-fraction F | --max-score S)] [--exclude-near EVAL]")
+        asked = [v is not None for v in (self.min_score, self.top_fraction, self.max_score)]
+        if self.score and sum(asked) != 1:
+            raise InputError("--score: give one of --min-score, --top-fraction and --max-score")
+        if not self.score and any(asked):
+            raise InputError("--min-score, --top-fraction and --max-score threshold a --score")
         if not 0 <= self.max_hamming <= 64:
             raise InputError(f"--max-hamming must be in [0, 64], got {self.max_hamming}")
         if self.top_fraction is not None and not 0 < self.top_fraction <= 1:

@@ -40,14 +40,19 @@ def read_scores(dataset: str, name: str, shard: int, column: str = COLUMN):
     path = os.path.join(folder, f"shard-{shard:05d}.parquet")
     if not os.path.isfile(path):
         raise InputError(f"{folder}: no scores for shard {shard} (run the `psdclip data score` command to its end)")
+    names = pq.read_schema(path).names
+    if column not in names:
+        raise InputError(f"--column {column}: not in the scores {name} (its columns: "
+                         f"{', '.join(n for n in names if n != 'key')}; nn_similarity comes from `psdclip data score "
+                         f"--near-duplicates`)")
     t = pq.read_table(path, columns=["key", column])
     return np.asarray(t.column("key").to_pylist(), dtype=object), t.column(column).to_numpy().astype(np.float64)
 
 
 @functools.lru_cache(maxsize=2)
-def kept_keys(dataset: str, name: str, column: str, minimum: float, shard: int) -> frozenset:
+def kept_keys(dataset: str, name: str, column: str, minimum: float, maximum: float, shard: int) -> frozenset:
     keys, scores = read_scores(dataset, name, shard, column)
-    return frozenset(keys[scores >= minimum].tolist())
+    return frozenset(keys[(scores >= minimum) & (scores <= maximum)].tolist())
 
 
 def threshold_for(hist: np.ndarray, fraction: float) -> float:
@@ -62,7 +67,7 @@ def threshold_for(hist: np.ndarray, fraction: float) -> float:
 
 def score_subset(dataset: str, name: str, scores: str | None, column: str, min_score: float | None,
                  top_fraction: float | None, within: str | None, exclude_near: str | None = None,
-                 max_hamming: int = 8) -> dict:
+                 max_hamming: int = 8, max_score: float | None = None) -> dict:
     """The subset document of a score threshold and/or a decontamination (see the module docstring and
     decontam.py): the base rule (the dataset, or --within's subset), the threshold on top, the copies of
     evaluation images left out."""
@@ -95,8 +100,10 @@ def score_subset(dataset: str, name: str, scores: str | None, column: str, min_s
         mask = base.keeps(shard_file, keys)
         return keys[mask], values[mask]
 
-    minimum = None
-    if scores and top_fraction is not None:
+    minimum, maximum = -np.inf, np.inf  # kept: minimum <= score <= maximum
+    if scores and max_score is not None:  # e.g. nn_similarity: a dedupe keeps the samples with no close copy
+        maximum = float(max_score)
+    elif scores and top_fraction is not None:
         hist = np.zeros(BINS, np.int64)
         for shard_file, n in shards:
             hist += np.histogram(np.clip(members(shard_file, n)[1], -1, 1), bins=BINS, range=(-1.0, 1.0))[0]
@@ -115,7 +122,8 @@ def score_subset(dataset: str, name: str, scores: str | None, column: str, min_s
         keys, values = members(shard_file, n)
         of_total += len(keys)
         if values is not None:
-            keys, values = keys[values >= minimum], values[values >= minimum]
+            inside = (values >= minimum) & (values <= maximum)
+            keys, values = keys[inside], values[inside]
             if len(values):
                 lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
         kept = len(keys)
@@ -136,11 +144,14 @@ def score_subset(dataset: str, name: str, scores: str | None, column: str, min_s
                          "count": counts.get(base.boundary, 0)} if base.boundary in counts else None),
            "within": within or "", "truncated": False,
            "rule": "a sample its base rule takes (the shards and boundary below)"
-                   + (" whose score in scores/NAME/shard-NNNNN.parquet is at least score.min" if scores else "")
+                   + (f" whose score in scores/NAME/shard-NNNNN.parquet is "
+                      f"{'at most score.max' if max_score is not None else 'at least score.min'}" if scores else "")
                    + (", not one of exclude.keys (copies of evaluation images)" if exclude else "")}
     if scores:
-        doc["score"] = {"name": scores, "column": column, "min": minimum, "range": [lo, hi],
-                        "asked": {"min_score": min_score, "top_fraction": top_fraction}}
+        doc["score"] = {"name": scores, "column": column, "min": float(minimum) if np.isfinite(minimum) else None,
+                        "range": [lo, hi], "asked": {"min_score": min_score, "top_fraction": top_fraction}}
+        if max_score is not None:
+            doc["score"].update(max=maximum, asked={**doc["score"]["asked"], "max_score": max_score})
     if exclude:
         doc["exclude"] = exclude
     return doc

@@ -119,14 +119,16 @@ class SubsetRule:
         return cls(whole=frozenset(os.path.basename(s) for s in doc["shards"]),
                    boundary=os.path.basename(b["shard"]) if b else None, max_rank=int(b.get("max_rank", 0)),
                    seed=int(doc.get("seed", 0)),
-                   score=(root, sc["name"], sc.get("column", "clip_score"), float(sc["min"])) if sc else None,
+                   score=(root, sc["name"], sc.get("column", "clip_score"),
+                          -math.inf if sc.get("min") is None else float(sc["min"]),
+                          math.inf if sc.get("max") is None else float(sc["max"])) if sc else None,
                    exclude=frozenset((doc.get("exclude") or {}).get("keys", [])))
 
     def _scored(self, shard: str) -> frozenset:
         from .scores import kept_keys
 
-        root, name, column, minimum = self.score
-        return kept_keys(root, name, column, minimum, int(shard.split(".")[0]))
+        root, name, column, minimum, maximum = self.score
+        return kept_keys(root, name, column, minimum, maximum, int(shard.split(".")[0]))
 
     def shards(self) -> list[str]:
         """Every shard the subset reads from (names)."""

@@ -42,7 +42,7 @@ def cmd_stats(cfg: StatsConfig) -> int:
     text = format_stats(stats)
     if stats["subsets"]:
         text += "\n\nsubsets:\n" + "\n".join(
-            f"  {n:<24} {d['count']:>12,}" + (f"   {d['score']['column']} >= {d['score']['min']:.4f} (range "
+            f"  {n:<24} {d['count']:>12,}" + (f"   {_threshold(d['score'])} (range "
                                                f"{d['score']['range'][0]:.4f} .. {d['score']['range'][1]:.4f}) of "
                                                f"scores {d['score']['name']}" if d.get("score") else "")
             + (f"   left out: {d['excluded']['exact']} exact, {d['excluded']['near']} near copies of "
@@ -50,6 +50,13 @@ def cmd_stats(cfg: StatsConfig) -> int:
             for n, d in stats["subsets"].items())
     print(json.dumps(stats, indent=2) if cfg.json else text)
     return 0
+
+
+def _threshold(score: dict) -> str:
+    """A score subset's rule as text: `clip_score >= 0.2812` or `nn_similarity <= 0.9500`."""
+    if score.get("max") is not None:
+        return f"{score['column']} <= {score['max']:.4f}"
+    return f"{score['column']} >= {score['min']:.4f}"
 
 
 def _subsets_summary(folder: str) -> dict:
@@ -109,10 +116,10 @@ def cmd_subset(cfg: SubsetConfig) -> int:
     if os.path.isfile(path) and not cfg.force:
         raise InputError(f"--name {cfg.name}: {path} exists; give another name or --force to replace it")
     doc = score_subset(cfg.dataset, cfg.name, cfg.score or None, cfg.column, cfg.min_score, cfg.top_fraction,
-                       cfg.within or None, cfg.exclude_near or None, cfg.max_hamming)
+                       cfg.within or None, cfg.exclude_near or None, cfg.max_hamming, cfg.max_score)
     write_json(path, doc, indent=1)
     sc, ex = doc.get("score"), doc.get("exclude")
-    how = (f" with {sc['column']} >= {sc['min']:.4f} (range {sc['range'][0]:.4f} .. {sc['range'][1]:.4f})" if sc
+    how = (f" with {_threshold(sc)} (range {sc['range'][0]:.4f} .. {sc['range'][1]:.4f})" if sc
            else "") + (f", {ex['exact']:,} exact and {ex['near']:,} near copies of {cfg.exclude_near} left out" if ex
                        else "")
     print(f"subset {cfg.name}: {doc['count']:,} of {doc['of_total']:,} samples{how} in "

@@ -125,3 +125,21 @@ def test_near_duplicate_column_is_the_exact_nearest_other_image(ds, runs):
     again = cli("data", "score", ds, "--checkpoint", runs[0], "--name", "nn", "--near-duplicates", "--workers", 0,
                 "--no-progress")
     assert "0 searched for near duplicates" in again.stdout
+    # a dedupe subset: --max-score on nn_similarity keeps exactly the samples at or below it, and the trainer's
+    # reader takes exactly those
+    cut = float(np.quantile(scores["nn_similarity"], 0.6))
+    out = cli("data", "subset", ds, "--name", "dedup", "--score", "nn", "--column", "nn_similarity",
+              "--max-score", cut).stdout
+    assert "nn_similarity <= " in out
+    doc = json.loads((ds / "subsets" / "dedup.json").read_text())
+    want = set(scores.loc[scores["nn_similarity"] <= cut, "key"])
+    assert doc["count"] == len(want) and doc["score"]["max"] == cut and doc["score"]["min"] is None
+    assert doc["score"]["range"][1] <= cut
+    assert member_keys(str(ds), SubsetRule.of(doc, str(ds))) == want
+    assert "nn_similarity <= " in cli("data", "stats", ds).stdout
+    r = cli("data", "subset", ds, "--name", "d2", "--score", "nn", "--column", "nn_similarity", "--max-score", cut,
+            "--min-score", 0, check=False)
+    assert r.returncode == 2 and "give one of --min-score, --top-fraction and --max-score" in r.stderr
+    r = cli("data", "subset", ds, "--name", "d3", "--score", "nn", "--column", "nn_sim", "--max-score", cut,
+            check=False)
+    assert r.returncode == 2 and "--column nn_sim: not in the scores nn" in r.stderr
