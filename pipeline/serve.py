@@ -11,7 +11,10 @@ import os
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
+from ..core import logs
 from ..core.errors import PsdclipError
+
+log = logs.get(__name__, "[psdclip] ")
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -39,13 +42,38 @@ def make_server(directory: str, host: str = "127.0.0.1", port: int = 0) -> Stati
 STABLE_PORTS = (20000, 32768)
 
 
+# a source folder that describes itself: what it was generated from, wherever it lies
+SOURCE_FILES = ("synth.json", "emoji.json")
+
+
+def source_identity(directory: str) -> str:
+    """What a served folder is: a generated source's own description (synth.json, emoji.json) without the folder it
+    was written to, else the folder's path."""
+    import json
+
+    for name in SOURCE_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    meta = json.load(f)
+            except (OSError, ValueError):
+                break
+            if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+                meta = {**meta, "config": {k: v for k, v in meta["config"].items() if k not in ("out", "cache")}}
+            return name + json.dumps(meta, sort_keys=True, default=str)
+    return os.path.abspath(directory)
+
+
 def stable_port(directory: str) -> int:
-    """A port derived from the folder's path, so that a rerun serves the same URLs (and a dataset built
-    from them is recognised as already ingested, or resumed against the same addresses)."""
+    """A port derived from what the folder is (source_identity), so that a rerun serves the same URLs (a dataset
+    built from them is recognised as already ingested, or resumed against the same addresses) and the same
+    generated source, made in another folder or another clone, gives the same URLs: the same keys, the same
+    shards and the same numbers (the keys are hashes of the URLs, and rows are dealt to shards by key)."""
     import hashlib
 
     lo, hi = STABLE_PORTS
-    return lo + int(hashlib.md5(os.path.abspath(directory).encode()).hexdigest(), 16) % (hi - lo)
+    return lo + int(hashlib.md5(source_identity(directory).encode()).hexdigest(), 16) % (hi - lo)
 
 
 def _port_in(url_list: str) -> int | None:
@@ -78,7 +106,10 @@ def serving(directory: str, host: str = "127.0.0.1", port: int | None = None, ag
     elif port is None:
         try:
             server = make_server(directory, host, stable_port(directory))
-        except OSError:
+        except OSError as e:
+            log.warning(f"{directory}: its stable port {stable_port(directory)} is taken ({e.strerror or e}); serving "
+                        f"on another, so its URLs, and the keys and shards of a dataset built from them, differ from "
+                        f"a build that had the stable port")
             port = 0
     if server is None:
         server = make_server(directory, host, port)

@@ -1,7 +1,10 @@
 """The same command from an empty folder gives the same numbers: two builds of one URL list write the same samples
 in the same order (img2dataset's threads finish in any order), and two trainings of the same data and seed log the
-same losses and evaluate the same."""
+same losses and evaluate the same. The sources are generated and served from two different folders, as two clones
+would: a source's stable port comes from what it is, not where it lies, so the URLs, the keys (hashes of the URLs)
+and the shards (rows dealt by key) are the same."""
 import json
+import socket
 import tarfile
 
 import pandas as pd
@@ -17,12 +20,47 @@ def _samples(ds):
     return out
 
 
-def test_two_builds_and_two_trainings_give_the_same_samples_and_numbers(synth_dir, synth_urls, tmp_path):
+def _source(folder, seed):
+    from psdclip.pipeline.config import SynthConfig
+    from psdclip.pipeline.synth import generate
+
+    generate(SynthConfig(out=str(folder), n=300, seed=seed, heldout=40, image_size=64), progress=False)
+    return folder
+
+
+def _free(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_the_same_source_in_two_folders_is_served_at_the_same_urls(tmp_path):
+    from psdclip.pipeline.serve import stable_port
+
+    a, b = _source(tmp_path / "a", 3), _source(tmp_path / "elsewhere" / "b", 3)
+    assert stable_port(str(a)) == stable_port(str(b))
+    assert stable_port(str(_source(tmp_path / "c", 4))) != stable_port(str(a))  # another source, another port
+    assert stable_port(str(tmp_path)) != stable_port(str(tmp_path / "d"))  # a plain folder: its path
+
+
+def test_two_builds_and_two_trainings_give_the_same_samples_and_numbers(tmp_path):
+    from psdclip.pipeline.serve import serving, stable_port
+    from psdclip.pipeline.synth import write_url_list
+
+    # a seed whose source's stable port nothing on this machine holds now
+    seed = next(s for s in range(3, 40) if _free(stable_port(str(_source(tmp_path / f"probe{s}", s)))))
     runs = []
     for name in ("a", "b"):
-        ds = tmp_path / name / "dataset"
-        cli("data", "build", synth_urls, "--out", ds, "--image-size", 32, "--shard-size", 100, "--thread-count", 16,
-            "--processes-count", 2, "--no-progress")
+        synth_dir = _source(tmp_path / name / "synth", seed)  # a fresh folder each time, as a fresh clone
+        with serving(str(synth_dir)) as base:
+            assert base.endswith(f":{stable_port(str(synth_dir))}")
+            urls = write_url_list(str(synth_dir), base)
+            ds = tmp_path / name / "dataset"
+            cli("data", "build", urls, "--out", ds, "--image-size", 32, "--shard-size", 100, "--thread-count", 16,
+                "--processes-count", 2, "--no-progress")
         run = tmp_path / name / "run"
         cli("train", "--data", ds, "--out", run, "--model", "rn-small", "--batch-size", 32, "--steps", 12,
             "--log-every", 1, "--workers", 1, "--threads", 1, "--seed", 3, "--loss", "psd", "--alpha-start", "0.5",
