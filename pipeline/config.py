@@ -319,8 +319,8 @@ class SubsetConfig:
                                        default=None)
     within: str = _help("apply the threshold inside this subset (e.g. 10pct of --subsets) rather than the whole "
                         "dataset", default="")
-    exclude_near: str = _help("leave out copies of this evaluation set's images (an image folder, a retrieval CSV/JSONL "
-                              "or a synthetic source): exact (sha256) or near (perceptual hash within --max-hamming "
+    exclude_near: str = _help("leave out copies of this evaluation set's images (an image folder, a retrieval CSV/JSONL, "
+                              "a synthetic source or CLIP_benchmark's wds_* folder of test/*.tar): exact (sha256) or near (perceptual hash within --max-hamming "
                               "bits, mirror images included); counted by reason", default="")
     max_hamming: int = _help("near-copy threshold in bits of the 64-bit perceptual hash (resized and re-encoded "
                              "copies measured here at 0-2 bits, unrelated images at ~32)", default=8)

@@ -41,8 +41,17 @@ def phash(image: Image.Image) -> int:
     return int("".join("1" if b else "0" for b in bits), 2)
 
 
+def _wds_tars(spec: str) -> list[str]:
+    """The shards of CLIP_benchmark's local webdataset layout (SPEC/test/*.tar, or SPEC/*.tar), if SPEC is one."""
+    folder = os.path.join(spec, "test") if os.path.isdir(os.path.join(spec, "test")) else spec
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".tar"))
+
+
 def eval_images(spec: str) -> list[str]:
-    """The image files of an evaluation set: a folder, a retrieval CSV/JSONL, or a synthetic source."""
+    """The image files of an evaluation set: a folder, a retrieval CSV/JSONL, or a synthetic source (a webdataset
+    layout's images lie inside its shards: eval_image_bytes reads them)."""
     if os.path.isdir(os.path.join(spec, "heldout")):
         spec = os.path.join(spec, "heldout")
     if os.path.isdir(spec):
@@ -59,15 +68,32 @@ def eval_images(spec: str) -> list[str]:
     raise InputError(f"--exclude-near {spec}: no such folder or file")
 
 
-def eval_hashes(spec: str) -> tuple[set, np.ndarray]:
-    """(sha256 of every evaluation file, the pHashes of every evaluation image and of its mirror)."""
-    shas, hashes = set(), []
+def eval_image_bytes(spec: str):
+    """Each evaluation image's stored bytes: the files of eval_images, or, for a folder in CLIP_benchmark's
+    webdataset layout (test/*.tar with webp/jpg/png samples, no loose images), each sample's image."""
     files = eval_images(spec)
-    if not files:
-        raise InputError(f"--exclude-near {spec}: no images there")
+    tars = _wds_tars(spec) if not files and os.path.isdir(spec) else []
+    if tars:
+        from .reader import tar_samples
+
+        broken = []
+        for sample in tar_samples(tars, broken.append):
+            raw = next((sample[k] for k in ("webp", "jpg", "jpeg", "png") if sample.get(k)), None)
+            if raw is not None:
+                yield raw
+        if broken:
+            raise InputError(f"--exclude-near {spec}: a shard of its webdataset layout could not be read "
+                             f"({' '.join(str(broken[0]).split())[:200]})")
+        return
     for path in files:
         with open(path, "rb") as f:
-            data = f.read()
+            yield f.read()
+
+
+def eval_hashes(spec: str) -> tuple[set, np.ndarray]:
+    """(sha256 of every evaluation image's bytes, the pHashes of every evaluation image and of its mirror)."""
+    shas, hashes = set(), []
+    for data in eval_image_bytes(spec):
         shas.add(hashlib.sha256(data).hexdigest())
         try:
             with Image.open(io.BytesIO(data)) as im:
@@ -75,6 +101,8 @@ def eval_hashes(spec: str) -> tuple[set, np.ndarray]:
                 hashes += [phash(im), phash(im.transpose(Image.FLIP_LEFT_RIGHT))]
         except Exception:  # pylint: disable=broad-except  (an evaluation file that does not decode: sha256 only)
             continue
+    if not shas:
+        raise InputError(f"--exclude-near {spec}: no images there")
     return shas, np.asarray(hashes, dtype=np.uint64)
 
 

@@ -3,6 +3,7 @@ re-encoded, flipped) are left out of a subset, counted by reason, and the traine
 import io
 import json
 import os
+import tarfile
 
 import numpy as np
 import pandas as pd
@@ -69,6 +70,29 @@ def test_planted_copies_are_left_out_by_reason(synth_dir, tmp_path):
     assert not members & planted and len(members) == 70
     stats = cli("data", "stats", ds).stdout
     assert "left out: 3 exact, 7 near copies" in stats
+    # the same evaluation images in CLIP_benchmark's webdataset layout (wds_*/test/0.tar: the very bytes, with cls)
+    wds = tmp_path / "wds_eval"
+    (wds / "test").mkdir(parents=True)
+    with tarfile.open(wds / "test" / "0.tar", "w") as t:
+        for i in range(10):
+            for ext, data in (("jpg", (evals / f"{i}.jpg").read_bytes()), ("cls", b"0")):
+                info = tarfile.TarInfo(f"s{i:04d}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    (wds / "classnames.txt").write_text("blob\n")
+    r = cli("data", "subset", ds, "--name", "clean-wds", "--exclude-near", wds)
+    assert "3 exact and 7 near copies" in r.stdout
+    assert set(json.load(open(ds / "subsets" / "clean-wds.json"))["exclude"]["keys"]) == planted
+    with tarfile.open(wds / "test" / "0.tar", "w") as t:  # no image in the layout: one line, nothing written
+        info = tarfile.TarInfo("s0000.cls")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"0"))
+    r = cli("data", "subset", ds, "--name", "clean-none", "--exclude-near", wds, check=False)
+    assert r.returncode == 2 and "no images there" in r.stderr and not (ds / "subsets" / "clean-none.json").exists()
+    (wds / "test" / "0.tar").write_bytes(b"not a tar")  # a broken shard: one line naming the layout
+    r = cli("data", "subset", ds, "--name", "clean-none", "--exclude-near", wds, check=False)
+    assert r.returncode == 2 and "could not be read" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (ds / "subsets" / "clean-none.json").exists()
     # the trainer reads the clean subset; inside a size subset too
     cli("train", "--data", ds / "subsets" / "clean.json", "--out", tmp_path / "run", "--model", "rn-small",
         "--batch-size", 16, "--steps", 2, "--workers", 0, "--no-progress")
