@@ -295,12 +295,16 @@ def run_sweep(cfg: SweepConfig) -> int:
     os.makedirs(sweep.out, exist_ok=True)
     methods = dict(sweep.spec.methods)
     report = cfg.report  # gather the finished runs only: nothing is trained, scored or filtered
+    only = _only_methods(cfg, sweep)  # --methods: train these methods' runs, gather the others'
     if not report:
-        check_regime(sweep)
+        check_regime(sweep, gather=bool(only))
     selection = None
     if sweep.screen:
         done = os.path.join(sweep.out, "screen.json")
-        selection = screen(sweep) if not report else read_json(done) if os.path.isfile(done) else None
+        if only and not os.path.isfile(done):
+            raise InputError(f"[sweep] --methods: the screen stage has not finished ({done}); run the sweep "
+                             f"without --methods first")
+        selection = screen(sweep) if not (report or only) else read_json(done) if os.path.isfile(done) else None
         if selection:
             methods[selection["best"]] = sweep.methods[selection["best"]]
     rows, unfinished = [], []
@@ -308,14 +312,18 @@ def run_sweep(cfg: SweepConfig) -> int:
     axis = bool(sweep.spec.filters or sweep.named)  # rows say their filter and pool
 
     def run(level, name, method, seed, extra):
-        row = sweep.run(level, name, method, seed, gather=report)
+        row = sweep.run(level, name, method, seed, gather=report or bool(only and method not in only))
         if row is None:
             unfinished.append(f"{level + ' ' if level else ''}{name}-{method}-s{seed}")
         else:
             rows.append({**row, **extra(row)} if axis else row)
 
     for i, level in enumerate(sweep.levels):
-        filtered = make_filtered(sweep, level, gather=report)
+        filtered = make_filtered(sweep, level, gather=report or bool(only))
+        if only and not report and (sweep.spec.filters or sweep.spec.scorer) and \
+                len(filtered) < len(sweep.subsets) * len(sweep.spec.filters or {}):
+            raise InputError(f"[sweep] --methods: the scorer and filtered subsets of {level or 'the dataset'} are not "
+                             f"all made yet; run the sweep without --methods first")
         for subset in sweep.subsets:
             cells = [(subset, "")] + [(name, f) for name, pool, f in filtered if pool == subset]
             pool_n = sweep.subset_path(level, subset)[1]
@@ -351,15 +359,31 @@ def _prune(run: str, evals: list[str]) -> None:
             write_json(path, result, indent=1)
 
 
-def check_regime(sweep: Sweep) -> None:
+def _only_methods(cfg, sweep: Sweep) -> set[str]:
+    """--methods as a set of the recipe's method names (empty: every method)."""
+    only = {m.strip() for m in (cfg.methods or "").split(",") if m.strip()}
+    known = set(sweep.methods) | set(sweep.spec.methods)
+    unknown = sorted(only - known)
+    if unknown:
+        raise InputError(f"--methods {','.join(unknown)}: not a method of {cfg.recipe} (its methods: "
+                         f"{', '.join(sorted(known))})")
+    return only
+
+
+def check_regime(sweep: Sweep, gather: bool = False) -> None:
     """`sweep.regime: {method: clip, seed: 0, require: {metric: minimum, ...}}`: before anything else, train that
     run at the largest subset (of `noise:`, else the first noise level) and stop with a one-line error if it misses a minimum on
-    the validation split: a study in which the baseline does not learn cannot tell methods apart."""
+    the validation split: a study in which the baseline does not learn cannot tell methods apart. `gather`
+    (--methods): the run must have finished already; nothing is trained."""
     regime = sweep.spec.regime
     if not regime:
         return
     level, subset = regime.get("noise", sweep.levels[0]), sweep.subsets[-1]
-    row = sweep.run(level, subset, regime.get("method", "clip"), int(regime.get("seed", sweep.seeds[0])))
+    method, seed = regime.get("method", "clip"), int(regime.get("seed", sweep.seeds[0]))
+    row = sweep.run(level, subset, method, seed, gather=gather)
+    if row is None:
+        raise InputError(f"[sweep] --methods: the regime run ({method} seed {seed} at {subset}"
+                         f"{' ' + level if level else ''}) has not finished; run the sweep without --methods first")
     missed = []
     for metric, minimum in (regime.get("require") or {}).items():
         value = row.get(f"val:{metric}", row.get(metric))
