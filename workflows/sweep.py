@@ -291,11 +291,11 @@ def run_sweep(cfg: SweepConfig) -> int:
     if cfg.check:
         print(f"{cfg.recipe}: {sweep.describe()}")
         return 0
+    only = _only_methods(cfg, sweep)  # --methods: train these methods' runs, gather the others'
     sweep.prepare()
     os.makedirs(sweep.out, exist_ok=True)
     methods = dict(sweep.spec.methods)
     report = cfg.report  # gather the finished runs only: nothing is trained, scored or filtered
-    only = _only_methods(cfg, sweep)  # --methods: train these methods' runs, gather the others'
     if not report:
         check_regime(sweep, gather=bool(only))
     selection = None
