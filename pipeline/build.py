@@ -275,6 +275,16 @@ def _build(cfg: BuildConfig) -> dict:
         return _build_locked(cfg, layout, previous)
 
 
+def already_built(cfg: BuildConfig) -> bool:
+    """True when a build of cfg would do nothing (every list ingested, every shard downloaded, the same subsets):
+    a recipe or sweep run again need not serve its source (another process of the same sweep may be serving it)
+    nor take the build lock."""
+    layout = Layout(cfg.out)
+    if storage.is_remote(layout.root) or not storage.isfile(layout.dataset_json):
+        return False
+    return _nothing_to_do(cfg, layout, read_json(layout.dataset_json))
+
+
 def _nothing_to_do(cfg: BuildConfig, layout: Layout, previous: dict | None) -> bool:
     """A rerun of a finished build on lists it already holds (a sweep or recipe run again): nothing to read, plan,
     download or rewrite, so no cluster is started."""

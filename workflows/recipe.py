@@ -132,7 +132,7 @@ def prepare_dataset(cfgs: dict) -> str | None:
     serve it on 127.0.0.1 for the download. Returns the source folder, if any."""
     import dataclasses
 
-    from ..pipeline.build import build
+    from ..pipeline.build import already_built, build
     from ..pipeline.serve import serving
     from ..pipeline.synth import generate, write_url_list
 
@@ -158,7 +158,10 @@ def prepare_dataset(cfgs: dict) -> str | None:
         if changed:
             raise InputError(f"{src}: the {kind} source was made with other options ({', '.join(changed)}); "
                              f"delete it (and the dataset built from it) or use another output folder")
-    with serving(src, again=os.path.join(src, "urls-recipe.csv")) as base:
+    listed = os.path.join(src, "urls-recipe.csv")
+    if os.path.isfile(listed) and already_built(dataclasses.replace(cfgs["data"], inputs=[listed])):
+        return src  # nothing to download: the source is not served (another process of the sweep may serve it)
+    with serving(src, again=listed) as base:
         build(dataclasses.replace(cfgs["data"], inputs=[write_url_list(src, base, "urls-recipe.csv")]))
     return src
 

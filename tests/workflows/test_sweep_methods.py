@@ -39,7 +39,17 @@ def test_methods_trains_only_its_methods_and_reports_the_rest(tmp_path, schedule
     assert only.returncode == 2 and "has not finished" in only.stderr and not (runs / "100pct-psd-T2-s0").exists()
     recipe["sweep"].pop("regime")
     path.write_text(yaml.safe_dump(recipe))
-    only = cli("sweep", path, "--methods", "psd-T2")
+    # another process of the sweep serves the source on its port: a complete dataset is not served (or built) again
+    import socket
+    from urllib.parse import urlsplit
+
+    listed = tmp_path / "study" / "synth" / "urls-recipe.csv"
+    port = urlsplit(pd.read_csv(listed)["url"].iloc[0]).port
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", port))
+        held.listen()
+        only = cli("sweep", path, "--methods", "psd-T2")
     assert "psd-T2 seed 0" in only.stderr and (runs / "100pct-psd-T2-s0" / "eval" / "synthetic.json").exists()
     assert not (runs / "100pct-clip-s0" / "eval").exists()  # clip's run was gathered, not trained or evaluated
     assert "1 not yet (100pct-clip-s0)" in (tmp_path / "study" / "results.md").read_text()
