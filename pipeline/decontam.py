@@ -41,14 +41,6 @@ def phash(image: Image.Image) -> int:
     return int("".join("1" if b else "0" for b in bits), 2)
 
 
-def _wds_tars(spec: str) -> list[str]:
-    """The shards of CLIP_benchmark's local webdataset layout (SPEC/test/*.tar, or SPEC/*.tar), if SPEC is one."""
-    folder = os.path.join(spec, "test") if os.path.isdir(os.path.join(spec, "test")) else spec
-    if not os.path.isdir(folder):
-        return []
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".tar"))
-
-
 def eval_images(spec: str) -> list[str]:
     """The image files of an evaluation set: a folder, a retrieval CSV/JSONL, or a synthetic source (a webdataset
     layout's images lie inside its shards: eval_image_bytes reads them)."""
@@ -72,13 +64,14 @@ def eval_image_bytes(spec: str):
     """Each evaluation image's stored bytes: the files of eval_images, or, for a folder in CLIP_benchmark's
     webdataset layout (test/*.tar with webp/jpg/png samples, no loose images), each sample's image."""
     files = eval_images(spec)
-    tars = _wds_tars(spec) if not files and os.path.isdir(spec) else []
-    if tars:
-        from .reader import tar_samples
+    from .format import image_of
+    from .reader import tar_samples, wds_layout_shards
 
+    tars = wds_layout_shards(spec) if not files and os.path.isdir(spec) else []
+    if tars:
         broken = []
         for sample in tar_samples(tars, broken.append):
-            raw = next((sample[k] for k in ("webp", "jpg", "jpeg", "png") if sample.get(k)), None)
+            raw = image_of(sample)
             if raw is not None:
                 yield raw
         if broken:

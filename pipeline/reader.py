@@ -8,6 +8,7 @@ traceback.
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import numpy as np
@@ -80,6 +81,14 @@ def _open_shard(url: str, gopen):
     if scheme and scheme not in ("http", "https") and scheme in known_implementations:
         return storage.open_file(url, "rb")
     return gopen(url)
+
+
+def wds_layout_shards(path: str) -> list[str]:
+    """The shards of CLIP_benchmark's local webdataset layout (PATH/test/*.tar, or PATH/*.tar); [] if none."""
+    folder = os.path.join(path, "test") if os.path.isdir(os.path.join(path, "test")) else path
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".tar"))
 
 
 def tar_samples(urls, on_error):

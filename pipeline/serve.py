@@ -104,10 +104,11 @@ def serving(directory: str, host: str = "127.0.0.1", port: int | None = None, ag
                                f"point ({e.strerror or e}); a dataset built from them would take URLs on another "
                                f"port for new images: free the port and rerun") from None
     elif port is None:
+        stable = stable_port(directory)
         try:
-            server = make_server(directory, host, stable_port(directory))
+            server = make_server(directory, host, stable)
         except OSError as e:
-            log.warning(f"{directory}: its stable port {stable_port(directory)} is taken ({e.strerror or e}); serving "
+            log.warning(f"{directory}: its stable port {stable} is taken ({e.strerror or e}); serving "
                         f"on another, so its URLs, and the keys and shards of a dataset built from them, differ from "
                         f"a build that had the stable port")
             port = 0

@@ -325,17 +325,17 @@ def suite_wds(path: str, ctx: SuiteContext) -> SuiteResult:
     (`txt`, one per line), PATH/classnames.txt and PATH/zeroshot_classification_templates.txt (`{c}` for the class
     name). Zero-shot classification when samples carry `cls` (top-1, top-5, mean per-class recall), retrieval when
     they carry captions."""
-    from ..pipeline.reader import tar_samples
+    from ..pipeline.format import image_of
+    from ..pipeline.reader import tar_samples, wds_layout_shards
 
-    folder = os.path.join(path, "test") if os.path.isdir(os.path.join(path, "test")) else path
-    tars = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".tar")) \
-        if os.path.isdir(folder) else []
+    tars = wds_layout_shards(path)
     if not tars:
+        folder = os.path.join(path, "test") if os.path.isdir(os.path.join(path, "test")) else path
         raise InputError(f"wds:{path}: no .tar shards in {folder} (CLIP_benchmark's layout: test/*.tar)")
     skipped = []
     images, labels, captions = [], [], []
     for s in tar_samples(tars, skipped.append):
-        raw = next((s[k] for k in ("webp", "jpg", "jpeg", "png") if s.get(k)), None)
+        raw = image_of(s)
         if raw is None:
             continue
         images.append(io.BytesIO(raw))

@@ -60,12 +60,6 @@ class RunConfig:
     check: bool = field(default=False, metadata={"help": "only parse and validate the recipe"})
     report: bool = field(default=False, metadata={"help": "write results.md, results.csv and the plots from the runs "
                                                           "finished so far, training nothing (a study spanning sessions)"})
-    methods: str = field(default="", metadata={"help": "train only the runs of these methods of the recipe (comma-"
-                                                       "separated); the others' finished runs are gathered as --report "
-                                                       "does. One sweep split over processes, GPUs or machines that "
-                                                       "share its folder, a method set each (the regime run, screen, "
-                                                       "scorer and filters must be done first: a plain run of the "
-                                                       "sweep makes them)"})
 
     def __post_init__(self):
         if not self.recipe:

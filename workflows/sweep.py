@@ -320,8 +320,7 @@ def run_sweep(cfg: SweepConfig) -> int:
 
     for i, level in enumerate(sweep.levels):
         filtered = make_filtered(sweep, level, gather=report or bool(only))
-        if only and not report and (sweep.spec.filters or sweep.spec.scorer) and \
-                len(filtered) < len(sweep.subsets) * len(sweep.spec.filters or {}):
+        if only and not report and len(filtered) < len(sweep.subsets) * len(sweep.spec.filters):
             raise InputError(f"[sweep] --methods: the scorer and filtered subsets of {level or 'the dataset'} are not "
                              f"all made yet; run the sweep without --methods first")
         for subset in sweep.subsets:
