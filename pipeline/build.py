@@ -35,12 +35,16 @@ from .buckets import worker_count
 from .ingest import ingest_inputs
 from .parts import file_sha256
 from .retry import plan_retry
+from .stall import StallWatch
 from .status import SUCCESS
 from .subsets import parse_subsets
 
 
 
 log = logs.get(__name__, "[psdclip data build] ")
+
+
+QUIET_WORKERS = {"distributed.worker.profile.enabled": False, "distributed.admin.system-monitor.gil.enabled": False}
 
 
 @contextlib.contextmanager
@@ -57,10 +61,20 @@ def dask_client(scheduler: str | None, n_workers: int, local_directory: str):
         with client:
             yield client
         return
+    import dask
+
     os.makedirs(local_directory, exist_ok=True)
-    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                           local_directory=local_directory, silence_logs=logging.ERROR)
+    # Our private cluster runs with the worker's statistical profiler, GIL monitor and GC diagnosis off: nobody
+    # looks at them here, and a worker once deadlocked starting a download's thread pool while its event loop sat
+    # in the profiler's GC callback (pipeline/stall.py restarts a worker that hangs all the same). The nannies
+    # hand this config to every worker process they start, restarted ones too.
+    with dask.config.set(QUIET_WORKERS):
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                               local_directory=local_directory, silence_logs=logging.ERROR)
     client = Client(cluster)
+    from .quiet_worker import NoGCDiagnosis
+
+    client.register_plugin(NoGCDiagnosis())
     try:
         yield client
     finally:
@@ -90,36 +104,42 @@ def _in_flight_counter(client, layout: Layout):
             return total
 
         return local
+    from concurrent.futures import ThreadPoolExecutor
+
     from .download import rows_in_flight
 
-    last = [0.0, 0]
+    # asked in a thread of its own: a worker that hangs must not hang the client's poll (and its stall watch)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="psdclip-rows-in-flight")
+    last = {"asked": 0.0, "rows": 0, "call": None}
+
+    def ask() -> int:
+        return sum(client.run(rows_in_flight, layout.root).values())
 
     def remote() -> int:
-        if time.monotonic() - last[0] >= 2.0:
-            last[0] = time.monotonic()
-            try:
-                last[1] = sum(client.run(rows_in_flight, layout.root).values())
-            except Exception:  # pylint: disable=broad-except  (a worker gone meanwhile: the next poll asks again)
-                pass
-        return last[1]
+        call = last["call"]
+        if call is not None and call.done():
+            with contextlib.suppress(Exception):  # a worker gone meanwhile: the next poll asks again
+                last["rows"] = call.result()
+            last["call"] = call = None
+        if call is None and time.monotonic() - last["asked"] >= 2.0:
+            last["asked"], last["call"] = time.monotonic(), pool.submit(ask)
+        return last["rows"]
 
     return remote
 
 
-def _finished_by_rows(futures: dict, rows: dict, in_flight, enabled: bool):
+def _finished_by_rows(futures: dict, rows: dict, in_flight, enabled: bool, watch=None):
     """Yield the futures as they finish while a progress bar counts rows: those of finished shards plus what
     the shards in flight have written so far (in_flight(): see _in_flight_counter), so the bar moves on a job of a
-    few large shards too."""
-    from dask.distributed import as_completed
+    few large shards too. watch (a stall.StallWatch) is shown the same count at every poll."""
     from dask.distributed import wait as dask_wait
 
-    if not enabled:
-        yield from as_completed(futures)
-        return
-    from tqdm import tqdm
+    bar = None
+    if enabled:
+        from tqdm import tqdm
 
-    bar = tqdm(total=sum(rows.values()), desc="download", unit="row", unit_scale=True, file=sys.stderr,
-               dynamic_ncols=True)
+        bar = tqdm(total=sum(rows.values()), desc="download", unit="row", unit_scale=True, file=sys.stderr,
+                   dynamic_ncols=True)
     pending, finished = set(futures), 0
     try:
         while pending:
@@ -131,12 +151,18 @@ def _finished_by_rows(futures: dict, rows: dict, in_flight, enabled: bool):
             for fut in done:
                 finished += rows[futures[fut]]
                 yield fut
-            bar.n = max(bar.n, min(bar.total, finished + in_flight()))
+            seen = finished + in_flight()
+            if watch is not None and pending:
+                watch.check(seen)
+            if bar is not None:
+                bar.n = max(bar.n, min(bar.total, seen))
+                bar.refresh()
+        if bar is not None:
+            bar.n = bar.total
             bar.refresh()
-        bar.n = bar.total
-        bar.refresh()
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
 
 def build(cfg: BuildConfig) -> dict:
@@ -397,7 +423,8 @@ def _download_pending(client, layout: Layout, cfg: BuildConfig, opts: DownloadOp
                              key=f"download-{shard:05d}-{time.time_ns()}"): shard for shard, (path, _) in todo.items()}
     failed, ok = [], 0
     rows_of = {shard: rows for shard, (_, rows) in todo.items()}
-    for fut in _finished_by_rows(futures, rows_of, _in_flight_counter(client, layout), cfg.progress):
+    watch = StallWatch(client, futures, cfg.stall_timeout, None if storage.is_remote(layout.root) else layout.work)
+    for fut in _finished_by_rows(futures, rows_of, _in_flight_counter(client, layout), cfg.progress, watch):
         shard = futures[fut]
         try:
             res = fut.result()

@@ -46,6 +46,10 @@ class BuildConfig:
                                "ends rate_limited and --retry-failed takes it later", default=60.0)
     shard_timeout: float = _help("wall-clock limit of one shard's download in seconds: rows unfinished by then end "
                                  "'timeout' (transient: --retry-failed takes them)", default=3600.0)
+    stall_timeout: float = _help("seconds a build waits while no download task writes a row or finishes: then the "
+                                 "worker processes holding the stuck shards are restarted and those shards retried, "
+                                 "once (a LocalCluster), or the build stops with one line (--dask-scheduler; and a "
+                                 "shard stuck twice); 0: wait for ever", default=600.0)
     thread_count: int = _help("download threads per partition (img2dataset thread_count)", default=64)
     processes_count: int = _help("Dask worker processes of the LocalCluster (not with --dask-scheduler: that cluster "
                                  "has its own workers)", default=2)
@@ -102,6 +106,8 @@ class BuildConfig:
         for name in ("retries", "rate_limit_retries", "host_rate", "backoff", "max_backoff"):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not self.stall_timeout >= 0:
+            raise InputError(f"--stall-timeout must be >= 0 seconds (0: no limit), got {self.stall_timeout}")
         if not self.shard_timeout > 0:
             raise InputError(f"--shard-timeout must be > 0 seconds, got {self.shard_timeout}")
         from .format import MANIFEST_COLUMNS

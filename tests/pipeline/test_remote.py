@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import time
 
 import pandas as pd
 import pytest
@@ -197,7 +198,14 @@ def test_the_progress_of_shards_in_flight_is_read_on_the_workers(scheduler):
         made = client.run(_work_folder, layout.root, 7)
         other = client.run(_work_folder, "s3://datasets/other", 5)  # another build's folders are not counted
         try:
-            assert len(made) == 2 and len(other) == 2 and _in_flight_counter(client, layout)() == 14
+            assert len(made) == 2 and len(other) == 2
+            # the workers are asked in a thread of the client's (a hung worker must not hang its poll): the first
+            # polls answer what is known so far, the count arrives once the workers have answered
+            count, seen, deadline = _in_flight_counter(client, layout), [], time.time() + 30
+            while time.time() < deadline and (not seen or seen[-1] != 14):
+                seen.append(count())
+                time.sleep(0.05)
+            assert seen[-1] == 14 and set(seen) <= {0, 14}, seen
         finally:
             client.run(_work_folder, layout.root, None)
             client.run(_work_folder, "s3://datasets/other", None)

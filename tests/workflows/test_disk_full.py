@@ -48,9 +48,10 @@ def test_a_full_disk_is_one_line_in_every_stage(synth_urls, dataset_dir, runs, t
             small_disk(tmp_path / "d3", "600k") as d3:
         (d3 / "filler").write_bytes(b"\0" * 1)
         procs = [
-            # data build: the shards do not fit (the state files do)
+            # data build: the shards do not fit (the state files do); a worker that hangs is restarted well within
+            # the test's time (a hang starting img2dataset's thread pool was seen here once)
             start("data", "build", synth_urls, "--out", d1 / "ds", "--image-size", "64", "--shard-size", "100",
-                  "--no-progress", "--processes-count", "1"),
+                  "--no-progress", "--processes-count", "1", "--stall-timeout", "120"),
             # train: a checkpoint of the small model does not fit
             start("train", "--data", dataset_dir, "--out", d2 / "run", "--steps", "2", "--batch-size", "32",
                   "--workers", "0", "--no-progress"),
