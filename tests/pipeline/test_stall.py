@@ -106,3 +106,19 @@ def test_a_shard_stuck_twice_stops_the_build_in_one_line_and_a_rerun_finishes(sy
                         "--no-progress"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     _check_complete(ds)
+
+
+def _worker_diagnostics():
+    import dask
+    import distributed.gc
+
+    return distributed.gc._gc_diagnosis.enabled, dask.config.get("distributed.worker.profile.enabled")
+
+
+def test_our_local_cluster_runs_without_profiler_and_gc_diagnosis(tmp_path):
+    """The hung worker sat in distributed's GC-diagnosis callback, called from its profiler: our own LocalCluster
+    turns both off in every worker (a plain LocalCluster has both on)."""
+    from psdclip.pipeline.build import dask_client
+
+    with dask_client(None, 1, str(tmp_path / "dask")) as client:
+        assert list(client.run(_worker_diagnostics).values()) == [(False, False)]
