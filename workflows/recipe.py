@@ -58,8 +58,6 @@ class RunConfig:
     out: str = field(default="", metadata={"help": "output folder (default: the recipe's out)"})
     serve: bool = field(default=False, metadata={"help": "start the service at the end"})
     check: bool = field(default=False, metadata={"help": "only parse and validate the recipe"})
-    report: bool = field(default=False, metadata={"help": "write results.md, results.csv and the plots from the runs "
-                                                          "finished so far, training nothing (a study spanning sessions)"})
 
     def __post_init__(self):
         if not self.recipe:

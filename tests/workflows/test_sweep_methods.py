@@ -54,3 +54,12 @@ def test_methods_trains_only_its_methods_and_reports_the_rest(tmp_path, schedule
     assert not (runs / "100pct-clip-s0" / "eval").exists()  # clip's run was gathered, not trained or evaluated
     assert "1 not yet (100pct-clip-s0)" in (tmp_path / "study" / "results.md").read_text()
     assert set(pd.read_csv(tmp_path / "study" / "results.csv")["method"]) == {"psd-T2"}
+
+
+def test_the_sweep_only_options_are_not_options_of_run():
+    """--report and --methods belong to `psdclip sweep`; `psdclip run` (one recipe end to end) would have
+    accepted them and done nothing with them: it refuses them as unknown options."""
+    for flag in ("--report", "--methods=clip"):
+        r = cli("run", "demo", flag, check=False)
+        assert r.returncode == 2 and "unrecognized arguments" in r.stderr and flag.split("=")[0] in r.stderr, r.stderr
+        assert flag.split("=")[0] in cli("sweep", "--help").stdout
