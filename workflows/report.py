@@ -192,7 +192,12 @@ def _plot_fits(table, metrics, fits, out, level=""):
         if m not in table:
             continue
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        one_n = table["N"].nunique() == 1  # one size: each method's runs in a column of their own, named
+        methods = list(dict.fromkeys(table["method"]))
         for method, grp in table.groupby("method"):
+            if one_n:
+                ax.scatter([methods.index(method)] * len(grp), 1 - grp[m], s=14, alpha=0.6, label=f"{method} runs")
+                continue
             pts = ax.scatter(grp["N"], 1 - grp[m], s=14, alpha=0.6, label=f"{method} runs")
             fit = fits.get((method, m), {"ok": False})
             if fit["ok"]:
@@ -200,8 +205,11 @@ def _plot_fits(table, metrics, fits, out, level=""):
                 label = (f"{method}: plateau, N0 {fit['n0']:.0f}, b {fit['b']:.2f}, c {fit['c']:.2f}"
                          if fit["form"] == "plateau" else f"{method}: {fit['a']:.2f}·N^-{fit['b']:.2f}+{fit['c']:.2f}")
                 ax.plot(xs, predict(fit, xs), color=pts.get_facecolor()[0][:3], label=f"{label} (R² {fit['r2']:.2f})")
-        ax.set_xscale("log")
-        ax.set_xlabel("training pairs N")
+        if one_n:
+            _methods_axis(ax, methods, f"training pairs N = {int(table['N'].iloc[0]):,}")
+        else:
+            ax.set_xscale("log")
+            ax.set_xlabel("training pairs N")
         ax.set_ylabel(f"error (1 − {m})")
         ax.set_title(f"noise: {level}" if level else m, fontsize=9)
         ax.legend(fontsize=7)
@@ -209,6 +217,14 @@ def _plot_fits(table, metrics, fits, out, level=""):
         fig.tight_layout()
         fig.savefig(os.path.join(out, f"scaling_{level + '_' if level else ''}{_slug(m)}.png"))
         plt.close(fig)
+
+
+def _methods_axis(ax, methods: list[str], xlabel: str) -> None:
+    """An x axis of method names (a study at one data size: N is no axis there)."""
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels(methods, rotation=30, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(methods) - 0.4)
+    ax.set_xlabel(xlabel)
 
 
 def _plot_diffs(diffs: dict, metric: str, out: str, name: str = "diff", base: str = "CLIP",
@@ -224,13 +240,17 @@ def _plot_diffs(diffs: dict, metric: str, out: str, name: str = "diff", base: st
     for ax, level in zip(axes[0], levels):
         d = pd.DataFrame(diffs[level])
         methods = list(d["method"].unique())
+        one_n = d["N"].nunique() == 1  # a study at one size: the methods side by side, named on the axis
         for i, (method, grp) in enumerate(d.groupby("method", sort=False)):
             shift = 1 + 0.06 * (i - (len(methods) - 1) / 2)  # side by side on the log axis
-            ax.errorbar(grp["N"] * shift, grp["diff"], yerr=grp["half"].fillna(0), fmt="o-", capsize=3,
-                        label=method)
+            ax.errorbar([i] * len(grp) if one_n else grp["N"] * shift, grp["diff"], yerr=grp["half"].fillna(0),
+                        fmt="o" if one_n else "o-", capsize=3, label=method)
         ax.axhline(0, color="k", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
+        if one_n:
+            _methods_axis(ax, methods, f"{xlabel} = {int(d['N'].iloc[0]):,}")
+        else:
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
         ax.set_title((f"noise: {level}" if name == "diff" else level) if level else "", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"Δ {metric} vs {base} (95% CI)")
