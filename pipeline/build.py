@@ -153,7 +153,7 @@ def _finished_by_rows(futures: dict, rows: dict, in_flight, enabled: bool, watch
                 yield fut
             seen = finished + in_flight()
             if watch is not None and pending:
-                watch.check(seen)
+                watch.check(seen, pending)
             if bar is not None:
                 bar.n = max(bar.n, min(bar.total, seen))
                 bar.refresh()

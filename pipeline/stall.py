@@ -41,18 +41,17 @@ def local_nannies(client) -> dict | None:
 class StallWatch:
     """check(rows_done) after every poll of the download futures (see the module's docstring)."""
 
-    def __init__(self, client, futures: dict, timeout: float, work_dir: str | None,
-                 clock=time.monotonic):
-        self.client, self.timeout, self.work_dir, self.clock = client, timeout, work_dir, clock
+    def __init__(self, client, futures: dict, timeout: float, work_dir: str | None):
+        self.client, self.futures, self.timeout, self.work_dir = client, futures, timeout, work_dir
         self.shard_of = {f.key: shard for f, shard in futures.items()}  # the download tasks' keys -> shard
-        self.futures = futures
         self.restarted: set[int] = set()
-        self.seen, self.since = None, clock()
+        self.seen, self.since = None, time.monotonic()
 
-    def check(self, rows_done: int) -> None:
+    def check(self, rows_done: int, pending) -> None:
+        """rows_done: the build's rows so far; pending: the futures not finished yet."""
         if not self.timeout:
             return
-        now = self.clock()
+        now = time.monotonic()
         if rows_done != self.seen:
             self.seen, self.since = rows_done, now
             return
@@ -62,7 +61,7 @@ class StallWatch:
         nannies = local_nannies(self.client)
         if not stuck:
             workers = len(self.client.scheduler_info().get("workers", {}))
-            self._stop(sorted(s for s in self.futures.values()),
+            self._stop(sorted(self.futures[f] for f in pending),
                        f"no download task ran for {self.timeout:g} s on the cluster's {workers} worker(s)")
         again = sorted(s for s in stuck if s in self.restarted)
         if nannies is None:
@@ -73,8 +72,7 @@ class StallWatch:
         for addr in sorted(set(stuck.values())):
             shards = sorted(s for s, a in stuck.items() if a == addr)
             nanny = nannies.get(addr)
-            leftovers = [p for s in shards for p in glob.glob(os.path.join(self.work_dir or "", f"{s:05d}-*"))] \
-                if self.work_dir else []
+            leftovers = [p for s in shards for p in self._work_folders(s)]
             log.warning(f"download: shard(s) {', '.join(f'{s:05d}' for s in shards)} wrote no row for "
                         f"{self.timeout:g} s; restarting worker process {getattr(nanny, 'pid', None)} ({addr}) and "
                         f"running them again (once)")
@@ -84,7 +82,7 @@ class StallWatch:
             for path in leftovers:  # the killed task's partial shard: a rerun starts the shard afresh
                 shutil.rmtree(path, ignore_errors=True)
             self.restarted.update(shards)
-        self.since = self.clock()
+        self.since = time.monotonic()
 
     def _stuck(self) -> dict[int, str]:
         """{shard: worker address} of our download tasks the scheduler has running now."""
@@ -102,8 +100,13 @@ class StallWatch:
         worker's temporary folder), or none has one (a worker that hung before it began), all of them."""
         if not self.work_dir:
             return stuck
-        begun = {s: a for s, a in stuck.items() if glob.glob(os.path.join(self.work_dir, f"{s:05d}-*"))}
+        begun = {s: a for s, a in stuck.items() if self._work_folders(s)}
         return begun or stuck
+
+    def _work_folders(self, shard: int) -> list[str]:
+        """The shard's download work folders (download_partition's WORK = _work/NNNNN-RANDOM); none known for a
+        dataset on an object store."""
+        return glob.glob(os.path.join(self.work_dir, f"{shard:05d}-*")) if self.work_dir else []
 
     def _stop(self, shards: list[int], why: str):
         with contextlib.suppress(Exception):
