@@ -104,25 +104,24 @@ def _in_flight_counter(client, layout: Layout):
             return total
 
         return local
-    from concurrent.futures import ThreadPoolExecutor
+    import threading
 
     from .download import rows_in_flight
 
-    # asked in a thread of its own: a worker that hangs must not hang the client's poll (and its stall watch)
-    pool = ThreadPoolExecutor(1, thread_name_prefix="psdclip-rows-in-flight")
-    last = {"asked": 0.0, "rows": 0, "call": None}
+    # asked in a daemon thread of its own: a worker that hangs must hang neither the client's poll (and its stall
+    # watch) nor the process's exit after the build stops
+    last = {"asked": 0.0, "rows": 0, "asking": None}
 
-    def ask() -> int:
-        return sum(client.run(rows_in_flight, layout.root).values())
+    def ask():
+        with contextlib.suppress(Exception):  # a worker gone meanwhile: the next poll asks again
+            last["rows"] = sum(client.run(rows_in_flight, layout.root).values())
 
     def remote() -> int:
-        call = last["call"]
-        if call is not None and call.done():
-            with contextlib.suppress(Exception):  # a worker gone meanwhile: the next poll asks again
-                last["rows"] = call.result()
-            last["call"] = call = None
-        if call is None and time.monotonic() - last["asked"] >= 2.0:
-            last["asked"], last["call"] = time.monotonic(), pool.submit(ask)
+        asking = last["asking"]
+        if (asking is None or not asking.is_alive()) and time.monotonic() - last["asked"] >= 2.0:
+            last["asked"] = time.monotonic()
+            last["asking"] = threading.Thread(target=ask, name="psdclip-rows-in-flight", daemon=True)
+            last["asking"].start()
         return last["rows"]
 
     return remote
