@@ -88,8 +88,7 @@ class StallWatch:
         """{shard: worker address} of our download tasks the scheduler has running now."""
         stuck = {}
         for addr, keys in self.client.processing().items():
-            for key in keys:
-                key = key if isinstance(key, str) else str(key)
+            for key in map(str, keys):
                 if key in self.shard_of:
                     stuck[self.shard_of[key]] = addr
         return stuck
@@ -98,8 +97,6 @@ class StallWatch:
         """Of the shards the scheduler has given to workers (a worker is handed more than it runs at once), those
         begun: they have a work folder. Where that cannot be seen (a dataset on an object store works in the
         worker's temporary folder), or none has one (a worker that hung before it began), all of them."""
-        if not self.work_dir:
-            return stuck
         begun = {s: a for s, a in stuck.items() if self._work_folders(s)}
         return begun or stuck
 
