@@ -37,3 +37,16 @@ def record(name: str, title: str, body: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     print(f"recorded in {path}")
+
+
+def readme_block(start: str, end: str, block: str) -> None:
+    """Replace README.md's text from the marker line START to END (both kept) with BLOCK (markers included)."""
+    path = os.path.join(ROOT, "README.md")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if start not in text or end not in text:
+        raise SystemExit(f"{path}: no {start} ... {end} block to write")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(head + block + tail)

@@ -17,7 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _record import record  # noqa: E402
+from _record import readme_block as write_block, record  # noqa: E402
 
 
 def main():
@@ -50,7 +50,6 @@ def main():
     readme_block(exe, args.out)
 
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 START, END = "<!-- demo-output: written by benchmarks/demo.py -->", "<!-- /demo-output -->"
 
 
@@ -78,14 +77,7 @@ def readme_block(exe: str, out: str) -> None:
         "$ psdclip eval demo-out/runs/psd --suite synthetic:demo-out/synth      # (excerpt)", ev, "",
         "$ psdclip compare demo-out/runs/clip demo-out/runs/psd                  # (excerpt; also compare.md, "
         "compare.png)", *rows, "```", END])
-    with open(README, encoding="utf-8") as f:
-        text = f.read()
-    if START not in text or END not in text:
-        raise SystemExit(f"{README}: no {START} ... {END} block to write")
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    with open(README, "w", encoding="utf-8") as f:
-        f.write(head + block + tail)
+    write_block(START, END, block)
     print(f"README.md: demo output block rewritten from {out}")
 
 

@@ -25,6 +25,9 @@ def write_results(sweep, rows: list[dict], selection: dict | None, pending=(), u
     robust = getattr(sweep, "robustness", None) or {}
     if robust:
         report += "\n\n" + robustness_section(table, robust["id"], robust["ood"], sweep.out)
+    summary = summary_section(table, sweep)
+    write_text(os.path.join(sweep.out, "summary.md"), summary + "\n")
+    report = summary + "\n\n" + report
     if selection:
         report = selection.get("report", f"Chosen for the scaling stage: {selection['best']} (screen.json)") + "\n\n" + report
     if pending:
@@ -120,9 +123,76 @@ def filter_section(table: pd.DataFrame, primary: str, out: str) -> str:
     return "\n".join(lines)
 
 
+def summary_section(table: pd.DataFrame, sweep, base: str = "clip") -> str:
+    """The study in one table: at the largest N of each noise level, each method minus the baseline on the primary
+    metric (and on effective robustness where the sweep declares it), paired by seed, named by sweep.labels, with
+    the baseline's own mean, SD and range. A Δ whose interval excludes zero is bold. Also written as summary.md,
+    which README's study blocks are copied from (benchmarks/studies.py)."""
+    primary = sweep.primary or sweep.metrics[0]
+    spec = getattr(sweep, "spec", None)
+    labels, order = (getattr(spec, "labels", None) or {}), list(getattr(spec, "methods", None) or {})
+    robust = getattr(sweep, "robustness", None) or {}
+    levels = list(table["noise"].unique()) if "noise" in table else [""]
+    out = []
+    for level in levels:
+        t = table[table["noise"] == level] if "noise" in table else table
+        if "filter" in t:
+            t = t[~t["filter"].fillna("").astype(bool)]
+        n = int(t["N"].max())
+        top = t[t["N"] == n]
+        b = top[top["method"] == base][primary].dropna().to_numpy(float) if primary in top else np.array([])
+        where = f"noise level {level}, " if level else ""
+        if not len(b):
+            out.append(f"Summary ({where}N = {n:,}): no {base} run has finished there yet.")
+            continue
+        sd = f"SD {b.std(ddof=1):.3f}, " if len(b) > 1 else ""
+        head = (f"Summary ({where}the largest N, {n:,} pairs), {primary}: {base} {b.mean():.3f} ({sd}{b.min():.3f} to "
+                f"{b.max():.3f} over {len(b)} seed(s)). Each method minus {base}, paired by seed (mean ± 95% "
+                f"Student-t interval, bold where it excludes zero; detectable: the smallest true difference this many "
+                f"seeds detect at 80% power):")
+        d = {r["method"]: r for r in paired_differences(top, primary, base=base)}
+        er = {}
+        if robust:
+            scored, _ = effective_robustness(t, robust["id"], robust["ood"], base)
+            if scored is not None:
+                er = {r["method"]: r for r in paired_differences(scored[scored["N"] == n], "effective_robustness",
+                                                                 base=base)}
+        cols = ["method", f"Δ {primary}"] + (["Δ effective robustness"] if er else []) + ["detectable", "seeds"]
+        lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for m in sorted(d, key=lambda m: order.index(m) if m in order else len(order)):
+            r = d[m]
+            name = f"`{m}`: {labels[m]}" if m in labels else f"`{m}`"
+            cells = [name, _delta(r)] + ([_delta(er[m]) if m in er else ""] if er else []) + \
+                [f"{r['detectable']:.3f}" if np.isfinite(r["detectable"]) else "–", str(r["seeds"])]
+            lines.append("| " + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def _delta(r: dict) -> str:
+    sign = "−" if r["diff"] < 0 else "+"
+    text = f"{sign}{abs(r['diff']):.3f}" + (f" ± {r['half']:.3f}" if np.isfinite(r["half"]) else " (one seed)")
+    return f"**{text}**" if np.isfinite(r["half"]) and abs(r["diff"]) > r["half"] else text
+
+
 def _logit(p):
     p = np.clip(np.asarray(p, float), 1e-4, 1 - 1e-4)
     return np.log(p / (1 - p))
+
+
+def effective_robustness(table: pd.DataFrame, id_metric: str, ood_metric: str, base: str = "clip"):
+    """(the runs carrying both metrics with an effective_robustness column, (slope, intercept, trend, base runs)) over
+    the baseline's logit-space line; (None, why) when there is no line to draw yet."""
+    if id_metric not in table or ood_metric not in table:
+        return None, "no runs carry both metrics yet."
+    t = table.dropna(subset=[id_metric, ood_metric]).copy()
+    b = t[t["method"] == base]
+    if len(b) < 3 or b[id_metric].nunique() < 2:
+        return None, f"the {base} trend needs at least three {base} runs ({len(b)} finished)."
+    slope, icept = np.polyfit(_logit(b[id_metric]), _logit(b[ood_metric]), 1)
+    trend = lambda x: 1 / (1 + np.exp(-(slope * _logit(x) + icept)))  # noqa: E731
+    t["effective_robustness"] = t[ood_metric].to_numpy(float) - trend(t[id_metric])
+    return t, (slope, icept, trend, b)
 
 
 def robustness_section(table: pd.DataFrame, id_metric: str, ood_metric: str, out: str, base: str = "clip") -> str:
@@ -132,15 +202,10 @@ def robustness_section(table: pd.DataFrame, id_metric: str, ood_metric: str, out
     (above the line: more robust than the baseline at the same in-distribution accuracy). Per method and N the mean
     with its 95% interval, and method − baseline paired by seed; robustness_*.png draws the runs and the line."""
     head = f"Effective robustness: {ood_metric} against {id_metric}"
-    if id_metric not in table or ood_metric not in table:
-        return f"{head}: no runs carry both metrics yet."
-    t = table.dropna(subset=[id_metric, ood_metric]).copy()
-    b = t[t["method"] == base]
-    if len(b) < 3 or b[id_metric].nunique() < 2:
-        return f"{head}: the {base} trend needs at least three {base} runs ({len(b)} finished)."
-    slope, icept = np.polyfit(_logit(b[id_metric]), _logit(b[ood_metric]), 1)
-    trend = lambda x: 1 / (1 + np.exp(-(slope * _logit(x) + icept)))  # noqa: E731
-    t["effective_robustness"] = t[ood_metric].to_numpy(float) - trend(t[id_metric])
+    t, fit = effective_robustness(table, id_metric, ood_metric, base)
+    if t is None:
+        return f"{head}: {fit}"
+    slope, icept, trend, b = fit
     lines = [f"{head}. The {base} trend over its {len(b)} runs: logit(ood) = {slope:.3f} · logit(id) {icept:+.3f}; a "
              "run's effective robustness is its ood value minus the trend at its id value (mean ± 95% interval):", "",
              "| N | method | id | ood | effective robustness |", "|---|---|---|---|---|"]

@@ -67,6 +67,8 @@ class SweepSpec:
     robustness: dict = _help("{id: METRIC, ood: METRIC}: report each run's effective robustness against CLIP's trend "
                              "of the ood metric on the id one (a logit-space line over the clip runs)",
                              default_factory=dict)
+    labels: dict = _help("method name -> what it is, in words, for the report's summary at the largest N "
+                         "(summary.md): e.g. {clip-ls0.1: label smoothing 0.1 (control)}", default_factory=dict)
     prune: bool = _help("delete a finished run's checkpoints, feature cache, plots and per-example arrays",
                         default=False)
 
@@ -101,6 +103,10 @@ class SweepSpec:
                 raise InputError("sweep.screen.noise must be one of sweep.noise's levels")
         if self.regime is not None and self.regime.get("noise", levels[0]) not in levels:
             raise InputError("sweep.regime must be a mapping whose noise (if any) is one of sweep.noise's levels")
+        unknown = [k for k in self.labels if k not in self.methods]
+        if unknown or not all(isinstance(v, str) for v in self.labels.values()):
+            raise InputError(f"sweep.labels must map method names of sweep.methods to words"
+                             f"{' (not methods: ' + ', '.join(map(str, unknown)) + ')' if unknown else ''}")
         if self.robustness and (set(self.robustness) != {"id", "ood"}
                                 or not all(m in self.metrics for m in self.robustness.values())):
             raise InputError("sweep.robustness must be {id: METRIC, ood: METRIC}, both among sweep.metrics")

@@ -1,4 +1,5 @@
-"""The sweep report's effective-robustness section against values computed by hand."""
+"""The sweep report's effective-robustness section and its summary at the largest N against values computed by
+hand."""
 import re
 
 import numpy as np
@@ -6,7 +7,9 @@ import pandas as pd
 import pytest
 
 from psdclip.core.errors import InputError
-from psdclip.workflows.report import robustness_section, summarize
+from types import SimpleNamespace
+
+from psdclip.workflows.report import robustness_section, summarize, summary_section
 from psdclip.workflows.sweep_spec import SweepSpec
 
 
@@ -52,3 +55,31 @@ def test_two_sizes_give_no_fit_table_and_a_bad_robustness_spec_is_refused(tmp_pa
     with pytest.raises(InputError, match="sweep.robustness must be"):
         SweepSpec(subsets=["1.0"], methods={"clip": {"loss": "clip"}}, metrics=["a", "b"],
                   robustness={"id": "a", "ood": "c"})
+
+
+def test_summary_at_the_largest_n_names_methods_by_label_and_bolds_only_what_clears_zero(tmp_path):
+    # at N 1000: "up" is clip + 0.02 + 0.002 * seed (interval well clear of zero), "flat" is clip ± 0.01 alternately;
+    # the smaller N's runs must not enter the summary
+    rows = []
+    for s in range(4):
+        c = 0.5 + 0.03 * s
+        rows += [{"N": 1000, "method": "clip", "seed": s, "acc": c},
+                 {"N": 1000, "method": "up", "seed": s, "acc": c + 0.02 + 0.002 * s},
+                 {"N": 1000, "method": "flat", "seed": s, "acc": c + (0.01 if s % 2 else -0.01)},
+                 {"N": 100, "method": "up", "seed": s, "acc": 0.9}, {"N": 100, "method": "clip", "seed": s, "acc": 0.1}]
+    table = pd.DataFrame(rows)
+    spec = SweepSpec(subsets=["1.0"], methods={"clip": {}, "flat": {}, "up": {}}, metrics=["acc"],
+                     labels={"up": "the one that helps"})
+    text = summary_section(table, SimpleNamespace(spec=spec, primary="acc", metrics=["acc"], robustness={}))
+    clip = np.array([0.5, 0.53, 0.56, 0.59])
+    assert f"largest N, 1,000 pairs), acc: clip {clip.mean():.3f} (SD {clip.std(ddof=1):.3f}, 0.500 to 0.590 over 4" \
+        in text
+    up = 0.02 + 0.002 * np.arange(4)
+    half = 3.182446 * up.std(ddof=1) / 2
+    assert f"| `up`: the one that helps | **+{up.mean():.3f} ± {half:.3f}** |" in text
+    flat_half = 3.182446 * np.std([-0.01, 0.01, -0.01, 0.01], ddof=1) / 2
+    assert f"| `flat` | +0.000 ± {flat_half:.3f} |" in text and "**+0.000" not in text
+    assert text.index("`flat`") < text.index("`up`")  # the recipe's order
+    assert "effective robustness" not in text
+    with pytest.raises(InputError, match=r"sweep.labels .*not methods: nope"):
+        SweepSpec(subsets=["1.0"], methods={"clip": {}}, labels={"nope": "x"})
