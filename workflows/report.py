@@ -130,7 +130,8 @@ def summary_section(table: pd.DataFrame, sweep, base: str = "clip") -> str:
     which README's study blocks are copied from (benchmarks/studies.py)."""
     primary = sweep.primary or sweep.metrics[0]
     spec = getattr(sweep, "spec", None)
-    labels, order = (getattr(spec, "labels", None) or {}), list(getattr(spec, "methods", None) or {})
+    labels = getattr(spec, "labels", None) or {}
+    order = list(getattr(sweep, "methods", None) or getattr(spec, "methods", None) or {})
     robust = getattr(sweep, "robustness", None) or {}
     levels = list(table["noise"].unique()) if "noise" in table else [""]
     out = []

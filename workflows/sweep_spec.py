@@ -103,9 +103,9 @@ class SweepSpec:
                 raise InputError("sweep.screen.noise must be one of sweep.noise's levels")
         if self.regime is not None and self.regime.get("noise", levels[0]) not in levels:
             raise InputError("sweep.regime must be a mapping whose noise (if any) is one of sweep.noise's levels")
-        unknown = [k for k in self.labels if k not in self.methods]
+        unknown = [k for k in self.labels if k not in self.methods and k not in (self.screen.get("methods") or {})]
         if unknown or not all(isinstance(v, str) for v in self.labels.values()):
-            raise InputError(f"sweep.labels must map method names of sweep.methods to words"
+            raise InputError(f"sweep.labels must map method names (of sweep.methods or its screen) to words"
                              f"{' (not methods: ' + ', '.join(map(str, unknown)) + ')' if unknown else ''}")
         if self.robustness and (set(self.robustness) != {"id", "ood"}
                                 or not all(m in self.metrics for m in self.robustness.values())):
