@@ -7,6 +7,11 @@ and summary.md from the finished runs; nothing is trained), then summary.md into
     python benchmarks/studies.py [RECIPE ...]      # default: psd-v2-emoji psd-v2-synthetic
 
 A study still running is reported as it stands (its summary lists the seeds each difference has).
+
+With both psd-v2 studies (the default), it also writes the block `psd-default`: issue 26 step 6's rule, as the
+psd-v2-synthetic recipe declares it, applied to their results: the PSD reading with the best mean rank of its
+difference from CLIP on each study's primary metric at its largest N, ties to the emoji study (real images); a gain
+only if its interval clears zero in one study and its mean is not below CLIP's in the other.
 """
 from __future__ import annotations
 
@@ -42,6 +47,49 @@ def main():
         readme_block(start, end, "\n".join([start, f"From `{rel}/summary.md`, written by `psdclip sweep {recipe} "
                                             f"--report` (the whole report: `{rel}/results.md`):", "", summary, end]))
         print(f"README.md: {recipe}'s block rewritten from {rel}/summary.md")
+    if all(r in args.recipes for r in STUDIES):
+        start, end = markers("psd-default")
+        readme_block(start, end, "\n".join([start, default_rule(STUDIES), end]))
+        print("README.md: psd-default's block rewritten")
+
+
+def default_rule(recipes: list[str]) -> str:
+    """Step 6's rule over the studies (the first is the tie-breaker) as one paragraph and a table of ranks."""
+    import pandas as pd
+
+    from psdclip.train.metrics import paired_differences
+    from psdclip.workflows.recipe import load_recipe
+
+    ranks, deltas = {}, {}
+    for recipe in recipes:
+        spec = load_recipe(recipe)
+        sweep = spec["sweep"]
+        primary = sweep.get("primary") or sweep["metrics"][0]
+        psd = [m for m, o in sweep["methods"].items() if (o or {}).get("loss") == "psd" and not o.get("oracle_targets")]
+        table = pd.read_csv(os.path.join(ROOT, spec["out"], "results.csv"))
+        top = table[table["N"] == table["N"].max()]
+        d = {r["method"]: r for r in paired_differences(top, primary) if r["method"] in psd}
+        order = sorted(d, key=lambda m: -d[m]["diff"])
+        deltas[recipe] = d
+        ranks[recipe] = {m: i + 1 for i, m in enumerate(order)}
+    methods = [m for m in ranks[recipes[0]] if all(m in ranks[r] for r in recipes)]
+    mean = {m: sum(ranks[r][m] for r in recipes) / len(recipes) for m in methods}
+    best = min(methods, key=lambda m: (mean[m], ranks[recipes[0]][m]))
+
+    def clears(r):
+        return r["half"] == r["half"] and r["diff"] - r["half"] > 0
+
+    gain = any(clears(deltas[r][best]) for r in recipes) and all(deltas[r][best]["diff"] >= 0 for r in recipes)
+    lines = [f"Issue 26 step 6's rule (declared in `psd-v2-synthetic`'s recipe) over {' and '.join(recipes)}: "
+             f"**{best}** has the best mean rank (ties to {recipes[0]}), and is "
+             + ("a measured gain over CLIP." if gain else "not a measured gain over CLIP (its interval clears zero in "
+                "neither study, or its mean is below CLIP's in one): the best non-degenerate reading."), "",
+             "| PSD reading | " + " | ".join(f"rank in {r} (Δ vs CLIP, seeds)" for r in recipes) + " | mean rank |",
+             "|---|" + "---|" * (len(recipes) + 1)]
+    for m in sorted(methods, key=lambda m: (mean[m], ranks[recipes[0]][m])):
+        cells = [f"{ranks[r][m]} ({deltas[r][m]['diff']:+.3f}, {deltas[r][m]['seeds']})" for r in recipes]
+        lines.append(f"| `{m}` | " + " | ".join(cells) + f" | {mean[m]:.1f} |")
+    return "\n".join(lines)
 
 
 def _out(recipe: str) -> str:
