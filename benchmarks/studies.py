@@ -57,46 +57,29 @@ def default_rule(recipes: list[str]) -> str:
     """Step 6's rule over the studies (the first is the tie-breaker) as one paragraph and a table of ranks."""
     import pandas as pd
 
-    from psdclip.train.metrics import paired_differences
     from psdclip.workflows.recipe import load_recipe
+    from psdclip.workflows.report import rank_readings
 
-    ranks, deltas = {}, {}
+    studies = []
     for recipe in recipes:
         spec = load_recipe(recipe)
         sweep = spec["sweep"]
-        primary = sweep.get("primary") or sweep["metrics"][0]
         psd = [m for m, o in sweep["methods"].items() if (o or {}).get("loss") == "psd" and not o.get("oracle_targets")]
         table = pd.read_csv(os.path.join(ROOT, spec["out"], "results.csv"))
-        top = table[table["N"] == table["N"].max()]
-        d = {r["method"]: r for r in paired_differences(top, primary) if r["method"] in psd}
-        order = sorted(d, key=lambda m: -d[m]["diff"])
-        deltas[recipe] = d
-        ranks[recipe] = {m: i + 1 for i, m in enumerate(order)}
-    methods = [m for m in ranks[recipes[0]] if all(m in ranks[r] for r in recipes)]
-    mean = {m: sum(ranks[r][m] for r in recipes) / len(recipes) for m in methods}
-    best = min(methods, key=lambda m: (mean[m], ranks[recipes[0]][m]))
-
-    def clears(r):
-        return r["half"] == r["half"] and r["diff"] - r["half"] > 0
-
-    gain = any(clears(deltas[r][best]) for r in recipes) and all(deltas[r][best]["diff"] >= 0 for r in recipes)
+        studies.append((recipe, table, sweep.get("primary") or sweep["metrics"][0], psd))
+    r = rank_readings(studies)
+    best = r["best"]
     lines = [f"Issue 26 step 6's rule (declared in `psd-v2-synthetic`'s recipe) over {' and '.join(recipes)}: "
              f"**{best}** has the best mean rank (ties to {recipes[0]}), and is "
-             + ("a measured gain over CLIP." if gain else "not a measured gain over CLIP (its interval clears zero in "
-                "neither study, or its mean is below CLIP's in one): the best non-degenerate reading."), "",
-             "| PSD reading | " + " | ".join(f"rank in {r} (Δ vs CLIP, seeds)" for r in recipes) + " | mean rank |",
+             + ("a measured gain over CLIP." if r["gain"] else "not a measured gain over CLIP (its interval clears zero "
+                "in neither study, or its mean is below CLIP's in one): the best non-degenerate reading."), "",
+             "| PSD reading | " + " | ".join(f"rank in {n} (Δ vs CLIP, seeds)" for n in recipes) + " | mean rank |",
              "|---|" + "---|" * (len(recipes) + 1)]
-    for m in sorted(methods, key=lambda m: (mean[m], ranks[recipes[0]][m])):
-        cells = [f"{ranks[r][m]} ({deltas[r][m]['diff']:+.3f}, {deltas[r][m]['seeds']})" for r in recipes]
-        lines.append(f"| `{m}` | " + " | ".join(cells) + f" | {mean[m]:.1f} |")
+    for m in r["order"]:
+        cells = [f"{r['ranks'][n][m]} ({r['deltas'][n][m]['diff']:+.3f}, {r['deltas'][n][m]['seeds']})"
+                 for n in recipes]
+        lines.append(f"| `{m}` | " + " | ".join(cells) + f" | {r['mean'][m]:.1f} |")
     return "\n".join(lines)
-
-
-def _out(recipe: str) -> str:
-    """The recipe's out folder (as `psdclip sweep --check` resolves the recipe)."""
-    from psdclip.workflows.recipe import load_recipe
-
-    return load_recipe(recipe).get("out") or os.path.join("sweeps", recipe)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pandas as pd
 
+from ..core.errors import InputError
 from ..core.io import write_text
 from ..train.metrics import ci_half, fit_scaling, paired_differences, predict
 
@@ -168,6 +169,30 @@ def summary_section(table: pd.DataFrame, sweep, base: str = "clip") -> str:
             lines.append("| " + " | ".join(cells) + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out)
+
+
+def rank_readings(studies: list, base: str = "clip") -> dict:
+    """Pick one reading over several studies: studies is [(name, results table, primary metric, candidate
+    methods)]; in each, the candidates present at its largest N are ranked by their difference from `base` on its
+    primary metric, paired by seed (1 = best). The best is the lowest mean rank over the studies that all rank it,
+    ties to the first study; it is a gain when its interval clears zero in at least one study and its mean
+    difference is not below zero in any. Returns best, gain, order (by mean rank), ranks, deltas and mean."""
+    ranks, deltas = {}, {}
+    for name, table, primary, candidates in studies:
+        top = table[table["N"] == table["N"].max()]
+        d = {r["method"]: r for r in paired_differences(top, primary, base=base) if r["method"] in candidates}
+        deltas[name] = d
+        ranks[name] = {m: i + 1 for i, m in enumerate(sorted(d, key=lambda m: -d[m]["diff"]))}
+    first = studies[0][0]
+    both = [m for m in ranks[first] if all(m in ranks[n] for n in ranks)]
+    if not both:
+        raise InputError("no candidate reading has finished runs in every study")
+    mean = {m: float(np.mean([ranks[n][m] for n in ranks])) for m in both}
+    order = sorted(both, key=lambda m: (mean[m], ranks[first][m]))
+    best = order[0]
+    clears = [np.isfinite(deltas[n][best]["half"]) and deltas[n][best]["diff"] > deltas[n][best]["half"] for n in ranks]
+    gain = any(clears) and all(deltas[n][best]["diff"] >= 0 for n in ranks)
+    return {"best": best, "gain": gain, "order": order, "ranks": ranks, "deltas": deltas, "mean": mean}
 
 
 def _delta(r: dict) -> str:

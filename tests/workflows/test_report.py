@@ -9,7 +9,7 @@ import pytest
 from psdclip.core.errors import InputError
 from types import SimpleNamespace
 
-from psdclip.workflows.report import robustness_section, summarize, summary_section
+from psdclip.workflows.report import rank_readings, robustness_section, summarize, summary_section
 from psdclip.workflows.sweep_spec import SweepSpec
 
 
@@ -83,3 +83,38 @@ def test_summary_at_the_largest_n_names_methods_by_label_and_bolds_only_what_cle
     assert "effective robustness" not in text
     with pytest.raises(InputError, match=r"sweep.labels .*not methods: nope"):
         SweepSpec(subsets=["1.0"], methods={"clip": {}}, labels={"nope": "x"})
+
+
+def _study(deltas: dict, n=1000, seeds=3, noise=0.001):
+    """A results table at two sizes whose methods lie DELTA (+ a seed's noise) above clip at the largest N and
+    reversed at the smaller one (which the rule must not read)."""
+    rows = []
+    for s in range(seeds):
+        rows += [{"N": n, "method": "clip", "seed": s, "m": 0.4 + 0.05 * s},
+                 {"N": n // 10, "method": "clip", "seed": s, "m": 0.2}]
+        for method, d in deltas.items():
+            rows += [{"N": n, "method": method, "seed": s, "m": 0.4 + 0.05 * s + d + noise * (s - 1)},
+                     {"N": n // 10, "method": method, "seed": s, "m": 0.2 - d}]
+    return pd.DataFrame(rows)
+
+
+def test_rank_readings_takes_the_best_mean_rank_ties_to_the_first_study_and_says_when_it_is_a_gain():
+    a = _study({"t2": 0.01, "rho": -0.01, "bank": 0.0, "oracle": 0.5})
+    b = _study({"t2": -0.02, "rho": 0.05, "bank": -0.01})
+    cands = ["t2", "rho", "bank"]
+    r = rank_readings([("a", a, "m", cands), ("b", b, "m", cands)])
+    # ranks a: t2 1, bank 2, rho 3; b: rho 1, bank 2, t2 3 -> all mean 2: the tie goes to a's order
+    assert r["ranks"]["a"] == {"t2": 1, "bank": 2, "rho": 3} and r["mean"] == {"t2": 2.0, "bank": 2.0, "rho": 2.0}
+    assert r["order"] == ["t2", "bank", "rho"] and r["best"] == "t2"
+    assert "oracle" not in r["ranks"]["a"]  # not a candidate
+    assert not r["gain"]  # t2 clears zero in a but lies below clip in b
+    # t2 first in both, clear of zero in a and above zero in b: a gain
+    r = rank_readings([("a", a, "m", cands), ("b", _study({"t2": 0.002, "rho": -0.05, "bank": 0.001}), "m", cands)])
+    assert r["best"] == "t2" and r["gain"]
+    assert r["deltas"]["a"]["t2"]["diff"] == pytest.approx(0.01) and r["deltas"]["a"]["t2"]["seeds"] == 3
+    # above clip in both but within its interval everywhere (a seed's noise as large as the effect): no gain
+    noisy = [("a", _study({"t2": 0.002}, noise=0.01), "m", ["t2"]), ("b", _study({"t2": 0.002}, noise=0.01), "m",
+                                                                       ["t2"])]
+    assert rank_readings(noisy)["best"] == "t2" and not rank_readings(noisy)["gain"]
+    with pytest.raises(InputError, match="no candidate reading"):
+        rank_readings([("a", a, "m", ["t2"]), ("b", b, "m", ["ema"])])
