@@ -76,10 +76,17 @@ def default_rule(recipes: list[str]) -> str:
              "| PSD reading | " + " | ".join(f"rank in {n} (Δ vs CLIP, seeds)" for n in recipes) + " | mean rank |",
              "|---|" + "---|" * (len(recipes) + 1)]
     for m in r["order"]:
-        cells = [f"{r['ranks'][n][m]} ({r['deltas'][n][m]['diff']:+.3f}, {r['deltas'][n][m]['seeds']})"
+        cells = [f"{r['ranks'][n][m]} ({r['deltas'][n][m]['diff']:+.3f}, {r['deltas'][n][m]['seeds']})".replace("-", "−")
                  for n in recipes]
         lines.append(f"| `{m}` | " + " | ".join(cells) + f" | {r['mean'][m]:.1f} |")
     return "\n".join(lines)
+
+
+def _out(recipe: str) -> str:
+    """The recipe's out folder (as `psdclip sweep` resolves the recipe)."""
+    from psdclip.workflows.recipe import load_recipe
+
+    return load_recipe(recipe).get("out") or os.path.join("sweeps", recipe)
 
 
 if __name__ == "__main__":

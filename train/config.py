@@ -102,7 +102,8 @@ class TrainConfig:
     teacher_temperature: float = _help(
         "PSD: temperature applied to the teacher's logits. Default 2, from the psd-v2 studies (README, 'CLIP vs "
         "PSD'): at 1 the same-pass teacher only rescales CLIP's gradient; no PSD reading beat CLIP there, and T = 2 "
-        "was the best of those that differ from it (a run begun with another default keeps its own)", default=2.0)
+        "had the best mean rank of those that differ from it over both (tied with rho 0.5 at T = 2, the real-image "
+        "study breaking the tie): not a measured gain (a run begun with another default keeps its own)", default=2.0)
     ema_teacher: bool = _help("PSD: use an EMA copy of the model as teacher (one more forward pass)", default=False)
     ema_decay: float = _help("PSD: decay of the EMA teacher", default=0.999)
     snapshot_every: int = _help("PSD: PS-KD's previous-epoch teacher: a frozen copy of the model, refreshed every N "
