@@ -6,7 +6,8 @@ and summary.md from the finished runs; nothing is trained), then summary.md into
 
     python benchmarks/studies.py [RECIPE ...]      # default: psd-v2-emoji psd-v2-synthetic
 
-A study still running is reported as it stands (its summary lists the seeds each difference has).
+It also records in BENCHMARKS.md the training time of each study's runs (read from their metrics logs). A study
+still running is reported as it stands (its summary lists the seeds each difference has).
 
 With both psd-v2 studies (the default), it also writes the block `psd-default`: issue 26 step 6's rule, as the
 psd-v2-synthetic recipe declares it, applied to their results: the PSD reading with the best mean rank of its
@@ -21,7 +22,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _record import ROOT, readme_block  # noqa: E402
+from _record import ROOT, readme_block, record  # noqa: E402
 
 STUDIES = ["psd-v2-emoji", "psd-v2-synthetic"]
 
@@ -47,10 +48,45 @@ def main():
         readme_block(start, end, "\n".join([start, f"From `{rel}/summary.md`, written by `psdclip sweep {recipe} "
                                             f"--report` (the whole report: `{rel}/results.md`):", "", summary, end]))
         print(f"README.md: {recipe}'s block rewritten from {rel}/summary.md")
+    record("psd-v2-studies", "CLIP vs PSD: the psd-v2 studies' training time", "\n".join(
+        [BESIDE, "", "| study | runs | training hours | median minutes a run | median samples/s |", "|---|---|---|---|---|"]
+        + [time_row(r) for r in dict.fromkeys(args.recipes + (["psd-v2-regime"] if args.recipes == STUDIES else []))]))
     if all(r in args.recipes for r in STUDIES):
         start, end = markers("psd-default")
         readme_block(start, end, "\n".join([start, default_rule(STUDIES), end]))
         print("README.md: psd-default's block rewritten")
+
+
+BESIDE = ("How they ran: each study's runs in one or two `psdclip sweep RECIPE [--methods ...]` processes side by "
+          "side on the 2 cores (the recipes pin `--threads 1 --workers 1` for every run), over several sessions; at times a test "
+          "file or a report ran beside them, never a timing benchmark. Training time per run is read from its "
+          "metrics log (the time between consecutive log lines, gaps over 10 minutes, i.e. a resume, left out); "
+          "evaluation is not included.")
+
+
+def time_row(recipe: str) -> str:
+    """One study's runs: count, summed training hours, median minutes and samples/s, from runs/*/metrics.jsonl."""
+    import glob
+    import json
+
+    import numpy as np
+
+    minutes, speeds = [], []
+    for path in glob.glob(os.path.join(ROOT, _out(recipe), "**", "runs", "*", "metrics.jsonl"), recursive=True):
+        rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+        rows = [r for r in rows if "time" in r and "step" in r]
+        if len(rows) < 2:
+            continue
+        t = np.diff([r["time"] for r in rows])
+        steps = np.diff([r["step"] for r in rows])
+        keep = (t > 0) & (t < 600) & (steps > 0)
+        per_step = t[keep].sum() / max(steps[keep].sum(), 1)
+        minutes.append(per_step * rows[-1]["step"] / 60)  # the whole run at its logged pace
+        speeds.append(float(np.median([r["samples_per_s"] for r in rows if "samples_per_s" in r])))
+    if not minutes:
+        return f"| {recipe} | 0 | | | |"
+    return (f"| {recipe} | {len(minutes)} | {sum(minutes) / 60:.1f} | {np.median(minutes):.1f} | "
+            f"{np.median(speeds):.0f} |")
 
 
 def default_rule(recipes: list[str]) -> str:
