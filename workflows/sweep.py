@@ -304,7 +304,8 @@ def run_sweep(cfg: SweepConfig) -> int:
         if only and not os.path.isfile(done):
             raise InputError(f"[sweep] --methods: the screen stage has not finished ({done}); run the sweep "
                              f"without --methods first")
-        selection = screen(sweep) if not (report or only) else read_json(done) if os.path.isfile(done) else None
+        selection = screen(sweep) if not (report or only) else screen(sweep, gather=True) \
+            if os.path.isfile(done) else None
         if selection:
             methods[selection["best"]] = sweep.methods[selection["best"]]
     rows, unfinished = [], []
@@ -394,19 +395,26 @@ def check_regime(sweep: Sweep, gather: bool = False) -> None:
     log.info(f"[sweep] regime check passed at {subset} {level}")
 
 
-def screen(sweep: Sweep) -> dict:
+def screen(sweep: Sweep, gather: bool = False) -> dict:
     """Stage 1: CLIP and each screened PSD setting at one subset and noise level; the best PSD setting on the
     primary metric's validation split (never the test split) is chosen. Writes screen.csv and returns the
-    choice and a markdown report."""
+    choice and a markdown report. gather (`--report`, `--methods`, once screen.json is written): the same report
+    from screen.csv, trains nothing, and keeps the choice screen.json recorded."""
     sc = sweep.screen
     level = sc.get("noise", sweep.levels[0])
     subset = sweep.screen_subset
     seeds = [int(s) for s in sc.get("seeds", sweep.seeds)]
     base = "clip" if "clip" in sweep.methods else next(iter(sweep.spec.methods))
     names = [base] + [m for m in sc["methods"] if m != base]
-    rows = [sweep.run(level, subset, m, s) for m in names for s in seeds]
-    table = pd.DataFrame(rows)
-    table.to_csv(os.path.join(sweep.out, "screen.csv"), index=False)
+    done, table_path = os.path.join(sweep.out, "screen.json"), os.path.join(sweep.out, "screen.csv")
+    if gather:
+        recorded = read_json(done)
+        if not os.path.isfile(table_path):
+            return recorded
+        table = pd.read_csv(table_path)
+    else:
+        table = pd.DataFrame([sweep.run(level, subset, m, s) for m in names for s in seeds])
+        table.to_csv(table_path, index=False)
     key = f"val:{sweep.primary}" if f"val:{sweep.primary}" in table else sweep.primary
     lines = [f"Screening at {subset} (N={int(table['N'].iloc[0])}){' ' + level if level else ''}, seeds {seeds}: "
              f"{key}, each setting minus {base} paired by seed (mean ± 95% CI, smallest detectable difference at "
@@ -421,9 +429,10 @@ def screen(sweep: Sweep) -> dict:
                      + ("–" if m == base else f"{d.mean():+.4f} ± {ci_half(d):.4f}") + " | "
                      + ("–" if m == base else f"{min_detectable(d):.4f}") + " |")
     psd = {m: s for m, s in scores.items() if m != base}
-    best = max(psd, key=psd.get)
+    best = max(psd, key=psd.get) if not gather else recorded["best"]
     lines += ["", f"Chosen for the scaling stage (best mean {key}): **{best}**"]
-    write_json(os.path.join(sweep.out, "screen.json"), {"best": best, "metric": key, "scores": scores}, indent=1)
+    if not gather:
+        write_json(done, {"best": best, "metric": key, "scores": scores}, indent=1)
     return {"best": best, "report": "\n".join(lines)}
 
 

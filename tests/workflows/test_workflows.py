@@ -134,6 +134,12 @@ def test_sweep_with_noise_levels_screening_and_val_test_splits(tmp_path, schedul
     again = cli("sweep", tmp_path / "study.yaml")
     assert "steps" not in "".join(ln for ln in again.stderr.splitlines() if ln.startswith("[sweep]") and
                                    "done, skipped" not in ln and "regime" not in ln and "noise level" not in ln)
+    screening = report[:report.index("Chosen for the scaling stage")]
+    assert "Screening at 50pct" in screening and "| psd-T2 |" in screening and "| psd-snap |" in screening
+    cli("sweep", tmp_path / "study.yaml", "--report")  # gathers only: the screening table is rebuilt, not lost
+    reported = (out / "results.md").read_text()
+    assert reported.startswith(screening) and f"**{screen['best']}**" in reported
+    assert "Summary (noise level clean, the largest N" in reported and (out / "summary.md").exists()
 
 
 def test_sweep_runners_sequential_torchrun_and_dask(tmp_path, scheduler):
