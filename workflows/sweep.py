@@ -239,8 +239,17 @@ class Sweep:
         if os.path.isfile(os.path.join(run, "config.yaml")):
             with open(os.path.join(run, "config.yaml"), encoding="utf-8") as f:
                 resolved = yaml.safe_load(f) or {}
+        # a study folder moved or cloned elsewhere: a path the run was given inside its old folder (the oracle's
+        # file) is the same file at the same place in the new one
+        old_root, new_root = (os.path.dirname(os.path.dirname(str(p))) for p in (before.get("out", run), run))
+
+        def moved(value):
+            if old_root != new_root and isinstance(value, str) and value.startswith(old_root + os.sep):
+                return new_root + value[len(old_root):]
+            return value
+
         changed = sorted(k for k in set(before) | set(wanted) if k not in ("data", "out", "threads")  # speed only
-                         and before.get(k, resolved.get(k)) != wanted.get(k))
+                         and moved(before.get(k, resolved.get(k))) != wanted.get(k))
         if changed:
             raise InputError(f"[sweep] {run} was trained with other settings ({', '.join(changed)}); delete it to "
                              f"train it again, or give the sweep another --out")
