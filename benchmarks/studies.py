@@ -45,12 +45,14 @@ def main():
             summary = f.read().strip()
         start, end = markers(recipe)
         rel = os.path.relpath(study, ROOT)
-        readme_block(start, end, "\n".join([start, f"From `{rel}/summary.md`, written by `psdclip sweep {recipe} "
-                                            f"--report` (the whole report: `{rel}/results.md`):", "", summary, end]))
+        source = f"From `{rel}/summary.md`, written by `psdclip sweep {recipe} --report` (the whole report: " \
+            f"`{rel}/results.md`):"
+        readme_block(start, end, "\n".join([start, source, "", summary, end]))
         print(f"README.md: {recipe}'s block rewritten from {rel}/summary.md")
+    timed = dict.fromkeys(args.recipes + (["psd-v2-regime"] if args.recipes == STUDIES else []))
     record("psd-v2-studies", "CLIP vs PSD: the psd-v2 studies' training time", "\n".join(
-        [BESIDE, "", "| study | runs | training hours | median minutes a run | median samples/s |", "|---|---|---|---|---|"]
-        + [time_row(r) for r in dict.fromkeys(args.recipes + (["psd-v2-regime"] if args.recipes == STUDIES else []))]))
+        [BESIDE, "", "| study | runs | training hours | median minutes a run | median samples/s |",
+         "|---|---|---|---|---|"] + [time_row(r) for r in timed]))
     if all(r in args.recipes for r in STUDIES):
         start, end = markers("psd-default")
         readme_block(start, end, "\n".join([start, default_rule(STUDIES), end]))
@@ -58,10 +60,10 @@ def main():
 
 
 BESIDE = ("How they ran: each study's runs in one or two `psdclip sweep RECIPE [--methods ...]` processes side by "
-          "side on the 2 cores (the recipes pin `--threads 1 --workers 1` for every run), over several sessions; at times a test "
-          "file or a report ran beside them, never a timing benchmark. Training time per run is read from its "
-          "metrics log (the time between consecutive log lines, gaps over 10 minutes, i.e. a resume, left out); "
-          "evaluation is not included.")
+          "side on the 2 cores (the recipes pin `--threads 1 --workers 1` for every run), over several sessions; at "
+          "times a test file or a report ran beside them, never a timing benchmark. Training time per run is read "
+          "from its metrics log (the time between consecutive log lines, gaps over 10 minutes, i.e. a resume, "
+          "left out); evaluation is not included.")
 
 
 def time_row(recipe: str) -> str:
@@ -100,20 +102,21 @@ def default_rule(recipes: list[str]) -> str:
     for recipe in recipes:
         spec = load_recipe(recipe)
         sweep = spec["sweep"]
-        psd = [m for m, o in sweep["methods"].items() if (o or {}).get("loss") == "psd" and not o.get("oracle_targets")]
+        psd = [m for m, o in sweep["methods"].items()
+               if (o or {}).get("loss") == "psd" and not o.get("oracle_targets")]
         table = pd.read_csv(os.path.join(ROOT, spec["out"], "results.csv"))
         studies.append((recipe, table, sweep.get("primary") or sweep["metrics"][0], psd))
     r = rank_readings(studies)
     best = r["best"]
     lines = [f"Issue 26 step 6's rule (declared in `psd-v2-synthetic`'s recipe) over {' and '.join(recipes)}: "
              f"**{best}** has the best mean rank (ties to {recipes[0]}), and is "
-             + ("a measured gain over CLIP." if r["gain"] else "not a measured gain over CLIP (its interval clears zero "
-                "in neither study, or its mean is below CLIP's in one): the best non-degenerate reading."), "",
+             + ("a measured gain over CLIP." if r["gain"] else "not a measured gain over CLIP (its interval clears "
+                "zero in neither study, or its mean is below CLIP's in one): the best non-degenerate reading."), "",
              "| PSD reading | " + " | ".join(f"rank in {n} (Δ vs CLIP, seeds)" for n in recipes) + " | mean rank |",
              "|---|" + "---|" * (len(recipes) + 1)]
     for m in r["order"]:
-        cells = [f"{r['ranks'][n][m]} ({r['deltas'][n][m]['diff']:+.3f}, {r['deltas'][n][m]['seeds']})".replace("-", "−")
-                 for n in recipes]
+        cells = [f"{r['ranks'][n][m]} ({r['deltas'][n][m]['diff']:+.3f}, {r['deltas'][n][m]['seeds']})"
+                 .replace("-", "−") for n in recipes]
         lines.append(f"| `{m}` | " + " | ".join(cells) + f" | {r['mean'][m]:.1f} |")
     return "\n".join(lines)
 

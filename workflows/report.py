@@ -190,15 +190,20 @@ def rank_readings(studies: list, base: str = "clip") -> dict:
     mean = {m: float(np.mean([ranks[n][m] for n in ranks])) for m in both}
     order = sorted(both, key=lambda m: (mean[m], ranks[first][m]))
     best = order[0]
-    clears = [np.isfinite(deltas[n][best]["half"]) and deltas[n][best]["diff"] > deltas[n][best]["half"] for n in ranks]
-    gain = any(clears) and all(deltas[n][best]["diff"] >= 0 for n in ranks)
+    gain = any(_clear_of_zero(deltas[n][best]) and deltas[n][best]["diff"] > 0 for n in ranks) and \
+        all(deltas[n][best]["diff"] >= 0 for n in ranks)
     return {"best": best, "gain": gain, "order": order, "ranks": ranks, "deltas": deltas, "mean": mean}
+
+
+def _clear_of_zero(r: dict) -> bool:
+    """A paired difference whose 95% interval excludes zero (one seed has no interval)."""
+    return bool(np.isfinite(r["half"]) and abs(r["diff"]) > r["half"])
 
 
 def _delta(r: dict) -> str:
     sign = "−" if r["diff"] < 0 else "+"
     text = f"{sign}{abs(r['diff']):.3f}" + (f" ± {r['half']:.3f}" if np.isfinite(r["half"]) else " (one seed)")
-    return f"**{text}**" if np.isfinite(r["half"]) and abs(r["diff"]) > r["half"] else text
+    return f"**{text}**" if _clear_of_zero(r) else text
 
 
 def _logit(p):
