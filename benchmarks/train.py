@@ -40,7 +40,7 @@ from psdclip.pipeline.config import BuildConfig, SynthConfig  # noqa: E402
 from psdclip.pipeline.serve import serving  # noqa: E402
 from psdclip.pipeline.synth import generate, write_url_list  # noqa: E402
 from psdclip.train.config import TrainConfig  # noqa: E402
-from psdclip.train.loop import make_loss  # noqa: E402
+from psdclip.train.objectives import make_loss  # noqa: E402
 from psdclip.train.loading import resolve_device  # noqa: E402
 from psdclip.train.schedule import param_groups  # noqa: E402
 from psdclip.train.models import build_model  # noqa: E402
@@ -61,7 +61,8 @@ def step_times(model, loss_fn, images, texts, opt, n):
 
 def psd_vs_clip(args) -> tuple[str, float]:
     """Step time of every PSD setting of the study against CLIP, same model and batch, in-memory tensors."""
-    from psdclip.train.loop import forward_backward, model_teacher
+    from psdclip.train.loop import forward_backward
+    from psdclip.train.teacher import model_teacher
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -90,8 +91,7 @@ def psd_vs_clip(args) -> tuple[str, float]:
     outside = wrap_teacher(build_model(args.distill_model, device)[0], model).to(device)
     import tempfile
 
-    from psdclip.train.bank import EmbeddingBank
-    from psdclip.train.loop import step_teacher
+    from psdclip.train.bank import BankTeacher, EmbeddingBank
     from psdclip.train.models import model_config
     from psdclip.train.oracle import oracle_targets
 
@@ -116,7 +116,7 @@ def psd_vs_clip(args) -> tuple[str, float]:
                 teacher, keep = None if frozen is None else model_teacher(frozen, loss_fn), None
                 if cfg.bank_teacher:  # a new batch of sample ids each step, as a shuffled epoch gives
                     ids = torch.randperm(200_000, generator=gen)[:args.batch_size]
-                    teacher, keep = step_teacher(model, loss_fn, None, bank, None, [], ids, 1, device, "x")
+                    teacher, keep = BankTeacher(bank, "x").for_step(model, loss_fn, [], ids, 1, device)
                 elif cfg.oracle_targets:
                     teacher = lambda _: {"teacher_targets": oracle_targets(codes, codes)}  # noqa: E731
                 forward_backward(model, model, loss_fn, [(images, texts)], step=10, teacher=teacher, on_features=keep)

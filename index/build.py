@@ -22,13 +22,14 @@ import time
 import numpy as np
 
 from ..core import storage
-from ..core.io import atomic_path, read_json, sha256_file, write_json
+from ..core.io import atomic_path, sha256_file
 from ..core.errors import InputError, PsdclipError
 from ..pipeline.format import read_info, shard_format
 
 from . import ann
 from . import parts as P
 from .config import IndexBuildConfig, parse_bytes
+from .format import INFO, IndexInfo
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def build_index(cfg: IndexBuildConfig) -> dict:
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise InputError(f"--out {cfg.out}: is a file, not an index directory")
     max_memory, build_memory = parse_bytes(cfg.max_memory), parse_bytes(cfg.max_build_memory)
-    meta_path = os.path.join(cfg.out, "index.json")
+    meta_path = os.path.join(cfg.out, INFO)
     m = digest = dim = None
     # torchrun's rank (as embed.dist_env; read here so that --embeddings needs no torch): with --embeddings there is
     # nothing to embed, and only rank 0 builds (every rank writing the same index files would race)
@@ -103,7 +104,7 @@ def build_index(cfg: IndexBuildConfig) -> dict:
         m = load_model(cfg.checkpoint, resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", rank))))
         digest = sha256_file(checkpoint_path(cfg.checkpoint))
         dim = _model_dim(m)
-    if os.path.isfile(meta_path) and (read_json(meta_path).get("checkpoint_sha256") != digest):
+    if os.path.isfile(meta_path) and IndexInfo.read(cfg.out, locate=False).checkpoint_sha256 != digest:
         raise InputError(f"{cfg.out}: built with another checkpoint; use a new --out or delete it")
     stats = {"undecodable": 0}
     t0 = time.time()
@@ -179,36 +180,36 @@ def build_index(cfg: IndexBuildConfig) -> dict:
     # paths both absolute and relative to the index folder: serve from any directory, and move the index folder
     # (with or without what it names); the checkpoint's sha256 says it is the same file
     ckpt_abs = os.path.abspath(m.checkpoint) if m else None
-    doc = {"schema_version": 2, "checkpoint": ckpt_abs, "checkpoint_sha256": digest,
-           "checkpoint_relative": os.path.relpath(ckpt_abs, out_abs) if ckpt_abs else None,
-           "embeddings_relative": os.path.relpath(emb_dir, out_abs),
-           "model_arch": m.arch if m else None, "step": m.step if m else None, "dataset": dataset,
-           "dataset_format": shard_format(read_info(cfg.data)) if cfg.data else None, "embeddings": emb_dir,
-           "count": int(n), "dim": int(d), "metric": "inner_product (cosine on normalised vectors)",
-           "factory": factory, "why": why,
-           "budgets": {"max_memory": cfg.max_memory, "max_build_memory": cfg.max_build_memory,
-                       "max_query_ms": cfg.max_query_ms},
-           "files": {k_: v["files"] for k_, v in files.items()},
-           "layout": {k_: ("single index" if len(v["files"]) == 1 else
-                           f"{len(v['files'])} IVF shards of {v['rows_per_shard']:,} rows, one quantizer, searched "
-                           f"together") for k_, v in files.items()},
-           "search_params": {k_: {"param": v["param"], "value": v["value"],
-                                  **({"k_factor": v["k_factor"]} if "k_factor" in v else {})}
-                             for k_, v in tunings.items()},
-           "recall_at_k": {k_: {"k": k, "recall": v["recall"], "ms_per_query": v.get("ms_per_query")}
-                           for k_, v in tunings.items()},
-           "embeddings_dtype": str(P.vectors(parts[0], "image").dtype), "embed_s": round(t_embed, 2),
-           "index_build_s": round(t_index, 2), "undecodable_images": stats.get("undecodable", 0)}
+    info = IndexInfo(
+        checkpoint=ckpt_abs, checkpoint_sha256=digest,
+        checkpoint_relative=os.path.relpath(ckpt_abs, out_abs) if ckpt_abs else None,
+        embeddings_relative=os.path.relpath(emb_dir, out_abs),
+        model_arch=m.arch if m else None, step=m.step if m else None, dataset=dataset,
+        dataset_format=shard_format(read_info(cfg.data)) if cfg.data else None, embeddings=emb_dir,
+        count=int(n), dim=int(d), factory=factory, why=why,
+        budgets={"max_memory": cfg.max_memory, "max_build_memory": cfg.max_build_memory,
+                 "max_query_ms": cfg.max_query_ms},
+        files={k_: v["files"] for k_, v in files.items()},
+        layout={k_: ("single index" if len(v["files"]) == 1 else
+                     f"{len(v['files'])} IVF shards of {v['rows_per_shard']:,} rows, one quantizer, searched "
+                     f"together") for k_, v in files.items()},
+        search_params={k_: {"param": v["param"], "value": v["value"],
+                            **({"k_factor": v["k_factor"]} if "k_factor" in v else {})}
+                       for k_, v in tunings.items()},
+        recall_at_k={k_: {"k": k, "recall": v["recall"], "ms_per_query": v.get("ms_per_query")}
+                     for k_, v in tunings.items()},
+        embeddings_dtype=str(P.vectors(parts[0], "image").dtype), embed_s=round(t_embed, 2),
+        index_build_s=round(t_index, 2), undecodable_images=stats.get("undecodable", 0))
     missed = {name: ann.budget_message(name, t, factory, "--max-memory") for name, t in tunings.items()
               if "missed" in t}
     if missed:  # recorded, said in one line each, and (with --strict) a failure once index.json is written
-        doc["budget_missed"] = {name: {"message": msg, **tunings[name]["missed"]} for name, msg in missed.items()}
+        info.budget_missed = {name: {"message": msg, **tunings[name]["missed"]} for name, msg in missed.items()}
         for msg in missed.values():
             log.warning("warning: %s", msg)
-    write_json(meta_path, doc)
+    info.write(cfg.out)
     if missed and cfg.strict:
         raise PsdclipError(f"--strict: {next(iter(missed.values()))}")
-    return doc
+    return info.to_dict()
 
 
 def cmd_index_build(cfg: IndexBuildConfig) -> int:

@@ -11,10 +11,10 @@ import os
 import signal
 
 from ..core.errors import InputError, PsdclipError
-from ..core.io import read_json, write_json
+from ..core.io import write_json
 from .config import ServeConfig
 from .reload import FAILED, RUN_DIR, worker_slot
-from .searcher import located
+from .format import IndexInfo
 from .service import create_app
 
 
@@ -91,10 +91,7 @@ def cmd_serve(cfg: ServeConfig) -> int:
     import tempfile
 
     for path in cfg.named().values():  # a bad index or a missing checkpoint is one line here, not N workers failing
-        meta = os.path.join(path, "index.json")  # (index.json alone: the workers load the indices, and the GPUs)
-        if not os.path.isfile(meta):
-            raise InputError(f"{path}: not a psdclip index (no index.json)")
-        ckpt = located(path, read_json(meta)).get("checkpoint")
+        ckpt = IndexInfo.read(path).checkpoint  # (index.json alone: the workers load the indices, and the GPUs)
         if ckpt and not os.path.exists(ckpt):
             raise InputError(f"{path}: the model checkpoint its index.json names, {ckpt}, is missing (text and "
                              f"image queries need it: restore it, or rebuild the index)")

@@ -14,12 +14,12 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..core.io import read_json
 from ..core.errors import InputError
 
 from . import ann
 from . import parts as P
 from .config import TEXT_RUNTIMES
+from .format import IndexInfo
 
 
 class Searcher:
@@ -32,17 +32,14 @@ class Searcher:
         if text_runtime not in TEXT_RUNTIMES:
             raise ValueError(f"text_runtime must be eager or torchscript, not {text_runtime!r}")
         self.text_runtime = text_runtime
-        meta_path = os.path.join(index_dir, "index.json")
-        if not os.path.isfile(meta_path):
-            raise InputError(f"{index_dir}: not a psdclip index (no index.json)")
+        self.info = IndexInfo.read(index_dir)
         self.dir = index_dir
         self.device = _Device(device)  # torch is imported only when a model is loaded
         # an LRU cache of query-text embeddings (web search repeats its queries); 0 turns it off
         self.text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.text_cache_size = text_cache
         self.cache_hits = self.cache_misses = 0
-        self.info = located(index_dir, read_json(meta_path))
-        files = self.info.get("files") or {"index.faiss": ["index.faiss"], "captions.faiss": ["captions.faiss"]}
+        files = self.info.files
         self.indices = {}
         for name, modality in (("index.faiss", "image"), ("captions.faiss", "text")):
             if name not in files:
@@ -50,7 +47,7 @@ class Searcher:
             # memory-mapped: the index costs page cache (shared, evictable), not the process' own memory
             # memory-mapped (also before a GPU copy: a failed copy then leaves the mapped index, not a private one)
             index = ann.open_index(index_dir, files[name], mmap=True)
-            p = self.info["search_params"][name]
+            p = self.info.search_params[name]
             if p["param"]:
                 ann.set_param(index, p["param"], int(p["value"]))
             if p.get("k_factor"):
@@ -68,19 +65,19 @@ class Searcher:
         self.batches = self.meta.to_batches()
         self.batch_starts = np.cumsum([0] + [b.num_rows for b in self.batches])
         self._parts = False  # the embedding parts, listed at the first de-duplicated query (a header read per part)
-        self.dim = int(self.info["dim"])
+        self.dim = int(self.info.dim)
         self.model = self.loaded = None
         self._lock = threading.Lock()
         if model is not None:
             self._use(model)
-        elif load_model and self.info.get("checkpoint"):
+        elif load_model and self.info.checkpoint:
             self._load_model()
 
     @property
     def parts(self):
         """The index's embedding parts (None when it has none), listed once, when first asked for."""
         if self._parts is False:
-            emb, parts = self.info.get("embeddings"), None
+            emb, parts = self.info.embeddings, None
             if emb and os.path.isdir(emb):
                 try:
                     parts = P.list_parts(emb)[0]
@@ -92,7 +89,7 @@ class Searcher:
     def _load_model(self):
         from ..train.loading import load_model
 
-        self._use(load_model(self.info["checkpoint"], self.device.name))
+        self._use(load_model(self.info.checkpoint, self.device.name))
 
     def _use(self, m):
         self.loaded = m
@@ -284,12 +281,12 @@ class Searcher:
         raise KeyError(key)
 
     def image_bytes(self, key: str) -> bytes:
-        if not self.info.get("dataset"):
+        if not self.info.dataset:
             raise KeyError(key)  # built from embeddings alone: the images are elsewhere
         from ..pipeline.reader import read_image_bytes
 
         row = self.take([self.id_of(key)])
-        return read_image_bytes(self.info["dataset"], self.info.get("dataset_format", "webdataset"), int(row["shard"][0]),
+        return read_image_bytes(self.info.dataset, self.info.dataset_format or "webdataset", int(row["shard"][0]),
                                 int(row["offset"][0]), int(row["size"][0]))
 
 
@@ -331,28 +328,4 @@ def _can_reconstruct(index) -> bool:
         return True
     except RuntimeError:
         return False
-
-
-def located(index_dir: str, info: dict) -> dict:
-    """index.json with its checkpoint and embeddings paths as they are now: the absolute path it records when that
-    exists, else the same path relative to the index folder (an index moved with what it names), else as recorded
-    (indices built before: relative to the directory the build ran in, tried from the index folder too)."""
-    out = dict(info)
-    for key in ("checkpoint", "embeddings"):
-        recorded, relative = info.get(key), info.get(f"{key}_relative")
-        if not recorded or os.path.exists(recorded):
-            continue
-        for candidate in (relative, recorded if not os.path.isabs(recorded) else None):
-            path = os.path.join(index_dir, candidate) if candidate else None
-            if path and os.path.exists(path) and (key != "checkpoint" or _same_file(path, info)):
-                out[key] = os.path.normpath(path)
-                break
-    return out
-
-
-def _same_file(path: str, info: dict) -> bool:
-    """Whether a checkpoint found relative to the index is the one it was built with (its sha256, when recorded)."""
-    from ..core.io import sha256_file
-
-    return not info.get("checkpoint_sha256") or sha256_file(path) == info["checkpoint_sha256"]
 

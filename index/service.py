@@ -85,7 +85,7 @@ class RetrievalService:
 
     def health(self) -> dict:
         with self.lock:
-            out = {"status": "ok", "indices": {n: {"count": s.info["count"], "factory": s.info["factory"]}
+            out = {"status": "ok", "indices": {n: {"count": s.info.count, "factory": s.info.factory}
                                                for n, s in self.searchers.items()},
                    "image_url_search": bool(self.cfg.allowed_url_hosts)}  # (the web page shows its URL field)
         if self.workers:
@@ -137,7 +137,7 @@ class RetrievalService:
             log.exception("reload of %s failed", self.paths[name])
             raise HTTPException(409, f"could not load {name!r}: {type(err).__name__}: "
                                      f"{str(err).splitlines()[0][:200] if str(err) else 'damaged index'}") from None
-        out = {"reloaded": name, "count": fresh.info["count"]}
+        out = {"reloaded": name, "count": fresh.info.count}
         if self.workers:  # the others follow; answer once every worker serves the new index
             out["workers"] = self.workers.wait(name, self.workers.bump(name))
             out["of_workers"] = self.workers.count
@@ -153,16 +153,14 @@ class RetrievalService:
     def _same_model(self, name: str):
         """The loaded model of the index being reloaded when the rebuilt index names the same checkpoint file with
         the same contents: the reload then shares it instead of holding a second copy."""
-        from ..core.io import read_json
+        from .format import IndexInfo
 
         old = self.searchers[name]
         try:
-            info = read_json(os.path.join(self.paths[name], "index.json"))
+            info = IndexInfo.read(self.paths[name], locate=False)
         except (OSError, InputError):
             return None
-        same = info.get("checkpoint") == old.info.get("checkpoint") and \
-            info.get("checkpoint_sha256") == old.info.get("checkpoint_sha256")
-        return old.loaded if same else None
+        return old.loaded if info.same_model(old.info) else None
 
     # ---- search ----
     async def search(self, index: Optional[str], text, image, image_url, embedding, k: int, modality: str,

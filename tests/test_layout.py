@@ -10,34 +10,37 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["core", "pipeline", "train", "index", "workflows"]
+STAGES = ["core", "pipeline", "train", "eval", "index", "workflows"]
 # what a later stage may use of the pipeline: the dataset format, its reader, subsets, statuses (and configs for the CLI)
 PIPELINE_PUBLIC = {"format", "reader", "subsets", "status", "synth"}  # synth: the synthetic source's vocabulary
 
 
 def _imports(path: Path):
-    """(stage, module) of every psdclip import of a file, resolved from relative or absolute form."""
-    stage = path.parent.name
+    """(stage, module) of every psdclip import of a file, resolved from relative or absolute form (a file of a
+    stage's sub-package, train/objectives/psd.py, resolves from its own package)."""
+    package = list(path.relative_to(ROOT).parent.parts)
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 0 and (node.module or "").startswith("psdclip."):
-                parts = node.module.split(".")[1:]
-            elif node.level == 1:
-                parts = [stage] + ([node.module.split(".")[0]] if node.module else [])
-            elif node.level == 2:
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level == 0:
+            if not (node.module or "").startswith("psdclip."):
+                continue
+            parts = node.module.split(".")[1:]
+        else:
+            base = package[:len(package) - (node.level - 1)]
+            if not base:
                 parts = (node.module or "").split(".")
             else:
-                continue
-            if not node.module and node.level == 1:  # from . import x, y
-                for alias in node.names:
-                    yield stage, alias.name, node.lineno
-            else:
-                yield parts[0], (parts[1] if len(parts) > 1 else (node.names[0].name if node.level == 2 else "")), \
-                    node.lineno
+                parts = base + (node.module.split(".") if node.module else [])
+        if len(parts) == 1:  # from . import x, y (or from .. import stage)
+            for alias in node.names:
+                yield parts[0], alias.name, node.lineno
+        else:
+            yield parts[0], parts[1], node.lineno
 
 
 def _files(stage):
-    return sorted((ROOT / stage).glob("*.py"))
+    return sorted((ROOT / stage).rglob("*.py"))
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -48,11 +51,12 @@ def test_a_stage_imports_only_the_base_and_stages_to_its_left(stage):
         for other, module, line in _imports(f):
             if other not in allowed:
                 bad.append(f"{f.relative_to(ROOT)}:{line} imports psdclip.{other}.{module}")
-            elif stage in ("train", "index") and other == "pipeline" and module not in PIPELINE_PUBLIC:
+            elif stage in ("train", "eval", "index") and other == "pipeline" and module not in PIPELINE_PUBLIC:
                 bad.append(f"{f.relative_to(ROOT)}:{line} imports the pipeline's internal {module}")
-            elif stage == "index" and other == "train" and module not in ("checkpoint", "loading", "models"):
-                bad.append(f"{f.relative_to(ROOT)}:{line} imports train.{module} (index may use checkpoint and model "
-                           f"loading only)")
+            elif stage in ("eval", "index") and other == "train" and module not in ("checkpoint", "loading",
+                                                                                   "models"):
+                bad.append(f"{f.relative_to(ROOT)}:{line} imports train.{module} ({stage} may use checkpoint and "
+                           f"model loading only)")
     assert not bad, "\n".join(bad)
 
 
@@ -91,3 +95,14 @@ def test_every_module_imports_and_states_its_job():
             doc = (mod.__doc__ or "").strip()
             assert doc, f"psdclip.{stage}.{info.name} has no docstring"
     assert psdclip  # the namespace package itself
+
+
+def test_readme_names_every_module_where_things_live():
+    """README's "Where things live" table names every module of every stage (as `name`, in its stage's row)."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("Where things live")
+    table = readme[start:readme.index("\n\n", readme.index("| folder |", start))]
+    rows = {line.split("|")[1].strip(" `/"): line for line in table.splitlines() if line.startswith("| `")}
+    missing = [f"{s}/{f.relative_to(ROOT / s)}" for s in STAGES for f in _files(s)
+               if f.stem != "__init__" and f"`{f.stem}`" not in rows.get(s, "")]
+    assert not missing, f"README's 'Where things live' does not name: {missing}"

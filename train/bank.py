@@ -23,9 +23,13 @@ import shutil
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..core.errors import InputError
 from ..core.io import made_from_differs, write_json
+
+from .distributed import gather_rows
+from .teacher import Teacher
 
 
 class EmbeddingBank:
@@ -106,6 +110,48 @@ class EmbeddingBank:
         valid = seen_l[:, None] & seen_g[None, :]
         minus = torch.tensor(float("-inf"), device=li.device)
         return (torch.where(valid, scale * li @ gt.T, minus), torch.where(valid, scale * lt @ gi.T, minus))
+
+
+class BankTeacher(Teacher):
+    """The bank as PSD's teacher: a step's teacher logits are its samples' bank rows; the step's features (every
+    rank's, gathered) are written into it; it is copied beside each checkpoint."""
+
+    def __init__(self, bank: EmbeddingBank, data: str):
+        self.bank, self.data = bank, data
+
+    def for_step(self, model, loss_fn, keys, ids, world, device):
+        check_ids(ids, self.data)
+        ids = ids.to(device)
+        every = gather_rows(ids, world)
+        start = (dist.get_rank() if world > 1 else 0) * len(ids)  # this rank's rows in the gathered batch
+        local = slice(start, start + len(ids))
+
+        def keep(image_features, text_features):
+            self.bank.write(every.cpu(), gather_rows(image_features.detach().float(), world),
+                            gather_rows(text_features.detach().float(), world))
+
+        return (lambda mbs: {"teacher_logits": self.bank.teacher_logits(every, model.logit_scale.exp(), local)}), keep
+
+    def save(self, step: int, keep_steps: set[int]) -> None:
+        self.bank.save(step, keep_steps)
+
+
+def bank_teacher(ctx) -> BankTeacher:
+    """--bank-teacher: this rank's embedding bank, sized by the stream's stable sample ids, continued from the copy
+    saved with the checkpoint the run resumes from."""
+    from ..pipeline.format import dataset_id, read_info
+    from .models import model_config, resolve_model_name
+
+    cfg, stream = ctx.cfg, ctx.stream
+    if stream.ids is None:
+        raise InputError(f"--bank-teacher: --data {cfg.data} gives no stable sample ids (a psdclip dataset or subset "
+                         f"does; shard URLs do not)")
+    made_for = {"data": os.path.abspath(cfg.data), "dataset_id": dataset_id(read_info(stream.source.root)),
+                "model": resolve_model_name(cfg.model)}
+    bank = EmbeddingBank(os.path.join(cfg.out, "bank"), ctx.rank, stream.ids[""], model_config(cfg.model)["embed_dim"],
+                         made_for)
+    bank.start(ctx.start_step)
+    return BankTeacher(bank, cfg.data)
 
 
 def check_ids(ids: torch.Tensor, data: str) -> None:

@@ -205,9 +205,9 @@ def write(state, step: int, position: dict, plot: bool = True) -> None:
         for p in gathered:
             merged.update(p)
         position = merged
-    if state.bank is not None:  # PSD's embedding bank: this rank's copy at this step, beside the checkpoint
+    if state.teacher is not None:  # what PSD's teacher keeps beside the checkpoint (the bank: this rank's copy)
         kept = {int(_STEP.search(p).group(1)) for p in list_checkpoints(state.ckpt_dir)} | {step}
-        state.bank.save(step, set(sorted(kept)[-cfg.keep:]))
+        state.teacher.save(step, set(sorted(kept)[-cfg.keep:]))
     if state.rank == 0:
         state.writer.wait()  # one write in flight at most (and its error, if any, surfaces here)
         payload = snapshot(Checkpoint(

@@ -1,17 +1,19 @@
-"""The typed configs of `psdclip train`, `eval`, `compare` and `export` (one dataclass each, a help text per
+"""The typed configs of `psdclip train` and `export` (one dataclass each, a help text per
 field, validated on creation). Light: no torch or open_clip, so the CLI builds its options at once."""
 from __future__ import annotations
 
 import dataclasses
 import functools
 import os
-import re
+
 from dataclasses import dataclass, field
 import typing
 from typing import Literal
 
 from ..core.errors import InputError
 from ..core.options import option as _help
+
+from . import objectives
 
 
 # What a resumed run may change: how it runs, logs and stops, never what it trains (the model, loss and its
@@ -221,90 +223,14 @@ class TrainConfig:
             raise InputError(f"--beta1 and --beta2 must be in [0, 1) (got {self.beta1}, {self.beta2})")
         if self.dist_timeout <= 0:
             raise InputError(f"--dist-timeout must be > 0 minutes, got {self.dist_timeout}")
-        if self.snapshot_every < 0:
-            raise InputError(f"--snapshot-every must be >= 0, got {self.snapshot_every}")
-        if self.snapshot_every and self.ema_teacher:
-            raise InputError("--ema-teacher and --snapshot-every are two different teachers: choose one")
-        if bool(self.distill_model) != bool(self.distill_pretrained):
-            raise InputError("--distill-model and --distill-pretrained go together: the teacher's architecture and "
-                             "its weights")
-        if self.distill_model and self.loss != "psd":
-            raise InputError(f"--distill-model: the teacher's targets enter the PSD loss; use --loss psd (got "
-                             f"--loss {self.loss})")
-        teachers = [n for n, on in (("--ema-teacher", self.ema_teacher), ("--snapshot-every", self.snapshot_every),
-                                    ("--distill-model", self.distill_model), ("--bank-teacher", self.bank_teacher),
-                                    ("--oracle-targets", self.oracle_targets)) if on]
-        if len(teachers) > 1:
-            raise InputError(f"{' and '.join(teachers)} are different teachers of PSD: choose one")
-        if (self.bank_teacher or self.oracle_targets) and self.loss != "psd":
-            raise InputError(f"{teachers[0]}: a teacher of PSD's soft targets; use --loss psd (got --loss {self.loss})")
-        if self.bank_teacher and (self.follow or "::" in self.data):
-            raise InputError("--bank-teacher indexes a fixed set of samples: not with --follow or a mixture of --data")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise InputError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss != "clip":
-            raise InputError(f"--label-smoothing is the CLIP control; use --loss clip (got --loss {self.loss})")
         if self.lock_image_unlocked_groups < 0 or self.lock_text_unlocked_layers < 0:
             raise InputError("--lock-image-unlocked-groups and --lock-text-unlocked-layers must be >= 0")
-        if not self.teacher_temperature > 0:
-            raise InputError(f"--teacher-temperature must be > 0, got {self.teacher_temperature}")
+        objectives.check(self)  # the objective's own options (train/objectives/)
         unknown = {k.strip() for k in self.report_to.split(",") if k.strip()} - {"tensorboard", "wandb"}
         if unknown:
             raise InputError(f"--report-to {self.report_to!r}: expected tensorboard, wandb or both, comma-separated")
         if self.eval_every < 0 or (self.eval_every and not self.eval_suite):
             raise InputError("--eval-every N needs N >= 0 and an --eval-suite")
-        if self.eval_suite:
-            EvalConfig(target=self.out, suite=self.eval_suite)  # the suite's form, checked before training
-
-
-@dataclass
-class EvalConfig:
-    """psdclip eval: evaluate a run or checkpoint on a suite; writes RUN/eval/<suite>.json."""
-
-    target: str = field(default="", metadata={"help": "run directory or checkpoint file", "positional": True,
-                                              "metavar": "RUN_OR_CHECKPOINT"})
-    suite: str = field(default="", metadata={"help": "synthetic:DIR, imagefolder:PATH, imagenet:PATH, retrieval:FILE or "
-                                                     "wds:DIR (CLIP_benchmark's local wds_* layout)"})
-    split: Literal["all", "val", "test"] = field(default="all", metadata={
-        "help": "synthetic suite: all held-out scenes, or the validation (scene id %% 4 == 0) or test (the rest) "
-                "split; choose settings on val, report test"})
-    json: bool = field(default=False, metadata={"help": "print the result as JSON"})
-    format: Literal["psdclip", "clip_benchmark"] = field(default="psdclip", metadata={
-        "help": "also write CLIP_benchmark's result JSON (dataset, model, pretrained, task, metrics: acc1, acc5, "
-                "mean_per_class_recall, image/text_retrieval_recall@k; language), one file per dataset and task in "
-                "RUN/eval/clip_benchmark/, which its result tooling reads"})
-    batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
-    workers: int = field(default=2, metadata={"help": "image loading worker processes"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
-
-    def __post_init__(self):
-        if not self.target:
-            raise InputError("RUN_OR_CHECKPOINT is required")
-        kind = self.suite.split(":", 1)[0]
-        if kind not in ("synthetic", "imagefolder", "imagenet", "retrieval", "wds") or ":" not in self.suite:
-            raise InputError(f"--suite {self.suite!r}: expected synthetic:DIR, imagefolder:PATH, imagenet:PATH, "
-                             f"retrieval:FILE or wds:DIR (CLIP_benchmark's local webdataset layout)")
-        if self.format not in ("psdclip", "clip_benchmark"):
-            raise InputError(f"--format {self.format!r}: expected psdclip or clip_benchmark")
-        if self.split != "all" and kind != "synthetic":
-            raise InputError(f"--split {self.split}: only the synthetic suite has val/test splits")
-
-
-@dataclass
-class CompareConfig:
-    """psdclip compare: put runs side by side on their evaluations (RUN/eval/*.json)."""
-
-    runs: list[str] = field(default_factory=list, metadata={"help": "run directories (the first is the baseline)",
-                                                            "positional": True, "metavar": "RUN"})
-    out: str = field(default="", metadata={"help": "folder for compare.md, compare.json and compare.png "
-                                                   "(default: beside the first run)"})
-    reference: list[str] = field(default_factory=list, metadata={
-        "help": "reference runs for the effective-robustness fit (default: the given runs trained with clip)"})
-    bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples"})
-
-    def __post_init__(self):
-        if len(self.runs) < 2:
-            raise InputError("psdclip compare needs at least two runs")
 
 
 @dataclass
@@ -318,15 +244,3 @@ class ExportConfig:
     def __post_init__(self):
         if not self.run or not self.out:
             raise InputError("usage: psdclip export RUN_OR_CHECKPOINT --out FILE.pt")
-
-
-def result_name(suite: str, split: str = "all") -> str:
-    """RUN/eval/<name>.json: `synthetic` for the synthetic suite (`synthetic-val`, `synthetic-test` for a split),
-    else the kind and the folder or file name (imagenet-imagenet-r, retrieval-flickr30k_test), so that each data
-    set keeps its own result."""
-    kind, arg = suite.split(":", 1)
-    if kind == "synthetic":
-        return kind if split == "all" else f"{kind}-{split}"
-    stem = os.path.splitext(os.path.basename(os.path.normpath(arg)))[0] if kind == "retrieval" else \
-        os.path.basename(os.path.normpath(arg))
-    return f"{kind}-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", stem or "root")

@@ -26,13 +26,13 @@ from ..core.locks import folder_lock
 from . import checkpoint as ckpt
 from .config import TrainConfig, keep_earlier_defaults
 from .data import ShardStream, make_loader
-from .distributed import Interrupt, gather_rows, setup_distributed, step_flags
+from .distributed import Interrupt, setup_distributed, step_flags
 from .loading import load_pretrained
-from .losses import CLIPLoss, PSDLoss, PSDSchedule, SigLIPLoss
 from .models import build_model, resolve_model_name
+from .objectives import objective_of
 from .reporting import Evaluator, Reporter, Window, log_row, progress_bar
 from .schedule import lr_at, param_groups
-from .teacher import ema_update, external_teacher, make_teacher, teacher_logits
+from .teacher import Teacher, TeacherContext
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +54,11 @@ def _fine_tuning_options(model, cfg: TrainConfig) -> None:
                         "gradient checkpointing; only the text tower recomputes its activations")
 
 
-def make_loss(cfg: TrainConfig, rank: int, world: int):
-    if cfg.loss == "clip":
-        return CLIPLoss(rank=rank, world_size=world, label_smoothing=cfg.label_smoothing)
-    if cfg.loss == "siglip":
-        return SigLIPLoss(rank=rank, world_size=world)
-    schedule = PSDSchedule(total_steps=cfg.steps, **{f: getattr(cfg, f) for f in (
-        "alpha_start", "alpha_max", "alpha_schedule", "rho_start", "rho_end", "rho_schedule")})
-    return PSDLoss(schedule, cfg.teacher_temperature, seed=cfg.seed, rank=rank, world_size=world)
-
-
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, evaluate=None) -> dict:
+    """Train as `cfg` says. `evaluate(loaded_model) -> {metric: value}`: --eval-every's evaluation (the evaluation
+    stage's `in_training(suite)`, given by the caller); needed when cfg.eval_every is set."""
+    if cfg.eval_every and evaluate is None:
+        raise ValueError("train: --eval-every needs the evaluation (train(cfg, evaluate=...))")
     rank, world, device = setup_distributed(cfg)
     before = torch.get_num_threads()
     if device.type == "cpu" and cfg.threads:
@@ -78,12 +72,12 @@ def train(cfg: TrainConfig) -> dict:
         contextlib.nullcontext()
     try:
         with lock:
-            return _train(cfg, rank, world, device)
+            return _train(cfg, rank, world, device, evaluate)
     finally:
         torch.set_num_threads(before)  # a caller in the same process (a sweep, a test) keeps its own setting
 
 
-def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
+def _train(cfg: TrainConfig, rank: int, world: int, device, evaluate) -> dict:
     if cfg.batch_size % (world * cfg.accum):
         raise InputError(f"--batch-size {cfg.batch_size} must divide evenly over {world} rank(s) x {cfg.accum} "
                          f"micro-batches")
@@ -97,10 +91,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             log.info(f"psdclip: {cfg.out} was begun with {', '.join(kept)}, a default that has changed since: kept "
                      f"(name the option to train with another value)")
     torch.manual_seed(cfg.seed)
-    model, preprocess_train, preprocess_val, tokenizer = build_model(cfg.model, device, siglip=cfg.loss == "siglip")
+    objective = objective_of(cfg)
+    model, preprocess_train, preprocess_val, tokenizer = build_model(cfg.model, device, **objective.model)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    loss_fn = make_loss(cfg, rank, world)
+    loss_fn = objective.make_loss(cfg, rank, world)
     _fine_tuning_options(model, cfg)  # before the optimizer: it takes the parameters that still train
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   eps=cfg.eps)
@@ -117,11 +112,6 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
         source = load_pretrained(model, cfg.pretrained, resolve_model_name(cfg.model))
         if rank == 0:
             log.info(f"psdclip: starting from the weights of {source}")
-    ema = make_teacher(model, teacher_state) if cfg.loss == "psd" and (cfg.ema_teacher or cfg.snapshot_every) \
-        else None
-    # the external teacher (--distill-model) is frozen and rebuilt from its file on a resume: it is not saved
-    teacher = ema if ema is not None else external_teacher(cfg, model, device) if cfg.distill_model \
-        else None
     if rank == 0:
         ckpt.truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), start_step)
         if cfg.warmup_steps > cfg.steps:
@@ -142,19 +132,15 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     if stream.source.samples is not None and micro * world > stream.source.samples:
         raise InputError(f"--batch-size {cfg.batch_size}: larger than the {stream.source.samples:,} samples of "
                          f"--data {cfg.data} (a contrastive batch would hold the same pair twice)")
-    bank = _bank(cfg, stream, rank, start_step)
-    oracle = None
-    if cfg.oracle_targets:
-        from .oracle import OracleTargets
-
-        oracle = OracleTargets(cfg.oracle_targets)
+    teacher: Teacher | None = objective.teacher(TeacherContext(cfg, model, device, stream, rank, start_step,
+                                                               teacher_state)) if objective.teacher else None
     batches = iter(make_loader(stream, cfg.workers))
     bar = progress_bar(cfg, rank, start_step)
-    state = TrainState(cfg=cfg, model=model, optimizer=optimizer, scaler=scaler, teacher=ema, rank=rank, world=world,
-                       remote=remote, bank=bank,
-                       window=Window(first_step=start_step), position=dict(data_position),
+    state = TrainState(cfg=cfg, model=model, optimizer=optimizer, scaler=scaler, teacher=teacher, rank=rank,
+                       world=world, remote=remote, window=Window(first_step=start_step), position=dict(data_position),
                        reporter=Reporter(cfg) if rank == 0 else None)
-    evaluator = Evaluator(cfg, model, preprocess_val, tokenizer, device) if cfg.eval_every and rank == 0 else None
+    evaluator = Evaluator(cfg, model, preprocess_val, tokenizer, device, evaluate) if cfg.eval_every and rank == 0 \
+        else None
     step = start_step
     end = cfg.steps if not cfg.stop_after else min(cfg.steps, start_step + cfg.stop_after)
     interrupt = Interrupt()
@@ -192,8 +178,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             step_keys += batch["keys"]
             step_ids.append(batch["ids"])
             state.window.samples += batch["image"].shape[0] * world
-        teach, keep = step_teacher(model, loss_fn, teacher, bank, oracle, step_keys, torch.cat(step_ids), world,
-                                   device, cfg.data)
+        teach, keep = teacher.for_step(model, loss_fn, step_keys, torch.cat(step_ids), world, device) \
+            if teacher is not None else (None, None)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             losses = forward_backward(net, model, loss_fn, micro_batches, step, teacher=teach, world=world,
                                       scaler=scaler, on_features=keep)
@@ -213,10 +199,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             state.window.skipped_steps += 1
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        if taken and ema is not None and cfg.ema_teacher:
-            ema_update(ema, model, cfg.ema_decay)
-        elif taken and ema is not None and (step + 1) % cfg.snapshot_every == 0:
-            ema_update(ema, model, 0.0)  # PS-KD: the teacher becomes the model as it is now
+        if taken and teacher is not None:
+            teacher.after_step(model, step)  # EMA: moves; snapshot: becomes the model every N steps
         done = step + 1
         if stream.parts and (done % cfg.log_every == 0 or done == cfg.steps):
             # every rank's counts, on log steps only (one small all-reduce), for metrics.jsonl's source_samples
@@ -266,7 +250,7 @@ class TrainState:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    teacher: torch.nn.Module | None
+    teacher: Teacher | None  # PSD's teacher (its checkpoint state and files)
     rank: int
     world: int
     window: Window
@@ -274,7 +258,6 @@ class TrainState:
     skipped_samples: dict = dataclasses.field(default_factory=dict)
     reporter: Reporter | None = None
     remote: object | None = None  # remote.RemoteSync of --remote-sync, on rank 0
-    bank: object | None = None  # bank.EmbeddingBank of --bank-teacher (on every rank)
     writer: ckpt.BackgroundWriter = dataclasses.field(default_factory=lambda: ckpt.BackgroundWriter())
 
     @property
@@ -358,61 +341,6 @@ def optimizer_step(model, optimizer, scaler, grad_clip: float, logs: dict) -> bo
     scaler.update()
     logs["loss_scale"] = scaler.get_scale()
     return logs["loss_scale"] >= before
-
-
-def _bank(cfg: TrainConfig, stream, rank: int, start_step: int):
-    """--bank-teacher: this rank's embedding bank (bank.py), sized by the stream's stable sample ids, continued
-    from the copy saved with the checkpoint the run resumes from."""
-    if not cfg.bank_teacher:
-        return None
-    from ..pipeline.format import dataset_id, read_info
-    from .bank import EmbeddingBank
-    from .models import model_config
-
-    if stream.ids is None:
-        raise InputError(f"--bank-teacher: --data {cfg.data} gives no stable sample ids (a psdclip dataset or subset "
-                         f"does; shard URLs do not)")
-    root = stream.source.root
-    made_for = {"data": os.path.abspath(cfg.data), "dataset_id": dataset_id(read_info(root)),
-                "model": resolve_model_name(cfg.model)}
-    bank = EmbeddingBank(os.path.join(cfg.out, "bank"), rank, stream.ids[""], model_config(cfg.model)["embed_dim"],
-                         made_for)
-    bank.start(start_step)
-    return bank
-
-
-def model_teacher(frozen, loss_fn):
-    """A frozen model (EMA, snapshot, --distill-model) as forward_backward's teacher: its logits over the batch."""
-    return lambda micro_batches: {"teacher_logits": teacher_logits(frozen, loss_fn, micro_batches)}
-
-
-def step_teacher(model, loss_fn, frozen, bank, oracle, keys, ids, world, device, data):
-    """(teacher, on_features) of a step for forward_backward: teacher(micro_batches) gives the loss's teacher
-    arguments (a frozen model's logits, the bank's logits, or the oracle's targets; {} for the same-pass teacher);
-    on_features(image, text) writes the step's features into the bank. Both None when there is nothing to do."""
-    if frozen is not None:
-        return model_teacher(frozen, loss_fn), None
-    if oracle is not None:
-        local = oracle.codes(keys, device)
-        every = gather_rows(local, world)
-        from .oracle import oracle_targets
-
-        return (lambda mbs: {"teacher_targets": oracle_targets(local, every)}), None
-    if bank is None:
-        return None, None
-    from .bank import check_ids
-
-    check_ids(ids, data)
-    ids = ids.to(device)
-    every = gather_rows(ids, world)
-    start = (dist.get_rank() if world > 1 else 0) * len(ids)  # this rank's rows in the gathered batch
-    local = slice(start, start + len(ids))
-
-    def keep(image_features, text_features):
-        bank.write(every.cpu(), gather_rows(image_features.detach().float(), world),
-                   gather_rows(text_features.detach().float(), world))
-
-    return (lambda mbs: {"teacher_logits": bank.teacher_logits(every, model.logit_scale.exp(), local)}), keep
 
 
 def forward_backward(net, model, loss_fn, micro_batches, step, teacher=None, world=1, scaler=None,

@@ -19,6 +19,9 @@ import torch
 
 from ..core.errors import InputError
 
+from .distributed import gather_rows
+from .teacher import Teacher
+
 
 class OracleTargets:
     def __init__(self, path: str):
@@ -61,3 +64,15 @@ def oracle_targets(local: torch.Tensor, every: torch.Tensor):
         return match / match.sum(dim=1, keepdim=True).clamp_min(1.0)
 
     return spread(local[:, 0], every[:, 1]), spread(local[:, 1], every[:, 0])
+
+
+class OracleTeacher(Teacher):
+    """The oracle as PSD's teacher: ready targets from the step's samples' groups (gathered across ranks)."""
+
+    def __init__(self, targets: OracleTargets):
+        self.targets = targets
+
+    def for_step(self, model, loss_fn, keys, ids, world, device):
+        local = self.targets.codes(keys, device)
+        every = gather_rows(local, world)
+        return (lambda mbs: {"teacher_targets": oracle_targets(local, every)}), None

@@ -112,14 +112,15 @@ class Reporter:
 class Evaluator:
     """--eval-every: the eval suite on the model as it is, written to metrics.jsonl (and the reporter) as a row
     {"step", "eval": SUITE, "split", "metrics": {...}}. Rank 0 evaluates while the other ranks wait for it at
-    their next collective (within --dist-timeout)."""
+    their next collective (within --dist-timeout). `evaluate(loaded) -> metrics` is the evaluation stage's, given
+    to `train` by its caller (training comes before evaluation in the stages)."""
 
-    def __init__(self, cfg: TrainConfig, model, preprocess, tokenizer, device):
+    def __init__(self, cfg: TrainConfig, model, preprocess, tokenizer, device, evaluate):
         self.cfg, self.model, self.preprocess, self.tokenizer, self.device = cfg, model, preprocess, tokenizer, device
+        self.evaluate = evaluate
 
     def run(self, state, step: int) -> None:
         from .loading import LoadedModel
-        from .evaluate import evaluate_in_training
 
         cfg = self.cfg
         loaded = LoadedModel(model=self.model, preprocess=self.preprocess, tokenizer=self.tokenizer,
@@ -128,7 +129,7 @@ class Evaluator:
         t0 = time.time()
         self.model.eval()
         try:
-            metrics = evaluate_in_training(loaded, cfg.eval_suite)
+            metrics = self.evaluate(loaded)
         finally:
             self.model.train()
         row = {"step": step, "eval": cfg.eval_suite, "split": "val" if cfg.eval_suite.startswith("synthetic:")

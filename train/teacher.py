@@ -1,8 +1,81 @@
-"""PSD's model teachers: a frozen copy of the model that follows it by EMA (--ema-teacher) or is replaced by it every
---snapshot-every steps (PS-KD), and the teacher's logits over a step's whole batch."""
+"""PSD's teachers: the protocol every teacher follows, and the model teachers: a frozen copy of the model that follows
+it by EMA (--ema-teacher) or is replaced by it every --snapshot-every steps (PS-KD), or a frozen model of another
+architecture (--distill-model); the teacher's logits over a step's whole batch.
+
+A teacher (`Teacher`) gives, for each step, what the loss takes besides the student's features (teacher logits, or
+ready targets) and what to do with the step's features once computed; observes the model after each step taken;
+and says what goes into a checkpoint (state_dict, rank 0) and beside it (save, every rank). The other teachers:
+the embedding bank (bank.py) and the oracle control (oracle.py). The same-pass teacher is no object: the loss uses
+its own logits."""
 from __future__ import annotations
 
+import abc
+import dataclasses
+
 import torch
+
+
+@dataclasses.dataclass
+class TeacherContext:
+    """What a teacher is built from (objectives' `teacher`): the run's config, the student model, the device, the data
+    stream (sample ids for the bank), this rank, the step the run starts at and the teacher state its checkpoint
+    saved (None: a fresh run)."""
+    cfg: object
+    model: torch.nn.Module
+    device: torch.device
+    stream: object = None
+    rank: int = 0
+    start_step: int = 0
+    saved: dict | None = None
+
+
+class Teacher(abc.ABC):
+    """The protocol of PSD's teachers (a base with the defaults: nothing to observe, nothing to save)."""
+
+    @abc.abstractmethod
+    def for_step(self, model, loss_fn, keys, ids, world: int, device):
+        """(teacher, on_features) for train.loop.forward_backward: teacher(micro_batches) -> the loss's teacher
+        arguments ({"teacher_logits": ...} or {"teacher_targets": ...}), taken before the step's forward passes;
+        on_features(image, text), the step's features (None: not needed). `keys`, `ids`: the step's samples on this
+        rank."""
+
+    def after_step(self, model, step: int) -> None:
+        """Observe the model after a step that was taken (`step`: its index)."""
+
+    def state_dict(self) -> dict | None:
+        """What goes into the checkpoint (rank 0); None: nothing."""
+        return None
+
+    def save(self, step: int, keep_steps: set[int]) -> None:
+        """Write what is kept beside the checkpoint of `step` (every rank); `keep_steps`: the checkpoints kept."""
+
+
+class ModelTeacher(Teacher):
+    """A frozen model as teacher: its logits over the whole batch. `every` N steps (EMA: 1; snapshot: N; an external
+    model: 0, never) it moves towards the student: teacher = decay·teacher + (1 − decay)·student (a snapshot: decay
+    0, a copy). An EMA or snapshot teacher is saved in the checkpoint; an external one is rebuilt from its file."""
+
+    def __init__(self, frozen, decay: float = 0.0, every: int = 0, saved: bool = False):
+        self.frozen, self.decay, self.every, self.saved = frozen, decay, every, saved
+
+    @classmethod
+    def copy_of(cls, model, state=None, decay: float = 0.0, every: int = 1) -> "ModelTeacher":
+        return cls(make_teacher(model, state), decay=decay, every=every, saved=True)
+
+    def for_step(self, model, loss_fn, keys, ids, world, device):
+        return model_teacher(self.frozen, loss_fn), None
+
+    def after_step(self, model, step: int) -> None:
+        if self.every and (step + 1) % self.every == 0:
+            ema_update(self.frozen, model, self.decay)
+
+    def state_dict(self) -> dict | None:
+        return self.frozen.state_dict() if self.saved else None
+
+
+def model_teacher(frozen, loss_fn):
+    """A frozen model (EMA, snapshot, --distill-model) as forward_backward's teacher: its logits over the batch."""
+    return lambda micro_batches: {"teacher_logits": teacher_logits(frozen, loss_fn, micro_batches)}
 
 
 def make_teacher(model, state=None):

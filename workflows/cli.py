@@ -18,7 +18,8 @@ from ..pipeline.config import (BuildConfig, EmojiConfig, ImportConfig, OracleCon
                                StatsConfig, SubsetConfig, SynthConfig)
 from ..core import logs
 from ..core.errors import InputError, PsdclipError
-from ..train.config import CompareConfig, EvalConfig, ExportConfig, TrainConfig
+from ..eval.config import CompareConfig, EvalConfig
+from ..train.config import ExportConfig, TrainConfig
 
 from . import __version__
 from .config import add_dataclass_arguments, build_config, load_yaml
@@ -61,9 +62,9 @@ COMMANDS = (
             "train CLIP, PSD or SigLIP on streamed shards (alone or under torchrun)"),
     Command(("export",), ExportConfig, "psdclip.train.export:export",
             "write a run's model as an open_clip checkpoint"),
-    Command(("eval",), EvalConfig, "psdclip.train.evaluate:cmd_eval",
+    Command(("eval",), EvalConfig, "psdclip.eval.evaluate:cmd_eval",
             "zero-shot, linear probe, retrieval and robustness on a suite"),
-    Command(("compare",), CompareConfig, "psdclip.train.compare:cmd_compare",
+    Command(("compare",), CompareConfig, "psdclip.eval.compare:cmd_compare",
             "put runs side by side: metrics, differences with bootstrap CIs, a PNG chart"),
     Command(("index", "build"), IndexBuildConfig, "psdclip.index.build:cmd_index_build",
             "encode a dataset and build a FAISS index under memory and latency budgets"),

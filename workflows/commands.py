@@ -171,10 +171,17 @@ def cmd_serve_data(cfg: ServeDataConfig) -> int:
     return 0
 
 
-def cmd_train(cfg) -> int:
+def train_run(cfg) -> dict:
+    """`psdclip train` as every workflow runs it: train.loop.train with --eval-every's evaluation (the eval stage's,
+    which the training stage does not import)."""
+    from ..eval.evaluate import in_training
     from ..train.loop import train
 
-    result = train(cfg)
+    return train(cfg, evaluate=in_training(cfg.eval_suite) if cfg.eval_every else None)
+
+
+def cmd_train(cfg) -> int:
+    result = train_run(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"trained {result['steps']} steps; run in {os.path.abspath(result['out'])}")
     return 0

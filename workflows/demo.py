@@ -53,9 +53,10 @@ def run_demo(cfg: DemoConfig) -> int:
     from ..pipeline.config import BuildConfig, SynthConfig
     from ..pipeline.serve import serving
     from ..pipeline.synth import generate, write_url_list
-    from ..train.compare import CompareConfig, compare
+    from ..eval.compare import compare
+    from ..eval.config import CompareConfig, EvalConfig
+    from ..eval.evaluate import evaluate
     from ..train.config import TrainConfig
-    from ..train.evaluate import EvalConfig, evaluate
     from ..train.loop import train
 
     t0 = time.time()

@@ -167,10 +167,12 @@ def run_recipe(cfg: RunConfig) -> int:
         return 0
     src = prepare_dataset(cfgs)
     if "train" in cfgs:
-        from ..train.loop import train
+        from ..eval.config import EvalConfig
+        from ..eval.evaluate import evaluate, format_result
 
-        train(cfgs["train"])
-        from ..train.evaluate import EvalConfig, evaluate, format_result
+        from .commands import train_run
+
+        train_run(cfgs["train"])
 
         from .sweep import _suite_spec
 

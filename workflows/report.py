@@ -1,5 +1,5 @@
 """A sweep's report: results.csv, results.md (means with 95% intervals, scaling fits, each method minus CLIP paired
-by seed) and its plots (scaling_*.png, diff_*.png). The statistics are train/metrics.py's."""
+by seed) and its plots (scaling_*.png, diff_*.png). The statistics are eval/metrics.py's."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ import pandas as pd
 
 from ..core.errors import InputError
 from ..core.io import write_text
-from ..train.metrics import ci_half, fit_scaling, paired_differences, predict
+from ..eval.metrics import ci_half, fit_scaling, paired_differences, predict
 
 
 def write_results(sweep, rows: list[dict], selection: dict | None, pending=(), unfinished=()) -> str:

@@ -57,8 +57,8 @@ import yaml
 
 from ..core.io import read_json, write_json, write_text
 from ..core.errors import InputError
-from ..train.config import result_name
-from ..train.metrics import ci_half, min_detectable
+from ..eval.config import result_name
+from ..eval.metrics import ci_half, min_detectable
 
 from .recipe import SweepConfig
 from .report import write_results
@@ -269,11 +269,11 @@ class Sweep:
             cmd = [exe, *args]
         elif runner == "inprocess":  # no process start-up per run (small runs, tests); a crash ends the sweep
             from ..train.config import TrainConfig
-            from ..train.loop import train
 
+            from .commands import train_run
             from .config import build_config, load_yaml
 
-            train(build_config(TrainConfig, load_yaml(train_yaml), {}, source=train_yaml))
+            train_run(build_config(TrainConfig, load_yaml(train_yaml), {}, source=train_yaml))
             return
         elif runner == "dask":
             from dask.distributed import Client
@@ -289,8 +289,8 @@ class Sweep:
 
     def _eval(self, run: str, spec: str, split: str):
         """In this process (the model is small next to a process start-up with torch)."""
-        from ..train.config import EvalConfig
-        from ..train.evaluate import evaluate
+        from ..eval.config import EvalConfig
+        from ..eval.evaluate import evaluate
 
         evaluate(EvalConfig(target=run, suite=spec, split=split, workers=0))
 

@@ -65,8 +65,8 @@ def main(out):
     import pandas as pd
 
     from psdclip.train.bank import EmbeddingBank
-    from psdclip.train.loop import step_teacher
-    from psdclip.train.oracle import OracleTargets
+    from psdclip.train.bank import BankTeacher
+    from psdclip.train.oracle import OracleTargets, OracleTeacher
 
     folder = os.path.dirname(out)
     ids_all = torch.arange(16) * 3 + 1
@@ -91,8 +91,8 @@ def main(out):
             bank.start(0)
             bank.write(ids_all[:12], *seen_rows)
         if name.startswith(("bank", "oracle")):
-            teacher, keep = step_teacher(pair, loss_fn, None, bank, oracle if name.startswith("oracle") else None,
-                                         local_keys, local_ids, world, torch.device("cpu"), "x")
+            chosen = OracleTeacher(oracle) if name.startswith("oracle") else BankTeacher(bank, "x")
+            teacher, keep = chosen.for_step(pair, loss_fn, local_keys, local_ids, world, torch.device("cpu"))
         losses = forward_backward(net, pair, loss_fn, [(x[k * m:(k + 1) * m], y[k * m:(k + 1) * m]) for k in range(parts)],
                                   step=4, world=world, teacher=teacher, on_features=keep)
         loss = losses["contrastive_loss"]

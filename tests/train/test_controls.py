@@ -116,7 +116,8 @@ def test_bank_teacher_logits_by_hand_and_unseen_samples_keep_one_hot(tmp_path):
 
 @pytest.mark.parametrize("accum", [1, 2])
 def test_bank_rows_are_the_features_the_model_produced_and_feed_the_next_visit(tmp_path, accum):
-    from psdclip.train.loop import forward_backward, step_teacher
+    from psdclip.train.bank import BankTeacher
+    from psdclip.train.loop import forward_backward
     from psdclip.train.models import build_model
 
     torch.manual_seed(0)
@@ -134,7 +135,7 @@ def test_bank_rows_are_the_features_the_model_produced_and_feed_the_next_visit(t
         # the step's own features (train mode: batch-norm statistics of each micro-batch), as the step computes them
         outs = [model(x, y) for x, y in micro]
         want = {k: torch.cat([o[k] for o in outs]) for k in ("image_features", "text_features")}
-    teacher, keep = step_teacher(model, loss_fn, None, bank, None, [], ids, 1, torch.device("cpu"), "x")
+    teacher, keep = BankTeacher(bank, "x").for_step(model, loss_fn, [], ids, 1, torch.device("cpu"))
     first = forward_backward(model, model, loss_fn, micro, step=1, teacher=teacher, on_features=keep)
     assert float(first["distill_rows"]) == 0.0  # nothing seen yet: one-hot everywhere
     rows_i, rows_t, seen = bank.lookup(ids)
@@ -142,7 +143,7 @@ def test_bank_rows_are_the_features_the_model_produced_and_feed_the_next_visit(t
     assert torch.allclose(rows_i, want["image_features"], atol=2e-3)
     assert torch.allclose(rows_t, want["text_features"], atol=2e-3)
     model.zero_grad()
-    teacher, keep = step_teacher(model, loss_fn, None, bank, None, [], ids, 1, torch.device("cpu"), "x")
+    teacher, keep = BankTeacher(bank, "x").for_step(model, loss_fn, [], ids, 1, torch.device("cpu"))
     second = forward_backward(model, model, loss_fn, micro, step=2, teacher=teacher, on_features=keep)
     assert float(second["distill_rows"]) == 1.0  # every sample was seen: every row gets the bank's targets
 

@@ -93,7 +93,7 @@ def test_same_pass_teacher_at_temperature_one_only_rescales_each_rows_gradient()
 def test_the_default_psd_is_not_a_rescaled_clip():
     """`psdclip train --loss psd` with no other flag: its gradient is not CLIP's times a factor, for the batch as a
     whole nor row by row (the old default, the same-pass teacher at T = 1 and rho = 1, was exactly that)."""
-    from psdclip.train.loop import make_loss
+    from psdclip.train.objectives import make_loss
 
     cfg = TrainConfig(data="x", out="y", steps=100)
     assert cfg.loss == "psd"
@@ -234,7 +234,8 @@ def test_feature_cache_accumulation_equals_one_big_batch():
     rescaled CLIP (T != 1, rho < 1) and an EMA teacher that sees the whole batch."""
     import copy
 
-    from psdclip.train.loop import forward_backward, model_teacher
+    from psdclip.train.loop import forward_backward
+    from psdclip.train.teacher import model_teacher
     from psdclip.train.models import build_model
 
     torch.manual_seed(0)
@@ -273,7 +274,8 @@ def test_feature_cache_accumulation_equals_one_big_batch():
 
 
 def test_accumulation_updates_batch_norm_statistics_once_per_micro_batch():
-    from psdclip.train.loop import forward_backward, model_teacher
+    from psdclip.train.loop import forward_backward
+    from psdclip.train.teacher import model_teacher
     from psdclip.train.models import build_model
 
     torch.manual_seed(0)

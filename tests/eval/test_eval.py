@@ -105,7 +105,7 @@ def test_imagefolder_and_retrieval_suites_and_their_bad_inputs(runs, tmp_path):
 
 
 def test_imagenet_suite_on_a_subset_and_on_objectnet(runs, tmp_path):
-    from psdclip.train.imagenet import imagenet_wnids
+    from psdclip.eval.imagenet import imagenet_wnids
 
     wnids = imagenet_wnids()
     sub = tmp_path / "imagenet-r"
@@ -127,7 +127,7 @@ def test_imagenet_suite_on_a_subset_and_on_objectnet(runs, tmp_path):
 
 
 def test_mean_per_class_recall_by_hand():
-    from psdclip.train.evaluate import _zero_shot
+    from psdclip.eval.evaluate import _zero_shot
 
     # class 0: 3 examples, 2 right; class 1: 1 example, right; class 2: no example (not counted)
     logits = np.array([[5, 0, 0], [5, 0, 0], [0, 5, 0], [0, 5, 0]], dtype=float)

@@ -7,7 +7,7 @@ import pytest
 from open_clip import IMAGENET_CLASSNAMES
 
 from psdclip.core.errors import InputError
-from psdclip.train.imagenet import group_scores, imagenet_layout, imagenet_wnids
+from psdclip.eval.imagenet import group_scores, imagenet_layout, imagenet_wnids
 
 from helpers.datasets import image as _image, make_objectnet
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from psdclip.train.metrics import (bootstrap_diff, ci_half, effective_robustness, fit_scaling, linear_probe,
+from psdclip.eval.metrics import (bootstrap_diff, ci_half, effective_robustness, fit_scaling, linear_probe,
                                    min_detectable, plateau_law, predict, r2_ceiling, recall_at, retrieval_ranks,
                                    topk_correct)
 
@@ -69,7 +69,7 @@ def test_bootstrap_interval_contains_the_difference():
 
 
 def test_class_names_pair_by_name_when_they_match_the_folders():
-    from psdclip.train.evaluate import class_names
+    from psdclip.eval.evaluate import class_names
 
     folders = ["blue_thing", "green_thing", "red_thing"]
     assert class_names(folders, None, "x")[0] == ["blue thing", "green thing", "red thing"]

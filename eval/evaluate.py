@@ -22,11 +22,12 @@ from PIL import Image
 from ..core.io import atomic_path, write_json
 from ..core.errors import InputError
 
-from .loading import LoadedModel, image_size, load_model, resolve_device
+from ..train.loading import LoadedModel, image_size, load_model, resolve_device
+from ..train.models import encode_text
+
 from .config import EvalConfig, result_name
 from .imagenet import collect_folders, group_scores, imagenet_layout as imagenet_variant
 from .metrics import linear_probe, recall_at, retrieval_ranks, topk_correct
-from .models import encode_text
 
 SYNTH_TEMPLATES = ("a photo of a {}.", "a {} shape.", "a drawing of a {}.", "an image of a {}.", "{}")
 
@@ -263,7 +264,7 @@ def class_names(folders: list[str], names: list[str] | None, names_file: str) ->
 
 
 def suite_imagenet(path: str, ctx: SuiteContext) -> SuiteResult:
-    """ImageNet, -V2, -Sketch, -R, -A and ObjectNet folders (see psdclip.train.imagenet)."""
+    """ImageNet, -V2, -Sketch, -R, -A and ObjectNet folders (see psdclip.eval.imagenet)."""
     from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
     variant = imagenet_variant(path)
@@ -384,6 +385,13 @@ def evaluate_in_training(loaded: LoadedModel, suite: str, workers: int = 0) -> d
         dim = int(encode_texts(loaded.model, loaded.tokenizer, ["x"], loaded.device).shape[1])
     res = SUITES[kind](arg, SuiteContext(loaded, cfg, FeatureCache(None, kind, "", dim)))
     return {k: v for k, v in res.metrics.items() if isinstance(v, (int, float))}
+
+
+def in_training(suite: str, workers: int = 0):
+    """`psdclip train --eval-every`'s evaluation of `suite` (its form checked now, before training starts): a function
+    of the model being trained, given to train.loop.train."""
+    EvalConfig(target="-", suite=suite)
+    return lambda loaded: evaluate_in_training(loaded, suite, workers)
 
 
 def evaluate(cfg: EvalConfig) -> dict:
