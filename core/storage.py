@@ -18,6 +18,8 @@ import shutil
 import tempfile
 import uuid
 
+from .errors import disk_full, is_disk_full
+
 KEEP = ".keep"
 
 
@@ -196,7 +198,6 @@ def atomic_path(path: str, hidden: bool = False):
         yield tmp
         put(tmp, path)
     except (OSError, RuntimeError) as err:  # the one writer every stage uses: a full disk is one line
-        from .errors import disk_full, is_disk_full
 
         if is_disk_full(err):
             raise disk_full(path if not is_remote(path) else tmp) from None

@@ -8,9 +8,8 @@ import os
 
 import numpy as np
 
-from ..core.io import read_json, write_json, write_text
 from ..core.errors import InputError
-
+from ..core.io import read_json, write_json, write_text
 from .config import CompareConfig
 from .metrics import bootstrap_diff, effective_robustness
 
@@ -160,10 +159,3 @@ def _plot(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def cmd_compare(cfg: CompareConfig) -> int:
-    result = compare(cfg)
-    print(result["markdown"])
-    print(f"\nwritten to {result['out']}/compare.md, compare.json, compare.png")
-    return 0

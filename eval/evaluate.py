@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -19,14 +17,16 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from ..core.io import atomic_path, write_json
 from ..core.errors import InputError
-
+from ..core.io import atomic_path, write_json
+from ..pipeline.format import image_of
+from ..pipeline.reader import tar_samples, wds_layout_shards
+from ..pipeline.synth import SHAPES, SHIFTS
 from ..train.loading import LoadedModel, image_size, load_model, resolve_device
 from ..train.models import encode_text
-
 from .config import EvalConfig, result_name
-from .imagenet import collect_folders, group_scores, imagenet_layout as imagenet_variant
+from .imagenet import collect_folders, group_scores
+from .imagenet import imagenet_layout as imagenet_variant
 from .metrics import linear_probe, recall_at, retrieval_ranks, topk_correct
 
 SYNTH_TEMPLATES = ("a photo of a {}.", "a {} shape.", "a drawing of a {}.", "an image of a {}.", "{}")
@@ -177,8 +177,6 @@ def _retrieval(i2t: np.ndarray, t2i: np.ndarray) -> tuple[dict, dict]:
 # ---- suites --------------------------------------------------------------------------------------------
 
 def suite_synthetic(directory: str, ctx: SuiteContext) -> SuiteResult:
-    from ..pipeline.synth import SHAPES, SHIFTS
-
     attrs_path = os.path.join(directory, "heldout", "attributes.parquet")
     if not os.path.isfile(attrs_path):
         raise InputError(f"synthetic:{directory}: no held-out scenes (heldout/attributes.parquet); make them with "
@@ -326,9 +324,6 @@ def suite_wds(path: str, ctx: SuiteContext) -> SuiteResult:
     (`txt`, one per line), PATH/classnames.txt and PATH/zeroshot_classification_templates.txt (`{c}` for the class
     name). Zero-shot classification when samples carry `cls` (top-1, top-5, mean per-class recall), retrieval when
     they carry captions."""
-    from ..pipeline.format import image_of
-    from ..pipeline.reader import tar_samples, wds_layout_shards
-
     tars = wds_layout_shards(path)
     if not tars:
         folder = os.path.join(path, "test") if os.path.isdir(os.path.join(path, "test")) else path
@@ -464,13 +459,3 @@ def format_result(result: dict) -> str:
     if result.get("clip_benchmark"):
         lines.append(f"CLIP_benchmark records: {', '.join(result['clip_benchmark'])}")
     return "\n".join(lines)
-
-
-def cmd_eval(cfg: EvalConfig) -> int:
-    result = evaluate(cfg)
-    if cfg.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
-    else:
-        print(format_result(result))
-    sys.stdout.flush()
-    return 0

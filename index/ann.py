@@ -15,8 +15,9 @@ import time
 
 import numpy as np
 
-from ..core.io import atomic_path
 from ..core.errors import InputError, PsdclipError
+from ..core.io import atomic_path
+from . import parts as P
 
 try:
     import faiss
@@ -207,8 +208,6 @@ def build_streamed(parts, kind: str, factory: str, path: str, max_build_memory: 
     and when the filled index would not fit in the budget, IVF indices are built as several shards (each a
     range of row ids, all from one trained quantizer) written one after the other and searched together.
     Writes `path` (one shard) or shard_file(path, s); returns {"files": [...], "rows_per_shard": R}."""
-    from . import parts as P
-
     n, d = P.total(parts), P.vectors(parts[0], kind).shape[1]
     index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     ivf = "IVF" in factory
@@ -325,8 +324,6 @@ def is_refine(index) -> bool:
 def exact_knn_streamed(parts, kind: str, queries: np.ndarray, k: int, rows: int = 262_144
                        ) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k over the parts, a chunk at a time (memory: one chunk and the heaps)."""
-    from . import parts as P
-
     queries = check_vectors(queries)
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
     for start, x in P.chunks(parts, kind, rows):

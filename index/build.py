@@ -22,10 +22,10 @@ import time
 import numpy as np
 
 from ..core import storage
-from ..core.io import atomic_path, sha256_file
 from ..core.errors import InputError, PsdclipError
+from ..core.io import atomic_path, sha256_file
 from ..pipeline.format import read_info, shard_format
-
+from ..pipeline.reader import success_rows
 from . import ann
 from . import parts as P
 from .config import IndexBuildConfig, parse_bytes
@@ -98,8 +98,8 @@ def build_index(cfg: IndexBuildConfig) -> dict:
     if cfg.embeddings and rank != 0:
         return {"rank": rank, "embedded": {"embedded_now": 0, "shards": 0}}
     if cfg.checkpoint:
-        from ..train.checkpoint import checkpoint_path
-        from ..train.loading import load_model, resolve_device
+        from ..train.checkpoint import checkpoint_path  # lazy: torch, only with a model
+        from ..train.loading import load_model, resolve_device  # lazy: torch, only with a model
 
         m = load_model(cfg.checkpoint, resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", rank))))
         digest = sha256_file(checkpoint_path(cfg.checkpoint))
@@ -111,8 +111,7 @@ def build_index(cfg: IndexBuildConfig) -> dict:
     if cfg.embeddings:
         emb_dir = os.path.abspath(cfg.embeddings)
     else:
-        from ..pipeline.reader import success_rows
-        from .embed import embed_dataset, parts_identity
+        from .embed import embed_dataset, parts_identity  # lazy: torch, only with a model
 
         rows, _ = success_rows(cfg.data)
         # budgets and --factory are checked before the (long) embedding pass, on the rows the dataset holds
@@ -210,17 +209,3 @@ def build_index(cfg: IndexBuildConfig) -> dict:
     if missed and cfg.strict:
         raise PsdclipError(f"--strict: {next(iter(missed.values()))}")
     return info.to_dict()
-
-
-def cmd_index_build(cfg: IndexBuildConfig) -> int:
-    doc = build_index(cfg)
-    if "rank" in doc:
-        print(f"rank {doc['rank']}: embedded {doc['embedded']['embedded_now']:,} rows of "
-              f"{doc['embedded']['shards']} shards; rank 0 builds the index")
-        return 0
-    r = doc["recall_at_k"]["index.faiss"]
-    shards = len(doc["files"]["index.faiss"])
-    print(f"indexed {doc['count']:,} images x {doc['dim']} dims with {doc['factory']} ({doc['why']})"
-          f"{f' in {shards} shards' if shards > 1 else ''}; recall@{r['k']} vs exact {r['recall']:.3f}; "
-          f"index in {os.path.abspath(cfg.out)}")
-    return 0

@@ -7,15 +7,18 @@ import contextlib
 import dataclasses
 import gc
 import json
+import logging
 import os
 import signal
 
 from ..core.errors import InputError, PsdclipError
 from ..core.io import write_json
 from .config import ServeConfig
-from .reload import FAILED, RUN_DIR, worker_slot
 from .format import IndexInfo
+from .reload import FAILED, RUN_DIR, worker_slot
 from .service import create_app
+
+log = logging.getLogger(__name__)
 
 
 def _quiet_gc() -> None:
@@ -76,14 +79,15 @@ def _gpu_count() -> int:
         return 0
 
 
-def cmd_serve(cfg: ServeConfig) -> int:
+def serve(cfg: ServeConfig, announce=log.info) -> int:
+    """Run the service until it is stopped; `announce(line)`: where the address it serves on is said."""
     import uvicorn
 
     _check_port(cfg.host, cfg.port)
     if cfg.workers == 1:
         app = create_app(cfg)
         _quiet_gc()
-        print(f"serving {', '.join(cfg.named())} on http://{cfg.host}:{cfg.port}", flush=True)
+        announce(f"serving {', '.join(cfg.named())} on http://{cfg.host}:{cfg.port}")
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
         return 0
     import shutil
@@ -103,8 +107,7 @@ def cmd_serve(cfg: ServeConfig) -> int:
     os.makedirs(os.path.join(run, "metrics"))
     os.environ.update({"PSDCLIP_SERVE_CONFIG": json.dumps(dataclasses.asdict(cfg)), RUN_DIR: run,
                        "PROMETHEUS_MULTIPROC_DIR": os.path.join(run, "metrics")})
-    print(f"serving {', '.join(cfg.named())} on http://{cfg.host}:{cfg.port} ({cfg.workers} worker processes)",
-          flush=True)
+    announce(f"serving {', '.join(cfg.named())} on http://{cfg.host}:{cfg.port} ({cfg.workers} worker processes)")
     try:
         uvicorn.run("psdclip.index.launch:worker_app", factory=True, workers=cfg.workers, host=cfg.host,
                     port=cfg.port, log_level="warning", access_log=False)

@@ -1,19 +1,17 @@
-"""psdclip index query: text->image, image->image, image->text from the command line."""
+"""psdclip index query: text->image, image->image, image->text from the command line (the command, which prints the
+results, is workflows.commands.cmd_query)."""
 from __future__ import annotations
-
-import json
 
 import numpy as np
 
 from ..core.errors import InputError
-
 from .config import QueryConfig
+from .searcher import Searcher
 
 
-def cmd_query(cfg: QueryConfig) -> int:
+def query(cfg: QueryConfig):
+    """(searcher, results) of the query `cfg` describes."""
     from PIL import Image, UnidentifiedImageError
-
-    from .searcher import Searcher
 
     s = Searcher(cfg.index)
     kw = {}
@@ -41,10 +39,4 @@ def cmd_query(cfg: QueryConfig) -> int:
         results = s.search(k=cfg.k, modality=cfg.modality, dedupe=cfg.dedupe, **kw)
     except ValueError as err:
         raise InputError(str(err)) from None
-    if cfg.json:
-        print(json.dumps(results, indent=1))
-    else:
-        for r in results:
-            extra = "".join(f"  {c}={r[c]}" for c in s.extra if r.get(c) is not None)  # --save-additional-columns
-            print(f"{r['rank']:>3}  {r['score']:.4f}  {r['key']}  {r['caption'][:70]}{extra}")
-    return 0
+    return s, results

@@ -30,8 +30,10 @@ import pyarrow.parquet as pq
 
 from ..core.errors import InputError
 from ..core.io import atomic_path, made_from_differs, sha256_file, write_json
-from ..pipeline.format import SCORE_COLUMN as COLUMN, read_info, score_folder
+from ..pipeline.format import SCORE_COLUMN as COLUMN
+from ..pipeline.format import read_info, score_folder
 from . import parts as P
+
 
 def default_name(checkpoint: str) -> str:
     base = os.path.basename(os.path.normpath(checkpoint))
@@ -86,10 +88,12 @@ def near_duplicates(parts: list, folder: str) -> int:
     return searched
 
 
-def cmd_score(cfg) -> int:
-    from ..train.checkpoint import checkpoint_path
-    from ..train.loading import load_model, resolve_device
-    from .embed import dist_env, embed_dataset, parts_identity, stale_parts
+def score(cfg) -> dict | None:
+    """Write DATASET/scores/NAME/ (see the module's docstring); returns what was written (None on a rank other than
+    0, which only embeds)."""
+    from ..train.checkpoint import checkpoint_path  # lazy: torch, only with a model
+    from ..train.loading import load_model, resolve_device  # lazy: torch, only with a model
+    from .embed import dist_env, embed_dataset, parts_identity, stale_parts  # lazy: torch, only with a model
 
     read_info(cfg.dataset, "DATASET")
     name = cfg.name or default_name(cfg.checkpoint)
@@ -114,14 +118,14 @@ def cmd_score(cfg) -> int:
             raise InputError(f"--embeddings {cfg.embeddings}: made from another {', '.join(stale)} than DATASET "
                              f"and --checkpoint; score without --embeddings to encode the samples")
         if rank != 0:
-            return 0
+            return None
     else:
         loaded = load_model(cfg.checkpoint, resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", rank))))
         emb_dir = os.path.join(folder, "embeddings")
         embed_dataset(loaded, cfg.dataset, folder, batch_size=cfg.batch_size, workers=cfg.workers,
                       progress=cfg.progress, rank=rank, world=world, identity=identity)
         if rank != 0:
-            return 0  # (rank 0 has every part once embed_dataset returns)
+            return None  # (rank 0 has every part once embed_dataset returns)
     parts, _ = P.list_parts(emb_dir, "--embeddings")
     if not P.has_text(parts):
         raise InputError(f"{emb_dir}: the parts hold no caption embeddings (text_emb/): no image-caption score")
@@ -138,6 +142,5 @@ def cmd_score(cfg) -> int:
         written += 1
     total = sum(p.count for p in parts)
     searched = near_duplicates(parts, folder) if cfg.near_duplicates else 0
-    print(f"scores {name}: {total:,} samples in {len(parts)} shard file(s) ({written} written now"
-          f"{f', {searched} searched for near duplicates' if cfg.near_duplicates else ''}) in {folder}")
-    return 0
+    return {"name": name, "samples": total, "shard_files": len(parts), "written": written,
+            "near_duplicates_searched": searched if cfg.near_duplicates else None, "folder": folder}

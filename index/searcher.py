@@ -15,7 +15,7 @@ from collections import OrderedDict
 import numpy as np
 
 from ..core.errors import InputError
-
+from ..pipeline.reader import read_image_bytes
 from . import ann
 from . import parts as P
 from .config import TEXT_RUNTIMES
@@ -87,7 +87,7 @@ class Searcher:
         return self._parts
 
     def _load_model(self):
-        from ..train.loading import load_model
+        from ..train.loading import load_model  # lazy: torch, only with a model
 
         self._use(load_model(self.info.checkpoint, self.device.name))
 
@@ -95,7 +95,7 @@ class Searcher:
         self.loaded = m
         self.model, self.preprocess, self.tokenizer = m.model, m.preprocess, m.tokenizer
         if self.text_runtime == "torchscript":
-            from ..train.models import TracedText
+            from ..train.models import TracedText  # lazy: torch, only with a model
 
             # kept with the loaded model: a reload that shares the model shares its traces
             if "traced_text" not in m.__dict__:
@@ -103,7 +103,7 @@ class Searcher:
                 m.traced_text.warm(self.tokenizer, self.device.name)
             self.encode_text = m.traced_text
         else:
-            from ..train.models import encode_text
+            from ..train.models import encode_text  # lazy: torch, only with a model
 
             self.encode_text = lambda tokens: encode_text(self.model, tokens)
 
@@ -283,7 +283,6 @@ class Searcher:
     def image_bytes(self, key: str) -> bytes:
         if not self.info.dataset:
             raise KeyError(key)  # built from embeddings alone: the images are elsewhere
-        from ..pipeline.reader import read_image_bytes
 
         row = self.take([self.id_of(key)])
         return read_image_bytes(self.info.dataset, self.info.dataset_format or "webdataset", int(row["shard"][0]),

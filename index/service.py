@@ -29,15 +29,24 @@ import orjson
 from fastapi import FastAPI, Header, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, \
-    multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 from ..core.errors import InputError
 from .batcher import Batcher, set_threads
 from .config import ServeConfig
 from .fastpath import NOT_APPLIED, Guard, bounded_models
+from .format import IndexInfo
 from .images import QueryImages
 from .reload import RUN_DIR, Workers
+from .searcher import Searcher
 
 log = logging.getLogger(__name__)
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -48,8 +57,6 @@ class RetrievalService:
     metrics registry. Errors a client caused are HTTPExceptions."""
 
     def __init__(self, cfg: ServeConfig):
-        from .searcher import Searcher
-
         self.cfg, self.Searcher = cfg, Searcher
         self.paths = cfg.named()
         set_threads(cfg.threads)
@@ -153,8 +160,6 @@ class RetrievalService:
     def _same_model(self, name: str):
         """The loaded model of the index being reloaded when the rebuilt index names the same checkpoint file with
         the same contents: the reload then shares it instead of holding a second copy."""
-        from .format import IndexInfo
-
         old = self.searchers[name]
         try:
             info = IndexInfo.read(self.paths[name], locate=False)

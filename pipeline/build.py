@@ -21,25 +21,24 @@ import tempfile
 import time
 import uuid
 
-from ..core import storage
-from .config import BuildConfig
-from .format import SCHEMA_VERSION, dataset_id
-from .dataset import Layout, stream_stats
-from ..core.io import now, read_json, write_json, write_parquet
-from .finalize import finalize_manifest, write_subsets
-from .download import DiskFull, DownloadOptions, download_partition
-from ..core import logs
-from ..core.locks import folder_lock
+from ..core import logs, storage
 from ..core.errors import DiskFullError, InputError, PsdclipError
+from ..core.io import now, read_json, write_json, write_parquet
+from ..core.locks import folder_lock
 from .buckets import worker_count
+from .config import BuildConfig
+from .dataset import Layout
+from .download import DiskFull, DownloadOptions, download_partition, rows_in_flight
+from .finalize import finalize_manifest, write_subsets
+from .folders import folder_list
+from .format import SCHEMA_VERSION, dataset_id
 from .ingest import ingest_inputs
 from .parts import file_sha256
 from .retry import plan_retry
 from .stall import StallWatch
+from .stats import stream_stats
 from .status import SUCCESS
 from .subsets import parse_subsets
-
-
 
 log = logs.get(__name__, "[psdclip data build] ")
 
@@ -72,7 +71,7 @@ def dask_client(scheduler: str | None, n_workers: int, local_directory: str):
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                                local_directory=local_directory, silence_logs=logging.ERROR)
     client = Client(cluster)
-    from .quiet_worker import NoGCDiagnosis
+    from .quiet_worker import NoGCDiagnosis  # lazy: distributed's worker
 
     client.register_plugin(NoGCDiagnosis())
     try:
@@ -105,8 +104,6 @@ def _in_flight_counter(client, layout: Layout):
 
         return local
     import threading
-
-    from .download import rows_in_flight
 
     # asked in a daemon thread of its own: a worker that hangs must hang neither the client's poll (and its stall
     # watch) nor the process's exit after the build stops
@@ -286,7 +283,6 @@ def _build(cfg: BuildConfig) -> dict:
     if folders and storage.is_remote(layout.root):
         raise InputError(f"{folders[0]}: local images go into a local dataset folder, not {cfg.out}")
     if folders:  # each folder walked into a list of its images (folders.py), then read like any list
-        from .folders import folder_list
 
         os.makedirs(layout.state, exist_ok=True)
         cfg = dataclasses.replace(cfg, inputs=[folder_list(p, cfg.local_root, layout.state) if p in folders else p

@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..core.local import is_local, resolve
 from ..core.urls import redact, url_problem
 from .keys import add_url_keys
 from .status import PENDING
@@ -157,8 +158,6 @@ def check_urls(df: pd.DataFrame, local_root: str = "") -> pd.DataFrame:
 
 def _local_urls(df: pd.DataFrame, root: str) -> pd.DataFrame:
     """check_urls with --local-root: local rows resolved here, the web rows checked as always."""
-    from ..core.local import is_local, resolve
-
     values = np.asarray(pd.Series(df["url"]).fillna("").astype(str).str.strip().to_numpy(), dtype=object)
     local = np.array([is_local(u) for u in values], dtype=bool)
     web = df[~local].copy()

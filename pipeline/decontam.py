@@ -20,6 +20,9 @@ import numpy as np
 from PIL import Image
 
 from ..core.errors import InputError
+from ..core.io import read_parquet_table
+from .format import image_of, manifest_file, read_info, shard_format
+from .reader import shard_samples, tar_samples, wds_layout_shards
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -64,9 +67,6 @@ def eval_image_bytes(spec: str):
     """Each evaluation image's stored bytes: the files of eval_images, or, for a folder in CLIP_benchmark's
     webdataset layout (test/*.tar with webp/jpg/png samples, no loose images), each sample's image."""
     files = eval_images(spec)
-    from .format import image_of
-    from .reader import tar_samples, wds_layout_shards
-
     tars = wds_layout_shards(spec) if not files and os.path.isdir(spec) else []
     if tars:
         broken = []
@@ -109,18 +109,12 @@ class Decontaminator:
     """The evaluation set's hashes, and the copies of its images among one shard's samples at a time."""
 
     def __init__(self, dataset: str, spec: str, max_hamming: int):
-        from .format import read_info, shard_format
-
         self.dataset, self.fmt = dataset, shard_format(read_info(dataset))
         self.spec, self.max_hamming = spec, max_hamming
         self.shas, self.hashes = eval_hashes(spec)
 
     def shard(self, n: int, taken: set) -> tuple[set, set]:
         """(exact copies, near copies) among the keys `taken` of shard n."""
-        from .format import image_of, manifest_file
-        from .reader import shard_samples
-        from ..core.io import read_parquet_table
-
         m = read_parquet_table(manifest_file(self.dataset, shard=n), columns=["key", "sha256"]).to_pandas()
         exact = set(m.loc[m["sha256"].isin(self.shas), "key"]) & taken
         near = set()

@@ -27,9 +27,10 @@ import pyarrow.parquet as pq
 
 from ..core import storage
 from ..core.errors import disk_full, is_disk_full
-from .format import shard_name, stats_name
-from .read import EXTRA
 from ..core.io import write_text
+from .format import shard_name, stats_name
+from .polite import ShardPolicy, install
+from .read import EXTRA
 from .robots import DISALLOWED, UNREACHABLE
 from .status import SUCCESS
 
@@ -87,8 +88,8 @@ def classify(stage: str, message: str | None) -> str:
 
 
 def _guarded_resizer_class():
-    from PIL import Image
     from img2dataset.resizer import Resizer
+    from PIL import Image
 
     class GuardedResizer(Resizer):
         """img2dataset's Resizer, after a header-only check: an image declaring more than max_image_area
@@ -222,8 +223,6 @@ class DownloadOptions:
 
     def policy(self):
         """The shard's politeness and time limit, starting now (see polite.py)."""
-        from .polite import ShardPolicy
-
         return ShardPolicy.starting_now(self.timeout, self.shard_timeout,
                                         host_interval=1.0 / self.host_rate if self.host_rate else 0.0,
                                         throttle_retries=self.rate_limit_retries, backoff=self.backoff,
@@ -269,8 +268,6 @@ def download_partition(src: str, shard: int, dataset_dir: str, opts: DownloadOpt
     then renames the shard into shards/. Returns one result row per input row (RESULT_COLUMNS + shard)."""
     os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(int(opts.max_image_area)))
     from img2dataset.downloader import Downloader
-
-    from .polite import install
 
     install()
     arrow = opts.format == "arrow"

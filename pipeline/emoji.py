@@ -31,9 +31,9 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 import subprocess
-import sys
 import tarfile
 import zlib
 
@@ -43,6 +43,9 @@ from PIL import Image
 
 from ..core.errors import InputError
 from .config import EmojiConfig
+from .synth import write_url_list
+
+log = logging.getLogger(__name__)
 
 # name -> (version, the registry's sha512 integrity of its tarball), checked on every fetch
 PACKAGES = {
@@ -200,7 +203,7 @@ def generate(cfg: EmojiConfig, progress: bool = True) -> dict:
                     rgb.save(os.path.join(out, "images", v, f"{c}.png"))
         open(done, "w").close()
         if progress:
-            print(f"emoji: {v}: {len(common):,} images", file=sys.stderr)
+            log.info(f"emoji: {v}: {len(common):,} images")
     # the split: held-out codes, each in one training vendor's drawing
     split = _rng(cfg, "split")
     held = split.random(len(common)) < cfg.heldout_frac
@@ -235,7 +238,6 @@ def generate(cfg: EmojiConfig, progress: bool = True) -> dict:
                         "fetched at study time, never committed"}
     with open(os.path.join(out, "emoji.json"), "w") as f:
         json.dump(meta, f, indent=2)
-    from .synth import write_url_list
 
     write_url_list(out, cfg.base_url)
     return {"emoji": len(common), "train_pairs": len(attrs), "heldout": int(held.sum()),

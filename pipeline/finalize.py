@@ -25,15 +25,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..core import logs
-from ..core import storage
+from ..core import logs, storage
+from ..core.io import atomic_path, read_feather, read_parquet_table, write_json
+from .buckets import (
+    FINE,
+    GROUP_ROWS,
+    fine_buckets,
+    pow2,
+    read_batch,
+    worker_count,
+    write_batches,
+)
+from .dataset import Layout, write_replaced
 from .format import MANIFEST_COLUMNS, MANIFEST_SCHEMA, manifest_file, manifest_schema
 from .read import EXTRA
-from .dataset import Layout, write_replaced
 from .reader import success_keys
-from ..core.io import atomic_path, read_feather, read_parquet_table, write_json
-from .buckets import FINE, GROUP_ROWS, fine_buckets, pow2, read_batch, worker_count, write_batches
 from .status import DUPLICATE_IMAGE, PENDING, SUCCESS
+from .subsets import build_subsets
 
 J = storage.join
 log = logs.get(__name__, "[psdclip data build] ")
@@ -245,8 +253,6 @@ def finalize_manifest(client, layout: Layout) -> dict[int, int]:
 
 def write_subsets(layout: Layout, counts: dict[int, int], specs, seed: int, fmt: str, dataset: str = "") -> None:
     """subsets/NAME.json from the shards' success counts; a boundary shard's keys are read from its manifest file."""
-    from .subsets import build_subsets
-
     if not specs:
         return
     names = {layout.shard_name(s, fmt): s for s, n in counts.items() if n}

@@ -30,12 +30,20 @@ import pyarrow.parquet as pq
 from ..core import storage
 from ..core.errors import InputError
 from ..core.io import now, write_json
-from .config import ImportConfig
-from .dataset import Layout, stream_stats
 from .buckets import read_batch, write_batches
+from .config import ImportConfig
+from .dataset import Layout
 from .download import i2d_status
 from .finalize import write_subsets
-from .format import MANIFEST_COLUMNS, MANIFEST_SCHEMA, SCHEMA_VERSION, manifest_file, shard_name, stats_name
+from .format import (
+    MANIFEST_COLUMNS,
+    MANIFEST_SCHEMA,
+    SCHEMA_VERSION,
+    manifest_file,
+    shard_name,
+    stats_name,
+)
+from .stats import stream_stats
 from .status import DUPLICATE_IMAGE, SUCCESS
 from .subsets import parse_subsets
 

@@ -23,6 +23,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from ..core.local import read
 from ..core.urls import redact, retry_after_seconds, url_problem
 from .robots import AGENT, ROBOTS, TIMEOUT
 
@@ -68,7 +69,8 @@ class ShardPolicy(float):
 
 @functools.lru_cache(maxsize=1)
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError, version as _version
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _version
 
     try:
         return _version("psdclip")
@@ -169,8 +171,6 @@ def fetch(row, policy: ShardPolicy, retries: int, user_agent_token=None, disallo
     """img2dataset's download_image_with_retry under a ShardPolicy: returns (key, stream or None, error or None)."""
     key, url = row
     if policy.local_root and url.startswith("file:"):
-        from ..core.local import read
-
         stream, err = read(url, policy.local_root)
         return key, stream, err
     problem = url_problem(url)  # (the clean stage refused these already; a row is never a task's crash)

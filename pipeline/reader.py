@@ -19,8 +19,20 @@ import pyarrow.parquet as pq
 from ..core import storage
 from ..core.errors import InputError
 from ..core.io import read_parquet, read_parquet_table
-from .format import (MANIFEST_SCHEMA, DatasetLayout, extra_columns, manifest_file, manifest_schema, read_info,
-                     shard_format, shard_number)
+from .dataset import (  # the build's own state: how far an unfinished build got
+    Layout,
+    unfinished_shards,
+)
+from .format import (
+    MANIFEST_SCHEMA,
+    DatasetLayout,
+    extra_columns,
+    manifest_file,
+    manifest_schema,
+    read_info,
+    shard_format,
+    shard_number,
+)
 from .status import SUCCESS
 
 J = storage.join
@@ -156,8 +168,6 @@ def load_manifest(root: str, columns=None) -> pd.DataFrame:
     layout = DatasetLayout(root)
     path = layout.manifest if storage.isdir(layout.manifest) else layout.legacy_manifest
     if not storage.exists(path):
-        from .dataset import Layout, unfinished_shards  # the build's own state says how far it got
-
         if Layout(root).ingest_ids():
             left, planned = unfinished_shards(Layout(root))
             raise InputError(f"{root}: incomplete build ({planned - left} of {planned} shard(s) downloaded, no "

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 
 from ..core.errors import InputError
+from .reader import success_keys
+from .scores import kept_keys
 
 
 def parse_subsets(specs) -> list[tuple[str, float]]:
@@ -125,8 +127,6 @@ class SubsetRule:
                    exclude=frozenset((doc.get("exclude") or {}).get("keys", [])))
 
     def _scored(self, shard: str) -> frozenset:
-        from .scores import kept_keys
-
         root, name, column, minimum, maximum = self.score
         return kept_keys(root, name, column, minimum, maximum, int(shard.split(".")[0]))
 
@@ -162,8 +162,6 @@ class SubsetRule:
 def member_keys(root: str, rule: SubsetRule) -> set[str]:
     """Every key of a subset (for tools and tests; readers decide per sample): the successful rows of its shards'
     manifest files that the rule takes."""
-    from .reader import success_keys
-
     out: set[str] = set()
     for shard in rule.shards():
         keys = success_keys(root, int(shard.split(".")[0]))

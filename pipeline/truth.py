@@ -17,8 +17,10 @@ import pandas as pd
 
 from ..core.errors import InputError
 from ..core.io import atomic_path, read_json
+from .config import SynthConfig
 from .reader import manifest_batches
 from .status import SUCCESS
+from .synth import mismatch_scene
 
 
 def source_groups(source: str, by: list[str]) -> pd.DataFrame:
@@ -29,9 +31,6 @@ def source_groups(source: str, by: list[str]) -> pd.DataFrame:
     attrs = pd.read_parquet(path)
     if {"image_group", "text_group"} <= set(attrs.columns):
         return attrs[["path", "image_group", "text_group"]].astype({"image_group": str, "text_group": str})
-    from .config import SynthConfig
-    from .synth import mismatch_scene
-
     unknown = [b for b in by if b not in attrs.columns]
     if unknown:
         raise InputError(f"--by {','.join(unknown)}: not scene attributes of {source} (it has "

@@ -106,3 +106,71 @@ def test_readme_names_every_module_where_things_live():
     missing = [f"{s}/{f.relative_to(ROOT / s)}" for s in STAGES for f in _files(s)
                if f.stem != "__init__" and f"`{f.stem}`" not in rows.get(s, "")]
     assert not missing, f"README's 'Where things live' does not name: {missing}"
+
+
+def test_commands_live_in_workflows_and_the_stages_never_print():
+    """Every `cmd_*` function is in workflows/ (stdout belongs to the commands); the stages' modules log, never print."""
+    bad = []
+    for s in STAGES[:-1]:
+        for f in _files(s):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.FunctionDef) and node.name.startswith("cmd_"):
+                    bad.append(f"{f.relative_to(ROOT)}:{node.lineno} defines {node.name}")
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
+                    bad.append(f"{f.relative_to(ROOT)}:{node.lineno} prints")
+    assert not bad, "\n".join(bad)
+
+
+def _module(f: Path) -> str:
+    return ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _project_imports(f: Path):
+    """(imported module, ImportFrom node, inside a function) of every relative import of a project file."""
+    package = _module(f).split(".")[:-1] if f.name != "__init__.py" else _module(f).split(".")
+    tree = ast.parse(f.read_text())
+    local = {id(n) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+             for n in ast.walk(fn)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[:len(package) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+            for target in [".".join(base)] * bool(node.module) + [".".join(base + [a.name]) for a in node.names]:
+                yield target, node, id(node) in local
+
+
+def test_no_import_circle_at_module_level_or_hidden_in_functions():
+    """The project's modules and their imports, module-level and function-local alike, form no circle."""
+    files = {_module(f): f for s in STAGES for f in _files(s)}
+    graph = {m: {t for t, _, _ in _project_imports(f) if t in files and t != m} for m, f in files.items()}
+    state: dict = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for t in sorted(graph[m]):
+            if state.get(t) == "open":
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(t):] + [t]))
+            if t not in state:
+                visit(t, path + [t])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_function_local_imports_only_where_start_up_needs_them():
+    """A project import inside a function is for start-up time: the CLI's lazy commands (workflows/), the light
+    modules the CLI reads its options from (config modules, train/objectives/), or an import that carries its reason
+    (`# lazy: ...`: torch or open_clip only when a model is used). Everywhere else imports are at module level, where
+    they show the module's arrows."""
+    bad = []
+    for s in STAGES[:-1]:
+        for f in _files(s):
+            rel = str(f.relative_to(ROOT))
+            if f.name == "config.py" or rel.startswith("train/objectives/"):
+                continue
+            lines = f.read_text().splitlines()
+            for _, node, local in _project_imports(f):
+                if local and "# lazy:" not in lines[node.lineno - 1]:
+                    bad.append(f"{rel}:{node.lineno}")
+    assert not bad, f"function-local project imports without a `# lazy:` reason: {sorted(set(bad))}"

@@ -26,9 +26,10 @@ import torch
 import torch.distributed as dist
 
 from ..core.errors import InputError
-from ..core.io import made_from_differs, write_json
-
+from ..core.io import atomic_path, made_from_differs, write_json
+from ..pipeline.format import dataset_id, read_info
 from .distributed import gather_rows
+from .models import model_config, resolve_model_name
 from .teacher import Teacher
 
 
@@ -81,8 +82,8 @@ class EmbeddingBank:
         are gone."""
         self.array.flush()
         dest = self.snapshot(step)
-        shutil.copyfile(self.path, dest + ".tmp")
-        os.replace(dest + ".tmp", dest)
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(self.path, tmp)
         for old in glob.glob(os.path.join(self.folder, f"rank{self.rank}.step_*.f16")):
             m = re.search(r"step_(\d+)\.f16$", old)
             if m and int(m.group(1)) not in keep_steps | {step}:
@@ -139,9 +140,6 @@ class BankTeacher(Teacher):
 def bank_teacher(ctx) -> BankTeacher:
     """--bank-teacher: this rank's embedding bank, sized by the stream's stable sample ids, continued from the copy
     saved with the checkpoint the run resumes from."""
-    from ..pipeline.format import dataset_id, read_info
-    from .models import model_config, resolve_model_name
-
     cfg, stream = ctx.cfg, ctx.stream
     if stream.ids is None:
         raise InputError(f"--bank-teacher: --data {cfg.data} gives no stable sample ids (a psdclip dataset or subset "

@@ -19,6 +19,8 @@ import torch.distributed as dist
 
 from ..core.errors import InputError
 from ..core.io import atomic_path, write_text
+from .config import changed_on_resume
+from .plots import plot_run
 
 _STEP = re.compile(r"step_(\d+)\.pt$")
 
@@ -195,7 +197,7 @@ def write(state, step: int, position: dict, plot: bool = True) -> None:
     """Every rank's data position gathered (the one collective); rank 0 snapshots model, optimizer and RNG
     states and hands the write (and, when `plot`, the run's plots) to its background writer. `state`: the loop's
     TrainState."""
-    from .models import model_config, resolve_model_name
+    from .models import model_config, resolve_model_name  # lazy: open_clip, slow to import
 
     cfg, world = state.cfg, state.world
     if world > 1:
@@ -220,8 +222,6 @@ def write(state, step: int, position: dict, plot: bool = True) -> None:
         def job():
             save(state.ckpt_dir, step, payload, cfg.keep)
             if plot:
-                from .plots import plot_run
-
                 plot_run(cfg.out)
             if state.remote is not None:  # --remote-sync: after the file and its plots, in this background job
                 state.remote.push(cfg.out, cfg.keep, plots=plot)
@@ -276,9 +276,6 @@ def choose_latest(ckpt_dir: str, rank: int, world: int) -> tuple[str | None, Che
 def resume(cfg, ckpt_dir, model, optimizer, scaler, world: int, rank: int = 0) -> Checkpoint | None:
     """Load the checkpoint a run continues from (--resume auto: the run folder's newest loadable one; a file: that one)
     into model, optimizer, scaler and the RNGs; its data position is dropped when ranks or workers changed."""
-    from .config import changed_on_resume
-    from .models import resolve_model_name
-
     if cfg.resume == "never":
         return None
     if cfg.resume == "auto":
@@ -288,6 +285,8 @@ def resume(cfg, ckpt_dir, model, optimizer, scaler, world: int, rank: int = 0) -
         state = state or Checkpoint.read(path)  # (rank 0 loaded it already to choose it)
     else:
         state = Checkpoint.read(cfg.resume)
+    from .models import resolve_model_name  # lazy: open_clip, slow to import
+
     arch = resolve_model_name(cfg.model)
     if state.model_arch != arch:
         raise InputError(f"{state.path}: checkpoint is for model {state.model_arch!r}, not {arch!r}")

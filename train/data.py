@@ -29,7 +29,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..core import storage
 from ..core.errors import InputError
 from ..core.io import read_json
-from ..pipeline.format import DatasetLayout, dataset_id, image_of, read_info, shard_format, shard_name
+from ..pipeline.format import (
+    DatasetLayout,
+    dataset_id,
+    image_of,
+    manifest_file,
+    read_info,
+    shard_format,
+    shard_name,
+    shard_number,
+)
 from ..pipeline.reader import arrow_samples, shard_exclusions, tar_samples
 from ..pipeline.status import SUCCESS
 from ..pipeline.subsets import SubsetRule
@@ -248,8 +257,6 @@ def sample_ids(source: Source) -> dict | None:
     over the source's shards (sorted by number) with room for every row the shard's manifest file holds (a bound
     on the samples in the shard, read from the Parquet footer: no row is read). What the embedding bank indexes
     by. None for a source that is not a dataset or subset (shard URLs: no manifest to bound them)."""
-    from ..pipeline.format import manifest_file, shard_number
-
     if source.root is None or source.keys is not None:
         return None
     import pyarrow.parquet as pq

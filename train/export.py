@@ -6,20 +6,20 @@ import os
 import open_clip
 import torch
 
-from ..core.io import atomic_path, write_json
 from ..core.errors import InputError
-
+from ..core.io import atomic_path, write_json
+from . import models  # noqa: F401  (registers psdclip's own model configs with open_clip)
 from .checkpoint import Checkpoint, checkpoint_path
 from .config import ExportConfig
 
 
-def export(cfg: ExportConfig) -> int:
+def export(cfg: ExportConfig) -> dict:
+    """Write the open_clip checkpoint and its model config; returns their paths, the architecture and the step."""
     path = checkpoint_path(cfg.run)
     state = Checkpoint.read(path)
     arch = state.model_arch
     config_path = os.path.splitext(cfg.out)[0] + ".json"  # the plain open_clip model config, under the file's stem
     _check_out(cfg.out, config_path, cfg.force)
-    from . import models  # noqa: F401  registers psdclip's own model configs with open_clip
 
     model_cfg = state.model_config() or open_clip.get_model_config(arch)
     if model_cfg is None:
@@ -30,11 +30,7 @@ def export(cfg: ExportConfig) -> int:
     with atomic_path(cfg.out) as tmp:  # replaced whole: an existing export is never left half-written
         torch.save({"state_dict": state.model, "step": state.step, "model_arch": arch}, tmp)
     write_json(config_path, model_cfg)
-    name = os.path.splitext(os.path.basename(config_path))[0]
-    print(f"wrote {cfg.out} (open_clip checkpoint of {arch}, step {state.step}) and {config_path}")
-    print(f"load it with: import open_clip; open_clip.add_model_config({config_path!r}); "
-          f"model, _, preprocess = open_clip.create_model_and_transforms({name!r}, pretrained={cfg.out!r})")
-    return 0
+    return {"out": cfg.out, "config": config_path, "arch": arch, "step": state.step}
 
 
 def _check_out(out: str, config_path: str, force: bool) -> None:

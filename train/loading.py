@@ -108,7 +108,7 @@ def load_pretrained(model: torch.nn.Module, spec: str, arch: str, flag: str = "-
 def load_model(target: str, device: torch.device | str = "cpu") -> LoadedModel:
     """Build the checkpoint's open_clip model (from its registered or embedded config, no pretrained weights),
     load its weights and put it in eval mode on `device`. `target` is a checkpoint file or a run directory."""
-    from .models import build_model, register_config
+    from .models import build_model, register_config  # lazy: open_clip, slow to import
 
     device = torch.device(device)
     fast_cuda_math(device)

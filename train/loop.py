@@ -30,6 +30,7 @@ from .distributed import Interrupt, setup_distributed, step_flags
 from .loading import load_pretrained
 from .models import build_model, resolve_model_name
 from .objectives import objective_of
+from .remote import RemoteSync
 from .reporting import Evaluator, Reporter, Window, log_row, progress_bar
 from .schedule import lr_at, param_groups
 from .teacher import Teacher, TeacherContext
@@ -300,7 +301,6 @@ def _remote_sync(cfg: TrainConfig, ckpt_dir: str, rank: int, world: int):
     latest one before every rank resumes (remote.py). Returns the RemoteSync (None without the flag)."""
     if not cfg.remote_sync:
         return None
-    from .remote import RemoteSync
 
     local_first = int(os.environ.get("LOCAL_RANK", rank)) == 0
     # only rank 0 (which uploads) and each node's first rank (which may download) open the store

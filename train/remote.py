@@ -21,6 +21,7 @@ import re
 import uuid
 
 from ..core.errors import InputError
+from .checkpoint import list_checkpoints
 
 log = logging.getLogger("psdclip.train")
 
@@ -60,8 +61,6 @@ class RemoteSync:
                         f"{' '.join(str(err).split())[:200]}); the next checkpoint's sync uploads what is missing")
 
     def _push(self, out: str, keep: int, with_plots: bool) -> None:
-        from .checkpoint import list_checkpoints
-
         ckpt_dir = os.path.join(out, "checkpoints")
         local = [os.path.basename(p) for p in list_checkpoints(ckpt_dir)]
         remote = set(self._names("checkpoints"))

@@ -13,6 +13,7 @@ import torch
 
 from ..core.errors import InputError
 from .config import TrainConfig
+from .loading import LoadedModel
 from .models import resolve_model_name
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,6 @@ class Evaluator:
         self.evaluate = evaluate
 
     def run(self, state, step: int) -> None:
-        from .loading import LoadedModel
-
         cfg = self.cfg
         loaded = LoadedModel(model=self.model, preprocess=self.preprocess, tokenizer=self.tokenizer,
                              device=self.device, checkpoint="", run=cfg.out, step=step,

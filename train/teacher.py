@@ -14,6 +14,10 @@ import dataclasses
 
 import torch
 
+from ..core.errors import InputError
+from .loading import load_pretrained
+from .models import build_model, resolve_model_name
+
 
 @dataclasses.dataclass
 class TeacherContext:
@@ -163,10 +167,6 @@ class ExternalTeacher(torch.nn.Module):
 def external_teacher(cfg, student, device) -> ExternalTeacher:
     """The frozen `--distill-model` with the `--distill-pretrained` weights, on `device`, for `student`."""
     import open_clip
-
-    from ..core.errors import InputError
-    from .loading import load_pretrained
-    from .models import build_model, resolve_model_name
 
     arch = resolve_model_name(cfg.distill_model)
     model, _, _, tokenizer = build_model(arch, device)

@@ -24,7 +24,8 @@ from ..train.config import ExportConfig, TrainConfig
 from . import __version__
 from .config import add_dataclass_arguments, build_config, load_yaml
 from .demo import DemoConfig
-from .recipe import RunConfig, SweepConfig
+from .recipe import RunConfig
+from .sweep_spec import SweepConfig
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ COMMANDS = (
             "counts per status, success rate, sizes, failing shards"),
     Command(("data", "synth"), SynthConfig, "psdclip.workflows.commands:cmd_synth",
             "generate the synthetic image-caption source"),
-    Command(("data", "score"), ScoreConfig, "psdclip.index.score:cmd_score",
+    Command(("data", "score"), ScoreConfig, "psdclip.workflows.commands:cmd_score",
             "each sample's image-caption similarity under a checkpoint, per shard (DATASET/scores/)"),
     Command(("data", "subset"), SubsetConfig, "psdclip.workflows.commands:cmd_subset",
             "a subset by a score threshold (--min-score, --top-fraction), nested in another"),
@@ -60,17 +61,17 @@ COMMANDS = (
             "serve a synthetic source over HTTP (loopback)"),
     Command(("train",), TrainConfig, "psdclip.workflows.commands:cmd_train",
             "train CLIP, PSD or SigLIP on streamed shards (alone or under torchrun)"),
-    Command(("export",), ExportConfig, "psdclip.train.export:export",
+    Command(("export",), ExportConfig, "psdclip.workflows.commands:cmd_export",
             "write a run's model as an open_clip checkpoint"),
-    Command(("eval",), EvalConfig, "psdclip.eval.evaluate:cmd_eval",
+    Command(("eval",), EvalConfig, "psdclip.workflows.commands:cmd_eval",
             "zero-shot, linear probe, retrieval and robustness on a suite"),
-    Command(("compare",), CompareConfig, "psdclip.eval.compare:cmd_compare",
+    Command(("compare",), CompareConfig, "psdclip.workflows.commands:cmd_compare",
             "put runs side by side: metrics, differences with bootstrap CIs, a PNG chart"),
-    Command(("index", "build"), IndexBuildConfig, "psdclip.index.build:cmd_index_build",
+    Command(("index", "build"), IndexBuildConfig, "psdclip.workflows.commands:cmd_index_build",
             "encode a dataset and build a FAISS index under memory and latency budgets"),
-    Command(("index", "query"), QueryConfig, "psdclip.index.query:cmd_query",
+    Command(("index", "query"), QueryConfig, "psdclip.workflows.commands:cmd_query",
             "nearest neighbours of a text, an image or an embedding"),
-    Command(("serve",), ServeConfig, "psdclip.index.launch:cmd_serve",
+    Command(("serve",), ServeConfig, "psdclip.workflows.commands:cmd_serve",
             "the retrieval service (FastAPI + uvicorn) and its web page"),
     Command(("demo",), DemoConfig, "psdclip.workflows.demo:run_demo",
             "the embedded end-to-end demo on synthetic data"),

@@ -1,5 +1,6 @@
-"""The functions behind the pipeline and training commands (the others live beside their stage). Each
-imports its stage only when it runs: see the COMMANDS table in psdclip.workflows.cli."""
+"""The functions behind every `psdclip` command: each runs its stage's function and prints what the user reads (stdout
+belongs to the commands; the stages log). Each imports its stage only when it runs: see the COMMANDS table in
+psdclip.workflows.cli."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from ..core.errors import InputError
 
 def cmd_build(cfg: BuildConfig) -> int:
     from ..pipeline.build import build
-    from ..pipeline.dataset import format_stats
+    from ..pipeline.stats import format_stats
 
     stats = build(cfg)
     print(format_stats(stats))
@@ -26,7 +27,8 @@ def cmd_build(cfg: BuildConfig) -> int:
 
 
 def cmd_stats(cfg: StatsConfig) -> int:
-    from ..pipeline.dataset import Layout, format_stats, stream_stats, unfinished_shards
+    from ..pipeline.dataset import Layout, unfinished_shards
+    from ..pipeline.stats import format_stats, stream_stats
     from ..core.io import read_json
 
     stats = stream_stats(cfg.dataset)  # a batch of rows at a time
@@ -110,7 +112,7 @@ def cmd_import(cfg: ImportConfig) -> int:
 def cmd_subset(cfg: SubsetConfig) -> int:
     from ..core.io import write_json
     from ..pipeline.format import DatasetLayout
-    from ..pipeline.scores import score_subset
+    from ..pipeline.curate import score_subset
 
     path = os.path.join(DatasetLayout(cfg.dataset).root, "subsets", f"{cfg.name}.json")
     if os.path.isfile(path) and not cfg.force:
@@ -171,17 +173,88 @@ def cmd_serve_data(cfg: ServeDataConfig) -> int:
     return 0
 
 
-def train_run(cfg) -> dict:
-    """`psdclip train` as every workflow runs it: train.loop.train with --eval-every's evaluation (the eval stage's,
-    which the training stage does not import)."""
-    from ..eval.evaluate import in_training
-    from ..train.loop import train
-
-    return train(cfg, evaluate=in_training(cfg.eval_suite) if cfg.eval_every else None)
-
-
 def cmd_train(cfg) -> int:
+    from .runs import train_run
+
     result = train_run(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"trained {result['steps']} steps; run in {os.path.abspath(result['out'])}")
     return 0
+
+
+def cmd_export(cfg) -> int:
+    from ..train.export import export
+
+    r = export(cfg)
+    name = os.path.splitext(os.path.basename(r["config"]))[0]
+    print(f"wrote {r['out']} (open_clip checkpoint of {r['arch']}, step {r['step']}) and {r['config']}")
+    print(f"load it with: import open_clip; open_clip.add_model_config({r['config']!r}); "
+          f"model, _, preprocess = open_clip.create_model_and_transforms({name!r}, pretrained={r['out']!r})")
+    return 0
+
+
+def cmd_eval(cfg) -> int:
+    from ..eval.evaluate import evaluate, format_result
+
+    result = evaluate(cfg)
+    if cfg.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2), flush=True)
+    else:
+        print(format_result(result), flush=True)
+    return 0
+
+
+def cmd_compare(cfg) -> int:
+    from ..eval.compare import compare
+
+    result = compare(cfg)
+    print(result["markdown"])
+    print(f"\nwritten to {result['out']}/compare.md, compare.json, compare.png")
+    return 0
+
+
+def cmd_score(cfg) -> int:
+    from ..index.score import score
+
+    r = score(cfg)
+    if r is not None:
+        near = f", {r['near_duplicates_searched']} searched for near duplicates" \
+            if r["near_duplicates_searched"] is not None else ""
+        print(f"scores {r['name']}: {r['samples']:,} samples in {r['shard_files']} shard file(s) ({r['written']} "
+              f"written now{near}) in {r['folder']}")
+    return 0
+
+
+def cmd_index_build(cfg) -> int:
+    from ..index.build import build_index
+
+    doc = build_index(cfg)
+    if "rank" in doc:
+        print(f"rank {doc['rank']}: embedded {doc['embedded']['embedded_now']:,} rows of "
+              f"{doc['embedded']['shards']} shards; rank 0 builds the index")
+        return 0
+    r = doc["recall_at_k"]["index.faiss"]
+    shards = len(doc["files"]["index.faiss"])
+    print(f"indexed {doc['count']:,} images x {doc['dim']} dims with {doc['factory']} ({doc['why']})"
+          f"{f' in {shards} shards' if shards > 1 else ''}; recall@{r['k']} vs exact {r['recall']:.3f}; "
+          f"index in {os.path.abspath(cfg.out)}")
+    return 0
+
+
+def cmd_query(cfg) -> int:
+    from ..index.query import query
+
+    s, results = query(cfg)
+    if cfg.json:
+        print(json.dumps(results, indent=1))
+    else:
+        for r in results:
+            extra = "".join(f"  {c}={r[c]}" for c in s.extra if r.get(c) is not None)  # --save-additional-columns
+            print(f"{r['rank']:>3}  {r['score']:.4f}  {r['key']}  {r['caption'][:70]}{extra}")
+    return 0
+
+
+def cmd_serve(cfg) -> int:
+    from ..index.launch import serve
+
+    return serve(cfg, announce=lambda line: print(line, flush=True))

@@ -63,10 +63,10 @@ def check_filters(filters: dict, scorer: dict, sizes: list[str]) -> None:
 
 def scored_by(sweep, level: str) -> str:
     """Score the level's dataset with the scorer (once; later sweeps find the scores) and return their name."""
-    from ..index.score import cmd_score
+    from ..index.score import score
     from ..pipeline.config import ScoreConfig
     from ..pipeline.subsets import parse_subsets
-    from .sweep import _prune
+    from .runs import prune
 
     scorer = sweep.spec.scorer
     dataset = sweep.cfgs[level]["data"].out
@@ -92,12 +92,12 @@ def scored_by(sweep, level: str) -> str:
     if run is not None:
         sweep.run(level, subset, method, seed, keep=True)
     log.info(f"[sweep] scoring {dataset} with {checkpoint}")
-    cmd_score(ScoreConfig(dataset=dataset, checkpoint=checkpoint, name=name, progress=False,
+    score(ScoreConfig(dataset=dataset, checkpoint=checkpoint, name=name, progress=False,
                           workers=int(sweep.base_train.get("workers", 1))))
     os.makedirs(marker_dir, exist_ok=True)
     write_json(marker, {**read_json(os.path.join(dataset, "scores", name, "score.json")), **wanted}, indent=1)
     if run is not None and sweep.spec.prune:
-        _prune(run, [])
+        prune(run, [])
     return name
 
 
@@ -105,7 +105,7 @@ def make_filtered(sweep, level: str, gather: bool = False) -> list[tuple[str, st
     """Write every (pool, filter) subset of the level's dataset; returns [(subset name, pool, filter)]. `gather`
     (`sweep --report`): score and write nothing, return the subsets already written."""
     from ..pipeline.format import SCORE_COLUMN, DatasetLayout
-    from ..pipeline.scores import score_subset
+    from ..pipeline.curate import score_subset
 
     filters = sweep.spec.filters
     if not filters:

@@ -64,27 +64,6 @@ class RunConfig:
             raise InputError("RECIPE is required")
 
 
-@dataclass
-class SweepConfig:
-    """psdclip sweep: run a scaling-law sweep recipe, gather, fit and plot."""
-
-    recipe: str = field(default="", metadata={"help": "sweep recipe YAML (a path or a bundled name)", "positional": True})
-    out: str = field(default="", metadata={"help": "output folder (default: the recipe's out)"})
-    check: bool = field(default=False, metadata={"help": "only parse and validate the recipe"})
-    report: bool = field(default=False, metadata={"help": "write results.md, results.csv and the plots from the runs "
-                                                          "finished so far, training nothing (a study spanning sessions)"})
-    methods: str = field(default="", metadata={"help": "train only the runs of these methods of the recipe (comma-"
-                                                       "separated); the others' finished runs are gathered as --report "
-                                                       "does. One sweep split over processes, GPUs or machines that "
-                                                       "share its folder, a method set each (the regime run, screen, "
-                                                       "scorer and filters must be done first: a plain run of the "
-                                                       "sweep makes them)"})
-
-    def __post_init__(self):
-        if not self.recipe:
-            raise InputError("RECIPE is required")
-
-
 def validate(path: str, recipe: dict, out: str) -> dict:
     from ..index.config import IndexBuildConfig, ServeConfig
     from ..pipeline.config import BuildConfig, EmojiConfig, SynthConfig
@@ -170,22 +149,20 @@ def run_recipe(cfg: RunConfig) -> int:
         from ..eval.config import EvalConfig
         from ..eval.evaluate import evaluate, format_result
 
-        from .commands import train_run
+        from .runs import suite_spec, train_run
 
         train_run(cfgs["train"])
 
-        from .sweep import _suite_spec
-
         for suite in cfgs["suites"]:
-            spec = _suite_spec(suite, src)
+            spec = suite_spec(suite, src)
             print(format_result(evaluate(EvalConfig(target=cfgs["train"].out, suite=spec))))
     if "index" in cfgs:
-        from ..index.build import cmd_index_build
+        from .commands import cmd_index_build
 
         cmd_index_build(cfgs["index"])
     if cfg.serve and "index" in cfgs:
         from ..index.config import ServeConfig
-        from ..index.launch import cmd_serve
+        from .commands import cmd_serve
 
         cmd_serve(cfgs.get("serve") or ServeConfig(indices=[cfgs["index"].out]))
     print(f"recipe done; everything is in {out}")

@@ -49,8 +49,6 @@ import json
 import logging
 import math
 import os
-import subprocess
-import sys
 
 import pandas as pd
 import yaml
@@ -60,25 +58,12 @@ from ..core.errors import InputError
 from ..eval.config import result_name
 from ..eval.metrics import ci_half, min_detectable
 
-from .recipe import SweepConfig
+from .runs import RUNNERS, prune, suite_name, suite_spec
 from .report import write_results
 from .filters import make_filtered
-from .sweep_spec import SweepSpec, _is_size, steps_for
+from .sweep_spec import SweepConfig, SweepSpec, is_size, steps_for
 
 log = logging.getLogger(__name__)
-
-
-def _suite_spec(suite: str, src: str) -> str:
-    """A sweep's suite entry as `psdclip eval --suite` takes it: plain `synthetic` means the sweep's source, and
-    `{source}` in an entry its folder (`ood=retrieval:{source}/heldout/ood.csv`); a `NAME=` in front names the
-    suite's metrics (ood.retrieval.t2i_R@1), so that two suites of one kind keep theirs apart."""
-    suite = suite.split("=", 1)[1] if _suite_name(suite) else suite
-    return f"synthetic:{src}" if suite == "synthetic" else suite.replace("{source}", src or "")
-
-
-def _suite_name(suite: str) -> str:
-    head = suite.split(":", 1)[0]
-    return head.split("=", 1)[0] if "=" in head else ""
 
 
 # ---- planning and running ----------------------------------------------------------------------------
@@ -113,8 +98,8 @@ class Sweep:
             raise InputError(f"{cfg.recipe} [sweep]: {err}" if not str(err).startswith(cfg.recipe) else str(err)) \
                 from None
         self.out = os.path.abspath(cfg.out or recipe.get("out") or os.path.join("sweeps", recipe.get("name", "sweep")))
-        sizes = [str(x) for x in spec.subsets if _is_size(str(x))]
-        self.named = [str(x) for x in spec.subsets if not _is_size(str(x))]  # subsets made beforehand, by name
+        sizes = [str(x) for x in spec.subsets if is_size(str(x))]
+        self.named = [str(x) for x in spec.subsets if not is_size(str(x))]  # subsets made beforehand, by name
         recipe.setdefault("data", {})["subsets"] = sizes
         if spec.noise and recipe.get("synthetic") is None:
             raise InputError(f"{cfg.recipe}: sweep.noise needs a [synthetic] section")
@@ -201,7 +186,7 @@ class Sweep:
             settings["snapshot_every"] = max(1, math.ceil(n / batch))
         if settings.get("oracle_targets") == "truth":
             settings["oracle_targets"] = self.oracle_file(level)
-        files = {(s, sp): os.path.join(run, "eval", f"{result_name(_suite_spec(s, src), sp)}.json")
+        files = {(s, sp): os.path.join(run, "eval", f"{result_name(suite_spec(s, src), sp)}.json")
                  for s, sp in self.evals()}
         tag = f"{level + ' ' if level else ''}{subset} (N={n}) {method} seed {seed}"
         wanted = {**settings, "data": subset_file, "out": run, "steps": steps, "seed": seed, "progress": False}
@@ -216,14 +201,14 @@ class Sweep:
             self._train(wanted, run)
             for (suite, split), f in files.items():
                 if not os.path.isfile(f):
-                    self._eval(run, _suite_spec(suite, src), split)
+                    self._eval(run, suite_spec(suite, src), split)
         if self.spec.prune and not keep:  # also a run finished before prune was set
-            _prune(run, list(files.values()))
+            prune(run, list(files.values()))
         row = {"noise": level, "subset": subset, "N": n, "method": method, "seed": seed, "steps": steps}
         for (suite, split), f in files.items():
             with open(f) as fh:
                 metrics = json.load(fh)["metrics"]
-            prefix = ("val:" if split == "val" else "") + (f"{_suite_name(suite)}." if _suite_name(suite) else "")
+            prefix = ("val:" if split == "val" else "") + (f"{suite_name(suite)}." if suite_name(suite) else "")
             row.update({prefix + k: v for k, v in metrics.items()})
         return row
 
@@ -259,33 +244,7 @@ class Sweep:
         os.makedirs(run, exist_ok=True)
         train_yaml = os.path.join(run, "train.yaml")
         write_text(train_yaml, yaml.safe_dump(config, sort_keys=False))
-        args = ["train", "--config", train_yaml]
-        runner = self.spec.runner
-        exe = os.path.join(os.path.dirname(sys.executable), "psdclip")
-        if runner == "torchrun":
-            cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc-per-node",
-                   str(self.spec.nproc), "-m", "psdclip.workflows.cli", *args]
-        elif runner == "sequential":
-            cmd = [exe, *args]
-        elif runner == "inprocess":  # no process start-up per run (small runs, tests); a crash ends the sweep
-            from ..train.config import TrainConfig
-
-            from .commands import train_run
-            from .config import build_config, load_yaml
-
-            train_run(build_config(TrainConfig, load_yaml(train_yaml), {}, source=train_yaml))
-            return
-        elif runner == "dask":
-            from dask.distributed import Client
-
-            with Client(self.spec.scheduler) as client:
-                rc = client.submit(subprocess.call, [exe, *args], pure=False).result()
-            if rc:
-                raise InputError(f"[sweep] run {run} failed on the Dask cluster (exit {rc})")
-            return
-        rc = subprocess.call(cmd)
-        if rc:
-            raise InputError(f"[sweep] run {run} failed (exit {rc}); rerun the sweep to resume")
+        RUNNERS[self.spec.runner](self.spec, train_yaml, run)
 
     def _eval(self, run: str, spec: str, split: str):
         """In this process (the model is small next to a process start-up with torch)."""
@@ -350,22 +309,6 @@ def run_sweep(cfg: SweepConfig) -> int:
         raise InputError(f"[sweep] --report: no run of {cfg.recipe} has finished yet in {sweep.out}")
     print(write_results(sweep, rows, selection, unfinished=unfinished))
     return 0
-
-
-def _prune(run: str, evals: list[str]) -> None:
-    """A finished run keeps its configs, metrics.jsonl and the metrics of its evaluations: checkpoints, PSD's
-    embedding bank, the feature cache, the per-example arrays of each evaluation (for `psdclip compare`'s bootstrap; the sweep pairs
-    runs by seed) and the plots (`psdclip.train.plots.plot_run` redraws them from metrics.jsonl) go, so that a
-    study of a hundred runs commits in a few MB."""
-    import shutil
-
-    for sub in ("checkpoints", "bank", os.path.join("eval", "cache"), "plots"):
-        shutil.rmtree(os.path.join(run, sub), ignore_errors=True)
-    for path in evals:
-        result = read_json(path)
-        if result.pop("examples", None) is not None:
-            result["pruned"] = "per-example arrays removed by the sweep's prune: true"
-            write_json(path, result, indent=1)
 
 
 def _only_methods(cfg, sweep: Sweep) -> set[str]:

@@ -4,7 +4,7 @@ config.build_config, which refuses unknown keys and wrong types in one line)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from ..core.errors import InputError
@@ -20,7 +20,7 @@ def steps_for(rule: dict, n_samples: int, batch_size: int) -> int:
     raise InputError(f"[sweep] compute: rule must be samples_seen or epochs, got {rule.get('rule')!r}")
 
 
-def _is_size(entry: str) -> bool:
+def is_size(entry: str) -> bool:
     """A subsets entry that is a fraction or count (else the name of a subset made beforehand)."""
     try:
         float(entry)
@@ -75,7 +75,7 @@ class SweepSpec:
     def __post_init__(self):
         if not self.methods or not self.subsets:
             raise InputError("a sweep recipe needs sweep.methods and sweep.subsets")
-        if not any(_is_size(str(s)) for s in self.subsets):
+        if not any(is_size(str(s)) for s in self.subsets):
             raise InputError("sweep.subsets needs at least one fraction or count (the pool sizes) beside subset names")
         for key, value in (("methods", self.methods), ("screen methods", self.screen.get("methods") or {})):
             for name, overrides in value.items():
@@ -112,6 +112,27 @@ class SweepSpec:
             raise InputError("sweep.robustness must be {id: METRIC, ood: METRIC}, both among sweep.metrics")
         from .filters import check_filters
 
-        check_filters(self.filters, self.scorer, [s for s in map(str, self.subsets) if _is_size(s)])
+        check_filters(self.filters, self.scorer, [s for s in map(str, self.subsets) if is_size(s)])
         if self.runner == "dask" and not self.scheduler:
             raise InputError("sweep.runner dask needs sweep.scheduler (tcp://HOST:PORT)")
+
+
+@dataclass
+class SweepConfig:
+    """psdclip sweep: run a scaling-law sweep recipe, gather, fit and plot."""
+
+    recipe: str = field(default="", metadata={"help": "sweep recipe YAML (a path or a bundled name)", "positional": True})
+    out: str = field(default="", metadata={"help": "output folder (default: the recipe's out)"})
+    check: bool = field(default=False, metadata={"help": "only parse and validate the recipe"})
+    report: bool = field(default=False, metadata={"help": "write results.md, results.csv and the plots from the runs "
+                                                          "finished so far, training nothing (a study spanning sessions)"})
+    methods: str = field(default="", metadata={"help": "train only the runs of these methods of the recipe (comma-"
+                                                       "separated); the others' finished runs are gathered as --report "
+                                                       "does. One sweep split over processes, GPUs or machines that "
+                                                       "share its folder, a method set each (the regime run, screen, "
+                                                       "scorer and filters must be done first: a plain run of the "
+                                                       "sweep makes them)"})
+
+    def __post_init__(self):
+        if not self.recipe:
+            raise InputError("RECIPE is required")

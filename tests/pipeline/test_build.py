@@ -11,7 +11,8 @@ from PIL import Image
 from helpers.datasets import cfg, tar_members
 
 from psdclip.pipeline.build import build
-from psdclip.pipeline.dataset import Layout, format_stats
+from psdclip.pipeline.dataset import Layout
+from psdclip.pipeline.stats import format_stats
 from psdclip.pipeline.subsets import SubsetRule, member_keys
 
 

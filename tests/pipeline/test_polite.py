@@ -10,7 +10,7 @@ import pytest
 from helpers.datasets import cfg, tar_members
 
 from psdclip.pipeline.build import build
-from psdclip.pipeline.dataset import format_stats
+from psdclip.pipeline.stats import format_stats
 from psdclip.pipeline.download import classify
 from psdclip.pipeline.polite import HostLimiter, ShardPolicy, fetch, retry_after_seconds
 

@@ -81,7 +81,7 @@ def test_a_dataset_folder_on_s3_is_built_resumed_retried_and_streamed(s3, synth_
     import fsspec
     import pyarrow.dataset as pads
 
-    from psdclip.pipeline.dataset import stream_stats
+    from psdclip.pipeline.stats import stream_stats
     from psdclip.pipeline.subsets import member_keys
     from psdclip.train.data import ShardStream, resolve_source
     from psdclip.train.models import build_model

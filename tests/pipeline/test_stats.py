@@ -6,7 +6,8 @@ import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from psdclip.pipeline.dataset import Layout, StatsAccumulator, stream_stats
+from psdclip.pipeline.dataset import Layout
+from psdclip.pipeline.stats import StatsAccumulator, stream_stats
 from psdclip.pipeline.format import MANIFEST_COLUMNS, MANIFEST_SCHEMA, manifest_file
 from psdclip.pipeline.reader import manifest_batches
 

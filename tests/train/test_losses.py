@@ -275,7 +275,6 @@ def test_feature_cache_accumulation_equals_one_big_batch():
 
 def test_accumulation_updates_batch_norm_statistics_once_per_micro_batch():
     from psdclip.train.loop import forward_backward
-    from psdclip.train.teacher import model_teacher
     from psdclip.train.models import build_model
 
     torch.manual_seed(0)
