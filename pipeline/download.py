@@ -11,24 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
-import json
 import os
 import re
 import shutil
-import tarfile
 import time
 import uuid
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..core import storage
 from ..core.errors import disk_full, is_disk_full
-from ..core.io import write_text
-from .format import shard_name, stats_name
+from ..core.io import atomic_path, write_text
+from .format import shard_format_impl, shard_name, stats_name
 from .polite import ShardPolicy, install
 from .read import EXTRA
 from .robots import DISALLOWED, UNREACHABLE
@@ -130,19 +126,16 @@ class _ShardDiskFull(BaseException):
 
 
 class KeyedShardWriter:
-    """An img2dataset sample writer (its sample_writer_class interface) that writes the shard directly
-    under our stable keys and records, for every row, where its image lies: the byte offset in the tar,
-    or the row in the Parquet shard. No second pass over the images."""
+    """An img2dataset sample writer (its sample_writer_class interface) that writes the shard directly, through its
+    shard format's writer (format.SHARD_FORMATS), under our stable keys and records, for every row, where its image
+    lies: the byte offset in the tar, or the row in the Parquet shard. No second pass over the images."""
 
     def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format,
-                 arrow=False):  # pylint: disable=unused-argument
-        self.ext = encode_format
-        self.arrow = arrow
-        self.path = os.path.join(output_folder, shard_name(shard_id, "arrow" if arrow else "webdataset"))
+                 fmt="webdataset"):  # pylint: disable=unused-argument
+        self.path = os.path.join(output_folder, shard_name(shard_id, fmt))
         self.meta_path = os.path.join(output_folder, f"{shard_id:05d}.meta.parquet")
-        self.tar = None if arrow else tarfile.open(self.path, "w", format=tarfile.USTAR_FORMAT)
+        self.shard = shard_format_impl(fmt).writer(self.path, encode_format)
         self.rows: list[dict] = []
-        self.images: list[dict] = []
         self.progress_path = os.path.join(output_folder, "rows-done")  # polled by the client's progress bar
         self._reported = 0.0
 
@@ -163,20 +156,7 @@ class KeyedShardWriter:
                "offset": None, "size": None}
         if img_str is not None:
             row["size"] = len(img_str)
-            if self.arrow:
-                row["offset"] = len(self.images)
-                self.images.append({"key": psd_key, self.ext: img_str, "caption": str(caption or ""),
-                                    "url": meta.get("url"), "width": meta.get("width"), "height": meta.get("height"),
-                                    "original_width": meta.get("original_width"),
-                                    "original_height": meta.get("original_height"), "sha256": meta.get("sha256")})
-            else:
-                # a USTAR header for a short name is one 512-byte block; the data follows it
-                row["offset"] = self.tar.offset + tarfile.BLOCKSIZE
-                for suffix, data in ((self.ext, img_str), ("txt", str(caption or "").encode()),
-                                     ("json", json.dumps(meta, ensure_ascii=False, default=str).encode())):
-                    info = tarfile.TarInfo(f"{psd_key}.{suffix}")
-                    info.size, info.mode, info.mtime = len(data), 0o444, 0
-                    self.tar.addfile(info, io.BytesIO(data))
+            row["offset"] = self.shard.add(psd_key, img_str, str(caption or ""), meta)
         self.rows.append(row)
         now = time.monotonic()
         if now - self._reported > 0.5:
@@ -184,14 +164,7 @@ class KeyedShardWriter:
             write_text(self.progress_path, str(len(self.rows)))
 
     def close(self):
-        if self.arrow:
-            table = pa.Table.from_pylist(self.images, schema=pa.schema([
-                ("key", pa.string()), (self.ext, pa.binary()), ("caption", pa.string()), ("url", pa.string()),
-                ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
-                ("original_height", pa.int32()), ("sha256", pa.string())]))
-            pq.write_table(table, self.path, row_group_size=256)
-        else:
-            self.tar.close()
+        self.shard.close()
         pd.DataFrame(self.rows, columns=["key", "status", "error_message", "width", "height", "original_width",
                                          "original_height", "sha256", "offset", "size"]).to_parquet(self.meta_path)
 
@@ -270,7 +243,6 @@ def download_partition(src: str, shard: int, dataset_dir: str, opts: DownloadOpt
     from img2dataset.downloader import Downloader
 
     install()
-    arrow = opts.format == "arrow"
     if storage.is_remote(dataset_dir):  # img2dataset and the tar writer work on a local folder of this worker
         import tempfile
 
@@ -292,7 +264,7 @@ def download_partition(src: str, shard: int, dataset_dir: str, opts: DownloadOpt
             encode_format=opts.encode_format, skip_reencode=False, disable_all_reencoding=False,
             min_image_size=0, max_image_area=opts.max_image_area, max_aspect_ratio=float("inf"), blurrer=None)
         downloader = Downloader(
-            sample_writer_class=functools.partial(KeyedShardWriter, arrow=arrow), resizer=resizer,
+            sample_writer_class=functools.partial(KeyedShardWriter, fmt=opts.format), resizer=resizer,
             thread_count=opts.thread_count, save_caption=True, extract_exif=False, output_folder=work,
             column_list=["url", "caption", "psdclip_key", *extras], timeout=opts.policy(),
             number_sample_per_shard=max(len(keys), 1), oom_shard_count=5, compute_hash="sha256",
@@ -301,9 +273,9 @@ def download_partition(src: str, shard: int, dataset_dir: str, opts: DownloadOpt
             disallowed_header_directives=opts.disallowed_header_directives or None)
         try:
             downloader.download_shard((shard, given))  # raises if the shard as a whole fails
-            name = shard_name(shard, "arrow" if arrow else "webdataset")
+            name = shard_name(shard, opts.format)
             meta = in_input_order(os.path.join(work, name), os.path.join(work, f"{shard:05d}.meta.parquet"), keys,
-                                  arrow)
+                                  opts.format)
             res = _results(meta, keys, shard)
             storage.put(os.path.join(work, name), storage.join(dataset_dir, "shards", name))
             stats = os.path.join(work, stats_name(shard))  # img2dataset's own, as its output folders hold it
@@ -320,7 +292,7 @@ def download_partition(src: str, shard: int, dataset_dir: str, opts: DownloadOpt
         shutil.rmtree(work, ignore_errors=True)
 
 
-def in_input_order(path: str, meta_path: str, keys: list, arrow: bool) -> pd.DataFrame:
+def in_input_order(path: str, meta_path: str, keys: list, fmt: str) -> pd.DataFrame:
     """Rewrite a downloaded shard with its samples in input order (img2dataset writes them as its threads finish, so
     two builds of one list would hold them in two orders, and train on them in two orders) and return its writer's
     rows with the new offsets. One sequential pass over the shard, on the worker's local disk; nothing is done when
@@ -331,25 +303,8 @@ def in_input_order(path: str, meta_path: str, keys: list, arrow: bool) -> pd.Dat
     order = sorted(placed["key"], key=lambda k: position.get(k, len(position)))
     if list(placed.sort_values("offset")["key"]) == order:
         return meta
-    offsets = {}
-    if arrow:
-        table = pq.read_table(path)
-        at = {k: i for i, k in enumerate(table.column("key").to_pylist())}
-        table = table.take(pa.array([at[k] for k in order], pa.int64()))
-        pq.write_table(table, path + ".ordered", row_group_size=256)
-        offsets = {k: i for i, k in enumerate(order)}
-    else:
-        with tarfile.open(path, "r") as src:
-            members: dict[str, list] = {}
-            for m in src.getmembers():
-                members.setdefault(m.name.split(".", 1)[0], []).append(m)
-            with tarfile.open(path + ".ordered", "w", format=tarfile.USTAR_FORMAT) as dst:
-                for k in order:
-                    for m in members.get(k, []):
-                        if k not in offsets:  # the image comes first: its data follows its one-block header
-                            offsets[k] = dst.offset + tarfile.BLOCKSIZE
-                        dst.addfile(m, src.extractfile(m))
-    os.replace(path + ".ordered", path)
+    with atomic_path(path) as ordered:
+        offsets = shard_format_impl(fmt).reorder(path, order, ordered)
     meta["offset"] = [offsets.get(k) if pd.notna(o) else None for k, o in zip(meta["key"], meta["offset"])]
     return meta
 

@@ -42,7 +42,9 @@ import pandas as pd
 from PIL import Image
 
 from ..core.errors import InputError
+from ..core.io import write_json
 from .config import EmojiConfig
+from .sources import Source
 from .synth import write_url_list
 
 log = logging.getLogger(__name__)
@@ -236,10 +238,18 @@ def generate(cfg: EmojiConfig, progress: bool = True) -> dict:
             "caption_kinds": attrs["caption_kind"].value_counts().to_dict(),
             "licences": "the images are the vendors' artwork under their own licences (see each package's README); "
                         "fetched at study time, never committed"}
-    with open(os.path.join(out, "emoji.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    write_json(os.path.join(out, "emoji.json"), meta)  # replaced whole: its presence says the source is complete
 
     write_url_list(out, cfg.base_url)
     return {"emoji": len(common), "train_pairs": len(attrs), "heldout": int(held.sum()),
             "caption_kinds": meta["caption_kinds"], "out": out}
 
+
+def groups(source: str, by: list[str]) -> pd.DataFrame:
+    """The emoji source's truth (truth.py), as attributes.parquet holds it: an emoji's code is its image's group and
+    its caption's meaning (`by` does not apply)."""
+    attrs = pd.read_parquet(os.path.join(source, "attributes.parquet"))
+    return attrs[["path", "image_group", "text_group"]].astype({"image_group": str, "text_group": str})
+
+
+SOURCE = Source(name="emoji", config=EmojiConfig, make=generate, groups=groups, ignore=("cache", "npm"))

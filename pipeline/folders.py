@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core.errors import InputError
+from ..core.io import atomic_path
 from ..core.local import read
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -63,35 +64,30 @@ def folder_list(folder: str, root: str, state: str) -> str:
     out_dir = os.path.join(state, "folders")
     os.makedirs(out_dir, exist_ok=True)
     out = os.path.join(out_dir, f"{os.path.basename(base) or 'root'}-{name}.parquet")
-    tmp = out + ".tmp"
-    writer = pq.ParquetWriter(tmp, SCHEMA)
     urls, caps, n = [], [], 0
-    try:
-        for here, dirs, files in os.walk(base, followlinks=False):
-            dirs.sort()
-            for f in sorted(files):
-                if not f.lower().endswith(IMAGE_EXTENSIONS):
-                    continue
-                rel = os.path.relpath(os.path.join(here, f), base)
-                caption = captions.get(os.path.normpath(rel))
-                if caption is None:
-                    stem = os.path.splitext(os.path.join(here, f))[0] + ".txt"
-                    data, _ = read(os.path.relpath(stem, top), root, limit=65_536) if os.path.lexists(stem) else \
-                        (None, None)
-                    caption = data.getvalue().decode("utf-8", "replace").strip() if data is not None else ""
-                urls.append(os.path.relpath(os.path.join(here, f), top))
-                caps.append(caption)
-                if len(urls) == BATCH:
-                    writer.write_table(pa.table({"url": urls, "caption": caps}, schema=SCHEMA))
-                    n += len(urls)
-                    urls, caps = [], []
-        if urls or not n:
-            writer.write_table(pa.table({"url": urls, "caption": caps}, schema=SCHEMA))
-            n += len(urls)
-    finally:
-        writer.close()
-    if not n:
-        os.remove(tmp)
-        raise InputError(f"{folder}: no images in the folder ({', '.join(IMAGE_EXTENSIONS)})")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:  # replaced whole; removed if the walk fails or finds no image
+        with pq.ParquetWriter(tmp, SCHEMA) as writer:
+            for here, dirs, files in os.walk(base, followlinks=False):
+                dirs.sort()
+                for f in sorted(files):
+                    if not f.lower().endswith(IMAGE_EXTENSIONS):
+                        continue
+                    rel = os.path.relpath(os.path.join(here, f), base)
+                    caption = captions.get(os.path.normpath(rel))
+                    if caption is None:
+                        stem = os.path.splitext(os.path.join(here, f))[0] + ".txt"
+                        data, _ = read(os.path.relpath(stem, top), root, limit=65_536) if os.path.lexists(stem) \
+                            else (None, None)
+                        caption = data.getvalue().decode("utf-8", "replace").strip() if data is not None else ""
+                    urls.append(os.path.relpath(os.path.join(here, f), top))
+                    caps.append(caption)
+                    if len(urls) == BATCH:
+                        writer.write_table(pa.table({"url": urls, "caption": caps}, schema=SCHEMA))
+                        n += len(urls)
+                        urls, caps = [], []
+            if urls or not n:
+                writer.write_table(pa.table({"url": urls, "caption": caps}, schema=SCHEMA))
+                n += len(urls)
+        if not n:
+            raise InputError(f"{folder}: no images in the folder ({', '.join(IMAGE_EXTENSIONS)})")
     return out

@@ -14,6 +14,10 @@ Nothing here writes: the pipeline's build state (ingests, plans, results) lives 
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
+from typing import Callable
+
 import pyarrow as pa
 
 from ..core import storage
@@ -49,14 +53,49 @@ def score_folder(dataset: str, name: str) -> str:
 
 
 IMAGE_FIELDS = ("jpg", "png", "webp", "jpeg")  # a sample's image, by the extension it was stored under
-FORMATS = ("webdataset", "arrow")
+# the shard formats: name -> (its module in this package, its file extension). A format is one module defining
+# FORMAT = ShardFormat(...) (its writer, sample reader, reorder pass and one-image read) plus its line here.
+SHARD_FORMATS = {"webdataset": ("shard_tar", "tar"), "arrow": ("shard_arrow", "parquet")}
+FORMATS = tuple(SHARD_FORMATS)
 
 J = storage.join
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardFormat:
+    """One shard format (shard_tar.py, shard_arrow.py): what writes, reads and reorders its files.
+    writer(path, ext): .add(key, image, caption, meta) -> the image's offset (a byte offset, or a row), .close();
+    samples(urls, on_error): the shards' samples ({__key__, <image ext>, txt, ...}) front to back;
+    reorder(path, keys in order, out) -> {key: new offset}; image_bytes(path, offset, size): one stored image."""
+    name: str
+    extension: str
+    writer: Callable
+    samples: Callable
+    reorder: Callable
+    image_bytes: Callable
+
+
+def shard_format_impl(fmt: str) -> ShardFormat:
+    """The ShardFormat of a format name (its module imported on first use)."""
+    if fmt not in SHARD_FORMATS:
+        raise InputError(f"shard format {fmt!r}: expected one of {', '.join(SHARD_FORMATS)}")
+    return importlib.import_module(f"{__package__}.{SHARD_FORMATS[fmt][0]}").FORMAT
+
+
+def shard_extension(fmt: str) -> str:
+    """The file extension of a shard format's shards (tar, parquet)."""
+    return SHARD_FORMATS[fmt][1]
+
+
+def shard_format_of_files(names) -> str:
+    """The shard format of a list of shard files or URLs, by their extension (webdataset unless all are another's)."""
+    return next((f for f, (_, ext) in SHARD_FORMATS.items() if names and all(n.endswith("." + ext) for n in names)),
+                "webdataset")
+
+
 def shard_name(shard: int, fmt: str) -> str:
     """A shard's file name: NNNNN.tar (webdataset) or NNNNN.parquet (arrow)."""
-    return f"{int(shard):05d}.{'parquet' if fmt == 'arrow' else 'tar'}"
+    return f"{int(shard):05d}.{shard_extension(fmt)}"
 
 
 def stats_name(shard: int) -> str:

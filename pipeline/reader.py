@@ -1,15 +1,14 @@
 """The one reader of a dataset's shards and manifest, used by the trainer, the index and the pipeline's own tools.
 
-Shards are read front to back, one sample at a time (webdataset's tar reader, with a check that each tar really
-ended; pyarrow record batches for Arrow shards); the manifest is one partitioned Parquet table read as a whole
-(`load_manifest`), one file at a time (`manifest_files`) or in batches of rows (`manifest_batches`). Every reader
+Shards are read front to back, one sample at a time, by their format's reader (format.SHARD_FORMATS: webdataset's tar
+reader here, with a check that each tar really ended; pyarrow record batches in shard_arrow.py); the manifest is one
+partitioned Parquet table read as a whole (`load_manifest`), one file at a time (`manifest_files`) or in batches of rows (`manifest_batches`). Every reader
 reports a damaged file as a one-line error naming it (or, for shards, through the caller's `on_error`), never as a
 traceback.
 """
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 
 import numpy as np
 import pandas as pd
@@ -31,6 +30,7 @@ from .format import (
     manifest_schema,
     read_info,
     shard_format,
+    shard_format_impl,
     shard_number,
 )
 from .status import SUCCESS
@@ -143,21 +143,6 @@ def tar_samples(urls, on_error):
     yield from group_by_keys(checked(tar_file_expander(streams(), handler=handler)), handler=handler)
 
 
-def arrow_samples(urls, on_error, ext: str = "jpg"):
-    """Samples ({__key__, jpg, txt, __url__}) from Arrow/Parquet shards, a record batch at a time."""
-    import fsspec
-
-    for url in urls:
-        try:
-            with fsspec.open(url, "rb") as f:
-                pf = pq.ParquetFile(f)
-                for batch in pf.iter_batches(columns=["key", ext, "caption"], batch_size=256):
-                    for key, img, cap in zip(*(batch.column(i).to_pylist() for i in range(3))):
-                        yield {"__key__": key, ext: img, "txt": (cap or "").encode(), "__url__": url}
-        except Exception as err:  # pylint: disable=broad-except
-            on_error(f"shard {url}: {err}")
-
-
 def _to_pandas(table: pa.Table) -> pd.DataFrame:
     return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
 
@@ -249,20 +234,9 @@ def success_keys(root: str, shard: int) -> np.ndarray:
 
 def shard_samples(root: str, fmt: str, shard: int, on_error):
     """The samples of one shard of a dataset."""
-    path = DatasetLayout(root).shard_path(shard, fmt)
-    return (arrow_samples if fmt == "arrow" else tar_samples)([path], on_error)
+    return shard_format_impl(fmt).samples([DatasetLayout(root).shard_path(shard, fmt)], on_error)
 
 
 def read_image_bytes(root: str, fmt: str, shard: int, offset: int, size: int) -> bytes:
     """One stored image, by its shard and offset (tars) or row (Arrow shards): the service's image endpoint."""
-    path = DatasetLayout(root).shard_path(shard, fmt)
-    if fmt == "arrow":
-        return _arrow_table(path).column("jpg")[offset].as_py()
-    with storage.open_file(path, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
-
-
-@lru_cache(maxsize=4)
-def _arrow_table(path):
-    return read_parquet_table(path)
+    return shard_format_impl(fmt).image_bytes(DatasetLayout(root).shard_path(shard, fmt), offset, size)

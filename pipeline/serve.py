@@ -14,6 +14,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from ..core import logs
 from ..core.errors import PsdclipError
 
+from .sources import description_files
+
 log = logs.get(__name__, "[psdclip] ")
 
 
@@ -43,7 +45,7 @@ STABLE_PORTS = (20000, 32768)
 
 
 # a source folder that describes itself: what it was generated from, wherever it lies
-SOURCE_FILES = ("synth.json", "emoji.json")
+SOURCE_FILES = description_files()
 
 
 def source_identity(directory: str) -> str:

@@ -12,7 +12,7 @@ from ..core import storage
 from ..core.io import read_json
 
 from .dataset import Layout
-from .format import shard_format
+from .format import shard_extension, shard_format
 from .reader import manifest_batches
 from .status import DUPLICATE_IMAGE, SUCCESS
 from .clean import hosts
@@ -81,7 +81,7 @@ class StatsAccumulator:
         sizes = {c: ({"min": min(h), "median": _median(h), "max": max(h),
                       "mean": sum(v * n for v, n in h.items()) / sum(h.values())} if h else None)
                  for c, h in self.sizes.items()}
-        shard_files = storage.sizes(layout.shards, "*.tar" if fmt != "arrow" else "*.parquet")
+        shard_files = storage.sizes(layout.shards, f"*.{shard_extension(fmt)}")
         failing = [{"shard": layout.shard_name(int(s), fmt), "rows": n, "failure_rate": round(f / n, 4),
                     "top_errors": dict(c.most_common(3))}
                    for s, (n, f, c) in sorted(self.shards.items()) if f / n > 0.5]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
 import os
 import sys
@@ -22,7 +21,9 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
 from .config import SynthConfig
+from .sources import Source
 from ..core.errors import InputError
+from ..core.io import read_json, write_json
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross")
 COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 119, 220), "yellow": (238, 210, 20),
@@ -268,8 +269,7 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict:
             "backgrounds": list(BACKGROUNDS), "sizes": list(SIZES), "positions": list(POSITIONS),
             "counts": list(COUNTS), "shifts": list(SHIFTS),
             "caption_kinds": attrs["caption_kind"].value_counts().to_dict()}
-    with open(os.path.join(out, "synth.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    write_json(os.path.join(out, "synth.json"), meta)  # replaced whole: its presence says the source is complete
     write_url_list(out, cfg.base_url)
     return {"images": cfg.n, "heldout": cfg.heldout, "caption_kinds": meta["caption_kinds"], "out": out}
 
@@ -281,3 +281,30 @@ def write_url_list(directory: str, base_url: str, name: str = "urls.csv") -> str
     path = os.path.join(directory, name)
     pd.DataFrame({"url": urls, "caption": attrs["caption"]}).to_csv(path, index=False)
     return path
+
+
+def groups(source: str, by: list[str]) -> pd.DataFrame:
+    """The synthetic source's truth (truth.py): path, image_group, text_group of every row of attributes.parquet. A
+    group is the scene's values of `by`; a mismatched caption's text group is the other scene's, a low-information
+    caption's none."""
+    attrs = pd.read_parquet(os.path.join(source, "attributes.parquet"))
+    unknown = [b for b in by if b not in attrs.columns]
+    if unknown:
+        raise InputError(f"--by {','.join(unknown)}: not scene attributes of {source} (it has "
+                         f"{', '.join(c for c in attrs.columns if c not in ('id', 'path', 'caption'))})")
+    cfg = SynthConfig(**{k: v for k, v in read_json(os.path.join(source, "synth.json"))["config"].items()})
+
+    def group(scene) -> str:
+        return "|".join(str(scene[b]) for b in by)
+
+    image = [group(r) for r in attrs[by].to_dict("records")]
+    text = list(image)
+    for j, (i, kind) in enumerate(zip(attrs["id"], attrs["caption_kind"])):
+        if kind == "mismatch":  # the other scene, drawn as caption_for drew it
+            text[j] = group(mismatch_scene(cfg, int(i)))
+        elif kind == "lowinfo":
+            text[j] = ""
+    return pd.DataFrame({"path": attrs["path"], "image_group": image, "text_group": text})
+
+
+SOURCE = Source(name="synthetic", config=SynthConfig, make=generate, groups=groups)

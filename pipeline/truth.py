@@ -16,38 +16,17 @@ import os
 import pandas as pd
 
 from ..core.errors import InputError
-from ..core.io import atomic_path, read_json
-from .config import SynthConfig
+from ..core.io import atomic_path
 from .reader import manifest_batches
+from .sources import source_of
 from .status import SUCCESS
-from .synth import mismatch_scene
 
 
 def source_groups(source: str, by: list[str]) -> pd.DataFrame:
-    """path, image_group, text_group of every row of a source's attributes.parquet."""
-    path = os.path.join(source, "attributes.parquet")
-    if not os.path.isfile(path):
+    """path, image_group, text_group of every row of a source's attributes.parquet (the source's own rule)."""
+    if not os.path.isfile(os.path.join(source, "attributes.parquet")):
         raise InputError(f"--source {source}: no attributes.parquet (not a synthetic or emoji source)")
-    attrs = pd.read_parquet(path)
-    if {"image_group", "text_group"} <= set(attrs.columns):
-        return attrs[["path", "image_group", "text_group"]].astype({"image_group": str, "text_group": str})
-    unknown = [b for b in by if b not in attrs.columns]
-    if unknown:
-        raise InputError(f"--by {','.join(unknown)}: not scene attributes of {source} (it has "
-                         f"{', '.join(c for c in attrs.columns if c not in ('id', 'path', 'caption'))})")
-    cfg = SynthConfig(**{k: v for k, v in read_json(os.path.join(source, "synth.json"))["config"].items()})
-
-    def group(scene) -> str:
-        return "|".join(str(scene[b]) for b in by)
-
-    image = [group(r) for r in attrs[by].to_dict("records")]
-    text = list(image)
-    for j, (i, kind) in enumerate(zip(attrs["id"], attrs["caption_kind"])):
-        if kind == "mismatch":  # the other scene, drawn as caption_for drew it
-            text[j] = group(mismatch_scene(cfg, int(i)))
-        elif kind == "lowinfo":
-            text[j] = ""
-    return pd.DataFrame({"path": attrs["path"], "image_group": image, "text_group": text})
+    return source_of(source).groups(source, by)
 
 
 def write_oracle(dataset: str, source: str, out: str, by: list[str]) -> dict:

@@ -70,7 +70,7 @@ def test_no_absolute_imports_between_stages():
 
 def test_the_dataset_format_is_spelled_once():
     """The shard path, dataset.json parsing and the image-field choice exist in pipeline/format.py alone."""
-    patterns = {"shard path": r""":05d\}\.(tar|\{'parquet')""",
+    patterns = {"shard path": r""":05d\}\.(tar|\{'parquet'|\{shard_extension)""",
                 "dataset.json read": r"""["']dataset\.json["']""",
                 "image-field fallback": r"""get\(["']jpg["']\)\s*or"""}
     found = {name: [] for name in patterns}
@@ -174,3 +174,21 @@ def test_function_local_imports_only_where_start_up_needs_them():
                 if local and "# lazy:" not in lines[node.lineno - 1]:
                     bad.append(f"{rel}:{node.lineno}")
     assert not bad, f"function-local project imports without a `# lazy:` reason: {sorted(set(bad))}"
+
+
+def test_objectives_shard_formats_and_sources_are_registered_modules():
+    """A new objective, shard format or source is one module plus its registration line: every registered name has
+    its module, the module declares what the registry says, and no module of those kinds is left unregistered."""
+    from psdclip.pipeline import format as fmt, sources
+    from psdclip.train import objectives
+
+    assert set(objectives.MODULES) == {f.stem for f in (ROOT / "train" / "objectives").glob("*.py")} - {"__init__"}
+    assert {o.loss for o in objectives.registry().values()} == {"clip", "psd", "siglip"}
+    for name, (module, ext) in fmt.SHARD_FORMATS.items():
+        impl = fmt.shard_format_impl(name)
+        assert (impl.name, impl.extension) == (name, ext) and (ROOT / "pipeline" / f"{module}.py").is_file()
+    assert {f.stem for f in (ROOT / "pipeline").glob("shard_*.py")} == {m for m, _ in fmt.SHARD_FORMATS.values()}
+    for name, (module, description) in sources.MODULES.items():
+        src = sources.sources()[name]
+        assert src.name == name and src.description == description
+        assert (ROOT / "pipeline" / f"{module}.py").is_file()

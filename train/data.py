@@ -36,10 +36,12 @@ from ..pipeline.format import (
     manifest_file,
     read_info,
     shard_format,
+    shard_format_impl,
+    shard_format_of_files,
     shard_name,
     shard_number,
 )
-from ..pipeline.reader import arrow_samples, shard_exclusions, tar_samples
+from ..pipeline.reader import shard_exclusions
 from ..pipeline.status import SUCCESS
 from ..pipeline.subsets import SubsetRule
 
@@ -82,8 +84,7 @@ def resolve_source(spec: str, skip_missing: bool = False) -> Source:
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
     if local and not any(os.path.exists(u) for u in local):
         raise InputError(f"--data {spec}: not a psdclip dataset, subset file or existing shard")
-    fmt = "arrow" if all(u.endswith(".parquet") for u in urls) else "webdataset"
-    return Source(shards=urls, format=fmt, spec=spec)
+    return Source(shards=urls, format=shard_format_of_files(urls), spec=spec)
 
 
 def _present(source: Source, skip_missing: bool) -> Source:
@@ -357,7 +358,7 @@ class ShardStream(IterableDataset):
             source = resolve_source(spec, self.skip_missing) if (self.follow and epoch > 0) else self.sources[k]
             order = epoch_shards(source.shards, epoch, self.seed + k, self.resampled)
             mine, share, part = reader_shards(order, reader, readers)
-            raw = (arrow_samples(mine, on_error) if source.format == "arrow" else tar_samples(mine, on_error))
+            raw = shard_format_impl(source.format).samples(mine, on_error)
             raw = select(numbered(raw), source)
             if share > 1:  # fewer shards than readers: the readers of a shard split its samples
                 raw = (s for i, s in enumerate(raw) if i % share == part)

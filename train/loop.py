@@ -21,7 +21,7 @@ import torch.distributed as dist
 import yaml
 
 from ..core.errors import InputError, PsdclipError
-from ..core.io import now, write_text
+from ..core.io import now, write_json, write_text
 from ..core.locks import folder_lock
 from . import checkpoint as ckpt
 from .config import TrainConfig, keep_earlier_defaults
@@ -288,11 +288,10 @@ def _next_batch(batches):
 
 def _nan_diagnostics(cfg, step, logs, lr, model, batch):
     path = os.path.join(cfg.out, f"nan_step_{step:06d}.json")
-    with open(path, "w") as f:
-        json.dump({"step": step, "losses": {k: float(v) for k, v in logs.items()}, "lr": lr, "logit_scale": float(model.logit_scale.detach()),
-                   "batch_keys": batch.get("keys", [])[:64],
-                   "nonfinite_params": [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]},
-                  f, indent=2)
+    write_json(path, {"step": step, "losses": {k: float(v) for k, v in logs.items()}, "lr": lr,
+                      "logit_scale": float(model.logit_scale.detach()), "batch_keys": batch.get("keys", [])[:64],
+                      "nonfinite_params": [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]},
+               indent=2)
     raise PsdclipError(f"non-finite loss at step {step}; diagnostics in {path} (use --nan-policy skip to go on)")
 
 

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..core.errors import InputError
+from ..pipeline.sources import MODULES as SOURCES
 
 RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 
@@ -33,7 +34,7 @@ def load_recipe(path: str) -> dict:
     from .config import load_yaml
 
     recipe = load_yaml(find_recipe(path))
-    known = {"name", "description", "synthetic", "emoji", "data", "train", "eval", "index", "serve", "out", "sweep"}
+    known = {"name", "description", *SOURCES, "data", "train", "eval", "index", "serve", "out", "sweep"}
     unknown = set(recipe) - known
     if unknown:
         raise InputError(f"{path}: unknown section(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -66,21 +67,21 @@ class RunConfig:
 
 def validate(path: str, recipe: dict, out: str) -> dict:
     from ..index.config import IndexBuildConfig, ServeConfig
-    from ..pipeline.config import BuildConfig, EmojiConfig, SynthConfig
+    from ..pipeline.config import BuildConfig
+    from ..pipeline.sources import sources as source_registry
     from ..train.config import TrainConfig
 
     ds = os.path.join(out, "dataset")
     cfgs = {}
-    if recipe.get("synthetic") is not None:
-        cfgs["synthetic"] = section(recipe, "synthetic", SynthConfig, path, out=os.path.join(out, "synth"))
-    if recipe.get("emoji") is not None:
-        if "synthetic" in cfgs:
-            raise InputError(f"{path}: a recipe has one source: [synthetic] or [emoji]")
-        cfgs["emoji"] = section(recipe, "emoji", EmojiConfig, path, out=os.path.join(out, "emoji"))
+    given = [name for name in SOURCES if recipe.get(name) is not None]
+    if len(given) > 1:
+        raise InputError(f"{path}: a recipe has one source: {' or '.join(f'[{n}]' for n in SOURCES)}")
+    for name in given:  # the folder of a source: its module's name (synth/, emoji/)
+        cfgs[name] = section(recipe, name, source_registry()[name].config, path, out=os.path.join(out, SOURCES[name][0]))
     data = dict(recipe.get("data") or {})
-    if not data.get("inputs") and "synthetic" not in cfgs and "emoji" not in cfgs:
-        raise InputError(f"{path}: [data] needs inputs (URL lists) unless the recipe has a [synthetic] or [emoji] "
-                         f"section")
+    if not data.get("inputs") and not given:
+        raise InputError(f"{path}: [data] needs inputs (URL lists) unless the recipe has a "
+                         f"{' or '.join(f'[{n}]' for n in SOURCES)} section")
     cfgs["data"] = section({"data": data}, "data", BuildConfig, path, out=ds, inputs=data.get("inputs") or [])
     if recipe.get("train") is not None:
         cfgs["train"] = section(recipe, "train", TrainConfig, path, data=ds, out=os.path.join(out, "run"))
@@ -105,30 +106,14 @@ def prepare_dataset(cfgs: dict) -> str | None:
 
     from ..pipeline.build import already_built, build
     from ..pipeline.serve import serving
-    from ..pipeline.synth import generate, write_url_list
+    from ..pipeline.sources import ensure, sources
+    from ..pipeline.synth import write_url_list
 
-    kind = "synthetic" if "synthetic" in cfgs else "emoji" if "emoji" in cfgs else None
+    kind = next((name for name in SOURCES if name in cfgs), None)
     if kind is None:
         build(cfgs["data"])
         return None
-    src = cfgs[kind].out
-    meta = os.path.join(src, "synth.json" if kind == "synthetic" else "emoji.json")
-    if not os.path.isfile(meta):
-        if kind == "synthetic":
-            generate(cfgs[kind])
-        else:
-            from ..pipeline.emoji import generate as fetch_emoji
-
-            fetch_emoji(cfgs[kind])
-    else:  # a rerun reuses the source, but only the one this recipe describes
-        from ..core.io import read_json
-
-        before = read_json(meta).get("config", {})
-        wanted = dataclasses.asdict(cfgs[kind])
-        changed = sorted(k for k in wanted if k in before and before[k] != wanted[k] and k not in ("cache", "npm"))
-        if changed:
-            raise InputError(f"{src}: the {kind} source was made with other options ({', '.join(changed)}); "
-                             f"delete it (and the dataset built from it) or use another output folder")
+    src = ensure(sources()[kind], cfgs[kind])  # made, or the one this recipe describes reused
     listed = os.path.join(src, "urls-recipe.csv")
     if os.path.isfile(listed) and already_built(dataclasses.replace(cfgs["data"], inputs=[listed])):
         return src  # nothing to download: the source is not served (another process of the sweep may serve it)
