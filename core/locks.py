@@ -30,3 +30,24 @@ def folder_lock(path: str, busy: str):
         yield
     finally:
         f.close()
+
+
+@contextlib.contextmanager
+def writer_lock(folder: str, lock: str, command: str, what: str, flag: str = "--out"):
+    """One `psdclip COMMAND` writing `folder` at a time: the lock file folder/lock, and the one line a second writer
+    gets (`FLAG FOLDER: another psdclip COMMAND (pid ... on HOST) is writing this WHAT; wait ...`). A folder the
+    block made and left with nothing but the lock is removed again (a command refused early leaves no empty folder).
+    For folders on an object store (no flock there) nothing is held."""
+    if "://" in folder:
+        yield
+        return
+    made, path = not os.path.exists(folder), os.path.join(folder, lock)
+    try:
+        with folder_lock(path, f"{flag} {folder}: another `psdclip {command}` ({{holder}}) is writing this {what}; "
+                               f"wait for it to finish, or use another {flag}"):
+            yield
+    finally:
+        with contextlib.suppress(OSError):
+            if made and os.listdir(folder) == [lock]:
+                os.remove(path)
+                os.rmdir(folder)

@@ -15,6 +15,7 @@ several shards searched together).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -23,8 +24,9 @@ import numpy as np
 
 from ..core import storage
 from ..core.errors import InputError, PsdclipError
+from ..core.locks import writer_lock
 from ..core.io import atomic_path, sha256_file
-from ..pipeline.format import read_info, shard_format
+from ..pipeline.format import dataset_id, read_info, shard_format
 from ..pipeline.reader import success_rows
 from . import ann
 from . import parts as P
@@ -89,6 +91,13 @@ def write_metadata(parts: list[P.Part], out: str) -> None:
 def build_index(cfg: IndexBuildConfig) -> dict:
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise InputError(f"--out {cfg.out}: is a file, not an index directory")
+    # one build per index folder (rank 0 holds it; the other ranks of a torchrun build only embed)
+    rank = int(os.environ.get("RANK", 0))
+    with writer_lock(cfg.out, "index.lock", "index build", "index") if rank == 0 else contextlib.nullcontext():
+        return _build_index(cfg)
+
+
+def _build_index(cfg: IndexBuildConfig) -> dict:
     max_memory, build_memory = parse_bytes(cfg.max_memory), parse_bytes(cfg.max_build_memory)
     meta_path = os.path.join(cfg.out, INFO)
     m = digest = dim = None
@@ -185,6 +194,7 @@ def build_index(cfg: IndexBuildConfig) -> dict:
         embeddings_relative=os.path.relpath(emb_dir, out_abs),
         model_arch=m.arch if m else None, step=m.step if m else None, dataset=dataset,
         dataset_format=shard_format(read_info(cfg.data)) if cfg.data else None, embeddings=emb_dir,
+        dataset_id=dataset_id(read_info(cfg.data)) if cfg.data else None,
         count=int(n), dim=int(d), factory=factory, why=why,
         budgets={"max_memory": cfg.max_memory, "max_build_memory": cfg.max_build_memory,
                  "max_query_ms": cfg.max_query_ms},

@@ -7,6 +7,8 @@ code:
     checkpoint_sha256         its digest; checkpoint_relative: the same file relative to the index folder
     model_arch, step          the model's architecture and training step
     dataset, dataset_format   the dataset the vectors were made from (a folder or an fsspec URL) and its shard format
+    dataset_id                its id (dataset.json's): a dataset rebuilt in place has another, and its images are not
+                              served from this index's offsets
     embeddings                the parts' folder (clip-retrieval's layout); embeddings_relative: from the index folder
     count, dim, metric        vectors, their dimension, inner product (cosine on normalised vectors)
     factory, why              the faiss factory string and why it was chosen
@@ -49,6 +51,7 @@ class IndexInfo:
     model_arch: str | None = None
     step: int | None = None
     dataset: str | None = None
+    dataset_id: str | None = None
     dataset_format: str | None = None
     embeddings: str | None = None
     metric: str = "inner_product (cosine on normalised vectors)"
@@ -112,6 +115,19 @@ class IndexInfo:
     def same_checkpoint(self, path: str) -> bool:
         """Whether the checkpoint file at `path` is the one the index was built with (its sha256, when recorded)."""
         return not self.checkpoint_sha256 or sha256_file(path) == self.checkpoint_sha256
+
+    def check_checkpoint(self, index_dir: str) -> str:
+        """The model checkpoint to load, checked at every open: it must be there and be the file the index was built
+        with (its sha256), else one line saying what to do. Returns its path."""
+        path = self.checkpoint
+        if not path or not os.path.exists(path):
+            raise InputError(f"{index_dir}: the model checkpoint its index.json names, {path}, is missing (text and "
+                             f"image queries need it: restore it, or rebuild the index)")
+        if not self.same_checkpoint(path):
+            raise InputError(f"{index_dir}: the model checkpoint at {path} is not the one the index was built with "
+                             f"(its sha256 differs from index.json's {str(self.checkpoint_sha256)[:12]}...): the "
+                             f"vectors would not match the queries; restore that checkpoint or rebuild the index")
+        return path
 
     def same_model(self, other: "IndexInfo") -> bool:
         """Both indices name the same checkpoint file with the same contents."""

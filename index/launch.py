@@ -95,10 +95,9 @@ def serve(cfg: ServeConfig, announce=log.info) -> int:
     import tempfile
 
     for path in cfg.named().values():  # a bad index or a missing checkpoint is one line here, not N workers failing
-        ckpt = IndexInfo.read(path).checkpoint  # (index.json alone: the workers load the indices, and the GPUs)
-        if ckpt and not os.path.exists(ckpt):
-            raise InputError(f"{path}: the model checkpoint its index.json names, {ckpt}, is missing (text and "
-                             f"image queries need it: restore it, or rebuild the index)")
+        info = IndexInfo.read(path)  # (index.json alone: the workers load the indices, and the GPUs)
+        if info.checkpoint:
+            info.check_checkpoint(path)
     if cfg.port == 0:
         with socket.socket() as sock:
             sock.bind((cfg.host, 0))

@@ -22,6 +22,7 @@ rewritten with the two columns once its search is done, so a cut-off run continu
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -29,6 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core.errors import InputError
+from ..core.locks import writer_lock
+from ..core.names import check_name
 from ..core.io import atomic_path, made_from_differs, sha256_file, write_json
 from ..pipeline.format import SCORE_COLUMN as COLUMN
 from ..pipeline.format import read_info, score_folder
@@ -40,7 +43,7 @@ def default_name(checkpoint: str) -> str:
     if base.endswith(".pt"):
         parent = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))))
         base = f"{parent}-{base[:-3]}" if parent else base[:-3]
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in base) or "scores"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in base).lstrip(".") or "scores"
 
 
 NN_COLUMNS = ("nn_similarity", "nn_key")
@@ -90,13 +93,21 @@ def near_duplicates(parts: list, folder: str) -> int:
 
 def score(cfg) -> dict | None:
     """Write DATASET/scores/NAME/ (see the module's docstring); returns what was written (None on a rank other than
-    0, which only embeds)."""
+    0, which only embeds). One `data score` writes a scores folder at a time (rank 0 holds its lock)."""
+    read_info(cfg.dataset, "DATASET")  # a dataset, before anything is written into it
+    folder = score_folder(cfg.dataset, check_name("--name", cfg.name or default_name(cfg.checkpoint)))
+    first = int(os.environ.get("RANK", 0)) == 0
+    with writer_lock(folder, "score.lock", "data score", "scores folder", "--name") if first else \
+            contextlib.nullcontext():
+        return _score(cfg)
+
+
+def _score(cfg) -> dict | None:
     from ..train.checkpoint import checkpoint_path  # lazy: torch, only with a model
     from ..train.loading import load_model, resolve_device  # lazy: torch, only with a model
     from .embed import dist_env, embed_dataset, parts_identity, stale_parts  # lazy: torch, only with a model
 
-    read_info(cfg.dataset, "DATASET")
-    name = cfg.name or default_name(cfg.checkpoint)
+    name = check_name("--name", cfg.name or default_name(cfg.checkpoint))
     folder = score_folder(cfg.dataset, name)
     ckpt = checkpoint_path(cfg.checkpoint)
     digest = sha256_file(ckpt)

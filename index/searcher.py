@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import OrderedDict
 
 import numpy as np
 
+from ..core import storage
 from ..core.errors import InputError
+from ..pipeline.format import dataset_id, read_info
 from ..pipeline.reader import read_image_bytes
 from . import ann
 from . import parts as P
@@ -64,6 +67,7 @@ class Searcher:
         # whole chunked table concatenates every chunk first: ~1 s per call at 10M rows)
         self.batches = self.meta.to_batches()
         self.batch_starts = np.cumsum([0] + [b.num_rows for b in self.batches])
+        self._dataset_stamp, self._dataset_now = (), None  # check_dataset's cache
         self._parts = False  # the embedding parts, listed at the first de-duplicated query (a header read per part)
         self.dim = int(self.info.dim)
         self.model = self.loaded = None
@@ -89,7 +93,7 @@ class Searcher:
     def _load_model(self):
         from ..train.loading import load_model  # lazy: torch, only with a model
 
-        self._use(load_model(self.info.checkpoint, self.device.name))
+        self._use(load_model(self.info.check_checkpoint(self.dir), self.device.name))
 
     def _use(self, m):
         self.loaded = m
@@ -281,12 +285,42 @@ class Searcher:
         raise KeyError(key)
 
     def image_bytes(self, key: str) -> bytes:
+        """The stored image of `key`, read from its shard by the offset the index recorded, once the dataset is
+        checked to be the one indexed (DatasetChanged otherwise: offsets into a rebuilt dataset point anywhere)."""
         if not self.info.dataset:
             raise KeyError(key)  # built from embeddings alone: the images are elsewhere
-
+        self.check_dataset()
         row = self.take([self.id_of(key)])
         return read_image_bytes(self.info.dataset, self.info.dataset_format or "webdataset", int(row["shard"][0]),
                                 int(row["offset"][0]), int(row["size"][0]))
+
+    def check_dataset(self) -> None:
+        """The dataset's id now against the one index.json recorded (read again when dataset.json changes)."""
+        if not self.info.dataset_id:  # an index built before ids were recorded
+            return
+        path = storage.join(self.info.dataset, "dataset.json")
+        if storage.is_remote(path):  # an object store: asked again at most every 5 s
+            stamp = int(time.monotonic() // 5)
+        else:
+            try:
+                st = os.stat(path)
+                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            except OSError:
+                stamp = None
+        if stamp != self._dataset_stamp:
+            try:
+                self._dataset_now = dataset_id(read_info(self.info.dataset))
+            except InputError:
+                self._dataset_now = None
+            self._dataset_stamp = stamp
+        if self._dataset_now != self.info.dataset_id:
+            raise DatasetChanged(f"{self.info.dataset}: not the dataset this index was built from (dataset id "
+                                 f"{self.info.dataset_id}, now {self._dataset_now or 'none'}: rebuilt or removed "
+                                 f"since); rebuild the index ({path})")
+
+
+class DatasetChanged(InputError):
+    """The dataset an index names was rebuilt (or removed) since the index was built."""
 
 
 class _Device:

@@ -46,7 +46,7 @@ from .fastpath import NOT_APPLIED, Guard, bounded_models
 from .format import IndexInfo
 from .images import QueryImages
 from .reload import RUN_DIR, Workers
-from .searcher import Searcher
+from .searcher import DatasetChanged, Searcher
 
 log = logging.getLogger(__name__)
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -199,9 +199,22 @@ class RetrievalService:
             return self.pick(index).image_bytes(key)
         except KeyError:
             raise HTTPException(404, "no such image") from None
+        except DatasetChanged as err:  # offsets into another dataset: never served
+            raise HTTPException(409, str(err)) from None
 
 
 # ---- routes --------------------------------------------------------------------------------------------
+
+def image_media_type(data: bytes) -> str | None:
+    """The media type of stored image bytes, by their signature (jpg, png, webp: what a build encodes), else None."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
 
 def _json(content) -> Response:
     return Response(orjson.dumps(content), media_type="application/json")
@@ -266,8 +279,12 @@ def create_app(cfg: ServeConfig):
 
     @app.get("/images/{key}")
     def image(key: str, index: Optional[str] = None):
-        return Response(svc.image_bytes(key, index), media_type="image/jpeg",
-                        headers={"Cache-Control": "public, max-age=3600"})
+        data = svc.image_bytes(key, index)
+        kind = image_media_type(data)
+        if kind is None:  # not an image's bytes (a damaged or replaced shard): never served as one
+            raise HTTPException(409, f"the bytes stored for {key} are not an image: the dataset's shard changed "
+                                     f"since the index was built; rebuild the index")
+        return Response(data, media_type=kind, headers={"Cache-Control": "public, max-age=3600"})
 
     @app.get("/healthz")
     def healthz():

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from ..core.errors import InputError
+from ..core.names import check_name
 from ..core.options import option as _help
 
 INPUT_FORMATS = ("txt", "csv", "tsv", "parquet", "jsonl")
@@ -31,7 +32,8 @@ class BuildConfig:
     image_size: int = _help("img2dataset image_size: target side in pixels", default=256)
     resize_mode: str = _help("img2dataset resize_mode: no|border|keep_ratio|keep_ratio_largest|center_crop", default="border")
     encode_format: Literal["jpg", "png", "webp"] = _help("image encoding inside the shards", default="jpg")
-    encode_quality: int = _help("encoding quality (jpg/webp 0-100, png compression 0-9)", default=95)
+    encode_quality: Optional[int] = _help("encoding quality: jpg and webp 0-100 (default 95), png compression 0-9 "
+                                          "(default 3)", default=None)
     timeout: float = _help("per-request socket timeout in seconds (img2dataset's --timeout: each connect and read)",
                            default=10.0)
     request_timeout: float = _help("wall-clock limit of one URL's whole response in seconds: a host that trickles "
@@ -96,6 +98,12 @@ class BuildConfig:
             raise InputError(f"--resize-mode {self.resize_mode!r}: expected one of {', '.join(RESIZE_MODES)}")
         if self.encode_format not in ("jpg", "png", "webp"):
             raise InputError(f"--encode-format {self.encode_format!r}: expected jpg, png or webp")
+        top = 9 if self.encode_format == "png" else 100
+        if self.encode_quality is None:
+            self.encode_quality = 3 if self.encode_format == "png" else 95
+        if isinstance(self.encode_quality, bool) or not 0 <= self.encode_quality <= top:
+            raise InputError(f"--encode-quality {self.encode_quality}: must be in [0, {top}] for --encode-format "
+                             f"{self.encode_format} ({'png compression' if top == 9 else 'quality'})")
         for name in ("image_size", "thread_count", "processes_count", "shard_size", "max_caption_length", "max_image_area"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -306,6 +314,8 @@ class ScoreConfig:
             raise InputError("usage: psdclip data score DATASET --checkpoint RUN_OR_CHECKPOINT")
         if self.batch_size < 1 or self.workers < 0:
             raise InputError("--batch-size must be >= 1 and --workers >= 0")
+        if self.name:
+            check_name("--name", self.name)
 
 
 @dataclass
@@ -345,5 +355,4 @@ class SubsetConfig:
             raise InputError(f"--max-hamming must be in [0, 64], got {self.max_hamming}")
         if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
             raise InputError(f"--top-fraction must be in (0, 1], got {self.top_fraction}")
-        if not all(c.isalnum() or c in "-_." for c in self.name):
-            raise InputError(f"--name {self.name!r}: letters, digits, '-', '_' and '.' only")
+        check_name("--name", self.name)

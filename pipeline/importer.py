@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from ..core import storage
 from ..core.errors import InputError
+from ..core.locks import writer_lock
 from ..core.io import now, write_json
 from .buckets import read_batch, write_batches
 from .config import ImportConfig
@@ -116,8 +117,23 @@ def import_folder(cfg: ImportConfig) -> dict:
         raise InputError(f"{cfg.folder}: no such folder")
     fmt, shards = _shards(src)
     layout = Layout(cfg.out)
-    if os.path.exists(layout.root) and os.listdir(layout.root):
+    lock = os.path.join("_state", "build.lock")
+    if not _empty(layout.root, lock):
         raise InputError(f"--out {cfg.out}: not empty; import into a new folder")
+    # one import (or build) writes a dataset at a time: the build's lock, then the folder still holds nothing else
+    with writer_lock(layout.root, lock, "data import", "dataset"):
+        if not _empty(layout.root, lock):
+            raise InputError(f"--out {cfg.out}: not empty; import into a new folder")
+        return _import(cfg, src, fmt, shards, layout)
+
+
+def _empty(folder: str, lock: str) -> bool:
+    """The folder is missing or holds nothing but the lock file `lock` (a path inside it)."""
+    found = [os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files]
+    return found in ([], [lock])
+
+
+def _import(cfg: ImportConfig, src: str, fmt: str, shards: list, layout: Layout) -> dict:
     layout.create()
     os.makedirs(layout.manifest, exist_ok=True)
     counts, linked = {}, 0

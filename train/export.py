@@ -7,6 +7,7 @@ import open_clip
 import torch
 
 from ..core.errors import InputError
+from ..core.locks import writer_lock
 from ..core.io import atomic_path, write_json
 from . import models  # noqa: F401  (registers psdclip's own model configs with open_clip)
 from .checkpoint import Checkpoint, checkpoint_path
@@ -14,7 +15,14 @@ from .config import ExportConfig
 
 
 def export(cfg: ExportConfig) -> dict:
-    """Write the open_clip checkpoint and its model config; returns their paths, the architecture and the step."""
+    """Write the open_clip checkpoint and its model config; returns their paths, the architecture and the step. One
+    export writes a --out at a time (FILE.pt and FILE.json come from one run)."""
+    folder = _check_folder(cfg.out)
+    with writer_lock(folder, f".{os.path.basename(cfg.out)}.lock", "export", "export"):
+        return _export(cfg)
+
+
+def _export(cfg: ExportConfig) -> dict:
     path = checkpoint_path(cfg.run)
     state = Checkpoint.read(path)
     arch = state.model_arch
@@ -33,8 +41,8 @@ def export(cfg: ExportConfig) -> dict:
     return {"out": cfg.out, "config": config_path, "arch": arch, "step": state.step}
 
 
-def _check_out(out: str, config_path: str, force: bool) -> None:
-    """--out must name a file whose folder can be made; an existing export is replaced only with --force."""
+def _check_folder(out: str) -> str:
+    """--out must name a file whose folder can be made: returns the folder."""
     if os.path.isdir(out):
         raise InputError(f"--out {out}: is a directory; name the .pt file to write (e.g. {os.path.join(out, 'model.pt')})")
     parent = os.path.dirname(os.path.abspath(out))
@@ -42,6 +50,11 @@ def _check_out(out: str, config_path: str, force: bool) -> None:
         parent = os.path.dirname(parent)
     if parent and not os.path.isdir(parent):
         raise InputError(f"--out {out}: {parent} is a file, not a folder")
+    return os.path.dirname(os.path.abspath(out))
+
+
+def _check_out(out: str, config_path: str, force: bool) -> None:
+    """An existing export is replaced only with --force."""
     existing = [p for p in (out, config_path) if os.path.exists(p)]
     if existing and not force:
         raise InputError(f"--out {out}: {' and '.join(existing)} already exist(s); pass --force to replace the export")

@@ -111,15 +111,18 @@ def cmd_import(cfg: ImportConfig) -> int:
 
 def cmd_subset(cfg: SubsetConfig) -> int:
     from ..core.io import write_json
+    from ..core.locks import writer_lock
     from ..pipeline.format import DatasetLayout
     from ..pipeline.curate import score_subset
 
-    path = os.path.join(DatasetLayout(cfg.dataset).root, "subsets", f"{cfg.name}.json")
-    if os.path.isfile(path) and not cfg.force:
-        raise InputError(f"--name {cfg.name}: {path} exists; give another name or --force to replace it")
-    doc = score_subset(cfg.dataset, cfg.name, cfg.score or None, cfg.column, cfg.min_score, cfg.top_fraction,
-                       cfg.within or None, cfg.exclude_near or None, cfg.max_hamming, cfg.max_score)
-    write_json(path, doc, indent=1)
+    root = DatasetLayout(cfg.dataset).root
+    path = os.path.join(root, "subsets", f"{cfg.name}.json")
+    with writer_lock(os.path.join(root, "_state"), f"subset-{cfg.name}.lock", "data subset", "subset", "--name"):
+        if os.path.isfile(path) and not cfg.force:
+            raise InputError(f"--name {cfg.name}: {path} exists; give another name or --force to replace it")
+        doc = score_subset(cfg.dataset, cfg.name, cfg.score or None, cfg.column, cfg.min_score, cfg.top_fraction,
+                           cfg.within or None, cfg.exclude_near or None, cfg.max_hamming, cfg.max_score)
+        write_json(path, doc, indent=1)
     sc, ex = doc.get("score"), doc.get("exclude")
     how = (f" with {_threshold(sc)} (range {sc['range'][0]:.4f} .. {sc['range'][1]:.4f})" if sc
            else "") + (f", {ex['exact']:,} exact and {ex['near']:,} near copies of {cfg.exclude_near} left out" if ex

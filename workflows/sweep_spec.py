@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from ..core.errors import InputError
+from ..core.names import check_name
 from ..core.options import option as _help
 
 
@@ -79,8 +80,11 @@ class SweepSpec:
             raise InputError("sweep.subsets needs at least one fraction or count (the pool sizes) beside subset names")
         for key, value in (("methods", self.methods), ("screen methods", self.screen.get("methods") or {})):
             for name, overrides in value.items():
+                check_name(f"sweep {key[:-1]}", str(name))  # a run folder's name
                 if overrides is not None and not isinstance(overrides, dict):
                     raise InputError(f"sweep {key[:-1]} {name!r} must be a mapping of train options")
+        for level in self.noise:
+            check_name("sweep noise level", str(level))  # a folder's name
         if not all(isinstance(v, dict) for v in self.noise.values()):
             raise InputError("sweep.noise must map a level name to a mapping of synthetic options")
         steps_for(self.compute, 1, 1)  # checks the rule

@@ -1,6 +1,7 @@
 """The index and the service end to end: a real uvicorn on 127.0.0.1, clip-retrieval-shaped requests,
 bounds and bad input, reload, and the web page in headless Chromium."""
 import base64
+import hashlib
 import io
 import json
 import os
@@ -203,6 +204,10 @@ def test_clip_retrievals_own_client_against_the_service(service, tmp_path):
     # the client sends a URL as image_url; the service refuses it (no allowed hosts configured)
     refused = client.query(image="http://127.0.0.1:1/x.jpg")
     assert isinstance(refused, dict) and "not allowed" in refused["detail"]
+    # asking for no aesthetic re-ranking (weight 0, any score) is asking for nothing psdclip lacks: answered
+    quiet = cc.ClipClient(url=service + "/knn-service", indice_name="other", num_images=3, deduplicate=False,
+                          aesthetic_weight=0, aesthetic_score=5).query(text="a red circle")
+    assert isinstance(quiet, list) and len(quiet) == 3, quiet
     # what psdclip does not do is never silently ignored: ClipClient's defaults (safety, violence, aesthetic 9 at
     # 0.5) are answered and named as not applied; other values, use_mclip and unknown fields are a 422 naming them
     plain = {"text": "a red circle", "num_images": 2, "indice_name": "other"}
@@ -467,8 +472,11 @@ def test_workers_that_cannot_load_the_model_end_the_service_with_one_line(index_
     bad = tmp_path / "damaged.pt"
     (idx / "index.json").write_text(json.dumps({**info, "checkpoint": str(bad), "checkpoint_relative": None}))
     for why in ("is missing", "not a loadable checkpoint"):
-        if why != "is missing":
+        if why != "is missing":  # the file the index names, damaged (a different file is refused before: its sha256)
             bad.write_bytes(b"damaged on disk")
+            (idx / "index.json").write_text(json.dumps({**info, "checkpoint": str(bad), "checkpoint_relative": None,
+                                                        "checkpoint_sha256": hashlib.sha256(b"damaged on disk")
+                                                        .hexdigest()}))
         r = subprocess.run([os.path.join(BIN, "psdclip"), "serve", str(idx), "--workers", "2", "--port", "0"],
                            capture_output=True, text=True, timeout=300)
         errors = [ln for ln in r.stderr.splitlines() if ln.startswith("psdclip: error")]

@@ -85,3 +85,20 @@ def test_import_refuses_what_is_not_img2dataset_output(tmp_path):
     assert r.returncode == 2 and "not an img2dataset output folder" in r.stderr
     r = cli("data", "import", tmp_path / "nowhere", "--out", tmp_path / "ds", check=False)
     assert r.returncode == 2 and "no such folder" in r.stderr
+
+
+def test_one_import_or_build_writes_a_dataset_at_a_time(lists, tmp_path):
+    """data import takes the build's lock on --out: while another process holds it, an import is one line naming the
+    holder and writes nothing; an --out with anything else in it is refused as before."""
+    from psdclip.core.locks import folder_lock
+
+    ds = tmp_path / "ds"
+    with folder_lock(str(ds / "_state" / "build.lock"), "held"):
+        r = cli("data", "import", lists / "wds", "--out", ds, check=False)
+    assert r.returncode == 2 and "another `psdclip data import`" in r.stderr and f"pid {os.getpid()}" in r.stderr
+    assert os.listdir(ds) == ["_state"] and os.listdir(ds / "_state") == ["build.lock"]
+    assert "imported 66 rows" in cli("data", "import", lists / "wds", "--out", ds).stdout  # free: it runs
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    r = cli("data", "import", lists / "wds", "--out", tmp_path / "other", check=False)
+    assert r.returncode == 2 and "not empty" in r.stderr

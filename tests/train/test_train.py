@@ -414,3 +414,31 @@ def test_a_run_begun_under_an_old_default_resumes_with_its_own(dataset_dir, tmp_
     new = tmp_path / "new"
     cli("train", "--data", dataset_dir, "--out", new, "--steps", 1, "--loss", "psd", *FAST)
     assert yaml.safe_load(open(new / "config.yaml"))["teacher_temperature"] == 2.0
+
+
+def test_damaged_run_config_and_options_the_machine_cannot_use_are_one_line(dataset_dir, tmp_path):
+    """A run folder whose config.yaml is not YAML or not a mapping, an --out that is a file, a learning rate that
+    leaves the floats at once, and thread or loader-process counts far beyond the machine: each one line, exit 2,
+    before anything trains (they were tracebacks, a segfault at --threads 100000, a hang at --workers 1000000)."""
+    base = ["--data", dataset_dir, "--batch-size", "32", "--no-progress", "--steps", "2"]
+    (tmp_path / "afile").write_text("x")
+    for name, text in (("bad-yaml", "steps: [1, 2\n"), ("a-list", yaml.safe_dump([1, 2, 3]))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(text)
+    cores = os.cpu_count() or 1
+    cases = [
+        (["--out", tmp_path / "bad-yaml", "--workers", "1"], "cannot read the run's config"),
+        (["--out", tmp_path / "a-list", "--workers", "1"], "not a mapping of options"),
+        (["--out", tmp_path / "afile", "--workers", "1"], "is a file, not a run folder"),
+        (["--out", tmp_path / "r1", "--lr", "1e308", "--workers", "1"], "--lr 1e+308: at most"),
+        (["--out", tmp_path / "r2", "--threads", "100000", "--workers", "1"], f"on its {cores} cores"),
+        (["--out", tmp_path / "r3", "--workers", "1000000"], "--workers 1000000: at most"),
+        (["--out", tmp_path / "r4", "--dist-timeout", "nan", "--workers", "1"], "--dist-timeout must be in"),
+    ]
+    for args, expect in cases:
+        r = cli("train", *base, *args, check=False)
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("psdclip: error")]
+        assert r.returncode == 2 and len(lines) == 1 and expect in lines[0], (args, r.stderr[-1500:])
+        assert "Traceback" not in r.stderr
+    assert not any((tmp_path / f"r{k}").exists() for k in range(1, 5))
+    assert (tmp_path / "afile").read_text() == "x" and not list((tmp_path / "bad-yaml").glob("checkpoints"))
