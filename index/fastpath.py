@@ -10,7 +10,7 @@ from typing import Optional, Union
 
 import orjson
 from fastapi import HTTPException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from .config import ServeConfig
 
@@ -170,6 +170,16 @@ class SearchRequest(BaseModel):
 CLIP_CLIENT_DEFAULTS = {"aesthetic_score": (9, "9", "", None), "aesthetic_weight": (0.5, "0.5", "", None)}
 
 
+def _weight(value) -> float | None:
+    """aesthetic_weight as a number (None: not given); a value that is no number stays itself (refused after)."""
+    if value in ("", None):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
 class KnnRequest(BaseModel):
     """clip-retrieval's back-end request: its fields only (an unknown one is a 422 naming it). What psdclip does not
     do is either refused, naming the field (use_mclip: true, an aesthetic re-ranking other than ClipClient's default
@@ -199,18 +209,23 @@ class KnnRequest(BaseModel):
             raise ValueError("use_mclip: psdclip has no multilingual text tower (M-CLIP); send false or omit it")
         return v
 
-    @field_validator("aesthetic_score", "aesthetic_weight")
-    @classmethod
-    def _no_reranking(cls, v, info):
-        if v not in CLIP_CLIENT_DEFAULTS[info.field_name]:
-            raise ValueError(f"{info.field_name} {v!r}: psdclip has no aesthetic model to re-rank by; omit it (ClipClient's "
-                             f"default request is accepted and listed as not applied)")
-        return v
+    @model_validator(mode="after")
+    def _no_reranking(self):
+        """A re-ranking by aesthetic score is refused, but for ClipClient's default request (listed as not applied);
+        a weight of 0 (or none) asks for no re-ranking, whatever the score: accepted as it is."""
+        if _weight(self.aesthetic_weight) in (None, 0.0):
+            return self
+        for name in ("aesthetic_score", "aesthetic_weight"):
+            v = getattr(self, name)
+            if v not in CLIP_CLIENT_DEFAULTS[name]:
+                raise ValueError(f"{name} {v!r}: psdclip has no aesthetic model to re-rank by; send aesthetic_weight 0 "
+                                 f"or omit it (ClipClient's default request is accepted and listed as not applied)")
+        return self
 
     def not_applied(self) -> list:
         """What this request asked for that psdclip accepts and does not do (ClipClient's defaults)."""
         out = [name for name in ("use_safety_model", "use_violence_detector") if getattr(self, name)]
-        if self.aesthetic_score not in ("", None) and self.aesthetic_weight not in ("", None, 0, "0"):
+        if self.aesthetic_score not in ("", None) and _weight(self.aesthetic_weight) not in (None, 0.0):
             out.append("aesthetic_score")
         return out
 

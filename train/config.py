@@ -44,6 +44,24 @@ def keep_earlier_defaults(cfg, earlier: dict) -> list[str]:
     return kept
 
 
+def read_run_config(path: str) -> dict:
+    """A run's config.yaml as the mapping it must be; damaged (invalid YAML, not a mapping) is one line."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise InputError(f"{path}: cannot read the run's config ({' '.join(str(err).split())[:160]}); restore it, "
+                         f"or train into another --out") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: the run's config is not a mapping of options (a {type(doc).__name__}); restore "
+                         f"it, or train into another --out")
+    return doc
+
+
 def changed_on_resume(before: dict, cfg) -> list[str]:
     """`--flag old -> new` for every option outside RESUMABLE whose value differs from the run's earlier config
     (options the earlier run did not have yet are not compared)."""
@@ -66,6 +84,10 @@ def _choices(cls) -> dict:
     hints = typing.get_type_hints(cls)
     return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(cls)
             if typing.get_origin(hints[f.name]) is Literal}
+
+
+MAX_LR = 100.0  # the largest --lr accepted
+MAX_PER_CORE = 8  # --threads and --workers: at most this many per core of the machine
 
 
 @dataclass
@@ -213,6 +235,13 @@ class TrainConfig:
             raise InputError("--workers, --threads, --warmup and --stop-after must be >= 0")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise InputError(f"--lr must be > 0 and 0 <= --min-lr <= --lr (got {self.lr}, {self.min_lr})")
+        if not self.lr <= MAX_LR:  # AdamW's step is lr-sized: beyond this the weights leave the floats in a step
+            raise InputError(f"--lr {self.lr:g}: at most {MAX_LR:g} (a learning rate that large diverges at once)")
+        machine = os.cpu_count() or 1
+        for name in ("threads", "workers"):  # torch segfaults at --threads 100000; a million loader processes hang
+            if getattr(self, name) > MAX_PER_CORE * machine:
+                raise InputError(f"--{name} {getattr(self, name)}: at most {MAX_PER_CORE} per core of this machine "
+                                 f"({MAX_PER_CORE * machine} on its {machine} cores)")
         for name in ("alpha_start", "alpha_max", "rho_start", "rho_end", "ema_decay"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
@@ -221,8 +250,8 @@ class TrainConfig:
                              f"{self.grad_clip}, {self.eps})")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise InputError(f"--beta1 and --beta2 must be in [0, 1) (got {self.beta1}, {self.beta2})")
-        if self.dist_timeout <= 0:
-            raise InputError(f"--dist-timeout must be > 0 minutes, got {self.dist_timeout}")
+        if not 0 < self.dist_timeout <= 1e6:  # (a timedelta of more overflows)
+            raise InputError(f"--dist-timeout must be in (0, 1e6] minutes, got {self.dist_timeout}")
         if self.lock_image_unlocked_groups < 0 or self.lock_text_unlocked_layers < 0:
             raise InputError("--lock-image-unlocked-groups and --lock-text-unlocked-layers must be >= 0")
         objectives.check(self)  # the objective's own options (train/objectives/)

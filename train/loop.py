@@ -24,7 +24,7 @@ from ..core.errors import InputError, PsdclipError
 from ..core.io import now, write_json, write_text
 from ..core.locks import folder_lock
 from . import checkpoint as ckpt
-from .config import TrainConfig, keep_earlier_defaults
+from .config import TrainConfig, keep_earlier_defaults, read_run_config
 from .data import ShardStream, make_loader
 from .distributed import Interrupt, setup_distributed, step_flags
 from .loading import load_pretrained
@@ -60,6 +60,8 @@ def train(cfg: TrainConfig, evaluate=None) -> dict:
     stage's `in_training(suite)`, given by the caller); needed when cfg.eval_every is set."""
     if cfg.eval_every and evaluate is None:
         raise ValueError("train: --eval-every needs the evaluation (train(cfg, evaluate=...))")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise InputError(f"--out {cfg.out}: is a file, not a run folder")
     rank, world, device = setup_distributed(cfg)
     before = torch.get_num_threads()
     if device.type == "cpu" and cfg.threads:
@@ -86,8 +88,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device, evaluate) -> dict:
     ckpt_dir = os.path.join(cfg.out, "checkpoints")
     earlier = os.path.join(cfg.out, "config.yaml")
     if cfg.resume != "never" and os.path.isfile(earlier):  # before the loss is made: it reads them
-        with open(earlier, encoding="utf-8") as f:
-            kept = keep_earlier_defaults(cfg, yaml.safe_load(f) or {})
+        kept = keep_earlier_defaults(cfg, read_run_config(earlier))
         if kept and rank == 0:
             log.info(f"psdclip: {cfg.out} was begun with {', '.join(kept)}, a default that has changed since: kept "
                      f"(name the option to train with another value)")

@@ -433,7 +433,7 @@ def test_damaged_run_config_and_options_the_machine_cannot_use_are_one_line(data
         (["--out", tmp_path / "r1", "--lr", "1e308", "--workers", "1"], "--lr 1e+308: at most"),
         (["--out", tmp_path / "r2", "--threads", "100000", "--workers", "1"], f"on its {cores} cores"),
         (["--out", tmp_path / "r3", "--workers", "1000000"], "--workers 1000000: at most"),
-        (["--out", tmp_path / "r4", "--dist-timeout", "nan", "--workers", "1"], "--dist-timeout must be in"),
+        (["--out", tmp_path / "r4", "--dist-timeout", "1e300", "--workers", "1"], "--dist-timeout must be in"),
     ]
     for args, expect in cases:
         r = cli("train", *base, *args, check=False)
