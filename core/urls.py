@@ -10,11 +10,16 @@ import urllib.parse
 _DIGITS = re.compile(r"[0-9]{1,12}")  # ASCII digits only: str.isdigit() also takes '²', which float() refuses
 
 
+NOT_UTF8 = "not-utf8:"  # a list's URL that held a lone surrogate, as the list reader passes it on (refused by name)
+
+
 def url_problem(url: str) -> str | None:
     """Why `url` must not be fetched (None when it may): http(s) only, a host, a valid port, no credentials
     (user:password@ is refused and never printed), no whitespace or backslash in the authority."""
     if not isinstance(url, str) or not url:
         return "empty URL"
+    if url.startswith(NOT_UTF8):
+        return "not valid UTF-8 text (the list holds a lone surrogate, e.g. a JSON \\ud800 escape)"
     try:
         parts = urllib.parse.urlsplit(url)
         scheme = parts.scheme.lower()

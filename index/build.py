@@ -132,6 +132,7 @@ def _build_index(cfg: IndexBuildConfig) -> dict:
         emb_dir = os.path.join(os.path.abspath(cfg.out), "embeddings")
         identity = parts_identity(cfg.data, digest)
         stats = embed_dataset(m, cfg.data, cfg.out, batch_size=cfg.batch_size, workers=cfg.workers, fp16=cfg.fp16,
+                              skip_damaged=cfg.skip_damaged,
                               progress=cfg.progress, rank=rank, world=world, identity=identity)
         if rank != 0:
             return {"rank": rank, "embedded": stats}

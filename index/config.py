@@ -39,6 +39,10 @@ class IndexBuildConfig:
     max_query_ms: float = field(default=10.0, metadata={"help": "latency budget of one query in ms"})
     factory: str = field(default="", metadata={"help": "force a faiss factory string (default: chosen under the budgets)"})
     target_recall: float = field(default=0.95, metadata={"help": "recall@k vs exact search that tuning aims for"})
+    skip_damaged: bool = field(default=False, metadata={
+        "help": "index what a damaged shard still holds (its undecodable or missing images left out, said in one line "
+                "each and counted in index.json) instead of exit 1; without it a damaged shard's part is never kept, "
+                "and a rerun after the shard is repaired embeds it whole"})
     strict: bool = field(default=False, metadata={"help": "exit 1 when the budgets cannot give --target-recall (the "
                                                           "index is still written, and index.json says what was missed)"})
     k: int = field(default=10, metadata={"help": "k of the recall measurement"})

@@ -19,9 +19,11 @@ import sys
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from ..core.errors import PsdclipError
 from ..core.io import atomic_path, write_parquet
 from ..core import storage
 from ..core.io import read_json, write_json
@@ -94,8 +96,13 @@ def dist_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def part_done(emb_dir: str, shard: int) -> bool:
-    return os.path.isfile(part_paths(emb_dir, f"{shard:05d}")["metadata"])
+def part_done(emb_dir: str, shard: int, rows: int | None = None) -> bool:
+    """The shard's part is complete (its metadata file exists, written last) and, with `rows`, holds that many rows:
+    a part made while the shard was damaged (--skip-damaged) is not reused by a build that wants it whole."""
+    path = part_paths(emb_dir, f"{shard:05d}")["metadata"]
+    if not os.path.isfile(path):
+        return False
+    return rows is None or pq.ParquetFile(path).metadata.num_rows == rows
 
 
 def _save(path: str, array: np.ndarray) -> None:
@@ -127,13 +134,15 @@ def stale_parts(emb_dir: str, identity: dict) -> list[str]:
 @torch.no_grad()
 def embed_dataset(loaded: LoadedModel, dataset: str, out: str, *, batch_size: int = 256, workers: int = 2,
                   fp16: bool = False, progress: bool = True, rank: int = 0, world: int = 1,
-                  identity: dict | None = None) -> dict:
+                  identity: dict | None = None, skip_damaged: bool = False) -> dict:
     """Embed this rank's unfinished shards into OUT/embeddings (see the module docstring). Parts made from another
     dataset or checkpoint than `identity` names are embedded again, never reused by shard number. Rank 0 then
     waits for every rank's parts and records `identity` in OUT/embeddings/made_from.json: on return there, every
-    part is in and is that identity's."""
+    part is in and is that identity's. A shard that cannot be read whole (an image undecodable or missing, a
+    damaged tar) keeps no part and ends the call with one line (exit 1) once the other shards are in, unless
+    `skip_damaged`: then its readable rows are kept, each damaged shard said in one line."""
     stats = _embed_mine(loaded, dataset, out, batch_size=batch_size, workers=workers, fp16=fp16, progress=progress,
-                        rank=rank, world=world, identity=identity)
+                        rank=rank, world=world, identity=identity, skip_damaged=skip_damaged)
     shards = stats.pop("all_shards")
     if rank == 0:
         emb_dir = os.path.join(out, "embeddings")
@@ -156,7 +165,7 @@ def wait_for_parts(emb_dir: str, shards: list[int], poll: float = 2.0) -> None:
 
 
 def _embed_mine(loaded: LoadedModel, dataset: str, out: str, *, batch_size, workers, fp16, progress, rank, world,
-                identity) -> dict:
+                identity, skip_damaged) -> dict:
     model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
     rows, fmt = success_rows(dataset)
     emb_dir = os.path.join(out, "embeddings")
@@ -177,7 +186,7 @@ def _embed_mine(loaded: LoadedModel, dataset: str, out: str, *, batch_size, work
                 for path in part_paths(emb_dir, name).values():
                     if os.path.exists(path):
                         os.remove(path)
-    todo = [s for s in mine if not part_done(emb_dir, s)]
+    todo = [s for s in mine if not part_done(emb_dir, s, None if skip_damaged else len(groups[s]))]
     stats = {"rows": len(rows), "shards": len(mine), "embedded_now": 0, "undecodable": 0, "all_shards": sorted(groups)}
     if not todo:
         return stats
@@ -193,6 +202,7 @@ def _embed_mine(loaded: LoadedModel, dataset: str, out: str, *, batch_size, work
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     received: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {s: {} for s in todo}
+    damaged: list[str] = []
     for shard, j, images, ok in loader:
         with autocast:
             feats = model.encode_image(images.to(device, non_blocking=True), normalize=True)
@@ -204,7 +214,14 @@ def _embed_mine(loaded: LoadedModel, dataset: str, out: str, *, batch_size, work
             got = received.pop(shard)
             img = np.concatenate([got[j][0] for j in sorted(got)])
             ok = np.concatenate([got[j][1] for j in sorted(got)])
-            stats["undecodable"] += int((~ok).sum())
+            bad = int((~ok).sum())
+            stats["undecodable"] += bad
+            if bad:
+                damaged.append(f"shard {shard:05d}: {bad:,} of {len(ok):,} images undecodable or missing")
+                log.warning("%s%s", damaged[-1], ": indexed without them (--skip-damaged)" if skip_damaged else
+                            ": no part kept")
+                if not skip_damaged:
+                    continue
             keep = part[ok]
             captions = keep["caption"].astype(str).tolist()
             with autocast:
@@ -220,4 +237,10 @@ def _embed_mine(loaded: LoadedModel, dataset: str, out: str, *, batch_size, work
             stats["embedded_now"] += len(keep)
     if bar:
         bar.close()
+    if damaged and not skip_damaged:
+        raise PsdclipError(f"{len(damaged)} shard(s) of {dataset} could not be read whole ({'; '.join(damaged[:3])}"
+                           f"{'; ...' if len(damaged) > 3 else ''}); the other shards' parts are kept: repair the "
+                           f"dataset (rerun its `psdclip data build`) and run this again, or pass --skip-damaged to "
+                           f"index what is readable")
+    stats["damaged_shards"] = len(damaged)
     return stats

@@ -133,7 +133,7 @@ def _score(cfg) -> dict | None:
     else:
         loaded = load_model(cfg.checkpoint, resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", rank))))
         emb_dir = os.path.join(folder, "embeddings")
-        embed_dataset(loaded, cfg.dataset, folder, batch_size=cfg.batch_size, workers=cfg.workers,
+        embed_dataset(loaded, cfg.dataset, folder, batch_size=cfg.batch_size, workers=cfg.workers, skip_damaged=cfg.skip_damaged,
                       progress=cfg.progress, rank=rank, world=world, identity=identity)
         if rank != 0:
             return None  # (rank 0 has every part once embed_dataset returns)

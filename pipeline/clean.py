@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..core.local import is_local, resolve
-from ..core.urls import redact, url_problem
+from ..core.urls import NOT_UTF8, redact, url_problem
 from .keys import add_url_keys
 from .status import PENDING
 
@@ -104,8 +104,8 @@ _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 
 
 def _url_error(url: str) -> str:
-    if not url:
-        return "empty URL"
+    if not url or url.startswith(NOT_UTF8):
+        return url_problem(url)
     m = _SCHEME.match(url)
     if not m:
         return "not an absolute URL"

@@ -59,6 +59,9 @@ class BuildConfig:
     max_caption_length: int = _help("captions longer than this many characters are dropped (caption_too_long)", default=1024)
     max_image_area: int = _help("images declaring more pixels than this are refused before decoding (decompression bombs)",
                                 default=89_478_485)
+    max_image_bytes: int = _help("a response (or local file) larger than this many bytes is not read on: the row ends "
+                                 "image_too_large (a 24-megapixel JPEG is ~10 MB; the cap bounds what each download "
+                                 "thread holds)", default=50 * 1024 * 1024)
     disallowed_header_directives: list[str] = _help(
         "X-Robots-Tag directives that opt an image out (img2dataset's defaults); empty to disable",
         default_factory=lambda: list(DEFAULT_DISALLOWED))
@@ -104,7 +107,8 @@ class BuildConfig:
         if isinstance(self.encode_quality, bool) or not 0 <= self.encode_quality <= top:
             raise InputError(f"--encode-quality {self.encode_quality}: must be in [0, {top}] for --encode-format "
                              f"{self.encode_format} ({'png compression' if top == 9 else 'quality'})")
-        for name in ("image_size", "thread_count", "processes_count", "shard_size", "max_caption_length", "max_image_area"):
+        for name in ("image_size", "thread_count", "processes_count", "shard_size", "max_caption_length", "max_image_area",
+                     "max_image_bytes"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.timeout <= 0:
@@ -307,6 +311,8 @@ class ScoreConfig:
     batch_size: int = _help("images per forward pass", default=256)
     workers: int = _help("image loading worker processes (each reads whole shards)", default=2)
     device: str = _help("auto, cpu or cuda[:N]", default="auto")
+    skip_damaged: bool = _help("score what a damaged shard still holds instead of exit 1 (see index build's "
+                               "--skip-damaged)", default=False)
     progress: bool = _help("show a progress bar", default=True)
 
     def __post_init__(self):

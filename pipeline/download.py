@@ -193,6 +193,7 @@ class DownloadOptions:
     shard_timeout: float = 3600.0
     request_timeout: float = 60.0
     local_root: str = ""
+    max_image_bytes: int = 50 * 1024 * 1024
 
     def policy(self):
         """The shard's politeness and time limit, starting now (see polite.py)."""
@@ -202,7 +203,8 @@ class DownloadOptions:
                                         max_backoff=self.max_backoff, request_timeout=self.request_timeout,
                                         robots=not self.ignore_robots_txt,
                                         user_agent=self.user_agent, user_agent_token=self.user_agent_token,
-                                        build_id=self.build_id, local_root=self.local_root)
+                                        build_id=self.build_id, local_root=self.local_root,
+                                        max_bytes=self.max_image_bytes)
 
     @classmethod
     def of(cls, cfg) -> "DownloadOptions":

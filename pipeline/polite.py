@@ -38,8 +38,10 @@ class ShardPolicy(float):
     def __new__(cls, timeout: float, *, deadline: float, shard_timeout: float, host_interval: float = 0.0,
                 throttle_retries: int = 3, backoff: float = 1.0, max_backoff: float = 60.0,
                 request_timeout: float = 60.0, robots: bool = True, user_agent: str | None = None,
-                user_agent_token: str | None = None, build_id: str = "", local_root: str = ""):
+                user_agent_token: str | None = None, build_id: str = "", local_root: str = "",
+                max_bytes: int = 50 * 1024 * 1024):
         self = super().__new__(cls, timeout)
+        self.max_bytes = max_bytes  # --max-image-bytes: a body is never read past this (streamed, never whole)
         self.local_root = local_root  # --local-root: file:// rows are read from under it (core.local)
         self.robots = robots  # honour robots.txt (robots.py), its answers kept per build
         self.build_id = build_id
@@ -145,6 +147,8 @@ def _get(url: str, policy: ShardPolicy, user_agent_token, disallowed):
         with _OPENER.open(request, timeout=float(policy)) as r:
             if disallowed and is_disallowed(r.headers, user_agent_token, disallowed):
                 return None, "Use of image disallowed by X-Robots-Tag directive", None, None
+            if r.length is not None and r.length > policy.max_bytes:  # said up front: nothing is read
+                return None, _too_large(r.length, policy), None, None
             buf = io.BytesIO()
             while True:
                 if policy.expired():
@@ -155,6 +159,8 @@ def _get(url: str, policy: ShardPolicy, user_agent_token, disallowed):
                 chunk = r.read1(CHUNK)
                 if not chunk:
                     break
+                if buf.tell() + len(chunk) > policy.max_bytes:  # no Content-Length (or a wrong one): stop here
+                    return None, _too_large(None, policy), None, None
                 buf.write(chunk)
             if r.length:  # the connection ended before Content-Length bytes came (read() would raise this)
                 raise http.client.IncompleteRead(buf.getvalue(), r.length)
@@ -167,11 +173,16 @@ def _get(url: str, policy: ShardPolicy, user_agent_token, disallowed):
         return None, str(err) or type(err).__name__, None, None
 
 
+def _too_large(length, policy: ShardPolicy) -> str:
+    said = f" ({length:,} bytes said)" if length else ""
+    return f"file too large: the response is over --max-image-bytes {policy.max_bytes:,}{said}; not read on"
+
+
 def fetch(row, policy: ShardPolicy, retries: int, user_agent_token=None, disallowed=None, limiter=LIMITER):
     """img2dataset's download_image_with_retry under a ShardPolicy: returns (key, stream or None, error or None)."""
     key, url = row
     if policy.local_root and url.startswith("file:"):
-        stream, err = read(url, policy.local_root)
+        stream, err = read(url, policy.local_root, limit=policy.max_bytes)
         return key, stream, err
     problem = url_problem(url)  # (the clean stage refused these already; a row is never a task's crash)
     if problem:

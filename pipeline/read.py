@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from .config import INPUT_FORMATS
 from ..core.errors import InputError
+from ..core.urls import NOT_UTF8
 
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 EXTRA = "extra:"  # the prefix of an input's additional columns while they travel through the build's stages
@@ -34,7 +35,10 @@ def _text(v):
     if isinstance(v, str):
         return v
     if isinstance(v, (dict, list)):
-        return json.dumps(v, ensure_ascii=False, default=str)
+        try:
+            return json.dumps(v, ensure_ascii=False, default=str)
+        except (RecursionError, ValueError):  # nested past what can be written back as JSON text
+            return None
     return str(v)
 
 
@@ -131,12 +135,47 @@ def _finish(path: str, urls, captions) -> pd.DataFrame:
     df = pd.DataFrame({"url": urls, "caption": captions})
     df["url"] = df["url"].fillna("").astype(str)
     df["caption"] = df["caption"].fillna("").astype(str)
+    for column, fix in (("url", _not_utf8_url), ("caption", _utf8_text)):  # (a JSON "\ud800" escape)
+        try:
+            pa.array(df[column], pa.string())
+        except (pa.ArrowException, UnicodeError):  # a lone surrogate: that row's value alone is mended
+            df[column] = [fix(v) for v in df[column]]
     df["source"] = path
     df["source_row"] = pd.RangeIndex(len(df), dtype="int64")
     return df
 
 
+def _not_utf8_url(url: str) -> str:
+    """A URL holding a lone surrogate (no valid UTF-8 text, so no URL anyone can fetch) as one that the clean stage
+    refuses by name (core.urls.NOT_UTF8); a valid one as it is."""
+    try:
+        url.encode("utf-8")
+        return url
+    except UnicodeEncodeError:
+        return NOT_UTF8 + url.encode("utf-8", "backslashreplace").decode("ascii", "replace")[:200]
+
+
+def _utf8_text(text: str) -> str:
+    """Text with any lone surrogate replaced (by '?')."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _scalar_text(v) -> str:
+    """A JSON value in a url or caption field as text: a string as it is, a number as text, anything else (an
+    object, an array, null) as empty (the row then ends with its status, never the list)."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v:
+        return str(v)
+    return ""
+
+
 _CSV_LINE = re.compile(r"line (\d+)")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")  # a JSON \ud800-\udfff escape
 
 
 def read_url_list(path: str, input_format: str | None = None, url_col: str = "url",
@@ -184,7 +223,13 @@ def _read_url_list(path, input_format, url_col, caption_col, raw, column_names, 
         return _add_extras(out, extra, lambda c: df[c].tolist() if c in df.columns else None)
     # jsonl
     try:
-        df = pd.read_json(io.StringIO(text), lines=True, dtype=False)
+        if _SURROGATE_ESCAPE.search(text):  # pandas' reader drops a lone high surrogate (another URL!): Python's keeps it
+            _check_json_lines(path, text)
+            df = pd.DataFrame([json.loads(line) for line in text.splitlines() if line.strip()])
+        else:
+            df = pd.read_json(io.StringIO(text), lines=True, dtype=False)
+    except InputError:
+        raise
     except Exception:  # pylint: disable=broad-except  (pandas raises several kinds; the line scan names the line)
         _check_json_lines(path, text)
         raise InputError(f"{path}: malformed JSON lines") from None
@@ -193,9 +238,8 @@ def _read_url_list(path, input_format, url_col, caption_col, raw, column_names, 
     if url_col not in df.columns or not all(isinstance(c, str) for c in df.columns):
         _check_json_lines(path, text)  # an array line makes integer columns: name the line, not a missing column
     _check_columns(path, df.columns, url_col, caption_col, fmt)
-    urls = df[url_col].map(lambda v: v if isinstance(v, str) else ("" if v is None or v != v else str(v)))
-    caps = (df[caption_col].map(lambda v: v if isinstance(v, str) else ("" if v is None or v != v else str(v)))
-            if caption_col else [""] * len(df))
+    urls = df[url_col].map(_scalar_text)
+    caps = df[caption_col].map(_scalar_text) if caption_col else [""] * len(df)
     out = _finish(path, urls.to_numpy(), caps if isinstance(caps, list) else caps.to_numpy())
     return _add_extras(out, extra, lambda c: df[c].tolist() if c in df.columns else None)
 
@@ -208,8 +252,24 @@ def _check_json_lines(path: str, text: str) -> None:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise InputError(f"{path}:{i}: malformed JSON line ({err.msg})") from None
+            except RecursionError:
+                raise InputError(f"{path}:{i}: a JSON line nested too deeply to read") from None
             if not isinstance(obj, dict):
                 raise InputError(f"{path}:{i}: each JSON line must be an object, got {type(obj).__name__}")
+
+
+def _text_column(path: str, table: pa.Table, name: str):
+    """A Parquet column of a URL list as text: strings, or numbers cast to text; a list, struct, map or binary column
+    is one line naming it and its type."""
+    column = table.column(name)
+    t = column.type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+            or pa.types.is_floating(t) or pa.types.is_null(t) or pa.types.is_dictionary(t)):
+        raise InputError(f"{path}: column {name!r} holds {t}, not text (a URL list's {name} is a string column)")
+    try:
+        return column.cast(pa.string())
+    except pa.ArrowException as err:
+        raise InputError(f"{path}: column {name!r} ({t}) cannot be read as text ({err})") from None
 
 
 def read_parquet_list(path: str, url_col: str = "url", caption_col: str | None = "caption", raw: bytes | None = None,
@@ -227,7 +287,7 @@ def read_parquet_list(path: str, url_col: str = "url", caption_col: str | None =
         raise
     except Exception as err:  # pylint: disable=broad-except  (not Parquet; remote storage that refuses us)
         raise InputError(f"{path}: not a readable Parquet file ({err})") from None
-    url = table.column(url_col).cast(pa.string()).to_pandas()
-    cap = table.column(caption_col).cast(pa.string()).to_pandas() if caption_col else [""] * table.num_rows
+    url = _text_column(path, table, url_col).to_pandas()
+    cap = _text_column(path, table, caption_col).to_pandas() if caption_col else [""] * table.num_rows
     out = _finish(path, url.to_numpy(), cap if isinstance(cap, list) else cap.to_numpy())
     return _add_extras(out, extra, lambda c: table.column(c).to_pylist() if c in table.column_names else None)

@@ -63,6 +63,7 @@ class Source:
     root: str | None = None  # the dataset directory, when there is one
     spec: str = ""
     samples: int | None = None  # known number of usable samples
+    identity: dict | None = None  # what a resumed run checks it still trains on (dataset id; a subset's definition)
 
 
 def resolve_source(spec: str, skip_missing: bool = False) -> Source:
@@ -85,6 +86,28 @@ def resolve_source(spec: str, skip_missing: bool = False) -> Source:
     if local and not any(os.path.exists(u) for u in local):
         raise InputError(f"--data {spec}: not a psdclip dataset, subset file or existing shard")
     return Source(shards=urls, format=shard_format_of_files(urls), spec=spec)
+
+
+def changed_data(before: dict | None, now: dict | None, spec: str) -> str | None:
+    """Why a run begun on the data `before` describes must not resume on `now` (None: it may): a dataset rebuilt in
+    place (another id), or a subset whose definition changed (an append to the dataset moves a subset's boundary:
+    the same name then holds other samples). Subsets are not made stable under appends: a subset is a fraction of
+    the dataset it was made of, and refusing is what keeps a run's samples its own."""
+    if not before or not now:
+        return None
+    if before.get("dataset_id") != now.get("dataset_id"):
+        return (f"--data {spec}: not the dataset this run was trained on (dataset id {before.get('dataset_id')} "
+                f"then, {now.get('dataset_id')} now: rebuilt in place); train into another --out, or restore it")
+    if before.get("subset") != now.get("subset"):
+        def said(d):
+            d = d or {}
+            b = d.get("boundary") or {}
+            return (f"{d.get('count', 0):,} samples in {len(d.get('shards', []))} shard(s)"
+                    + (f" + {b.get('count', 0):,} of {b.get('shard', '').split('/')[-1]}" if b else ""))
+        return (f"--data {spec}: the subset changed since this run began ({said(before.get('subset'))} then, "
+                f"{said(now.get('subset'))} now: an append moved its boundary); resuming would train on other "
+                f"samples: train into another --out")
+    return None
 
 
 def _present(source: Source, skip_missing: bool) -> Source:
@@ -120,7 +143,7 @@ def _from_dataset(root: str, spec: str) -> Source:
         if not names or not samples:
             raise InputError(f"--data {spec}: the dataset has no successful samples (see `psdclip data stats {spec}`)")
         return Source(shards=[J(layout.shards, n) for n in names], rule=SubsetRule(whole=frozenset(names)),
-                      format=fmt, root=root, spec=spec, samples=samples)
+                      format=fmt, root=root, spec=spec, samples=samples, identity={"dataset_id": dataset_id(info)})
     import pandas as pd
 
     m = pd.read_parquet(layout.legacy_manifest, columns=["key", "status", "shard"])
@@ -153,8 +176,14 @@ def _from_subset(path: str, root: str) -> Source:
     rule = SubsetRule.of(doc, root)
     if not int(doc.get("count", 0)) or not rule.shards():
         raise InputError(f"--data {path}: the subset is empty")
+    # what the subset is: its shards, boundary and filters (an exclusion's key list stands for itself by its counts)
+    definition = {"count": int(doc["count"]), "shards": list(doc["shards"]), "boundary": doc.get("boundary"),
+                  **{k: doc[k] for k in ("score", "within") if doc.get(k)}}
+    if isinstance(doc.get("exclude"), dict):
+        definition["exclude"] = {k: v for k, v in doc["exclude"].items() if k != "keys"}
     return Source(shards=[J(root, "shards", n) for n in rule.shards()], rule=rule, format=fmt, root=root,
-                  spec=path, samples=int(doc["count"]))
+                  spec=path, samples=int(doc["count"]),
+                  identity={"dataset_id": dataset_id(info), "subset": definition})
 
 
 # ---- stages -------------------------------------------------------------------------------------------

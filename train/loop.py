@@ -25,7 +25,7 @@ from ..core.io import now, write_json, write_text
 from ..core.locks import folder_lock
 from . import checkpoint as ckpt
 from .config import TrainConfig, keep_earlier_defaults, read_run_config
-from .data import ShardStream, make_loader
+from .data import ShardStream, changed_data, make_loader
 from .distributed import Interrupt, setup_distributed, step_flags
 from .loading import load_pretrained
 from .models import build_model, resolve_model_name
@@ -87,8 +87,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device, evaluate) -> dict:
     micro = cfg.batch_size // world // cfg.accum
     ckpt_dir = os.path.join(cfg.out, "checkpoints")
     earlier = os.path.join(cfg.out, "config.yaml")
-    if cfg.resume != "never" and os.path.isfile(earlier):  # before the loss is made: it reads them
-        kept = keep_earlier_defaults(cfg, read_run_config(earlier))
+    before = read_run_config(earlier) if cfg.resume != "never" and os.path.isfile(earlier) else {}
+    if before:  # before the loss is made: it reads them
+        kept = keep_earlier_defaults(cfg, before)
         if kept and rank == 0:
             log.info(f"psdclip: {cfg.out} was begun with {', '.join(kept)}, a default that has changed since: kept "
                      f"(name the option to train with another value)")
@@ -114,16 +115,6 @@ def _train(cfg: TrainConfig, rank: int, world: int, device, evaluate) -> dict:
         source = load_pretrained(model, cfg.pretrained, resolve_model_name(cfg.model))
         if rank == 0:
             log.info(f"psdclip: starting from the weights of {source}")
-    if rank == 0:
-        ckpt.truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), start_step)
-        if cfg.warmup_steps > cfg.steps:
-            log.warning(f"psdclip: warning: --warmup {cfg.warmup:g} is {cfg.warmup_steps} steps, more than --steps "
-                        f"{cfg.steps}: the learning rate never reaches --lr {cfg.lr:g}")
-        os.makedirs(os.path.join(cfg.out, "plots"), exist_ok=True)
-        resolved = {**dataclasses.asdict(cfg), "model_arch": resolve_model_name(cfg.model), "world_size": world}
-        write_text(os.path.join(cfg.out, "config.yaml"), yaml.safe_dump(resolved, sort_keys=False))
-        with open(os.path.join(cfg.out, "config_history.jsonl"), "a") as f:  # every start of the run, oldest first
-            f.write(json.dumps({"started_at": now(), "step": start_step, "config": resolved}) + "\n")
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if cfg.compile:
         net = torch.compile(net)
@@ -134,6 +125,21 @@ def _train(cfg: TrainConfig, rank: int, world: int, device, evaluate) -> dict:
     if stream.source.samples is not None and micro * world > stream.source.samples:
         raise InputError(f"--batch-size {cfg.batch_size}: larger than the {stream.source.samples:,} samples of "
                          f"--data {cfg.data} (a contrastive batch would hold the same pair twice)")
+    identity = None if stream.parts else stream.source.identity
+    changed = changed_data(before.get("data_identity"), identity, cfg.data) if resumed else None
+    if changed:
+        raise InputError(changed)
+    if rank == 0:
+        ckpt.truncate_metrics(os.path.join(cfg.out, "metrics.jsonl"), start_step)
+        if cfg.warmup_steps > cfg.steps:
+            log.warning(f"psdclip: warning: --warmup {cfg.warmup:g} is {cfg.warmup_steps} steps, more than --steps "
+                        f"{cfg.steps}: the learning rate never reaches --lr {cfg.lr:g}")
+        os.makedirs(os.path.join(cfg.out, "plots"), exist_ok=True)
+        resolved = {**dataclasses.asdict(cfg), "model_arch": resolve_model_name(cfg.model), "world_size": world,
+                    "data_identity": identity}
+        write_text(os.path.join(cfg.out, "config.yaml"), yaml.safe_dump(resolved, sort_keys=False))
+        with open(os.path.join(cfg.out, "config_history.jsonl"), "a") as f:  # every start of the run, oldest first
+            f.write(json.dumps({"started_at": now(), "step": start_step, "config": resolved}) + "\n")
     teacher: Teacher | None = objective.teacher(TeacherContext(cfg, model, device, stream, rank, start_step,
                                                                teacher_state)) if objective.teacher else None
     batches = iter(make_loader(stream, cfg.workers))

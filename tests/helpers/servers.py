@@ -160,6 +160,21 @@ class Handler(BaseHTTPRequestHandler):
             except OSError:
                 pass
             return None
+        if path in ("/bad/huge.jpg", "/bad/huge-said.jpg"):  # 64 MB of body; no Content-Length, or a false one
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            if path == "/bad/huge-said.jpg":
+                self.send_header("Content-Length", str(800 * 1024 * 1024))
+            self.end_headers()
+            try:
+                self.wfile.write(jpg[:2])
+                for _ in range(1024):  # 64 MB: more than loopback socket buffers hold
+                    self.wfile.write(b"\0" * 65536)
+                with srv.lock:
+                    srv.hits["huge sent whole"] += 1
+            except OSError:  # the client stopped reading: what a capped download does
+                pass
+            return None
         if path == "/bad/slow.jpg":
             time.sleep(srv.slow_s)
             return self._send(200, jpg)

@@ -142,3 +142,31 @@ def test_every_shard_format_and_encoding_is_read_back(synth_urls, scheduler, run
     r = cli("index", "build", "--checkpoint", runs[0], "--data", out, "--out", tmp_path / "idx", "--no-progress",
             "--workers", 0)
     assert json.loads((tmp_path / "idx" / "index.json").read_text())["count"] == len(rows), r.stdout
+
+
+def test_damaged_shards_fail_the_index_build_and_their_parts_are_never_reused(own, runs, tmp_path):
+    """A shard whose images cannot all be read ends `index build` with exit 1 naming it (it gave a partial index
+    with exit 0: 12 of 600 images); --skip-damaged indexes what is readable; once the shard is repaired, a rerun
+    embeds it again whole instead of reusing the partial part."""
+    ds = tmp_path / "ds"
+    shutil.copytree(own / "ds", ds, symlinks=True)
+    rows, fmt = success_rows(str(ds))
+    shard = sorted((ds / "shards").glob("*.tar"))[1]
+    whole = shard.read_bytes()
+    first = rows[rows["shard"] == int(shard.name[:5])].iloc[3]
+    damaged = bytearray(whole)  # one image's bytes overwritten, and the tar cut short after the tenth image
+    damaged[int(first["offset"]):int(first["offset"]) + int(first["size"])] = b"\0" * int(first["size"])
+    cut = int(rows[rows["shard"] == int(shard.name[:5])].iloc[10]["offset"]) + 100
+    shard.write_bytes(bytes(damaged[:cut]))
+    args = ["index", "build", "--checkpoint", runs[0], "--data", ds, "--out", tmp_path / "idx", "--no-progress",
+            "--workers", 0]
+    r = cli(*args, check=False)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("psdclip: error")]
+    assert r.returncode == 1 and len(errors) == 1 and f"shard {shard.name[:5]}" in errors[0], r.stderr[-2000:]
+    assert not (tmp_path / "idx" / "index.json").exists()
+    assert cli(*args, "--skip-damaged").returncode == 0
+    partial = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert partial["count"] < len(rows) and partial["undecodable_images"] >= 1
+    shard.write_bytes(whole)  # repaired
+    assert cli(*args).returncode == 0
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["count"] == len(rows)

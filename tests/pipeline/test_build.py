@@ -244,3 +244,21 @@ def test_progress_counts_rows_while_one_shard_downloads(synth_urls, server, tmp_
     err = capsys.readouterr().err
     counts = {int(m) for m in re.findall(r"\| *(\d+)/300 ", err)}
     assert 300 in counts and any(0 < c < 300 for c in counts), err[-2000:]
+
+
+def test_odd_rows_end_with_their_own_status_and_the_build_goes_on(server, tmp_path, scheduler):
+    """A URL holding a lone surrogate (a JSON "\\ud800" escape) failed the whole build; an object as the URL and a
+    caption with a lone surrogate were tracebacks. Each row now ends with its own status, the rest download."""
+    from psdclip.pipeline.reader import load_manifest
+
+    ok = [json.dumps({"url": f"{server.base}/ok/{k}.jpg", "caption": f"fine {k}"}) for k in range(3)]
+    odd = ['{"url": "' + server.base + '/ok/\\ud800.jpg", "caption": "surrogate url"}',
+           '{"url": "' + server.base + '/ok/5.jpg", "caption": "surrogate \\udfff caption"}',
+           json.dumps({"url": {"href": f"{server.base}/ok/6.jpg"}, "caption": "object url"})]
+    (tmp_path / "odd.jsonl").write_text("\n".join(ok + odd) + "\n")
+    build(cfg([tmp_path / "odd.jsonl"], tmp_path / "ds", dask_scheduler=scheduler))
+    m = load_manifest(str(tmp_path / "ds")).set_index("caption")
+    assert (m.loc[[f"fine {k}" for k in range(3)], "status"] == "success").all()
+    assert m.loc["surrogate url", "status"] == "invalid_url" and "not valid UTF-8" in m.loc["surrogate url", "error"]
+    assert m.loc["surrogate ? caption", "status"] == "success"
+    assert m.loc["object url", "status"] in ("invalid_url", "empty_url")

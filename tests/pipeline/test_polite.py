@@ -175,3 +175,20 @@ def test_robots_txt_is_read_once_per_host_and_honoured_and_the_agent_names_psdcl
     m = pd.read_parquet(tmp_path / "ignored" / "manifest")
     assert (m["status"] == "success").all() and server.hits["/robots.txt"] == fetched
     assert server.agents["my-crawler/1.0"] == len(rows)
+
+
+def test_a_body_past_max_image_bytes_is_not_read_on(server, tmp_path, scheduler):
+    """--max-image-bytes: a response whose body grows past it (no Content-Length) or that says it will (an 800 MB
+    Content-Length) ends its row image_too_large, streamed and cut, never read whole; the other rows succeed."""
+    from psdclip.pipeline.reader import load_manifest
+
+    urls = tmp_path / "u.csv"
+    pd.DataFrame({"url": [server.base + p for p in ("/ok/a.jpg", "/bad/huge.jpg", "/bad/huge-said.jpg")],
+                  "caption": ["fine", "endless", "said big"]}).to_csv(urls, index=False)
+    build(cfg([urls], tmp_path / "ds", max_image_bytes=1_000_000, dask_scheduler=scheduler))
+    m = load_manifest(str(tmp_path / "ds")).set_index("caption")
+    assert m.loc["fine", "status"] == "success"
+    for caption in ("endless", "said big"):
+        assert m.loc[caption, "status"] == "image_too_large", m.loc[caption, "error"]
+        assert "--max-image-bytes 1,000,000" in m.loc[caption, "error"]
+    assert server.hits["huge sent whole"] == 0  # the 64 MB body was never read to its end

@@ -89,3 +89,39 @@ def test_detect_format():
     assert detect_format("a/b.CSV.gz") == "csv"
     assert detect_format("s3://x/y.ndjson") == "jsonl"
     assert detect_format("x.unknown", "tsv") == "tsv"
+
+
+@pytest.mark.parametrize("kind", ["list<string>", "struct", "binary"])
+def test_a_parquet_list_whose_url_or_caption_column_is_no_text_is_one_line(tmp_path, kind):
+    values = {"list<string>": pa.array([["http://a.test/1.jpg"]]), "struct": pa.array([{"u": "http://a.test/1.jpg"}]),
+              "binary": pa.array([b"http://a.test/1.jpg"], pa.binary())}[kind]
+    for column in ("url", "caption"):
+        table = {"url": pa.array(["http://a.test/1.jpg"]), "caption": pa.array(["x"])}
+        table[column] = values
+        pq.write_table(pa.table(table), tmp_path / f"{column}.parquet")
+        with pytest.raises(InputError, match=rf"column '{column}' holds .*not text") as info:
+            read_url_list(str(tmp_path / f"{column}.parquet"))
+        assert "\n" not in str(info.value)
+
+
+def test_odd_json_rows_are_rows_with_a_status_never_the_lists_end(tmp_path):
+    """A JSON line whose URL holds a lone surrogate (a "\\ud800" escape), an object or an array as the URL, and a
+    line nested past what Python parses: each row is read (its URL refused by name later), or the file is one line."""
+    from psdclip.core.urls import url_problem
+
+    lines = [json.dumps({"url": "http://a.test/ok.jpg", "caption": "fine"}),
+             '{"url": "http://a.test/\\ud800.jpg", "caption": "surrogate \\udfff in the caption"}',
+             json.dumps({"url": {"href": "http://a.test/x.jpg"}, "caption": "an object"}),
+             json.dumps({"url": ["http://a.test/x.jpg"], "caption": "an array"})]
+    (tmp_path / "odd.jsonl").write_text("\n".join(lines) + "\n")
+    df = read_url_list(str(tmp_path / "odd.jsonl"))
+    pa.Table.from_pandas(df)  # every value is text Arrow can hold (the build's stages exchange Arrow)
+    problems = [url_problem(u) for u in df["url"]]
+    assert problems[0] is None
+    assert problems[1].startswith("not valid UTF-8") and problems[2] == problems[3] == "empty URL"
+    assert df["caption"][1] == "surrogate ? in the caption"
+    deep = '{"url": "http://a.test/d.jpg", "caption": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
+    (tmp_path / "deep.jsonl").write_text(lines[0] + "\n" + deep)
+    with pytest.raises(InputError, match=r"deep\.jsonl:2: .*nested too deeply|deep\.jsonl:2: malformed") as info:
+        read_url_list(str(tmp_path / "deep.jsonl"))
+    assert "\n" not in str(info.value)

@@ -442,3 +442,34 @@ def test_damaged_run_config_and_options_the_machine_cannot_use_are_one_line(data
         assert "Traceback" not in r.stderr
     assert not any((tmp_path / f"r{k}").exists() for k in range(1, 5))
     assert (tmp_path / "afile").read_text() == "x" and not list((tmp_path / "bad-yaml").glob("checkpoints"))
+
+
+def test_a_run_resumes_only_on_the_data_it_began_with(dataset_dir, tmp_path):
+    """A run records what it trains on (the dataset's id; a subset's shards, boundary and count): resuming on a
+    dataset rebuilt in place, or on a subset whose boundary an append moved, is one line instead of training on
+    other samples with exit 0; the same data resumes."""
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(dataset_dir, ds, symlinks=True)
+    subset = ds / "subsets" / "10pct.json"
+    for data, run in ((subset, tmp_path / "on-subset"), (ds, tmp_path / "on-dataset")):
+        cli("train", "--data", data, "--out", run, "--steps", 4, "--stop-after", 2, "--checkpoint-every", 2, *FAST,
+            "--batch-size", 16)
+    saved_subset, saved_info = subset.read_text(), (ds / "dataset.json").read_text()
+    doc = json.loads(saved_subset)
+    doc["count"] += 7  # what an append does to a size subset: its boundary moves
+    doc["boundary"] = {**(doc.get("boundary") or {"shard": doc["shards"][0]}), "max_rank": "123", "count": 9}
+    subset.write_text(json.dumps(doc))
+    r = cli("train", "--data", subset, "--out", tmp_path / "on-subset", "--steps", 4, *FAST, "--batch-size", 16,
+            check=False)
+    assert r.returncode == 2 and "the subset changed since this run began" in r.stderr, r.stderr[-1500:]
+    subset.write_text(saved_subset)
+    (ds / "dataset.json").write_text(json.dumps({**json.loads(saved_info), "id": "rebuilt-in-place"}))
+    r = cli("train", "--data", ds, "--out", tmp_path / "on-dataset", "--steps", 4, *FAST, "--batch-size", 16,
+            check=False)
+    assert r.returncode == 2 and "not the dataset this run was trained on" in r.stderr, r.stderr[-1500:]
+    (ds / "dataset.json").write_text(saved_info)
+    for data, run in ((subset, tmp_path / "on-subset"), (ds, tmp_path / "on-dataset")):
+        assert cli("train", "--data", data, "--out", run, "--steps", 4, *FAST, "--batch-size", 16).returncode == 0
+        assert metrics(run)[-1]["step"] == 4
