@@ -107,6 +107,11 @@ class ServeConfig:
     allowed_url_hosts: list[str] = field(default_factory=list, metadata={
         "help": "hosts that image_url queries may fetch from (default: none, image_url refused)"})
     fetch_timeout: float = field(default=10.0, metadata={"help": "seconds an image_url fetch may take in all"})
+    head_timeout: float = field(default=10.0, metadata={"help": "seconds a request's head (its line and headers) may "
+                                                                "take to arrive; a connection that trickles it is "
+                                                                "closed (slowloris)"})
+    max_connections: int = field(default=1024, metadata={"help": "connections and requests served at once per "
+                                                                 "process; beyond, 503 at once"})
     body_timeout: float = field(default=30.0, metadata={"help": "seconds a request body may take to arrive (a "
                                                                 "client that stops sending gets 408)"})
     api_key: str = field(default="", metadata={"help": "key required by the admin endpoints (X-API-Key); "
@@ -130,6 +135,10 @@ class ServeConfig:
             raise InputError(f"--workers must be in [1, 64], got {self.workers}")
         if not 1 <= self.max_k <= 100_000:
             raise InputError(f"--max-k must be in [1, 100000], got {self.max_k}")
+        if not 0 < self.head_timeout <= 300:
+            raise InputError(f"--head-timeout must be in (0, 300] seconds, got {self.head_timeout}")
+        if not 1 <= self.max_connections <= 1_000_000:
+            raise InputError(f"--max-connections must be in [1, 1000000], got {self.max_connections}")
         if not 0 < self.body_timeout <= 600:
             raise InputError(f"--body-timeout must be in (0, 600] seconds, got {self.body_timeout}")
         if not 0 < self.fetch_timeout <= 300:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import threading
 import time
@@ -106,7 +107,7 @@ class QueryImages:
                     chunks.append(chunk)
         except HTTPException:
             raise
-        except (OSError, ValueError):
+        except (OSError, ValueError, http.client.HTTPException):  # (> 100 headers, a chunked body cut short, ...)
             raise HTTPException(502, "could not fetch image_url") from None
         finally:
             self.fetch_slots.release()

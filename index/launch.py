@@ -11,6 +11,8 @@ import logging
 import os
 import signal
 
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
 from ..core.errors import InputError, PsdclipError
 from ..core.io import write_json
 from .config import ServeConfig
@@ -27,12 +29,61 @@ def _quiet_gc() -> None:
     gc.set_threshold(50_000, 20, 100)  # requests make short-lived objects: collect young ones less often
 
 
+class HeadTimeout(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline on every request head: a connection whose request line and headers
+    have not all arrived `head_timeout` seconds after it opened (or after its last response) is closed, whatever it
+    trickles meanwhile (slowloris: 200 connections that never finish their head were held for ever). The body has
+    its own deadline (--body-timeout, fastpath.Guard); concurrent connections are bounded by --max-connections
+    (uvicorn's limit_concurrency: 503 beyond)."""
+    head_timeout = 10.0  # set from --head-timeout in each serving process (serve, worker_app)
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._head = None
+        self._arm()
+
+    def _arm(self):
+        self._disarm()
+        self._head = self.loop.call_later(self.head_timeout, self._late)
+
+    def _disarm(self):
+        if getattr(self, "_head", None) is not None:
+            self._head.cancel()
+            self._head = None
+
+    def _late(self):
+        self._head = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def on_headers_complete(self):
+        self._disarm()
+        super().on_headers_complete()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self.pipeline:  # the next request's head: its own deadline
+            self._arm()
+
+    def connection_lost(self, exc):
+        self._disarm()
+        super().connection_lost(exc)
+
+
+def uvicorn_options(cfg: ServeConfig) -> dict:
+    """What every serving process gives uvicorn: the head deadline's protocol and the connection cap."""
+    HeadTimeout.head_timeout = cfg.head_timeout
+    return {"http": HeadTimeout, "limit_concurrency": cfg.max_connections, "log_level": "warning",
+            "access_log": False}
+
+
 def worker_app():
     """The app of one `psdclip serve --workers N` process (uvicorn's factory; the config comes from the parent).
     A worker that cannot start (a checkpoint that does not load, no memory) records why in the run folder and
     stops the parent, which shuts the service down and reports it in one line: uvicorn would otherwise start
     the worker again and again."""
     cfg = ServeConfig(**json.loads(os.environ["PSDCLIP_SERVE_CONFIG"]))
+    uvicorn_options(cfg)  # (this worker's protocol reads its head deadline)
     cfg = dataclasses.replace(cfg, device=worker_device(cfg.device, worker_slot(os.environ[RUN_DIR]), _gpu_count()))
     try:
         app = create_app(cfg)
@@ -88,7 +139,7 @@ def serve(cfg: ServeConfig, announce=log.info) -> int:
         app = create_app(cfg)
         _quiet_gc()
         announce(f"serving {', '.join(cfg.named())} on http://{cfg.host}:{cfg.port}")
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+        uvicorn.run(app, host=cfg.host, port=cfg.port, **uvicorn_options(cfg))
         return 0
     import shutil
     import socket
@@ -109,7 +160,7 @@ def serve(cfg: ServeConfig, announce=log.info) -> int:
     announce(f"serving {', '.join(cfg.named())} on http://{cfg.host}:{cfg.port} ({cfg.workers} worker processes)")
     try:
         uvicorn.run("psdclip.index.launch:worker_app", factory=True, workers=cfg.workers, host=cfg.host,
-                    port=cfg.port, log_level="warning", access_log=False)
+                    port=cfg.port, **uvicorn_options(cfg))
         failed = os.path.join(run, FAILED)
         if os.path.isfile(failed):
             with open(failed, encoding="utf-8") as f:

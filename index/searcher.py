@@ -60,6 +60,10 @@ class Searcher:
             self.indices[modality] = index
         self.meta, self.key_order = _read_metadata(index_dir)
         self.count = self.meta.num_rows
+        for modality, index in self.indices.items():  # a damaged or half-replaced index answers nothing, not 500s
+            if index.ntotal != self.count or self.count != self.info.count:
+                raise InputError(f"{index_dir}: an inconsistent index ({modality} vectors {index.ntotal:,}, "
+                                 f"metadata rows {self.count:,}, index.json {self.info.count:,}): rebuild it")
         # the dataset's additional input columns (--save-additional-columns), answered with every hit
         self.extra = [c for c in self.meta.column_names
                       if c not in ("id", "key", "url", "caption", "shard", "offset", "size")]

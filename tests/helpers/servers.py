@@ -175,6 +175,18 @@ class Handler(BaseHTTPRequestHandler):
             except OSError:  # the client stopped reading: what a capped download does
                 pass
             return None
+        if path == "/bad/many-headers.jpg":  # more headers than http.client reads (100)
+            self.send_response(200)
+            for i in range(150):
+                self.send_header(f"X-Filler-{i}", "x")
+            self.send_header("Content-Length", str(len(jpg)))
+            self.end_headers()
+            self.wfile.write(jpg)
+            return None
+        if path == "/bad/chunked-cut.jpg":  # a chunked body that ends inside a chunk
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             + b"%x\r\n" % len(jpg) + jpg[: len(jpg) // 2])
+            return None
         if path == "/bad/slow.jpg":
             time.sleep(srv.slow_s)
             return self._send(200, jpg)

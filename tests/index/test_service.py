@@ -1,6 +1,7 @@
 """The index and the service end to end: a real uvicorn on 127.0.0.1, clip-retrieval-shaped requests,
 bounds and bad input, reload, and the web page in headless Chromium."""
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -461,6 +462,58 @@ def test_image_url_fetches_are_checked_bounded_and_quiet_and_a_bad_reload_is_409
         proc.terminate()
         proc.wait(timeout=30)
     assert b"reload of" in proc.stderr.read()  # the failure is in the log with its traceback
+
+
+def test_hostile_hosts_clients_and_reloads_get_a_status_never_a_500_or_a_held_connection(index_dir, tmp_path):
+    """An allowed image_url host that sends more than 100 headers or cuts a chunked body: 502 (was a 500 and a
+    traceback). A reload whose metadata does not match its vectors: 409, the old index keeps serving (it was
+    accepted, then every /search was a 500). Connections that never finish their request head are closed after
+    --head-timeout while the service answers (200 of them were held indefinitely)."""
+    import pyarrow.feather as feather
+
+    from helpers.servers import Server
+
+    idx = tmp_path / "idx"
+    shutil.copytree(index_dir, idx)
+    proc, base = start_service(idx, "--allowed-url-hosts", "localhost", "--fetch-timeout", "5", "--api-key", "k",
+                               "--head-timeout", "1", "--max-connections", "300")
+    try:
+        with Server(None) as web:
+            local = f"http://localhost:{web.server_address[1]}"
+            for path in ("/bad/many-headers.jpg", "/bad/chunked-cut.jpg"):
+                r = requests.post(base + "/search", json={"image_url": local + path, "k": 2}, timeout=60)
+                assert r.status_code == 502 and r.json()["detail"] == "could not fetch image_url", (path, r.text)
+        table = feather.read_table(idx / "metadata.arrow")
+        feather.write_feather(table.slice(0, table.num_rows - 5), idx / "short.arrow", compression="uncompressed")
+        os.replace(idx / "short.arrow", idx / "metadata.arrow")  # vectors of N rows, metadata of N - 5
+        r = requests.post(base + "/admin/reload", headers={"X-API-Key": "k"})
+        assert r.status_code == 409 and "inconsistent index" in r.json()["detail"], r.text
+        assert requests.post(base + "/search", json={"text": "a red star", "k": 2}).status_code == 200
+        port = int(base.rsplit(":", 1)[1])
+        held = []
+        for _ in range(200):  # request heads that never end, a byte now and then
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            held.append(s)
+        assert requests.get(base + "/healthz", timeout=5).ok
+        for _ in range(3):
+            time.sleep(0.5)
+            for s in held:
+                with contextlib.suppress(OSError):
+                    s.sendall(b"X-Slow: 1\r\n")
+        time.sleep(1.0)
+        closed = 0
+        for s in held:
+            try:
+                closed += s.recv(1) == b""
+            except OSError:
+                closed += 1
+            s.close()
+        assert closed == len(held), f"{len(held) - closed} slow connections still held"
+        assert requests.get(base + "/healthz", timeout=5).ok
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_workers_that_cannot_load_the_model_end_the_service_with_one_line(index_dir, tmp_path):
