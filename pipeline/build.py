@@ -21,6 +21,9 @@ import tempfile
 import time
 import uuid
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from ..core import logs, storage
 from ..core.errors import DiskFullError, InputError, PsdclipError
 from ..core.io import now, read_json, write_json, write_parquet
@@ -34,6 +37,7 @@ from .folders import folder_list
 from .format import SCHEMA_VERSION, dataset_id
 from .ingest import ingest_inputs
 from .parts import file_sha256
+from .reader import manifest_files
 from .retry import plan_retry
 from .stall import StallWatch
 from .stats import stream_stats
@@ -319,7 +323,20 @@ def _nothing_to_do(cfg: BuildConfig, layout: Layout, previous: dict | None) -> b
     if set(layout.planned_shards()) - layout.done_shards():
         return False
     known = {f["sha256"] for ing in previous.get("ingests", []) for f in ing.get("files", [])}
-    return all(file_sha256(path) in known for path in cfg.inputs)
+    return all(file_sha256(path) in known for path in cfg.inputs) and _manifest_readable(layout)
+
+
+def _manifest_readable(layout: Layout) -> bool:
+    """Every manifest file's Parquet footer reads: a damaged one (which readers report, naming this command) makes
+    the rerun write the manifest again from the build's own state."""
+    for path in manifest_files(layout.root):
+        fs, p = storage.arrow_filesystem(path)
+        try:
+            pq.ParquetFile(p, filesystem=fs).metadata  # noqa: B018  (reads and checks the footer)
+        except (OSError, pa.ArrowException) as err:
+            log.warning(f"{path}: damaged ({str(err).splitlines()[0][:120]}); writing the manifest again")
+            return False
+    return True
 
 
 def _build_locked(cfg: BuildConfig, layout: Layout, previous: dict | None) -> dict:

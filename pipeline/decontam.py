@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 
 from ..core.errors import InputError
-from ..core.io import read_parquet_table
+
 from .format import image_of, manifest_file, read_info, shard_format
-from .reader import shard_samples, tar_samples, wds_layout_shards
+from .reader import manifest_table, shard_samples, tar_samples, wds_layout_shards
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -115,7 +115,7 @@ class Decontaminator:
 
     def shard(self, n: int, taken: set) -> tuple[set, set]:
         """(exact copies, near copies) among the keys `taken` of shard n."""
-        m = read_parquet_table(manifest_file(self.dataset, shard=n), columns=["key", "sha256"]).to_pandas()
+        m = manifest_table(manifest_file(self.dataset, shard=n), columns=["key", "sha256"]).to_pandas()
         exact = set(m.loc[m["sha256"].isin(self.shas), "key"]) & taken
         near = set()
         for s in shard_samples(self.dataset, self.fmt, n, lambda msg: None):

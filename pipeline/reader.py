@@ -168,8 +168,21 @@ def load_manifest(root: str, columns=None) -> pd.DataFrame:
         schema = manifest_schema([c for c in columns or () if c not in MANIFEST_SCHEMA.names])
         return _to_pandas(pads.dataset(p, format="parquet", schema=schema, filesystem=fs).to_table(columns=columns))
     except (OSError, ValueError, pa.ArrowException) as err:
-        raise InputError(f"{path}: damaged, not a Parquet table ({str(err).splitlines()[0][:160]}); "
-                         f"rerun the `psdclip data build` command that made it") from None
+        raise damaged_manifest(path, err) from None
+
+
+def damaged_manifest(path: str, err: BaseException) -> InputError:
+    """The one line for a manifest file that cannot be read: which, why, what to run."""
+    return InputError(f"{path}: damaged, not a Parquet table ({str(err).splitlines()[0][:160]}); rerun the "
+                      f"`psdclip data build` command that made it")
+
+
+def manifest_table(path: str, columns=None) -> pa.Table:
+    """One manifest file (or columns of it); damaged: the one line of damaged_manifest."""
+    try:
+        return read_parquet_table(path, columns=columns)
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise damaged_manifest(path, err) from None
 
 
 def shard_exclusions(root: str, shard: str) -> frozenset:
@@ -181,7 +194,7 @@ def shard_exclusions(root: str, shard: str) -> frozenset:
     path = manifest_file(root, shard=number)
     if not storage.isfile(path):
         return frozenset()
-    t = read_parquet_table(path, columns=["key", "status"])
+    t = manifest_table(path, columns=["key", "status"])
     import pyarrow.compute as pc
 
     return frozenset(t.filter(pc.not_equal(t.column("status"), SUCCESS)).column("key").to_pylist())
@@ -208,8 +221,7 @@ def manifest_batches(root: str, columns=None, batch_size: int = 262_144):
             for batch in pf.iter_batches(columns=columns, batch_size=batch_size):
                 yield _to_pandas(pa.Table.from_batches([batch]))
         except (OSError, pa.ArrowException) as err:
-            raise InputError(f"{path}: damaged, not a Parquet table ({str(err).splitlines()[0][:160]}); "
-                             f"rerun the `psdclip data build` command that made it") from None
+            raise damaged_manifest(path, err) from None
 
 
 def success_rows(dataset: str, columns=("key", "url", "caption", "status", "shard", "offset", "size")
@@ -228,7 +240,7 @@ def success_rows(dataset: str, columns=("key", "url", "caption", "status", "shar
 
 def success_keys(root: str, shard: int) -> np.ndarray:
     """The keys of one shard's successful samples (its manifest file alone)."""
-    t = read_parquet_table(manifest_file(root, shard=shard), columns=["key", "status"]).to_pandas()
+    t = manifest_table(manifest_file(root, shard=shard), columns=["key", "status"]).to_pandas()
     return np.asarray(t.loc[t["status"] == SUCCESS, "key"], dtype=object)
 
 

@@ -23,6 +23,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -41,7 +42,7 @@ from ..pipeline.format import (
     shard_name,
     shard_number,
 )
-from ..pipeline.reader import shard_exclusions
+from ..pipeline.reader import damaged_manifest, shard_exclusions
 from ..pipeline.status import SUCCESS
 from ..pipeline.subsets import SubsetRule
 
@@ -294,8 +295,12 @@ def sample_ids(source: Source) -> dict | None:
     base, total = {}, 0
     for path in sorted(source.shards, key=lambda p: shard_number(p) or 0):
         base[os.path.basename(path)] = total
-        fs, p = storage.arrow_filesystem(manifest_file(source.root, shard=shard_number(path)))
-        total += pq.ParquetFile(p, filesystem=fs).metadata.num_rows
+        manifest = manifest_file(source.root, shard=shard_number(path))
+        fs, p = storage.arrow_filesystem(manifest)
+        try:
+            total += pq.ParquetFile(p, filesystem=fs).metadata.num_rows
+        except (OSError, pa.ArrowException) as err:
+            raise damaged_manifest(manifest, err) from None
     base[""] = total  # the number of ids
     return base
 

@@ -262,3 +262,28 @@ def test_odd_rows_end_with_their_own_status_and_the_build_goes_on(server, tmp_pa
     assert m.loc["surrogate url", "status"] == "invalid_url" and "not valid UTF-8" in m.loc["surrogate url", "error"]
     assert m.loc["surrogate ? caption", "status"] == "success"
     assert m.loc["object url", "status"] in ("invalid_url", "empty_url")
+
+
+def test_a_damaged_manifest_file_is_one_line_and_the_builds_rerun_repairs_it(dataset_dir, tmp_path):
+    """Training on a dataset whose manifest file is cut short is one line naming it and the command that repairs it
+    (it was a traceback), and that command, the same `data build` run again, writes the manifest again."""
+    import shutil
+
+    from helpers.cli import cli
+
+    ds = tmp_path / "ds"
+    shutil.copytree(dataset_dir, ds, symlinks=True)
+    urls = dataset_dir.parent / "urls.csv"  # the list the dataset was built from
+    victim = sorted((ds / "manifest").glob("shard-*.parquet"))[0]
+    whole = victim.read_bytes()
+    victim.write_bytes(whole[: len(whole) // 2])
+    train = ["train", "--data", ds, "--out", tmp_path / "run", "--steps", 2, "--batch-size", 16, "--workers", 1,
+             "--no-progress", "--model", "rn-small"]
+    r = cli(*train, check=False)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("psdclip: error")]
+    assert r.returncode == 2 and len(errors) == 1 and victim.name in errors[0] and "data build" in errors[0], \
+        r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    build(cfg([urls], ds, image_size=64, shard_size=100, subsets=["0.1", "1.0"]))
+    assert victim.read_bytes() != whole[: len(whole) // 2]
+    assert cli(*train).returncode == 0
