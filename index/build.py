@@ -26,7 +26,7 @@ from ..core import storage
 from ..core.errors import InputError, PsdclipError
 from ..core.locks import writer_lock
 from ..core.io import atomic_path, sha256_file
-from ..pipeline.format import dataset_id, read_info, shard_format
+from ..pipeline.format import DatasetLayout, dataset_id, read_info, shard_format
 from ..pipeline.reader import success_rows
 from . import ann
 from . import parts as P
@@ -86,6 +86,21 @@ def write_metadata(parts: list[P.Part], out: str) -> None:
     with atomic_path(os.path.join(out, "key_order.arrow")) as tmp, pa.OSFile(tmp, "wb") as sink, \
             pa.ipc.new_file(sink, pa.schema([("id", pa.int64())])) as writer:
         writer.write_table(pa.table({"id": pc.cast(order, pa.int64())}))
+
+
+def shard_identities(dataset: str) -> dict | None:
+    """{shard file: [size, mtime_ns]} of a local dataset's shards (None on an object store)."""
+    if storage.is_remote(dataset):
+        return None
+    info = read_info(dataset)
+    layout, fmt = DatasetLayout(dataset), shard_format(info)
+    out = {}
+    for n in info.get("shards", []):
+        path = layout.shard_path(n, fmt)
+        if os.path.isfile(path):
+            st = os.stat(path)
+            out[os.path.basename(path)] = [st.st_size, st.st_mtime_ns]
+    return out
 
 
 def build_index(cfg: IndexBuildConfig) -> dict:
@@ -196,6 +211,7 @@ def _build_index(cfg: IndexBuildConfig) -> dict:
         model_arch=m.arch if m else None, step=m.step if m else None, dataset=dataset,
         dataset_format=shard_format(read_info(cfg.data)) if cfg.data else None, embeddings=emb_dir,
         dataset_id=dataset_id(read_info(cfg.data)) if cfg.data else None,
+        dataset_shards=shard_identities(cfg.data) if cfg.data else None,
         count=int(n), dim=int(d), factory=factory, why=why,
         budgets={"max_memory": cfg.max_memory, "max_build_memory": cfg.max_build_memory,
                  "max_query_ms": cfg.max_query_ms},

@@ -9,6 +9,8 @@ code:
     dataset, dataset_format   the dataset the vectors were made from (a folder or an fsspec URL) and its shard format
     dataset_id                its id (dataset.json's): a dataset rebuilt in place has another, and its images are not
                               served from this index's offsets
+    dataset_shards            {shard file: [size, mtime_ns]} at build (a local dataset): a shard replaced since is
+                              not read at this index's offsets
     embeddings                the parts' folder (clip-retrieval's layout); embeddings_relative: from the index folder
     count, dim, metric        vectors, their dimension, inner product (cosine on normalised vectors)
     factory, why              the faiss factory string and why it was chosen
@@ -52,6 +54,7 @@ class IndexInfo:
     step: int | None = None
     dataset: str | None = None
     dataset_id: str | None = None
+    dataset_shards: dict | None = None
     dataset_format: str | None = None
     embeddings: str | None = None
     metric: str = "inner_product (cosine on normalised vectors)"

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..core import storage
 from ..core.errors import InputError
-from ..pipeline.format import dataset_id, read_info
+from ..pipeline.format import DatasetLayout, dataset_id, read_info, shard_name
 from ..pipeline.reader import read_image_bytes
 from . import ann
 from . import parts as P
@@ -295,14 +295,31 @@ class Searcher:
             raise KeyError(key)  # built from embeddings alone: the images are elsewhere
         self.check_dataset()
         row = self.take([self.id_of(key)])
-        return read_image_bytes(self.info.dataset, self.info.dataset_format or "webdataset", int(row["shard"][0]),
-                                int(row["offset"][0]), int(row["size"][0]))
+        fmt, shard = self.info.dataset_format or "webdataset", int(row["shard"][0])
+        self.check_shard(shard, fmt)
+        return read_image_bytes(self.info.dataset, fmt, shard, int(row["offset"][0]), int(row["size"][0]))
+
+    def check_shard(self, shard: int, fmt: str) -> None:
+        """The shard's size and mtime now against those recorded at build (a local dataset's; an index built before
+        they were recorded, or on an object store, has none)."""
+        recorded = (self.info.dataset_shards or {}).get(shard_name(shard, fmt))
+        if recorded is None:
+            return
+        path = DatasetLayout(self.info.dataset).shard_path(shard, fmt)
+        try:
+            st = os.stat(path)
+            now = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            now = None
+        if now != list(recorded):
+            raise DatasetChanged(f"{path}: {'gone' if now is None else 'replaced'} since this index was built (its "
+                                 f"size and time were recorded then); rebuild the index")
 
     def check_dataset(self) -> None:
         """The dataset's id now against the one index.json recorded (read again when dataset.json changes)."""
         if not self.info.dataset_id:  # an index built before ids were recorded
             return
-        path = storage.join(self.info.dataset, "dataset.json")
+        path = DatasetLayout(self.info.dataset).dataset_json
         if storage.is_remote(path):  # an object store: asked again at most every 5 s
             stamp = int(time.monotonic() // 5)
         else:

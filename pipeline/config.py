@@ -107,6 +107,9 @@ class BuildConfig:
         if isinstance(self.encode_quality, bool) or not 0 <= self.encode_quality <= top:
             raise InputError(f"--encode-quality {self.encode_quality}: must be in [0, {top}] for --encode-format "
                              f"{self.encode_format} ({'png compression' if top == 9 else 'quality'})")
+        for name, top in (("image_size", 16384), ("thread_count", 4096), ("processes_count", 1024)):
+            if getattr(self, name) > top:  # (a million threads or processes is a crash or a hang, not a build)
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: at most {top}")
         for name in ("image_size", "thread_count", "processes_count", "shard_size", "max_caption_length", "max_image_area",
                      "max_image_bytes"):
             if getattr(self, name) < 1:

@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ..core import storage
-from ..core.errors import disk_full, is_disk_full
+from ..core.errors import DiskFullError, disk_full, is_disk_full
 from ..core.io import atomic_path, write_text
 from .format import shard_format_impl, shard_name, stats_name
 from .polite import ShardPolicy, install
@@ -285,7 +285,7 @@ def download_partition(src: str, shard: int, dataset_dir: str, opts: DownloadOpt
                 storage.put(stats, storage.join(dataset_dir, "shards", stats_name(shard)))
         except _ShardDiskFull:
             return DiskFull(str(disk_full(dataset_dir)))
-        except (OSError, RuntimeError) as err:
+        except (OSError, RuntimeError, DiskFullError) as err:  # (DiskFullError: core's atomic writes say it so)
             if is_disk_full(err):
                 return DiskFull(str(disk_full(dataset_dir)))
             raise

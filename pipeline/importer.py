@@ -40,6 +40,7 @@ from .format import (
     MANIFEST_COLUMNS,
     MANIFEST_SCHEMA,
     SCHEMA_VERSION,
+    image_of,
     manifest_file,
     shard_name,
     stats_name,
@@ -178,7 +179,7 @@ def _import(cfg: ImportConfig, src: str, fmt: str, shards: list, layout: Layout)
                     else:
                         offset, size = where[key]
                 else:
-                    img = r.get("jpg")
+                    img = image_of(r)  # (img2dataset names the column by its encode format: jpg, png, webp)
                     if img is None:
                         status, error = "download_error", "img2dataset listed a success with no image bytes"
                     else:

@@ -114,6 +114,17 @@ def test_images_of_a_rebuilt_dataset_are_never_served(own):
         finally:
             meta.write_text(saved)
         assert requests.get(f"{base}/images/{key}", timeout=30).status_code == 200
+        shard = sorted((own / "ds" / "shards").glob("*.tar"))[0]  # a shard replaced in place (same id): refused too
+        st = os.stat(shard)
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        keys = success_rows(str(own / "ds"))[0]
+        in_first = keys[keys["shard"] == int(shard.name[:5])]["key"].iloc[0]
+        try:
+            r = requests.get(f"{base}/images/{in_first}", timeout=30)
+            assert r.status_code == 409 and "replaced since this index was built" in r.text, r.text
+        finally:
+            os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert requests.get(f"{base}/images/{in_first}", timeout=30).status_code == 200
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -14,9 +14,10 @@ from helpers.cli import cli
 from psdclip.pipeline.reader import read_image_bytes
 
 
-def _img2dataset(urls, out, fmt):
+def _img2dataset(urls, out, fmt, encode="jpg"):
     code = (f"from img2dataset import download\n"
             f"download(url_list={str(urls)!r}, output_folder={str(out)!r}, output_format={fmt!r}, input_format='csv', "
+            f"encode_format={encode!r}, encode_quality={95 if encode != 'png' else 3}, "
             f"url_col='url', caption_col='caption', image_size=32, thread_count=8, processes_count=1, "
             f"number_sample_per_shard=25, timeout=2, retries=0, distributor='multiprocessing')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
@@ -36,6 +37,7 @@ def lists(tmp_path_factory, synth_dir):
         pd.DataFrame(rows, columns=["url", "caption"]).to_csv(tmp / "urls.csv", index=False)
         _img2dataset(tmp / "urls.csv", tmp / "wds", "webdataset")
         _img2dataset(tmp / "urls.csv", tmp / "pq", "parquet")
+        _img2dataset(tmp / "urls.csv", tmp / "pq-webp", "parquet", "webp")
     return tmp
 
 
@@ -102,3 +104,20 @@ def test_one_import_or_build_writes_a_dataset_at_a_time(lists, tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     r = cli("data", "import", lists / "wds", "--out", tmp_path / "other", check=False)
     assert r.returncode == 2 and "not empty" in r.stderr
+
+
+def test_an_img2dataset_parquet_of_webp_images_imports_and_reads_back(lists, tmp_path):
+    """img2dataset names its parquet image column by the encode format: a webp folder imports with every success
+    kept (the importer took the jpg column only) and its images read back as webp."""
+    from PIL import Image
+
+    ds = tmp_path / "ds"
+    assert "imported 66 rows" in cli("data", "import", lists / "pq-webp", "--out", ds).stdout
+    m = pd.read_parquet(ds / "manifest")
+    ok = m[m["status"] == "success"]
+    assert len(ok) >= 59, m["status"].value_counts()
+    row = ok.iloc[0]
+    data = read_image_bytes(str(ds), "arrow", int(row["shard"]), int(row["offset"]), int(row["size"]))
+    assert data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    with Image.open(__import__("io").BytesIO(data)) as im:
+        assert im.size == (32, 32)
