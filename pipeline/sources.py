@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Callable
 
 from ..core.errors import InputError
-from ..core.io import read_json
 
 # recipe section -> (the module defining SOURCE, the file that describes a made source: what it was made from)
 MODULES = {"synthetic": ("synth", "synth.json"), "emoji": ("emoji", "emoji.json")}
@@ -62,7 +62,8 @@ def ensure(src: Source, cfg) -> str:
     if not os.path.isfile(meta):
         src.make(cfg)
         return cfg.out
-    before = read_json(meta).get("config", {})
+    with open(meta, encoding="utf-8") as f:  # (not core.io: this module is read at the CLI's start, pandas is not)
+        before = json.load(f).get("config", {})
     wanted = dataclasses.asdict(cfg)
     changed = sorted(k for k in wanted if k in before and before[k] != wanted[k] and k not in src.ignore)
     if changed:

@@ -185,6 +185,11 @@ def test_cli_and_light_commands_import_no_model_stack():
              "print(','.join(sorted(m for m in ('torch', 'faiss', 'open_clip') if m in sys.modules)))")
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "", (r.stdout, r.stderr[-2000:])
+    # the parser alone (`psdclip --help`, a command's options) reads no data stack either: pandas alone is ~0.5 s
+    probe = ("import sys, psdclip.workflows.cli as c; c.make_parser(); "
+             "print(','.join(sorted(m for m in ('pandas', 'pyarrow', 'torch') if m in sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "", (r.stdout, r.stderr[-2000:])
     # and every command's function is where the table says
     import importlib
 
