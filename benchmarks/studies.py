@@ -108,7 +108,7 @@ def default_rule(recipes: list[str]) -> str:
         studies.append((recipe, table, sweep.get("primary") or sweep["metrics"][0], psd))
     r = rank_readings(studies)
     best = r["best"]
-    lines = [f"Issue 26 step 6's rule (declared in `psd-v2-synthetic`'s recipe) over {' and '.join(recipes)}: "
+    lines = [f"The rule declared in `psd-v2-synthetic`'s recipe over {' and '.join(recipes)}: "
              f"**{best}** has the best mean rank (ties to {recipes[0]}), and is "
              + ("a measured gain over CLIP." if r["gain"] else "not a measured gain over CLIP (its interval clears "
                 "zero in neither study, or its mean is below CLIP's in one): the best non-degenerate reading."), "",
