@@ -88,11 +88,11 @@ def write_metadata(parts: list[P.Part], out: str) -> None:
         writer.write_table(pa.table({"id": pc.cast(order, pa.int64())}))
 
 
-def shard_identities(dataset: str) -> dict | None:
-    """{shard file: [size, mtime_ns]} of a local dataset's shards (None on an object store)."""
+def shard_identities(dataset: str, info: dict) -> dict | None:
+    """{shard file: [size, mtime_ns]} of a local dataset's shards (`info`: its dataset.json; None on an object
+    store)."""
     if storage.is_remote(dataset):
         return None
-    info = read_info(dataset)
     layout, fmt = DatasetLayout(dataset), shard_format(info)
     out = {}
     for n in info.get("shards", []):
@@ -204,14 +204,15 @@ def _build_index(cfg: IndexBuildConfig) -> dict:
     # paths both absolute and relative to the index folder: serve from any directory, and move the index folder
     # (with or without what it names); the checkpoint's sha256 says it is the same file
     ckpt_abs = os.path.abspath(m.checkpoint) if m else None
+    ds_info = read_info(cfg.data) if cfg.data else {}  # dataset.json, once: format, id and shard identities
     info = IndexInfo(
         checkpoint=ckpt_abs, checkpoint_sha256=digest,
         checkpoint_relative=os.path.relpath(ckpt_abs, out_abs) if ckpt_abs else None,
         embeddings_relative=os.path.relpath(emb_dir, out_abs),
         model_arch=m.arch if m else None, step=m.step if m else None, dataset=dataset,
-        dataset_format=shard_format(read_info(cfg.data)) if cfg.data else None, embeddings=emb_dir,
-        dataset_id=dataset_id(read_info(cfg.data)) if cfg.data else None,
-        dataset_shards=shard_identities(cfg.data) if cfg.data else None,
+        dataset_format=shard_format(ds_info) if cfg.data else None, embeddings=emb_dir,
+        dataset_id=dataset_id(ds_info) if cfg.data else None,
+        dataset_shards=shard_identities(cfg.data, ds_info) if cfg.data else None,
         count=int(n), dim=int(d), factory=factory, why=why,
         budgets={"max_memory": cfg.max_memory, "max_build_memory": cfg.max_build_memory,
                  "max_query_ms": cfg.max_query_ms},
